@@ -1,0 +1,62 @@
+"""The shape of a decoder-only transformer: what the estimator needs to know about a model.
+
+One frozen ``ModelShape`` describes any of the supported HF families (llama, mistral, qwen2, gpt2, gpt_neox, opt,
+phi3, gemma). ``estimator.architecture`` builds it from a config.json and lists its parameter tensors exactly as
+HF's ``named_parameters()`` does; ``estimator.presets`` builds it from a preset name or a bare parameter count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Family = Literal["llama", "mistral", "qwen2", "gpt2", "gpt_neox", "opt", "phi3", "gemma"]
+FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox", "opt", "phi3", "gemma")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelShape:
+    """A decoder-only transformer, in the terms HF's config.json uses."""
+
+    name: str
+    """Preset name, config path or ``"<count> (standard shape)"``: what the user asked for."""
+    family: Family
+    """HF ``model_type``; decides which parameter tensors exist."""
+    vocab_size: int
+    """Rows of the token embedding (``config.vocab_size``)."""
+    hidden_size: int
+    """Model width h (``hidden_size`` / ``n_embd`` / ``d_model``)."""
+    num_layers: int
+    """Decoder layers L (``num_hidden_layers`` / ``n_layer``)."""
+    num_heads: int
+    """Query heads a (``num_attention_heads`` / ``n_head``)."""
+    num_kv_heads: int
+    """Key/value heads (GQA); equals ``num_heads`` for multi-head attention."""
+    head_dim: int
+    """Per-head width; ``hidden_size // num_heads`` unless the config says otherwise (gemma: 256)."""
+    intermediate_size: int
+    """MLP inner width (``intermediate_size`` / ``n_inner`` / ``ffn_dim``)."""
+    max_positions: int
+    """``max_position_embeddings`` / ``n_positions``: longest sequence the model is built for."""
+    gated_mlp: bool
+    """True for SwiGLU/GeGLU MLPs (gate, up, down projections); False for two-matrix MLPs."""
+    tied_embeddings: bool
+    """lm_head shares the token embedding's weight (``tie_word_embeddings``)."""
+    norm: Literal["rmsnorm", "layernorm"]
+    """RMSNorm (weight only, upcast to fp32 inside) or LayerNorm (weight and bias)."""
+    positions: Literal["rotary", "learned"]
+    """Rotary embeddings (no parameters) or a learned position table (gpt2, opt)."""
+    attention_bias: bool = False
+    """q/k/v projections carry a bias (qwen2, gpt2, gpt_neox, opt)."""
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+    """Family-specific fields the parameter list needs (e.g. opt's ``word_embed_proj_dim``), kept verbatim."""
+
+    @property
+    def kv_hidden_size(self) -> int:
+        """Width of the k (and of the v) projection output: ``num_kv_heads * head_dim``."""
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def q_hidden_size(self) -> int:
+        """Width of the q projection output: ``num_heads * head_dim``."""
+        return self.num_heads * self.head_dim
