@@ -1,22 +1,24 @@
 """Exact parameter tensors of the supported HF decoder families, from a config.json.
 
-``shape_from_config`` reads an HF ``config.json`` dict into a ``ModelShape``; ``param_tensors`` lists the tensors of
-``AutoModelForCausalLM.from_config(cfg).named_parameters()`` (tied weights appear once, under the name of the module
-registered first) with the same names, order and element counts; ``count_params`` sums them by component.
+``shape_from_config`` reads an HF ``config.json`` dict into a ``ModelShape``; ``param_tensors`` lists the
+tensors of ``AutoModelForCausalLM.from_config(cfg).named_parameters()`` (tied weights appear once, under the
+name of the module registered first) with the same names, order and element counts; ``count_params`` sums
+them by component.
 
-The per-tensor list matters for memory: ZeRO-3 keeps tensors smaller than ``stage3_param_persistence_threshold``
-whole on every rank (deepspeed/runtime/zero/parameter_offload.py, ``_mark_persistent_parameters``) and ZeRO-1/2 pad
-each flat group to a multiple of the data-parallel degree (deepspeed/runtime/zero/stage_1_and_2.py,
-``_pad_tensor_list``/``flatten_dense_tensors_aligned``).
+The per-tensor list matters for memory: ZeRO-3 keeps tensors smaller than
+``stage3_param_persistence_threshold`` whole on every rank (deepspeed/runtime/zero/parameter_offload.py,
+``_mark_persistent_parameters``) and ZeRO-1/2 pad each flat group to a multiple of the data-parallel degree
+(deepspeed/runtime/zero/stage_1_and_2.py, ``flatten_dense_tensors_aligned``).
 
-Sources, transformers 5.24 ``models/<family>/modeling_<family>.py``: the ``__init__`` of each ``*ForCausalLM``,
-``*Model``, ``*DecoderLayer``/``*Block``, ``*Attention`` and ``*MLP`` (the order of ``nn.Module`` attribute
-registration is the order of ``named_parameters``), and ``configuration_<family>.py`` for the defaults.
+Sources, transformers 5.24 ``models/<family>/modeling_<family>.py``: the ``__init__`` of each
+``*ForCausalLM``, ``*Model``, ``*DecoderLayer``/``*Block``, ``*Attention`` and ``*MLP`` (the order of
+``nn.Module`` attribute registration is the order of ``named_parameters``), and
+``configuration_<family>.py`` for the defaults.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -27,16 +29,16 @@ COMPONENTS: tuple[str, ...] = ("embeddings", "position_embeddings", "attention",
 
 _MISSING = object()
 
-# Defaults of the HF config classes (transformers 5.24 configuration_<family>.py) for fields that are commonly
-# left out of a config.json. Structural fields (width, depth, heads, vocabulary, MLP width) have no default here:
-# a config without them is more likely the wrong file than a model that wants HF's example values.
+# Defaults of the HF config classes (transformers 5.24 configuration_<family>.py) for fields commonly left out
+# of a config.json. Structural fields (width, depth, heads, vocabulary, MLP width) have no default here: a
+# config without them is more likely the wrong file than a model that wants HF's example values.
 _MAX_POSITIONS_DEFAULT = {
-    "llama": 2048, "mistral": 131072, "qwen2": 32768, "gpt2": 1024, "gpt_neox": 2048, "opt": 2048, "phi3": 4096,
-    "gemma": 8192,
+    "llama": 2048, "mistral": 131072, "qwen2": 32768, "gpt2": 1024,
+    "gpt_neox": 2048, "opt": 2048, "phi3": 4096, "gemma": 8192,
 }
 _TIED_DEFAULT = {
-    "llama": False, "mistral": False, "qwen2": False, "gpt2": True, "gpt_neox": False, "opt": True, "phi3": False,
-    "gemma": True,
+    "llama": False, "mistral": False, "qwen2": False, "gpt2": True,
+    "gpt_neox": False, "opt": True, "phi3": False, "gemma": True,
 }
 
 
@@ -96,34 +98,33 @@ def _positive_int(config: dict, name: str, *keys: str, default: object = _MISSIN
 def shape_from_config(config: dict, name: str) -> ModelShape:
     """Build a ``ModelShape`` from the contents of an HF ``config.json``.
 
-    ``name`` is the preset name or file path, used in messages and kept as ``ModelShape.name``. Field names and
-    defaults follow transformers 5.24 ``configuration_<model_type>.py``; family-specific fields that change the
-    parameter list go to ``ModelShape.extra``.
+    ``name`` is the preset name or file path, used in messages and kept as ``ModelShape.name``. Field names
+    and defaults follow transformers 5.24 ``configuration_<model_type>.py``; family-specific fields that
+    change the parameter list go to ``ModelShape.extra``.
     """
     family = config.get("model_type")
+    supported = ", ".join(FAMILIES)
+    if family is None:
+        raise ValueError(f"config {name!r} has no 'model_type': is it an HF config.json? ({supported})")
     if family not in FAMILIES:
-        raise ValueError(
-            f"config {name!r} has model_type {family!r}; supported: {', '.join(FAMILIES)}"
-            if family is not None
-            else f"config {name!r} has no 'model_type': is it an HF config.json? supported: {', '.join(FAMILIES)}"
-        )
+        raise ValueError(f"config {name!r} has model_type {family!r}; supported: {supported}")
     gpt2 = family == "gpt2"
     hidden = _positive_int(config, name, *(("n_embd", "hidden_size") if gpt2 else ("hidden_size", "n_embd")))
-    layers = _positive_int(config, name, *(("n_layer", "num_hidden_layers") if gpt2 else ("num_hidden_layers",)))
-    heads = _positive_int(config, name, *(("n_head", "num_attention_heads") if gpt2 else ("num_attention_heads",)))
+    layers = _positive_int(config, name, *(("n_layer",) if gpt2 else ()), "num_hidden_layers")
+    heads = _positive_int(config, name, *(("n_head",) if gpt2 else ()), "num_attention_heads")
     vocab = _positive_int(config, name, "vocab_size")
     if family in ("gpt2", "gpt_neox", "opt") or config.get("head_dim") is None:
         if family != "gemma" and hidden % heads:
-            raise ValueError(f"config {name!r}: hidden size {hidden} is not divisible by {heads} attention heads")
+            raise ValueError(f"config {name!r}: hidden size {hidden} is not divisible by {heads} heads")
         head_dim = 256 if family == "gemma" else hidden // heads  # GemmaConfig.head_dim defaults to 256
     else:
         head_dim = _positive_int(config, name, "head_dim")
     kv_heads = heads if family in ("gpt2", "gpt_neox", "opt") else _positive_int(
         config, name, "num_key_value_heads", default=heads)
     if heads % kv_heads:
-        raise ValueError(f"config {name!r}: {heads} attention heads are not a multiple of {kv_heads} kv heads")
-    if gpt2:
-        intermediate = _positive_int(config, name, "n_inner", default=4 * hidden)  # GPT2Block: None -> 4 * n_embd
+        raise ValueError(f"config {name!r}: {heads} heads are not a multiple of {kv_heads} kv heads")
+    if gpt2:  # GPT2Block: n_inner None -> 4 * n_embd
+        intermediate = _positive_int(config, name, "n_inner", default=4 * hidden)
     elif family == "opt":
         intermediate = _positive_int(config, name, "ffn_dim")
     else:
@@ -148,7 +149,7 @@ def shape_from_config(config: dict, name: str) -> ModelShape:
         extra["remove_final_layer_norm"] = bool(config.get("_remove_final_layer_norm", False))
         extra["layer_norm_elementwise_affine"] = bool(config.get("layer_norm_elementwise_affine", True))
     if gpt2 and config.get("add_cross_attention"):
-        raise ValueError(f"config {name!r} has add_cross_attention=true: only decoder-only models are supported")
+        raise ValueError(f"config {name!r} has add_cross_attention=true: only decoder-only models work")
     return ModelShape(
         name=name,
         family=family,
@@ -187,7 +188,7 @@ def _norm(emit: _Emit, name: str, width: int, with_bias: bool) -> None:
 
 
 def _llama_like_layer(s: ModelShape, emit: _Emit, p: str) -> None:
-    """LlamaDecoderLayer / MistralDecoderLayer / Qwen2DecoderLayer / GemmaDecoderLayer (modeling_<family>.py)."""
+    """Llama/Mistral/Qwen2/GemmaDecoderLayer (modeling_<family>.py): q, k, v, o; gate, up, down; 2 norms."""
     h, q, kv = s.hidden_size, s.q_hidden_size, s.kv_hidden_size
     qkv_bias = s.attention_bias
     o_bias = s.attention_bias and s.family in ("llama", "gemma")  # Qwen2Attention: o_proj bias=False
@@ -204,7 +205,7 @@ def _llama_like_layer(s: ModelShape, emit: _Emit, p: str) -> None:
 
 
 def _phi3_layer(s: ModelShape, emit: _Emit, p: str) -> None:
-    """Phi3DecoderLayer: fused ``qkv_proj`` registered after ``o_proj``; fused ``gate_up_proj`` (modeling_phi3.py)."""
+    """Phi3DecoderLayer (modeling_phi3.py): ``o_proj`` registered before the fused ``qkv_proj``."""
     h = s.hidden_size
     _linear(emit, f"{p}.self_attn.o_proj", s.q_hidden_size, h, False, "attention")
     _linear(emit, f"{p}.self_attn.qkv_proj", h, s.q_hidden_size + 2 * s.kv_hidden_size, False, "attention")
@@ -226,7 +227,7 @@ def _gpt2_layer(s: ModelShape, emit: _Emit, p: str) -> None:
 
 
 def _gpt_neox_layer(s: ModelShape, emit: _Emit, p: str) -> None:
-    """GPTNeoXLayer: both LayerNorms first, then attention (query_key_value, dense), then MLP (always biased)."""
+    """GPTNeoXLayer: both LayerNorms, then attention (query_key_value, dense), then MLP (always biased)."""
     h = s.hidden_size
     _norm(emit, f"{p}.input_layernorm", h, True)
     _norm(emit, f"{p}.post_attention_layernorm", h, True)
@@ -251,15 +252,15 @@ def _opt_layer(s: ModelShape, emit: _Emit, p: str) -> None:
 
 
 def _opt_decoder(s: ModelShape, emit: _Emit) -> None:
-    """OPTDecoder.__init__: embeddings, positions (+2 rows, OPTLearnedPositionalEmbedding.offset), projections,
-    final norm, then the layers; lm_head of width ``word_embed_proj_dim``."""
+    """OPTDecoder.__init__: embeddings, positions (+2 rows: OPTLearnedPositionalEmbedding.offset),
+    projections, final norm, then the layers; lm_head of width ``word_embed_proj_dim``."""
     h, proj = s.hidden_size, int(s.extra.get("word_embed_proj_dim", s.hidden_size))
     emit("model.decoder.embed_tokens.weight", s.vocab_size * proj, "embeddings")
     emit("model.decoder.embed_positions.weight", (s.max_positions + 2) * h, "position_embeddings")
     if proj != h:
         _linear(emit, "model.decoder.project_out", h, proj, False, "embeddings")
         _linear(emit, "model.decoder.project_in", proj, h, False, "embeddings")
-    final_norm = s.extra.get("do_layer_norm_before", True) and not s.extra.get("remove_final_layer_norm", False)
+    final_norm = s.extra.get("do_layer_norm_before", True) and not s.extra.get("remove_final_layer_norm")
     if final_norm and s.extra.get("layer_norm_elementwise_affine", True):
         _norm(emit, "model.decoder.final_layer_norm", h, True)
     for i in range(s.num_layers):
@@ -274,7 +275,7 @@ _LAYER = {
 }
 
 
-def _tensors(s: ModelShape) -> Iterator[ParamTensor]:
+def _tensors(s: ModelShape) -> tuple[ParamTensor, ...]:
     out: list[ParamTensor] = []
 
     def emit(name: str, numel: int, component: str) -> None:
@@ -283,7 +284,7 @@ def _tensors(s: ModelShape) -> Iterator[ParamTensor]:
     h, vocab = s.hidden_size, s.vocab_size
     if s.family == "opt":
         _opt_decoder(s, emit)
-        return iter(out)
+        return tuple(out)
     if s.family == "gpt2":
         emit("transformer.wte.weight", vocab * h, "embeddings")
         emit("transformer.wpe.weight", s.max_positions * h, "position_embeddings")
@@ -300,18 +301,18 @@ def _tensors(s: ModelShape) -> Iterator[ParamTensor]:
     _norm(emit, final, h, s.norm == "layernorm")
     if not s.tied_embeddings:
         emit("lm_head.weight", vocab * h, "lm_head")
-    return iter(out)
+    return tuple(out)
 
 
 def param_tensors(shape: ModelShape) -> tuple[ParamTensor, ...]:
     """The tensors of ``AutoModelForCausalLM.from_config(cfg).named_parameters()``, in order.
 
-    Names, order and ``numel`` match transformers 5.24 for every family in ``FAMILIES``; a tied lm_head is left out,
-    as ``named_parameters`` (``remove_duplicate=True``) leaves it out.
+    Names, order and ``numel`` match transformers 5.24 for every family in ``FAMILIES``; a tied lm_head is
+    left out, as ``named_parameters`` (``remove_duplicate=True``) leaves it out.
     """
     if shape.family not in FAMILIES:
-        raise ValueError(f"model {shape.name!r} has family {shape.family!r}; supported: {', '.join(FAMILIES)}")
-    return tuple(_tensors(shape))
+        raise ValueError(f"model {shape.name!r} has family {shape.family!r}, not in {', '.join(FAMILIES)}")
+    return _tensors(shape)
 
 
 def count_params(shape: ModelShape) -> ParamBreakdown:
