@@ -1,0 +1,171 @@
+"""``estimate(setup) -> Estimate``: the per-GPU memory of one rank, its peak phase, reserved and device memory.
+
+Pure: no printing, no I/O beyond an optional activation-profile cache, no torch unless a traced profile is asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+from .activations import activation_profile
+from .architecture import count_params
+from .model_states import ModelStates, stage0_states, stage12_states
+from .overheads import Overheads
+from .paper import paper_states
+from .setup import DTYPE_BYTES, TrainingSetup, ZeroStage
+from .stage3 import stage3_states
+from .timeline import COMPONENTS, Phase, peak_phase, timeline
+from .units import round_up
+
+
+@dataclass(frozen=True, kw_only=True)
+class Estimate:
+    """Predicted memory of one rank. ``components`` describe what is held at the peak and sum to it."""
+
+    setup: TrainingSetup
+    n_params: int
+    """Exact parameter count of the model."""
+    components: dict[str, int]
+    """Bytes by component at the peak phase; they sum to ``peak_allocated_bytes``."""
+    peak_allocated_bytes: int
+    """Predicted ``torch.cuda.max_memory_allocated()`` over the run (paper mode: the paper's model states)."""
+    peak_phase: str
+    """The phase that sets the peak: init, forward, backward or step."""
+    phases: tuple[Phase, ...]
+    """Every phase's peak and components."""
+    peak_reserved_bytes: int
+    """Predicted ``torch.cuda.max_memory_reserved()``."""
+    device_bytes: int
+    """What nvidia-smi shows for the process: reserved + CUDA context + NCCL buffers."""
+    cpu_bytes_per_node: int
+    """Host RAM per node: offloaded states and pinned buffers of its ranks, plus each rank's load-time model copy."""
+    nvme_bytes: int
+    """Bytes per rank on NVMe (ZeRO-Infinity)."""
+    activation_source: str
+    """traced, closed-form, or none (paper mode)."""
+    overheads: Overheads
+    assumptions: tuple[str, ...] = field(default=())
+
+    @property
+    def stage(self) -> int:
+        return int(self.setup.stage)
+
+    @property
+    def world_size(self) -> int:
+        return self.setup.world_size
+
+    def to_dict(self) -> dict:
+        """predict's JSON object: other tools read it, keep it stable."""
+        from .serialize import setup_to_dict
+
+        return {
+            "stage": self.stage,
+            "world_size": self.world_size,
+            "n_params": self.n_params,
+            "components": dict(self.components),
+            "peak_allocated_bytes": self.peak_allocated_bytes,
+            "peak_reserved_bytes": self.peak_reserved_bytes,
+            "device_bytes": self.device_bytes,
+            "peak_phase": self.peak_phase,
+            "phases": {p.name: {"peak_bytes": p.peak_bytes, "components": dict(p.components)} for p in self.phases},
+            "cpu_bytes_per_node": self.cpu_bytes_per_node,
+            "nvme_bytes": self.nvme_bytes,
+            "activation_source": self.activation_source,
+            "overheads_source": self.overheads.source,
+            "setup": setup_to_dict(self.setup),
+            "assumptions": list(self.assumptions),
+        }
+
+
+def model_states(setup: TrainingSetup) -> ModelStates:
+    """DeepSpeed-faithful model states of one rank for the setup's stage."""
+    numel = count_params(setup.model).total
+    if setup.stage == ZeroStage.DISABLED:
+        return stage0_states(setup, numel)
+    if setup.stage <= ZeroStage.GRADIENTS:
+        return stage12_states(setup, numel)
+    return stage3_states(setup)
+
+
+def reserved_bytes(peak: Phase, overheads: Overheads) -> int:
+    """Predicted peak reserved: the peak allocation rounded to the allocator's segment size, plus fragmentation.
+
+    c10/cuda/CUDACachingAllocator.cpp rounds large requests up to 2 MiB segments (``kRoundLarge``) and keeps freed
+    blocks cached; transient tensors of varying sizes (activations, temporaries) leave cached holes, modelled as a
+    fitted fraction of them (``reserved_fraction_of_transient``) plus a fitted constant.
+    """
+    transient = peak.components["activations"] + peak.components["temporaries"]
+    rounded = round_up(peak.peak_bytes, overheads.reserved_block_bytes)
+    return rounded + int(overheads.reserved_fraction_of_transient * transient) + overheads.reserved_fixed_bytes
+
+
+def _scaled(act, factor: float):
+    """The profile with every byte count multiplied by a fitted ``activation_scale``."""
+    return replace(act, **{f.name: round(getattr(act, f.name) * factor) for f in fields(act)
+                          if isinstance(getattr(act, f.name), int) and not isinstance(getattr(act, f.name), bool)})
+
+
+def _assumptions(setup: TrainingSetup, source: str) -> tuple[str, ...]:
+    m = setup.model
+    notes = [
+        f"model {m.name}: {m.family}, {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads "
+        f"({m.num_kv_heads} kv), MLP {m.intermediate_size}{' gated' if m.gated_mlp else ''}, vocab {m.vocab_size}",
+        f"{setup.dtype} training, {setup.optimizer.name} ({setup.optimizer.impl}), N_d = {setup.world_size}",
+        f"micro-batch {setup.workload.micro_batch} x {setup.workload.seq_len} tokens, {setup.workload.attn} attention,"
+        f" gradient checkpointing {'on' if setup.workload.grad_ckpt else 'off'}, accumulation {setup.workload.grad_accum}",
+        f"activations: {source}",
+    ]
+    if setup.mode == "paper":
+        notes.append("paper mode: ZeRO paper model states (2 + 2 + K) Psi with K = 12; no activations or buffers")
+    return tuple(notes)
+
+
+def _paper_estimate(setup: TrainingSetup, numel: int, overheads: Overheads) -> Estimate:
+    states = paper_states(numel, setup.world_size, int(setup.stage))
+    comps = {name: 0 for name in COMPONENTS}
+    comps.update(params=round(states.params_bytes), grads=round(states.grads_bytes),
+                 optimizer_states=round(states.optimizer_states_bytes))
+    phase = Phase(name="step", components=comps)
+    total = phase.peak_bytes
+    return Estimate(
+        setup=setup, n_params=numel, components=comps, peak_allocated_bytes=total, peak_phase="step",
+        phases=(phase,), peak_reserved_bytes=total, device_bytes=total, cpu_bytes_per_node=0, nvme_bytes=0,
+        activation_source="none", overheads=overheads, assumptions=_assumptions(setup, "none (paper mode)"),
+    )
+
+
+def estimate(setup: TrainingSetup, overheads: Overheads | None = None) -> Estimate:
+    """Predict one rank's memory for ``setup`` (see ``Estimate``)."""
+    overheads = overheads or Overheads()
+    numel = count_params(setup.model).total
+    if setup.mode == "paper":
+        return _paper_estimate(setup, numel, overheads)
+    states = model_states(setup)
+    w = setup.workload
+    act, source = activation_profile(setup.model, w.micro_batch, w.seq_len, setup.dtype, w.attn, mode=w.activations)
+    phases = timeline(setup, states, act if overheads.activation_scale == 1 else _scaled(act, overheads.activation_scale))
+    phases = tuple(
+        p if p.name == "init" else Phase(name=p.name, components={
+            **p.components, "buffers": p.components["buffers"] + overheads.cublas_workspace_bytes})
+        for p in phases
+    )
+    peak = peak_phase(phases)
+    reserved = reserved_bytes(peak, overheads)
+    peers = setup.world_size - 1
+    device = reserved + overheads.cuda_context_bytes + overheads.nccl_bytes_per_peer * peers
+    load_copy = DTYPE_BYTES[setup.dtype] * numel
+    return Estimate(
+        setup=setup,
+        n_params=numel,
+        components=dict(peak.components),
+        peak_allocated_bytes=peak.peak_bytes,
+        peak_phase=peak.name,
+        phases=phases,
+        peak_reserved_bytes=reserved,
+        device_bytes=device,
+        cpu_bytes_per_node=setup.parallel.gpus_per_node * (states.host_bytes + load_copy),
+        nvme_bytes=states.nvme_bytes,
+        activation_source=source,
+        overheads=overheads,
+        assumptions=_assumptions(setup, source),
+    )

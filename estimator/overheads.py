@@ -1,0 +1,70 @@
+"""Named overheads outside the model: CUDA context, NCCL, cuBLAS workspace, caching-allocator behaviour.
+
+Each is a parameter with a documented default; ``zeroest report --fit`` fits them per GPU x torch x DeepSpeed
+version and writes ``data/calibration/<gpu>-torch<ver>-ds<ver>.json``, which ``load_calibration`` reads back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from .units import MiB
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Overheads:
+    """Memory the estimate adds beyond model states and activations. Defaults are starting points, not fits."""
+
+    cuda_context_bytes: int = 512 * MiB
+    """Driver context + kernel images of torch, outside the caching allocator (what nvidia-smi shows for a process
+    that only initialised CUDA). Default: the order torch 2.x shows on Hopper; fitted by ``report --fit``."""
+    cublas_workspace_bytes: int = 32 * MiB
+    """cuBLAS workspace torch allocates through the caching allocator at the first matmul (aten/src/ATen/cuda/
+    CublasHandlePool.cpp ``getChosenWorkspaceSize``: 32 MiB on sm_90 since torch 2.3)."""
+    nccl_bytes_per_peer: int = 0
+    """NCCL buffers per peer rank of a real communicator (outside the allocator); 0 until real multi-GPU runs fit
+    it. Simulated (fake process group) runs have none."""
+    reserved_block_bytes: int = 2 * MiB
+    """Large-pool segment granularity of the caching allocator (c10/cuda/CUDACachingAllocator.cpp
+    ``kRoundLarge``): reserved memory comes in multiples of it."""
+    reserved_fraction_of_transient: float = 0.0
+    """Fraction of the transient (activations and temporaries) at the peak that the allocator keeps reserved on top
+    of the peak allocation through fragmentation; fitted."""
+    reserved_fixed_bytes: int = 0
+    """Constant reserved beyond the peak allocation (small-pool segments, rounding); fitted."""
+    activation_scale: float = 1.0
+    """Multiplier on modelled activations (1.0: the traced/closed-form bytes as they are); fitted per attention."""
+    source: str = "defaults"
+    """Where these values come from: "defaults" or the calibration file."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def calibration_dir() -> Path:
+    """data/calibration in a checkout, or the installed zeroest.data/calibration."""
+    here = Path(__file__).resolve().parent.parent / "data" / "calibration"
+    if here.is_dir():
+        return here
+    from importlib import resources
+
+    return Path(str(resources.files("zeroest.data"))) / "calibration"
+
+
+def load_calibration(path: Path) -> Overheads:
+    """Overheads from a calibration JSON ({"overheads": {...}}); unknown keys are an error."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"calibration {path} is not valid JSON (line {err.lineno}, column {err.colno})") from None
+    values = data.get("overheads", data)
+    known = {f.name for f in fields(Overheads)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"calibration {path} has unknown overheads {sorted(unknown)}; known: {sorted(known)}")
+    return Overheads(**{**values, "source": str(path.name)})

@@ -1,0 +1,3 @@
+from zeroest.cli import main
+
+main()

@@ -1,0 +1,161 @@
+"""The ``zeroest`` command line: parse, build the setup, call the library, render. Nothing else lives here."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from zeroest import options as o
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Per-GPU memory of DeepSpeed ZeRO training: predict it, check it, plan with it.")
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def fail(message: str) -> None:
+    """One clear line on stderr and exit code 2: the only way a command reports bad input."""
+    err.print(f"zeroest: error: {message}", markup=False)
+    raise typer.Exit(2)
+
+
+def _stages(stage: int | None, offload_optimizer: str, offload_params: str) -> list[int]:
+    if stage is not None:
+        if stage not in (0, 1, 2, 3):
+            fail(f"--stage must be 0, 1, 2 or 3, got {stage}")
+        return [stage]
+    if offload_params != "none" or offload_optimizer == "nvme":
+        return [3]
+    return [1, 2, 3] if offload_optimizer != "none" else [0, 1, 2, 3]
+
+
+@app.command()
+def predict(
+    params: o.ParamsOpt = None,
+    model: o.ModelOpt = None,
+    gpus: o.GpusOpt = 1,
+    nodes: o.NodesOpt = 1,
+    stage: Annotated[int | None, typer.Option("--stage", help="One ZeRO stage (0-3); default: all.")] = None,
+    dtype: o.DtypeOpt = o.Dtype.bf16,
+    optimizer: o.OptOpt = o.OptName.adamw,
+    optimizer_impl: o.ImplOpt = None,
+    offload_optimizer: o.OffOptOpt = o.Offload.none,
+    offload_params: o.OffParOpt = o.Offload.none,
+    grad_accum: o.AccumOpt = 1,
+    overlap_comm: o.OverlapOpt = None,
+    reduce_bucket_size: o.BucketOpt = None,
+    allgather_bucket_size: o.BucketOpt = None,
+    prefetch_bucket_size: o.BucketOpt = None,
+    max_live_parameters: o.BucketOpt = None,
+    param_persistence_threshold: o.BucketOpt = None,
+    sub_group_size: o.BucketOpt = None,
+    micro_batch: o.MicroOpt = 1,
+    seq_len: o.SeqOpt = 2048,
+    grad_ckpt: o.CkptOpt = False,
+    attn: o.AttnOpt = o.Attn.sdpa,
+    activations: o.ActOpt = None,
+    gpu: Annotated[str | None, typer.Option("--gpu", help="Check the fit: 4090, a100-40g, a100-80g, h100, h200 "
+                                            "or a size such as 24GiB.")] = None,
+    paper: Annotated[bool, typer.Option("--paper", help="The ZeRO paper's model states, (2+2+K) Psi, K = 12.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (one object with --stage, else a list).")] = False,
+) -> None:
+    """Predict per-GPU memory for each ZeRO stage."""
+    from zeroest.estimator.estimate import estimate
+    from zeroest.estimator.gpus import parse_gpu
+    from zeroest.render import print_estimates
+
+    knobs = dict(reduce_bucket_size=reduce_bucket_size, allgather_bucket_size=allgather_bucket_size,
+                 prefetch_bucket_size=prefetch_bucket_size, max_live_parameters=max_live_parameters,
+                 param_persistence_threshold=param_persistence_threshold, sub_group_size=sub_group_size)
+    try:
+        shape = o.resolve_model(params, model)
+        target = parse_gpu(gpu) if gpu else None
+        setups = [
+            o.build_setup(shape=shape, stage=s, gpus=gpus, nodes=nodes, dtype=dtype.value, optimizer=optimizer.value,
+                          impl=optimizer_impl.value if optimizer_impl else None,
+                          offload_optimizer=offload_optimizer.value, offload_params=offload_params.value,
+                          grad_accum=grad_accum, overlap_comm=overlap_comm, knobs=knobs, micro_batch=micro_batch,
+                          seq_len=seq_len, grad_ckpt=grad_ckpt, attn=attn.value,
+                          activations=activations.value if activations else None, from_params=params is not None,
+                          paper=paper)
+            for s in _stages(stage, offload_optimizer.value, offload_params.value)
+        ]
+        estimates = [estimate(s) for s in setups]
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    if as_json:
+        docs = [e.to_dict() for e in estimates]
+        if target is not None:
+            for d in docs:
+                d["gpu"] = {"name": target.name, "memory_bytes": target.memory_bytes,
+                            "fits": d["device_bytes"] <= target.memory_bytes}
+        out.print_json(json.dumps(docs[0] if stage is not None else docs))
+        return
+    print_estimates(estimates, target, out)
+
+
+@app.command()
+def claims(
+    params: o.ParamsOpt = None,
+    model: o.ModelOpt = None,
+    runs: Annotated[str | None, typer.Option("--runs", help="Folder or runs.jsonl of measured runs to add.")] = None,
+    plot: Annotated[str | None, typer.Option("--plot", help="Write the reduction-vs-N_d plot here (PNG/SVG).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Check the ZeRO paper's 4x / 8x / N_d claims against what DeepSpeed really allocates."""
+    from zeroest.estimator.claims import claims_table, verdicts
+    from zeroest.render_claims import print_claims, write_claims_plot
+
+    try:
+        shape = o.resolve_model(params, model) if (params or model) else o.resolve_model("7.5B", None)
+        table = claims_table(shape)
+        measured = None
+        if runs:
+            from zeroest.validate.results import measured_reductions
+
+            measured = measured_reductions(runs)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    if plot:
+        write_claims_plot(table, plot, measured)
+    if as_json:
+        out.print_json(json.dumps({"model": shape.name, "rows": [r.to_dict() for r in table],
+                                   "verdicts": verdicts(table), "measured": measured}))
+        return
+    print_claims(table, verdicts(table), measured, out)
+
+
+@app.command()
+def models() -> None:
+    """List the model presets."""
+    from zeroest.estimator.presets import list_presets
+
+    for name in list_presets():
+        out.print(name)
+
+
+def _register_optional() -> None:
+    """Commands whose modules are owned elsewhere; each registers only when its module exists."""
+    import importlib
+
+    for module, name in (("zeroest.cmd_validate", "validate"), ("zeroest.cmd_report", "report"),
+                         ("zeroest.cmd_plan", "plan")):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        app.command(name)(getattr(mod, name))
+
+
+_register_optional()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="zeroest: %(message)s")
+    app()
