@@ -2,33 +2,38 @@
 
 Library use::
 
-    from zeroest import TrainingSetup, estimate, load_model
-    est = estimate(TrainingSetup(model=load_model("llama-3-8b"), parallel=Parallelism(gpus_per_node=8)))
-    est.peak_allocated_bytes
+    from zeroest import Parallelism, TrainingSetup, estimate, load_model
+    setup = TrainingSetup(model=load_model("llama-3-8b"), parallel=Parallelism(gpus_per_node=8))
+    estimate(setup).peak_allocated_bytes
+
+Names are imported on first use, so ``import zeroest.estimator.units`` stays cheap.
 """
 
-from zeroest.estimator.estimate import Estimate, estimate
-from zeroest.estimator.overheads import Overheads
-from zeroest.estimator.setup import (
-    Optimizer,
-    Parallelism,
-    TrainingSetup,
-    Workload,
-    ZeroConfig,
-    ZeroStage,
-)
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
+_EXPORTS = {
+    "Estimate": "zeroest.estimator.estimate",
+    "estimate": "zeroest.estimator.estimate",
+    "Overheads": "zeroest.estimator.overheads",
+    "Optimizer": "zeroest.estimator.setup",
+    "Parallelism": "zeroest.estimator.setup",
+    "TrainingSetup": "zeroest.estimator.setup",
+    "Workload": "zeroest.estimator.setup",
+    "ZeroConfig": "zeroest.estimator.setup",
+    "ZeroStage": "zeroest.estimator.setup",
+    "ModelShape": "zeroest.estimator.shape",
+    "load_model": "zeroest.estimator.presets",
+    "standard_shape": "zeroest.estimator.presets",
+}
 
-def load_model(name_or_path: str):
-    """A ModelShape from a preset name or an HF config.json path."""
-    from zeroest.estimator.presets import load_model as _load
-
-    return _load(name_or_path)
+__all__ = ["__version__", *_EXPORTS]
 
 
-__all__ = [
-    "Estimate", "Optimizer", "Overheads", "Parallelism", "TrainingSetup", "Workload", "ZeroConfig", "ZeroStage",
-    "__version__", "estimate", "load_model",
-]
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'zeroest' has no attribute {name!r}")
