@@ -36,6 +36,9 @@ _MAX_POSITIONS_DEFAULT = {
     "llama": 2048, "mistral": 131072, "qwen2": 32768, "gpt2": 1024,
     "gpt_neox": 2048, "opt": 2048, "phi3": 4096, "gemma": 8192,
 }
+# ``num_key_value_heads`` left out of config.json takes the class default, which is not always
+# num_attention_heads (MistralConfig 8, Qwen2Config 32, GemmaConfig 16); null means num_attention_heads.
+_KV_HEADS_DEFAULT = {"mistral": 8, "qwen2": 32, "gemma": 16}
 _TIED_DEFAULT = {
     "llama": False, "mistral": False, "qwen2": False, "gpt2": True,
     "gpt_neox": False, "opt": True, "phi3": False, "gemma": True,
@@ -119,10 +122,15 @@ def shape_from_config(config: dict, name: str) -> ModelShape:
         head_dim = 256 if family == "gemma" else hidden // heads  # GemmaConfig.head_dim defaults to 256
     else:
         head_dim = _positive_int(config, name, "head_dim")
-    kv_heads = heads if family in ("gpt2", "gpt_neox", "opt") else _positive_int(
-        config, name, "num_key_value_heads", default=heads)
+    if family in ("gpt2", "gpt_neox", "opt"):
+        kv_heads = heads
+    elif "num_key_value_heads" not in config and family in _KV_HEADS_DEFAULT:
+        kv_heads = _KV_HEADS_DEFAULT[family]  # the class default, not num_attention_heads
+    else:  # absent or null: num_attention_heads (LlamaConfig.__post_init__ and the like)
+        kv_heads = _positive_int(config, name, "num_key_value_heads", default=heads)
     if heads % kv_heads:
-        raise ValueError(f"config {name!r}: {heads} heads are not a multiple of {kv_heads} kv heads")
+        why = "" if "num_key_value_heads" in config else f" (the {family} default for num_key_value_heads)"
+        raise ValueError(f"config {name!r}: {heads} heads are not a multiple of {kv_heads} kv heads{why}")
     if gpt2:  # GPT2Block: n_inner None -> 4 * n_embd
         intermediate = _positive_int(config, name, "n_inner", default=4 * hidden)
     elif family == "opt":
