@@ -39,6 +39,13 @@ _MAX_POSITIONS_DEFAULT = {
 # ``num_key_value_heads`` left out of config.json takes the class default, which is not always
 # num_attention_heads (MistralConfig 8, Qwen2Config 32, GemmaConfig 16); null means num_attention_heads.
 _KV_HEADS_DEFAULT = {"mistral": 8, "qwen2": 32, "gemma": 16}
+# (config key, class default) of the MLP activation, kept in extra["hidden_act"] for activation memory.
+_ACTIVATION = {
+    "llama": ("hidden_act", "silu"), "mistral": ("hidden_act", "silu"), "qwen2": ("hidden_act", "silu"),
+    "phi3": ("hidden_act", "silu"), "gemma": ("hidden_activation", "gelu_pytorch_tanh"),
+    "gpt2": ("activation_function", "gelu_new"), "gpt_neox": ("hidden_act", "gelu"),
+    "opt": ("activation_function", "relu"),
+}
 _TIED_DEFAULT = {
     "llama": False, "mistral": False, "qwen2": False, "gpt2": True,
     "gpt_neox": False, "opt": True, "phi3": False, "gemma": True,
@@ -140,7 +147,8 @@ def shape_from_config(config: dict, name: str) -> ModelShape:
     max_positions = _positive_int(
         config, name, *(("n_positions", "max_position_embeddings") if gpt2 else ("max_position_embeddings",)),
         default=_MAX_POSITIONS_DEFAULT[family])
-    extra: dict = {}
+    act_key, act_default = _ACTIVATION[family]
+    extra: dict = {"hidden_act": str(config.get(act_key) or config.get("hidden_act") or act_default)}
     attention_bias = family in ("qwen2", "gpt2", "gpt_neox", "opt")
     if family in ("llama", "gemma"):
         attention_bias = bool(config.get("attention_bias", False))

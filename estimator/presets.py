@@ -135,7 +135,7 @@ def _llama_shape(name: str, layers: int, width: int, head_dim: int, intermediate
         name=name, family="llama", vocab_size=STANDARD_VOCAB, hidden_size=width, num_layers=layers,
         num_heads=width // head_dim, num_kv_heads=width // head_dim, head_dim=head_dim,
         intermediate_size=intermediate, max_positions=4096, gated_mlp=True, tied_embeddings=False,
-        norm="rmsnorm", positions="rotary", attention_bias=False,
+        norm="rmsnorm", positions="rotary", attention_bias=False, extra={"hidden_act": "silu"},
     )
 
 

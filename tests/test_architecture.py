@@ -181,7 +181,9 @@ def test_family_defaults_when_fields_are_absent() -> None:
     qwen2 = shape_from_config(dict(_LLAMA_TINY, model_type="qwen2", num_key_value_heads=None), "q")
     assert qwen2.num_kv_heads == 4  # null, unlike absent, means num_attention_heads
     opt = shape_from_config(TINY_CONFIGS["opt"], "o")
-    assert opt.extra["word_embed_proj_dim"] == 64
+    assert (opt.extra["word_embed_proj_dim"], opt.extra["hidden_act"]) == (64, "relu")
+    assert load_model("gemma-2b").extra["hidden_act"] == "gelu_pytorch_tanh"
+    assert load_model("gpt2").extra["hidden_act"] == "gelu_new"
 
 
 @pytest.mark.parametrize(
