@@ -1,0 +1,1 @@
+"""Package data of zeroest: model presets, GPU presets, measured runs and calibrations."""
