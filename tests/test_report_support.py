@@ -1,0 +1,139 @@
+"""Shared helpers of the report tests: synthetic runs.jsonl rows made by estimate() with known overheads.
+
+When estimator/activations.py is not in the tree yet, ``estimator_ready`` installs a small stand-in module (a
+closed-form profile: per-layer bytes linear in tokens) so estimate() runs; the report code never sees the
+difference.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import types
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+from zeroest.estimator.overheads import Overheads
+from zeroest.estimator.setup import DTYPE_BYTES
+from zeroest.estimator.units import GiB, MiB
+
+TRUE_OVERHEADS = Overheads(
+    cuda_context_bytes=600 * MiB, cublas_workspace_bytes=48 * MiB, nccl_bytes_per_peer=96 * MiB,
+    reserved_fraction_of_transient=0.25, reserved_fixed_bytes=150 * MiB, activation_scale=1.15,
+    source="truth",
+)
+"""The overheads synthetic "measurements" are made with; the fit must find them again."""
+
+MODELS = ("gpt2", "opt-125m", "pythia-160m", "qwen2.5-0.5b", "gpt2-medium", "pythia-410m")
+H100 = {"name": "NVIDIA H100 80GB HBM3", "memory_bytes": 80 * GiB}
+VERSIONS = {"python": "3.11.7", "torch": "2.5.1+cu124", "cuda": "12.4", "driver": "550.54",
+            "deepspeed": "0.16.3", "transformers": "4.46.0", "accelerate": "1.0.1"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class _FakeProfile:
+    """Stand-in activation profile: every layer keeps ``layer_bytes``; checkpointing keeps only its input.
+
+    ``num_layers`` is a float so that estimate's ``activation_scale`` (which scales every int field) leaves it
+    be.
+    """
+
+    layer_bytes: int
+    input_bytes: int
+    logits_bytes: int
+    num_layers: float
+
+    def forward_peak_bytes(self, ckpt: bool) -> int:
+        kept = self.input_bytes if ckpt else self.layer_bytes
+        return round(self.num_layers * kept) + self.logits_bytes
+
+    def backward_peak_bytes(self, ckpt: bool) -> int:
+        return self.forward_peak_bytes(ckpt) + (self.layer_bytes if ckpt else 0) + self.logits_bytes
+
+    def backward_live_after_layers(self, layers: int, ckpt: bool) -> int:
+        kept = self.input_bytes if ckpt else self.layer_bytes
+        return round(max(0.0, self.num_layers - layers) * kept)
+
+
+def _fake_activation_profile(model, micro_batch, seq_len, dtype, attn, mode="auto"):
+    tokens = micro_batch * seq_len
+    b = DTYPE_BYTES[dtype]
+    width = tokens * model.hidden_size * b
+    profile = _FakeProfile(layer_bytes=16 * width, input_bytes=width, num_layers=float(model.num_layers),
+                           logits_bytes=tokens * model.vocab_size * 4)
+    return profile, "closed-form"
+
+
+@pytest.fixture(scope="session")
+def estimator_ready():
+    """Make ``zeroest.estimator.estimate`` importable, with a stand-in activations module if the real one is
+    missing."""
+    try:
+        importlib.import_module("zeroest.estimator.activations")
+    except ModuleNotFoundError:
+        fake = types.ModuleType("zeroest.estimator.activations")
+        fake.ActivationProfile = _FakeProfile
+        fake.activation_profile = _fake_activation_profile
+        sys.modules["zeroest.estimator.activations"] = fake
+    return importlib.import_module("zeroest.estimator.estimate")
+
+
+def make_setup(model: str, stage: int, world: int, **workload):
+    from zeroest.estimator.presets import load_model
+    from zeroest.estimator.setup import Parallelism, TrainingSetup, Workload, ZeroConfig
+
+    w = {"micro_batch": 2, "seq_len": 512, "activations": "closed-form", **workload}
+    return TrainingSetup(model=load_model(model), parallel=Parallelism(gpus_per_node=world),
+                         zero=ZeroConfig(stage=stage), workload=Workload(**w))
+
+
+def synthetic_row(setup, overheads: Overheads = TRUE_OVERHEADS, *, simulated: bool = False, rank: int = 0,
+                  gpu: dict | None = None, version: str = "0.1.0", oom: str | None = None,
+                  step_time_s: float = 1.0) -> dict:
+    """A runs.jsonl row whose "measured" numbers are estimate(setup, overheads) (prediction made with
+    defaults)."""
+    from zeroest.estimator.estimate import estimate
+    from zeroest.estimator.serialize import setup_to_dict
+
+    oh = replace(overheads, nccl_bytes_per_peer=0) if simulated else overheads
+    truth = estimate(setup, oh)
+    phases = {"build": {"peak_allocated_bytes": 1}}
+    for p in truth.phases:
+        suffix = "" if p.name == "step" else "0"
+        names = ["init"] if p.name == "init" else [f"step{k}.{p.name}{suffix}" for k in (0, 1, 2)]
+        for name in names:
+            phases[name] = {"peak_allocated_bytes": p.peak_bytes, "nvml_scope": "process"}
+    flat = setup_to_dict(setup)
+    tokens = flat["micro_batch"] * flat["seq_len"] * flat["world_size"]
+    key = f"{flat['model']}-z{flat['stage']}-n{flat['world_size']}-{simulated}"
+    return {
+        "zeroest_version": version, "run_key": key, "setup": flat, "rank": rank,
+        "world_size": flat["world_size"], "ranks_in_run": 1, "simulated": simulated,
+        "status": "oom" if oom else "ok", "error": None, "prediction": estimate(setup).to_dict(),
+        "measured": {"peak_allocated_bytes": truth.peak_allocated_bytes,
+                     "peak_reserved_bytes": truth.peak_reserved_bytes, "device_bytes": truth.device_bytes,
+                     "phases": phases, "oom": oom, "step_time_s": step_time_s,
+                     "tokens_per_s": tokens / step_time_s},
+        "versions": VERSIONS, "gpu": gpu or H100, "host": {"hostname": "test"}, "exclusive": True,
+    }
+
+
+def synthetic_grid(models=MODELS, stages=(0, 1, 2, 3), worlds=(1, 2, 4), **kw) -> list[dict]:
+    """Rows for every model x stage x N_d (N_d 1 only at stage 0), real runs, measured with
+    ``TRUE_OVERHEADS``."""
+    rows = []
+    for model in models:
+        for world in worlds:
+            for stage in stages:
+                if world == 1 and stage:
+                    continue
+                rows.append(synthetic_row(make_setup(model, stage, world, grad_ckpt=(stage == 1)), **kw))
+    return rows
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
