@@ -1,6 +1,6 @@
 """Shared helpers of the report tests: synthetic runs.jsonl rows made by estimate() with known overheads.
 
-When estimator/activations.py is not in the tree yet, ``estimator_ready`` installs a small stand-in module (a
+When estimator/activations.py cannot be imported yet, ``estimator_ready`` installs a small stand-in module (a
 closed-form profile: per-layer bytes linear in tokens) so estimate() runs; the report code never sees the
 difference.
 """
@@ -66,13 +66,14 @@ def _fake_activation_profile(model, micro_batch, seq_len, dtype, attn, mode="aut
     return profile, "closed-form"
 
 
-@pytest.fixture(scope="session")
-def estimator_ready():
+def ensure_estimator():
     """Make ``zeroest.estimator.estimate`` importable, with a stand-in activations module if the real one is
-    missing."""
+    not importable yet."""
     try:
-        importlib.import_module("zeroest.estimator.activations")
-    except ModuleNotFoundError:
+        return importlib.import_module("zeroest.estimator.estimate")
+    except ImportError:
+        for name in ("zeroest.estimator.estimate", "zeroest.estimator.timeline"):
+            sys.modules.pop(name, None)
         fake = types.ModuleType("zeroest.estimator.activations")
         fake.ActivationProfile = _FakeProfile
         fake.activation_profile = _fake_activation_profile
@@ -137,3 +138,9 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def estimator_ready():
+    """``ensure_estimator`` as a fixture."""
+    return ensure_estimator()
