@@ -1,8 +1,9 @@
-"""Shared helpers of the report tests: synthetic runs.jsonl rows made by estimate() with known overheads.
+"""Shared helpers of the report tests (no tests here): synthetic runs.jsonl rows made by estimate() with known
+overheads, so every expectation derives from estimate() itself.
 
-When estimator/activations.py cannot be imported yet, ``estimator_ready`` installs a small stand-in module (a
-closed-form profile: per-layer bytes linear in tokens) so estimate() runs; the report code never sees the
-difference.
+``fake_activations`` runs estimate() with a small closed-form stand-in profile (per-layer bytes linear in
+tokens) whatever estimator/activations.py holds; ``ensure_estimator`` installs the stand-in as the module when
+the real one cannot be imported yet.
 """
 
 from __future__ import annotations
@@ -140,7 +141,13 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def estimator_ready():
-    """``ensure_estimator`` as a fixture."""
-    return ensure_estimator()
+@pytest.fixture(scope="module")
+def fake_activations():
+    """estimate() with the stand-in activation profile for this module's tests, whatever activations.py holds:
+    expectations below come from estimate() itself, so they need a profile that is fixed and fast, not a real
+    one.
+    """
+    module = ensure_estimator()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "activation_profile", _fake_activation_profile)
+        yield module
