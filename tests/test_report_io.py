@@ -1,0 +1,114 @@
+"""Reading runs.jsonl tolerantly, measured reductions, phase mapping and calibration file lookup."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+from test_report_support import (  # noqa: F401
+    TRUE_OVERHEADS,
+    VERSIONS,
+    fake_activations,
+    make_setup,
+    synthetic_row,
+    write_rows,
+)
+from zeroest.estimator.calibration import calibration_name, find_calibration, gpu_slug, short_version
+
+from zeroest.report_join import measured_phase_peaks
+from zeroest.runs_io import load_runs, measured_reductions, runs_files
+
+pytestmark = pytest.mark.usefixtures("fake_activations")
+
+
+def test_load_runs_keeps_good_rows_and_lists_the_rest(tmp_path):
+    good = synthetic_row(make_setup("gpt2", 2, 2))
+    oom = synthetic_row(make_setup("gpt2", 0, 2, micro_batch=64), oom="step0.forward0")
+    failed = {**good, "status": "error", "error": "RuntimeError: NCCL timeout\nmore"}
+    lines = [json.dumps(good), "{not json", json.dumps({**good, "zeroest_version": "0.0.9"}),
+             json.dumps({k: v for k, v in good.items() if k != "setup"}), json.dumps(failed), json.dumps([1]),
+             "", json.dumps(oom)]
+    path = tmp_path / "runs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    loaded = load_runs([tmp_path], version="0.1.0")
+    assert [r.line for r in loaded.rows] == [1, 8]
+    reasons = {s.where.rsplit(":", 1)[1]: s.reason for s in loaded.skipped}
+    assert set(reasons) == {"2", "3", "4", "5", "6"}
+    assert "not valid JSON" in reasons["2"]
+    assert "zeroest 0.0.9" in reasons["3"]
+    assert "no setup" in reasons["4"]
+    assert reasons["5"] == "run status error: RuntimeError: NCCL timeout"
+    assert "not an object" in reasons["6"]
+
+
+def test_runs_files_finds_nested_files_and_refuses_missing_paths(tmp_path):
+    write_rows(tmp_path / "a" / "runs.jsonl", [])
+    write_rows(tmp_path / "b" / "c" / "runs.jsonl", [])
+    assert len(runs_files([tmp_path])) == 2
+    with pytest.raises(ValueError, match="does not exist"):
+        runs_files([tmp_path / "nowhere"])
+
+
+def test_measured_reductions_are_stage0_peak_over_stage_peak(tmp_path):
+    rows = [synthetic_row(make_setup("gpt2", stage, world)) for world in (2, 4) for stage in (0, 1, 2, 3)]
+    write_rows(tmp_path / "runs.jsonl", rows)
+    peak = {(r["setup"]["stage"], r["setup"]["world_size"]): r["measured"]["peak_allocated_bytes"]
+            for r in rows}
+    got = measured_reductions(tmp_path)
+    assert set(got) == {f"{s}@{n}" for s in (0, 1, 2, 3) for n in (2, 4)}
+    for (stage, world), value in peak.items():
+        assert got[f"{stage}@{world}"] == pytest.approx(peak[(0, world)] / value)
+
+
+def test_measured_reductions_prefer_real_runs_and_skip_ooms(tmp_path):
+    base = synthetic_row(make_setup("gpt2", 0, 8))
+    real = synthetic_row(make_setup("gpt2", 3, 8))
+    sim = synthetic_row(make_setup("gpt2", 3, 8), simulated=True)
+    sim["measured"]["peak_allocated_bytes"] //= 2
+    crashed = synthetic_row(make_setup("gpt2", 2, 8), oom="step0.backward0")
+    write_rows(tmp_path / "runs.jsonl", [base, sim, real, crashed])
+    got = measured_reductions(tmp_path / "runs.jsonl")
+    assert got == {"0@8": pytest.approx(1.0),
+                   "3@8": pytest.approx(base["measured"]["peak_allocated_bytes"]
+                                        / real["measured"]["peak_allocated_bytes"])}
+
+
+def test_measured_reductions_of_an_empty_file_is_an_error(tmp_path):
+    (tmp_path / "runs.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no usable runs"):
+        measured_reductions(tmp_path)
+
+
+def test_phase_names_map_to_predicted_phases():
+    phases = {"build": {"peak_allocated_bytes": 900}, "init": {"peak_allocated_bytes": 10},
+              "step0.forward0": {"peak_allocated_bytes": 20}, "step1.forward1": {"peak_allocated_bytes": 25},
+              "step0.backward0": {"peak_allocated_bytes": 40}, "step2.step": {"peak_allocated_bytes": 30},
+              "step1.step": {"peak_allocated_bytes": None}}
+    assert measured_phase_peaks(phases) == {"init": 10, "forward": 25, "backward": 40, "step": 30}
+
+
+@pytest.mark.parametrize(("name", "slug"), [("NVIDIA H100 80GB HBM3", "nvidia-h100-80gb-hbm3"),
+                                            ("NVIDIA A100-SXM4-40GB", "nvidia-a100-sxm4-40gb")])
+def test_gpu_slug(name, slug):
+    assert gpu_slug(name) == slug
+
+
+def test_versions_are_cut_to_major_minor():
+    assert short_version("2.5.1+cu124") == "2.5"
+    assert short_version("0.16.3") == "0.16"
+    assert short_version(None) == "unknown"
+    name = calibration_name("NVIDIA H100 80GB HBM3", "2.5.1", "0.16.3")
+    assert name == "nvidia-h100-80gb-hbm3-torch2.5-ds0.16.json"
+
+
+def test_find_calibration_reads_back_a_written_file(tmp_path):
+    values = {k: v for k, v in replace(TRUE_OVERHEADS).to_dict().items() if k != "source"}
+    name = calibration_name("NVIDIA H100 80GB HBM3", VERSIONS["torch"], VERSIONS["deepspeed"])
+    (tmp_path / name).write_text(json.dumps({"overheads": values, "fitted_on": {}, "errors": {}}))
+    found = find_calibration("NVIDIA H100 80GB HBM3", "2.5.0", "0.16.9", directory=tmp_path)
+    assert found is not None
+    assert found.cuda_context_bytes == TRUE_OVERHEADS.cuda_context_bytes
+    assert found.activation_scale == pytest.approx(TRUE_OVERHEADS.activation_scale)
+    assert found.source == name
+    assert find_calibration("NVIDIA H100 80GB HBM3", "2.6.0", "0.16.3", directory=tmp_path) is None
