@@ -1,0 +1,226 @@
+"""How one validation run is started: the child environment and the launcher command line.
+
+Every run is a fresh process tree (so CUDA peaks and caching-allocator state never leak between runs):
+
+* ``torchrun``: ``python -m torch.distributed.run --nproc-per-node N ... -m zeroest.validate.worker --spec
+  S``;
+* ``accelerate``: ``python -m accelerate.commands.launch --config_file A -m zeroest.validate.worker --spec
+  S``, with a generated accelerate config whose ``deepspeed_config_file`` is the run's ds_config.json;
+* ``deepspeed``: ``python -m deepspeed.launcher.runner --num_gpus N --module zeroest.validate.worker --spec
+  S``;
+* simulated runs (rank 0 of an N-rank job on a fake process group) need no launcher: ``python -m
+  zeroest.validate.worker --spec S``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+log = logging.getLogger(__name__)
+
+Launcher = Literal["torchrun", "accelerate", "deepspeed"]
+LAUNCHERS: tuple[str, ...] = ("torchrun", "accelerate", "deepspeed")
+WORKER_MODULE = "zeroest.validate.worker"
+
+_ARCH_LIST = re.compile(r"^\s*\d+\.\d+(\+PTX)?([\s;]+\d+\.\d+(\+PTX)?)*\s*$")
+"""What DeepSpeed's op builder parses in TORCH_CUDA_ARCH_LIST (``op_builder/builder.py``
+``compute_capability_args``): ``8.0;9.0+PTX``. Arch-specific names such as ``9.0a`` break it."""
+
+MULTICAST_OFF = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+"""NVLink multicast stays off unless the user set these: a multicast fault can take a shared host's GPUs
+down."""
+
+
+def arch_list_ok(value: str | None) -> bool:
+    """True when ``value`` is a TORCH_CUDA_ARCH_LIST that DeepSpeed's JIT builder can parse."""
+    return bool(value) and bool(_ARCH_LIST.match(value))
+
+
+def fix_arch_list(env: dict[str, str], capability: tuple[int, int] | None) -> None:
+    """Set TORCH_CUDA_ARCH_LIST to the device's ``major.minor`` (``9.0``, never ``9.0a``) when unset or
+    unparseable."""
+    if capability is None or arch_list_ok(env.get("TORCH_CUDA_ARCH_LIST")):
+        return
+    arch = f"{capability[0]}.{capability[1]}"
+    if env.get("TORCH_CUDA_ARCH_LIST"):
+        log.warning(
+            "TORCH_CUDA_ARCH_LIST=%r cannot be parsed by DeepSpeed; using %s",
+            env["TORCH_CUDA_ARCH_LIST"],
+            arch,
+        )
+    env["TORCH_CUDA_ARCH_LIST"] = arch
+
+
+def package_root() -> str:
+    """The directory from which ``import zeroest`` works (put on the children's PYTHONPATH)."""
+    import zeroest
+
+    return str(Path(zeroest.__file__).resolve().parent.parent)
+
+
+def child_env(
+    base: Mapping[str, str], *, cpu: bool, capability: tuple[int, int] | None, gpus: str | None = None
+) -> dict[str, str]:
+    """The environment of every process of a run: the user's (NCCL_* and PYTHONPATH included) plus our fixes.
+
+    ``gpus``: CUDA_VISIBLE_DEVICES for the run (None keeps the user's). CPU runs hide the GPUs and make
+    DeepSpeed pick its CPU accelerator (``DS_ACCELERATOR=cpu``).
+    """
+    env = dict(base)
+    for key, value in MULTICAST_OFF.items():
+        env.setdefault(key, value)
+    env["PYTHONUNBUFFERED"] = "1"
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    root = package_root()
+    if root not in paths:
+        paths.append(root)
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    if cpu:
+        env["DS_ACCELERATOR"] = "cpu"
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    else:
+        fix_arch_list(env, capability)
+        if gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpus
+    return env
+
+
+def free_port() -> int:
+    """A TCP port free on this host right now (for the rendezvous of one run)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True, kw_only=True)
+class LaunchOptions:
+    """Launcher and multi-node flags, passed through to the launcher of every run."""
+
+    launcher: Launcher = "torchrun"
+    """torchrun, accelerate or deepspeed."""
+    nnodes: int = 1
+    """Nodes in each run (``--nnodes``); run ``validate`` on every node with its ``--node-rank``."""
+    node_rank: int = 0
+    """This node's rank (``--node-rank``)."""
+    master_addr: str = "127.0.0.1"
+    """Rendezvous host (``--master-addr``)."""
+    master_port: int | None = None
+    """Rendezvous port; None picks a free port per run (single node only)."""
+    hostfile: str | None = None
+    """DeepSpeed hostfile (``--hostfile``), deepspeed launcher only."""
+
+    def __post_init__(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(
+                f"unknown launcher {self.launcher!r}: use --launcher torchrun, accelerate or deepspeed"
+            )
+        if self.nnodes > 1 and self.master_port is None:
+            raise ValueError("multi-node runs need one rendezvous port on every node: set --master-port")
+        if self.hostfile is not None and self.launcher != "deepspeed":
+            raise ValueError("--hostfile is read by the deepspeed launcher only: add --launcher deepspeed")
+
+
+def accelerate_config_yaml(
+    *,
+    ds_config_path: Path,
+    nproc: int,
+    opts: LaunchOptions,
+    port: int,
+    stage: int,
+    offload_optimizer: str,
+    cpu: bool,
+) -> str:
+    """An accelerate config (``accelerate launch --config_file``) that hands DeepSpeed our ds_config.json.
+
+    accelerate refuses ``zero_stage`` / ``offload_optimizer_device`` next to ``deepspeed_config_file``
+    (``accelerate/utils/dataclasses.py`` ``DeepSpeedPlugin._deepspeed_config_checks``), so they are written as
+    comments here and live in the ds_config file.
+    """
+    return "\n".join(
+        [
+            "compute_environment: LOCAL_MACHINE",
+            "distributed_type: DEEPSPEED",
+            "deepspeed_config:",
+            f"  deepspeed_config_file: {ds_config_path}",
+            "  deepspeed_multinode_launcher: standard",
+            "  zero3_init_flag: false",
+            f"  # zero_stage: {stage}  (in deepspeed_config_file)",
+            f"  # offload_optimizer_device: {offload_optimizer}  (in deepspeed_config_file)",
+            f"machine_rank: {opts.node_rank}",
+            f"main_process_ip: {opts.master_addr}",
+            f"main_process_port: {port}",
+            f"num_machines: {opts.nnodes}",
+            f"num_processes: {nproc * opts.nnodes}",
+            "rdzv_backend: static",
+            "same_network: true",
+            f"use_cpu: {'true' if cpu else 'false'}",
+            "",
+        ]
+    )
+
+
+def launch_command(
+    opts: LaunchOptions,
+    *,
+    nproc: int,
+    spec_path: Path,
+    simulated: bool,
+    port: int,
+    accelerate_config: Path | None,
+) -> list[str]:
+    """The command line of one run; ``nproc`` ranks on this node."""
+    worker = ["--spec", str(spec_path)]
+    python = sys.executable
+    if simulated:
+        return [python, "-m", WORKER_MODULE, *worker]
+    if opts.launcher == "torchrun":
+        return [
+            python,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={nproc}",
+            f"--nnodes={opts.nnodes}",
+            f"--node-rank={opts.node_rank}",
+            f"--master-addr={opts.master_addr}",
+            f"--master-port={port}",
+            "-m",
+            WORKER_MODULE,
+            *worker,
+        ]
+    if opts.launcher == "accelerate":
+        if accelerate_config is None:
+            raise ValueError("the accelerate launcher needs its generated config file")
+        return [
+            python,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(accelerate_config),
+            "-m",
+            WORKER_MODULE,
+            *worker,
+        ]
+    cmd = [
+        python,
+        "-m",
+        "deepspeed.launcher.runner",
+        f"--master_port={port}",
+        f"--master_addr={opts.master_addr}",
+    ]
+    if opts.hostfile:
+        cmd += ["--hostfile", opts.hostfile, f"--num_nodes={opts.nnodes}", f"--num_gpus={nproc}"]
+    else:
+        cmd += [f"--num_gpus={nproc}"]
+    return [*cmd, "--module", WORKER_MODULE, *worker]

@@ -1,0 +1,207 @@
+"""The one place that reads memory during a validation run, so every path (torchrun, accelerate, deepspeed
+launcher, simulated, CPU) measures the same way.
+
+A ``Meter`` records phases. For each phase it resets the peaks first
+(``torch.cuda.reset_peak_memory_stats``), runs the block, synchronizes, then reads (torchtitan's
+``components/metrics.py`` reads the same ``memory_stats`` keys):
+
+* ``allocated_bytes`` / ``peak_allocated_bytes``: ``allocated_bytes.all.current`` / ``.peak`` (tensors alive);
+* ``reserved_bytes`` / ``peak_reserved_bytes``: ``reserved_bytes.all.current`` / ``.peak`` (the caching
+  allocator's segments);
+* ``num_alloc_retries`` / ``num_ooms``: cumulative counts since the process started;
+* ``nvml_bytes``: what nvidia-smi shows for this process (``nvmlDeviceGetComputeRunningProcesses``), or the
+  device's whole used memory when the process is not listed (containers with their own pid namespace):
+  ``nvml_scope`` says which;
+* ``rss_bytes``: host resident memory (psutil); ``time_s``: wall time of the phase.
+
+On the CPU there is no caching allocator: ``CpuMeter`` counts live tensor storages with
+``validate.memtrack.LiveBytes`` (reserved and NVML fields are None).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+
+import torch
+
+log = logging.getLogger(__name__)
+
+INJECT_OOM_ENV = "ZEROEST_INJECT_OOM"
+"""Test hook: a phase name (or prefix such as ``step0.backward``); entering it raises
+``torch.OutOfMemoryError``."""
+
+
+def _rss_bytes() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:  # psutil missing or unreadable /proc
+        return None
+
+
+class _Nvml:
+    """NVML reader for one CUDA device; silent (None) where NVML is missing."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.handle = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            try:
+                index = torch.cuda._get_nvml_device_index(device)  # maps CUDA_VISIBLE_DEVICES to NVML's order
+            except Exception:
+                index = device.index or 0
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self.pynvml = pynvml
+        except Exception as exc:  # no driver library, no permission
+            log.info("NVML unavailable (%s); nvml_bytes will be null", exc)
+
+    def used(self) -> tuple[int | None, str | None]:
+        """(bytes, scope): this process's memory as nvidia-smi lists it, else the device's used memory."""
+        if self.handle is None:
+            return None, None
+        pid = os.getpid()
+        try:
+            for proc in self.pynvml.nvmlDeviceGetComputeRunningProcesses(self.handle):
+                if proc.pid == pid and proc.usedGpuMemory is not None:
+                    return int(proc.usedGpuMemory), "process"
+            return int(self.pynvml.nvmlDeviceGetMemoryInfo(self.handle).used), "device"
+        except Exception:
+            return None, None
+
+    def total(self) -> int | None:
+        if self.handle is None:
+            return None
+        try:
+            return int(self.pynvml.nvmlDeviceGetMemoryInfo(self.handle).total)
+        except Exception:
+            return None
+
+
+class Meter:
+    """Per-phase memory and time on a CUDA device. ``phases`` maps each phase name to its record (a plain
+    dict)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.phases: dict[str, dict] = {}
+        self.current: str | None = None
+        self.nvml = _Nvml(device)
+        self._inject = os.environ.get(INJECT_OOM_ENV) or None
+
+    def _sync(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def _reset(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _read(self) -> dict:
+        stats = torch.cuda.memory_stats(self.device)
+        nvml_bytes, scope = self.nvml.used()
+        return {
+            "allocated_bytes": int(stats.get("allocated_bytes.all.current", 0)),
+            "peak_allocated_bytes": int(stats.get("allocated_bytes.all.peak", 0)),
+            "reserved_bytes": int(stats.get("reserved_bytes.all.current", 0)),
+            "peak_reserved_bytes": int(stats.get("reserved_bytes.all.peak", 0)),
+            "num_alloc_retries": int(stats.get("num_alloc_retries", 0)),
+            "num_ooms": int(stats.get("num_ooms", 0)),
+            "nvml_bytes": nvml_bytes,
+            "nvml_scope": scope,
+        }
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[dict]:
+        """Measure the block as phase ``name``; the record is filled in even when the block raises."""
+        with contextlib.suppress(Exception):
+            self._sync()
+        self._reset()
+        record: dict = {}
+        self.phases[name] = record
+        self.current = name
+        start = time.perf_counter()
+        try:
+            if self._inject and name.startswith(self._inject):
+                raise torch.OutOfMemoryError(f"injected by {INJECT_OOM_ENV}={self._inject} in phase {name}")
+            yield record
+        finally:
+            with contextlib.suppress(Exception):
+                self._sync()
+            record["time_s"] = time.perf_counter() - start
+            record.update(self._read())
+            record["rss_bytes"] = _rss_bytes()
+
+    def device_info(self) -> dict:
+        """{"name", "memory_bytes", "capability"} of the device."""
+        props = torch.cuda.get_device_properties(self.device)
+        return {
+            "name": props.name,
+            "memory_bytes": int(self.nvml.total() or props.total_memory),
+            "capability": f"{props.major}.{props.minor}",
+        }
+
+
+class CpuMeter(Meter):
+    """The same phases on the CPU: live tensor bytes from ``LiveBytes`` stand in for the allocator's
+    counters."""
+
+    def __init__(self) -> None:
+        from .memtrack import LiveBytes
+
+        self.device = torch.device("cpu")
+        self.phases = {}
+        self.current = None
+        self.nvml = None
+        self._inject = os.environ.get(INJECT_OOM_ENV) or None
+        self.live = LiveBytes(device="cpu")
+
+    def _sync(self) -> None:
+        pass
+
+    def _reset(self) -> None:
+        self.live.peak_bytes = self.live.live_bytes
+
+    def _read(self) -> dict:
+        return {
+            "allocated_bytes": int(self.live.live_bytes),
+            "peak_allocated_bytes": int(self.live.peak_bytes),
+            "reserved_bytes": None,
+            "peak_reserved_bytes": None,
+            "num_alloc_retries": None,
+            "num_ooms": None,
+            "nvml_bytes": None,
+            "nvml_scope": None,
+        }
+
+    def device_info(self) -> dict:
+        import platform
+
+        return {"name": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for torch's OutOfMemoryError and for the RuntimeErrors that some kernels and DeepSpeed raise
+    instead."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def summarize(phases: dict[str, dict]) -> dict:
+    """Overall peaks over all phases: the largest peak allocated / reserved and the largest NVML reading."""
+
+    def most(key: str) -> int | None:
+        values = [p[key] for p in phases.values() if p.get(key) is not None]
+        return max(values) if values else None
+
+    return {
+        "peak_allocated_bytes": most("peak_allocated_bytes"),
+        "peak_reserved_bytes": most("peak_reserved_bytes"),
+        "device_bytes": most("nvml_bytes"),
+        "host_rss_bytes": most("rss_bytes"),
+    }

@@ -1,0 +1,342 @@
+"""``zeroest validate``: run a grid of real DeepSpeed trainings, each in a fresh process, and compare with
+predictions.
+
+``plan`` turns grid entries into ``Run``s (setup checked, prediction made, worker spec written); ``execute``
+runs them through the chosen launcher, ``--jobs`` at a time where predicted memory fits, kills a run that
+outlives ``--timeout``, appends each finished run's rows to OUT/runs.jsonl at once, and skips runs already
+there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zeroest.estimator.dsconfig import ds_config
+from zeroest.estimator.serialize import setup_from_dict, setup_to_dict
+
+from .grid import GridEntry
+from .jobs import Job, Run, Slots
+from .launch import LaunchOptions, accelerate_config_yaml, child_env, free_port, launch_command
+from .results import RUNS_FILE, append_rows, check_version, done_keys, drop_runs, make_rows, read_rows
+
+log = logging.getLogger(__name__)
+
+_PROBE = (
+    "import json, torch\n"
+    "print(json.dumps([{'name': torch.cuda.get_device_name(i), 'memory_bytes': "
+    "torch.cuda.get_device_properties(i).total_memory, "
+    "'capability': list(torch.cuda.get_device_capability(i))} "
+    "for i in range(torch.cuda.device_count())]))"
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValidateOptions:
+    """Everything ``validate`` needs besides the grid."""
+
+    out: Path
+    """Results directory: runs.jsonl, summary.md, work/<run>/ (spec, ds_config, logs, rank files)."""
+    launch: LaunchOptions = field(default_factory=LaunchOptions)
+    """Launcher and multi-node flags."""
+    cpu: bool = False
+    """gloo ranks on the CPU; memory from ``validate.memtrack.LiveBytes``."""
+    gpus: int | None = None
+    """Ranks per node of real runs whose grid entry names no world size (None: all visible GPUs; 2 on the
+    CPU)."""
+    jobs: int = 1
+    """Runs at once (one GPU shared where predicted memory fits)."""
+    timeout_s: float = 600.0
+    """A run still going after this long is killed and recorded as a timeout."""
+    steps: int = 3
+    """Optimizer steps per run; the first is the warm-up."""
+    redo: bool = False
+    """Run again what runs.jsonl already holds (the old rows are dropped)."""
+    pretrained: str | None = None
+    """Local HF model directory to load weights from instead of random init."""
+
+    def __post_init__(self) -> None:
+        if self.jobs < 1:
+            raise ValueError(f"--jobs must be 1 or more, got {self.jobs}")
+        if self.steps < 3:
+            raise ValueError(f"--steps must be 3 or more (one warm-up, then steady state), got {self.steps}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"--timeout must be positive, got {self.timeout_s}")
+
+
+def zeroest_version() -> str:
+    import zeroest
+
+    return zeroest.__version__
+
+
+def probe_gpus(env: dict[str, str]) -> list[dict]:
+    """The visible CUDA GPUs, asked of a short-lived process so this one never holds a CUDA context."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=180
+        )
+        return json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else []
+    except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError, OSError):
+        return []
+
+
+def run_key(setup: dict, simulated: bool, launcher: str, device: str) -> str:
+    """The resume key of a run: the same setup, mode, launcher and device is the same run."""
+    blob = json.dumps(
+        {"setup": setup, "simulated": simulated, "launcher": launcher, "device": device}, sort_keys=True
+    )
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def _model_config(name: str, inline: dict[str, dict], out: Path) -> tuple[str, dict]:
+    """(model as the setup names it, HF config dict); inline grid models are written to
+    OUT/models/<name>.json."""
+    from zeroest.estimator import presets
+
+    if name in inline:
+        path = out / "models" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(inline[name], indent=1))
+        return str(path), dict(inline[name])
+    key = name.strip().lower()
+    if key in presets.list_presets():
+        return name, json.loads((presets._models_dir() / f"{key}.json").read_text(encoding="utf-8"))
+    path = Path(name).expanduser()
+    path = path / "config.json" if path.is_dir() else path
+    return name, json.loads(path.read_text(encoding="utf-8"))
+
+
+def predict(setup) -> tuple[dict | None, str | None]:
+    """``Estimate.to_dict()`` of the setup, or (None, why) when the estimator fails."""
+    try:
+        from zeroest.estimator.estimate import estimate
+
+        return estimate(setup).to_dict(), None
+    except Exception as exc:  # noqa: BLE001 - a broken estimate must not stop the measurement
+        log.warning("no prediction for %s: %s", setup.model.name, exc)
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def plan(
+    entries: list[GridEntry], models: dict[str, dict], opts: ValidateOptions, visible_gpus: int
+) -> list[Run]:
+    """Runs for the grid entries, in order, duplicates removed; ValueError naming the entry for a bad one."""
+    device = "cpu" if opts.cpu else "cuda"
+    ranks_default = opts.gpus or (2 if opts.cpu else visible_gpus)
+    runs: dict[str, Run] = {}
+    for entry in entries:
+        data = dict(entry.setup)
+        if not entry.simulate and not {"world_size", "gpus_per_node"} & data.keys():
+            data["gpus_per_node"] = ranks_default
+        if not entry.simulate:
+            data.setdefault("nodes", opts.launch.nnodes)
+        if "model" not in data:
+            raise ValueError(
+                f"{entry.where}: the entry names no model: add model: <preset> (or under defaults:)"
+            )
+        data["model"], config = _model_config(str(data["model"]), models, opts.out)
+        setup = setup_from_dict(data, where=entry.where)
+        flat = setup_to_dict(setup)
+        if not entry.simulate:
+            _check_real(setup, opts, visible_gpus, entry.where)
+        key = run_key(flat, entry.simulate, opts.launch.launcher, device)
+        if key in runs:
+            continue
+        prediction, why = predict(setup)
+        spec = {
+            "setup": flat,
+            "model_config": config,
+            "simulated": entry.simulate,
+            "device": device,
+            "ds_config": ds_config(setup, nvme_path=str((opts.out / "nvme").resolve())),
+            "steps": opts.steps,
+            "pretrained": opts.pretrained,
+            "run_key": key,
+        }
+        runs[key] = Run(
+            key=key,
+            setup=flat,
+            simulated=entry.simulate,
+            launcher=opts.launch.launcher,
+            spec=spec,
+            prediction=prediction,
+            prediction_error=why,
+            where=entry.where,
+        )
+    return list(runs.values())
+
+
+def _check_real(setup, opts: ValidateOptions, visible_gpus: int, where: str) -> None:
+    if setup.parallel.nodes != opts.launch.nnodes:
+        raise ValueError(
+            f"{where}: the setup spans {setup.parallel.nodes} nodes but --nnodes is "
+            f"{opts.launch.nnodes}: make them agree, or add simulate: true"
+        )
+    if not opts.cpu and setup.parallel.gpus_per_node > visible_gpus:
+        raise ValueError(
+            f"{where}: world size {setup.world_size} needs {setup.parallel.gpus_per_node} GPUs per node but "
+            f"{visible_gpus} are visible: add simulate: true to the entry, or use --simulate-world-size"
+        )
+
+
+def _start(run: Run, opts: ValidateOptions, gpus: list[int], alone: bool, base_env: dict, capability) -> Job:
+    run_dir = opts.out / "work" / run.key
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    spec = {**run.spec, "run_dir": str(run_dir.resolve())}
+    (run_dir / "spec.json").write_text(json.dumps(spec, indent=1))
+    ds_path = run_dir / "ds_config.json"
+    ds_path.write_text(json.dumps(run.spec["ds_config"], indent=1))
+    port = opts.launch.master_port or free_port()
+    accelerate_path = None
+    if run.launcher == "accelerate" and not run.simulated:
+        accelerate_path = run_dir / "accelerate.yaml"
+        accelerate_path.write_text(
+            accelerate_config_yaml(
+                ds_config_path=ds_path.resolve(),
+                nproc=run.nproc,
+                opts=opts.launch,
+                port=port,
+                stage=int(run.setup["stage"]),
+                offload_optimizer=run.setup["offload_optimizer"],
+                cpu=opts.cpu,
+            )
+        )
+    cmd = launch_command(
+        opts.launch,
+        nproc=run.nproc,
+        spec_path=(run_dir / "spec.json").resolve(),
+        simulated=run.simulated,
+        port=port,
+        accelerate_config=accelerate_path,
+    )
+    env = child_env(
+        base_env, cpu=opts.cpu, capability=capability, gpus=",".join(map(str, gpus)) if gpus else None
+    )
+    (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
+    with open(run_dir / "output.log", "wb") as handle:
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    return Job(run=run, proc=proc, run_dir=run_dir, gpus=gpus, alone=alone)
+
+
+def _finish(job: Job, failure: str | None) -> list[dict]:
+    ranks = job.rank_results()
+    code = job.proc.returncode
+    if (
+        failure is None
+        and code not in (0, None)
+        and not any(r and r.get("measured", {}).get("oom") for r in ranks)
+    ):
+        failure = f"exit code {code}: {job.log_tail(600).strip()}"
+    return make_rows(
+        run_key=job.run.key,
+        launcher=job.run.launcher,
+        setup=job.run.setup,
+        simulated=job.run.simulated,
+        ranks=ranks,
+        prediction=job.run.prediction,
+        prediction_error=job.run.prediction_error,
+        exclusive=not job.shared,
+        wall_s=job.elapsed_s,
+        failure=failure,
+        version=zeroest_version(),
+    )
+
+
+def build_ops(runs: list[Run], opts: ValidateOptions, base_env: dict, capability) -> None:
+    """JIT-build FusedAdam / CPUAdam once in a throwaway process, before concurrent runs race on the build
+    lock."""
+    impls = {run.setup["optimizer_impl"] for run in runs}
+    names = [b for impl, b in (("fused", "FusedAdamBuilder"), ("cpu", "CPUAdamBuilder")) if impl in impls]
+    if not names:
+        return
+    env = child_env(base_env, cpu=opts.cpu, capability=capability, gpus="0" if not opts.cpu else None)
+    log_path = opts.out / "work" / "build_ops.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "zeroest.validate.worker", "--build-ops", ",".join(names)]
+    with open(log_path, "wb") as handle:
+        done = subprocess.run(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, timeout=1800)
+    if done.returncode != 0:
+        log.warning("building %s failed (see %s); runs that need them will record the error", names, log_path)
+
+
+def prepare_results(runs: list[Run], opts: ValidateOptions) -> list[Run]:
+    """The runs still to do: check the version of OUT/runs.jsonl, drop redone runs, skip done ones."""
+    opts.out.mkdir(parents=True, exist_ok=True)
+    path = opts.out / RUNS_FILE
+    check_version(read_rows(path), zeroest_version(), path)
+    keys = {run.key for run in runs}
+    if opts.redo:
+        drop_runs(path, keys)
+        return list(runs)
+    done = done_keys(read_rows(path))
+    return [run for run in runs if run.key not in done]
+
+
+def execute(
+    runs: list[Run],
+    opts: ValidateOptions,
+    capacity_bytes: list[int],
+    capability,
+    on_done: Callable[[Run, list[dict]], None] = lambda run, rows: None,
+) -> None:
+    """Run ``runs``; append each one's rows to OUT/runs.jsonl as it ends and call ``on_done(run, rows)``."""
+    base_env = dict(os.environ)
+    slots = Slots(capacity_bytes=capacity_bytes, jobs=opts.jobs, cpu=opts.cpu)
+    pending = list(runs)
+    path = opts.out / RUNS_FILE
+    try:  # SIGTERM (a killed validate) ends the runs it started, like Ctrl-C
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        while pending or slots.running:
+            for run in list(pending):
+                place = slots.place(run)
+                if place is None and not slots.running and run is pending[0]:
+                    place = (
+                        list(range(min(run.nproc, len(capacity_bytes)))),
+                        True,
+                    )  # nothing fits: run it alone
+                if place is not None:
+                    pending.remove(run)
+                    slots.add(_start(run, opts, place[0], place[1], base_env, capability))
+            for job in list(slots.running):
+                failure = None
+                if job.proc.poll() is None:
+                    if job.elapsed_s < opts.timeout_s:
+                        continue
+                    job.stop()
+                    failure = f"timeout after {opts.timeout_s:.0f} s"
+                slots.running.remove(job)
+                rows = _finish(job, failure)
+                append_rows(path, rows)
+                on_done(job.run, rows)
+            time.sleep(0.2)
+    finally:
+        for job in slots.running:
+            job.stop(grace_s=3.0)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")

@@ -1,0 +1,253 @@
+"""``zeroest validate``: parse the flags, plan the grid, run it with a progress bar, print and write the
+summary."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+err = Console(stderr=True, highlight=False)
+
+
+class LauncherName(str, Enum):
+    torchrun = "torchrun"
+    accelerate = "accelerate"
+    deepspeed = "deepspeed"
+
+
+def _fail(message: str) -> None:
+    err.print(f"zeroest: error: {message}", markup=False)
+    raise typer.Exit(2)
+
+
+def _sizes(text: str | None) -> list[int]:
+    if not text:
+        return []
+    try:
+        sizes = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise ValueError(f"--simulate-world-size {text!r}: expected whole numbers, e.g. 2,4,8") from None
+    if any(n < 1 for n in sizes):
+        raise ValueError(f"--simulate-world-size {text!r}: world sizes must be 1 or more")
+    return sizes
+
+
+def _line(index: int, total: int, run, rows: list[dict]) -> str:
+    from zeroest.validate.summary import cells, summary_rows
+
+    line = summary_rows(rows)[0]
+    c = dict(
+        zip(
+            ("run", "status", "pred", "alloc", "err", "res", "smi", "step", "tps", "speedup", "alone"),
+            cells(line),
+            strict=True,
+        )
+    )
+    return (
+        f"[{index}/{total}] {c['run']}: {c['status']}; predicted {c['pred']} GiB, "
+        f"measured {c['alloc']} GiB "
+        f"({c['err']}%), reserved {c['res']} GiB, {c['step']} s/step"
+    )
+
+
+def _table(lines) -> Table:
+    from zeroest.validate.summary import HEADERS, cells
+
+    table = Table(title="predicted vs measured, per GPU (GiB)")
+    for header in HEADERS:
+        table.add_column(header, justify="left" if header in ("run", "status") else "right")
+    for line in lines:
+        table.add_row(*cells(line))
+    return table
+
+
+def validate(
+    grid: Annotated[
+        str, typer.Option("--grid", help="quick, default, or a YAML/JSON file of setups.")
+    ] = "default",
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="key=value applied to every setup (repeatable), e.g. --set micro_batch=4."
+        ),
+    ] = None,
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="Results directory (runs.jsonl, summary.md); re-running with it skips finished runs.",
+        ),
+    ] = Path("zeroest-validate"),
+    launcher: Annotated[
+        LauncherName, typer.Option("--launcher", help="How ranks are started.")
+    ] = LauncherName.torchrun,
+    cpu: Annotated[
+        bool,
+        typer.Option(
+            "--cpu",
+            help="Run gloo ranks on the CPU (memory from live tensor "
+            "bytes); for CI and machines without a GPU.",
+        ),
+    ] = False,
+    simulate_world_size: Annotated[
+        str | None,
+        typer.Option(
+            "--simulate-world-size",
+            help="Also run every setup as rank 0 of N-rank jobs on a fake process group, e.g. 2,4,8.",
+        ),
+    ] = None,
+    gpus: Annotated[
+        int | None,
+        typer.Option(
+            "--gpus",
+            help="Ranks per node of real runs that name no world "
+            "size (default: all visible GPUs; 2 with --cpu).",
+        ),
+    ] = None,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "--jobs",
+            help="Runs at once on one GPU where predicted memory fits; "
+            "step times count only from runs that had the GPU alone.",
+        ),
+    ] = 1,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds before a hung run is killed.")] = 600.0,
+    steps: Annotated[
+        int, typer.Option("--steps", help="Optimizer steps per run (first is warm-up), >= 3.")
+    ] = 3,
+    redo: Annotated[bool, typer.Option("--redo", help="Run again setups already in OUT/runs.jsonl.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List planned runs and predictions only.")
+    ] = False,
+    pretrained: Annotated[
+        str | None,
+        typer.Option(
+            "--pretrained", help="Local HF model directory to load weights from (default: random init)."
+        ),
+    ] = None,
+    nnodes: Annotated[int, typer.Option("--nnodes", help="Nodes per run; start validate on each.")] = 1,
+    node_rank: Annotated[int, typer.Option("--node-rank", help="This node's rank.")] = 0,
+    master_addr: Annotated[str, typer.Option("--master-addr", help="Rendezvous host.")] = "127.0.0.1",
+    master_port: Annotated[
+        int | None,
+        typer.Option(
+            "--master-port", help="Rendezvous port (default: a free one per run; required with --nnodes > 1)."
+        ),
+    ] = None,
+    hostfile: Annotated[
+        str | None, typer.Option("--hostfile", help="DeepSpeed hostfile (--launcher deepspeed).")
+    ] = None,
+) -> None:
+    """Run real DeepSpeed trainings for a grid of setups and compare measured memory with the prediction."""
+    from zeroest.validate import grid as grid_mod
+    from zeroest.validate import runner
+    from zeroest.validate.launch import LaunchOptions, child_env
+    from zeroest.validate.summary import markdown, summary_rows
+
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        launch = LaunchOptions(
+            launcher=launcher.value,
+            nnodes=nnodes,
+            node_rank=node_rank,
+            master_addr=master_addr,
+            master_port=master_port,
+            hostfile=hostfile,
+        )
+        opts = runner.ValidateOptions(
+            out=out,
+            launch=launch,
+            cpu=cpu,
+            gpus=gpus,
+            jobs=jobs,
+            timeout_s=timeout,
+            steps=steps,
+            redo=redo,
+            pretrained=pretrained,
+        )
+        loaded = grid_mod.load_grid(grid)
+        entries = grid_mod.apply_overrides(loaded, set_ or [], _sizes(simulate_world_size))
+        devices: list[dict] = []
+        if not cpu:
+            devices = runner.probe_gpus(child_env(os.environ, cpu=False, capability=None))
+            if not devices:
+                raise ValueError(
+                    "no CUDA GPU is visible (torch.cuda.device_count() is 0): "
+                    "pass --cpu to validate on the CPU, or check CUDA_VISIBLE_DEVICES "
+                    "and the driver"
+                )
+        runs = runner.plan(entries, loaded.models, opts, visible_gpus=len(devices))
+        todo = runner.prepare_results(runs, opts) if not dry_run else runs
+    except ValueError as exc:
+        _fail(str(exc))
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 220)
+    where = "CPU (gloo)" if cpu else f"{len(devices)} x {devices[0]['name']}"
+    console.print(
+        f"{len(runs)} runs planned on {where}, {len(runs) - len(todo)} already in {out}/runs.jsonl, "
+        f"{len(todo)} to run"
+    )
+    if dry_run:
+        for run in runs:
+            pred = run.prediction or {}
+            peak = pred.get("peak_allocated_bytes")
+            console.print(
+                f"  {run.key} {run.where}: {run.setup['model']} z{run.setup['stage']} "
+                f"N={run.setup['world_size']}{' sim' if run.simulated else ''} predicted "
+                f"{'-' if peak is None else f'{peak / 2**30:.2f} GiB'}",
+                markup=False,
+            )
+        return
+    capability = tuple(devices[0]["capability"]) if devices else None
+    capacity = [int(d["memory_bytes"]) for d in devices]
+    if todo:
+        console.print("building DeepSpeed ops once (FusedAdam / CPUAdam) before the runs ...")
+        runner.build_ops(todo, opts, dict(os.environ), capability)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    finished = [0]
+
+    def on_done(run, rows: list[dict]) -> None:
+        finished[0] += 1
+        progress.console.print(_line(finished[0], len(todo), run, rows), markup=False)
+        progress.advance(task)
+
+    with progress:
+        task = progress.add_task("validate", total=len(todo))
+        try:
+            runner.execute(todo, opts, capacity, capability, on_done)
+        except KeyboardInterrupt:
+            err.print(f"zeroest: interrupted; finished runs are in {out}/runs.jsonl, re-run to resume")
+            raise typer.Exit(130) from None
+    from zeroest.validate.results import read_rows
+
+    keys = {run.key for run in runs}
+    lines = summary_rows([row for row in read_rows(out / "runs.jsonl") if row.get("run_key") in keys])
+    console.print(_table(lines))
+    (out / "summary.md").write_text(
+        markdown(lines, title=f"zeroest validate --grid {grid}"), encoding="utf-8"
+    )
+    console.print(f"wrote {out}/runs.jsonl and {out}/summary.md")
