@@ -109,7 +109,7 @@ def synthetic_row(setup, overheads: Overheads = TRUE_OVERHEADS, *, simulated: bo
             phases[name] = {"peak_allocated_bytes": p.peak_bytes, "nvml_scope": "process"}
     flat = setup_to_dict(setup)
     tokens = flat["micro_batch"] * flat["seq_len"] * flat["world_size"]
-    key = f"{flat['model']}-z{flat['stage']}-n{flat['world_size']}-{simulated}"
+    key = json.dumps({"setup": flat, "simulated": simulated}, sort_keys=True)
     return {
         "zeroest_version": version, "run_key": key, "setup": flat, "rank": rank,
         "world_size": flat["world_size"], "ranks_in_run": 1, "simulated": simulated,

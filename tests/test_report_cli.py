@@ -1,0 +1,171 @@
+"""``zeroest report`` end to end on synthetic runs measured with known overheads: held-out errors, calibration
+files, plots, Markdown, the JSON schema, and one-line errors with exit code 2 for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import typer
+from test_report_support import (  # noqa: F401
+    TRUE_OVERHEADS,
+    fake_activations,
+    make_setup,
+    synthetic_grid,
+    synthetic_row,
+    write_rows,
+)
+from typer.testing import CliRunner
+from zeroest.estimator.fit import FITTED_FOR
+
+from zeroest.cmd_report import report
+
+# The command as zeroest/cli.py registers it, alone, so these tests do not depend on the other commands.
+app = typer.Typer()
+app.command("report")(report)
+
+
+@app.callback()
+def _group() -> None:
+    """zeroest"""
+
+pytestmark = pytest.mark.usefixtures("fake_activations")
+
+STATS_KEYS = {"n", "median_abs_error", "max_abs_error", "mean_error", "under_prediction_rate"}
+SUMMARY_KEYS = {"zeroest_version", "runs", "rows", "compared_rows", "basis", "peak_allocated",
+                "peak_reserved", "device", "phases", "bases", "drift", "oom", "fits", "claims", "skipped"}
+CALIBRATION = "nvidia-h100-80gb-hbm3-torch2.5-ds0.16.json"
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory, fake_activations):  # noqa: F811
+    folder = tmp_path_factory.mktemp("runs")
+    rows = synthetic_grid()
+    rows.append(synthetic_row(make_setup("gpt2", 3, 8), simulated=True))
+    rows.append(synthetic_row(make_setup("gpt2-medium", 0, 2, micro_batch=64), oom="step0.forward0"))
+    rows.append({**rows[0], "zeroest_version": "0.0.1"})
+    write_rows(folder / "h100" / "runs.jsonl", rows)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fitted(runs_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    args = ["report", str(runs_dir), "--fit", "--json", "--plots", str(out / "plots"), "--markdown",
+            str(out / "ACCURACY.md"), "--calibration-dir", str(out / "calibration"), "--folds", "3"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout), out
+
+
+def test_json_schema_is_stable(fitted):
+    summary, _ = fitted
+    assert set(summary) == SUMMARY_KEYS
+    for q in ("peak_allocated", "peak_reserved", "device"):
+        assert set(summary[q]) == STATS_KEYS
+    assert set(summary["bases"]) == {"stored", "current", "defaults", "in_sample", "held_out"}
+    assert set(summary["phases"]) == {"init", "forward", "backward", "step"}
+    assert summary["runs"] == 56 and summary["rows"] == 56 and summary["compared_rows"] == 55
+
+
+def test_held_out_errors_vanish_when_the_overheads_are_recoverable(fitted):
+    summary, _ = fitted
+    assert summary["basis"] == "held_out"
+    for q in ("peak_allocated", "peak_reserved", "device"):
+        assert summary[q]["n"] == 55
+        assert summary[q]["max_abs_error"] < 1e-4
+        # the defaults are not the truth, so the fit had something to do
+        assert summary["bases"]["defaults"][q]["median_abs_error"] > 0.01
+
+
+def test_calibration_file_holds_the_true_overheads(fitted):
+    summary, out = fitted
+    doc = json.loads((out / "calibration" / CALIBRATION).read_text())
+    assert set(doc) == {"overheads", "fitted_on", "errors"}
+    for names in FITTED_FOR.values():
+        for name in names:
+            assert doc["overheads"][name] == pytest.approx(getattr(TRUE_OVERHEADS, name), rel=1e-3), name
+    assert doc["fitted_on"]["gpu"] == "NVIDIA H100 80GB HBM3"
+    assert doc["fitted_on"]["models"] == ["gpt2", "gpt2-medium", "opt-125m", "pythia-160m", "pythia-410m",
+                                          "qwen2.5-0.5b"]
+    assert set(doc["errors"]) == {"defaults", "in_sample", "held_out", "held_out_note"}
+    group = CALIBRATION.removesuffix(".json")
+    assert summary["fits"][group]["cross_validated"] is True
+
+
+def test_plots_are_written_and_not_empty(fitted):
+    _, out = fitted
+    files = sorted(p.name for p in (out / "plots").iterdir())
+    stems = ("components", "error_histogram", "predicted_vs_measured", "reductions")
+    assert files == sorted(f"{s}.{ext}" for s in stems for ext in ("png", "svg"))
+    for name in files:
+        data = (out / "plots" / name).read_bytes()
+        assert len(data) > 5000
+        assert data.startswith(b"\x89PNG") if name.endswith(".png") else b"<svg" in data[:2000]
+
+
+def test_markdown_links_the_plots_and_lists_skipped_rows(fitted):
+    _, out = fitted
+    text = (out / "ACCURACY.md").read_text()
+    assert "## Headline (fitted, held out by model)" in text
+    assert "![predicted_vs_measured](plots/predicted_vs_measured.png)" in text
+    assert "written by zeroest 0.0.1" in text
+    assert "gpt2-medium z0 N=2 mb64x512 bf16 | step0.forward0" in text
+
+
+def test_oom_and_skipped_rows_are_reported(fitted):
+    summary, _ = fitted
+    assert summary["oom"] == {"runs": 1, "predicted": 0, "missed": 1, "false_alarms": 0}
+    assert [s["reason"] for s in summary["skipped"]] == [
+        "written by zeroest 0.0.1, this is zeroest 0.1.0: the estimate may have changed since; measure again "
+        "with this version"]
+
+
+def test_measured_claims_sit_beside_the_predictions(fitted):
+    summary, _ = fitted
+    claims = {(c["model"], c["world_size"], c["stage"]): c for c in summary["claims"]}
+    assert ("gpt2", 4, 3) in claims and all(stage > 0 for _, _, stage in claims)
+    # ZeRO paper, Figure 1: P_os+g holds 2 Psi + (2 + K) Psi / N_d of the baseline's (2 + 2 + K) Psi, K = 12
+    assert claims[("gpt2", 4, 2)]["paper"] == pytest.approx(16 / (2 + 14 / 4))
+    assert claims[("gpt2", 4, 3)]["paper"] == pytest.approx(4.0)
+    for c in claims.values():
+        assert c["measured"] == pytest.approx(c["predicted"], rel=0.2)
+
+
+def test_one_model_gets_in_sample_errors_and_says_why(tmp_path):
+    rows = synthetic_grid(models=("gpt2",))
+    write_rows(tmp_path / "runs.jsonl", rows)
+    result = CliRunner().invoke(app, ["report", str(tmp_path), "--fit", "--json", "--calibration-dir",
+                                      str(tmp_path / "cal")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["basis"] == "in_sample"
+    fit = next(iter(summary["fits"].values()))
+    assert fit["cross_validated"] is False and "only one model" in fit["cv_note"]
+
+
+def _one_line_error(args: list[str]) -> str:
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zeroest: error: "), result.stderr
+    return lines[0]
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path):
+    assert "does not exist" in _one_line_error(["report", str(tmp_path / "missing")])
+    assert "no .jsonl files" in _one_line_error(["report", str(tmp_path)])
+    (tmp_path / "runs.jsonl").write_text('{"zeroest_version": "0.1.0"}\nnot json\n')
+    assert "no usable runs" in _one_line_error(["report", str(tmp_path)])
+    assert "--folds" in _one_line_error(["report", str(tmp_path), "--folds", "1"])
+
+
+def test_a_setup_the_estimator_cannot_rebuild_is_skipped_with_the_reason(tmp_path):
+    good = synthetic_row(make_setup("gpt2", 0, 1))
+    bad = {**good, "setup": {**good["setup"], "model": "gpt-nonexistent"}}
+    write_rows(tmp_path / "runs.jsonl", [good, bad])
+    result = CliRunner().invoke(app, ["report", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["rows"] == 1 and summary["basis"] == "current"
+    assert "cannot rebuild its setup: unknown model 'gpt-nonexistent'" in summary["skipped"][0]["reason"]
