@@ -136,6 +136,8 @@ def report(
         a = analyze(paths, fit=fit, k=folds, version=zeroest.__version__)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
+    except ImportError as exc:  # the estimator itself is broken: say so in one line, not a traceback
+        _fail(f"cannot load the estimator ({exc}); reinstall zeroest")
     written: list[Path] = []
     try:
         if fit:
