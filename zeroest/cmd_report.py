@@ -58,12 +58,13 @@ def calibration_document(a, group) -> dict:
 
 
 def write_calibrations(a, directory: Path):
-    """Write each GPU group's calibration file; returns the analysis with the paths recorded."""
+    """Write the calibration file of each GPU group that fitted something; returns the analysis with the paths
+    recorded (CPU groups are never written: predict is for GPUs)."""
     from zeroest.estimator.calibration import calibration_name
 
     fits = []
     for g in a.fits:
-        if g.env.gpu_name:
+        if g.env.gpu_name and g.result.fitted:
             directory.mkdir(parents=True, exist_ok=True)
             path = directory / calibration_name(g.env.gpu_name, g.env.torch_version, g.env.ds_version)
             path.write_text(json.dumps(calibration_document(a, g), indent=1) + "\n", encoding="utf-8")

@@ -169,7 +169,11 @@ def _fits(a: Analysis) -> list[str]:
         notes = [*g.result.notes, *([g.cv_note] if g.cv_note else [])]
         if g.cv is not None:
             notes.append("folds (held-out models): " + "; ".join(", ".join(m) for m, _ in g.cv.folds))
-        notes.append(f"written to `{g.path}`" if g.path else "no calibration file written (CPU runs)")
+        if g.path:
+            notes.append(f"written to `{g.path}`")
+        else:
+            why = "CPU runs" if not g.env.gpu_name else "nothing could be fitted"
+            notes.append(f"no calibration file written ({why})")
         out += ["", *(f"- {n}" for n in notes), ""]
     return out
 
