@@ -267,7 +267,8 @@ def infeasible_message(request: PlanRequest, estimator: CachedEstimator | None =
     head = (
         f"does not fit on {where} even at micro-batch {frugal.workload.micro_batch} "
         f"with {_describe(frugal)}: "
-        f"needs {format_gib(mem.device_bytes, 1)} per GPU, {format_gib(budget, 1)} usable with margin "
+        f"needs {format_gib(mem.device_bytes, 1)} per GPU (peak in the {mem.peak_phase} phase), "
+        f"{format_gib(budget, 1)} usable with margin "
         f"{request.margin:g}"
     )
     gpus = None

@@ -54,6 +54,8 @@ class Memory:
     """``Estimate.cpu_bytes_per_node``: host RAM per node, compared with ``--host-ram``."""
     nvme_bytes: int
     """``Estimate.nvme_bytes`` per rank."""
+    peak_phase: str
+    """``Estimate.peak_phase``: init, forward, backward or step."""
 
 
 class CachedEstimator:
@@ -119,6 +121,7 @@ class CachedEstimator:
                 peak_reserved_bytes=est.peak_reserved_bytes,
                 cpu_bytes_per_node=est.cpu_bytes_per_node,
                 nvme_bytes=est.nvme_bytes,
+                peak_phase=est.peak_phase,
             )
         else:
             result = self._compose(setup)
@@ -151,6 +154,7 @@ class CachedEstimator:
             peak_reserved_bytes=reserved,
             cpu_bytes_per_node=setup.parallel.gpus_per_node * (states.host_bytes + load_copy),
             nvme_bytes=states.nvme_bytes,
+            peak_phase=peak.name,
         )
 
     def device_bytes(self, setup: TrainingSetup) -> int:

@@ -137,8 +137,8 @@ def hardware_for(gpu: Gpu) -> Hardware:
     from .gpus import gpu_presets
 
     for key, preset in gpu_presets().items():
-        if preset.name == gpu.name and key in HARDWARE:
-            return HARDWARE[key]
+        if preset.name == gpu.name and str(key) in HARDWARE:  # gpus.yaml's 4090 is a YAML int
+            return HARDWARE[str(key)]
     return HARDWARE[DEFAULT_HARDWARE_KEY]
 
 
