@@ -47,6 +47,8 @@ class Run:
     """Why there is no prediction."""
     where: str = ""
     """The grid entry it came from."""
+    fallback_need_bytes: int | None = None
+    """Packing size when there is no prediction (``rough_need_bytes``)."""
 
     @property
     def nproc(self) -> int:
@@ -57,8 +59,20 @@ class Run:
     def need_bytes(self) -> int | None:
         """GPU memory to set aside when packing; None: take the GPU alone."""
         if not self.prediction or not self.prediction.get("device_bytes"):
-            return None
+            return self.fallback_need_bytes
         return int(self.prediction["device_bytes"] * PACKING_MARGIN) + PACKING_SLACK_BYTES
+
+
+def rough_need_bytes(n_params: int, setup: dict) -> int:
+    """A deliberately high packing size for a run the estimator could not predict.
+
+    16 bytes per parameter (16-bit weights and gradients, fp32 master and two Adam states: the ZeRO paper's
+    2 + 2 + 12, unsharded), 4 bytes per parameter with the optimizer offloaded, plus the fp32 logits of one
+    micro-batch five times over (logits, upcast, softmax, their gradients), plus 4 GiB for everything else.
+    """
+    per_param = 4 if setup.get("offload_optimizer", "none") != "none" else 16
+    vocab_logits = int(setup["micro_batch"]) * int(setup["seq_len"]) * 4 * 5 * 160_000
+    return n_params * per_param + vocab_logits + 4 * GiB
 
 
 @dataclass

@@ -26,7 +26,7 @@ from zeroest.estimator.dsconfig import ds_config
 from zeroest.estimator.serialize import setup_from_dict, setup_to_dict
 
 from .grid import GridEntry
-from .jobs import Job, Run, Slots
+from .jobs import Job, Run, Slots, rough_need_bytes
 from .launch import LaunchOptions, accelerate_config_yaml, child_env, free_port, launch_command
 from .results import RUNS_FILE, append_rows, check_version, done_keys, drop_runs, make_rows, read_rows
 
@@ -164,7 +164,13 @@ def plan(
             "pretrained": opts.pretrained,
             "run_key": key,
         }
+        fallback = None
+        if prediction is None:
+            from zeroest.estimator.architecture import count_params
+
+            fallback = rough_need_bytes(count_params(setup.model).total, flat)
         runs[key] = Run(
+            fallback_need_bytes=fallback,
             key=key,
             setup=flat,
             simulated=entry.simulate,
@@ -261,21 +267,37 @@ def _finish(job: Job, failure: str | None) -> list[dict]:
     )
 
 
-def build_ops(runs: list[Run], opts: ValidateOptions, base_env: dict, capability) -> None:
-    """JIT-build FusedAdam / CPUAdam once in a throwaway process, before concurrent runs race on the build
-    lock."""
+def ops_to_build(runs: list[Run]) -> list[str]:
+    """DeepSpeed op builders the runs need: FusedAdam for impl fused, CPUAdam for impl cpu."""
     impls = {run.setup["optimizer_impl"] for run in runs}
-    names = [b for impl, b in (("fused", "FusedAdamBuilder"), ("cpu", "CPUAdamBuilder")) if impl in impls]
-    if not names:
-        return
+    return [b for impl, b in (("fused", "FusedAdamBuilder"), ("cpu", "CPUAdamBuilder")) if impl in impls]
+
+
+def build_ops(names: list[str], opts: ValidateOptions, base_env: dict, capability) -> dict[str, bool]:
+    """JIT-build each op once, all at once, in throwaway processes, before concurrent runs race on the build
+    lock (each op has its own build folder and lock, so two builders never wait for each other)."""
     env = child_env(base_env, cpu=opts.cpu, capability=capability, gpus="0" if not opts.cpu else None)
-    log_path = opts.out / "work" / "build_ops.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "zeroest.validate.worker", "--build-ops", ",".join(names)]
-    with open(log_path, "wb") as handle:
-        done = subprocess.run(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, timeout=1800)
-    if done.returncode != 0:
-        log.warning("building %s failed (see %s); runs that need them will record the error", names, log_path)
+    folder = opts.out / "work"
+    folder.mkdir(parents=True, exist_ok=True)
+    procs = {}
+    for name in names:
+        with open(folder / f"build_{name}.log", "wb") as handle:
+            cmd = [sys.executable, "-m", "zeroest.validate.worker", "--build-ops", name]
+            procs[name] = subprocess.Popen(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    built = {}
+    for name, proc in procs.items():
+        try:
+            built[name] = proc.wait(timeout=1800) == 0
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            built[name] = False
+        if not built[name]:
+            log.warning(
+                "building %s failed (see %s); runs that need it will record the error",
+                name,
+                folder / f"build_{name}.log",
+            )
+    return built
 
 
 def prepare_results(runs: list[Run], opts: ValidateOptions) -> list[Run]:

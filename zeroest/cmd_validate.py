@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -216,9 +217,12 @@ def validate(
         return
     capability = tuple(devices[0]["capability"]) if devices else None
     capacity = [int(d["memory_bytes"]) for d in devices]
-    if todo:
-        console.print("building DeepSpeed ops once (FusedAdam / CPUAdam) before the runs ...")
-        runner.build_ops(todo, opts, dict(os.environ), capability)
+    names = runner.ops_to_build(todo)
+    if names:
+        console.print(f"building DeepSpeed ops once before the runs: {', '.join(names)} ...")
+        start = time.monotonic()
+        runner.build_ops(names, opts, dict(os.environ), capability)
+        console.print(f"  done in {time.monotonic() - start:.0f} s")
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
