@@ -1,0 +1,40 @@
+"""Shared fixtures.
+
+DeepSpeed on the CPU: ``ds_probe`` runs ``zeroest.validate.dsprobe.probe`` in this pytest process on torch's
+fake
+process group (one process plays rank 0 of an N-rank job; ``validate.fakepg.init_fake_world`` switches world
+size
+between probes and resets DeepSpeed's cached groups). After the first probe (~6 s: imports, and a one-time
+JIT build
+of DeepSpeed's shm comm op into ~/.cache/torch_extensions, ~40 s if not cached) each probe takes 1-3 s.
+Results are
+cached per ``ProbeConfig`` for the session, so parametrized tests that share a configuration pay once.
+Stage 3 on the fake group works for rank 0 only (its trace check compares ranks through a broadcast the fake
+group
+does not perform); use ``validate.fakepg.run_gloo`` for other ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+_PROBE_CACHE: dict[Any, dict[str, Any]] = {}
+
+
+@pytest.fixture(scope="session")
+def ds_probe():
+    """``ds_probe(**ProbeConfig fields) -> record``: run (or reuse) one DeepSpeed probe on the fake process
+    group."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("transformers")
+    from zeroest.validate.dsprobe import ProbeConfig, probe
+
+    def run(**fields: Any) -> dict[str, Any]:
+        config = ProbeConfig(**fields)
+        if config not in _PROBE_CACHE:
+            _PROBE_CACHE[config] = probe(config)
+        return _PROBE_CACHE[config]
+
+    return run
