@@ -229,8 +229,15 @@ def join_rows(rows: list[RunRow]) -> tuple[list[Record], list[Skipped]]:
     for row in rows:
         try:
             records.append(join_row(row))
-        except (ValueError, FileNotFoundError, KeyError, TypeError) as exc:
-            reason = str(exc) if not isinstance(exc, KeyError) else f"missing key {exc}"
+        except ImportError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one row the estimator chokes on must not end the report
+            if isinstance(exc, KeyError):
+                reason = f"missing key {exc}"
+            elif isinstance(exc, (ValueError, FileNotFoundError)):
+                reason = str(exc)
+            else:
+                reason = f"{type(exc).__name__}: {exc}"
             why = f"the estimator cannot rebuild its setup: {reason}"
             skipped.append(Skipped(where=row.where, reason=why))
     return records, skipped
