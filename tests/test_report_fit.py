@@ -72,6 +72,8 @@ def test_fast_model_matches_estimate_with_the_real_profile():
     """The same agreement with estimator/activations.py's closed-form profile (once it is importable): the fit
     assumes ``activation_scale`` scales the "activations" component and nothing else."""
     activations = pytest.importorskip("zeroest.estimator.activations")
+    if getattr(activations, "__file__", None) is None:
+        pytest.skip("a stand-in activations module is installed in this session, not the real one")
     if not hasattr(activations, "activation_profile") or not hasattr(activations, "ActivationProfile"):
         pytest.skip("estimator/activations.py is not complete yet")
     from zeroest.estimator import estimate as module
