@@ -23,6 +23,11 @@ LABELS = {
     "activations": "activations",
     "temporaries": "temporaries",
 }
+INIT_LABELS = {
+    "temporaries": "temporaries of deepspeed.initialize (the loaded 16-bit model while it is flattened or "
+    "partitioned: model_states.py init_extra_bytes)",
+}
+"""What a component is when the peak is at init."""
 SHARE_SHOWN = 0.05
 """Components below this fraction of the peak are not mentioned."""
 
@@ -99,11 +104,12 @@ def explain(
         f"the peak is {format_gib(peak, 1)} allocated, set in the {est.peak_phase} phase; "
         f"{format_gib(est.device_bytes, 1)} on the device with the CUDA context and allocator cache"
     ]
+    labels = {**LABELS, **(INIT_LABELS if est.peak_phase == "init" else {})}
     if peak:
         for name, size in sorted(est.components.items(), key=lambda kv: -kv[1]):
             if size / peak >= SHARE_SHOWN:
                 lines.append(
-                    f"{LABELS.get(name, name)} are {100 * size / peak:.0f}% of the peak "
+                    f"{labels.get(name, name)} are {100 * size / peak:.0f}% of the peak "
                     f"({format_gib(size, 1)})"
                 )
     if est.setup.mode == "paper":

@@ -50,12 +50,27 @@ Query = Annotated[
 
 
 def _gpu(text: str):
-    """``--gpu``: a preset or a size. Presets are matched as strings (gpus.yaml's ``4090`` key is a YAML int).
-    """
-    from zeroest.estimator.gpus import gpu_presets, parse_gpu
+    """``--gpu``: a preset or a size, as ``gpus.parse_gpu``, but with presets matched as strings (gpus.yaml's
+    ``4090`` key loads as a YAML int, which ``parse_gpu`` neither matches nor can suggest)."""
+    import difflib
+
+    from zeroest.estimator.gpus import Gpu, gpu_presets
+    from zeroest.estimator.units import parse_bytes
 
     presets = {str(key).lower(): gpu for key, gpu in gpu_presets().items()}
-    return presets.get(text.strip().lower()) or parse_gpu(text)
+    key = text.strip().lower()
+    if key in presets:
+        return presets[key]
+    try:
+        if key.replace(".", "").isdigit():
+            raise ValueError("a bare number is not a GPU")  # "4080" is a model name, not 4080 bytes
+        return Gpu(name=text, memory_bytes=parse_bytes(text))
+    except ValueError:
+        near = difflib.get_close_matches(key, list(presets), n=3)
+        hint = f"did you mean {', '.join(near)}? " if near else ""
+        raise ValueError(
+            f"unknown GPU {text!r}: {hint}use a preset ({', '.join(presets)}) or a size such as 24GiB or 80GB"
+        ) from None
 
 
 def _space(stage, offload, grad_ckpt):

@@ -1,0 +1,79 @@
+"""explain(): shares of the peak and knob savings, each equal to re-running estimate() with the knob turned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from test_plan_support import install_fake_activations
+
+install_fake_activations()
+
+from zeroest.estimator.estimate import estimate  # noqa: E402
+from zeroest.estimator.explain import explain, knob_changes, knobs  # noqa: E402
+from zeroest.estimator.presets import load_model  # noqa: E402
+from zeroest.estimator.setup import Optimizer, Parallelism, TrainingSetup, Workload, ZeroConfig  # noqa: E402
+from zeroest.estimator.units import format_gib  # noqa: E402
+
+MODEL = load_model("qwen2.5-0.5b")
+
+
+def setup_of(world=4, stage=1, mb=8, ckpt=False) -> TrainingSetup:
+    return TrainingSetup(
+        model=MODEL,
+        parallel=Parallelism(gpus_per_node=world),
+        optimizer=Optimizer(),
+        zero=ZeroConfig(stage=stage),
+        workload=Workload(micro_batch=mb, seq_len=1024, grad_ckpt=ckpt, activations="closed-form"),
+    )
+
+
+def test_knob_savings_are_reestimates():
+    est = estimate(setup_of())
+    found = knobs(est)
+    assert {k.name for k in found} == {name for name, _ in knob_changes(est.setup)}
+    for knob in found:
+        assert knob.device_bytes == estimate(knob.setup).device_bytes
+        assert knob.saved_bytes == est.device_bytes - knob.device_bytes
+    assert [k.saved_bytes for k in found] == sorted((k.saved_bytes for k in found), reverse=True)
+
+
+def test_explain_lines_carry_the_numbers():
+    est = estimate(setup_of())
+    lines = explain(est)
+    assert lines[0].startswith(f"the peak is {format_gib(est.peak_allocated_bytes, 1)} allocated")
+    biggest, size = max(est.components.items(), key=lambda kv: kv[1])
+    share = f"{100 * size / est.peak_allocated_bytes:.0f}% of the peak ({format_gib(size, 1)})"
+    assert any(share in line for line in lines)
+    best = next(k for k in knobs(est) if k.saved_bytes > 0)
+    assert f"{best.name} saves {format_gib(best.saved_bytes, 1)}" in "\n".join(lines)
+    assert lines[-1] == f"the knob that frees the most: {best.name}"
+
+
+def test_checkpointing_saving_equals_activation_difference():
+    est = estimate(setup_of())
+    ckpt = next(k for k in knobs(est) if k.name == "gradient checkpointing")
+    assert ckpt.saved_bytes == est.device_bytes - estimate(setup_of(ckpt=True)).device_bytes
+    assert ckpt.saved_bytes > 0
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_single_gpu_says_zero_cannot_help(stage):
+    est = estimate(setup_of(world=1, stage=stage))
+    lines = explain(est)
+    assert f"ZeRO-{stage + 1}..3 cannot help here: N_d = 1, so there is nothing to partition over" in lines
+    assert not any(name.startswith("ZeRO-") for name, _ in knob_changes(est.setup))
+
+
+def test_no_ckpt_knob_when_already_on():
+    names = [name for name, _ in knob_changes(setup_of(ckpt=True, mb=1))]
+    assert "gradient checkpointing" not in names
+    assert not any(name.startswith("micro-batch") for name in names)
+
+
+def test_offload_knob_valid_setups():
+    setup = replace(setup_of(stage=3), workload=replace(setup_of().workload, micro_batch=1))
+    changes = dict(knob_changes(setup))
+    off = changes["optimizer and parameter offload to cpu"]
+    assert (off.zero.offload_optimizer, off.zero.offload_params, off.optimizer.impl) == ("cpu", "cpu", "cpu")
