@@ -11,13 +11,14 @@ setup.
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 from pathlib import Path
 
-from .config_keys import ACCELERATE_DS_KEYS, ACCELERATE_KEYS, DS_KEYS, OFFLOAD_KEYS, ZERO_KEYS
-from .setup import Optimizer, Parallelism, TrainingSetup, Workload, ZeroConfig
+from .config_accelerate import accelerate_ds_config, accelerate_world, read_accelerate
+from .config_files import read_json, unknown_key_warnings, whole_number
+from .config_keys import DS_KEYS, OFFLOAD_KEYS, ZERO_KEYS
+from .setup import Optimizer, TrainingSetup, Workload, ZeroConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,68 +37,6 @@ BASE_KEYS: tuple[str, ...] = (
     "max_grad_norm",
 )
 """Keys ``base`` may hold; ``model`` (a ModelShape) is required."""
-IGNORED_WITH_DS_FILE: tuple[str, ...] = (
-    "gradient_accumulation_steps",
-    "gradient_clipping",
-    "zero_stage",
-    "offload_optimizer_device",
-    "offload_param_device",
-    "offload_param_nvme_path",
-    "offload_optimizer_nvme_path",
-    "zero3_save_16bit_model",
-    "mixed_precision",
-)
-"""accelerate/utils/dataclasses.py ``DeepSpeedPlugin._deepspeed_config_checks``: with
-``deepspeed_config_file`` these accelerate settings "will be ignored" and ``accelerate launch`` refuses to
-start."""
-
-
-def read_json(path: str | Path) -> dict:
-    """A JSON object from ``path``; ValueError naming file, line and column if it is not one."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ValueError(f"cannot read {path}: {err.strerror}; check the path") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}:{err.colno}: invalid JSON ({err.msg}); fix the file") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object of DeepSpeed settings, got {type(data).__name__}")
-    return data
-
-
-def read_yaml(path: str | Path) -> dict:
-    """A YAML mapping from ``path``; ValueError naming file, line and column if it is not one."""
-    import yaml
-
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ValueError(f"cannot read {path}: {err.strerror}; check the path") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ValueError(f"{where}: invalid YAML ({err.problem or err.context}); fix the file") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a YAML mapping (an accelerate config), got {type(data).__name__}")
-    return data
-
-
-def unknown_key_warnings(data: dict, known: tuple[str, ...], where: str, consequence: str) -> list[str]:
-    """One warning per key of ``data`` not in ``known``, with the nearest known key."""
-    out = []
-    for key in data:
-        if key in known:
-            continue
-        near = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
-        out.append(f"{where}: unknown key {key!r}{hint} ({consequence})")
-    return out
 
 
 def _ds_key_warnings(config: dict, where: str) -> list[str]:
@@ -169,25 +108,14 @@ def resolve_auto(
     return out
 
 
-def _int(value, what: str, where: str) -> int:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: {what} must be a number, got {value!r}") from None
-    if number != int(number):
-        raise ValueError(f"{where}: {what} must be a whole number, got {value!r}")
-    return int(number)
-
-
 def _batch(config: dict, world: int, base: dict, where: str) -> tuple[int, int, list[str]]:
-    """(micro-batch, accumulation, warnings): runtime/config.py ``_set_batch_related_parameters`` semantics.
-    """
+    """(micro-batch, accumulation, warnings) as runtime/config.py ``_set_batch_related_parameters``."""
     tbs, mb, ga = (
         config.get(k)
         for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
     )
     tbs, mb, ga = (
-        None if v is None else _int(v, k, where)
+        None if v is None else whole_number(v, k, where)
         for v, k in (
             (tbs, "train_batch_size"),
             (mb, "train_micro_batch_size_per_gpu"),
@@ -256,13 +184,13 @@ def _zero(config: dict, where: str) -> ZeroConfig:
         ("sub_group_size", "sub_group_size"),
     ):
         if zero.get(theirs) not in (None, "auto"):
-            knobs[ours] = _int(zero[theirs], f"zero_optimization.{theirs}", where)
+            knobs[ours] = whole_number(zero[theirs], f"zero_optimization.{theirs}", where)
     for flag in ("overlap_comm", "contiguous_gradients"):
         if zero.get(flag) is not None:
             knobs[flag] = bool(zero[flag])
     pinned = [pin for dev, pin in ((opt_dev, opt_pin), (par_dev, par_pin)) if dev != "none"]
     return ZeroConfig(
-        stage=_int(zero.get("stage", 0), "zero_optimization.stage", where),
+        stage=whole_number(zero.get("stage", 0), "zero_optimization.stage", where),
         offload_optimizer=opt_dev,
         offload_params=par_dev,
         pin_memory=all(pinned) if pinned else True,
@@ -294,71 +222,6 @@ def _optimizer(config: dict, zero: ZeroConfig, base: dict, warnings: list[str], 
     return Optimizer(name=name, impl="cpu" if offload else "torch" if torch_adam else "fused")
 
 
-def _accelerate_ds_config(acc: dict, base: dict) -> dict:
-    """The ds_config accelerate builds from an inline ``deepspeed_config`` (``DeepSpeedPlugin.__post_init__``,
-    no config file; ``zero_stage`` defaults to 2) plus ``set_mixed_precision``'s precision section."""
-    ds = acc.get("deepspeed_config") or {}
-    config = {
-        "train_batch_size": "auto",
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": ds.get("gradient_accumulation_steps", "auto"),
-        "zero_optimization": {
-            "stage": ds.get("zero_stage", 2),
-            "offload_optimizer": {"device": ds.get("offload_optimizer_device", "none")},
-            "offload_param": {"device": ds.get("offload_param_device", "none")},
-        },
-    }
-    mp = acc.get("mixed_precision")
-    if mp in ("fp16", "bf16"):
-        config[mp] = {"enabled": True}
-    return config
-
-
-def _world(acc: dict | None, base: dict, warnings: list[str], where: str) -> Parallelism:
-    gpus, nodes = base.get("gpus_per_node", 1), base.get("nodes", 1)
-    if acc and acc.get("num_processes") not in (None, -1):
-        machines = _int(acc.get("num_machines", 1), "num_machines", where)
-        total = _int(acc["num_processes"], "num_processes", where)
-        if total % machines:
-            raise ValueError(f"{where}: num_processes {total} is not a multiple of num_machines {machines}")
-        if (gpus, nodes) != (total // machines, machines):
-            warnings.append(
-                f"{where}: num_processes {total} on {machines} machine(s) sets the world size "
-                f"(not {gpus} GPUs x {nodes} nodes)"
-            )
-        gpus, nodes = total // machines, machines
-    return Parallelism(gpus_per_node=gpus, nodes=nodes)
-
-
-def _accelerate(acc_path: Path, ds_path: Path | None, warnings: list[str]) -> tuple[dict, Path | None]:
-    acc = read_yaml(acc_path)
-    where = str(acc_path)
-    warnings += unknown_key_warnings(acc, ACCELERATE_KEYS, where, "accelerate rejects it")
-    ds = acc.get("deepspeed_config") or {}
-    warnings += unknown_key_warnings(
-        ds, ACCELERATE_DS_KEYS, f"{where} deepspeed_config", "accelerate ignores it"
-    )
-    if acc.get("distributed_type", "DEEPSPEED") != "DEEPSPEED":
-        warnings.append(f"{where}: distributed_type is {acc.get('distributed_type')}, not DEEPSPEED")
-    file = ds.get("deepspeed_config_file")
-    if file and file != "none":
-        ignored = [k for k in IGNORED_WITH_DS_FILE if k in ds or (k == "mixed_precision" and acc.get(k))]
-        if ignored:
-            warnings.append(
-                f"{where}: {', '.join(ignored)} are ignored because deepspeed_config_file is set "
-                "(accelerate launch refuses this: DeepSpeedPlugin._deepspeed_config_checks); "
-                "set them in the DeepSpeed file"
-            )
-        named = Path(file) if Path(file).is_absolute() or Path(file).exists() else acc_path.parent / file
-        if ds_path is None:
-            ds_path = named
-        elif named.resolve() != Path(ds_path).resolve():
-            warnings.append(
-                f"{where}: deepspeed_config_file is {file}, but {ds_path} was given; reading {ds_path}"
-            )
-    return acc, ds_path
-
-
 def setup_from_configs(
     ds_config_path: str | Path | None, accelerate_path: str | Path | None, base: dict
 ) -> tuple[TrainingSetup, list[str]]:
@@ -379,14 +242,14 @@ def setup_from_configs(
     acc = None
     ds_path = Path(ds_config_path) if ds_config_path is not None else None
     if accelerate_path is not None:
-        acc, ds_path = _accelerate(Path(accelerate_path), ds_path, warnings)
+        acc, ds_path = read_accelerate(Path(accelerate_path), ds_path, warnings)
     where = str(ds_path) if ds_path is not None else str(accelerate_path)
     if ds_path is not None:
         raw = read_json(ds_path)
         warnings += _ds_key_warnings(raw, where)
     else:
-        raw = _accelerate_ds_config(acc, base)
-    parallel = _world(acc, base, warnings, str(accelerate_path or where))
+        raw = accelerate_ds_config(acc, base)
+    parallel = accelerate_world(acc, base, warnings, str(accelerate_path or where))
     dtype = base.get("dtype", "bf16")
     mp = (acc or {}).get("mixed_precision")
     if mp in ("fp16", "bf16", "no"):

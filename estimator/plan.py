@@ -249,6 +249,12 @@ def _describe(setup: TrainingSetup) -> str:
     return ", ".join(parts)
 
 
+def _gib_label(n_bytes: int) -> str:
+    """``24 GiB`` for 23.99 GiB (a 4090), ``79.6 GiB`` for an H100: one decimal, ``.0`` dropped."""
+    text = f"{n_bytes / GiB:.1f}"
+    return f"{text.removesuffix('.0')} GiB"
+
+
 def infeasible_message(request: PlanRequest, estimator: CachedEstimator | None = None) -> str:
     """One paragraph: why nothing in the space fits, and how many GPUs (or how large ones) would."""
     est = estimator or CachedEstimator()
@@ -256,7 +262,7 @@ def infeasible_message(request: PlanRequest, estimator: CachedEstimator | None =
     mem = est.memory(frugal)
     gpu, world = request.gpu, request.base.world_size
     budget = budget_bytes(gpu.memory_bytes, request.margin)
-    size = format_gib(gpu.memory_bytes, 0 if gpu.memory_bytes % GiB == 0 else 1)
+    size = _gib_label(gpu.memory_bytes)
     where = f"{world} x {size}"
     if mem.device_bytes <= budget:
         return (
@@ -288,14 +294,15 @@ def infeasible_message(request: PlanRequest, estimator: CachedEstimator | None =
         ),
         None,
     )
-    larger = f"{format_gib(bigger.memory_bytes, 0)} GPUs ({bigger.name})" if bigger else None
+    larger = f"{_gib_label(bigger.memory_bytes)} GPUs ({bigger.name})" if bigger else None
     if gpus is not None and gpus > world:
         tail = f"needs at least {gpus} GPUs of {size}" + (f", or {larger}" if larger else "")
     else:
-        why = (
-            "ZeRO-0 holds everything on every rank"
-            if frugal.stage == ZeroStage.DISABLED
-            else "what stays per GPU (activations, buffers) does not shrink with N_d"
-        )
+        if frugal.stage == ZeroStage.DISABLED:
+            why = "ZeRO-0 holds everything on every rank"
+        elif mem.peak_phase == "init":
+            why = "the peak is deepspeed.initialize holding the whole 16-bit model on every GPU"
+        else:
+            why = "what stays per GPU (activations, buffers) does not shrink with N_d"
         tail = f"more GPUs of {size} do not help ({why})" + (f"; {larger} would fit" if larger else "")
     return f"{head}; {tail}"

@@ -40,12 +40,18 @@ CkptChoice = Annotated[
         show_default=False,
     ),
 ]
-Query = Annotated[
-    bool,
-    typer.Option(
-        help="Answer this query per ZeRO stage/offload/checkpointing instead of "
-        "planning (uses --micro-batch, --grad-accum, --seq-len as given)."
-    ),
+_QUERY_HELP = (
+    "per ZeRO stage/offload/checkpointing, instead of planning (at --micro-batch, --grad-accum and "
+    "--seq-len as given)."
+)
+MaxMicroOpt = Annotated[
+    bool, typer.Option("--max-micro-batch", help=f"The largest micro-batch that fits, {_QUERY_HELP}")
+]
+MaxSeqOpt = Annotated[
+    bool, typer.Option("--max-seq-len", help=f"The longest sequence that fits, {_QUERY_HELP}")
+]
+MinGpusOpt = Annotated[
+    bool, typer.Option("--min-gpus", help=f"The fewest GPUs that hold the setup, {_QUERY_HELP}")
 ]
 
 
@@ -258,9 +264,9 @@ def plan(
     grad_ckpt: CkptChoice = None,
     micro_batch: o.MicroOpt = 1,
     grad_accum: o.AccumOpt = 1,
-    max_micro_batch: Query = False,
-    max_seq_len: Query = False,
-    min_gpus: Query = False,
+    max_micro_batch: MaxMicroOpt = False,
+    max_seq_len: MaxSeqOpt = False,
+    min_gpus: MinGpusOpt = False,
     top: Annotated[int, typer.Option("--top", help="Setups shown.")] = 10,
     explain: Annotated[bool, typer.Option("--explain", help="Where the chosen setup's memory goes.")] = False,
     write_ds_config: Annotated[

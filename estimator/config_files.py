@@ -1,0 +1,66 @@
+"""Reading config files with errors that name file, line and column, and unknown-key warnings that name the
+nearest known key. Shared by ``config_read`` (ds_config.json) and ``config_accelerate`` (accelerate YAML)."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+
+
+def read_json(path: str | Path) -> dict:
+    """A JSON object from ``path``; ValueError naming file, line and column if it is not one."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ValueError(f"cannot read {path}: {err.strerror}; check the path") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}:{err.colno}: invalid JSON ({err.msg}); fix the file") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of DeepSpeed settings, got {type(data).__name__}")
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping from ``path``; ValueError naming file, line and column if it is not one."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ValueError(f"cannot read {path}: {err.strerror}; check the path") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ValueError(f"{where}: invalid YAML ({err.problem or err.context}); fix the file") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a YAML mapping (an accelerate config), got {type(data).__name__}")
+    return data
+
+
+def unknown_key_warnings(data: dict, known: tuple[str, ...], where: str, consequence: str) -> list[str]:
+    """One warning per key of ``data`` not in ``known``, with the nearest known key."""
+    out = []
+    for key in data:
+        if key in known:
+            continue
+        near = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        out.append(f"{where}: unknown key {key!r}{hint} ({consequence})")
+    return out
+
+
+def whole_number(value, what: str, where: str) -> int:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {what} must be a number, got {value!r}") from None
+    if number != int(number):
+        raise ValueError(f"{where}: {what} must be a whole number, got {value!r}")
+    return int(number)
