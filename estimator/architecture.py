@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from functools import lru_cache
 from typing import Literal
 
 from .shape import FAMILIES, ModelShape
@@ -320,6 +321,7 @@ def _tensors(s: ModelShape) -> tuple[ParamTensor, ...]:
     return tuple(out)
 
 
+@lru_cache(maxsize=1024)
 def param_tensors(shape: ModelShape) -> tuple[ParamTensor, ...]:
     """The tensors of ``AutoModelForCausalLM.from_config(cfg).named_parameters()``, in order.
 
@@ -331,6 +333,7 @@ def param_tensors(shape: ModelShape) -> tuple[ParamTensor, ...]:
     return _tensors(shape)
 
 
+@lru_cache(maxsize=1024)
 def count_params(shape: ModelShape) -> ParamBreakdown:
     """Parameter counts per component, summed from ``param_tensors(shape)``."""
     sums = dict.fromkeys(COMPONENTS, 0)

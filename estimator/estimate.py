@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from .activations import activation_profile
 from .architecture import count_params
-from .model_states import ModelStates, stage0_states, stage12_states
+from .model_states import Device, ModelStates, stage0_states, stage12_states
 from .overheads import Overheads
 from .paper import paper_states
 from .setup import DTYPE_BYTES, TrainingSetup, ZeroStage
@@ -77,14 +77,14 @@ class Estimate:
         }
 
 
-def model_states(setup: TrainingSetup) -> ModelStates:
-    """DeepSpeed-faithful model states of one rank for the setup's stage."""
+def model_states(setup: TrainingSetup, device: Device = "cuda") -> ModelStates:
+    """DeepSpeed-faithful model states of one rank for the setup's stage (``device`` picks torch's optimizer path)."""
     numel = count_params(setup.model).total
     if setup.stage == ZeroStage.DISABLED:
-        return stage0_states(setup, numel)
+        return stage0_states(setup, numel, device)
     if setup.stage <= ZeroStage.GRADIENTS:
-        return stage12_states(setup, numel)
-    return stage3_states(setup)
+        return stage12_states(setup, numel, device)
+    return stage3_states(setup, device)
 
 
 def reserved_bytes(peak: Phase, overheads: Overheads) -> int:
@@ -134,13 +134,20 @@ def _paper_estimate(setup: TrainingSetup, numel: int, overheads: Overheads) -> E
     )
 
 
-def estimate(setup: TrainingSetup, overheads: Overheads | None = None) -> Estimate:
-    """Predict one rank's memory for ``setup`` (see ``Estimate``)."""
+def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device: Device = "cuda") -> Estimate:
+    """Predict one rank's memory for ``setup`` (see ``Estimate``) on the rank that holds most.
+
+    ``device="cpu"`` predicts a CPU run (tests, ``validate --cpu``): torch's optimizers then take their single-tensor
+    path, whose temporaries differ, and there is no cuBLAS workspace, CUDA context or allocator rounding.
+    """
     overheads = overheads or Overheads()
     numel = count_params(setup.model).total
     if setup.mode == "paper":
         return _paper_estimate(setup, numel, overheads)
-    states = model_states(setup)
+    if device == "cpu":
+        overheads = replace(overheads, cublas_workspace_bytes=0, cuda_context_bytes=0, nccl_bytes_per_peer=0,
+                            reserved_block_bytes=1, reserved_fraction_of_transient=0.0, reserved_fixed_bytes=0)
+    states = model_states(setup, device)
     w = setup.workload
     act, source = activation_profile(setup.model, w.micro_batch, w.seq_len, setup.dtype, w.attn, mode=w.activations)
     phases = timeline(setup, states, act if overheads.activation_scale == 1 else _scaled(act, overheads.activation_scale))

@@ -7,7 +7,7 @@ HF's ``named_parameters()`` does; ``estimator.presets`` builds it from a preset 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 Family = Literal["llama", "mistral", "qwen2", "gpt2", "gpt_neox", "opt", "phi3", "gemma"]
@@ -48,8 +48,13 @@ class ModelShape:
     """Rotary embeddings (no parameters) or a learned position table (gpt2, opt)."""
     attention_bias: bool = False
     """q/k/v projections carry a bias (qwen2, gpt2, gpt_neox, opt)."""
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
-    """Family-specific fields the parameter list needs (e.g. opt's ``word_embed_proj_dim``), kept verbatim."""
+    extra: dict = field(default_factory=dict)
+    """Family-specific fields the parameter list needs (e.g. opt's ``word_embed_proj_dim``), kept verbatim;
+    scalars only, so that shapes hash and compare with them."""
+
+    def __hash__(self) -> int:
+        plain = tuple(getattr(self, f.name) for f in fields(self) if f.name != "extra")
+        return hash((plain, tuple(sorted((k, repr(v)) for k, v in self.extra.items()))))
 
     @property
     def kv_hidden_size(self) -> int:

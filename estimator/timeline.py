@@ -42,77 +42,51 @@ def _components(**parts: int) -> dict[str, int]:
 
 def _head_param_numel(setup: TrainingSetup) -> int:
     """Parameters whose gradients exist before the first decoder layer's backward: lm_head and the final norm."""
-    tensors = param_tensors(setup.model)
     layer_marks = (".layers.", ".h.", ".layer.")
     return sum(
-        t.numel for t in tensors
+        t.numel for t in param_tensors(setup.model)
         if t.component in ("lm_head", "norms") and not any(mark in t.name for mark in layer_marks)
     )
 
 
-def _grads_held(setup: TrainingSetup, states: ModelStates, head_numel: int, at_end: bool) -> int:
-    """Gradient bytes alive at the start (after the head) or at the end of backward.
-
-    Stages 0-1 keep the model's own ``param.grad`` (engine.py / stage_1_and_2.py): they grow from the head's to all
-    of them. Stage 2 copies each reduced gradient into ``grads_in_partition`` (allocated whole at the first copy).
-    Stage 3 holds ``grad_partitions_flat_buffer`` from init (counted as a held buffer, not here).
-    With gradient accumulation, micro-steps after the first start with the previous gradients held.
-    """
-    b = DTYPE_BYTES[setup.dtype]
-    if setup.stage >= ZeroStage.PARAMETERS:
-        return 0
-    if setup.stage == ZeroStage.GRADIENTS:
-        return states.grads_bytes if (at_end or setup.workload.grad_accum > 1) else 0
-    if at_end or setup.workload.grad_accum > 1:
-        return states.grads_bytes
-    return b * head_numel
+def _grads_at_backward_start(setup: TrainingSetup, states: ModelStates) -> int:
+    """Gradient bytes when backward begins its first layer: the carry of earlier micro-steps, or, where the
+    model's own ``param.grad`` hold gradients (stages 0-1), the head's."""
+    if states.grads_carry_bytes:
+        return states.grads_carry_bytes
+    if setup.stage <= ZeroStage.OPTIMIZER_STATES and setup.zero.offload_optimizer == "none":
+        return DTYPE_BYTES[setup.dtype] * _head_param_numel(setup)
+    return 0
 
 
 def timeline(setup: TrainingSetup, states: ModelStates, act: ActivationProfile) -> tuple[Phase, ...]:
-    """The four phases of a steady training step (plus init), each with its peak's components."""
-    stage3 = setup.stage >= ZeroStage.PARAMETERS
-    ckpt = setup.workload.grad_ckpt
-    held = dict(
-        params=states.params_bytes,
-        master_weights=states.master_weights_bytes,
-        optimizer_states=states.optimizer_states_bytes,
-    )
-    stage3_buffers = states.grads_bytes + states.buckets_bytes if stage3 else 0
-    head_numel = _head_param_numel(setup)
-    carry = _grads_held(setup, states, head_numel, at_end=False) if setup.workload.grad_accum > 1 else 0
+    """init and the three phases of a steady training step, each with its peak's components.
 
+    Steady state: the optimizer states exist (the first step creates them, and steady phases hold at least as much
+    as the first step's). Backward's peak is at its start (head backward, the carried or head gradients) or at its
+    end (all gradients, the stage-1 epilogue's flattened partition).
+    """
+    ckpt = setup.workload.grad_ckpt
+    held = dict(params=states.params_bytes, master_weights=states.master_weights_bytes,
+                optimizer_states=states.optimizer_states_bytes)
+    resident = states.resident_buffers_bytes
+    init_held = dict(params=states.params_bytes, master_weights=states.master_weights_bytes,
+                     optimizer_states=states.optimizer_states_bytes if states.states_at_init else 0,
+                     buffers=resident)
     init = Phase(name="init", components=_components(
-        params=states.params_bytes,
-        master_weights=states.master_weights_bytes,
-        buffers=stage3_buffers,
-        temporaries=states.init_extra_bytes,
-    ))
+        **init_held, temporaries=max(0, states.init_peak_bytes - sum(init_held.values()))))
     forward = Phase(name="forward", components=_components(
-        **held,
-        grads=carry,
-        buffers=stage3_buffers + states.gathered_params_bytes,
-        activations=act.forward_peak_bytes(ckpt),
-    ))
-    bucket = 0 if stage3 else states.buckets_bytes
-    start = _components(
-        **held,
-        grads=_grads_held(setup, states, head_numel, at_end=False),
-        buffers=stage3_buffers + states.gathered_params_bytes + bucket,
-        activations=act.backward_peak_bytes(ckpt),
-    )
-    end = _components(
-        **held,
-        grads=_grads_held(setup, states, head_numel, at_end=True),
-        buffers=stage3_buffers + states.gathered_params_bytes + bucket,
-        activations=act.backward_live_after_layers(setup.model.num_layers, ckpt),
-    )
+        **held, grads=states.grads_carry_bytes, buffers=resident + states.gathered_params_bytes,
+        activations=act.forward_peak_bytes(ckpt)))
+    in_backward = resident + states.gathered_params_bytes + states.buckets_bytes
+    start = _components(**held, grads=_grads_at_backward_start(setup, states), buffers=in_backward,
+                        activations=act.backward_peak_bytes(ckpt))
+    end = _components(**held, grads=max(states.grads_bytes, states.grads_carry_bytes), buffers=in_backward,
+                      activations=act.backward_live_after_layers(setup.model.num_layers, ckpt),
+                      temporaries=states.epilogue_bytes)
     backward = Phase(name="backward", components=max(start, end, key=lambda c: sum(c.values())))
     step = Phase(name="step", components=_components(
-        **held,
-        grads=states.grads_bytes if setup.stage == ZeroStage.DISABLED or stage3 else 0,
-        buffers=states.buckets_bytes if stage3 else 0,
-        temporaries=states.step_temp_bytes + states.optimizer_temp_bytes,
-    ))
+        **held, grads=states.step_grads_bytes, buffers=resident, temporaries=states.step_temp_bytes))
     return (init, forward, backward, step)
 
 
