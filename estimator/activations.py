@@ -173,6 +173,9 @@ class _Dims:
     parallel: bool
     masked: bool
     proj: int
+    kernel: str
+    """eager, or the kernel CUDA takes for sdpa: cudnn (fp16/bf16 with head_dim <= 256, and flash-attn: the
+    same bytes), efficient (fp32 multi-head), math (fp32 GQA: probabilities materialized as in eager)."""
 
     @property
     def norm_kind(self) -> str:
@@ -185,55 +188,33 @@ class _Dims:
 
 
 def _dims(shape: ModelShape, b: int, s: int, dtype: str, attn: str, config: dict) -> _Dims:
-    f = shape.family
-    act = (
-        config.get("hidden_activation")
-        or config.get("hidden_act")
-        or config.get("activation_function")
-        or (
-            {"gpt2": "gelu_new", "opt": "relu", "gpt_neox": "gelu", "gemma": "gelu_pytorch_tanh"}.get(
-                f, "silu"
-            )
-        )
-    )
-    drop = {
-        "gpt2": ("resid_pdrop", 0.1),
-        "opt": ("dropout", 0.1),
-        "phi3": ("resid_pdrop", 0.0),
-        "gpt_neox": ("hidden_dropout", 0.0),
-    }.get(f)
-    attn_drop = config.get("attn_pdrop", 0.1) if f == "gpt2" else config.get("attention_dropout", 0.0)
-    embd = {
-        "gpt2": config.get("embd_pdrop", 0.1),
-        "phi3": config.get("embd_pdrop", 0.0),
-        "gpt_neox": config.get("hidden_dropout", 0.0),
-    }.get(f, 0.0)
-    pct = (
-        config.get("rotary_pct", config.get("partial_rotary_factor", 0.25))
-        if f == "gpt_neox"
-        else config.get("partial_rotary_factor", 1.0)
-    )
-    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+    """The formulas' symbols from the shape and the HF config (defaults: transformers 5.24 config classes)."""
+    f, get = shape.family, config.get
+    default_act = {"gpt2": "gelu_new", "opt": "relu", "gpt_neox": "gelu", "gemma": "gelu_pytorch_tanh"}
+    act = get("hidden_activation") or get("hidden_act") or get("activation_function") or default_act.get(f, "silu")
+    resid = {"gpt2": get("resid_pdrop", 0.1), "opt": get("dropout", 0.1), "phi3": get("resid_pdrop", 0.0),
+             "gpt_neox": get("hidden_dropout", 0.0)}.get(f, 0.0)
+    embd = {"gpt2": get("embd_pdrop", 0.1), "phi3": get("embd_pdrop", 0.0),
+            "gpt_neox": get("hidden_dropout", 0.0)}.get(f, 0.0)
+    attn_drop = get("attn_pdrop", 0.1) if f == "gpt2" else get("attention_dropout", 0.0)
+    pct = get("rotary_pct", get("partial_rotary_factor", 0.25)) if f == "gpt_neox" else \
+        get("partial_rotary_factor", 1.0)
+    window = get("sliding_window") if get("use_sliding_window", True) else None
+    masked = attn == "sdpa" and bool(window) and s >= window
+    p = DTYPE_BYTES[dtype]
+    if attn == "eager":
+        kernel = "eager"
+    elif attn == "flash" or (p < 4 and shape.head_dim <= 256):
+        kernel = "cudnn"
+    else:  # with a mask HF has already repeated k and v (sdpa_attention.py, ``use_gqa_in_sdpa``)
+        kernel = "efficient" if (shape.num_kv_heads == shape.num_heads or masked) else "math"
     return _Dims(
-        b=b,
-        s=s,
-        h=shape.hidden_size,
-        a=shape.num_heads,
-        qd=shape.q_hidden_size,
-        kd=shape.kv_hidden_size,
-        i=shape.intermediate_size,
-        V=shape.vocab_size,
-        p=DTYPE_BYTES[dtype],
-        family=f,
-        gated=shape.gated_mlp,
-        act_extra=_ACT_EXTRA.get(act, 1),
-        rotary_dim=int(shape.head_dim * pct) if shape.positions == "rotary" else 0,
-        resid_masks=2 if drop and config.get(drop[0], drop[1]) > 0 else 0,
-        embd_mask=embd > 0,
-        attn_dropout=attn_drop > 0,
-        parallel=f == "gpt_neox" and config.get("use_parallel_residual", True),
-        masked=attn == "sdpa" and bool(window) and s >= window,
-        proj=int(config.get("word_embed_proj_dim", shape.hidden_size)) if f == "opt" else shape.hidden_size,
+        b=b, s=s, h=shape.hidden_size, a=shape.num_heads, qd=shape.q_hidden_size, kd=shape.kv_hidden_size,
+        i=shape.intermediate_size, V=shape.vocab_size, p=p, family=f, gated=shape.gated_mlp,
+        act_extra=_ACT_EXTRA.get(act, 1), rotary_dim=int(shape.head_dim * pct) if shape.positions == "rotary" else 0,
+        resid_masks=2 if resid > 0 else 0, embd_mask=embd > 0, attn_dropout=attn_drop > 0,
+        parallel=f == "gpt_neox" and get("use_parallel_residual", True), masked=masked, kernel=kernel,
+        proj=int(get("word_embed_proj_dim", shape.hidden_size)) if f == "opt" else shape.hidden_size,
     )
 
 
@@ -262,7 +243,9 @@ def _attention_saved(d: _Dims, attn: str) -> int:
     fused qkv output (v is a view of it, 6sbh at once), phi3 its fused qkv_proj output (v is a view). V 2sbh:
     the v projection (kv width). Output-projection input 2sbh: the attention output (shared with the kernel's
     saved output for sdpa/flash; a second copy when q is (b, a, s, d)-contiguous, as after phi3's and neox's
-    ``torch.cat`` rotary, and always for eager's ``transpose(1, 2).contiguous()``). The 5as^2b softmax terms:
+    ``torch.cat`` rotary, and always for eager's ``transpose(1, 2).contiguous()``). A sliding-window mask (sdpa
+    with s >= window) makes HF repeat k and v to all heads and torch save the mask as an additive p*bs^2 bias
+    per layer. The 5as^2b softmax terms:
     none for sdpa/flash (cuDNN/flash save only the fp32 logsumexp, 4bas, and two int64 RNG scalars); for eager
     the fp32 softmax output 4as^2b and its cast to p (llama-like: ``softmax(dtype=float32).to(dtype)``; gpt2's
     softmax runs in p), and with attention dropout its 1-byte mask plus the dropped probabilities. Output
@@ -271,7 +254,7 @@ def _attention_saved(d: _Dims, attn: str) -> int:
     """
     T, h, p, qd, kd, bas2 = d.T, d.h, d.p, d.qd, d.kd, d.b * d.a * d.s * d.s
     masks = T * h if d.resid_masks else 0
-    if attn == "eager":
+    if d.kernel in ("eager", "math"):
         if d.family == "gpt2":
             probs = p * bas2 + (bas2 + p * bas2 if d.attn_dropout else 0)
         else:
@@ -279,17 +262,19 @@ def _attention_saved(d: _Dims, attn: str) -> int:
                 4 * bas2 + (p * bas2 if (p < 4 or d.attn_dropout) else 0) + (bas2 if d.attn_dropout else 0)
             )
         return 4 * p * T * qd + probs + masks
-    lse = 4 * d.b * d.a * d.s + 16
+    lse = 4 * d.b * d.a * (d.s if d.kernel == "cudnn" else -(-d.s // 32) * 32) + 16
     bias = p * d.b * d.s * d.s if d.masked else 0
     if d.family in ("gpt2", "opt"):
         qkv = 3 * p * T * h
     elif d.family == "gpt_neox":
         qkv = 3 * p * T * h + 2 * p * T * h
+    elif d.masked and qd != kd:  # with a mask HF repeats k and v to all heads (sdpa_attention.py, repeat_kv)
+        qkv = 3 * p * T * qd
     elif d.family == "phi3":
         qkv = p * T * (qd + 2 * kd) + p * T * (qd + kd)
     else:
         qkv = p * T * (qd + 2 * kd)
-    copy = p * T * qd if d.family in ("phi3", "gpt_neox") else 0
+    copy = p * T * qd if d.family in ("phi3", "gpt_neox") and d.kernel == "cudnn" else 0
     return qkv + p * T * qd + copy + lse + bias + masks
 
 
@@ -363,6 +348,24 @@ def _mlp_backward_peak(d: _Dims) -> int:
     return n * d.p * d.T * d.i - (d.T * d.h if d.resid_masks else 0)
 
 
+def _eager_transients(d: _Dims) -> tuple[int, int, int]:
+    """Eager attention's extra live bytes over the saved stack, at (plain forward, checkpointed forward, backward).
+
+    Fitted to the traced op order (estimator/tracing.py). Forward: the raw and masked scores (p*bas^2 each) and
+    the (b, 1, s, s) mask; checkpointed, the fp32 softmax and its cast too, with q, k, v and the output. Backward:
+    the gradients of the probabilities in p and fp32 ((p + 4)*bas^2; gpt2's dtype softmax: p*bas^2), once the
+    layer's MLP and second norm have freed their saved tensors.
+    """
+    T, p, qd, bas2, bs2 = d.T, d.p, d.qd, d.b * d.a * d.s * d.s, d.b * d.s * d.s
+    freed = _mlp_saved(d) + _norm_saved(d, with_input=not d.parallel)
+    if d.family == "gpt2":
+        probs = (2 * p + 1) if d.attn_dropout else p
+        return 0, probs * bas2 + 4 * p * T * qd, p * bas2 - freed
+    fwd = 4 * bas2 + p * bs2 + 3 * p * T * d.h - freed
+    ckpt = (4 + p + (2 * p if p < 4 else 0)) * bas2 + 4 * p * T * qd
+    return fwd, ckpt, (p + 4) * bas2 - freed - p * T * qd
+
+
 def closed_form_profile(
     shape: ModelShape,
     micro_batch: int,
@@ -389,9 +392,7 @@ def closed_form_profile(
     ckpt_layer = p * T * h
     grad_hidden = p * T * h + 8
     norm_temp = (8 + p) * T * h + 4 * T if d.norm_kind != "layernorm" else 2 * p * T * h
-    eager_fwd = (2 * p * bas2 + p * d.b * d.s * d.s) if attn == "eager" else 0
-    eager_ckpt_fwd = ((4 + 3 * p) * bas2 + p * d.b * d.s * d.s) if attn == "eager" else 0
-    eager_bwd = (p + 4) * bas2 if attn == "eager" else 0
+    eager_fwd, eager_ckpt_fwd, eager_bwd = _eager_transients(d) if d.kernel in ("eager", "math") else (0, 0, 0)
     layer_bwd = grad_hidden + max(_mlp_backward_peak(d), eager_bwd)
     return ActivationProfile(
         embedding_saved_bytes=_embedding_saved(d, attn, False),
@@ -403,7 +404,7 @@ def closed_form_profile(
         head_saved_bytes=_head_saved(d),
         logits_bytes=p * T * V,
         loss_transient_bytes=(4 * T * V if p < 4 else 0) + 8 * d.b * (d.s + 1),
-        layer_forward_transient_bytes=max(norm_temp, eager_fwd) + p * T * h,
+        layer_forward_transient_bytes=max(norm_temp + p * T * h, eager_fwd),
         ckpt_layer_forward_transient_bytes=max(_mlp_forward_peak(d), eager_ckpt_fwd),
         grad_logits_bytes=p * T * V,
         backward_head_transient_bytes=(8 - p) * T * V - 8 * T,
