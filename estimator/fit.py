@@ -47,7 +47,12 @@ PRIOR_WEIGHT = 1e-3
 NEUTRAL = Overheads(cuda_context_bytes=0, cublas_workspace_bytes=0, nccl_bytes_per_peer=0,
                     reserved_fraction_of_transient=0.0, reserved_fixed_bytes=0, activation_scale=1.0,
                     source="neutral (fit basis)")
-"""Overheads that add nothing: the estimate ``Sample`` is built from."""
+"""Overheads that add nothing: the estimates ``Sample`` is built from."""
+BASIS_SCALES: tuple[float, ...] = (1.0, 0.25, 0.5, 2.0, 4.0)
+"""``activation_scale`` values the basis estimates are made at (``NEUTRAL`` otherwise). A phase can choose
+between candidate points by their totals (``estimator.timeline``: backward's peak is at its start, with the
+activations, or at its end, with the gradients), so which point holds the peak depends on the scale; estimates
+across ``BOUNDS["activation_scale"]`` reveal the candidates, and the peak is the largest of them all."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,7 +60,7 @@ class PhaseTerms:
     """One predicted phase split into what the overheads act on (bytes, from a ``NEUTRAL`` estimate)."""
 
     name: str
-    """init, forward, backward or step."""
+    """init, forward, backward or step (a phase may have several candidate points)."""
     other_bytes: int
     """Every component of the phase except activations (no cuBLAS workspace: it is 0 in ``NEUTRAL``)."""
     activation_bytes: int
@@ -73,22 +78,38 @@ class Sample:
     group: str
     """The model: cross-validation never puts one group in both a training and a test fold."""
     phases: tuple[PhaseTerms, ...]
-    """Predicted phases in run order."""
+    """Candidate peak points of the predicted phases, in run order (``terms_from_estimates``)."""
     peers: int
     """Ranks this one talks to through real NCCL communicators: N_d - 1, or 0 on a fake process group."""
     measured: dict[str, int | None] = field(default_factory=dict)
     """Measured bytes by quantity (``QUANTITIES``); None where not measured."""
 
 
-def terms_from_phases(phases: dict[str, dict]) -> tuple[PhaseTerms, ...]:
-    """``PhaseTerms`` from ``Estimate.to_dict()["phases"]`` of an estimate made with ``NEUTRAL`` overheads."""
+def terms_from_phases(phases: dict[str, dict], activation_scale: float = 1.0) -> tuple[PhaseTerms, ...]:
+    """``PhaseTerms`` from ``Estimate.to_dict()["phases"]`` of an estimate made with ``NEUTRAL`` overheads but
+    ``activation_scale`` (activations are divided by it back to unscaled bytes)."""
     out = []
     for name, phase in phases.items():
         comps = phase["components"]
         act = int(comps.get("activations", 0))
-        out.append(PhaseTerms(name=name, other_bytes=int(sum(comps.values())) - act, activation_bytes=act,
+        out.append(PhaseTerms(name=name, other_bytes=int(sum(comps.values())) - act,
+                              activation_bytes=round(act / activation_scale),
                               temporaries_bytes=int(comps.get("temporaries", 0))))
     return tuple(out)
+
+
+def terms_from_estimates(by_scale: dict[float, dict[str, dict]]) -> tuple[PhaseTerms, ...]:
+    """Every distinct candidate point of every phase, from estimates at several ``activation_scale`` values
+    (``BASIS_SCALES`` -> ``Estimate.to_dict()["phases"]``), in run order; points that differ only by the
+    rounding of scaled activations (a few bytes) count as one."""
+    by_phase: dict[str, list[PhaseTerms]] = {}
+    for scale, phases in by_scale.items():
+        for term in terms_from_phases(phases, scale):
+            known = by_phase.setdefault(term.name, [])
+            if not any(abs(t.other_bytes - term.other_bytes) + abs(t.activation_bytes - term.activation_bytes)
+                       + abs(t.temporaries_bytes - term.temporaries_bytes) <= 64 for t in known):
+                known.append(term)
+    return tuple(t for terms in by_phase.values() for t in terms)
 
 
 def _peak(sample: Sample, oh: Overheads) -> tuple[float, PhaseTerms]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from zeroest.estimator.calibration import calibration_name, find_calibration, short_version
 from zeroest.estimator.errors import relative_error
-from zeroest.estimator.fit import NEUTRAL, QUANTITIES, Sample, terms_from_phases
+from zeroest.estimator.fit import BASIS_SCALES, NEUTRAL, QUANTITIES, Sample, terms_from_estimates
 from zeroest.estimator.overheads import Overheads
 from zeroest.estimator.setup import TrainingSetup
 from zeroest.runs_io import RunRow, Skipped, is_oom
@@ -119,7 +119,7 @@ class Record:
     measured_peak_phase: str | None
     notes: tuple[str, ...]
     sample: Sample
-    """The fit's view of this rank (``NEUTRAL`` estimate terms and measured bytes)."""
+    """The fit's view of this rank (candidate phase points of ``NEUTRAL`` estimates, measured bytes)."""
     current: Prediction
     """With the overheads predict would use here: the group's calibration file, else the defaults."""
 
@@ -208,9 +208,10 @@ def join_row(row: RunRow) -> Record:
     m = row.data["measured"]
     measured = {"peak_allocated": m.get("peak_allocated_bytes") or None,
                 "peak_reserved": m.get("peak_reserved_bytes") or None, "device": device}
-    neutral = estimate(setup, NEUTRAL).to_dict()
+    basis = {s: estimate(setup, replace(NEUTRAL, activation_scale=s)).to_dict()["phases"]
+             for s in BASIS_SCALES}
     sample = Sample(key=row.where, group=Path(str(data.get("model"))).name.removesuffix(".json"),
-                    phases=terms_from_phases(neutral["phases"]),
+                    phases=terms_from_estimates(basis),
                     peers=0 if simulated else setup.world_size - 1,
                     measured=dict(measured) if not is_oom(row) else {})
     return Record(
