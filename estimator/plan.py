@@ -154,9 +154,9 @@ def _setup(base: TrainingSetup, zero: ZeroConfig, ckpt: bool, mb: int, accum: in
 
 
 def _fitting_prefix(pairs, make, fits) -> list[tuple[int, int]]:
-    """How many of ``pairs`` (ascending micro-batch) fit. Runs with accumulation > 1 hold the previous
-    micro-step's gradients in forward, so memory is monotone within them and within accumulation 1, searched
-    apart."""
+    """The ``pairs`` (ascending micro-batch) that fit. Runs with accumulation > 1 hold the previous
+    micro-step's gradients in forward, so memory is monotone within them and within accumulation 1: the two
+    runs are searched apart."""
     multi = [p for p in pairs if p[1] > 1]
     single = [p for p in pairs if p[1] == 1]
     n_multi = largest_true(lambda i: fits(make(*multi[i - 1])), len(multi))

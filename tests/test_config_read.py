@@ -10,17 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from test_plan_support import install_fake_activations
-
-install_fake_activations()
-
-from zeroest.estimator.config_files import read_json, read_yaml  # noqa: E402
-from zeroest.estimator.config_keys import ACCELERATE_KEYS, OFFLOAD_KEYS, ZERO_KEYS  # noqa: E402
-from zeroest.estimator.config_read import resolve_auto, setup_from_configs  # noqa: E402
-from zeroest.estimator.config_write import accelerate_config, accelerate_yaml  # noqa: E402
-from zeroest.estimator.dsconfig import ds_config  # noqa: E402
-from zeroest.estimator.presets import load_model  # noqa: E402
-from zeroest.estimator.setup import Optimizer, Parallelism, TrainingSetup, Workload, ZeroConfig  # noqa: E402
+from zeroest.estimator.config_files import read_json, read_yaml
+from zeroest.estimator.config_keys import ACCELERATE_KEYS, OFFLOAD_KEYS, ZERO_KEYS
+from zeroest.estimator.config_read import resolve_auto, setup_from_configs
+from zeroest.estimator.config_write import accelerate_config, accelerate_yaml
+from zeroest.estimator.dsconfig import ds_config
+from zeroest.estimator.presets import load_model
+from zeroest.estimator.setup import Optimizer, Parallelism, TrainingSetup, Workload, ZeroConfig
 
 LLAMA = load_model("llama-3-8b")
 AUTO = {

@@ -1,20 +1,15 @@
-"""explain(): shares of the peak and knob savings, each equal to re-running estimate() with the knob turned.
-"""
+"""explain(): shares of the peak and knob savings, each equal to re-running estimate() with one knob."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
 import pytest
-from test_plan_support import install_fake_activations
-
-install_fake_activations()
-
-from zeroest.estimator.estimate import estimate  # noqa: E402
-from zeroest.estimator.explain import explain, knob_changes, knobs  # noqa: E402
-from zeroest.estimator.presets import load_model  # noqa: E402
-from zeroest.estimator.setup import Optimizer, Parallelism, TrainingSetup, Workload, ZeroConfig  # noqa: E402
-from zeroest.estimator.units import format_gib  # noqa: E402
+from zeroest.estimator.estimate import estimate
+from zeroest.estimator.explain import explain, knob_changes, knobs
+from zeroest.estimator.presets import load_model
+from zeroest.estimator.setup import Optimizer, Parallelism, TrainingSetup, Workload, ZeroConfig
+from zeroest.estimator.units import format_gib
 
 MODEL = load_model("qwen2.5-0.5b")
 

@@ -1,18 +1,13 @@
-"""The plan: it finds what a brute-force enumeration over estimate() finds, and the speed proxy's named terms.
-"""
+"""The plan finds what a brute-force enumeration over estimate() finds; the speed proxy's named terms."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
 import pytest
-from test_plan_support import install_fake_activations
-
-install_fake_activations()
-
-from zeroest.estimator.estimate import estimate  # noqa: E402
-from zeroest.estimator.gpus import Gpu  # noqa: E402
-from zeroest.estimator.plan import (  # noqa: E402
+from zeroest.estimator.estimate import estimate
+from zeroest.estimator.gpus import Gpu
+from zeroest.estimator.plan import (
     PlanRequest,
     SearchSpace,
     _setup,
@@ -21,11 +16,11 @@ from zeroest.estimator.plan import (  # noqa: E402
     plan,
     zero_groups,
 )
-from zeroest.estimator.presets import load_model  # noqa: E402
-from zeroest.estimator.search import budget_bytes, min_gpus  # noqa: E402
-from zeroest.estimator.setup import Parallelism, TrainingSetup, Workload, ZeroStage  # noqa: E402
-from zeroest.estimator.speed import HARDWARE, comm_bytes, compute_flops, offload_seconds, step_time  # noqa: E402
-from zeroest.estimator.units import GiB  # noqa: E402
+from zeroest.estimator.presets import load_model
+from zeroest.estimator.search import budget_bytes, min_gpus
+from zeroest.estimator.setup import Parallelism, TrainingSetup, Workload, ZeroStage
+from zeroest.estimator.speed import HARDWARE, comm_bytes, compute_flops, offload_seconds, step_time
+from zeroest.estimator.units import GiB
 
 PYTHIA = load_model("pythia-410m")
 

@@ -5,18 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_plan_support import install_fake_activations
+from typer.testing import CliRunner
+from zeroest.estimator.config_read import setup_from_configs
+from zeroest.estimator.estimate import estimate
+from zeroest.estimator.presets import load_model
+from zeroest.estimator.serialize import setup_from_dict
+from zeroest.estimator.units import GiB
 
-install_fake_activations()
-
-from typer.testing import CliRunner  # noqa: E402
-from zeroest.estimator.config_read import setup_from_configs  # noqa: E402
-from zeroest.estimator.estimate import estimate  # noqa: E402
-from zeroest.estimator.presets import load_model  # noqa: E402
-from zeroest.estimator.serialize import setup_from_dict  # noqa: E402
-from zeroest.estimator.units import GiB  # noqa: E402
-
-from zeroest.cli import app  # noqa: E402
+from zeroest.cli import app
 
 runner = CliRunner()
 BASE = ["plan", "--model", "pythia-410m", "--gpus", "2", "--seq-len", "512", "--activations", "closed-form"]

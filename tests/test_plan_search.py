@@ -7,13 +7,9 @@ from dataclasses import replace
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_plan_support import install_fake_activations
-
-install_fake_activations()
-
-from zeroest.estimator.estimate import estimate  # noqa: E402
-from zeroest.estimator.presets import load_model  # noqa: E402
-from zeroest.estimator.search import (  # noqa: E402
+from zeroest.estimator.estimate import estimate
+from zeroest.estimator.presets import load_model
+from zeroest.estimator.search import (
     CachedEstimator,
     budget_bytes,
     largest_true,
@@ -22,14 +18,14 @@ from zeroest.estimator.search import (  # noqa: E402
     min_gpus,
     smallest_true,
 )
-from zeroest.estimator.setup import (  # noqa: E402
+from zeroest.estimator.setup import (
     Optimizer,
     Parallelism,
     TrainingSetup,
     Workload,
     ZeroConfig,
 )
-from zeroest.estimator.units import GiB, MiB  # noqa: E402
+from zeroest.estimator.units import GiB, MiB
 
 GPT2 = load_model("gpt2")
 

@@ -212,6 +212,8 @@ def _query_table(request, rows: list[dict], which: list[str]) -> Table:
             for w in which
         ]
         table.add_row(label, *cells)
+    if "max_seq_len" in which and any((r["max_seq_len"] or 0) > base.model.max_positions for r in rows):
+        table.caption = f"the model was trained with max_position_embeddings = {base.model.max_positions}"
     return table
 
 
