@@ -7,9 +7,7 @@ approximation: an exponential search (1, 2, 4, ...) brackets the answer, then a 
 exact when memory is monotone in the searched variable (more micro-batch or tokens never need less memory,
 more GPUs never need more); ``tests/test_plan_search.py`` checks this against a brute-force enumeration.
 
-``CachedEstimator`` is ``estimate()`` with the parts that do not change between candidates cached: model
-states depend on the model, N_d, precision, optimizer and ZeRO knobs but not on the micro-batch or sequence;
-activation profiles depend on the model and the workload but not on the ZeRO stage.
+``CachedEstimator`` memoizes ``estimate()`` per setup, so searches that share candidates pay for each once.
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ from dataclasses import dataclass, replace
 
 from .architecture import count_params
 from .overheads import Overheads
-from .setup import DTYPE_BYTES, Parallelism, TrainingSetup
+from .setup import Parallelism, TrainingSetup
 
 log = logging.getLogger(__name__)
 
@@ -59,63 +57,34 @@ class Memory:
 
 
 class CachedEstimator:
-    """``estimate()``'s memory figures with model states, activation profiles and parameter counts cached.
+    """``estimate()``'s memory figures, memoized per setup, and the parameter count per model.
 
-    It composes the same functions ``estimator/estimate.py`` ``estimate`` composes (``model_states``,
-    ``activation_profile``, ``timeline``, ``reserved_bytes``) in the same way; ``tests/test_plan_search.py``
-    checks that every figure equals ``estimate()``'s over a grid of setups. ``evaluations`` counts the calls.
+    A search asks for the same setup more than once (a plan's group starts where a query ended);
+    ``estimate()`` itself caches what does not change between candidates (parameter lists, activation
+    profiles), so one call costs about 0.2 ms for an 8B model (``benchmarks/bench_plan.py``).
+    ``evaluations`` counts the estimates run.
     """
 
     def __init__(self, overheads: Overheads | None = None) -> None:
         self.overheads = overheads or Overheads()
         self.evaluations = 0
-        self._states: dict = {}
-        self._acts: dict = {}
         self._numel: dict = {}
         self._memory: dict = {}
 
     def numel(self, setup: TrainingSetup) -> int:
         """Exact parameter count of the setup's model."""
-        key = setup.model
-        if key not in self._numel:
-            self._numel[key] = count_params(setup.model).total
-        return self._numel[key]
-
-    def states(self, setup: TrainingSetup):
-        """``estimate.model_states(setup)``, cached on what it reads."""
-        from .estimate import model_states
-
-        key = (setup.model, setup.world_size, setup.dtype, setup.optimizer, setup.zero)
-        if key not in self._states:
-            self._states[key] = model_states(setup)
-        return self._states[key]
-
-    def activations(self, setup: TrainingSetup):
-        """``activation_profile(...)`` for the setup's workload (scaled by the fitted ``activation_scale``).
-        """
-        from .activations import activation_profile
-        from .estimate import _scaled
-
-        w = setup.workload
-        key = (setup.model, w.micro_batch, w.seq_len, setup.dtype, w.attn, w.activations)
-        if key not in self._acts:
-            act, _source = activation_profile(
-                setup.model, w.micro_batch, w.seq_len, setup.dtype, w.attn, mode=w.activations
-            )
-            scale = self.overheads.activation_scale
-            self._acts[key] = act if scale == 1 else _scaled(act, scale)
-        return self._acts[key]
+        if setup.model not in self._numel:
+            self._numel[setup.model] = count_params(setup.model).total
+        return self._numel[setup.model]
 
     def memory(self, setup: TrainingSetup) -> Memory:
-        """The figures ``estimate(setup, self.overheads)`` reports, computed from cached parts."""
-        if setup in self._memory:
-            return self._memory[setup]
-        self.evaluations += 1
-        if setup.mode == "paper":
+        """The figures ``estimate(setup, self.overheads)`` reports."""
+        if setup not in self._memory:
             from .estimate import estimate
 
+            self.evaluations += 1
             est = estimate(setup, self.overheads)
-            result = Memory(
+            self._memory[setup] = Memory(
                 device_bytes=est.device_bytes,
                 peak_allocated_bytes=est.peak_allocated_bytes,
                 peak_reserved_bytes=est.peak_reserved_bytes,
@@ -123,39 +92,7 @@ class CachedEstimator:
                 nvme_bytes=est.nvme_bytes,
                 peak_phase=est.peak_phase,
             )
-        else:
-            result = self._compose(setup)
-        self._memory[setup] = result
-        return result
-
-    def _compose(self, setup: TrainingSetup) -> Memory:
-        from .estimate import reserved_bytes
-        from .timeline import Phase, peak_phase, timeline
-
-        oh = self.overheads
-        states = self.states(setup)
-        phases = timeline(setup, states, self.activations(setup))
-        phases = tuple(
-            p
-            if p.name == "init"
-            else Phase(
-                name=p.name,
-                components={**p.components, "buffers": p.components["buffers"] + oh.cublas_workspace_bytes},
-            )
-            for p in phases
-        )
-        peak = peak_phase(phases)
-        reserved = reserved_bytes(peak, oh)
-        device = reserved + oh.cuda_context_bytes + oh.nccl_bytes_per_peer * (setup.world_size - 1)
-        load_copy = DTYPE_BYTES[setup.dtype] * self.numel(setup)
-        return Memory(
-            device_bytes=device,
-            peak_allocated_bytes=peak.peak_bytes,
-            peak_reserved_bytes=reserved,
-            cpu_bytes_per_node=setup.parallel.gpus_per_node * (states.host_bytes + load_copy),
-            nvme_bytes=states.nvme_bytes,
-            peak_phase=peak.name,
-        )
+        return self._memory[setup]
 
     def device_bytes(self, setup: TrainingSetup) -> int:
         return self.memory(setup).device_bytes
