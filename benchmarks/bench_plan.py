@@ -2,7 +2,8 @@
 
 Targets (issue 6): a plan over >= 10,000 candidate setups in at most 1 s; ``max_micro_batch`` in at most 20
 ms. Also prints ``estimate()`` per call and the cost of its parts, to show where time goes. Closed-form
-activations. Run: ``python benchmarks/bench_plan.py``.
+activations. Run: ``python benchmarks/bench_plan.py``. ``--device`` instead measures, on a CUDA GPU, what
+``estimator/speed.py``'s constants stand for: dense bf16 matmul TFLOP/s and pinned host<->device GB/s.
 """
 
 from __future__ import annotations
@@ -90,7 +91,43 @@ def bench_estimate_parts(model: str) -> None:
         print(f"{name} {model}: {_median_s(fn, 50) * 1e3:.2f} ms")
 
 
+def bench_device() -> None:
+    """bf16 8192^3 matmul TFLOP/s and pinned 1 GiB host<->device copies (GB/s = 10**9 bytes/s)."""
+    import torch
+
+    n, reps, size = 8192, 50, 1 << 30
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    tflops = 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+    print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}: bf16 matmul {tflops:.0f} TFLOP/s")
+    host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(size, dtype=torch.uint8, device="cuda")
+    for name, copy in (
+        ("host->device", lambda: dev.copy_(host, non_blocking=True)),
+        ("device->host", lambda: host.copy_(dev, non_blocking=True)),
+    ):
+        copy()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(10):
+            copy()
+        torch.cuda.synchronize()
+        print(f"pinned {name}: {10 * size / (time.perf_counter() - start) / 1e9:.1f} GB/s")
+
+
 if __name__ == "__main__":
+    import sys
+
+    if "--device" in sys.argv:
+        bench_device()
+        sys.exit(0)
     bench_plan("llama-3-8b", "h100", 8, 4096, None, 1024)
     bench_plan("llama-3-8b", "4090", 8, 2048, 1024, 1024)
     bench_plan("llama-2-70b", "a100-80g", 16, 4096, None, 512)
