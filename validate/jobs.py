@@ -63,16 +63,16 @@ class Run:
         return int(self.prediction["device_bytes"] * PACKING_MARGIN) + PACKING_SLACK_BYTES
 
 
-def rough_need_bytes(n_params: int, setup: dict) -> int:
+def rough_need_bytes(n_params: int, setup: dict, vocab_size: int) -> int:
     """A deliberately high packing size for a run the estimator could not predict.
 
     16 bytes per parameter (16-bit weights and gradients, fp32 master and two Adam states: the ZeRO paper's
     2 + 2 + 12, unsharded), 4 bytes per parameter with the optimizer offloaded, plus the fp32 logits of one
-    micro-batch five times over (logits, upcast, softmax, their gradients), plus 4 GiB for everything else.
+    micro-batch six times over (logits, upcast, softmax, their gradients), plus 5 GiB for everything else.
     """
     per_param = 4 if setup.get("offload_optimizer", "none") != "none" else 16
-    vocab_logits = int(setup["micro_batch"]) * int(setup["seq_len"]) * 4 * 5 * 160_000
-    return n_params * per_param + vocab_logits + 4 * GiB
+    logits = int(setup["micro_batch"]) * int(setup["seq_len"]) * vocab_size * 4 * 6
+    return n_params * per_param + logits + 5 * GiB
 
 
 @dataclass

@@ -71,14 +71,22 @@ def package_root() -> str:
 
 
 def child_env(
-    base: Mapping[str, str], *, cpu: bool, capability: tuple[int, int] | None, gpus: str | None = None
+    base: Mapping[str, str],
+    *,
+    cpu: bool,
+    capability: tuple[int, int] | None,
+    gpus: str | None = None,
+    threads: int | None = None,
 ) -> dict[str, str]:
     """The environment of every process of a run: the user's (NCCL_* and PYTHONPATH included) plus our fixes.
 
     ``gpus``: CUDA_VISIBLE_DEVICES for the run (None keeps the user's). CPU runs hide the GPUs and make
-    DeepSpeed pick its CPU accelerator (``DS_ACCELERATOR=cpu``).
+    DeepSpeed pick its CPU accelerator (``DS_ACCELERATOR=cpu``). ``threads``: OMP_NUM_THREADS unless the user
+    set it (concurrent runs share the cores; torchrun would otherwise give each rank all of them, or force 1).
     """
     env = dict(base)
+    if threads is not None:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, threads)))
     for key, value in MULTICAST_OFF.items():
         env.setdefault(key, value)
     env["PYTHONUNBUFFERED"] = "1"

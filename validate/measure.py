@@ -192,8 +192,14 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
+SETUP_PHASES = ("build",)
+"""Phases before DeepSpeed sees the model (building it); not part of a training job's peaks."""
+
+
 def summarize(phases: dict[str, dict]) -> dict:
-    """Overall peaks over all phases: the largest peak allocated / reserved and the largest NVML reading."""
+    """Overall peaks over the phases from ``init`` on: the largest peak allocated / reserved, the largest NVML
+    reading and the largest host RSS."""
+    phases = {name: record for name, record in phases.items() if name not in SETUP_PHASES}
 
     def most(key: str) -> int | None:
         values = [p[key] for p in phases.values() if p.get(key) is not None]

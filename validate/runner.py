@@ -168,7 +168,7 @@ def plan(
         if prediction is None:
             from zeroest.estimator.architecture import count_params
 
-            fallback = rough_need_bytes(count_params(setup.model).total, flat)
+            fallback = rough_need_bytes(count_params(setup.model).total, flat, setup.model.vocab_size)
         runs[key] = Run(
             fallback_need_bytes=fallback,
             key=key,
@@ -227,8 +227,13 @@ def _start(run: Run, opts: ValidateOptions, gpus: list[int], alone: bool, base_e
         port=port,
         accelerate_config=accelerate_path,
     )
+    threads = (os.cpu_count() or 1) // (opts.jobs * run.nproc)  # ranks of concurrent runs share the cores
     env = child_env(
-        base_env, cpu=opts.cpu, capability=capability, gpus=",".join(map(str, gpus)) if gpus else None
+        base_env,
+        cpu=opts.cpu,
+        capability=capability,
+        gpus=",".join(map(str, gpus)) if gpus else None,
+        threads=threads if opts.jobs > 1 else None,
     )
     (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
     with open(run_dir / "output.log", "wb") as handle:
@@ -239,6 +244,7 @@ def _start(run: Run, opts: ValidateOptions, gpus: list[int], alone: bool, base_e
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            cwd=run_dir,  # not the caller's folder: a checkout there would shadow the zeroest on PYTHONPATH
         )
     return Job(run=run, proc=proc, run_dir=run_dir, gpus=gpus, alone=alone)
 
@@ -283,7 +289,7 @@ def build_ops(names: list[str], opts: ValidateOptions, base_env: dict, capabilit
     for name in names:
         with open(folder / f"build_{name}.log", "wb") as handle:
             cmd = [sys.executable, "-m", "zeroest.validate.worker", "--build-ops", name]
-            procs[name] = subprocess.Popen(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT)
+            procs[name] = subprocess.Popen(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=folder)
     built = {}
     for name, proc in procs.items():
         try:
