@@ -153,3 +153,11 @@ def make_rows(
             row["traceback"] = result["traceback"]
         rows.append(row)
     return rows
+
+
+def measured_reductions(runs_path) -> dict:
+    """Stage-0 peak over each stage's peak, from runs files (``zeroest claims --runs``); the work is
+    ``zeroest.runs_io.measured_reductions``."""
+    from zeroest.runs_io import measured_reductions as reductions
+
+    return reductions(runs_path)
