@@ -4,7 +4,7 @@
 # checkout without touching the network. Results land in $OUT (or ./gpu-out).
 # usage: bash benchmarks/device_validate.sh GRID [extra validate flags...]
 set -uo pipefail
-out=${OUT:-gpu-out}
+out=$(realpath -m "${OUT:-gpu-out}")
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/zs . >/dev/null || exit 1
@@ -13,4 +13,5 @@ export TORCH_CUDA_ARCH_LIST=9.0 TORCH_EXTENSIONS_DIR=/tmp/torch_ext
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, transformers, accelerate, deepspeed; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'deepspeed', deepspeed.__version__)" 2>&1 | tail -1 | tee -a "$out/gpu.txt"
 grid=${1:?grid}; shift
-python3 -m zeroest validate --grid "$grid" --out "$out" "$@" 2>&1 | tee "$out/validate.log" | grep -v -E "Warning|warn|^\s*$" | tail -150
+# run from /tmp: in the checkout, ./zeroest would shadow the installed package (its subpackages are mapped)
+(cd /tmp && python3 -m zeroest validate --grid "$grid" --out "$out" "$@") 2>&1 | tee "$out/validate.log" | grep -v -E "Warning|warn|^\s*$" | tail -150
