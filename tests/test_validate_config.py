@@ -1,0 +1,234 @@
+"""estimator.dsconfig and validate's launch plumbing: pure functions, no DeepSpeed run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from zeroest.estimator.dsconfig import FP16_INITIAL_SCALE_POWER, GRADIENT_CLIPPING, ds_config
+from zeroest.estimator.serialize import setup_from_dict
+from zeroest.validate.launch import (
+    LaunchOptions,
+    accelerate_config_yaml,
+    arch_list_ok,
+    child_env,
+    fix_arch_list,
+    launch_command,
+    package_root,
+)
+
+
+def _setup(**keys):
+    return setup_from_dict({"model": "gpt2", **keys})
+
+
+@pytest.mark.parametrize(("micro", "accum", "world"), [(1, 1, 1), (4, 4, 2), (16, 1, 8), (2, 3, 5)])
+def test_train_batch_size_is_micro_times_accum_times_world(micro, accum, world):
+    config = ds_config(_setup(micro_batch=micro, grad_accum=accum, world_size=world))
+    assert config["train_micro_batch_size_per_gpu"] == micro
+    assert config["gradient_accumulation_steps"] == accum
+    assert config["train_batch_size"] == micro * accum * world
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_precision_sections(dtype):
+    config = ds_config(_setup(dtype=dtype))
+    assert config["bf16"]["enabled"] is (dtype == "bf16")
+    assert config["fp16"]["enabled"] is (dtype == "fp16")
+    if dtype == "fp16":
+        assert config["fp16"]["initial_scale_power"] == FP16_INITIAL_SCALE_POWER
+        assert config["fp16"]["loss_scale"] == 0  # dynamic
+
+
+def test_zero_knobs_follow_the_setup():
+    setup = _setup(
+        stage=3,
+        reduce_bucket_size=12_345,
+        allgather_bucket_size=23_456,
+        prefetch_bucket_size=34_567,
+        max_live_parameters=45_678,
+        param_persistence_threshold=567,
+        sub_group_size=6_789,
+    )
+    zero = ds_config(setup)["zero_optimization"]
+    assert zero["stage"] == 3
+    assert zero["overlap_comm"] is True  # DeepSpeed's default for stage 3
+    assert zero["reduce_bucket_size"] == 12_345
+    assert zero["allgather_bucket_size"] == 23_456
+    assert zero["stage3_prefetch_bucket_size"] == 34_567
+    assert zero["stage3_max_live_parameters"] == 45_678
+    assert zero["stage3_param_persistence_threshold"] == 567
+    assert zero["sub_group_size"] == 6_789
+    assert "offload_optimizer" not in zero and "offload_param" not in zero
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_stage3_keys_only_at_stage3(stage):
+    zero = ds_config(_setup(stage=stage))["zero_optimization"]
+    assert zero["stage"] == stage
+    assert zero["overlap_comm"] is False
+    assert not any(key.startswith("stage3_") for key in zero)
+
+
+def test_offload_sections_and_cpu_adam():
+    setup = _setup(stage=3, offload_optimizer="cpu", offload_params="cpu", optimizer_impl="cpu")
+    config = ds_config(setup)
+    assert config["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert config["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
+    # DeepSpeedCPUAdam comes from the offload itself: plain AdamW, no torch_adam
+    assert config["optimizer"]["type"] == "AdamW"
+    assert "torch_adam" not in config["optimizer"]["params"]
+
+
+def test_nvme_offload_names_its_path():
+    setup = _setup(stage=3, offload_optimizer="nvme", offload_params="nvme", optimizer_impl="cpu")
+    zero = ds_config(setup, nvme_path="/scratch/nvme")["zero_optimization"]
+    assert zero["offload_optimizer"]["nvme_path"] == "/scratch/nvme"
+    assert zero["offload_param"]["device"] == "nvme"
+
+
+@pytest.mark.parametrize(
+    ("name", "impl", "type_name", "torch_adam"),
+    [
+        ("adamw", "fused", "AdamW", False),
+        ("adamw", "torch", "AdamW", True),
+        ("adam", "fused", "Adam", False),
+        ("adam", "torch", "Adam", True),
+    ],
+)
+def test_adam_implementations(name, impl, type_name, torch_adam):
+    config = ds_config(_setup(optimizer=name, optimizer_impl=impl))
+    assert config["optimizer"]["type"] == type_name
+    assert config["optimizer"]["params"].get("torch_adam", False) is torch_adam
+    assert "zero_allow_untested_optimizer" not in config
+
+
+def test_torch_optimizers_are_allowed_untested():
+    config = ds_config(_setup(optimizer="sgd-momentum", optimizer_impl="torch", stage=2))
+    assert config["optimizer"] == {"type": "SGD", "params": {"lr": pytest.approx(1e-4), "momentum": 0.9}}
+    assert config["zero_allow_untested_optimizer"] is True
+
+
+def test_logging_off_and_clipping():
+    config = ds_config(_setup())
+    assert config["gradient_clipping"] == GRADIENT_CLIPPING
+    assert config["steps_per_print"] >= 10**6
+    assert config["wall_clock_breakdown"] is False
+
+
+def test_dsconfig_imports_no_torch():
+    code = "import sys, zeroest.estimator.dsconfig; print('torch' in sys.modules, 'deepspeed' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        ("9.0", True),
+        ("8.0;9.0+PTX", True),
+        ("7.5 8.6", True),
+        ("9.0a", False),
+        ("", False),
+        (None, False),
+        ("sm_90", False),
+    ],
+)
+def test_arch_list_parsing(value, ok):
+    assert arch_list_ok(value) is ok
+
+
+def test_arch_list_set_from_capability_only_when_needed():
+    env = {"TORCH_CUDA_ARCH_LIST": "9.0a"}
+    fix_arch_list(env, (9, 0))
+    assert env["TORCH_CUDA_ARCH_LIST"] == "9.0"
+    env = {"TORCH_CUDA_ARCH_LIST": "8.0;9.0"}
+    fix_arch_list(env, (9, 0))
+    assert env["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0"
+    env = {}
+    fix_arch_list(env, (8, 6))
+    assert env["TORCH_CUDA_ARCH_LIST"] == "8.6"
+
+
+def test_child_env_keeps_user_nccl_and_adds_package_to_pythonpath():
+    base = {"NCCL_DEBUG": "INFO", "NCCL_NVLS_ENABLE": "1", "PYTHONPATH": "/tmp/site"}
+    env = child_env(base, cpu=False, capability=(9, 0), gpus="2", threads=4)
+    assert env["NCCL_DEBUG"] == "INFO"
+    assert env["NCCL_NVLS_ENABLE"] == "1"  # the user's choice stands
+    assert env["PYTHONPATH"].split(":") == ["/tmp/site", package_root()]
+    assert env["CUDA_VISIBLE_DEVICES"] == "2"
+    assert env["OMP_NUM_THREADS"] == "4"
+    assert env["TORCH_CUDA_ARCH_LIST"] == "9.0"
+    assert child_env({}, cpu=False, capability=None)["NCCL_NVLS_ENABLE"] == "0"
+    cpu = child_env({}, cpu=True, capability=(9, 0))
+    assert cpu["DS_ACCELERATOR"] == "cpu" and cpu["CUDA_VISIBLE_DEVICES"] == ""
+    assert "TORCH_CUDA_ARCH_LIST" not in cpu
+
+
+def test_launch_commands(tmp_path):
+    spec = tmp_path / "spec.json"
+    torchrun = launch_command(
+        LaunchOptions(), nproc=2, spec_path=spec, simulated=False, port=1234, accelerate_config=None
+    )
+    assert torchrun[1:3] == ["-m", "torch.distributed.run"]
+    assert "--nproc-per-node=2" in torchrun and "--master-port=1234" in torchrun
+    assert torchrun[-4:] == ["-m", "zeroest.validate.worker", "--spec", str(spec)]
+    simulated = launch_command(
+        LaunchOptions(), nproc=1, spec_path=spec, simulated=True, port=1, accelerate_config=None
+    )
+    assert simulated[1:] == ["-m", "zeroest.validate.worker", "--spec", str(spec)]
+    accel = launch_command(
+        LaunchOptions(launcher="accelerate"),
+        nproc=2,
+        spec_path=spec,
+        simulated=False,
+        port=1,
+        accelerate_config=tmp_path / "a.yaml",
+    )
+    assert accel[1:5] == ["-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "a.yaml")]
+    ds = launch_command(
+        LaunchOptions(launcher="deepspeed", hostfile="hosts", nnodes=2, master_port=29500),
+        nproc=8,
+        spec_path=spec,
+        simulated=False,
+        port=29500,
+        accelerate_config=None,
+    )
+    assert ds[1:3] == ["-m", "deepspeed.launcher.runner"]
+    assert "--num_nodes=2" in ds and "--num_gpus=8" in ds and ds[ds.index("--hostfile") + 1] == "hosts"
+    assert ds[-4:] == ["--module", "zeroest.validate.worker", "--spec", str(spec)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"launcher": "horovod"}, "unknown launcher"),
+        ({"nnodes": 2}, "--master-port"),
+        ({"hostfile": "h"}, "--launcher deepspeed"),
+    ],
+)
+def test_bad_launch_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LaunchOptions(**kwargs)
+
+
+def test_accelerate_config_points_at_the_ds_config(tmp_path):
+    import yaml
+
+    text = accelerate_config_yaml(
+        ds_config_path=tmp_path / "ds.json",
+        nproc=4,
+        opts=LaunchOptions(),
+        port=4321,
+        stage=2,
+        offload_optimizer="cpu",
+        cpu=False,
+    )
+    config = yaml.safe_load(text)
+    assert config["distributed_type"] == "DEEPSPEED"
+    assert config["deepspeed_config"]["deepspeed_config_file"] == str(tmp_path / "ds.json")
+    assert config["num_processes"] == 4 and config["main_process_port"] == 4321
+    # accelerate refuses these next to deepspeed_config_file: they are comments, and live in the ds_config
+    assert "zero_stage" not in config["deepspeed_config"]
+    assert "# zero_stage: 2" in text and "# offload_optimizer_device: cpu" in text

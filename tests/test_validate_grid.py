@@ -1,0 +1,252 @@
+"""validate's grids, results file, summary table and GPU packing: plain data, no DeepSpeed run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from zeroest.estimator.units import GiB
+from zeroest.validate.grid import apply_overrides, load_grid, parse_grid, parse_override
+from zeroest.validate.jobs import GPU_USABLE_FRACTION, PACKING_MARGIN, PACKING_SLACK_BYTES, Job, Run, Slots
+from zeroest.validate.results import append_rows, check_version, done_keys, drop_runs, make_rows, read_rows
+from zeroest.validate.summary import markdown, run_label, summary_rows
+
+GRID = """\
+models:
+  tiny: {model_type: gpt2, n_layer: 1, n_embd: 32, n_head: 2, vocab_size: 128}
+defaults: {model: tiny, micro_batch: 2}
+runs:
+  - {stage: 0}
+  - {stage: 3, world_size: 4, simulate: true}
+"""
+
+
+def test_parse_grid_merges_defaults():
+    grid = parse_grid(GRID, "g.yaml")
+    assert [e.setup for e in grid.entries] == [
+        {"model": "tiny", "micro_batch": 2, "stage": 0},
+        {"model": "tiny", "micro_batch": 2, "stage": 3, "world_size": 4},
+    ]
+    assert [e.simulate for e in grid.entries] == [False, True]
+    assert [e.where for e in grid.entries] == ["g.yaml:5", "g.yaml:6"]
+    assert grid.models["tiny"]["n_embd"] == 32
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (GRID.replace("{stage: 3,", "{stag: 3,"), r"g.yaml:6: unknown key 'stag'; did you mean 'stage'\?"),
+        (
+            GRID.replace("defaults: {model: tiny,", "defaults: {modle: tiny,"),
+            r"g.yaml:3: unknown key 'modle'",
+        ),
+        (GRID.replace("runs:", "run:"), r"g.yaml:4: unknown key 'run'; did you mean 'runs'\?"),
+        ("- {stage: 0}\n- {stage: 1, micro_bach: 2}\n", r"g.yaml:2: unknown key 'micro_bach'"),
+        ("runs: [\n", r"g.yaml:\d+: not valid YAML/JSON"),
+        ("", "the grid is empty"),
+    ],
+)
+def test_bad_grids_name_line_and_key(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_grid(text, "g.yaml")
+
+
+def test_json_grid_has_line_numbers(tmp_path):
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps([{"model": "gpt2", "stage": 1}, {"model": "gpt2", "sage": 2}], indent=1))
+    with pytest.raises(ValueError, match=rf"{path}:\d+: unknown key 'sage'"):
+        load_grid(str(path))
+
+
+def test_overrides_and_simulated_copies():
+    grid = parse_grid(GRID, "g.yaml")
+    entries = apply_overrides(grid, ["micro_batch=8", "seq-len=512"], [2, 8])
+    assert len(entries) == 2 + 2 * 2
+    assert all(e.setup["micro_batch"] == 8 and e.setup["seq_len"] == 512 for e in entries)
+    copies = entries[2:]
+    assert [(e.setup["world_size"], e.simulate) for e in copies] == [
+        (2, True),
+        (2, True),
+        (8, True),
+        (8, True),
+    ]
+    assert parse_override("grad_ckpt=true") == ("grad_ckpt", True)
+    with pytest.raises(ValueError, match="did you mean 'micro_batch'"):
+        parse_override("micro_btch=2")
+    with pytest.raises(ValueError, match="expected key=value"):
+        parse_override("stage")
+
+
+def test_quick_grid_is_small_and_mixes_real_and_simulated():
+    grid = load_grid("quick")
+    assert 2 <= len(grid.entries) <= 4
+    assert any(e.simulate for e in grid.entries) and any(not e.simulate for e in grid.entries)
+    assert all(e.setup["model"] in grid.models for e in grid.entries)
+
+
+def test_default_grid_covers_what_it_promises():
+    grid = load_grid("default")
+    setups = [
+        {"grad_accum": 1, "grad_ckpt": False, "dtype": "bf16", "optimizer_impl": "fused", **e.setup}
+        for e in grid.entries
+    ]
+    assert len(setups) >= 40
+    families = {s["model"].split("-")[0].replace("qwen2.5", "qwen").rstrip("0123456789.m") for s in setups}
+    assert len(families) >= 3
+    assert {s["stage"] for s in setups} == {0, 1, 2, 3}
+    simulated = {s["world_size"] for s, e in zip(setups, grid.entries, strict=True) if e.simulate}
+    assert simulated == {2, 4, 8}
+    assert all("world_size" not in s for s, e in zip(setups, grid.entries, strict=True) if not e.simulate)
+    assert min(s["micro_batch"] for s in setups) == 1 and max(s["micro_batch"] for s in setups) == 16
+    assert min(s["seq_len"] for s in setups) == 512 and max(s["seq_len"] for s in setups) == 4096
+    assert {s["grad_ckpt"] for s in setups} == {True, False}
+    assert {s["dtype"] for s in setups} == {"bf16", "fp16"}
+    assert {"fused", "torch", "cpu"} <= {s["optimizer_impl"] for s in setups}
+    assert {s["grad_accum"] for s in setups} == {1, 4}
+    assert {s["stage"] for s in setups if s.get("offload_optimizer") == "cpu"} == {2, 3}
+    assert {s["stage"] for s in setups if s.get("offload_params") == "cpu"} == {3}
+
+
+def _rows(key, n_ranks, version="0.1.0", **measured):
+    setup = {
+        "model": "gpt2",
+        "stage": 0,
+        "world_size": n_ranks,
+        "micro_batch": 1,
+        "seq_len": 8,
+        "dtype": "bf16",
+        "optimizer": "adamw",
+        "optimizer_impl": "fused",
+        "grad_accum": 1,
+        "grad_ckpt": False,
+    }
+    ranks = [{"complete": True, "measured": {"phases": {}, "oom": None, **measured}}] * n_ranks
+    return make_rows(
+        run_key=key,
+        launcher="torchrun",
+        setup=setup,
+        simulated=False,
+        ranks=ranks,
+        prediction=None,
+        prediction_error="x",
+        exclusive=True,
+        wall_s=1.0,
+        failure=None,
+        version=version,
+    )
+
+
+def test_results_file_resume_keys_and_cut_lines(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    append_rows(path, _rows("a", 2))
+    append_rows(path, _rows("b", 2)[:1])  # validate killed after one rank's row of run b
+    with open(path, "a") as handle:
+        handle.write('{"run_key": "c", "zeroest_ver')  # and mid-line
+    rows = read_rows(path)
+    assert [r["run_key"] for r in rows] == ["a", "a", "b"]
+    assert done_keys(rows) == {"a"}
+    assert drop_runs(path, {"a"}) == 2
+    assert [r["run_key"] for r in read_rows(path)] == ["b"]
+    assert (tmp_path / "runs.jsonl.bak").is_file()
+
+
+def test_other_versions_are_refused(tmp_path):
+    rows = _rows("a", 1, version="0.0.9")
+    with pytest.raises(ValueError, match=r"zeroest 0\.0\.9, and this is zeroest 0\.1\.0.*new --out"):
+        check_version(rows, "0.1.0", tmp_path / "runs.jsonl")
+    check_version(_rows("a", 1), "0.1.0", tmp_path / "runs.jsonl")
+
+
+def test_row_status_from_rank_results():
+    setup = _rows("a", 1)[0]["setup"]
+    common = dict(
+        run_key="k",
+        launcher="torchrun",
+        setup={**setup, "world_size": 2},
+        simulated=False,
+        prediction=None,
+        prediction_error=None,
+        exclusive=True,
+        wall_s=3.0,
+        version="0.1.0",
+    )
+    oom = {
+        "complete": False,
+        "error": "OutOfMemoryError",
+        "measured": {"phases": {}, "oom": "step0.backward0"},
+    }
+    rows = make_rows(ranks=[oom, None], failure="exit code 3", **common)
+    assert [r["status"] for r in rows] == ["oom", "crashed"]
+    assert [r["rank"] for r in rows] == [0, 1] and all(r["ranks_in_run"] == 2 for r in rows)
+    rows = make_rows(
+        ranks=[{"complete": False, "measured": {"phases": {}, "oom": None}}, None],
+        failure="timeout after 60 s",
+        **common,
+    )
+    assert [r["status"] for r in rows] == ["timeout", "timeout"]
+
+
+def test_summary_error_and_speedup():
+    base = _rows("z0", 1, peak_allocated_bytes=10 * GiB, tokens_per_s=1000.0)
+    z2 = _rows("z2", 1, peak_allocated_bytes=8 * GiB, tokens_per_s=1250.0)
+    z2[0]["setup"] = {**z2[0]["setup"], "stage": 2}
+    z2[0]["prediction"] = {"peak_allocated_bytes": 9 * GiB}
+    lines = summary_rows(base + z2)
+    assert lines[0].speedup == pytest.approx(1.0)
+    assert lines[1].speedup == pytest.approx(1250.0 / 1000.0)
+    assert lines[1].error_pct == pytest.approx(100.0 * (9 - 8) / 8)
+    assert lines[0].error_pct is None
+    text = markdown(lines)
+    assert text.count("\n| gpt2 z") == 2
+    assert run_label(z2[0]["setup"], True) == "gpt2 z2 N=1(sim) mb1x8 bf16 adamw/fused"
+
+
+def _run(key, nproc=1, device_bytes=None, simulated=False):
+    setup = {"gpus_per_node": nproc}
+    prediction = {"device_bytes": device_bytes} if device_bytes else None
+    return Run(
+        key=key,
+        setup=setup,
+        simulated=simulated,
+        launcher="torchrun",
+        spec={},
+        prediction=prediction,
+        prediction_error=None,
+    )
+
+
+def _job(run, gpus, alone):
+    return Job(run=run, proc=None, run_dir=None, gpus=gpus, alone=alone)
+
+
+def test_packing_by_predicted_memory():
+    capacity = 80 * GiB
+    slots = Slots(capacity_bytes=[capacity], jobs=4)
+    size = 20 * GiB
+    need = int(size * PACKING_MARGIN) + PACKING_SLACK_BYTES
+    fits = int(capacity * GPU_USABLE_FRACTION) // need
+    placed = 0
+    while (place := slots.place(_run(f"r{placed}", device_bytes=size))) is not None:
+        assert place == ([0], False)
+        slots.add(_job(_run(f"r{placed}", device_bytes=size), *place))
+        placed += 1
+    assert placed == min(fits, 4)
+    assert all(job.shared for job in slots.running) is (placed > 1)
+
+
+def test_unpredicted_and_multi_gpu_runs_go_alone():
+    slots = Slots(capacity_bytes=[80 * GiB, 80 * GiB], jobs=4)
+    assert slots.place(_run("a")) == ([0], True)
+    slots.add(_job(_run("a"), [0], True))
+    assert slots.place(_run("b", device_bytes=GiB)) == ([1], False)
+    assert slots.place(_run("c", nproc=2, device_bytes=GiB)) is None  # GPU 0 is taken
+    slots.running.clear()
+    assert slots.place(_run("c", nproc=2, device_bytes=GiB)) == ([0, 1], True)
+
+
+def test_one_job_at_a_time_is_exclusive():
+    slots = Slots(capacity_bytes=[80 * GiB], jobs=1)
+    assert slots.place(_run("a", device_bytes=GiB)) == ([0], True)
+    slots.add(_job(_run("a", device_bytes=GiB), [0], True))
+    assert slots.place(_run("b", device_bytes=GiB)) is None
+    assert not slots.running[0].shared
