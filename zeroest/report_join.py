@@ -41,8 +41,11 @@ def measured_phase_peaks(phases: dict) -> dict[str, int]:
 
 
 def _measured_peak_phase(phases: dict) -> str | None:
-    best = max(((rec or {}).get("peak_allocated_bytes") or 0, name) for name, rec in (phases or {}).items()) \
-        if phases else (0, None)
+    """The measured phase with the largest peak allocated, ``build`` left out as validate's overall peak does
+    (validate/measure.py ``summarize``: building the model is not part of the training job)."""
+    peaks = [((rec or {}).get("peak_allocated_bytes") or 0, name) for name, rec in (phases or {}).items()
+             if name != "build"]
+    best = max(peaks, default=(0, None))
     return best[1] if best[0] else None
 
 
