@@ -191,7 +191,8 @@ def _dims(shape: ModelShape, b: int, s: int, dtype: str, attn: str, config: dict
     """The formulas' symbols from the shape and the HF config (defaults: transformers 5.24 config classes)."""
     f, get = shape.family, config.get
     default_act = {"gpt2": "gelu_new", "opt": "relu", "gpt_neox": "gelu", "gemma": "gelu_pytorch_tanh"}
-    act = get("hidden_activation") or get("hidden_act") or get("activation_function") or default_act.get(f, "silu")
+    act = get("hidden_activation") or get("hidden_act") or get("activation_function") or \
+        default_act.get(f, "silu")
     resid = {"gpt2": get("resid_pdrop", 0.1), "opt": get("dropout", 0.1), "phi3": get("resid_pdrop", 0.0),
              "gpt_neox": get("hidden_dropout", 0.0)}.get(f, 0.0)
     embd = {"gpt2": get("embd_pdrop", 0.1), "phi3": get("embd_pdrop", 0.0),
@@ -211,7 +212,8 @@ def _dims(shape: ModelShape, b: int, s: int, dtype: str, attn: str, config: dict
     return _Dims(
         b=b, s=s, h=shape.hidden_size, a=shape.num_heads, qd=shape.q_hidden_size, kd=shape.kv_hidden_size,
         i=shape.intermediate_size, V=shape.vocab_size, p=p, family=f, gated=shape.gated_mlp,
-        act_extra=_ACT_EXTRA.get(act, 1), rotary_dim=int(shape.head_dim * pct) if shape.positions == "rotary" else 0,
+        act_extra=_ACT_EXTRA.get(act, 1),
+        rotary_dim=int(shape.head_dim * pct) if shape.positions == "rotary" else 0,
         resid_masks=2 if resid > 0 else 0, embd_mask=embd > 0, attn_dropout=attn_drop > 0,
         parallel=f == "gpt_neox" and get("use_parallel_residual", True), masked=masked, kernel=kernel,
         proj=int(get("word_embed_proj_dim", shape.hidden_size)) if f == "opt" else shape.hidden_size,
@@ -243,14 +245,13 @@ def _attention_saved(d: _Dims, attn: str) -> int:
     fused qkv output (v is a view of it, 6sbh at once), phi3 its fused qkv_proj output (v is a view). V 2sbh:
     the v projection (kv width). Output-projection input 2sbh: the attention output (shared with the kernel's
     saved output for sdpa/flash; a second copy when q is (b, a, s, d)-contiguous, as after phi3's and neox's
-    ``torch.cat`` rotary, and always for eager's ``transpose(1, 2).contiguous()``). A sliding-window mask (sdpa
-    with s >= window) makes HF repeat k and v to all heads and torch save the mask as an additive p*bs^2 bias
-    per layer. The 5as^2b softmax terms:
-    none for sdpa/flash (cuDNN/flash save only the fp32 logsumexp, 4bas, and two int64 RNG scalars); for eager
-    the fp32 softmax output 4as^2b and its cast to p (llama-like: ``softmax(dtype=float32).to(dtype)``; gpt2's
-    softmax runs in p), and with attention dropout its 1-byte mask plus the dropped probabilities. Output
-    dropout mask sbh (1 byte) when the family's residual dropout is on (gpt2 ``resid_pdrop``, opt
-    ``dropout``).
+    ``torch.cat`` rotary, and always for eager's ``transpose(1, 2).contiguous()``). A sliding-window mask
+    (sdpa with s >= window) makes HF repeat k and v to all heads and torch save the mask as an additive p*bs^2
+    bias per layer. The 5as^2b softmax terms: none for sdpa/flash (cuDNN/flash save only the fp32 logsumexp,
+    4bas, and two int64 RNG scalars); for eager the fp32 softmax output 4as^2b and its cast to p (llama-like:
+    ``softmax(dtype=float32).to(dtype)``; gpt2's softmax runs in p), and with attention dropout its 1-byte
+    mask plus the dropped probabilities. Output dropout mask sbh (1 byte) when the family's residual dropout
+    is on (gpt2 ``resid_pdrop``, opt ``dropout``).
     """
     T, h, p, qd, kd, bas2 = d.T, d.h, d.p, d.qd, d.kd, d.b * d.a * d.s * d.s
     masks = T * h if d.resid_masks else 0
@@ -349,12 +350,12 @@ def _mlp_backward_peak(d: _Dims) -> int:
 
 
 def _eager_transients(d: _Dims) -> tuple[int, int, int]:
-    """Eager attention's extra live bytes over the saved stack, at (plain forward, checkpointed forward, backward).
+    """Eager attention's extra live bytes over the saved stack: plain forward, checkpointed forward, backward.
 
-    Fitted to the traced op order (estimator/tracing.py). Forward: the raw and masked scores (p*bas^2 each) and
-    the (b, 1, s, s) mask; checkpointed, the fp32 softmax and its cast too, with q, k, v and the output. Backward:
-    the gradients of the probabilities in p and fp32 ((p + 4)*bas^2; gpt2's dtype softmax: p*bas^2), once the
-    layer's MLP and second norm have freed their saved tensors.
+    Fitted to the traced op order (estimator/tracing.py). Forward: the raw and masked scores (p*bas^2 each)
+    and the (b, 1, s, s) mask; checkpointed, the fp32 softmax and its cast too, with q, k, v and the output.
+    Backward: the gradients of the probabilities in p and fp32 ((p + 4)*bas^2; gpt2's dtype softmax: p*bas^2),
+    once the layer's MLP and second norm have freed their saved tensors.
     """
     T, p, qd, bas2, bs2 = d.T, d.p, d.qd, d.b * d.a * d.s * d.s, d.b * d.s * d.s
     freed = _mlp_saved(d) + _norm_saved(d, with_input=not d.parallel)
@@ -387,12 +388,12 @@ def closed_form_profile(
         raise ValueError(f"unknown dtype {dtype!r}: use bf16, fp16 or fp32")
     d = _dims(shape, micro_batch, seq_len, dtype, attn, config if config is not None else hf_config(shape))
     T, h, p, V, L = d.T, d.h, d.p, d.V, shape.num_layers
-    bas2 = d.b * d.a * d.s * d.s
     layer = _layer_saved(d, attn)
     ckpt_layer = p * T * h
     grad_hidden = p * T * h + 8
     norm_temp = (8 + p) * T * h + 4 * T if d.norm_kind != "layernorm" else 2 * p * T * h
-    eager_fwd, eager_ckpt_fwd, eager_bwd = _eager_transients(d) if d.kernel in ("eager", "math") else (0, 0, 0)
+    quadratic = d.kernel in ("eager", "math")
+    eager_fwd, eager_ckpt_fwd, eager_bwd = _eager_transients(d) if quadratic else (0, 0, 0)
     layer_bwd = grad_hidden + max(_mlp_backward_peak(d), eager_bwd)
     return ActivationProfile(
         embedding_saved_bytes=_embedding_saved(d, attn, False),

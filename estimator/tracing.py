@@ -238,6 +238,21 @@ def build_model(config: dict, dtype: str, attn: str, device: str = "meta",
     return model.train()
 
 
+def set_checkpointing(model, on: bool) -> None:
+    """HF non-reentrant checkpointing on or off (``activation_checkpointing_enable`` from transformers 5.2x,
+    the deprecated ``gradient_checkpointing_enable`` before it; the same checkpoint function)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def decoder_layers(model) -> list:
     """The model's decoder layers, in order (``model.layers``, ``transformer.h`` or ``decoder.layers``)."""
     base = model.base_model
@@ -262,10 +277,7 @@ def run_trace(model, input_ids, *, grad_ckpt: bool, target: str = "cuda",
 
     device = input_ids.device.type
     rec = _recorder_class()(device)
-    if grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif getattr(model, "is_gradient_checkpointing", False):
-        model.gradient_checkpointing_disable()
+    set_checkpointing(model, grad_ckpt)
     region, state, saved, excluded = ["embed"], {"backward": False}, {}, set()
     special: dict[str, int | None] = {"logits": None, "grad_logits": None}
 
@@ -389,7 +401,9 @@ def trace_polys(config: dict, dtype: str, attn: str, *, target: str = "cuda",
     config = dict(config)
     if attn == "flash":  # flash-attn handles sliding windows inside the kernel, with no mask tensor
         config.pop("sliding_window", None)
-    s0 = _regime_seq(config, attn, seq_len) or BASE_SEQ
+    window = config.get("sliding_window") if attn == "sdpa" else None
+    below = min(BASE_SEQ, max(2, (window - 1) // 2)) if window else BASE_SEQ  # 2 * s0 stays under the window
+    s0 = _regime_seq(config, attn, seq_len) or below
     b0 = BASE_BATCH
     model = build_model(config, dtype, attn)
     entry: dict = {"b0": b0, "s0": s0}
