@@ -31,7 +31,7 @@ def gpu_presets() -> dict[str, Gpu]:
     import yaml
 
     raw = yaml.safe_load(data_path("gpus.yaml").read_text())
-    return {key: Gpu(name=val["name"], memory_bytes=int(val["memory_mib"]) * MiB) for key, val in raw.items()}
+    return {str(key): Gpu(name=val["name"], memory_bytes=int(val["memory_mib"]) * MiB) for key, val in raw.items()}
 
 
 def parse_gpu(text: str) -> Gpu:

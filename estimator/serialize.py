@@ -15,7 +15,7 @@ from .shape import ModelShape
 _ZERO_KEYS = (
     "overlap_comm", "contiguous_gradients", "reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size",
     "max_live_parameters", "param_persistence_threshold", "sub_group_size", "offload_optimizer", "offload_params",
-    "pin_memory",
+    "pin_memory", "zero_init",
 )
 _WORKLOAD_KEYS = ("micro_batch", "seq_len", "grad_accum", "grad_ckpt", "attn", "activations")
 SETUP_KEYS: tuple[str, ...] = (

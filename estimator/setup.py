@@ -122,6 +122,10 @@ class ZeroConfig:
     """Where stage 3 keeps its 16-bit parameter partitions (``offload_param.device``); stage 3 only."""
     pin_memory: bool = True
     """Offloaded host buffers are page-locked (``offload_*.pin_memory``)."""
+    zero_init: bool = False
+    """Stage 3: the model is built under ``deepspeed.zero.Init`` (HF Trainer with ZeRO-3, accelerate's
+    ``zero3_init_flag``), so it is never whole on one GPU; False: built whole, then partitioned by
+    ``deepspeed.initialize``."""
 
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2, 3):

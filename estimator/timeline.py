@@ -78,13 +78,23 @@ def timeline(setup: TrainingSetup, states: ModelStates, act: ActivationProfile) 
     forward = Phase(name="forward", components=_components(
         **held, grads=states.grads_carry_bytes, buffers=resident + states.gathered_params_bytes,
         activations=act.forward_peak_bytes(ckpt)))
-    in_backward = resident + states.gathered_params_bytes + states.buckets_bytes
-    start = _components(**held, grads=_grads_at_backward_start(setup, states), buffers=in_backward,
-                        activations=act.backward_peak_bytes(ckpt))
-    end = _components(**held, grads=max(states.grads_bytes, states.grads_carry_bytes), buffers=in_backward,
+    # Backward, three candidate peaks. The head's backward (logits gradient, fp32 log-softmax gradient) runs before
+    # any gradient hook fires, so the reduce buckets (``setup_buckets`` in the first hook) are not there yet; the
+    # first layer's backward has them; the end has every gradient and, at stage 1, the flattened partition.
+    gathered = resident + states.gathered_params_bytes
+    grads_start = _grads_at_backward_start(setup, states)
+    carry_buckets = states.buckets_bytes if states.grads_carry_bytes and setup.stage == ZeroStage.OPTIMIZER_STATES else 0
+    stack = act.stack_bytes(ckpt)
+    head = _components(**held, grads=grads_start, buffers=gathered + carry_buckets,
+                       activations=stack + act.head_saved_bytes + act.grad_logits_bytes
+                       + act.backward_head_transient_bytes)
+    layer = _components(**held, grads=grads_start, buffers=gathered + states.buckets_bytes,
+                        activations=stack + act.layer_backward_peak_bytes(ckpt))
+    end = _components(**held, grads=max(states.grads_bytes, states.grads_carry_bytes),
+                      buffers=gathered + states.buckets_bytes,
                       activations=act.backward_live_after_layers(setup.model.num_layers, ckpt),
                       temporaries=states.epilogue_bytes)
-    backward = Phase(name="backward", components=max(start, end, key=lambda c: sum(c.values())))
+    backward = Phase(name="backward", components=max(head, layer, end, key=lambda c: sum(c.values())))
     step = Phase(name="step", components=_components(
         **held, grads=states.step_grads_bytes, buffers=resident, temporaries=states.step_temp_bytes))
     return (init, forward, backward, step)
