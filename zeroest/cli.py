@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -62,8 +63,16 @@ def predict(
                                             "or a size such as 24GiB.")] = None,
     paper: Annotated[bool, typer.Option("--paper", help="The ZeRO paper's model states, (2+2+K) Psi, K = 12.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (one object with --stage, else a list).")] = False,
+    ds_config: Annotated[Path | None, typer.Option(
+        "--ds-config", dir_okay=False, help="Estimate the setup this ds_config.json trains; its \"auto\" values "
+        "are filled from the other flags as the HF Trainer fills them.")] = None,
+    accelerate_config: Annotated[Path | None, typer.Option(
+        "--accelerate-config", dir_okay=False, help="Estimate the setup this accelerate config YAML launches "
+        "(with --ds-config or its deepspeed_config_file).")] = None,
+    explain: Annotated[bool, typer.Option(
+        "--explain", help="Say where the memory goes and which knob frees the most.")] = False,
 ) -> None:
-    """Predict per-GPU memory for each ZeRO stage."""
+    """Predict per-GPU memory for each ZeRO stage, or for the setup of a ds_config.json / accelerate config."""
     from zeroest.estimator.estimate import estimate
     from zeroest.estimator.gpus import parse_gpu
     from zeroest.render import print_estimates
@@ -74,21 +83,42 @@ def predict(
     try:
         shape = o.resolve_model(params, model)
         target = parse_gpu(gpu) if gpu else None
-        setups = [
-            o.build_setup(shape=shape, stage=s, gpus=gpus, nodes=nodes, dtype=dtype.value, optimizer=optimizer.value,
-                          impl=optimizer_impl.value if optimizer_impl else None,
-                          offload_optimizer=offload_optimizer.value, offload_params=offload_params.value,
-                          grad_accum=grad_accum, overlap_comm=overlap_comm, knobs=knobs, micro_batch=micro_batch,
-                          seq_len=seq_len, grad_ckpt=grad_ckpt, attn=attn.value,
-                          activations=activations.value if activations else None, from_params=params is not None,
-                          paper=paper)
-            for s in _stages(stage, offload_optimizer.value, offload_params.value)
-        ]
+        if ds_config or accelerate_config:
+            from zeroest.estimator.config_read import setup_from_configs
+
+            base = dict(model=shape, gpus_per_node=gpus, nodes=nodes, micro_batch=micro_batch,
+                        grad_accum=grad_accum, seq_len=seq_len, grad_ckpt=grad_ckpt, attn=attn.value,
+                        dtype=dtype.value, optimizer=optimizer.value,
+                        activations=activations.value if activations else ("closed-form" if params else "auto"))
+            setup, warnings = setup_from_configs(ds_config, accelerate_config, base)
+            for line in warnings:
+                err.print(f"zeroest: warning: {line}", markup=False)
+            if stage is not None and stage != int(setup.stage):
+                fail(f"--stage {stage} contradicts zero_optimization.stage {int(setup.stage)} of the config: "
+                     "drop --stage")
+            stage = int(setup.stage)
+            setups = [setup]
+        else:
+            setups = [
+                o.build_setup(shape=shape, stage=s, gpus=gpus, nodes=nodes, dtype=dtype.value, optimizer=optimizer.value,
+                              impl=optimizer_impl.value if optimizer_impl else None,
+                              offload_optimizer=offload_optimizer.value, offload_params=offload_params.value,
+                              grad_accum=grad_accum, overlap_comm=overlap_comm, knobs=knobs, micro_batch=micro_batch,
+                              seq_len=seq_len, grad_ckpt=grad_ckpt, attn=attn.value,
+                              activations=activations.value if activations else None, from_params=params is not None,
+                              paper=paper)
+                for s in _stages(stage, offload_optimizer.value, offload_params.value)
+            ]
         estimates = [estimate(s) for s in setups]
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
+    if explain:
+        from zeroest.estimator.explain import explain as explain_lines
     if as_json:
         docs = [e.to_dict() for e in estimates]
+        if explain:
+            for d, est in zip(docs, estimates, strict=True):
+                d["explain"] = explain_lines(est)
         if target is not None:
             for d in docs:
                 d["gpu"] = {"name": target.name, "memory_bytes": target.memory_bytes,
@@ -96,6 +126,11 @@ def predict(
         out.print_json(json.dumps(docs[0] if stage is not None else docs))
         return
     print_estimates(estimates, target, out)
+    if explain:
+        for est in estimates:
+            out.print(f"stage {est.stage}:", style="bold")
+            for line in explain_lines(est):
+                out.print(f"  {line}", markup=False)
 
 
 @app.command()
