@@ -77,7 +77,7 @@ def load_model(name_or_path: str) -> ModelShape:
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ValueError(
         f"unknown model {name_or_path!r}: not a preset or a file{hint} "
-        "(zeroest lists presets with --model list)"
+        "(`zeroest models` lists the presets)"
     )
 
 

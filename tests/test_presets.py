@@ -47,7 +47,7 @@ def test_load_config_file_and_directory(tmp_path: Path) -> None:
 
 
 def test_unknown_name_suggests_presets() -> None:
-    with pytest.raises(ValueError, match=r"unknown model 'llama-7b'.*did you mean llama-2-7b.*--model list"):
+    with pytest.raises(ValueError, match=r"unknown model 'llama-7b'.*did you mean llama-2-7b.*zeroest models"):
         load_model("llama-7b")
 
 

@@ -15,7 +15,7 @@ from zeroest import options as o
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Per-GPU memory of DeepSpeed ZeRO training: predict it, check it, plan with it.")
 out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def fail(message: str) -> None:
