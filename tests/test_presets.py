@@ -52,7 +52,7 @@ def test_unknown_name_suggests_presets() -> None:
 
 
 def test_unknown_name_without_close_match() -> None:
-    with pytest.raises(ValueError, match=r"unknown model 'zzzz': not a preset or a file \(zeroest lists"):
+    with pytest.raises(ValueError, match=r"unknown model 'zzzz': not a preset or a file \(`zeroest models` lists"):
         load_model("zzzz")
 
 
