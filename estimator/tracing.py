@@ -423,6 +423,28 @@ def trace_polys(config: dict, dtype: str, attn: str, *, target: str = "cuda",
 _MEMO: dict[str, dict] = {}
 
 
+@functools.lru_cache(maxsize=1)
+def _library_versions() -> dict[str, str]:
+    """torch's and transformers' versions for the cache key, read from their files without importing them
+    (``importlib.metadata`` takes ~25 ms, importing torch seconds)."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    versions = {}
+    for name, file in (("torch", "version.py"), ("transformers", "__init__.py")):
+        spec = importlib.util.find_spec(name)
+        text = Path(spec.origin).with_name(file).read_text()[:20000] if spec and spec.origin else ""
+        found = re.search(r"^__version__\s*(?::\s*str\s*)?=\s*['\"]([^'\"]+)['\"]", text, re.M)
+        if found:
+            versions[name] = found.group(1)
+        else:
+            from importlib.metadata import version
+
+            versions[name] = version(name)
+    return versions
+
+
 def traced_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str = "bf16",
                    attn: str = "sdpa", *, target: str = "cuda", config: dict | None = None,
                    use_cache: bool = True):
@@ -431,11 +453,8 @@ def traced_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str
     ``config`` is the HF config.json dict (default ``hf_config(shape)``); ``target`` the device whose kernels
     are mimicked ("cuda" or "cpu"). Traces are cached on disk (``profile_cache``) keyed by config, dtype,
     attention, target and library versions, as polynomials in (micro_batch, seq_len), so other shapes need no
-    new trace.
+    new trace; a cached profile is read without importing torch.
     """
-    import torch
-    import transformers
-
     if attn not in ("sdpa", "flash", "eager"):
         raise ValueError(f"unknown attention {attn!r}: use sdpa, flash or eager")
     if dtype not in _DTYPES:
@@ -444,8 +463,7 @@ def traced_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str
     regime = _regime_seq(config, attn, seq_len)
     depth = ("n_layer", "num_hidden_layers")
     key = pc.cache_key({"config": {k: v for k, v in config.items() if k not in depth}, "dtype": dtype,
-                        "attn": attn, "target": target, "regime": regime, "torch": torch.__version__,
-                        "transformers": transformers.__version__})
+                        "attn": attn, "target": target, "regime": regime, **_library_versions()})
     entry = (_MEMO.get(key) or pc.load(key)) if use_cache else None
     if entry is None:
         start = time.perf_counter()
