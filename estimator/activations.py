@@ -243,15 +243,16 @@ def _attention_saved(d: _Dims, attn: str) -> int:
 
     Q and K (4sbh): saved after rotary, q of width a*d and k of the kv width (GQA); gpt2 and neox keep their
     fused qkv output (v is a view of it, 6sbh at once), phi3 its fused qkv_proj output (v is a view). V 2sbh:
-    the v projection (kv width). Output-projection input 2sbh: the attention output (shared with the kernel's
-    saved output for sdpa/flash; a second copy when q is (b, a, s, d)-contiguous, as after phi3's and neox's
-    ``torch.cat`` rotary, and always for eager's ``transpose(1, 2).contiguous()``). A sliding-window mask
-    (sdpa with s >= window) makes HF repeat k and v to all heads and torch save the mask as an additive p*bs^2
-    bias per layer. The 5as^2b softmax terms: none for sdpa/flash (cuDNN/flash save only the fp32 logsumexp,
-    4bas, and two int64 RNG scalars); for eager the fp32 softmax output 4as^2b and its cast to p (llama-like:
-    ``softmax(dtype=float32).to(dtype)``; gpt2's softmax runs in p), and with attention dropout its 1-byte
-    mask plus the dropped probabilities. Output dropout mask sbh (1 byte) when the family's residual dropout
-    is on (gpt2 ``resid_pdrop``, opt ``dropout``).
+    the v projection (kv width). Output-projection input 2sbh: the attention output, shared with the kernel's
+    saved output; a second copy when cuDNN's output follows a (b, a, s, d)-contiguous q, as after phi3's and
+    neox's ``torch.cat`` rotary, and always for eager's ``transpose(1, 2).contiguous()``. A sliding-window
+    mask (sdpa, s >= window) makes HF repeat k and v to all heads and torch save the mask as an additive
+    p*bs^2 bias per layer. The 5as^2b softmax terms: none for the fused kernels (cuDNN saves fp32 stats 4bas
+    and two int64 RNG scalars; the memory-efficient kernel its logsumexp padded to 32 positions); for eager
+    and the math path the fp32 softmax output 4as^2b and its cast to p (llama-like:
+    ``softmax(dtype=float32).to(dtype)``; gpt2's softmax runs in p), with attention dropout its 1-byte mask
+    and the dropped probabilities. Output dropout mask sbh (1 byte) when residual dropout is on (gpt2
+    ``resid_pdrop``, opt ``dropout``, phi3 ``resid_pdrop``, neox ``hidden_dropout``).
     """
     T, h, p, qd, kd, bas2 = d.T, d.h, d.p, d.qd, d.kd, d.b * d.a * d.s * d.s
     masks = T * h if d.resid_masks else 0

@@ -7,20 +7,24 @@ sees every tensor saved for backward. Meta tensors have no data pointer, so stor
 address of their ``StorageImpl`` (``untyped_storage()._cdata``), unique while the storage lives. Module hooks
 mark where the embeddings, each layer, the head and the loss begin and end, in forward and (through tensor
 hooks on each layer's output and input) in backward. Layer 1 of the 2 is the steady-state layer; what layer 0
-saves beyond it (rotary cos/sin shared by all layers) goes to the embeddings. Parameter gradients (and the
-transposed weight gradients that ``AccumulateGrad`` copies into ``.grad``) are left out: the timeline counts
-them as gradients.
+saves beyond it (rotary cos/sin shared by all layers) goes to the embeddings. Parameter gradients (also the
+transposed weight gradients that ``AccumulateGrad`` copies into ``.grad``, and a tied weight's partial
+gradients waiting in autograd's input buffer) are left out: the timeline counts them as gradients.
 
 Kernels: on meta, ``F.scaled_dot_product_attention`` would take the math path (fp32 probabilities), so it is
-replaced by the fused kernel the target device would run: for ``target="cuda"`` FlashAttention-2 through
-``aten._scaled_dot_product_flash_attention`` (saves q, k, v, out and an fp32 logsumexp b*a*s; GQA without
-repeating k/v; dropout as an RNG state) or, with an explicit mask,
-``_scaled_dot_product_efficient_attention``; ``F.dropout`` becomes ``native_dropout`` with a 1-byte mask as on
-CUDA. For ``target="cpu"`` the CPU kernels' choices are mimicked
-(``_scaled_dot_product_flash_attention_for_cpu`` without dropout, the math path with it; dropout noise in the
-input dtype), so a trace can be checked against a real CPU run byte for byte. ``attn="flash"``
-(flash_attention_2, not runnable off-GPU) is traced as sdpa with the flash kernel forced: flash-attn's
-``FlashAttnFunc`` saves the same q, k, v, out and fp32 softmax_lse (b, a, s) as torch's flash kernel.
+replaced by the kernel the target device runs (``_kernels``). ``target="cuda"`` follows what torch 2.11 picked
+on an H100 (``torch._fused_sdp_choice``, checked by benchmarks/cuda_check_activations.py): fp16/bf16 attention
+runs cuDNN (``_scaled_dot_product_cudnn_attention``: saves q, k, v, the output and fp32 stats b*a*s, GQA
+without repeating k/v, dropout as an RNG state), the same bytes as FlashAttention-2; fp32 runs the
+memory-efficient kernel for multi-head attention and the math path for GQA; ``F.dropout`` becomes
+``native_dropout`` with a 1-byte mask. ``target="cpu"`` mimics the CPU's choices
+(``_scaled_dot_product_flash_attention_for_cpu`` without dropout, math with it; dropout noise in the input
+dtype), so a trace can be checked byte for byte against a real CPU run. ``attn="flash"`` (flash_attention_2,
+not runnable off-GPU) is traced as sdpa with the cuDNN kernel forced: flash-attn's ``FlashAttnFunc`` saves the
+same q, k, v, output and fp32 softmax_lse (b, a, s).
+
+The trace runs at three shapes so that every storage's size becomes a monomial in (micro_batch, seq_len)
+(``profile_cache``); the polynomials are cached on disk and evaluated for any shape.
 """
 
 from __future__ import annotations
