@@ -33,7 +33,7 @@ class LauncherName(str, Enum):
 
 
 def _fail(message: str) -> None:
-    err.print(f"zeroest: error: {message}", markup=False)
+    err.print(f"zeroest: error: {message}", markup=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -248,8 +248,9 @@ def validate(
             raise typer.Exit(130) from None
     from zeroest.validate.results import read_rows
 
-    keys = {run.key for run in runs}
-    lines = summary_rows([row for row in read_rows(out / "runs.jsonl") if row.get("run_key") in keys])
+    order = {run.key: index for index, run in enumerate(runs)}
+    rows = [row for row in read_rows(out / "runs.jsonl") if row.get("run_key") in order]
+    lines = summary_rows(sorted(rows, key=lambda row: order[row["run_key"]]))  # grid order
     console.print(_table(lines))
     (out / "summary.md").write_text(
         markdown(lines, title=f"zeroest validate --grid {grid}"), encoding="utf-8"
