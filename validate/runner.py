@@ -64,6 +64,13 @@ class ValidateOptions:
     """Run again what runs.jsonl already holds (the old rows are dropped)."""
     pretrained: str | None = None
     """Local HF model directory to load weights from instead of random init."""
+    work_dir: Path | None = None
+    """Per-run folders (spec, ds_config, command, output.log, rank files); None: OUT/work."""
+
+    @property
+    def work(self) -> Path:
+        """Where the per-run folders go."""
+        return self.work_dir if self.work_dir is not None else self.out / "work"
 
     def __post_init__(self) -> None:
         if self.jobs < 1:
@@ -197,7 +204,7 @@ def _check_real(setup, opts: ValidateOptions, visible_gpus: int, where: str) -> 
 
 
 def _start(run: Run, opts: ValidateOptions, gpus: list[int], alone: bool, base_env: dict, capability) -> Job:
-    run_dir = opts.out / "work" / run.key
+    run_dir = opts.work / run.key
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     spec = {**run.spec, "run_dir": str(run_dir.resolve())}
@@ -283,7 +290,7 @@ def build_ops(names: list[str], opts: ValidateOptions, base_env: dict, capabilit
     """JIT-build each op once, all at once, in throwaway processes, before concurrent runs race on the build
     lock (each op has its own build folder and lock, so two builders never wait for each other)."""
     env = child_env(base_env, cpu=opts.cpu, capability=capability, gpus="0" if not opts.cpu else None)
-    folder = opts.out / "work"
+    folder = opts.work
     folder.mkdir(parents=True, exist_ok=True)
     procs = {}
     for name in names:

@@ -143,6 +143,13 @@ def validate(
             "--pretrained", help="Local HF model directory to load weights from (default: random init)."
         ),
     ] = None,
+    work_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--work-dir",
+            help="Per-run folders (spec, ds_config, logs, rank files); default OUT/work.",
+        ),
+    ] = None,
     nnodes: Annotated[int, typer.Option("--nnodes", help="Nodes per run; start validate on each.")] = 1,
     node_rank: Annotated[int, typer.Option("--node-rank", help="This node's rank.")] = 0,
     master_addr: Annotated[str, typer.Option("--master-addr", help="Rendezvous host.")] = "127.0.0.1",
@@ -182,6 +189,7 @@ def validate(
             steps=steps,
             redo=redo,
             pretrained=pretrained,
+            work_dir=work_dir,
         )
         loaded = grid_mod.load_grid(grid)
         entries = grid_mod.apply_overrides(loaded, set_ or [], _sizes(simulate_world_size))
