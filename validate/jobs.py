@@ -88,6 +88,8 @@ class Job:
     started: float = field(default_factory=time.monotonic)
     shared: bool = False
     """Another run was on its GPUs (or on the CPU) at some time while it ran."""
+    first_rank: int = 0
+    """Global rank of this node's first rank (``node_rank * nproc``)."""
 
     @property
     def elapsed_s(self) -> float:
@@ -109,9 +111,9 @@ class Job:
                 continue
 
     def rank_results(self) -> list[dict | None]:
-        """Each rank's ``rank<R>.json`` (None where a rank left none)."""
+        """Each of this node's ranks' ``rank<R>.json`` (None where a rank left none)."""
         out: list[dict | None] = []
-        for rank in range(self.run.nproc):
+        for rank in range(self.first_rank, self.first_rank + self.run.nproc):
             path = self.run_dir / f"rank{rank}.json"
             try:
                 out.append(json.loads(path.read_text()))

@@ -112,6 +112,7 @@ def make_rows(
     setup: dict,
     simulated: bool,
     ranks: list[dict | None],
+    first_rank: int = 0,
     prediction: dict | None,
     prediction_error: str | None,
     exclusive: bool,
@@ -119,9 +120,10 @@ def make_rows(
     failure: str | None,
     version: str,
 ) -> list[dict]:
-    """One row per rank of a finished (or failed) run. ``ranks[r]`` is rank r's file, None if it left none."""
+    """One row per rank of a finished (or failed) run on this node. ``ranks[i]`` is rank ``first_rank + i``'s
+    file, None if it left none."""
     rows = []
-    for rank, result in enumerate(ranks):
+    for rank, result in enumerate(ranks, start=first_rank):
         result = result or {}
         measured = result.get("measured") or {"phases": {}, "oom": None}
         error = result.get("error") or failure

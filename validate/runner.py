@@ -253,7 +253,8 @@ def _start(run: Run, opts: ValidateOptions, gpus: list[int], alone: bool, base_e
             start_new_session=True,
             cwd=run_dir,  # not the caller's folder: a checkout there would shadow the zeroest on PYTHONPATH
         )
-    return Job(run=run, proc=proc, run_dir=run_dir, gpus=gpus, alone=alone)
+    first_rank = 0 if run.simulated else opts.launch.node_rank * run.nproc
+    return Job(run=run, proc=proc, run_dir=run_dir, gpus=gpus, alone=alone, first_rank=first_rank)
 
 
 def _finish(job: Job, failure: str | None) -> list[dict]:
@@ -271,6 +272,7 @@ def _finish(job: Job, failure: str | None) -> list[dict]:
         setup=job.run.setup,
         simulated=job.run.simulated,
         ranks=ranks,
+        first_rank=job.first_rank,
         prediction=job.run.prediction,
         prediction_error=job.run.prediction_error,
         exclusive=not job.shared,
