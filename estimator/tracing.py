@@ -210,12 +210,14 @@ def _no_data_checks():
     here."""
     from transformers import masking_utils
 
-    orig = masking_utils.find_packed_sequence_indices
-    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    orig = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if orig is not None:
+        masking_utils.find_packed_sequence_indices = lambda position_ids: None
     try:
         yield
     finally:
-        masking_utils.find_packed_sequence_indices = orig
+        if orig is not None:
+            masking_utils.find_packed_sequence_indices = orig
 
 
 def build_model(config: dict, dtype: str, attn: str, device: str = "meta",
