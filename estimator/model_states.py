@@ -46,7 +46,8 @@ class ModelStates:
     grads_bytes: int
     """Gradient storage at the end of backward (until the step frees it)."""
     grads_carry_bytes: int
-    """Gradient storage held between micro-steps with gradient accumulation (G > 1), before a backward starts."""
+    """Gradient storage held between micro-steps with gradient accumulation (G > 1), before a backward starts
+    (at stage 1 the reduce buckets stay allocated too)."""
     buckets_bytes: int
     """Reduce buckets live during backward (stages 1-2: from the first gradient hook to the end of backward)."""
     resident_buffers_bytes: int
@@ -198,7 +199,7 @@ def stage12_states(setup: TrainingSetup, numel: int, device: Device = "cuda") ->
         carry, epilogue, step_grads = (grads if accum else 0), 0, grads
     else:
         grads, epilogue, step_grads = b * numel, b * part, b * part
-        carry = grads + buckets if accum else 0
+        carry = grads if accum else 0  # the buckets stay too: estimator.timeline adds them at stage 1
     temps = optimizer_temp_bytes(setup, (part,), device)
     # step: flatten the partition (bp) and convert it (4p) while the gradients live; then free them and update.
     step_temp = 0 if offload else max(b * part + FP32 * part, FP32 * part + temps - step_grads)

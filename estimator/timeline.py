@@ -75,15 +75,19 @@ def timeline(setup: TrainingSetup, states: ModelStates, act: ActivationProfile) 
                      buffers=resident)
     init = Phase(name="init", components=_components(
         **init_held, temporaries=max(0, states.init_peak_bytes - sum(init_held.values()))))
+    # stage 1 with G > 1 keeps its reduce buckets between micro-steps (stage_1_and_2.py: no reduction before the
+    # boundary, so ``_release_ipg_buffers`` does not run)
+    carry_buckets = (states.buckets_bytes if states.grads_carry_bytes and setup.stage == ZeroStage.OPTIMIZER_STATES
+                     else 0)
     forward = Phase(name="forward", components=_components(
-        **held, grads=states.grads_carry_bytes, buffers=resident + states.gathered_params_bytes,
+        **held, grads=states.grads_carry_bytes, buffers=resident + states.gathered_params_bytes + carry_buckets,
         activations=act.forward_peak_bytes(ckpt)))
     # Backward, three candidate peaks. The head's backward (logits gradient, fp32 log-softmax gradient) runs before
     # any gradient hook fires, so the reduce buckets (``setup_buckets`` in the first hook) are not there yet; the
-    # first layer's backward has them; the end has every gradient and, at stage 1, the flattened partition.
+    # first layer's backward has them; the end has every gradient and, at stage 1, the flattened partition, while
+    # stage 3 has released its gathered parameters after their backward use.
     gathered = resident + states.gathered_params_bytes
     grads_start = _grads_at_backward_start(setup, states)
-    carry_buckets = states.buckets_bytes if states.grads_carry_bytes and setup.stage == ZeroStage.OPTIMIZER_STATES else 0
     stack = act.stack_bytes(ckpt)
     head = _components(**held, grads=grads_start, buffers=gathered + carry_buckets,
                        activations=stack + act.head_saved_bytes + act.grad_logits_bytes
@@ -91,7 +95,7 @@ def timeline(setup: TrainingSetup, states: ModelStates, act: ActivationProfile) 
     layer = _components(**held, grads=grads_start, buffers=gathered + states.buckets_bytes,
                         activations=stack + act.layer_backward_peak_bytes(ckpt))
     end = _components(**held, grads=max(states.grads_bytes, states.grads_carry_bytes),
-                      buffers=gathered + states.buckets_bytes,
+                      buffers=resident + states.buckets_bytes,
                       activations=act.backward_live_after_layers(setup.model.num_layers, ckpt),
                       temporaries=states.epilogue_bytes)
     backward = Phase(name="backward", components=max(head, layer, end, key=lambda c: sum(c.values())))
