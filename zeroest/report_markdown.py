@@ -32,6 +32,14 @@ def gib(n: int | float | None) -> str:
     return "-" if n is None else f"{n / GiB:.2f}"
 
 
+def _shown(path: Path) -> str:
+    """A path relative to the working directory when it lies below it (docs stay free of machine paths)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
@@ -170,7 +178,7 @@ def _fits(a: Analysis) -> list[str]:
         if g.cv is not None:
             notes.append("folds (held-out models): " + "; ".join(", ".join(m) for m, _ in g.cv.folds))
         if g.path:
-            notes.append(f"written to `{g.path}`")
+            notes.append(f"written to `{_shown(g.path)}`")
         else:
             why = "CPU runs" if not g.env.gpu_name else "nothing could be fitted"
             notes.append(f"no calibration file written ({why})")
