@@ -105,28 +105,26 @@ def optimizer_temp_bytes(setup: TrainingSetup, tensor_numels: tuple[int, ...], d
     return FP32 * sum(tensor_numels)
 
 
-def stage2_grad_numel(model: ModelShape, world_size: int) -> int:
-    """Elements of ``grads_in_partition`` on the rank that holds most: whole parameters overlapping its partition.
+def stage2_grad_numel(model: ModelShape, world_size: int, rank: int | None = None) -> int:
+    """Elements of ``grads_in_partition`` on ``rank`` (None: the rank that holds most).
 
     stage_1_and_2.py ``copy_grads_in_partition`` sizes the buffer as the sum of ``numel`` of every parameter in
     ``params_in_partition`` (``get_partition_info``: any parameter that overlaps the rank's slice of the flat
     group, counted whole). Rank r owns [r p, (r + 1) p) of the flat group, in ``named_parameters`` order.
     """
-    return _most_overlap(tuple(t.numel for t in param_tensors(model)), world_size)
+    numels = tuple(t.numel for t in param_tensors(model))
+    ranks = range(world_size) if rank is None else (rank,)
+    return max(_overlap_numel(numels, world_size, r) for r in ranks)
 
 
-@lru_cache(maxsize=4096)
-def _most_overlap(numels: tuple[int, ...], world_size: int) -> int:
+@lru_cache(maxsize=65536)
+def _overlap_numel(numels: tuple[int, ...], world_size: int, rank: int) -> int:
     starts = [0, *accumulate(numels)]
     part = flat_group_numel(starts[-1], world_size) // world_size
-    most = 0
-    for rank in range(world_size):
-        lo, hi = rank * part, (rank + 1) * part
-        first = bisect.bisect_right(starts, lo) - 1
-        last = bisect.bisect_left(starts, hi) - 1
-        first, last = max(first, 0), min(last, len(numels) - 1)
-        most = max(most, starts[last + 1] - starts[first] if first <= last else 0)
-    return most
+    lo, hi = rank * part, (rank + 1) * part
+    first = max(bisect.bisect_right(starts, lo) - 1, 0)
+    last = min(bisect.bisect_left(starts, hi) - 1, len(numels) - 1)
+    return starts[last + 1] - starts[first] if first <= last else 0
 
 
 def stage0_states(setup: TrainingSetup, numel: int, device: Device = "cuda") -> ModelStates:
