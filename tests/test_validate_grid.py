@@ -196,6 +196,11 @@ def test_summary_error_and_speedup():
     assert lines[1].speedup == pytest.approx(1250.0 / 1000.0)
     assert lines[1].error_pct == pytest.approx(100.0 * (9 - 8) / 8)
     assert lines[0].error_pct is None
+    oom = _rows("oom", 1, peak_allocated_bytes=70 * GiB, oom="step0.forward0")
+    oom[0]["prediction"] = {"peak_allocated_bytes": 300 * GiB}
+    oom[0]["status"] = "oom"
+    (line,) = summary_rows(oom)
+    assert line.status == "oom@step0.forward0" and line.error_pct is None
     text = markdown(lines)
     assert text.count("\n| gpt2 z") == 2
     assert run_label(z2[0]["setup"], True) == "gpt2 z2 N=1(sim) mb1x8 bf16 adamw/fused"

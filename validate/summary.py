@@ -34,8 +34,9 @@ class SummaryRow:
 
     @property
     def error_pct(self) -> float | None:
-        """(predicted - measured) / measured of peak allocated, in percent."""
-        if self.predicted_bytes is None or not self.allocated_bytes:
+        """(predicted - measured) / measured of peak allocated, in percent; None for a run that did not finish
+        (an out-of-memory run's peak is where it died, not what it needed)."""
+        if self.status != "ok" or self.predicted_bytes is None or not self.allocated_bytes:
             return None
         return 100.0 * (self.predicted_bytes - self.allocated_bytes) / self.allocated_bytes
 
