@@ -8,7 +8,6 @@ the estimator's named terms. Exact: DeepSpeed's allocations are deterministic.
 from __future__ import annotations
 
 import pytest
-
 from zeroest.estimator.architecture import param_tensors, shape_from_config
 from zeroest.estimator.estimate import model_states
 from zeroest.estimator.model_states import FP32, flat_group_numel, stage2_grad_numel
