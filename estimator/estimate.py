@@ -121,6 +121,7 @@ def _assumptions(setup: TrainingSetup, source: str) -> tuple[str, ...]:
 
 
 def _paper_estimate(setup: TrainingSetup, numel: int, overheads: Overheads) -> Estimate:
+    numel = setup.model.nominal_params or numel
     states = paper_states(numel, setup.world_size, int(setup.stage))
     comps = {name: 0 for name in COMPONENTS}
     comps.update(params=round(states.params_bytes), grads=round(states.grads_bytes),

@@ -200,4 +200,4 @@ def standard_shape(n_params: int) -> ModelShape:
             "larger --params, or a --model"
         )
     logger.debug("standard shape for %d params: %s (misfit %.4f)", n_params, shape, misfit)
-    return shape
+    return replace(shape, nominal_params=n_params)

@@ -48,6 +48,9 @@ class ModelShape:
     """Rotary embeddings (no parameters) or a learned position table (gpt2, opt)."""
     attention_bias: bool = False
     """q/k/v projections carry a bias (qwen2, gpt2, gpt_neox, opt)."""
+    nominal_params: int | None = None
+    """The parameter count the user asked for (``--params 7.5B``) when the shape stands in for it; paper mode uses
+    it as Psi. The shape's own exact count is within 0.5% of it."""
     extra: dict = field(default_factory=dict)
     """Family-specific fields the parameter list needs (e.g. opt's ``word_embed_proj_dim``), kept verbatim;
     scalars only, so that shapes hash and compare with them."""
