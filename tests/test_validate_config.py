@@ -174,9 +174,7 @@ def test_launch_commands(tmp_path):
     assert torchrun[1:3] == ["-m", "torch.distributed.run"]
     assert "--nproc-per-node=2" in torchrun and "--master-port=1234" in torchrun
     assert torchrun[-4:] == ["-m", "zeroest.validate.worker", "--spec", str(spec)]
-    simulated = launch_command(
-        LaunchOptions(), nproc=1, spec_path=spec, simulated=True, port=1, accelerate_config=None
-    )
+    simulated = launch_command(LaunchOptions(), nproc=1, spec_path=spec, simulated=True, port=1, accelerate_config=None)
     assert simulated[1:] == ["-m", "zeroest.validate.worker", "--spec", str(spec)]
     accel = launch_command(
         LaunchOptions(launcher="accelerate"),
@@ -232,3 +230,14 @@ def test_accelerate_config_points_at_the_ds_config(tmp_path):
     # accelerate refuses these next to deepspeed_config_file: they are comments, and live in the ds_config
     assert "zero_stage" not in config["deepspeed_config"]
     assert "# zero_stage: 2" in text and "# offload_optimizer_device: cpu" in text
+
+
+def test_deepspeed_env_file_carries_our_fixes_to_other_nodes():
+    from zeroest.validate.launch import deepspeed_env_file
+
+    env = {"NCCL_NVLS_ENABLE": "0", "TORCH_CUDA_ARCH_LIST": "9.0", "PYTHONPATH": "/a:/b", "HOME": "/root"}
+    assert deepspeed_env_file(env).splitlines() == [
+        "NCCL_NVLS_ENABLE=0",
+        "PYTHONPATH=/a:/b",
+        "TORCH_CUDA_ARCH_LIST=9.0",
+    ]

@@ -105,6 +105,17 @@ def child_env(
     return env
 
 
+FORWARDED_PREFIXES = ("NCCL_", "TORCH_CUDA_ARCH_LIST", "TORCH_SYMM_MEM_", "NVSHMEM_", "OMP_NUM_THREADS")
+"""Variables written to ``.deepspeed_env`` for the deepspeed launcher's remote nodes (it forwards PYTHON* and the
+accelerator's own NCCL* by itself, ``deepspeed/launcher/runner.py`` ``EXPORT_ENVS``)."""
+
+
+def deepspeed_env_file(env: Mapping[str, str]) -> str:
+    """The ``.deepspeed_env`` text (KEY=VALUE lines) that carries our fixes to the ranks on other nodes."""
+    keys = sorted(key for key in env if key.startswith(FORWARDED_PREFIXES) or key == "PYTHONPATH")
+    return "".join(f"{key}={env[key]}\n" for key in keys)
+
+
 def free_port() -> int:
     """A TCP port free on this host right now (for the rendezvous of one run)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -131,9 +142,7 @@ class LaunchOptions:
 
     def __post_init__(self) -> None:
         if self.launcher not in LAUNCHERS:
-            raise ValueError(
-                f"unknown launcher {self.launcher!r}: use --launcher torchrun, accelerate or deepspeed"
-            )
+            raise ValueError(f"unknown launcher {self.launcher!r}: use --launcher torchrun, accelerate or deepspeed")
         if self.nnodes > 1 and self.master_port is None:
             raise ValueError("multi-node runs need one rendezvous port on every node: set --master-port")
         if self.hostfile is not None and self.launcher != "deepspeed":

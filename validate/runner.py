@@ -27,7 +27,14 @@ from zeroest.estimator.serialize import setup_from_dict, setup_to_dict
 
 from .grid import GridEntry
 from .jobs import Job, Run, Slots, rough_need_bytes
-from .launch import LaunchOptions, accelerate_config_yaml, child_env, free_port, launch_command
+from .launch import (
+    LaunchOptions,
+    accelerate_config_yaml,
+    child_env,
+    deepspeed_env_file,
+    free_port,
+    launch_command,
+)
 from .results import RUNS_FILE, append_rows, check_version, done_keys, drop_runs, make_rows, read_rows
 
 log = logging.getLogger(__name__)
@@ -90,9 +97,7 @@ def zeroest_version() -> str:
 def probe_gpus(env: dict[str, str]) -> list[dict]:
     """The visible CUDA GPUs, asked of a short-lived process so this one never holds a CUDA context."""
     try:
-        done = subprocess.run(
-            [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=180
-        )
+        done = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=180)
         return json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else []
     except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError, OSError):
         return []
@@ -100,9 +105,7 @@ def probe_gpus(env: dict[str, str]) -> list[dict]:
 
 def run_key(setup: dict, simulated: bool, launcher: str, device: str) -> str:
     """The resume key of a run: the same setup, mode, launcher and device is the same run."""
-    blob = json.dumps(
-        {"setup": setup, "simulated": simulated, "launcher": launcher, "device": device}, sort_keys=True
-    )
+    blob = json.dumps({"setup": setup, "simulated": simulated, "launcher": launcher, "device": device}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -135,9 +138,7 @@ def predict(setup) -> tuple[dict | None, str | None]:
         return None, f"{type(exc).__name__}: {exc}"
 
 
-def plan(
-    entries: list[GridEntry], models: dict[str, dict], opts: ValidateOptions, visible_gpus: int
-) -> list[Run]:
+def plan(entries: list[GridEntry], models: dict[str, dict], opts: ValidateOptions, visible_gpus: int) -> list[Run]:
     """Runs for the grid entries, in order, duplicates removed; ValueError naming the entry for a bad one."""
     device = "cpu" if opts.cpu else "cuda"
     ranks_default = opts.gpus or (2 if opts.cpu else visible_gpus)
@@ -149,9 +150,7 @@ def plan(
         if not entry.simulate:
             data.setdefault("nodes", opts.launch.nnodes)
         if "model" not in data:
-            raise ValueError(
-                f"{entry.where}: the entry names no model: add model: <preset> (or under defaults:)"
-            )
+            raise ValueError(f"{entry.where}: the entry names no model: add model: <preset> (or under defaults:)")
         data["model"], config = _model_config(str(data["model"]), models, opts.out)
         setup = setup_from_dict(data, where=entry.where)
         flat = setup_to_dict(setup)
@@ -243,6 +242,8 @@ def _start(run: Run, opts: ValidateOptions, gpus: list[int], alone: bool, base_e
         threads=threads if opts.jobs > 1 else None,
     )
     (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
+    if run.launcher == "deepspeed" and opts.launch.hostfile:  # pdsh starts remote ranks with a bare environment
+        (run_dir / ".deepspeed_env").write_text(deepspeed_env_file(env))
     with open(run_dir / "output.log", "wb") as handle:
         proc = subprocess.Popen(
             cmd,
@@ -260,11 +261,7 @@ def _start(run: Run, opts: ValidateOptions, gpus: list[int], alone: bool, base_e
 def _finish(job: Job, failure: str | None) -> list[dict]:
     ranks = job.rank_results()
     code = job.proc.returncode
-    if (
-        failure is None
-        and code not in (0, None)
-        and not any(r and r.get("measured", {}).get("oom") for r in ranks)
-    ):
+    if failure is None and code not in (0, None) and not any(r and r.get("measured", {}).get("oom") for r in ranks):
         failure = f"exit code {code}: {job.log_tail(600).strip()}"
     return make_rows(
         run_key=job.run.key,
