@@ -128,9 +128,9 @@ def parse_grid(text: str, source: str = "<grid>") -> Grid:
 
 
 def load_grid(name_or_path: str) -> Grid:
-    """A built-in grid (``quick``, ``default``) or a YAML/JSON file."""
-    if name_or_path in BUILTIN_GRIDS:
-        entry = _grids_dir() / f"{name_or_path}.yaml"
+    """A grid shipped in data/grids (``quick``, ``default``, ``holdout``, ...) by name, or a YAML/JSON file."""
+    entry = _grids_dir() / f"{name_or_path}.yaml"
+    if "/" not in name_or_path and entry.is_file():
         return parse_grid(entry.read_text(encoding="utf-8"), f"{name_or_path}.yaml")
     path = Path(name_or_path).expanduser()
     if not path.is_file():
