@@ -9,7 +9,7 @@ import pytest
 import typer
 from test_report_support import (  # noqa: F401
     TRUE_OVERHEADS,
-    fake_activations,
+    closed_form,
     make_setup,
     synthetic_grid,
     synthetic_row,
@@ -29,7 +29,7 @@ app.command("report")(report)
 def _group() -> None:
     """zeroest"""
 
-pytestmark = pytest.mark.usefixtures("fake_activations")
+pytestmark = pytest.mark.usefixtures("closed_form")
 
 STATS_KEYS = {"n", "median_abs_error", "max_abs_error", "mean_error", "under_prediction_rate"}
 SUMMARY_KEYS = {"zeroest_version", "runs", "rows", "compared_rows", "basis", "peak_allocated",
@@ -38,7 +38,7 @@ CALIBRATION = "nvidia-h100-80gb-hbm3-torch2.5-ds0.16.json"
 
 
 @pytest.fixture(scope="module")
-def runs_dir(tmp_path_factory, fake_activations):  # noqa: F811
+def runs_dir(tmp_path_factory, closed_form):  # noqa: F811
     folder = tmp_path_factory.mktemp("runs")
     rows = synthetic_grid()
     rows.append(synthetic_row(make_setup("gpt2", 3, 8), simulated=True))

@@ -9,7 +9,7 @@ import pytest
 from test_report_support import (  # noqa: F401
     TRUE_OVERHEADS,
     VERSIONS,
-    fake_activations,
+    closed_form,
     make_setup,
     synthetic_row,
     write_rows,
@@ -19,7 +19,7 @@ from zeroest.estimator.calibration import calibration_name, find_calibration, gp
 from zeroest.report_join import measured_phase_peaks
 from zeroest.runs_io import load_runs, measured_reductions, runs_files
 
-pytestmark = pytest.mark.usefixtures("fake_activations")
+pytestmark = pytest.mark.usefixtures("closed_form")
 
 
 def test_load_runs_keeps_good_rows_and_lists_the_rest(tmp_path):

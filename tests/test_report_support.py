@@ -1,23 +1,16 @@
 """Shared helpers of the report tests (no tests here): synthetic runs.jsonl rows made by estimate() with known
-overheads, so every expectation derives from estimate() itself.
-
-``fake_activations`` runs estimate() with a small closed-form stand-in profile (per-layer bytes linear in
-tokens) whatever estimator/activations.py holds; ``ensure_estimator`` installs the stand-in as the module when
-the real one cannot be imported yet.
-"""
+overheads, so every expectation derives from estimate() itself. Setups use closed-form activations (fast,
+deterministic, no tracing)."""
 
 from __future__ import annotations
 
 import importlib
 import json
-import sys
-import types
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from zeroest.estimator.overheads import Overheads
-from zeroest.estimator.setup import DTYPE_BYTES
 from zeroest.estimator.units import GiB, MiB
 
 TRUE_OVERHEADS = Overheads(
@@ -33,52 +26,9 @@ VERSIONS = {"python": "3.11.7", "torch": "2.5.1+cu124", "cuda": "12.4", "driver"
             "deepspeed": "0.16.3", "transformers": "4.46.0", "accelerate": "1.0.1"}
 
 
-@dataclass(frozen=True, kw_only=True)
-class _FakeProfile:
-    """Stand-in activation profile: every layer keeps ``layer_bytes``; checkpointing keeps only its input.
-
-    ``num_layers`` is a float so that estimate's ``activation_scale`` (which scales every int field) leaves it
-    be.
-    """
-
-    layer_bytes: int
-    input_bytes: int
-    logits_bytes: int
-    num_layers: float
-
-    def forward_peak_bytes(self, ckpt: bool) -> int:
-        kept = self.input_bytes if ckpt else self.layer_bytes
-        return round(self.num_layers * kept) + self.logits_bytes
-
-    def backward_peak_bytes(self, ckpt: bool) -> int:
-        return self.forward_peak_bytes(ckpt) + (self.layer_bytes if ckpt else 0) + self.logits_bytes
-
-    def backward_live_after_layers(self, layers: int, ckpt: bool) -> int:
-        kept = self.input_bytes if ckpt else self.layer_bytes
-        return round(max(0.0, self.num_layers - layers) * kept)
-
-
-def _fake_activation_profile(model, micro_batch, seq_len, dtype, attn, mode="auto"):
-    tokens = micro_batch * seq_len
-    b = DTYPE_BYTES[dtype]
-    width = tokens * model.hidden_size * b
-    profile = _FakeProfile(layer_bytes=16 * width, input_bytes=width, num_layers=float(model.num_layers),
-                           logits_bytes=tokens * model.vocab_size * 4)
-    return profile, "closed-form"
-
-
-def ensure_estimator():
-    """Make ``zeroest.estimator.estimate`` importable, with a stand-in activations module if the real one is
-    not importable yet."""
-    try:
-        return importlib.import_module("zeroest.estimator.estimate")
-    except ImportError:
-        for name in ("zeroest.estimator.estimate", "zeroest.estimator.timeline"):
-            sys.modules.pop(name, None)
-        fake = types.ModuleType("zeroest.estimator.activations")
-        fake.ActivationProfile = _FakeProfile
-        fake.activation_profile = _fake_activation_profile
-        sys.modules["zeroest.estimator.activations"] = fake
+@pytest.fixture(scope="module")
+def closed_form():
+    """estimate() importable; the synthetic setups ask for closed-form activations (fast, no tracing)."""
     return importlib.import_module("zeroest.estimator.estimate")
 
 
@@ -140,14 +90,3 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 
-
-@pytest.fixture(scope="module")
-def fake_activations():
-    """estimate() with the stand-in activation profile for this module's tests, whatever activations.py holds:
-    expectations below come from estimate() itself, so they need a profile that is fixed and fast, not a real
-    one.
-    """
-    module = ensure_estimator()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(module, "activation_profile", _fake_activation_profile)
-        yield module
