@@ -78,6 +78,14 @@ def _by_basis(a: Analysis) -> list[str]:
     out = ["## Errors under each set of overheads", ""]
     rows = [[BASIS_TITLES[b], TITLES[q], *_stat_cells(a.stats(b, q))] for q in QUANTITIES for b in a.bases]
     out += _table(["basis", "quantity", "n", "median abs", "max abs", "mean", "under-predicted"], rows)
+    sources: dict[str, int] = {}
+    for r in a.records:
+        sources[r.current.overheads_source] = sources.get(r.current.overheads_source, 0) + 1
+    files = {s: n for s, n in sources.items() if s != "defaults"}
+    if files:
+        used = ", ".join(f"`{s}` ({n} rows)" for s, n in sorted(files.items()))
+        out += ["", f"The current estimator used calibration files: {used}; where a file was fitted on these "
+                "runs, its errors are in sample, not a test of the estimate."]
     return out
 
 
