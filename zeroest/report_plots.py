@@ -33,6 +33,7 @@ def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["svg.hashsalt"] = "zeroest"  # the same SVG for the same data: docs diff cleanly
     import matplotlib.pyplot as plt
 
     return plt
@@ -42,7 +43,8 @@ def _save(fig, stem: Path) -> list[Path]:
     paths = []
     for suffix in (".png", ".svg"):
         path = stem.with_suffix(suffix)
-        fig.savefig(path, dpi=120, bbox_inches="tight")
+        metadata = {"Date": None} if suffix == ".svg" else {}
+        fig.savefig(path, dpi=120, bbox_inches="tight", metadata=metadata)
         paths.append(path)
     _pyplot().close(fig)
     return paths
@@ -138,7 +140,7 @@ def reductions(a: Analysis, stem: Path) -> list[Path]:
 
     plt = _pyplot()
     points = claim_points(a)
-    models = sorted({p.model for p in points}, key=lambda m: -sum(p.model == m for p in points))[:3]
+    models = sorted({p.model for p in points}, key=lambda m: (-sum(p.model == m for p in points), m))[:3]
     fig, axes = plt.subplots(1, max(1, len(models)), figsize=(5.5 * max(1, len(models)), 4.6), squeeze=False)
     for ax, model in zip(axes[0], models or [None], strict=True):
         if model is None:
