@@ -368,18 +368,18 @@ def _eager_transients(d: _Dims) -> tuple[int, int, int]:
     return fwd, ckpt, (p + 4) * bas2 - freed - p * T * qd
 
 
-def closed_form_profile(
-    shape: ModelShape,
-    micro_batch: int,
-    seq_len: int,
-    dtype: str = "bf16",
-    attn: str = "sdpa",
-    config: dict | None = None,
-) -> ActivationProfile:
+def closed_form_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str = "bf16",
+                        attn: str = "sdpa", config: dict | None = None) -> ActivationProfile:
     """The ``ActivationProfile`` from formulas (Table 2 of arXiv 2205.05198 adapted to HF; see the helpers).
 
     ``config`` is the HF config.json dict when known (activation, dropout, rotary fraction, sliding window);
-    otherwise ``estimator.tracing.hf_config(shape)`` rebuilds it. Covers both checkpointing modes.
+    otherwise ``estimator.tracing.hf_config(shape)`` rebuilds it. Covers both checkpointing modes. The head's
+    terms follow transformers' loss/loss_utils.py ``ForCausalLMLoss`` (``logits.float()``, labels padded to s + 1
+    and shifted, ``cross_entropy`` = ``log_softmax`` + ``nll_loss``): the loss peak holds the fp32 upcast 4bsV
+    and the padded labels 8b(s + 1); the head's backward peak holds nll_loss's fp32 gradient and
+    ``log_softmax_backward``'s output (8bsV) before their cast to p, the labels (8bs) freed. Transients of the
+    layers are the traced op order's (estimator/tracing.py) in named tensors: grad_hidden p*bsh carried between
+    layers, RMSNorm's fp32 temporaries, the MLP's and eager attention's live intermediates.
     """
     from .tracing import hf_config
 
@@ -422,15 +422,9 @@ def _tracer_available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("torch", "transformers"))
 
 
-def activation_profile(
-    shape: ModelShape,
-    micro_batch: int,
-    seq_len: int,
-    dtype: str = "bf16",
-    attn: str = "sdpa",
-    mode: str = "auto",
-    config: dict | None = None,
-) -> tuple[ActivationProfile, str]:
+def activation_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str = "bf16",
+                       attn: str = "sdpa", mode: str = "auto",
+                       config: dict | None = None) -> tuple[ActivationProfile, str]:
     """The profile and where it came from ("traced", "closed-form", or "closed-form (trace failed: ...)").
 
     ``mode``: "traced" runs the HF model on the meta device (``estimator.tracing``), "closed-form" uses the
