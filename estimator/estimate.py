@@ -96,7 +96,8 @@ def reserved_bytes(peak: Phase, overheads: Overheads) -> int:
     """
     transient = peak.components["activations"] + peak.components["temporaries"]
     rounded = round_up(peak.peak_bytes, overheads.reserved_block_bytes)
-    return rounded + int(overheads.reserved_fraction_of_transient * transient) + overheads.reserved_fixed_bytes
+    return (rounded + int(overheads.reserved_fraction_of_peak * peak.peak_bytes)
+            + int(overheads.reserved_fraction_of_transient * transient) + overheads.reserved_fixed_bytes)
 
 
 def _scaled(act, factor: float):
@@ -135,11 +136,14 @@ def _paper_estimate(setup: TrainingSetup, numel: int, overheads: Overheads) -> E
     )
 
 
-def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device: Device = "cuda") -> Estimate:
+def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device: Device = "cuda",
+             simulated: bool = False) -> Estimate:
     """Predict one rank's memory for ``setup`` (see ``Estimate``) on the rank that holds most.
 
     ``device="cpu"`` predicts a CPU run (tests, ``validate --cpu``): torch's optimizers then take their single-tensor
     path, whose temporaries differ, and there is no cuBLAS workspace, CUDA context or allocator rounding.
+    ``simulated=True`` predicts rank 0 of the job on a fake process group (``validate --simulate-world-size``):
+    the same allocations, and no NCCL communicator memory.
     """
     overheads = overheads or Overheads()
     numel = count_params(setup.model).total
@@ -147,7 +151,8 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
         return _paper_estimate(setup, numel, overheads)
     if device == "cpu":
         overheads = replace(overheads, cublas_workspace_bytes=0, cuda_context_bytes=0, nccl_bytes_per_peer=0,
-                            reserved_block_bytes=1, reserved_fraction_of_transient=0.0, reserved_fixed_bytes=0)
+                            nccl_communicator_bytes=0, reserved_block_bytes=1, reserved_fraction_of_peak=0.0,
+                            reserved_fraction_of_transient=0.0, reserved_fixed_bytes=0)
     states = model_states(setup, device)
     w = setup.workload
     act, source = activation_profile(setup.model, w.micro_batch, w.seq_len, setup.dtype, w.attn, mode=w.activations)
@@ -159,8 +164,8 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
     )
     peak = peak_phase(phases)
     reserved = reserved_bytes(peak, overheads)
-    peers = setup.world_size - 1
-    device = reserved + overheads.cuda_context_bytes + overheads.nccl_bytes_per_peer * peers
+    nccl = 0 if simulated else overheads.nccl_communicator_bytes + overheads.nccl_bytes_per_peer * (setup.world_size - 1)
+    device = reserved + overheads.cuda_context_bytes + nccl
     load_copy = DTYPE_BYTES[setup.dtype] * numel
     return Estimate(
         setup=setup,

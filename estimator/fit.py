@@ -30,13 +30,15 @@ from .units import GiB, round_up
 QUANTITIES: tuple[str, ...] = ("peak_allocated", "peak_reserved", "device")
 FITTED_FOR: dict[str, tuple[str, ...]] = {
     "peak_allocated": ("cublas_workspace_bytes", "activation_scale"),
-    "peak_reserved": ("reserved_fraction_of_transient", "reserved_fixed_bytes"),
-    "device": ("cuda_context_bytes", "nccl_bytes_per_peer"),
+    "peak_reserved": ("reserved_fraction_of_peak", "reserved_fraction_of_transient", "reserved_fixed_bytes"),
+    "device": ("cuda_context_bytes", "nccl_communicator_bytes", "nccl_bytes_per_peer"),
 }
 BOUNDS: dict[str, tuple[float, float]] = {
     "cublas_workspace_bytes": (0.0, 4.0 * GiB),
     "activation_scale": (0.25, 4.0),
+    "reserved_fraction_of_peak": (0.0, 2.0),
     "reserved_fraction_of_transient": (0.0, 4.0),
+    "nccl_communicator_bytes": (0.0, 8.0 * GiB),
     "reserved_fixed_bytes": (0.0, 16.0 * GiB),
     "cuda_context_bytes": (0.0, 16.0 * GiB),
     "nccl_bytes_per_peer": (0.0, 4.0 * GiB),
@@ -44,8 +46,8 @@ BOUNDS: dict[str, tuple[float, float]] = {
 """Physical ranges: no overhead is negative, and none is larger than a GPU."""
 PRIOR_WEIGHT = 1e-3
 """Residual weight of a parameter's distance from its start (per GiB for bytes, per unit for fractions)."""
-NEUTRAL = Overheads(cuda_context_bytes=0, cublas_workspace_bytes=0, nccl_bytes_per_peer=0,
-                    reserved_fraction_of_transient=0.0, reserved_fixed_bytes=0, activation_scale=1.0,
+NEUTRAL = Overheads(cuda_context_bytes=0, cublas_workspace_bytes=0, nccl_bytes_per_peer=0, nccl_communicator_bytes=0,
+                    reserved_fraction_of_peak=0.0, reserved_fraction_of_transient=0.0, reserved_fixed_bytes=0, activation_scale=1.0,
                     source="neutral (fit basis)")
 """Overheads that add nothing: the estimates ``Sample`` is built from."""
 BASIS_SCALES: tuple[float, ...] = (1.0, 0.25, 0.5, 2.0, 4.0)
@@ -81,6 +83,8 @@ class Sample:
     """Candidate peak points of the predicted phases, in run order (``terms_from_estimates``)."""
     peers: int
     """Ranks this one talks to through real NCCL communicators: N_d - 1, or 0 on a fake process group."""
+    real_comm: bool = True
+    """The rank had a real NCCL process group (False on a fake one: simulated rows, CPU rows)."""
     measured: dict[str, int | None] = field(default_factory=dict)
     """Measured bytes by quantity (``QUANTITIES``); None where not measured."""
 
@@ -134,9 +138,10 @@ def predict_sample(sample: Sample, oh: Overheads) -> dict[str, float]:
     """
     peak, phase = _peak(sample, oh)
     transient = oh.activation_scale * phase.activation_bytes + phase.temporaries_bytes
-    reserved = (round_up(math.ceil(peak), oh.reserved_block_bytes)
+    reserved = (round_up(math.ceil(peak), oh.reserved_block_bytes) + oh.reserved_fraction_of_peak * math.ceil(peak)
                 + oh.reserved_fraction_of_transient * transient + oh.reserved_fixed_bytes)
-    device = reserved + oh.cuda_context_bytes + oh.nccl_bytes_per_peer * sample.peers
+    nccl = oh.nccl_communicator_bytes + oh.nccl_bytes_per_peer * sample.peers if sample.real_comm else 0
+    device = reserved + oh.cuda_context_bytes + nccl
     return {"peak_allocated": peak, "peak_reserved": reserved, "device": device}
 
 
@@ -166,6 +171,9 @@ def _free_parameters(quantity: str, samples: list[Sample], start: Overheads) -> 
         if name == "nccl_bytes_per_peer" and len({s.peers for s in samples}) < 2:
             notes.append(f"nccl_bytes_per_peer held at {start.nccl_bytes_per_peer}: every measured row has "
                          f"{samples[0].peers} NCCL peers, so it cannot be told apart from cuda_context_bytes")
+        elif name == "nccl_communicator_bytes" and len({s.real_comm for s in samples}) < 2:
+            notes.append("nccl_communicator_bytes held: the rows are all real or all simulated, so it cannot be "
+                         "told apart from cuda_context_bytes")
         elif name == "activation_scale" and not any(_peak(s, start)[1].activation_bytes for s in samples):
             notes.append("activation_scale held: no measured row has activations at its predicted peak")
         else:

@@ -18,29 +18,41 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class Overheads:
-    """Memory the estimate adds beyond model states and activations. Defaults are starting points, not fits."""
+    """Memory the estimate adds beyond model states and activations.
 
-    cuda_context_bytes: int = 512 * MiB
+    Defaults are ``zeroest report --fit`` on data/runs (64 ranks, one H100 80GB HBM3, torch 2.11, DeepSpeed
+    0.19.8: data/calibration/nvidia-h100-80gb-hbm3-torch2.11-ds0.19.json), rounded; other GPUs and versions get
+    their own calibration file when someone measures them.
+    """
+
+    cuda_context_bytes: int = 788 * MiB
     """Driver context + kernel images of torch, outside the caching allocator (what nvidia-smi shows for a process
-    that only initialised CUDA). Default: the order torch 2.x shows on Hopper; fitted by ``report --fit``."""
-    cublas_workspace_bytes: int = 32 * MiB
-    """cuBLAS workspace torch allocates through the caching allocator at the first matmul (aten/src/ATen/cuda/
-    CublasHandlePool.cpp ``getChosenWorkspaceSize``: 32 MiB on sm_90 since torch 2.3)."""
+    that only initialised CUDA). Fitted: 788 MiB on the H100 with torch 2.11."""
+    cublas_workspace_bytes: int = 66 * MiB
+    """cuBLAS/cuBLASLt workspaces torch allocates through the caching allocator at the first matmuls
+    (aten/src/ATen/cuda/CublasHandlePool.cpp ``getChosenWorkspaceSize``: 32 MiB on sm_90, one per handle kind);
+    fitted: 66 MiB."""
+    nccl_communicator_bytes: int = 462 * MiB
+    """Memory outside the allocator that a real NCCL process group costs a rank even at N_d = 1 (communicator
+    set-up, its streams' workspaces); fitted from real runs (462 MiB), 0 on a fake process group."""
     nccl_bytes_per_peer: int = 0
     """NCCL buffers per peer rank of a real communicator (outside the allocator); 0 until real multi-GPU runs fit
     it. Simulated (fake process group) runs have none."""
     reserved_block_bytes: int = 2 * MiB
     """Large-pool segment granularity of the caching allocator (c10/cuda/CUDACachingAllocator.cpp
     ``kRoundLarge``): reserved memory comes in multiples of it."""
-    reserved_fraction_of_transient: float = 0.0
+    reserved_fraction_of_peak: float = 0.152
+    """Fraction of the peak allocation the allocator keeps reserved on top of it (cached blocks split to fit
+    later requests, segments rounded up); fitted."""
+    reserved_fraction_of_transient: float = 0.053
     """Fraction of the transient (activations and temporaries) at the peak that the allocator keeps reserved on top
     of the peak allocation through fragmentation; fitted."""
     reserved_fixed_bytes: int = 0
     """Constant reserved beyond the peak allocation (small-pool segments, rounding); fitted."""
     activation_scale: float = 1.0
     """Multiplier on modelled activations (1.0: the traced/closed-form bytes as they are); fitted per attention."""
-    source: str = "defaults"
-    """Where these values come from: "defaults" or the calibration file."""
+    source: str = "defaults (fitted on H100 80GB, torch 2.11, DeepSpeed 0.19)"
+    """Where these values come from: the defaults or a calibration file."""
 
     def to_dict(self) -> dict:
         return asdict(self)

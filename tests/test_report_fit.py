@@ -26,19 +26,19 @@ from zeroest.estimator.units import MiB
 pytestmark = pytest.mark.usefixtures("closed_form")
 
 
-def _sample(setup, measured_with: Overheads | None = None, key: str = "row") -> Sample:
+def _sample(setup, measured_with: Overheads | None = None, key: str = "row", simulated: bool = False) -> Sample:
     from zeroest.estimator.estimate import estimate
 
     measured = {}
     if measured_with is not None:
-        e = estimate(setup, measured_with)
+        e = estimate(setup, measured_with, simulated=simulated)
         measured = {"peak_allocated": e.peak_allocated_bytes, "peak_reserved": e.peak_reserved_bytes,
                     "device": e.device_bytes}
     basis = {s: estimate(setup, replace(NEUTRAL, activation_scale=s)).to_dict()["phases"]
              for s in BASIS_SCALES}
     phases = terms_from_estimates(basis)
-    return Sample(key=key, group=setup.model.name, phases=phases, peers=setup.world_size - 1,
-                  measured=measured)
+    return Sample(key=key, group=setup.model.name, phases=phases, peers=0 if simulated else setup.world_size - 1,
+                  real_comm=not simulated, measured=measured)
 
 
 def _grid_samples() -> list[Sample]:
@@ -46,7 +46,8 @@ def _grid_samples() -> list[Sample]:
     for i, model in enumerate(MODELS):
         for stage, world, ckpt in ((0, 1, False), (1, 2, True), (2, 4, False), (3, 2, False), (3, 8, True)):
             setup = make_setup(model, stage, world, grad_ckpt=ckpt)
-            out.append(_sample(setup, TRUE_OVERHEADS, key=f"{i}-{stage}-{world}"))
+            # stage 2 rows as if simulated (fake process group: no NCCL), so the communicator term is identifiable
+            out.append(_sample(setup, TRUE_OVERHEADS, key=f"{i}-{stage}-{world}", simulated=stage == 2))
     return out
 
 
@@ -93,8 +94,8 @@ def test_fit_holds_what_the_data_cannot_tell(samples):
                   for s in samples]
     result = fit_overheads(only_alloc, Overheads())
     assert set(result.fitted) == {"cublas_workspace_bytes", "activation_scale"}
-    assert set(result.held) == {"reserved_fraction_of_transient", "reserved_fixed_bytes",
-                                "cuda_context_bytes", "nccl_bytes_per_peer"}
+    assert set(result.held) == {"reserved_fraction_of_peak", "reserved_fraction_of_transient", "reserved_fixed_bytes",
+                                "cuda_context_bytes", "nccl_communicator_bytes", "nccl_bytes_per_peer"}
     assert result.overheads.reserved_fixed_bytes == Overheads().reserved_fixed_bytes
     assert any("peak reserved" in note for note in result.notes)
 
@@ -158,6 +159,6 @@ def test_synthetic_grid_is_exact_under_true_overheads():
     from zeroest.estimator.serialize import setup_from_dict
 
     row = synthetic_grid(models=("gpt2",), stages=(2,), worlds=(4,))[0]
-    e = estimate(setup_from_dict(row["setup"]), TRUE_OVERHEADS)
+    e = estimate(setup_from_dict(row["setup"]), TRUE_OVERHEADS, simulated=row["simulated"])
     assert row["measured"]["peak_allocated_bytes"] == e.peak_allocated_bytes
     assert row["measured"]["device_bytes"] == e.device_bytes

@@ -14,7 +14,8 @@ from zeroest.estimator.overheads import Overheads
 from zeroest.estimator.units import GiB, MiB
 
 TRUE_OVERHEADS = Overheads(
-    cuda_context_bytes=600 * MiB, cublas_workspace_bytes=48 * MiB, nccl_bytes_per_peer=96 * MiB,
+    cuda_context_bytes=600 * MiB, cublas_workspace_bytes=300 * MiB, nccl_bytes_per_peer=96 * MiB,
+    nccl_communicator_bytes=300 * MiB, reserved_fraction_of_peak=0.08,
     reserved_fraction_of_transient=0.25, reserved_fixed_bytes=150 * MiB, activation_scale=1.15,
     source="truth",
 )
@@ -49,8 +50,7 @@ def synthetic_row(setup, overheads: Overheads = TRUE_OVERHEADS, *, simulated: bo
     from zeroest.estimator.estimate import estimate
     from zeroest.estimator.serialize import setup_to_dict
 
-    oh = replace(overheads, nccl_bytes_per_peer=0) if simulated else overheads
-    truth = estimate(setup, oh)
+    truth = estimate(setup, overheads, simulated=simulated)
     phases = {"build": {"peak_allocated_bytes": 1}}
     for p in truth.phases:
         suffix = "" if p.name == "step" else "0"
@@ -73,15 +73,18 @@ def synthetic_row(setup, overheads: Overheads = TRUE_OVERHEADS, *, simulated: bo
 
 
 def synthetic_grid(models=MODELS, stages=(0, 1, 2, 3), worlds=(1, 2, 4), **kw) -> list[dict]:
-    """Rows for every model x stage x N_d (N_d 1 only at stage 0), real runs, measured with
-    ``TRUE_OVERHEADS``."""
+    """Rows for every model x stage x N_d (N_d 1 only at stage 0), measured with ``TRUE_OVERHEADS``: real runs,
+    but stage 2 at N_d = 4 simulated (no NCCL), so the communicator term can be told from the CUDA context."""
     rows = []
+    forced = kw.pop("simulated", None)
     for model in models:
         for world in worlds:
             for stage in stages:
                 if world == 1 and stage:
                     continue
-                rows.append(synthetic_row(make_setup(model, stage, world, grad_ckpt=(stage == 1)), **kw))
+                simulated = forced if forced is not None else (stage == 2 and world == 4)
+                rows.append(synthetic_row(make_setup(model, stage, world, grad_ckpt=(stage == 1)),
+                                          simulated=simulated, **kw))
     return rows
 
 

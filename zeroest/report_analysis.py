@@ -116,7 +116,7 @@ def _predict_all(records: Sequence[Record],
     for r in records:
         oh = choose(r)
         if oh is not None:
-            out[r.key] = predict(r.setup, overheads_for(r.env, r.simulated, oh))
+            out[r.key] = predict(r.setup, overheads_for(r.env, r.simulated, oh), simulated=r.simulated, cpu=r.cpu)
     return out
 
 

@@ -135,6 +135,11 @@ class Record:
         return bool(self.row.data.get("simulated"))
 
     @property
+    def cpu(self) -> bool:
+        """Measured on the CPU (``validate --cpu``): no GPU in the row."""
+        return not self.row.data.get("gpu")
+
+    @property
     def oom(self) -> str | None:
         return str(self.row.data["measured"].get("oom") or "unknown") if is_oom(self.row) else None
 
@@ -184,14 +189,16 @@ def overheads_for(env: Environment, simulated: bool, base: Overheads | None = No
     oh = base
     if oh is None and env.gpu_name:
         oh = find_calibration(env.gpu_name, env.torch_version, env.ds_version)
-    oh = oh or Overheads()
-    return replace(oh, nccl_bytes_per_peer=0) if simulated else oh
+    return oh or Overheads()
 
 
-def predict(setup: TrainingSetup, overheads: Overheads) -> Prediction:
+def predict(setup: TrainingSetup, overheads: Overheads, *, simulated: bool = False, cpu: bool = False) -> Prediction:
+    """The current estimator's prediction for a measured row: a fake process group has no NCCL memory, a CPU
+    row takes torch's CPU optimizer path and no CUDA overheads (``estimate``'s ``simulated`` and ``device``)."""
     from zeroest.estimator.estimate import estimate
 
-    return prediction_from_dict(estimate(setup, overheads).to_dict())
+    return prediction_from_dict(
+        estimate(setup, overheads, device="cpu" if cpu else "cuda", simulated=simulated).to_dict())
 
 
 def join_row(row: RunRow) -> Record:
@@ -207,22 +214,24 @@ def join_row(row: RunRow) -> Record:
     setup = setup_from_dict(data, model=model, where=row.where)
     env = environment(row.data)
     simulated = bool(row.data.get("simulated"))
+    cpu_row = not row.data.get("gpu")
     device, why = _device_bytes(row.data)
     m = row.data["measured"]
     measured = {"peak_allocated": m.get("peak_allocated_bytes") or None,
                 "peak_reserved": m.get("peak_reserved_bytes") or None, "device": device}
-    basis = {s: estimate(setup, replace(NEUTRAL, activation_scale=s)).to_dict()["phases"]
+    basis = {s: estimate(setup, replace(NEUTRAL, activation_scale=s), device="cpu" if cpu_row else "cuda",
+                         simulated=simulated).to_dict()["phases"]
              for s in BASIS_SCALES}
     sample = Sample(key=row.where, group=Path(str(data.get("model"))).name.removesuffix(".json"),
                     phases=terms_from_estimates(basis),
-                    peers=0 if simulated else setup.world_size - 1,
+                    peers=0 if simulated else setup.world_size - 1, real_comm=not simulated and not cpu_row,
                     measured=dict(measured) if not is_oom(row) else {})
     return Record(
         row=row, setup=setup, env=env, measured=measured,
         measured_phases=measured_phase_peaks(m.get("phases") or {}),
         measured_peak_phase=_measured_peak_phase(m.get("phases") or {}),
         notes=(why,) if why else (), sample=sample,
-        current=predict(setup, overheads_for(env, simulated)),
+        current=predict(setup, overheads_for(env, simulated), simulated=simulated, cpu=cpu_row),
     )
 
 

@@ -73,8 +73,8 @@ def claim_points(analysis: Analysis) -> list[ClaimPoint]:
         if r is None or base is None:
             continue
         oh = overheads_for(r.env, r.simulated)
-        predicted = (predict(base.setup, oh).quantities["peak_allocated"]
-                     / predict(r.setup, oh).quantities["peak_allocated"])
+        predicted = (predict(base.setup, oh, simulated=base.simulated, cpu=base.cpu).quantities["peak_allocated"]
+                     / predict(r.setup, oh, simulated=r.simulated, cpu=r.cpu).quantities["peak_allocated"])
         paper, deepspeed = _claims_row(r.setup.model, p.world_size, p.stage)
         out.append(ClaimPoint(model=r.model, world_size=p.world_size, stage=p.stage, measured=p.reduction,
                               predicted=predicted, paper=paper, deepspeed=deepspeed, simulated=p.simulated))
