@@ -424,12 +424,13 @@ def _tracer_available() -> bool:
 
 def activation_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str = "bf16",
                        attn: str = "sdpa", mode: str = "auto",
-                       config: dict | None = None) -> tuple[ActivationProfile, str]:
+                       config: dict | None = None, target: str = "cuda") -> tuple[ActivationProfile, str]:
     """The profile and where it came from ("traced", "closed-form", or "closed-form (trace failed: ...)").
 
     ``mode``: "traced" runs the HF model on the meta device (``estimator.tracing``), "closed-form" uses the
     formulas, "auto" traces when torch and transformers can be imported. A model the tracer cannot run falls
-    back to the closed form with a one-line warning.
+    back to the closed form with a one-line warning. ``target`` ("cuda" or "cpu") is the device whose attention
+    kernels the trace mimics.
     """
     if mode not in ("auto", "traced", "closed-form"):
         raise ValueError(f"unknown activation mode {mode!r}: use auto, traced or closed-form")
@@ -443,7 +444,7 @@ def activation_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype:
     from .tracing import traced_profile
 
     try:
-        return traced_profile(shape, micro_batch, seq_len, dtype, attn, config=config), "traced"
+        return traced_profile(shape, micro_batch, seq_len, dtype, attn, config=config, target=target), "traced"
     except Exception as err:  # noqa: BLE001 (any failure of a third-party model falls back, with a warning)
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:160]
         log.warning(f"could not trace {shape.name} ({reason}); using the closed-form activation profile")

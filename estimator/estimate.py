@@ -155,7 +155,8 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
                             reserved_fraction_of_transient=0.0, reserved_fixed_bytes=0)
     states = model_states(setup, device)
     w = setup.workload
-    act, source = activation_profile(setup.model, w.micro_batch, w.seq_len, setup.dtype, w.attn, mode=w.activations)
+    act, source = activation_profile(setup.model, w.micro_batch, w.seq_len, setup.dtype, w.attn, mode=w.activations,
+                                     target=device)
     phases = timeline(setup, states, act if overheads.activation_scale == 1 else _scaled(act, overheads.activation_scale))
     phases = tuple(
         p if p.name == "init" else Phase(name=p.name, components={

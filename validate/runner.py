@@ -127,12 +127,13 @@ def _model_config(name: str, inline: dict[str, dict], out: Path) -> tuple[str, d
     return name, json.loads(path.read_text(encoding="utf-8"))
 
 
-def predict(setup) -> tuple[dict | None, str | None]:
-    """``Estimate.to_dict()`` of the setup, or (None, why) when the estimator fails."""
+def predict(setup, *, device: str = "cuda", simulated: bool = False) -> tuple[dict | None, str | None]:
+    """``Estimate.to_dict()`` of the setup as this run executes it (CPU or CUDA, fake or real process group), or
+    (None, why) when the estimator fails."""
     try:
         from zeroest.estimator.estimate import estimate
 
-        return estimate(setup).to_dict(), None
+        return estimate(setup, device="cpu" if device == "cpu" else "cuda", simulated=simulated).to_dict(), None
     except Exception as exc:  # noqa: BLE001 - a broken estimate must not stop the measurement
         log.warning("no prediction for %s: %s", setup.model.name, exc)
         return None, f"{type(exc).__name__}: {exc}"
@@ -159,7 +160,7 @@ def plan(entries: list[GridEntry], models: dict[str, dict], opts: ValidateOption
         key = run_key(flat, entry.simulate, opts.launch.launcher, device)
         if key in runs:
             continue
-        prediction, why = predict(setup)
+        prediction, why = predict(setup, device=device, simulated=entry.simulate)
         spec = {
             "setup": flat,
             "model_config": config,

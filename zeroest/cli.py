@@ -34,6 +34,21 @@ def _stages(stage: int | None, offload_optimizer: str, offload_params: str) -> l
     return [1, 2, 3] if offload_optimizer != "none" else [0, 1, 2, 3]
 
 
+def _calibration(gpu):
+    """The calibration fitted for this GPU and the installed torch/DeepSpeed (major.minor), if one exists; else
+    None (the defaults, fitted on an H100)."""
+    if gpu is None:
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    from zeroest.estimator.calibration import find_calibration
+
+    try:
+        return find_calibration(gpu.name, version("torch"), version("deepspeed"))
+    except PackageNotFoundError:
+        return None
+
+
 @app.command()
 def predict(
     params: o.ParamsOpt = None,
@@ -109,7 +124,8 @@ def predict(
                               paper=paper)
                 for s in _stages(stage, offload_optimizer.value, offload_params.value)
             ]
-        estimates = [estimate(s) for s in setups]
+        overheads = _calibration(target)
+        estimates = [estimate(s, overheads) for s in setups]
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     if explain:
