@@ -1,0 +1,62 @@
+"""The per-phase timeline against real DeepSpeed on the CPU: phase peaks of live bytes (validate.memtrack.LiveBytes)
+over three training steps, rank 0 of an N-rank job on the fake process group.
+
+Init, forward and step peaks of stages 0-2 match within 2%. Two deviations are CPU-only and asserted as the named
+term they are: DeepSpeed's CPU engine flattens every gradient once more during a stage-0 backward (b Psi), which the
+H100 runs in data/runs do not show (stage 0 there: within 0.4%). Stages 1-2 on the CPU also keep extra gradient copies
+in backward (their reduce path), so there the prediction is only required not to exceed the measurement; on the H100
+their backward peaks are within 1%. Stage 3 on the CPU fake group gathers each parameter twice; its GPU phases are
+checked by the measured runs instead (docs/ACCURACY.md).
+"""
+
+from __future__ import annotations
+
+import pytest
+from test_model_states_deepspeed import SMALL, setup_for
+
+from zeroest.estimator.architecture import count_params
+from zeroest.estimator.estimate import estimate
+from zeroest.estimator.setup import DTYPE_BYTES, Workload
+
+pytestmark = pytest.mark.deepspeed
+
+CASES = [
+    dict(model="llama", stage=0, dtype="bf16", world_size=4),
+    dict(model="llama", stage=0, dtype="fp32", world_size=4),
+    dict(model="gpt2", stage=0, dtype="bf16", world_size=4),
+    dict(model="llama", stage=1, dtype="bf16", world_size=8),
+    dict(model="llama", stage=2, dtype="bf16", world_size=4),
+    dict(model="llama", stage=2, dtype="bf16", world_size=4, grad_accum=2),
+    dict(model="gpt2", stage=2, dtype="bf16", world_size=8),
+]
+
+
+def measured_peaks(record: dict) -> dict[str, int]:
+    """Per phase, the largest peak over the steady steps (2 and 3) and every micro-step; init as measured."""
+    phases = record["phases"]
+    steady = {k: v["peak_bytes"] for k, v in phases.items() if k[:2] in ("s2", "s3")}
+    return {
+        "init": phases["init"]["peak_bytes"],
+        "forward": max(v for k, v in steady.items() if k.endswith(".fwd")),
+        "backward": max(v for k, v in steady.items() if k.endswith(".bwd")),
+        "step": max(v for k, v in steady.items() if k.endswith(".step")),
+    }
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_phase_peaks_match_real_deepspeed(ds_probe, case):
+    pytest.importorskip("transformers")
+    record = ds_probe(**case, **SMALL)
+    setup = setup_for(case)
+    setup = setup.with_(workload=Workload(micro_batch=1, seq_len=16, grad_accum=case.get("grad_accum", 1),
+                                          activations="traced"))
+    predicted = {p.name: p.peak_bytes for p in estimate(setup, device="cpu").phases}
+    measured = measured_peaks(record)
+    for phase in ("init", "forward", "step"):
+        assert predicted[phase] == pytest.approx(measured[phase], rel=0.02), phase
+    if setup.stage == 0:
+        # CPU-only: the engine's gradient all-reduce path flattens all 16-bit gradients once more
+        flat = DTYPE_BYTES[setup.dtype] * count_params(setup.model).total
+        assert measured["backward"] - predicted["backward"] == pytest.approx(flat, rel=0.02)
+    else:
+        assert predicted["backward"] <= measured["backward"] * 1.02
