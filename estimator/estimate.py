@@ -113,7 +113,8 @@ def _assumptions(setup: TrainingSetup, source: str) -> tuple[str, ...]:
         f"({m.num_kv_heads} kv), MLP {m.intermediate_size}{' gated' if m.gated_mlp else ''}, vocab {m.vocab_size}",
         f"{setup.dtype} training, {setup.optimizer.name} ({setup.optimizer.impl}), N_d = {setup.world_size}",
         f"micro-batch {setup.workload.micro_batch} x {setup.workload.seq_len} tokens, {setup.workload.attn} attention,"
-        f" gradient checkpointing {'on' if setup.workload.grad_ckpt else 'off'}, accumulation {setup.workload.grad_accum}",
+        f" gradient checkpointing {'on' if setup.workload.grad_ckpt else 'off'},"
+        f" accumulation {setup.workload.grad_accum}",
         f"activations: {source}",
     ]
     if setup.mode == "paper":
@@ -157,7 +158,8 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
     w = setup.workload
     act, source = activation_profile(setup.model, w.micro_batch, w.seq_len, setup.dtype, w.attn, mode=w.activations,
                                      target=device)
-    phases = timeline(setup, states, act if overheads.activation_scale == 1 else _scaled(act, overheads.activation_scale))
+    phases = timeline(setup, states,
+                      act if overheads.activation_scale == 1 else _scaled(act, overheads.activation_scale))
     phases = tuple(
         p if p.name == "init" else Phase(name=p.name, components={
             **p.components, "buffers": p.components["buffers"] + overheads.cublas_workspace_bytes})
@@ -165,7 +167,8 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
     )
     peak = peak_phase(phases)
     reserved = reserved_bytes(peak, overheads)
-    nccl = 0 if simulated else overheads.nccl_communicator_bytes + overheads.nccl_bytes_per_peer * (setup.world_size - 1)
+    nccl = 0 if simulated else (overheads.nccl_communicator_bytes
+                                + overheads.nccl_bytes_per_peer * (setup.world_size - 1))
     device = reserved + overheads.cuda_context_bytes + nccl
     load_copy = DTYPE_BYTES[setup.dtype] * numel
     return Estimate(

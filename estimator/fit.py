@@ -47,7 +47,8 @@ BOUNDS: dict[str, tuple[float, float]] = {
 PRIOR_WEIGHT = 1e-3
 """Residual weight of a parameter's distance from its start (per GiB for bytes, per unit for fractions)."""
 NEUTRAL = Overheads(cuda_context_bytes=0, cublas_workspace_bytes=0, nccl_bytes_per_peer=0, nccl_communicator_bytes=0,
-                    reserved_fraction_of_peak=0.0, reserved_fraction_of_transient=0.0, reserved_fixed_bytes=0, activation_scale=1.0,
+                    reserved_fraction_of_peak=0.0, reserved_fraction_of_transient=0.0, reserved_fixed_bytes=0,
+                    activation_scale=1.0,
                     source="neutral (fit basis)")
 """Overheads that add nothing: the estimates ``Sample`` is built from."""
 BASIS_SCALES: tuple[float, ...] = (1.0, 0.25, 0.5, 2.0, 4.0)

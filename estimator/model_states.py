@@ -143,8 +143,8 @@ def stage0_states(setup: TrainingSetup, numel: int, device: Device = "cuda") -> 
     numels = tuple(t.numel for t in param_tensors(setup.model))
     states = optimizer_state_bytes(setup, numel)
     temps = optimizer_temp_bytes(setup, numels, device)
-    common = dict(grads_bytes=b * numel, step_grads_bytes=b * numel, buckets_bytes=0, resident_buffers_bytes=0, gathered_params_bytes=0,
-                  epilogue_bytes=0, host_bytes=0, nvme_bytes=0,
+    common = dict(grads_bytes=b * numel, step_grads_bytes=b * numel, buckets_bytes=0, resident_buffers_bytes=0,
+                  gathered_params_bytes=0, epilogue_bytes=0, host_bytes=0, nvme_bytes=0,
                   grads_carry_bytes=b * numel if setup.workload.grad_accum > 1 else 0)
     if setup.dtype == "fp32":
         return ModelStates(params_bytes=b * numel, master_weights_bytes=0, optimizer_states_bytes=states,

@@ -82,7 +82,8 @@ class Optimizer:
                 f"unknown optimizer {self.name!r}: use --optimizer adamw, adam, sgd, sgd-momentum or adafactor"
             )
         if self.impl not in ("fused", "torch", "cpu"):
-            raise ValueError(f"unknown optimizer implementation {self.impl!r}: use --optimizer-impl fused, torch or cpu")
+            raise ValueError(
+                f"unknown optimizer implementation {self.impl!r}: use --optimizer-impl fused, torch or cpu")
 
     @property
     def states_per_param(self) -> int:
@@ -146,7 +147,8 @@ class ZeroConfig:
         if self.offload_optimizer == "nvme" and self.stage < ZeroStage.PARAMETERS:
             raise ValueError("optimizer offload to NVMe needs ZeRO stage 3 (ZeRO-Infinity): use --stage 3 or cpu")
         if self.offload_optimizer == "none" and self.offload_params != "none":
-            raise ValueError("DeepSpeed offloads parameters only with the optimizer offloaded too: set --offload-optimizer")
+            raise ValueError(
+                "DeepSpeed offloads parameters only with the optimizer offloaded too: set --offload-optimizer")
 
     @property
     def overlap(self) -> bool:
@@ -208,7 +210,8 @@ class TrainingSetup:
         cpu_adam = self.optimizer.impl == "cpu"
         if cpu_adam != (self.zero.offload_optimizer != "none"):
             if cpu_adam:
-                raise ValueError("--optimizer-impl cpu (DeepSpeedCPUAdam) runs only with --offload-optimizer cpu or nvme")
+                raise ValueError(
+                    "--optimizer-impl cpu (DeepSpeedCPUAdam) runs only with --offload-optimizer cpu or nvme")
             raise ValueError("an offloaded optimizer runs DeepSpeedCPUAdam on the host: set --optimizer-impl cpu")
         if cpu_adam and self.optimizer.name not in ("adam", "adamw"):
             raise ValueError(f"optimizer offload needs Adam or AdamW (DeepSpeedCPUAdam), not {self.optimizer.name}")

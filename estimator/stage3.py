@@ -77,7 +77,8 @@ def stage3_states(setup: TrainingSetup, device: Device = "cuda") -> ModelStates:
         host += FP32 * p3 + grad_buffer
     resident = bucket + (0 if offload_opt else grad_buffer)
     params = b * persistent + (0 if offload_params else b * p3)
-    step_temp = 0 if offload_opt else max((b + FP32) * group, FP32 * group + optimizer_temp_bytes(setup, (group,), device))
+    step_temp = 0 if offload_opt else max((b + FP32) * group,
+                                          FP32 * group + optimizer_temp_bytes(setup, (group,), device))
     loaded = b * sum(t.numel for t in tensors)
     n_max = max(t.numel for t in tensors)
     return ModelStates(

@@ -28,7 +28,7 @@ def test_figure_1(stage, expected_gb):
 @pytest.mark.parametrize("world", TABLE_1)
 @pytest.mark.parametrize("psi", [7.5e9, 128e9, 1e12])
 def test_table_1(world, psi):
-    for stage, expected in zip((1, 2, 3), TABLE_1[world][psi]):
+    for stage, expected in zip((1, 2, 3), TABLE_1[world][psi], strict=True):
         got = paper_states(psi, world, stage).total_bytes / GB
         assert printed_as(got, expected), (world, psi, stage, got)
 

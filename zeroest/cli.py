@@ -115,7 +115,8 @@ def predict(
             setups = [setup]
         else:
             setups = [
-                o.build_setup(shape=shape, stage=s, gpus=gpus, nodes=nodes, dtype=dtype.value, optimizer=optimizer.value,
+                o.build_setup(shape=shape, stage=s, gpus=gpus, nodes=nodes, dtype=dtype.value,
+                              optimizer=optimizer.value,
                               impl=optimizer_impl.value if optimizer_impl else None,
                               offload_optimizer=offload_optimizer.value, offload_params=offload_params.value,
                               grad_accum=grad_accum, overlap_comm=overlap_comm, knobs=knobs, micro_batch=micro_batch,

@@ -53,7 +53,8 @@ def estimates_table(estimates: list[Estimate], gpu: Gpu | None = None) -> Table:
         for est in estimates:
             need = est.device_bytes
             room = gpu.memory_bytes - need
-            cells.append(f"[green]fits, {gib(room):.1f} free[/]" if room >= 0 else f"[red]no, {gib(-room):.1f} short[/]")
+            cells.append(f"[green]fits, {gib(room):.1f} free[/]" if room >= 0
+                         else f"[red]no, {gib(-room):.1f} short[/]")
         table.add_row(f"fits {gpu.name} ({gib(gpu.memory_bytes):.1f})", *cells)
     return table
 

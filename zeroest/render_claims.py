@@ -20,7 +20,8 @@ def print_claims(rows: list[ClaimRow], verdicts: list[str], measured: dict | Non
         cells = []
         for row in sorted((r for r in rows if r.world_size == world), key=lambda r: r.stage):
             cells.append(f"{gib(row.paper_bytes):.1f} / {gib(row.deepspeed_bytes):.1f}"
-                         + ("" if row.stage == 0 else f"  ({row.paper_reduction:.2f}x / {row.deepspeed_reduction:.2f}x)"))
+                         + ("" if row.stage == 0
+                            else f"  ({row.paper_reduction:.2f}x / {row.deepspeed_reduction:.2f}x)"))
         table.add_row(str(world), *cells)
     console.print(table)
     if measured:
