@@ -31,8 +31,9 @@ def torch_imported_by_cli() -> bool:
 
 
 def estimate_s(repeats: int = 2000) -> float:
-    from zeroest import Parallelism, TrainingSetup, ZeroConfig, estimate, standard_shape
     from zeroest.estimator.setup import Workload
+
+    from zeroest import Parallelism, TrainingSetup, ZeroConfig, estimate, standard_shape
 
     shape = standard_shape(1_300_000_000)
     setups = [TrainingSetup(model=shape, parallel=Parallelism(gpus_per_node=2), zero=ZeroConfig(stage=s),

@@ -4,12 +4,12 @@ import json
 
 import pytest
 from typer.testing import CliRunner
-
-from zeroest.cli import app
 from zeroest.estimator.estimate import estimate
 from zeroest.estimator.presets import standard_shape
 from zeroest.estimator.setup import Parallelism, TrainingSetup, Workload, ZeroConfig
 from zeroest.estimator.units import GiB
+
+from zeroest.cli import app
 
 runner = CliRunner()
 JSON_KEYS = {"stage", "world_size", "components", "peak_allocated_bytes", "peak_reserved_bytes", "device_bytes",

@@ -1,7 +1,6 @@
 """Our table of DeepSpeed's ZeRO defaults equals DeepSpeed's own config model, so drift is caught."""
 
 import pytest
-
 from zeroest.estimator.defaults import DEEPSPEED_ZERO_DEFAULTS
 from zeroest.estimator.setup import ZeroConfig, ZeroStage
 

@@ -1,7 +1,6 @@
 """Paper mode reproduces the ZeRO paper (arXiv 1910.02054): Figure 1 and every cell of Table 1."""
 
 import pytest
-
 from zeroest.estimator.paper import paper_reduction, paper_states
 from zeroest.estimator.units import GB
 

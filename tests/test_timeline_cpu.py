@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pytest
 from test_model_states_deepspeed import SMALL, setup_for
-
 from zeroest.estimator.architecture import count_params
 from zeroest.estimator.estimate import estimate
 from zeroest.estimator.setup import DTYPE_BYTES, Workload

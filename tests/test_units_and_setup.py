@@ -1,7 +1,6 @@
 """Parsing sizes and counts, and the setup's validation: one actionable message per bad input."""
 
 import pytest
-
 from zeroest.estimator.architecture import shape_from_config
 from zeroest.estimator.units import GB, GiB, parse_bytes, parse_count
 
