@@ -189,8 +189,10 @@ def _zero(config: dict, where: str) -> ZeroConfig:
         if zero.get(flag) is not None:
             knobs[flag] = bool(zero[flag])
     pinned = [pin for dev, pin in ((opt_dev, opt_pin), (par_dev, par_pin)) if dev != "none"]
+    stage = whole_number(zero.get("stage", 0), "zero_optimization.stage", where)
     return ZeroConfig(
-        stage=whole_number(zero.get("stage", 0), "zero_optimization.stage", where),
+        stage=stage,
+        zero_init=stage == 3,  # the HF Trainer and accelerate (zero3_init_flag) build ZeRO-3 models under zero.Init
         offload_optimizer=opt_dev,
         offload_params=par_dev,
         pin_memory=all(pinned) if pinned else True,

@@ -122,8 +122,11 @@ def zero_groups(base: TrainingSetup, space: SearchSpace) -> list[ZeroConfig]:
                     continue
                 if par != "none" and opt == "none":
                     continue
+                # stage 3 plans build the model under zero.Init: the written accelerate config sets
+                # zero3_init_flag, and the HF Trainer does the same with a ZeRO-3 ds_config
                 groups.append(
-                    replace(base.zero, stage=ZeroStage(stage), offload_optimizer=opt, offload_params=par)
+                    replace(base.zero, stage=ZeroStage(stage), offload_optimizer=opt, offload_params=par,
+                            zero_init=stage == ZeroStage.PARAMETERS)
                 )
     return groups
 

@@ -228,7 +228,10 @@ def test_accelerate_fields_ignored_with_ds_file(tmp_path):
 
 
 def _resolved_overlap(setup: TrainingSetup) -> TrainingSetup:
-    return replace(setup, zero=replace(setup.zero, overlap_comm=setup.zero.overlap))
+    """What reading the written files gives back: DeepSpeed's overlap_comm default made explicit, and ZeRO-3 built
+    under zero.Init (the HF Trainer / accelerate zero3_init_flag path)."""
+    zero = replace(setup.zero, overlap_comm=setup.zero.overlap, zero_init=setup.stage == 3)
+    return replace(setup, zero=zero)
 
 
 def setups():
