@@ -190,22 +190,16 @@ def models() -> None:
         out.print(name)
 
 
-def _register_optional() -> None:
-    """Commands whose modules are owned elsewhere; each registers only when its module exists."""
-    import importlib
+def _register_commands() -> None:
+    """validate, report and plan live in modules of their own (each imports its heavy parts when it runs)."""
+    from zeroest import cmd_plan, cmd_report, cmd_validate
 
-    for module, name in (("zeroest.cmd_validate", "validate"), ("zeroest.cmd_report", "report"),
-                         ("zeroest.cmd_plan", "plan")):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        app.command(name)(getattr(mod, name))
+    app.command("validate")(cmd_validate.validate)
+    app.command("report")(cmd_report.report)
+    app.command("plan")(cmd_plan.plan)
 
 
-_register_optional()
+_register_commands()
 
 
 def main() -> None:
