@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from pathlib import Path
 
+from .datafiles import data_path
 from .units import MiB, parse_bytes
 
 
@@ -15,16 +15,6 @@ class Gpu:
 
     name: str
     memory_bytes: int
-
-
-def data_path(name: str) -> Path:
-    """A file of the zeroest.data package: data/ in a checkout, else the installed copy."""
-    here = Path(__file__).resolve().parent.parent / "data" / name
-    if here.exists():
-        return here
-    from importlib import resources
-
-    return Path(str(resources.files("zeroest.data"))) / name
 
 
 def gpu_presets() -> dict[str, Gpu]:

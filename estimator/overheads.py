@@ -11,6 +11,7 @@ import logging
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .datafiles import data_path
 from .units import MiB
 
 log = logging.getLogger(__name__)
@@ -59,13 +60,8 @@ class Overheads:
 
 
 def calibration_dir() -> Path:
-    """data/calibration in a checkout, or the installed zeroest.data/calibration."""
-    here = Path(__file__).resolve().parent.parent / "data" / "calibration"
-    if here.is_dir():
-        return here
-    from importlib import resources
-
-    return Path(str(resources.files("zeroest.data"))) / "calibration"
+    """``data/calibration`` of the ``zeroest.data`` package."""
+    return data_path("calibration")
 
 
 def load_calibration(path: Path) -> Overheads:

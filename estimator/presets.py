@@ -8,7 +8,6 @@ model table.
 from __future__ import annotations
 
 import difflib
-import importlib.resources
 import json
 import logging
 import math
@@ -16,21 +15,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .architecture import count_params, shape_from_config
+from .datafiles import data_path
 from .shape import ModelShape
 
 logger = logging.getLogger(__name__)
 
 
-def _models_dir():  # -> importlib.resources.abc.Traversable
-    """``zeroest.data/models`` of the installed package, else the checkout's ``data/models``."""
-    try:
-        root = importlib.resources.files("zeroest.data") / "models"
-        if root.is_dir():
-            return root
-    except (ModuleNotFoundError, TypeError):
-        pass
-    # An editable install cannot import ``zeroest.data`` while data/ has no __init__.py: read the checkout.
-    return Path(__file__).resolve().parent.parent / "data" / "models"
+def _models_dir() -> Path:
+    """``data/models`` of the ``zeroest.data`` package."""
+    return data_path("models")
 
 
 def list_presets() -> list[str]:

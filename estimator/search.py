@@ -127,27 +127,14 @@ def largest_true(pred: Callable[[int], bool], limit: int) -> int:
 
 
 def smallest_true(pred: Callable[[int], bool], limit: int) -> int | None:
-    """The smallest n in [1, limit] with pred(n), for pred false up to some n and true after; None if none."""
+    """The smallest n in [1, limit] with pred(n), for pred false up to some n and true after; None if none.
+
+    The last n where pred is still false, plus one: ``largest_true`` of the negation.
+    """
     if limit < 1:
         return None
-    if pred(1):
-        return 1
-    bad, good = 1, None
-    while good is None:
-        nxt = min(bad * 2, limit)
-        if nxt == bad:
-            return None
-        if pred(nxt):
-            good = nxt
-        else:
-            bad = nxt
-    while good - bad > 1:
-        mid = (good + bad) // 2
-        if pred(mid):
-            good = mid
-        else:
-            bad = mid
-    return good
+    last_false = largest_true(lambda n: not pred(n), limit)
+    return None if last_false >= limit else last_false + 1
 
 
 def _with_workload(setup: TrainingSetup, **changes) -> TrainingSetup:

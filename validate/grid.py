@@ -18,11 +18,11 @@ the same YAML reader (YAML is a superset of JSON), so JSON files get line number
 from __future__ import annotations
 
 import difflib
-import importlib.resources
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from zeroest.estimator.datafiles import data_path
 from zeroest.estimator.serialize import SETUP_KEYS
 
 RUN_KEYS: tuple[str, ...] = ("simulate",)
@@ -56,14 +56,9 @@ class Grid:
     """Where the grid came from."""
 
 
-def _grids_dir():  # -> Traversable
-    try:
-        root = importlib.resources.files("zeroest.data") / "grids"
-        if root.is_dir():
-            return root
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parent.parent / "data" / "grids"
+def _grids_dir() -> Path:
+    """``data/grids`` of the ``zeroest.data`` package."""
+    return data_path("grids")
 
 
 def _unknown(key: object, known: tuple[str, ...], where: str) -> ValueError:
