@@ -23,7 +23,7 @@ def run(*args):
 def test_predict_json_all_stages_matches_the_library():
     result = run("predict", "--params", "1.3B", "--gpus", "2", "--json")
     assert result.exit_code == 0, result.output
-    docs = json.loads(result.output)
+    docs = json.loads(result.stdout)
     assert [d["stage"] for d in docs] == [0, 1, 2, 3]
     for doc in docs:
         assert JSON_KEYS <= doc.keys()
@@ -36,7 +36,7 @@ def test_predict_json_all_stages_matches_the_library():
 def test_predict_one_stage_is_one_object_and_fit_row():
     result = run("predict", "--model", "gpt2", "--stage", "2", "--gpus", "4", "--json", "--gpu", "4090",
                  "--activations", "closed-form")
-    doc = json.loads(result.output)
+    doc = json.loads(result.stdout)
     assert doc["stage"] == 2 and doc["world_size"] == 4
     assert doc["gpu"]["fits"] == (doc["device_bytes"] <= doc["gpu"]["memory_bytes"])
     assert doc["gpu"]["memory_bytes"] == 24564 * 2**20
@@ -52,14 +52,14 @@ def test_predict_table_prints_every_row():
 
 def test_paper_mode_is_figure_1():
     result = run("predict", "--params", "7.5B", "--gpus", "64", "--paper", "--json")
-    totals = [d["peak_allocated_bytes"] / 1e9 for d in json.loads(result.output)]
+    totals = [d["peak_allocated_bytes"] / 1e9 for d in json.loads(result.stdout)]
     assert totals == pytest.approx([120, 31.4, 16.6, 1.9], abs=0.05)
 
 
 def test_offload_params_shows_stage_3_only():
     result = run("predict", "--params", "1B", "--offload-optimizer", "cpu", "--offload-params", "cpu", "--json",
                  "--gpus", "2")
-    docs = json.loads(result.output)
+    docs = json.loads(result.stdout)
     assert [d["stage"] for d in docs] == [3]
     assert docs[0]["cpu_bytes_per_node"] > 0
 
@@ -84,6 +84,13 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
     assert "Traceback" not in text
 
 
+def test_seq_len_beyond_the_model_warns_but_predicts():
+    result = run("predict", "--model", "gpt2", "--seq-len", "4096", "--stage", "0", "--activations", "closed-form",
+                 "--json")
+    assert result.exit_code == 0
+    assert "beyond gpt2's max_position_embeddings (1024)" in result.stderr
+
+
 def test_config_without_needed_fields(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"model_type": "llama", "vocab_size": 100}))
@@ -95,7 +102,7 @@ def test_claims_json_and_plot(tmp_path):
     plot = tmp_path / "claims.png"
     result = run("claims", "--params", "7.5B", "--json", "--plot", str(plot))
     assert result.exit_code == 0, result.output
-    doc = json.loads(result.output)
+    doc = json.loads(result.stdout)
     at2 = {r["stage"]: r for r in doc["rows"] if r["world_size"] == 2}
     assert at2[1]["paper_reduction"] == pytest.approx(1.6)
     assert any("not 4x" in v for v in doc["verdicts"])

@@ -97,6 +97,10 @@ def predict(
                  param_persistence_threshold=param_persistence_threshold, sub_group_size=sub_group_size)
     try:
         shape = o.resolve_model(params, model)
+        if seq_len > shape.max_positions:
+            err.print(f"zeroest: warning: --seq-len {seq_len} is beyond {shape.name}'s max_position_embeddings "
+                      f"({shape.max_positions}); the estimate assumes the model runs at that length anyway",
+                      markup=False)
         target = parse_gpu(gpu) if gpu else None
         if ds_config or accelerate_config:
             from zeroest.estimator.config_read import setup_from_configs
