@@ -8,13 +8,17 @@ import json
 from pathlib import Path
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as err:
+        raise ValueError(f"cannot read {path}: {err.strerror}; check the path") from None
+
+
 def read_json(path: str | Path) -> dict:
     """A JSON object from ``path``; ValueError naming file, line and column if it is not one."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ValueError(f"cannot read {path}: {err.strerror}; check the path") from None
+    text = _read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -29,10 +33,7 @@ def read_yaml(path: str | Path) -> dict:
     import yaml
 
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ValueError(f"cannot read {path}: {err.strerror}; check the path") from None
+    text = _read_text(path)
     try:
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as err:
