@@ -5,17 +5,17 @@ Pure: no printing, no I/O beyond an optional activation-profile cache, no torch 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 
 from .activations import activation_profile
 from .architecture import count_params
 from .model_states import Device, ModelStates, stage0_states, stage12_states
-from .overheads import Overheads
+from .overheads import Overheads, device_from, reserved_from
 from .paper import paper_states
 from .setup import DTYPE_BYTES, TrainingSetup, ZeroStage
 from .stage3 import stage3_states
 from .timeline import COMPONENTS, Phase, peak_phase, timeline
-from .units import round_up
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,16 +88,9 @@ def model_states(setup: TrainingSetup, device: Device = "cuda") -> ModelStates:
 
 
 def reserved_bytes(peak: Phase, overheads: Overheads) -> int:
-    """Predicted peak reserved: the peak allocation rounded to the allocator's segment size, plus fragmentation.
-
-    c10/cuda/CUDACachingAllocator.cpp rounds large requests up to 2 MiB segments (``kRoundLarge``) and keeps freed
-    blocks cached; transient tensors of varying sizes (activations, temporaries) leave cached holes, modelled as a
-    fitted fraction of them (``reserved_fraction_of_transient``) plus a fitted constant.
-    """
+    """Predicted peak reserved for the peak phase (``overheads.reserved_from``)."""
     transient = peak.components["activations"] + peak.components["temporaries"]
-    rounded = round_up(peak.peak_bytes, overheads.reserved_block_bytes)
-    return (rounded + int(overheads.reserved_fraction_of_peak * peak.peak_bytes)
-            + int(overheads.reserved_fraction_of_transient * transient) + overheads.reserved_fixed_bytes)
+    return math.ceil(reserved_from(peak.peak_bytes, transient, overheads))
 
 
 def _scaled(act, factor: float):
@@ -167,9 +160,7 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
     )
     peak = peak_phase(phases)
     reserved = reserved_bytes(peak, overheads)
-    nccl = 0 if simulated else (overheads.nccl_communicator_bytes
-                                + overheads.nccl_bytes_per_peer * (setup.world_size - 1))
-    device = reserved + overheads.cuda_context_bytes + nccl
+    device = math.ceil(device_from(reserved, overheads, peers=setup.world_size - 1, real_comm=not simulated))
     load_copy = DTYPE_BYTES[setup.dtype] * numel
     return Estimate(
         setup=setup,

@@ -20,12 +20,11 @@ agree). Pure: no torch, no I/O; scipy is imported inside ``fit_overheads``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from .overheads import Overheads
-from .units import GiB, round_up
+from .overheads import Overheads, device_from, reserved_from
+from .units import GiB
 
 QUANTITIES: tuple[str, ...] = ("peak_allocated", "peak_reserved", "device")
 FITTED_FOR: dict[str, tuple[str, ...]] = {
@@ -133,16 +132,13 @@ def _peak(sample: Sample, oh: Overheads) -> tuple[float, PhaseTerms]:
 def predict_sample(sample: Sample, oh: Overheads) -> dict[str, float]:
     """Predicted bytes of each quantity, as ``estimate(setup, oh)`` computes them (floats, terms not rounded).
 
-    peak = max over phases of (other + s * activations + workspace); reserved = round_up(peak, block)
-    + f * (s * activations + temporaries at the peak) + fixed (``estimate.reserved_bytes``); device = reserved
-    + context + nccl * peers (``estimate.estimate``).
+    peak = max over phases of (other + s * activations + workspace); reserved and device by the same formulas
+    estimate() uses (``overheads.reserved_from``, ``overheads.device_from``).
     """
     peak, phase = _peak(sample, oh)
     transient = oh.activation_scale * phase.activation_bytes + phase.temporaries_bytes
-    reserved = (round_up(math.ceil(peak), oh.reserved_block_bytes) + oh.reserved_fraction_of_peak * math.ceil(peak)
-                + oh.reserved_fraction_of_transient * transient + oh.reserved_fixed_bytes)
-    nccl = oh.nccl_communicator_bytes + oh.nccl_bytes_per_peer * sample.peers if sample.real_comm else 0
-    device = reserved + oh.cuda_context_bytes + nccl
+    reserved = reserved_from(peak, transient, oh)
+    device = device_from(reserved, oh, peers=sample.peers, real_comm=sample.real_comm)
     return {"peak_allocated": peak, "peak_reserved": reserved, "device": device}
 
 

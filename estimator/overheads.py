@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .datafiles import data_path
-from .units import MiB
+from .units import MiB, round_up
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,26 @@ class Overheads:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def reserved_from(peak_bytes: float, transient_bytes: float, overheads: Overheads) -> float:
+    """Predicted peak reserved: the peak allocation rounded to the allocator's segment size, plus what the cache
+    keeps beyond it.
+
+    c10/cuda/CUDACachingAllocator.cpp rounds large requests up to 2 MiB segments (``kRoundLarge``) and keeps freed
+    blocks cached: a fitted fraction of the peak, a fitted fraction of the transient tensors of varying sizes
+    (activations, temporaries) that leave cached holes, and a fitted constant.
+    """
+    peak = math.ceil(peak_bytes)
+    return (round_up(peak, overheads.reserved_block_bytes) + overheads.reserved_fraction_of_peak * peak
+            + overheads.reserved_fraction_of_transient * transient_bytes + overheads.reserved_fixed_bytes)
+
+
+def device_from(reserved_bytes: float, overheads: Overheads, *, peers: int, real_comm: bool) -> float:
+    """What nvidia-smi shows for the process: reserved + CUDA context + NCCL (a real process group's communicator
+    and its per-peer buffers; none on a fake process group)."""
+    nccl = overheads.nccl_communicator_bytes + overheads.nccl_bytes_per_peer * peers if real_comm else 0
+    return reserved_bytes + overheads.cuda_context_bytes + nccl
 
 
 def calibration_dir() -> Path:

@@ -45,7 +45,14 @@ def _parse_json(text: str, where: str) -> dict:
 
 
 def load_model(name_or_path: str) -> ModelShape:
-    """A ``ModelShape`` from a preset name (``list_presets()``), a config.json, or a directory holding one.
+    """A ``ModelShape`` from a preset name (``list_presets()``), a config.json, or a directory holding one."""
+    label, config = load_config(name_or_path)
+    return shape_from_config(config, label)
+
+
+def load_config(name_or_path: str) -> tuple[str, dict]:
+    """(label, HF config.json dict) of a preset name, a config.json, or a directory holding one; the label is the
+    preset's name or the file's path.
 
     Preset names match case-insensitively. An unknown name raises ValueError with the closest preset names
     (``difflib.get_close_matches``); malformed JSON raises ValueError naming file, line and column.
@@ -54,7 +61,7 @@ def load_model(name_or_path: str) -> ModelShape:
     key = name_or_path.strip().lower()
     if key in presets:
         text = (_models_dir() / f"{key}.json").read_text(encoding="utf-8")
-        return shape_from_config(_parse_json(text, f"preset {key}"), key)
+        return key, _parse_json(text, f"preset {key}")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -65,7 +72,7 @@ def load_model(name_or_path: str) -> ModelShape:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             raise ValueError(f"cannot read model config {str(path)!r}: {err}") from None
-        return shape_from_config(_parse_json(text, str(path)), str(path))
+        return str(path), _parse_json(text, str(path))
     close = difflib.get_close_matches(key, presets, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ValueError(

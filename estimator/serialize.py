@@ -7,7 +7,6 @@ config path; ``setup_from_dict`` loads it again, so a row can be re-estimated wi
 from __future__ import annotations
 
 import difflib
-from dataclasses import fields
 
 from .setup import Optimizer, Parallelism, TrainingSetup, Workload, ZeroConfig
 from .shape import ModelShape
@@ -81,11 +80,7 @@ def setup_from_dict(data: dict, model: ModelShape | None = None, where: str = "s
         gpus = world // nodes
     elif "world_size" in data and int(data["world_size"]) != int(gpus) * nodes:
         raise ValueError(f"{where}: world_size {data['world_size']} != gpus_per_node {gpus} x nodes {nodes}")
-    zero_defaults = {f.name for f in fields(ZeroConfig)}
-    zero = ZeroConfig(
-        stage=_stage(data.get("stage", 0), where),
-        **{k: data[k] for k in _ZERO_KEYS if k in data and k in zero_defaults},
-    )
+    zero = ZeroConfig(stage=_stage(data.get("stage", 0), where), **{k: data[k] for k in _ZERO_KEYS if k in data})
     return TrainingSetup(
         model=model,
         parallel=Parallelism(gpus_per_node=int(gpus), nodes=nodes),

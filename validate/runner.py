@@ -119,12 +119,7 @@ def _model_config(name: str, inline: dict[str, dict], out: Path) -> tuple[str, d
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(inline[name], indent=1))
         return str(path), dict(inline[name])
-    key = name.strip().lower()
-    if key in presets.list_presets():
-        return name, json.loads((presets._models_dir() / f"{key}.json").read_text(encoding="utf-8"))
-    path = Path(name).expanduser()
-    path = path / "config.json" if path.is_dir() else path
-    return name, json.loads(path.read_text(encoding="utf-8"))
+    return name, presets.load_config(name)[1]
 
 
 def predict(setup, *, device: str = "cuda", simulated: bool = False) -> tuple[dict | None, str | None]:
