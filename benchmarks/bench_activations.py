@@ -20,8 +20,8 @@ MODELS = os.path.join(HERE, "..", "data", "models")
 _CHILD = """
 import json, sys, time
 start = time.perf_counter()
-from zeroest.estimator.activations import activation_profile
-from zeroest.estimator.architecture import shape_from_config
+from zeroest.estimator.core.activations import activation_profile
+from zeroest.estimator.core.architecture import shape_from_config
 config = json.load(open(sys.argv[1]))
 shape = shape_from_config(config, "llama-2-70b")
 profile, source = activation_profile(shape, 1, 4096, "bf16", "sdpa", mode="traced", config=config)
@@ -33,8 +33,8 @@ print(json.dumps({"s": elapsed, "source": source, "torch_imported": "torch" in s
 
 def closed_form_per_setup() -> float:
     """Mean seconds per ``closed_form_profile`` call over every preset x attention x two shapes."""
-    from zeroest.estimator.activations import closed_form_profile
-    from zeroest.estimator.architecture import shape_from_config
+    from zeroest.estimator.core.activations import closed_form_profile
+    from zeroest.estimator.core.architecture import shape_from_config
 
     setups = []
     for path in sorted(glob.glob(os.path.join(MODELS, "*.json"))):

@@ -13,7 +13,7 @@ import time
 
 
 def _setup(model: str, gpus: int, seq: int):
-    from zeroest.estimator.setup import Workload
+    from zeroest.estimator.core.setup import Workload
 
     from zeroest import Parallelism, TrainingSetup, load_model
 
@@ -34,8 +34,8 @@ def _median_s(fn, repeats: int) -> float:
 
 
 def bench_plan(model: str, gpu: str, gpus: int, seq: int, global_batch: int | None, limit: int) -> None:
-    from zeroest.estimator.gpus import gpu_presets
-    from zeroest.estimator.plan import PlanRequest, SearchSpace, plan
+    from zeroest.estimator.catalog.gpus import gpu_presets
+    from zeroest.estimator.plan.plan import PlanRequest, SearchSpace, plan
 
     presets = {str(k): v for k, v in gpu_presets().items()}
     req = PlanRequest(
@@ -56,8 +56,8 @@ def bench_plan(model: str, gpu: str, gpus: int, seq: int, global_batch: int | No
 
 
 def bench_max_micro_batch(model: str, gpu: str, gpus: int, seq: int, stage: int) -> None:
-    from zeroest.estimator.gpus import gpu_presets
-    from zeroest.estimator.search import max_micro_batch
+    from zeroest.estimator.catalog.gpus import gpu_presets
+    from zeroest.estimator.plan.search import max_micro_batch
 
     presets = {str(k): v for k, v in gpu_presets().items()}
     setup = _setup(model, gpus, seq).with_stage(stage)
@@ -70,9 +70,9 @@ def bench_max_micro_batch(model: str, gpu: str, gpus: int, seq: int, stage: int)
 
 
 def bench_estimate_parts(model: str) -> None:
-    from zeroest.estimator.activations import activation_profile
-    from zeroest.estimator.architecture import param_tensors
-    from zeroest.estimator.estimate import model_states
+    from zeroest.estimator.core.activations import activation_profile
+    from zeroest.estimator.core.architecture import param_tensors
+    from zeroest.estimator.core.estimate import model_states
 
     from zeroest import estimate
 

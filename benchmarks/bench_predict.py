@@ -31,7 +31,7 @@ def torch_imported_by_cli() -> bool:
 
 
 def estimate_s(repeats: int = 2000) -> float:
-    from zeroest.estimator.setup import Workload
+    from zeroest.estimator.core.setup import Workload
 
     from zeroest import Parallelism, TrainingSetup, ZeroConfig, estimate, standard_shape
 

@@ -11,9 +11,9 @@ import json
 import statistics
 import sys
 
-from zeroest.estimator.architecture import count_params, param_tensors
-from zeroest.estimator.estimate import estimate
-from zeroest.estimator.serialize import setup_from_dict
+from zeroest.estimator.configs.flat import setup_from_dict
+from zeroest.estimator.core.architecture import count_params, param_tensors
+from zeroest.estimator.core.estimate import estimate
 
 DEFAULT = ["data/runs/h100-default/runs.jsonl", "data/runs/h100-holdout/runs.jsonl"]
 

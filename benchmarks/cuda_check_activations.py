@@ -49,8 +49,8 @@ def _fields(profile) -> dict:
 
 def check(name: str, config: dict, b: int, s: int, dtype: str, attn: str, device: str = "cuda") -> dict:
     import torch
-    from zeroest.estimator import profile_cache as pc
-    from zeroest.estimator import tracing as tr
+    from zeroest.estimator.trace import cache as pc
+    from zeroest.estimator.trace import tracer as tr
 
     meta = pc.profile_from_polys(tr.trace_polys(config, dtype, attn, target=device, seq_len=s), b, s, 2)
     torch.manual_seed(0)

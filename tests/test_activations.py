@@ -14,8 +14,8 @@ import logging
 import os
 
 import pytest
-from zeroest.estimator.activations import ActivationProfile, activation_profile, closed_form_profile
-from zeroest.estimator.architecture import shape_from_config
+from zeroest.estimator.core.activations import ActivationProfile, activation_profile, closed_form_profile
+from zeroest.estimator.core.architecture import shape_from_config
 
 B, S = 2, 16
 """The real CPU runs' micro-batch and sequence length."""
@@ -51,7 +51,7 @@ def _shape(name: str, config: dict):
 def _cache(tmp_path, monkeypatch):
     """Every test traces into its own cache directory."""
     monkeypatch.setenv("ZEROEST_CACHE_DIR", str(tmp_path / "profiles"))
-    from zeroest.estimator import tracing
+    from zeroest.estimator.trace import tracer as tracing
 
     monkeypatch.setattr(tracing, "_MEMO", {})
 
@@ -154,7 +154,8 @@ def test_closed_form_mode_needs_no_torch():
 def _torch():
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from zeroest.estimator import profile_cache, tracing
+    from zeroest.estimator.trace import cache as profile_cache
+    from zeroest.estimator.trace import tracer as tracing
 
     return torch, tracing, profile_cache
 
@@ -334,7 +335,7 @@ def test_traced_profile_is_cached_on_disk(tmp_path, monkeypatch):
 
 
 def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
-    from zeroest.estimator.profile_cache import cache_dir
+    from zeroest.estimator.trace.cache import cache_dir
 
     assert cache_dir() == tmp_path / "profiles"
     monkeypatch.delenv("ZEROEST_CACHE_DIR")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from zeroest.estimator.architecture import COMPONENTS, count_params, param_tensors, shape_from_config
-from zeroest.estimator.presets import list_presets, load_model
+from zeroest.estimator.catalog.models import list_presets, load_model
+from zeroest.estimator.core.architecture import COMPONENTS, count_params, param_tensors, shape_from_config
 
 # Parameter counts published by the model authors (model cards / papers), or printed by HF for the checkpoint.
 PUBLISHED_TOTALS = {
@@ -100,7 +100,7 @@ def _hf_named_parameters(config: dict) -> list[tuple[str, int]]:
 def _preset_config(name: str) -> dict:
     import json
 
-    from zeroest.estimator.presets import _models_dir
+    from zeroest.estimator.catalog.models import _models_dir
 
     return json.loads((_models_dir() / f"{name}.json").read_text())
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 from typer.testing import CliRunner
-from zeroest.estimator.estimate import estimate
-from zeroest.estimator.presets import standard_shape
-from zeroest.estimator.setup import Parallelism, TrainingSetup, Workload, ZeroConfig
+from zeroest.estimator.catalog.models import standard_shape
+from zeroest.estimator.core.estimate import estimate
+from zeroest.estimator.core.setup import Parallelism, TrainingSetup, Workload, ZeroConfig
 from zeroest.estimator.units import GiB
 
 from zeroest.cli import app

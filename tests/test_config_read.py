@@ -10,13 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from zeroest.estimator.config_files import read_json, read_yaml
-from zeroest.estimator.config_keys import ACCELERATE_KEYS, OFFLOAD_KEYS, ZERO_KEYS
-from zeroest.estimator.config_read import resolve_auto, setup_from_configs
-from zeroest.estimator.config_write import accelerate_config, accelerate_yaml
-from zeroest.estimator.dsconfig import ds_config
-from zeroest.estimator.presets import load_model
-from zeroest.estimator.setup import Optimizer, Parallelism, TrainingSetup, Workload, ZeroConfig
+from zeroest.estimator.catalog.models import load_model
+from zeroest.estimator.configs.accelerate_write import accelerate_config, accelerate_yaml
+from zeroest.estimator.configs.ds_write import ds_config
+from zeroest.estimator.configs.files import read_json, read_yaml
+from zeroest.estimator.configs.keys import ACCELERATE_KEYS, OFFLOAD_KEYS, ZERO_KEYS
+from zeroest.estimator.configs.read import resolve_auto, setup_from_configs
+from zeroest.estimator.core.setup import Optimizer, Parallelism, TrainingSetup, Workload, ZeroConfig
 
 LLAMA = load_model("llama-3-8b")
 AUTO = {

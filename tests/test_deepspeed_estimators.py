@@ -6,11 +6,11 @@ gradients, fp32 master, Adam states per partition). stage3.py ``estimate_zero3_m
 """
 
 import pytest
-from zeroest.estimator.architecture import count_params, param_tensors
-from zeroest.estimator.estimate import estimate
-from zeroest.estimator.model_states import stage2_grad_numel
-from zeroest.estimator.presets import load_model
-from zeroest.estimator.setup import Parallelism, TrainingSetup, Workload, ZeroConfig
+from zeroest.estimator.catalog.models import load_model
+from zeroest.estimator.core.architecture import count_params, param_tensors
+from zeroest.estimator.core.estimate import estimate
+from zeroest.estimator.core.model_states import stage2_grad_numel
+from zeroest.estimator.core.setup import Parallelism, TrainingSetup, Workload, ZeroConfig
 
 
 def step_model_states(setup: TrainingSetup) -> int:

@@ -1,8 +1,8 @@
 """Our table of DeepSpeed's ZeRO defaults equals DeepSpeed's own config model, so drift is caught."""
 
 import pytest
-from zeroest.estimator.defaults import DEEPSPEED_ZERO_DEFAULTS
-from zeroest.estimator.setup import ZeroConfig, ZeroStage
+from zeroest.estimator.core.defaults import DEEPSPEED_ZERO_DEFAULTS
+from zeroest.estimator.core.setup import ZeroConfig, ZeroStage
 
 
 def test_defaults_match_deepspeed_zero_config():

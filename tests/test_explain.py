@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from zeroest.estimator.estimate import estimate
-from zeroest.estimator.explain import explain, knob_changes, knobs
-from zeroest.estimator.presets import load_model
-from zeroest.estimator.setup import Optimizer, Parallelism, TrainingSetup, Workload, ZeroConfig
+from zeroest.estimator.catalog.models import load_model
+from zeroest.estimator.core.estimate import estimate
+from zeroest.estimator.core.setup import Optimizer, Parallelism, TrainingSetup, Workload, ZeroConfig
+from zeroest.estimator.plan.explain import explain, knob_changes, knobs
 from zeroest.estimator.units import format_gib
 
 MODEL = load_model("qwen2.5-0.5b")

@@ -8,11 +8,11 @@ the estimator's named terms. Exact: DeepSpeed's allocations are deterministic.
 from __future__ import annotations
 
 import pytest
-from zeroest.estimator.architecture import param_tensors, shape_from_config
-from zeroest.estimator.estimate import model_states
-from zeroest.estimator.model_states import FP32, flat_group_numel, stage2_grad_numel
-from zeroest.estimator.setup import DTYPE_BYTES, Optimizer, Parallelism, TrainingSetup, Workload, ZeroConfig
-from zeroest.estimator.stage3 import partition_numel
+from zeroest.estimator.core.architecture import param_tensors, shape_from_config
+from zeroest.estimator.core.estimate import model_states
+from zeroest.estimator.core.model_states import FP32, flat_group_numel, stage2_grad_numel
+from zeroest.estimator.core.setup import DTYPE_BYTES, Optimizer, Parallelism, TrainingSetup, Workload, ZeroConfig
+from zeroest.estimator.core.stage3 import partition_numel
 
 pytestmark = pytest.mark.deepspeed
 

@@ -1,7 +1,7 @@
 """Paper mode reproduces the ZeRO paper (arXiv 1910.02054): Figure 1 and every cell of Table 1."""
 
 import pytest
-from zeroest.estimator.paper import paper_reduction, paper_states
+from zeroest.estimator.core.paper import paper_reduction, paper_states
 from zeroest.estimator.units import GB
 
 # Figure 1: Psi = 7.5B, N_d = 64, K = 12 -> 120, 31.4, 16.6, 1.9 GB per device.

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from zeroest.estimator.estimate import estimate
-from zeroest.estimator.gpus import Gpu
-from zeroest.estimator.plan import (
+from zeroest.estimator.catalog.gpus import Gpu
+from zeroest.estimator.catalog.models import load_model
+from zeroest.estimator.core.estimate import estimate
+from zeroest.estimator.core.setup import Parallelism, TrainingSetup, Workload, ZeroStage
+from zeroest.estimator.plan.plan import (
     PlanRequest,
     SearchSpace,
     _setup,
@@ -16,10 +18,8 @@ from zeroest.estimator.plan import (
     plan,
     zero_groups,
 )
-from zeroest.estimator.presets import load_model
-from zeroest.estimator.search import budget_bytes, min_gpus
-from zeroest.estimator.setup import Parallelism, TrainingSetup, Workload, ZeroStage
-from zeroest.estimator.speed import HARDWARE, comm_bytes, compute_flops, offload_seconds, step_time
+from zeroest.estimator.plan.search import budget_bytes, min_gpus
+from zeroest.estimator.plan.speed import HARDWARE, comm_bytes, compute_flops, offload_seconds, step_time
 from zeroest.estimator.units import GiB
 
 PYTHIA = load_model("pythia-410m")

@@ -6,10 +6,10 @@ import json
 
 import pytest
 from typer.testing import CliRunner
-from zeroest.estimator.config_read import setup_from_configs
-from zeroest.estimator.estimate import estimate
-from zeroest.estimator.presets import load_model
-from zeroest.estimator.serialize import setup_from_dict
+from zeroest.estimator.catalog.models import load_model
+from zeroest.estimator.configs.flat import setup_from_dict
+from zeroest.estimator.configs.read import setup_from_configs
+from zeroest.estimator.core.estimate import estimate
 from zeroest.estimator.units import GiB
 
 from zeroest.cli import app

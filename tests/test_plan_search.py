@@ -7,9 +7,16 @@ from dataclasses import replace
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from zeroest.estimator.estimate import estimate
-from zeroest.estimator.presets import load_model
-from zeroest.estimator.search import (
+from zeroest.estimator.catalog.models import load_model
+from zeroest.estimator.core.estimate import estimate
+from zeroest.estimator.core.setup import (
+    Optimizer,
+    Parallelism,
+    TrainingSetup,
+    Workload,
+    ZeroConfig,
+)
+from zeroest.estimator.plan.search import (
     CachedEstimator,
     budget_bytes,
     largest_true,
@@ -17,13 +24,6 @@ from zeroest.estimator.search import (
     max_seq_len,
     min_gpus,
     smallest_true,
-)
-from zeroest.estimator.setup import (
-    Optimizer,
-    Parallelism,
-    TrainingSetup,
-    Workload,
-    ZeroConfig,
 )
 from zeroest.estimator.units import GiB, MiB
 

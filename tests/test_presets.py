@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from zeroest.estimator.architecture import count_params
-from zeroest.estimator.presets import (
+from zeroest.estimator.catalog.models import (
     GPT3_TABLE,
     INTERMEDIATE_MULTIPLES,
     STANDARD_VOCAB,
@@ -18,6 +17,7 @@ from zeroest.estimator.presets import (
     load_model,
     standard_shape,
 )
+from zeroest.estimator.core.architecture import count_params
 
 EXPECTED_PRESETS = [
     "gemma-2b", "gpt2", "gpt2-large", "gpt2-medium", "gpt2-xl", "llama-2-13b", "llama-2-70b",

@@ -2,11 +2,11 @@
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from zeroest.estimator.architecture import count_params, param_tensors
-from zeroest.estimator.estimate import model_states
-from zeroest.estimator.model_states import flat_group_numel
-from zeroest.estimator.presets import load_model, standard_shape
-from zeroest.estimator.setup import (
+from zeroest.estimator.catalog.models import load_model, standard_shape
+from zeroest.estimator.core.architecture import count_params, param_tensors
+from zeroest.estimator.core.estimate import model_states
+from zeroest.estimator.core.model_states import flat_group_numel
+from zeroest.estimator.core.setup import (
     Optimizer,
     Parallelism,
     TrainingSetup,

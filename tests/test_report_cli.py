@@ -17,9 +17,9 @@ from test_report_support import (  # noqa: F401
     write_rows,
 )
 from typer.testing import CliRunner
-from zeroest.estimator.fit import FITTED_FOR
 
-from zeroest.cmd_report import report
+from zeroest.cli.report import report
+from zeroest.report.fit import FITTED_FOR
 
 # The command as zeroest/cli.py registers it, alone, so these tests do not depend on the other commands.
 app = typer.Typer()
@@ -115,7 +115,7 @@ def test_markdown_links_the_plots_and_lists_skipped_rows(fitted):
 
 
 def test_oom_and_skipped_rows_are_reported(fitted):
-    from zeroest.estimator.estimate import estimate
+    from zeroest.estimator.core.estimate import estimate
 
     summary, _ = fitted
     # the OOM row (gpt2-medium, stage 0, micro-batch 64): did the estimate (defaults) say it would not fit?

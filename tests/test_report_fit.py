@@ -7,9 +7,12 @@ from dataclasses import replace
 
 import pytest
 from test_report_support import MODELS, TRUE_OVERHEADS, closed_form, make_setup, synthetic_grid  # noqa: F401
-from zeroest.estimator import fit
-from zeroest.estimator.errors import error_stats, relative_error
-from zeroest.estimator.fit import (
+from zeroest.estimator.core.overheads import Overheads
+from zeroest.estimator.units import MiB
+
+from zeroest.report import fit
+from zeroest.report.errors import error_stats, relative_error
+from zeroest.report.fit import (
     BASIS_SCALES,
     FITTED_FOR,
     NEUTRAL,
@@ -20,14 +23,12 @@ from zeroest.estimator.fit import (
     predict_sample,
     terms_from_estimates,
 )
-from zeroest.estimator.overheads import Overheads
-from zeroest.estimator.units import MiB
 
 pytestmark = pytest.mark.usefixtures("closed_form")
 
 
 def _sample(setup, measured_with: Overheads | None = None, key: str = "row", simulated: bool = False) -> Sample:
-    from zeroest.estimator.estimate import estimate
+    from zeroest.estimator.core.estimate import estimate
 
     measured = {}
     if measured_with is not None:
@@ -66,7 +67,7 @@ def samples() -> list[Sample]:
     ("qwen2.5-0.5b", 1, 2, True),
 ])
 def test_fast_model_matches_estimate(overheads, model, stage, world, ckpt):
-    from zeroest.estimator.estimate import estimate
+    from zeroest.estimator.core.estimate import estimate
 
     setup = make_setup(model, stage, world, grad_ckpt=ckpt)
     e = estimate(setup, overheads)
@@ -155,8 +156,8 @@ def test_error_statistics():
 
 def test_synthetic_grid_is_exact_under_true_overheads():
     """The synthetic rows really are estimate(setup, TRUE_OVERHEADS): the premise of every report test."""
-    from zeroest.estimator.estimate import estimate
-    from zeroest.estimator.serialize import setup_from_dict
+    from zeroest.estimator.configs.flat import setup_from_dict
+    from zeroest.estimator.core.estimate import estimate
 
     row = synthetic_grid(models=("gpt2",), stages=(2,), worlds=(4,))[0]
     e = estimate(setup_from_dict(row["setup"]), TRUE_OVERHEADS, simulated=row["simulated"])

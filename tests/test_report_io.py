@@ -14,10 +14,10 @@ from test_report_support import (  # noqa: F401
     synthetic_row,
     write_rows,
 )
-from zeroest.estimator.calibration import calibration_name, find_calibration, gpu_slug, short_version
+from zeroest.estimator.catalog.calibration import calibration_name, find_calibration, gpu_slug, short_version
 
-from zeroest.report_join import measured_phase_peaks
-from zeroest.runs_io import load_runs, measured_reductions, runs_files
+from zeroest.report.join import measured_phase_peaks
+from zeroest.report.runs import load_runs, measured_reductions, runs_files
 
 pytestmark = pytest.mark.usefixtures("closed_form")
 

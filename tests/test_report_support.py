@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from zeroest.estimator.overheads import Overheads
+from zeroest.estimator.core.overheads import Overheads
 from zeroest.estimator.units import GiB, MiB
 
 TRUE_OVERHEADS = Overheads(
@@ -29,12 +29,12 @@ VERSIONS = {"python": "3.11.7", "torch": "2.5.1+cu124", "cuda": "12.4", "driver"
 @pytest.fixture(scope="module")
 def closed_form():
     """estimate() importable; the synthetic setups ask for closed-form activations (fast, no tracing)."""
-    return importlib.import_module("zeroest.estimator.estimate")
+    return importlib.import_module("zeroest.estimator.core.estimate")
 
 
 def make_setup(model: str, stage: int, world: int, **workload):
-    from zeroest.estimator.presets import load_model
-    from zeroest.estimator.setup import Parallelism, TrainingSetup, Workload, ZeroConfig
+    from zeroest.estimator.catalog.models import load_model
+    from zeroest.estimator.core.setup import Parallelism, TrainingSetup, Workload, ZeroConfig
 
     w = {"micro_batch": 2, "seq_len": 512, "activations": "closed-form", **workload}
     return TrainingSetup(model=load_model(model), parallel=Parallelism(gpus_per_node=world),
@@ -46,8 +46,8 @@ def synthetic_row(setup, overheads: Overheads = TRUE_OVERHEADS, *, simulated: bo
                   step_time_s: float = 1.0) -> dict:
     """A runs.jsonl row whose "measured" numbers are estimate(setup, overheads) (prediction made with
     defaults)."""
-    from zeroest.estimator.estimate import estimate
-    from zeroest.estimator.serialize import setup_to_dict
+    from zeroest.estimator.configs.flat import setup_to_dict
+    from zeroest.estimator.core.estimate import estimate
 
     truth = estimate(setup, overheads, simulated=simulated)
     phases = {"build": {"peak_allocated_bytes": 1}}

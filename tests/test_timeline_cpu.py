@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import pytest
 from test_model_states_deepspeed import SMALL, setup_for
-from zeroest.estimator.architecture import count_params
-from zeroest.estimator.estimate import estimate
-from zeroest.estimator.setup import DTYPE_BYTES, Workload
+from zeroest.estimator.core.architecture import count_params
+from zeroest.estimator.core.estimate import estimate
+from zeroest.estimator.core.setup import DTYPE_BYTES, Workload
 
 pytestmark = pytest.mark.deepspeed
 

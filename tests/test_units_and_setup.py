@@ -1,7 +1,7 @@
 """Parsing sizes and counts, and the setup's validation: one actionable message per bad input."""
 
 import pytest
-from zeroest.estimator.architecture import shape_from_config
+from zeroest.estimator.core.architecture import shape_from_config
 from zeroest.estimator.units import GB, GiB, parse_bytes, parse_count
 
 TINY_LLAMA = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2,
@@ -36,7 +36,7 @@ def test_parse_bytes_rejects():
 
 
 def test_setup_rejects(tiny_shape):
-    from zeroest.estimator.setup import Optimizer, Parallelism, TrainingSetup, Workload, ZeroConfig
+    from zeroest.estimator.core.setup import Optimizer, Parallelism, TrainingSetup, Workload, ZeroConfig
 
     with pytest.raises(ValueError, match="--gpus"):
         Parallelism(gpus_per_node=0)

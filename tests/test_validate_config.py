@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from zeroest.estimator.dsconfig import FP16_INITIAL_SCALE_POWER, GRADIENT_CLIPPING, ds_config
-from zeroest.estimator.serialize import setup_from_dict
+from zeroest.estimator.configs.ds_write import FP16_INITIAL_SCALE_POWER, GRADIENT_CLIPPING, ds_config
+from zeroest.estimator.configs.flat import setup_from_dict
 from zeroest.validate.launch import (
     LaunchOptions,
     accelerate_config_yaml,
@@ -118,7 +118,7 @@ def test_logging_off_and_clipping():
 
 
 def test_dsconfig_imports_no_torch():
-    code = "import sys, zeroest.estimator.dsconfig; print('torch' in sys.modules, 'deepspeed' in sys.modules)"
+    code = "import sys, zeroest.estimator.configs.ds_write; print('torch' in sys.modules, 'deepspeed' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 

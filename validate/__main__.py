@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from zeroest.cmd_validate import validate
+from zeroest.cli.validate import validate
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 app.command()(validate)

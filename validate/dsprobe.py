@@ -25,7 +25,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from .dsprobe_introspect import CATEGORIES, categorize, walk_storages
+from zeroest.validate.dsprobe_introspect import CATEGORIES, categorize, walk_storages
 
 logger = logging.getLogger(__name__)
 
@@ -185,9 +185,8 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
     import deepspeed
     import torch
     import torch.distributed as dist
-
-    from .fakepg import init_fake_world
-    from .memtrack import LiveBytes
+    from zeroest.validate.fakepg import init_fake_world
+    from zeroest.validate.memtrack import LiveBytes
 
     if not dist.is_initialized() or dist.get_backend() == "fake":
         init_fake_world(config.rank, config.world_size)

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from zeroest.estimator.datafiles import data_path
-from zeroest.estimator.serialize import SETUP_KEYS
+from zeroest.estimator.catalog.files import data_path
+from zeroest.estimator.configs.flat import SETUP_KEYS
 
 RUN_KEYS: tuple[str, ...] = ("simulate",)
 """Keys of a grid entry that are not setup keys."""

@@ -151,7 +151,7 @@ class CpuMeter(Meter):
     counters."""
 
     def __init__(self) -> None:
-        from .memtrack import LiveBytes
+        from zeroest.validate.memtrack import LiveBytes
 
         self.device = torch.device("cpu")
         self.phases = {}

@@ -159,7 +159,7 @@ def make_rows(
 
 def measured_reductions(runs_path) -> dict:
     """Stage-0 peak over each stage's peak, from runs files (``zeroest claims --runs``); the work is
-    ``zeroest.runs_io.measured_reductions``."""
-    from zeroest.runs_io import measured_reductions as reductions
+    ``zeroest.report.runs.measured_reductions``."""
+    from zeroest.report.runs import measured_reductions as reductions
 
     return reductions(runs_path)

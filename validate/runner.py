@@ -22,12 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zeroest.estimator.dsconfig import ds_config
-from zeroest.estimator.serialize import setup_from_dict, setup_to_dict
-
-from .grid import GridEntry
-from .jobs import Job, Run, Slots, rough_need_bytes
-from .launch import (
+from zeroest.estimator.configs.ds_write import ds_config
+from zeroest.estimator.configs.flat import setup_from_dict, setup_to_dict
+from zeroest.validate.grid import GridEntry
+from zeroest.validate.jobs import Job, Run, Slots, rough_need_bytes
+from zeroest.validate.launch import (
     LaunchOptions,
     accelerate_config_yaml,
     child_env,
@@ -35,7 +34,7 @@ from .launch import (
     free_port,
     launch_command,
 )
-from .results import RUNS_FILE, append_rows, check_version, done_keys, drop_runs, make_rows, read_rows
+from zeroest.validate.results import RUNS_FILE, append_rows, check_version, done_keys, drop_runs, make_rows, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +111,7 @@ def run_key(setup: dict, simulated: bool, launcher: str, device: str) -> str:
 def _model_config(name: str, inline: dict[str, dict], out: Path) -> tuple[str, dict]:
     """(model as the setup names it, HF config dict); inline grid models are written to
     OUT/models/<name>.json."""
-    from zeroest.estimator import presets
+    from zeroest.estimator.catalog import models as presets
 
     if name in inline:
         path = out / "models" / f"{name}.json"
@@ -126,7 +125,7 @@ def predict(setup, *, device: str = "cuda", simulated: bool = False) -> tuple[di
     """``Estimate.to_dict()`` of the setup as this run executes it (CPU or CUDA, fake or real process group), or
     (None, why) when the estimator fails."""
     try:
-        from zeroest.estimator.estimate import estimate
+        from zeroest.estimator.core.estimate import estimate
 
         return estimate(setup, device="cpu" if device == "cpu" else "cuda", simulated=simulated).to_dict(), None
     except Exception as exc:  # noqa: BLE001 - a broken estimate must not stop the measurement
@@ -168,7 +167,7 @@ def plan(entries: list[GridEntry], models: dict[str, dict], opts: ValidateOption
         }
         fallback = None
         if prediction is None:
-            from zeroest.estimator.architecture import count_params
+            from zeroest.estimator.core.architecture import count_params
 
             fallback = rough_need_bytes(count_params(setup.model).total, flat, setup.model.vocab_size)
         runs[key] = Run(

@@ -126,8 +126,7 @@ def _init_distributed(spec: dict, world_size: int) -> None:
     if spec["simulated"]:
         import torch.distributed as dist
         from torch.testing._internal.distributed.fake_pg import FakeStore
-
-        from .fakepg import init_fake_world
+        from zeroest.validate.fakepg import init_fake_world
 
         # One rank alone on this host: LOCAL_SIZE=1 keeps DeepSpeed's CPU shared-memory allreduce
         # (deepspeed/comm/torch.py TorchBackend -> shm_interface.cpp initialize) from waiting for the other
@@ -173,7 +172,7 @@ def _steps(spec: dict, engine, meter, result: dict, rank_file: RankFile) -> list
 
 
 def _finish(result: dict, meter, spec: dict, step_times: list[float]) -> None:
-    from .measure import summarize
+    from zeroest.validate.measure import summarize
 
     measured = result["measured"]
     phases = meter.phases
@@ -221,7 +220,7 @@ def _train(spec: dict, meter, result: dict, rank_file: RankFile) -> None:
 
 def _environment(spec: dict) -> None:
     """Rank variables for a simulated rank 0 and the arch list DeepSpeed's JIT builds need."""
-    from .launch import fix_arch_list
+    from zeroest.validate.launch import fix_arch_list
 
     if spec["simulated"]:
         os.environ.update(
@@ -245,8 +244,7 @@ def _environment(spec: dict) -> None:
 def run_spec(spec: dict) -> int:
     """Run one rank of the spec's run; write ``rank<R>.json``; return the exit code."""
     import torch
-
-    from .measure import CpuMeter, Meter, is_oom
+    from zeroest.validate.measure import CpuMeter, Meter, is_oom
 
     _environment(spec)
     rank = int(os.environ.get("RANK", 0))
@@ -280,7 +278,7 @@ def run_spec(spec: dict) -> int:
             if isinstance(exc, KeyboardInterrupt):
                 raise
     if code != EXIT_OK:
-        from .measure import summarize
+        from zeroest.validate.measure import summarize
 
         result["measured"].update(summarize(meter.phases))
     result["complete"] = code == EXIT_OK

@@ -16,18 +16,18 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Estimate": "zeroest.estimator.estimate",
-    "estimate": "zeroest.estimator.estimate",
-    "Overheads": "zeroest.estimator.overheads",
-    "Optimizer": "zeroest.estimator.setup",
-    "Parallelism": "zeroest.estimator.setup",
-    "TrainingSetup": "zeroest.estimator.setup",
-    "Workload": "zeroest.estimator.setup",
-    "ZeroConfig": "zeroest.estimator.setup",
-    "ZeroStage": "zeroest.estimator.setup",
-    "ModelShape": "zeroest.estimator.shape",
-    "load_model": "zeroest.estimator.presets",
-    "standard_shape": "zeroest.estimator.presets",
+    "Estimate": "zeroest.estimator.core.estimate",
+    "estimate": "zeroest.estimator.core.estimate",
+    "Overheads": "zeroest.estimator.core.overheads",
+    "Optimizer": "zeroest.estimator.core.setup",
+    "Parallelism": "zeroest.estimator.core.setup",
+    "TrainingSetup": "zeroest.estimator.core.setup",
+    "Workload": "zeroest.estimator.core.setup",
+    "ZeroConfig": "zeroest.estimator.core.setup",
+    "ZeroStage": "zeroest.estimator.core.setup",
+    "ModelShape": "zeroest.estimator.core.shape",
+    "load_model": "zeroest.estimator.catalog.models",
+    "standard_shape": "zeroest.estimator.catalog.models",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -1,0 +1,105 @@
+"""The ds_config.json DeepSpeed needs to train a ``TrainingSetup``: what ``validate`` hands to
+``deepspeed.initialize``.
+
+Pure: no torch or deepspeed import. Key names are DeepSpeed's own (``deepspeed/runtime/config.py``,
+``deepspeed/runtime/zero/config.py`` ``DeepSpeedZeroConfig``, ``deepspeed/runtime/zero/offload_config.py``).
+
+Optimizer choice, as ``deepspeed/runtime/engine.py`` ``_configure_basic_optimizer`` reads it:
+
+* impl ``fused``: ``{"type": "AdamW"}`` with nothing else gives DeepSpeed's FusedAdam (multi-tensor CUDA
+  kernel).
+* impl ``torch``: ``"torch_adam": true`` gives ``torch.optim.AdamW`` (foreach by default).
+* impl ``cpu``: an offloaded optimizer makes DeepSpeed build ``DeepSpeedCPUAdam`` itself
+  (``zero_use_cpu_optimizer``).
+* sgd / sgd-momentum / adafactor are not DeepSpeed names; DeepSpeed falls back to ``torch.optim.<type>``.
+"""
+
+from __future__ import annotations
+
+from zeroest.estimator.core.setup import TrainingSetup, ZeroStage
+
+LEARNING_RATE = 1e-4
+"""Learning rate of the synthetic runs; memory does not depend on it."""
+GRADIENT_CLIPPING = 1.0
+"""``gradient_clipping``: clipping computes a global norm, which DeepSpeed does in every real job we model."""
+STEPS_PER_PRINT = 10**9
+"""Large, so DeepSpeed never logs a step (logging syncs and allocates)."""
+FP16_INITIAL_SCALE_POWER = 8
+"""fp16 starts at loss scale 2**8, not DeepSpeed's 2**16, so fewer of the first steps overflow and are skipped
+(a skipped step still allocates everything a real one does in ZeRO 1-3, whose optimizer states exist from
+init)."""
+
+_TORCH_OPTIMIZERS = {
+    "sgd": ("SGD", {"momentum": 0.0}),
+    "sgd-momentum": ("SGD", {"momentum": 0.9}),
+    "adafactor": ("Adafactor", {}),
+}
+
+
+def _optimizer_section(setup: TrainingSetup) -> dict:
+    name, impl = setup.optimizer.name, setup.optimizer.impl
+    if name in _TORCH_OPTIMIZERS:
+        type_name, extra = _TORCH_OPTIMIZERS[name]
+        return {"type": type_name, "params": {"lr": LEARNING_RATE, **extra}}
+    params: dict = {"lr": LEARNING_RATE, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
+    if impl == "torch":
+        params["torch_adam"] = True
+    return {"type": "AdamW" if name == "adamw" else "Adam", "params": params}
+
+
+def _offload(device: str, pin_memory: bool, nvme_path: str | None) -> dict:
+    section: dict = {"device": device, "pin_memory": pin_memory}
+    if device == "nvme":
+        section["nvme_path"] = nvme_path or "/local_nvme"
+    return section
+
+
+def _zero_section(setup: TrainingSetup, nvme_path: str | None) -> dict:
+    zero = setup.zero
+    section: dict = {
+        "stage": int(zero.stage),
+        "overlap_comm": zero.overlap,
+        "contiguous_gradients": zero.contiguous_gradients,
+        "reduce_bucket_size": zero.reduce_bucket_size,
+        "allgather_bucket_size": zero.allgather_bucket_size,
+    }
+    if zero.stage >= ZeroStage.PARAMETERS:
+        section.update(
+            {
+                "stage3_prefetch_bucket_size": zero.prefetch_bucket_size,
+                "stage3_max_live_parameters": zero.max_live_parameters,
+                "stage3_param_persistence_threshold": zero.param_persistence_threshold,
+                "sub_group_size": zero.sub_group_size,
+            }
+        )
+    if zero.offload_optimizer != "none":
+        section["offload_optimizer"] = _offload(zero.offload_optimizer, zero.pin_memory, nvme_path)
+    if zero.offload_params != "none":
+        section["offload_param"] = _offload(zero.offload_params, zero.pin_memory, nvme_path)
+    return section
+
+
+def ds_config(setup: TrainingSetup, *, nvme_path: str | None = None) -> dict:
+    """The ds_config dict for ``setup``: batch sizes, precision, optimizer and every ZeRO knob zeroest models.
+
+    ``train_batch_size = micro_batch * grad_accum * N_d`` (DeepSpeed checks this identity at init,
+    ``deepspeed/runtime/config.py`` ``_batch_assertion``). ``nvme_path`` is where NVMe offload swaps.
+    """
+    work = setup.workload
+    config: dict = {
+        "train_micro_batch_size_per_gpu": work.micro_batch,
+        "gradient_accumulation_steps": work.grad_accum,
+        "train_batch_size": work.micro_batch * work.grad_accum * setup.world_size,
+        "bf16": {"enabled": setup.dtype == "bf16"},
+        "fp16": {"enabled": setup.dtype == "fp16"},
+        "zero_optimization": _zero_section(setup, nvme_path),
+        "optimizer": _optimizer_section(setup),
+        "gradient_clipping": GRADIENT_CLIPPING,
+        "steps_per_print": STEPS_PER_PRINT,
+        "wall_clock_breakdown": False,
+    }
+    if setup.dtype == "fp16":
+        config["fp16"].update({"loss_scale": 0, "initial_scale_power": FP16_INITIAL_SCALE_POWER})
+    if setup.optimizer.name not in ("adam", "adamw"):
+        config["zero_allow_untested_optimizer"] = True
+    return config

@@ -1,0 +1,302 @@
+"""Read a real ds_config.json (and an accelerate config YAML) into the ``TrainingSetup`` they would train.
+
+``base`` stands in for what the files leave open, the way the HF Trainer's ``TrainingArguments`` do: the
+model, world size, micro-batch (``per_device_train_batch_size``), accumulation, precision, sequence,
+checkpointing. "auto" values are resolved as transformers/integrations/deepspeed.py
+``HfTrainerDeepSpeedConfig`` does (``trainer_config_process`` and ``trainer_config_finalize``), accelerate's
+``deepspeed_config`` section as accelerate/utils/dataclasses.py ``DeepSpeedPlugin.__post_init__`` does.
+Conflicts the tools would stop on, and keys neither knows, come back as warnings (one line each) next to the
+setup.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from zeroest.estimator.configs.accelerate import accelerate_ds_config, accelerate_world, read_accelerate
+from zeroest.estimator.configs.files import read_json, unknown_key_warnings, whole_number
+from zeroest.estimator.configs.keys import DS_KEYS, OFFLOAD_KEYS, ZERO_KEYS
+from zeroest.estimator.core.setup import Optimizer, TrainingSetup, Workload, ZeroConfig
+
+log = logging.getLogger(__name__)
+
+BASE_KEYS: tuple[str, ...] = (
+    "model",
+    "gpus_per_node",
+    "nodes",
+    "micro_batch",
+    "grad_accum",
+    "seq_len",
+    "grad_ckpt",
+    "attn",
+    "activations",
+    "dtype",
+    "optimizer",
+    "max_grad_norm",
+)
+"""Keys ``base`` may hold; ``model`` (a ModelShape) is required."""
+
+
+def _ds_key_warnings(config: dict, where: str) -> list[str]:
+    warnings = unknown_key_warnings(config, DS_KEYS, where, "DeepSpeed ignores unknown top-level keys")
+    zero = config.get("zero_optimization")
+    if isinstance(zero, dict):
+        warnings += unknown_key_warnings(
+            zero, ZERO_KEYS, f"{where} zero_optimization", "DeepSpeedZeroConfig rejects it at init"
+        )
+        for name in ("offload_optimizer", "offload_param"):
+            if isinstance(zero.get(name), dict):
+                warnings += unknown_key_warnings(
+                    zero[name],
+                    OFFLOAD_KEYS[name],
+                    f"{where} zero_optimization.{name}",
+                    "DeepSpeed rejects it at init",
+                )
+    return warnings
+
+
+def _node(config: dict, dotted: str) -> tuple[dict | None, str]:
+    """(the dict holding the last key, that key): ``HfDeepSpeedConfig.find_config_node``."""
+    *parents, key = dotted.split(".")
+    for name in parents:
+        config = config.get(name)
+        if not isinstance(config, dict):
+            return None, key
+    return config, key
+
+
+def _fill(config: dict, dotted: str, value) -> None:
+    """Replace an "auto" value (``HfTrainerDeepSpeedConfig.fill_match`` / ``fill_only``)."""
+    node, key = _node(config, dotted)
+    if node is not None and node.get(key) == "auto":
+        node[key] = value
+
+
+def resolve_auto(
+    config: dict,
+    *,
+    hidden_size: int,
+    micro_batch: int,
+    grad_accum: int,
+    world_size: int,
+    dtype: str,
+    max_grad_norm: float = 1.0,
+) -> dict:
+    """A copy of ``config`` with the "auto" values zeroest models filled in as the HF Trainer fills them.
+
+    ``trainer_config_process``: ``train_micro_batch_size_per_gpu`` = per-device batch,
+    ``gradient_accumulation_steps`` = accumulation, ``train_batch_size`` = world x micro x accumulation (from
+    the arguments, not from the file), ``gradient_clipping`` = max_grad_norm, ``fp16.enabled`` /
+    ``bf16.enabled`` from the precision. ``trainer_config_finalize``: ``reduce_bucket_size`` = h^2, and at
+    stage 3 ``stage3_prefetch_bucket_size`` = int(0.9 h^2) and ``stage3_param_persistence_threshold`` = 10 h,
+    h the model's hidden size.
+    """
+    out = json.loads(json.dumps(config))
+    _fill(out, "train_micro_batch_size_per_gpu", micro_batch)
+    _fill(out, "gradient_accumulation_steps", grad_accum)
+    _fill(out, "train_batch_size", world_size * micro_batch * grad_accum)
+    _fill(out, "gradient_clipping", max_grad_norm)
+    _fill(out, "fp16.enabled", dtype == "fp16")
+    _fill(out, "bf16.enabled", dtype == "bf16")
+    _fill(out, "zero_optimization.reduce_bucket_size", hidden_size * hidden_size)
+    zero = out.get("zero_optimization")
+    if isinstance(zero, dict) and zero.get("stage") == 3:
+        _fill(out, "zero_optimization.stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
+        _fill(out, "zero_optimization.stage3_param_persistence_threshold", 10 * hidden_size)
+    return out
+
+
+def _batch(config: dict, world: int, base: dict, where: str) -> tuple[int, int, list[str]]:
+    """(micro-batch, accumulation, warnings) as runtime/config.py ``_set_batch_related_parameters``."""
+    tbs, mb, ga = (
+        config.get(k)
+        for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+    )
+    tbs, mb, ga = (
+        None if v is None else whole_number(v, k, where)
+        for v, k in (
+            (tbs, "train_batch_size"),
+            (mb, "train_micro_batch_size_per_gpu"),
+            (ga, "gradient_accumulation_steps"),
+        )
+    )
+    warnings = []
+    if mb is None and ga is not None and tbs is not None:
+        mb = tbs // (world * ga)
+    elif ga is None and mb is not None and tbs is not None:
+        ga = tbs // (world * mb)
+    elif mb is None and tbs is not None:
+        mb, ga = tbs // world, 1
+    if mb is None:
+        mb = base.get("micro_batch", 1)
+        warnings.append(
+            f"{where}: sets neither train_batch_size nor train_micro_batch_size_per_gpu (DeepSpeed stops "
+            f"at init); using micro-batch {mb}"
+        )
+    ga = 1 if ga is None else ga
+    if tbs is not None and tbs != mb * ga * world:
+        warnings.append(
+            f"{where}: train_batch_size {tbs} != train_micro_batch_size_per_gpu {mb} x "
+            f"gradient_accumulation_steps {ga} x world size {world} = {mb * ga * world}; DeepSpeed stops "
+            f"at init (runtime/config.py _batch_assertion); using micro-batch {mb}, accumulation {ga}"
+        )
+    if mb < 1 or ga < 1:
+        raise ValueError(
+            f"{where}: micro-batch {mb} and accumulation {ga} must be 1 or more; fix the batch sizes"
+        )
+    return mb, ga, warnings
+
+
+def _enabled(config: dict, name: str) -> bool:
+    section = config.get(name)
+    return isinstance(section, dict) and str(section.get("enabled", False)).lower() == "true"
+
+
+def _precision(config: dict, where: str) -> str:
+    fp16, bf16 = _enabled(config, "fp16"), _enabled(config, "bf16") or _enabled(config, "bfloat16")
+    if fp16 and bf16:
+        raise ValueError(f"{where}: enables both fp16 and bf16; DeepSpeed accepts one, disable the other")
+    return "fp16" if fp16 else "bf16" if bf16 else "fp32"
+
+
+def _offload_device(zero: dict, name: str, legacy: str) -> tuple[str, bool]:
+    section = zero.get(name)
+    if isinstance(section, dict):
+        return str(section.get("device") or "none"), bool(section.get("pin_memory", False))
+    if zero.get(legacy):
+        return "cpu", bool(zero.get("cpu_offload_use_pin_memory", False))
+    return "none", False
+
+
+def _zero(config: dict, where: str) -> ZeroConfig:
+    zero = config.get("zero_optimization") or {}
+    opt_dev, opt_pin = _offload_device(zero, "offload_optimizer", "cpu_offload")
+    par_dev, par_pin = _offload_device(zero, "offload_param", "cpu_offload_param")
+    knobs = {}
+    for ours, theirs in (
+        ("reduce_bucket_size", "reduce_bucket_size"),
+        ("allgather_bucket_size", "allgather_bucket_size"),
+        ("prefetch_bucket_size", "stage3_prefetch_bucket_size"),
+        ("max_live_parameters", "stage3_max_live_parameters"),
+        ("param_persistence_threshold", "stage3_param_persistence_threshold"),
+        ("sub_group_size", "sub_group_size"),
+    ):
+        if zero.get(theirs) not in (None, "auto"):
+            knobs[ours] = whole_number(zero[theirs], f"zero_optimization.{theirs}", where)
+    for flag in ("overlap_comm", "contiguous_gradients"):
+        if zero.get(flag) is not None:
+            knobs[flag] = bool(zero[flag])
+    pinned = [pin for dev, pin in ((opt_dev, opt_pin), (par_dev, par_pin)) if dev != "none"]
+    stage = whole_number(zero.get("stage", 0), "zero_optimization.stage", where)
+    return ZeroConfig(
+        stage=stage,
+        zero_init=stage == 3,  # the HF Trainer and accelerate (zero3_init_flag) build ZeRO-3 models under zero.Init
+        offload_optimizer=opt_dev,
+        offload_params=par_dev,
+        pin_memory=all(pinned) if pinned else True,
+        **knobs,
+    )
+
+
+def _optimizer(config: dict, zero: ZeroConfig, base: dict, warnings: list[str], where: str) -> Optimizer:
+    section = config.get("optimizer")
+    offload = zero.offload_optimizer != "none"
+    if not isinstance(section, dict):
+        name = base.get("optimizer", "adamw")
+        warnings.append(
+            f"{where}: no optimizer section: the training script's own optimizer runs (the HF Trainer's "
+            f"torch {name}); estimated as torch {name}"
+        )
+        return Optimizer(name=name, impl="cpu" if offload else "torch")
+    kind = str(section.get("type", "")).lower().replace("_", "")
+    names = {"adam": "adam", "adamw": "adamw", "fusedadam": "adam", "cpuadam": "adam", "sgd": "sgd"}
+    if kind not in names:
+        warnings.append(
+            f"{where}: optimizer type {section.get('type')!r} is not modelled; estimated as AdamW"
+        )
+    name = names.get(kind, "adamw")
+    if name == "sgd":
+        momentum = (section.get("params") or {}).get("momentum", 0)
+        return Optimizer(name="sgd-momentum" if momentum else "sgd", impl="torch")
+    torch_adam = bool((section.get("params") or {}).get("torch_adam", False))
+    return Optimizer(name=name, impl="cpu" if offload else "torch" if torch_adam else "fused")
+
+
+def setup_from_configs(
+    ds_config_path: str | Path | None, accelerate_path: str | Path | None, base: dict
+) -> tuple[TrainingSetup, list[str]]:
+    """The setup a ds_config.json and/or accelerate config would train, and warnings (conflicts, unknown
+    keys).
+
+    ``base`` holds ``BASE_KEYS`` (``model`` a ModelShape is required): what the HF Trainer's arguments
+    would give. Values the files set win over ``base``; "auto" takes ``base``'s.
+    """
+    unknown = set(base) - set(BASE_KEYS)
+    if unknown or "model" not in base:
+        raise ValueError(f"base needs 'model' and only {', '.join(BASE_KEYS)}; got {sorted(base)}")
+    if ds_config_path is None and accelerate_path is None:
+        raise ValueError(
+            "give a DeepSpeed config (--ds-config FILE) or an accelerate config (--accelerate-config)"
+        )
+    warnings: list[str] = []
+    acc = None
+    ds_path = Path(ds_config_path) if ds_config_path is not None else None
+    if accelerate_path is not None:
+        acc, ds_path = read_accelerate(Path(accelerate_path), ds_path, warnings)
+    where = str(ds_path) if ds_path is not None else str(accelerate_path)
+    if ds_path is not None:
+        raw = read_json(ds_path)
+        warnings += _ds_key_warnings(raw, where)
+    else:
+        raw = accelerate_ds_config(acc, base)
+    parallel = accelerate_world(acc, base, warnings, str(accelerate_path or where))
+    dtype = base.get("dtype", "bf16")
+    mp = (acc or {}).get("mixed_precision")
+    if mp in ("fp16", "bf16", "no"):
+        file_dtype = _precision(raw, where)
+        other = {"fp16": "bf16", "bf16": "fp16"}.get(mp)
+        if ds_path is not None and other and _enabled(raw, other):
+            warnings.append(
+                f"{accelerate_path}: mixed_precision {mp} but {where} enables {other} (accelerate stops: "
+                f"DeepSpeedPlugin.set_mixed_precision); estimating {file_dtype}"
+            )
+        dtype = {"no": "fp32"}.get(mp, mp)
+        if mp in ("fp16", "bf16") and mp not in raw:
+            raw[mp] = {"enabled": True}  # DeepSpeedPlugin.set_mixed_precision adds the section
+    zero_stage = (raw.get("zero_optimization") or {}).get("stage")
+    if zero_stage == "auto" and acc is not None:
+        raw.setdefault("zero_optimization", {})["stage"] = (acc.get("deepspeed_config") or {}).get(
+            "zero_stage", 2
+        )
+    resolved = resolve_auto(
+        raw,
+        hidden_size=base["model"].hidden_size,
+        micro_batch=base.get("micro_batch", 1),
+        grad_accum=base.get("grad_accum", 1),
+        world_size=parallel.world_size,
+        dtype=dtype,
+        max_grad_norm=base.get("max_grad_norm", 1.0),
+    )
+    mb, ga, batch_warnings = _batch(resolved, parallel.world_size, base, where)
+    warnings += batch_warnings
+    dtype = _precision(resolved, where)
+    if dtype == "fp32" and not any(k in resolved for k in ("fp16", "bf16", "bfloat16")):
+        warnings.append(f"{where}: enables neither bf16 nor fp16, so DeepSpeed trains in fp32")
+    zero = _zero(resolved, where)
+    optimizer = _optimizer(resolved, zero, base, warnings, where)
+    workload = Workload(
+        micro_batch=mb,
+        grad_accum=ga,
+        seq_len=base.get("seq_len", 2048),
+        grad_ckpt=base.get("grad_ckpt", False),
+        attn=base.get("attn", "sdpa"),
+        activations=base.get("activations", "auto"),
+    )
+    setup = TrainingSetup(
+        model=base["model"], parallel=parallel, dtype=dtype, optimizer=optimizer, zero=zero, workload=workload
+    )
+    for line in warnings:
+        log.debug(line)
+    return setup, warnings

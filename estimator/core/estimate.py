@@ -1,0 +1,179 @@
+"""``estimate(setup) -> Estimate``: the per-GPU memory of one rank, its peak phase, reserved and device memory.
+
+Pure: no printing, no I/O beyond an optional activation-profile cache, no torch unless a traced profile is asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+
+from zeroest.estimator.core.activations import activation_profile
+from zeroest.estimator.core.architecture import count_params
+from zeroest.estimator.core.model_states import Device, ModelStates, stage0_states, stage12_states
+from zeroest.estimator.core.overheads import Overheads, device_from, reserved_from
+from zeroest.estimator.core.paper import paper_states
+from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
+from zeroest.estimator.core.stage3 import stage3_states
+from zeroest.estimator.core.timeline import COMPONENTS, Phase, peak_phase, timeline
+
+
+@dataclass(frozen=True, kw_only=True)
+class Estimate:
+    """Predicted memory of one rank. ``components`` describe what is held at the peak and sum to it."""
+
+    setup: TrainingSetup
+    n_params: int
+    """Exact parameter count of the model."""
+    components: dict[str, int]
+    """Bytes by component at the peak phase; they sum to ``peak_allocated_bytes``."""
+    peak_allocated_bytes: int
+    """Predicted ``torch.cuda.max_memory_allocated()`` over the run (paper mode: the paper's model states)."""
+    peak_phase: str
+    """The phase that sets the peak: init, forward, backward or step."""
+    phases: tuple[Phase, ...]
+    """Every phase's peak and components."""
+    peak_reserved_bytes: int
+    """Predicted ``torch.cuda.max_memory_reserved()``."""
+    device_bytes: int
+    """What nvidia-smi shows for the process: reserved + CUDA context + NCCL buffers."""
+    cpu_bytes_per_node: int
+    """Host RAM per node: offloaded states and pinned buffers of its ranks, plus each rank's load-time model copy."""
+    nvme_bytes: int
+    """Bytes per rank on NVMe (ZeRO-Infinity)."""
+    activation_source: str
+    """traced, closed-form, or none (paper mode)."""
+    overheads: Overheads
+    assumptions: tuple[str, ...] = field(default=())
+
+    @property
+    def stage(self) -> int:
+        return int(self.setup.stage)
+
+    @property
+    def world_size(self) -> int:
+        return self.setup.world_size
+
+    def to_dict(self) -> dict:
+        """predict's JSON object: other tools read it, keep it stable."""
+        from zeroest.estimator.configs.flat import setup_to_dict
+
+        return {
+            "stage": self.stage,
+            "world_size": self.world_size,
+            "n_params": self.n_params,
+            "components": dict(self.components),
+            "peak_allocated_bytes": self.peak_allocated_bytes,
+            "peak_reserved_bytes": self.peak_reserved_bytes,
+            "device_bytes": self.device_bytes,
+            "peak_phase": self.peak_phase,
+            "phases": {p.name: {"peak_bytes": p.peak_bytes, "components": dict(p.components)} for p in self.phases},
+            "cpu_bytes_per_node": self.cpu_bytes_per_node,
+            "nvme_bytes": self.nvme_bytes,
+            "activation_source": self.activation_source,
+            "overheads_source": self.overheads.source,
+            "setup": setup_to_dict(self.setup),
+            "assumptions": list(self.assumptions),
+        }
+
+
+def model_states(setup: TrainingSetup, device: Device = "cuda") -> ModelStates:
+    """DeepSpeed-faithful model states of one rank for the setup's stage (``device`` picks torch's optimizer path)."""
+    numel = count_params(setup.model).total
+    if setup.stage == ZeroStage.DISABLED:
+        return stage0_states(setup, numel, device)
+    if setup.stage <= ZeroStage.GRADIENTS:
+        return stage12_states(setup, numel, device)
+    return stage3_states(setup, device)
+
+
+def reserved_bytes(peak: Phase, overheads: Overheads) -> int:
+    """Predicted peak reserved for the peak phase (``overheads.reserved_from``)."""
+    transient = peak.components["activations"] + peak.components["temporaries"]
+    return math.ceil(reserved_from(peak.peak_bytes, transient, overheads))
+
+
+def _scaled(act, factor: float):
+    """The profile with every byte count multiplied by a fitted ``activation_scale``."""
+    return replace(act, **{f.name: round(getattr(act, f.name) * factor) for f in fields(act)
+                          if isinstance(getattr(act, f.name), int) and not isinstance(getattr(act, f.name), bool)})
+
+
+def _assumptions(setup: TrainingSetup, source: str) -> tuple[str, ...]:
+    m = setup.model
+    notes = [
+        f"model {m.name}: {m.family}, {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads "
+        f"({m.num_kv_heads} kv), MLP {m.intermediate_size}{' gated' if m.gated_mlp else ''}, vocab {m.vocab_size}",
+        f"{setup.dtype} training, {setup.optimizer.name} ({setup.optimizer.impl}), N_d = {setup.world_size}",
+        f"micro-batch {setup.workload.micro_batch} x {setup.workload.seq_len} tokens, {setup.workload.attn} attention,"
+        f" gradient checkpointing {'on' if setup.workload.grad_ckpt else 'off'},"
+        f" accumulation {setup.workload.grad_accum}",
+        f"activations: {source}",
+    ]
+    if setup.mode == "paper":
+        notes.append("paper mode: ZeRO paper model states (2 + 2 + K) Psi with K = 12; no activations or buffers")
+    return tuple(notes)
+
+
+def _paper_estimate(setup: TrainingSetup, numel: int, overheads: Overheads) -> Estimate:
+    numel = setup.model.nominal_params or numel
+    states = paper_states(numel, setup.world_size, int(setup.stage))
+    comps = {name: 0 for name in COMPONENTS}
+    comps.update(params=round(states.params_bytes), grads=round(states.grads_bytes),
+                 optimizer_states=round(states.optimizer_states_bytes))
+    phase = Phase(name="step", components=comps)
+    total = phase.peak_bytes
+    return Estimate(
+        setup=setup, n_params=numel, components=comps, peak_allocated_bytes=total, peak_phase="step",
+        phases=(phase,), peak_reserved_bytes=total, device_bytes=total, cpu_bytes_per_node=0, nvme_bytes=0,
+        activation_source="none", overheads=overheads, assumptions=_assumptions(setup, "none (paper mode)"),
+    )
+
+
+def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device: Device = "cuda",
+             simulated: bool = False) -> Estimate:
+    """Predict one rank's memory for ``setup`` (see ``Estimate``) on the rank that holds most.
+
+    ``device="cpu"`` predicts a CPU run (tests, ``validate --cpu``): torch's optimizers then take their single-tensor
+    path, whose temporaries differ, and there is no cuBLAS workspace, CUDA context or allocator rounding.
+    ``simulated=True`` predicts rank 0 of the job on a fake process group (``validate --simulate-world-size``):
+    the same allocations, and no NCCL communicator memory.
+    """
+    overheads = overheads or Overheads()
+    numel = count_params(setup.model).total
+    if setup.mode == "paper":
+        return _paper_estimate(setup, numel, overheads)
+    if device == "cpu":
+        overheads = replace(overheads, cublas_workspace_bytes=0, cuda_context_bytes=0, nccl_bytes_per_peer=0,
+                            nccl_communicator_bytes=0, reserved_block_bytes=1, reserved_fraction_of_peak=0.0,
+                            reserved_fraction_of_transient=0.0, reserved_fixed_bytes=0)
+    states = model_states(setup, device)
+    w = setup.workload
+    act, source = activation_profile(setup.model, w.micro_batch, w.seq_len, setup.dtype, w.attn, mode=w.activations,
+                                     target=device)
+    phases = timeline(setup, states,
+                      act if overheads.activation_scale == 1 else _scaled(act, overheads.activation_scale))
+    phases = tuple(
+        p if p.name == "init" else Phase(name=p.name, components={
+            **p.components, "buffers": p.components["buffers"] + overheads.cublas_workspace_bytes})
+        for p in phases
+    )
+    peak = peak_phase(phases)
+    reserved = reserved_bytes(peak, overheads)
+    device = math.ceil(device_from(reserved, overheads, peers=setup.world_size - 1, real_comm=not simulated))
+    load_copy = DTYPE_BYTES[setup.dtype] * numel
+    return Estimate(
+        setup=setup,
+        n_params=numel,
+        components=dict(peak.components),
+        peak_allocated_bytes=peak.peak_bytes,
+        peak_phase=peak.name,
+        phases=phases,
+        peak_reserved_bytes=reserved,
+        device_bytes=device,
+        cpu_bytes_per_node=setup.parallel.gpus_per_node * (states.host_bytes + load_copy),
+        nvme_bytes=states.nvme_bytes,
+        activation_source=source,
+        overheads=overheads,
+        assumptions=_assumptions(setup, source),
+    )

@@ -1,0 +1,222 @@
+"""Model states per rank: what DeepSpeed 0.19 really allocates for parameters, gradients and optimizer states.
+
+Notation inside formulas: P parameters, N = N_d ranks, b bytes of the training dtype (2, or 4 in fp32 training),
+P' the flat group padded to a multiple of 2N, p = P'/N the partition, B_r ``reduce_bucket_size``, n_max the largest
+parameter tensor, S fp32 optimizer states per parameter (2 for Adam). Every term names the DeepSpeed file and
+function that allocates it; docs/DEEPSPEED_ALLOCATIONS.md has the measured catalogue behind them (real DeepSpeed
+0.19.8 on CPU, every byte attributed).
+
+The result is split by *when* a buffer lives, because a sum of components is not a peak: ``estimator.timeline``
+combines these with activations per phase.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from functools import lru_cache
+from itertools import accumulate
+from typing import Literal
+
+from zeroest.estimator.core.architecture import param_tensors
+from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
+from zeroest.estimator.core.shape import ModelShape
+from zeroest.estimator.units import round_up
+
+FP32 = 4
+NCCL_START_ALIGNMENT_FACTOR = 2
+"""stage_1_and_2.py ``DeepSpeedZeroOptimizer.__init__``: flat groups are padded to ``2 * N`` elements."""
+Device = Literal["cuda", "cpu"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelStates:
+    """Bytes one rank holds for model states, by buffer and lifetime (on the GPU unless named host/nvme)."""
+
+    params_bytes: int
+    """16-bit parameters (fp32 in fp32 training) resident from init: the flat buffer, or stage 3's partitions
+    plus its persistent parameters held whole."""
+    master_weights_bytes: int
+    """fp32 master weights on the GPU (0 when offloaded, or in fp32 training without a ZeRO wrapper)."""
+    optimizer_states_bytes: int
+    """Optimizer states on the GPU once they exist."""
+    states_at_init: bool
+    """True where the wrapper creates the states inside ``deepspeed.initialize`` (stage 0's FP16 optimizers run one
+    step on zero gradients in ``initialize_optimizer_states``); False where the first ``step`` does (ZeRO)."""
+    grads_bytes: int
+    """Gradient storage at the end of backward (until the step frees it)."""
+    grads_carry_bytes: int
+    """Gradient storage held between micro-steps with gradient accumulation (G > 1), before a backward starts
+    (at stage 1 the reduce buckets stay allocated too)."""
+    buckets_bytes: int
+    """Reduce buckets live during backward (stages 1-2: from the first gradient hook to the end of backward)."""
+    resident_buffers_bytes: int
+    """Buffers allocated at init and kept for the whole run (stage 3's gradient partition buffer and ipg bucket;
+    the offload path's GPU staging buffer)."""
+    gathered_params_bytes: int
+    """Stage 3: parameters gathered at once during forward/backward (current module plus prefetch)."""
+    epilogue_bytes: int
+    """Transient at the end of backward: the 16-bit partition stage 1 flattens from the full gradients."""
+    step_grads_bytes: int
+    """Gradient storage alive when ``engine.step()`` begins (freed inside it, after its fp32 copy is made)."""
+    step_temp_bytes: int
+    """Transient inside ``engine.step()``, beyond the above: fp32 gradient copies and optimizer temporaries."""
+    init_peak_bytes: int
+    """Peak of ``deepspeed.initialize`` with the model already on the GPU, all buffers included."""
+    host_bytes: int
+    """Host RAM per rank: offloaded master weights, optimizer states, pinned gradient and parameter buffers."""
+    nvme_bytes: int
+    """Bytes per rank swapped to NVMe (ZeRO-Infinity)."""
+
+    @property
+    def steady_bytes(self) -> int:
+        """Held outside backward and step once states exist: params, master, states, resident buffers."""
+        return self.params_bytes + self.master_weights_bytes + self.optimizer_states_bytes + self.resident_buffers_bytes
+
+
+def flat_group_numel(numel: int, world_size: int) -> int:
+    """P': ``flatten_dense_tensors_aligned`` pads the group to ``nccl_start_alignment_factor * N`` elements."""
+    return round_up(numel, NCCL_START_ALIGNMENT_FACTOR * world_size)
+
+
+def optimizer_state_bytes(setup: TrainingSetup, numel: int) -> int:
+    """fp32 optimizer states for ``numel`` parameters: S * 4 * numel (torch/optim/adamw.py ``_init_group``,
+    deepspeed/ops/adam/fused_adam.py ``step``: exp_avg and exp_avg_sq as ``zeros_like`` of the fp32 partition).
+    Adafactor keeps factored row and column moments: charged as 1% of one state (approximation, not measured)."""
+    if setup.optimizer.name == "adafactor":
+        return -(-numel * FP32 // 100)
+    return setup.optimizer.states_per_param * FP32 * numel
+
+
+def optimizer_temp_bytes(setup: TrainingSetup, tensor_numels: tuple[int, ...], device: Device) -> int:
+    """Temporaries of the optimizer's update over tensors of these sizes.
+
+    FusedAdam (csrc/adam/multi_tensor_adam.cu) and DeepSpeedCPUAdam update in place: 0. torch's AdamW
+    (``torch_adam: true``) on CUDA takes the foreach path (torch/optim/adamw.py ``_multi_tensor_adamw``:
+    ``exp_avg_sq_sqrt = torch._foreach_sqrt(...)``, one fp32 value per parameter of the group at once); on the CPU
+    the single-tensor path (``_single_tensor_adamw``: ``exp_avg_sq.sqrt() / bias_correction2_sqrt``, two fp32
+    temporaries of the largest tensor). Measured on CPU: 8 * p at stages 1-2 (data/probe/llama_z1_bf16_n4_g1.json).
+    SGD with momentum: ``_foreach_add`` of grad and momentum, one value per parameter on CUDA.
+    """
+    if setup.optimizer.impl != "torch" or setup.optimizer.name == "sgd" or not tensor_numels:
+        return 0
+    if device == "cpu":
+        return 2 * FP32 * max(tensor_numels)
+    return FP32 * sum(tensor_numels)
+
+
+def stage2_grad_numel(model: ModelShape, world_size: int, rank: int | None = None) -> int:
+    """Elements of ``grads_in_partition`` on ``rank`` (None: the rank that holds most).
+
+    stage_1_and_2.py ``copy_grads_in_partition`` sizes the buffer as the sum of ``numel`` of every parameter in
+    ``params_in_partition`` (``get_partition_info``: any parameter that overlaps the rank's slice of the flat
+    group, counted whole). Rank r owns [r p, (r + 1) p) of the flat group, in ``named_parameters`` order.
+    """
+    numels = tuple(t.numel for t in param_tensors(model))
+    ranks = range(world_size) if rank is None else (rank,)
+    return max(_overlap_numel(numels, world_size, r) for r in ranks)
+
+
+@lru_cache(maxsize=65536)
+def _overlap_numel(numels: tuple[int, ...], world_size: int, rank: int) -> int:
+    starts = [0, *accumulate(numels)]
+    part = flat_group_numel(starts[-1], world_size) // world_size
+    lo, hi = rank * part, (rank + 1) * part
+    first = max(bisect.bisect_right(starts, lo) - 1, 0)
+    last = min(bisect.bisect_left(starts, hi) - 1, len(numels) - 1)
+    return starts[last + 1] - starts[first] if first <= last else 0
+
+
+def stage0_states(setup: TrainingSetup, numel: int, device: Device = "cuda") -> ModelStates:
+    """Stage 0: every rank holds every state (engine.py ``_do_optimizer_sanity_check`` picks the wrapper).
+
+    * fp32: the bare optimizer; grads 4P (autograd) until ``zero_grad``; states 8P at the first step.
+    * bf16/fp16 with FusedAdam: runtime/fp16/fused_optimizer.py ``FP16_Optimizer``: the params re-pointed into a
+      flat 16-bit buffer (2bP while flattening), a flat fp32 master (4P), states created at init by
+      ``initialize_optimizer_states`` (a zero fp32 gradient 4P and one step); in ``step`` every 16-bit gradient is
+      converted to fp32 and flattened (4P + 4P at once) while the 16-bit gradients (bP) still exist.
+    * bf16/fp16 with torch AdamW: runtime/fp16/unfused_optimizer.py ``FP16_UnfusedOptimizer``: the model's own
+      params, an fp32 master per parameter (4P, ``clone().float()``), states at init (one step on zero
+      gradients: bP + 4P zero grads), in ``step`` an fp32 copy of every gradient (4P).
+    """
+    b = DTYPE_BYTES[setup.dtype]
+    numels = tuple(t.numel for t in param_tensors(setup.model))
+    states = optimizer_state_bytes(setup, numel)
+    temps = optimizer_temp_bytes(setup, numels, device)
+    common = dict(grads_bytes=b * numel, step_grads_bytes=b * numel, buckets_bytes=0, resident_buffers_bytes=0,
+                  gathered_params_bytes=0, epilogue_bytes=0, host_bytes=0, nvme_bytes=0,
+                  grads_carry_bytes=b * numel if setup.workload.grad_accum > 1 else 0)
+    if setup.dtype == "fp32":
+        return ModelStates(params_bytes=b * numel, master_weights_bytes=0, optimizer_states_bytes=states,
+                           states_at_init=False, step_temp_bytes=temps, init_peak_bytes=b * numel, **common)
+    steady = b * numel + FP32 * numel + states
+    if setup.optimizer.impl == "fused":
+        step_temp = 2 * FP32 * numel
+        init_peak = max(2 * b * numel, steady + FP32 * numel)
+    else:
+        step_temp = FP32 * numel + temps
+        init_peak = steady + (b + FP32) * numel + temps
+    return ModelStates(params_bytes=b * numel, master_weights_bytes=FP32 * numel, optimizer_states_bytes=states,
+                       states_at_init=True, step_temp_bytes=step_temp, init_peak_bytes=init_peak, **common)
+
+
+def stage12_states(setup: TrainingSetup, numel: int, device: Device = "cuda") -> ModelStates:
+    """Stages 1 and 2: runtime/zero/stage_1_and_2.py ``DeepSpeedZeroOptimizer``.
+
+    * params: ``bit16_groups_flat``, bP'; the model's parameters become views into it
+      (``_update_model_bit16_weights``), so init peaks at 2bP while both exist.
+    * master: ``single_partition_of_fp32_groups``, 4p (``weights_partition ... .clone()``).
+    * states: S * 4p, at the first step (``initialize_optimizer_states`` creates none).
+    * buckets: ``setup_buckets`` allocates b * B_r whole (x2 with overlap_comm) at the first gradient hook of each
+      backward, freed by ``_release_ipg_buffers`` at its end; stage 1 keeps them between micro-steps (G > 1).
+    * grads, stage 1: the model's ``param.grad`` (bP) until the end of backward, where
+      ``independent_gradient_partition_epilogue`` flattens this rank's partition (bp); stage 2:
+      ``grads_in_partition``, b * (whole parameters overlapping the partition) (``copy_grads_in_partition``),
+      reused across micro-steps.
+    * step: the flat 16-bit partition is converted to an fp32 ``single_grad_partition`` (4p) and freed; then the
+      optimizer's temporaries.
+    * offload: master, states, an fp32 gradient partition (4p, from init) and a 16-bit copy (bp) on the host;
+      ``temp_grad_buffer_for_gpu_offload`` (b * n_max) on the GPU; no ``grads_in_partition``.
+    """
+    b = DTYPE_BYTES[setup.dtype]
+    world = setup.world_size
+    padded = flat_group_numel(numel, world)
+    part = padded // world
+    offload = setup.zero.offload_optimizer != "none"
+    stage2 = setup.stage >= ZeroStage.GRADIENTS
+    accum = setup.workload.grad_accum > 1
+    n_max = max(t.numel for t in param_tensors(setup.model))
+    n_buckets = 2 if setup.zero.overlap else 1
+    buckets = n_buckets * b * setup.zero.reduce_bucket_size if setup.zero.contiguous_gradients else 0
+    master = FP32 * part
+    states = optimizer_state_bytes(setup, part)
+    if offload:
+        grads, carry, epilogue, step_grads = 0, 0, 0, 0
+    elif stage2:
+        grads = b * stage2_grad_numel(setup.model, world)
+        carry, epilogue, step_grads = (grads if accum else 0), 0, grads
+    else:
+        grads, epilogue, step_grads = b * numel, b * part, b * part
+        carry = grads if accum else 0  # the buckets stay too: estimator.timeline adds them at stage 1
+    temps = optimizer_temp_bytes(setup, (part,), device)
+    # step: flatten the partition (bp) and convert it (4p) while the gradients live; then free them and update.
+    step_temp = 0 if offload else max(b * part + FP32 * part, FP32 * part + temps - step_grads)
+    return ModelStates(
+        params_bytes=b * padded,
+        master_weights_bytes=0 if offload else master,
+        optimizer_states_bytes=0 if offload else states,
+        states_at_init=False,
+        grads_bytes=grads,
+        grads_carry_bytes=carry,
+        buckets_bytes=buckets,
+        resident_buffers_bytes=b * n_max if offload else 0,
+        gathered_params_bytes=0,
+        epilogue_bytes=epilogue,
+        step_grads_bytes=step_grads,
+        step_temp_bytes=step_temp,
+        # init: the model's params and the flat copy (2bP); later the master partition and the zero fp32
+        # gradient ``initialize_optimizer_states`` makes and drops (4p), or the pinned host buffers with offload.
+        init_peak_bytes=max(b * numel + b * padded, b * padded + (0 if offload else master + FP32 * part)),
+        host_bytes=master + states + FP32 * part + b * part + b * n_max if offload else 0,
+        nvme_bytes=0,
+    )

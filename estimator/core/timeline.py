@@ -1,0 +1,109 @@
+"""The per-phase timeline of one DeepSpeed training step, and the peak over a whole run.
+
+A training run goes through ``deepspeed.initialize`` (init), then per micro-step a forward and a backward, and every
+``grad_accum`` micro-steps an ``engine.step()``. Each phase holds some buffers for its whole length (model states) and
+some only at its own peak (activations, temporaries). The peak allocated memory of the run is the largest phase peak;
+the first step, which creates the optimizer states, is covered because steady-state phases already hold them.
+
+Within backward, activations are freed layer by layer while gradients appear layer by layer; both change linearly in
+the number of layers done, so the backward peak lies at its start or its end and only those two points are evaluated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zeroest.estimator.core.activations import ActivationProfile
+from zeroest.estimator.core.architecture import param_tensors
+from zeroest.estimator.core.model_states import ModelStates
+from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
+
+PHASES: tuple[str, ...] = ("init", "forward", "backward", "step")
+COMPONENTS: tuple[str, ...] = (
+    "params", "master_weights", "optimizer_states", "grads", "buffers", "activations", "temporaries",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Phase:
+    """What one rank holds at the peak of a phase, by component (bytes)."""
+
+    name: str
+    components: dict[str, int]
+
+    @property
+    def peak_bytes(self) -> int:
+        return sum(self.components.values())
+
+
+def _components(**parts: int) -> dict[str, int]:
+    return {name: int(parts.get(name, 0)) for name in COMPONENTS}
+
+
+def _head_param_numel(setup: TrainingSetup) -> int:
+    """Parameters whose gradients exist before the first decoder layer's backward: lm_head and the final norm."""
+    layer_marks = (".layers.", ".h.", ".layer.")
+    return sum(
+        t.numel for t in param_tensors(setup.model)
+        if t.component in ("lm_head", "norms") and not any(mark in t.name for mark in layer_marks)
+    )
+
+
+def _grads_at_backward_start(setup: TrainingSetup, states: ModelStates) -> int:
+    """Gradient bytes when backward begins its first layer: the carry of earlier micro-steps, or, where the
+    model's own ``param.grad`` hold gradients (stages 0-1), the head's."""
+    if states.grads_carry_bytes:
+        return states.grads_carry_bytes
+    if setup.stage <= ZeroStage.OPTIMIZER_STATES and setup.zero.offload_optimizer == "none":
+        return DTYPE_BYTES[setup.dtype] * _head_param_numel(setup)
+    return 0
+
+
+def timeline(setup: TrainingSetup, states: ModelStates, act: ActivationProfile) -> tuple[Phase, ...]:
+    """init and the three phases of a steady training step, each with its peak's components.
+
+    Steady state: the optimizer states exist (the first step creates them, and steady phases hold at least as much
+    as the first step's). Backward's peak is at its start (head backward, the carried or head gradients) or at its
+    end (all gradients, the stage-1 epilogue's flattened partition).
+    """
+    ckpt = setup.workload.grad_ckpt
+    held = dict(params=states.params_bytes, master_weights=states.master_weights_bytes,
+                optimizer_states=states.optimizer_states_bytes)
+    resident = states.resident_buffers_bytes
+    init_held = dict(params=states.params_bytes, master_weights=states.master_weights_bytes,
+                     optimizer_states=states.optimizer_states_bytes if states.states_at_init else 0,
+                     buffers=resident)
+    init = Phase(name="init", components=_components(
+        **init_held, temporaries=max(0, states.init_peak_bytes - sum(init_held.values()))))
+    # stage 1 with G > 1 keeps its reduce buckets between micro-steps (stage_1_and_2.py: no reduction before the
+    # boundary, so ``_release_ipg_buffers`` does not run)
+    carry_buckets = (states.buckets_bytes if states.grads_carry_bytes and setup.stage == ZeroStage.OPTIMIZER_STATES
+                     else 0)
+    forward = Phase(name="forward", components=_components(
+        **held, grads=states.grads_carry_bytes, buffers=resident + states.gathered_params_bytes + carry_buckets,
+        activations=act.forward_peak_bytes(ckpt)))
+    # Backward, three candidate peaks. The head's backward (logits gradient, fp32 log-softmax gradient) runs before
+    # any gradient hook fires, so the reduce buckets (``setup_buckets`` in the first hook) are not there yet; the
+    # first layer's backward has them; the end has every gradient and, at stage 1, the flattened partition, while
+    # stage 3 has released its gathered parameters after their backward use.
+    gathered = resident + states.gathered_params_bytes
+    grads_start = _grads_at_backward_start(setup, states)
+    stack = act.stack_bytes(ckpt)
+    head = _components(**held, grads=grads_start, buffers=gathered + carry_buckets,
+                       activations=stack + act.head_saved_bytes + act.grad_logits_bytes
+                       + act.backward_head_transient_bytes)
+    layer = _components(**held, grads=grads_start, buffers=gathered + states.buckets_bytes,
+                        activations=stack + act.layer_backward_peak_bytes(ckpt))
+    end = _components(**held, grads=max(states.grads_bytes, states.grads_carry_bytes),
+                      buffers=resident + states.buckets_bytes,
+                      activations=act.backward_live_after_layers(setup.model.num_layers, ckpt),
+                      temporaries=states.epilogue_bytes)
+    backward = Phase(name="backward", components=max(head, layer, end, key=lambda c: sum(c.values())))
+    step = Phase(name="step", components=_components(
+        **held, grads=states.step_grads_bytes, buffers=resident, temporaries=states.step_temp_bytes))
+    return (init, forward, backward, step)
+
+
+def peak_phase(phases: tuple[Phase, ...]) -> Phase:
+    """The phase with the largest peak (the first of equals, in run order)."""
+    return max(phases, key=lambda p: p.peak_bytes)

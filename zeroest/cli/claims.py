@@ -1,0 +1,41 @@
+"""``zeroest claims``: the ZeRO paper's 4x / 8x / N_d reductions against DeepSpeed's real allocations."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from zeroest.cli import options as o
+from zeroest.cli.common import fail, out
+
+
+def claims(
+    params: o.ParamsOpt = None,
+    model: o.ModelOpt = None,
+    runs: Annotated[str | None, typer.Option("--runs", help="Folder or runs.jsonl of measured runs to add.")] = None,
+    plot: Annotated[str | None, typer.Option("--plot", help="Write the reduction-vs-N_d plot here (PNG/SVG).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Check the ZeRO paper's 4x / 8x / N_d claims against what DeepSpeed really allocates."""
+    from zeroest.cli.render_claims import print_claims, write_claims_plot
+    from zeroest.estimator.core.claims import claims_table, verdicts
+
+    try:
+        shape = o.resolve_model(params, model) if (params or model) else o.resolve_model("7.5B", None)
+        table = claims_table(shape)
+        measured = None
+        if runs:
+            from zeroest.validate.results import measured_reductions
+
+            measured = measured_reductions(runs)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    if plot:
+        write_claims_plot(table, plot, measured)
+    if as_json:
+        out.print_json(json.dumps({"model": shape.name, "rows": [r.to_dict() for r in table],
+                                   "verdicts": verdicts(table), "measured": measured}))
+        return
+    print_claims(table, verdicts(table), measured, out)
