@@ -228,9 +228,9 @@ def test_accelerate_fields_ignored_with_ds_file(tmp_path):
 
 
 def _resolved_overlap(setup: TrainingSetup) -> TrainingSetup:
-    """What reading the written files gives back: DeepSpeed's overlap_comm default made explicit, and ZeRO-3 built
-    under zero.Init (the HF Trainer / accelerate zero3_init_flag path)."""
-    zero = replace(setup.zero, overlap_comm=setup.zero.overlap, zero_init=setup.stage == 3)
+    """What reading the written files gives back: DeepSpeed's overlap_comm default made explicit; zero.Init as the
+    written accelerate config's zero3_init_flag says (the setup's own)."""
+    zero = replace(setup.zero, overlap_comm=setup.zero.overlap, zero_init=setup.zero.builds_partitioned)
     return replace(setup, zero=zero)
 
 
@@ -242,20 +242,21 @@ def setups():
             parallel=Parallelism(gpus_per_node=4, nodes=2),
             dtype=dtype,
             optimizer=Optimizer(name="adamw", impl="cpu" if off != "none" else "fused"),
-            zero=ZeroConfig(stage=stage, offload_optimizer=off, offload_params=par),
+            zero=ZeroConfig(stage=stage, offload_optimizer=off, offload_params=par, zero_init=zinit),
             workload=Workload(micro_batch=3, grad_accum=2, seq_len=1024, activations="closed-form"),
         )
-        for stage, off, par, dtype in (
-            (0, "none", "none", "bf16"),
-            (2, "cpu", "none", "fp16"),
-            (3, "cpu", "cpu", "bf16"),
-            (3, "none", "none", "fp32"),
+        for stage, off, par, dtype, zinit in (
+            (0, "none", "none", "bf16", False),
+            (2, "cpu", "none", "fp16", False),
+            (3, "cpu", "cpu", "bf16", True),
+            (3, "none", "none", "fp32", False),
+            (3, "none", "none", "bf16", True),
         )
     ]
 
 
 @pytest.mark.parametrize(
-    "setup", setups(), ids=lambda s: f"z{int(s.stage)}-{s.zero.offload_params}-{s.dtype}"
+    "setup", setups(), ids=lambda s: f"z{int(s.stage)}-{s.zero.offload_params}-{s.dtype}-init{int(s.zero.zero_init)}"
 )
 def test_round_trip_ds_config_and_accelerate(tmp_path, setup):
     ds_path = _write(tmp_path, "ds.json", ds_config(setup))
@@ -277,7 +278,7 @@ def test_round_trip_ds_config_and_accelerate(tmp_path, setup):
 
 
 @pytest.mark.parametrize(
-    "setup", setups(), ids=lambda s: f"z{int(s.stage)}-{s.zero.offload_params}-{s.dtype}"
+    "setup", setups(), ids=lambda s: f"z{int(s.stage)}-{s.zero.offload_params}-{s.dtype}-init{int(s.zero.zero_init)}"
 )
 def test_written_ds_config_loads_in_deepspeed(setup):
     """DeepSpeed's own config classes accept the file. DeepSpeedConfig needs no process group here (it falls

@@ -110,7 +110,7 @@ def test_infeasible_exit_1_with_reason():
         (["--gpu", "8GiB", "--margin", "1.5"], "--margin"),
         (["--gpu", "8GiB", "--global-batch", "33"], "multiple of 2"),
         (["--gpu", "rtx9090"], "unknown GPU"),
-        (["--gpu", "4080"], "unknown GPU '4080'"),
+        (["--gpu", "24"], "24GB"),
         (["--gpu", "8GiB", "--stage", "4"], "--stage must be 0, 1, 2 or 3"),
     ],
 )

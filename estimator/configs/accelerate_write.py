@@ -24,14 +24,14 @@ def accelerate_config(setup: TrainingSetup, *, ds_config_file: str | None = None
     """
     stage3 = setup.stage >= ZeroStage.PARAMETERS
     if ds_config_file is not None:
-        deepspeed = {"deepspeed_config_file": ds_config_file, "zero3_init_flag": stage3}
+        deepspeed = {"deepspeed_config_file": ds_config_file, "zero3_init_flag": setup.zero.builds_partitioned}
     else:
         deepspeed = {
             "gradient_accumulation_steps": setup.workload.grad_accum,
             "gradient_clipping": GRADIENT_CLIPPING,
-            "offload_optimizer_device": setup.zero.offload_optimizer,
-            "offload_param_device": setup.zero.offload_params,
-            "zero3_init_flag": stage3,
+            "offload_optimizer_device": str(setup.zero.offload_optimizer),
+            "offload_param_device": str(setup.zero.offload_params),
+            "zero3_init_flag": setup.zero.builds_partitioned,
             "zero3_save_16bit_model": stage3,
             "zero_stage": int(setup.stage),
         }

@@ -16,7 +16,8 @@ Optimizer choice, as ``deepspeed/runtime/engine.py`` ``_configure_basic_optimize
 
 from __future__ import annotations
 
-from zeroest.estimator.core.setup import TrainingSetup, ZeroStage
+from zeroest.estimator.core.setup import TrainingSetup
+from zeroest.estimator.core.vocab import ADAM_FAMILY, ZERO_KNOBS
 
 LEARNING_RATE = 1e-4
 """Learning rate of the synthetic runs; memory does not depend on it."""
@@ -55,23 +56,12 @@ def _offload(device: str, pin_memory: bool, nvme_path: str | None) -> dict:
 
 
 def _zero_section(setup: TrainingSetup, nvme_path: str | None) -> dict:
+    """Every knob of ``vocab.ZERO_KNOBS`` the stage reads, under DeepSpeed's key; ``overlap_comm`` resolved."""
     zero = setup.zero
-    section: dict = {
-        "stage": int(zero.stage),
-        "overlap_comm": zero.overlap,
-        "contiguous_gradients": zero.contiguous_gradients,
-        "reduce_bucket_size": zero.reduce_bucket_size,
-        "allgather_bucket_size": zero.allgather_bucket_size,
-    }
-    if zero.stage >= ZeroStage.PARAMETERS:
-        section.update(
-            {
-                "stage3_prefetch_bucket_size": zero.prefetch_bucket_size,
-                "stage3_max_live_parameters": zero.max_live_parameters,
-                "stage3_param_persistence_threshold": zero.param_persistence_threshold,
-                "sub_group_size": zero.sub_group_size,
-            }
-        )
+    section: dict = {"stage": int(zero.stage)}
+    for knob in ZERO_KNOBS:
+        if zero.stage >= knob.min_stage:
+            section[knob.ds_key] = zero.overlap if knob.name == "overlap_comm" else getattr(zero, knob.name)
     if zero.offload_optimizer != "none":
         section["offload_optimizer"] = _offload(zero.offload_optimizer, zero.pin_memory, nvme_path)
     if zero.offload_params != "none":
@@ -100,6 +90,6 @@ def ds_config(setup: TrainingSetup, *, nvme_path: str | None = None) -> dict:
     }
     if setup.dtype == "fp16":
         config["fp16"].update({"loss_scale": 0, "initial_scale_power": FP16_INITIAL_SCALE_POWER})
-    if setup.optimizer.name not in ("adam", "adamw"):
+    if setup.optimizer.name not in ADAM_FAMILY:
         config["zero_allow_untested_optimizer"] = True
     return config

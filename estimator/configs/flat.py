@@ -1,52 +1,53 @@
 """TrainingSetup to and from a flat JSON dict: the "setup" of predict's JSON, of grids and of runs.jsonl rows.
 
-Keys are named as predict's flags are (``micro_batch`` for ``--micro-batch``). ``model`` is a preset name or a
-config path; ``setup_from_dict`` loads it again, so a row can be re-estimated with the current estimator.
+The keys are the setup's fields that carry a flag (``core.setup.axis``), named as the CLI's parameters are
+(``micro_batch`` for ``--micro-batch``), plus ``model`` (a preset name or a config path; ``setup_from_dict`` loads
+it again, so a row can be re-estimated with the current estimator) and ``world_size`` (derived, informative). The
+key list is read off the dataclasses, so a new field is a new key with no change here.
 """
 
 from __future__ import annotations
 
 import difflib
+from dataclasses import fields
+from enum import Enum
 
 from zeroest.estimator.core.setup import Optimizer, Parallelism, TrainingSetup, Workload, ZeroConfig
 from zeroest.estimator.core.shape import ModelShape
 
-_ZERO_KEYS = (
-    "overlap_comm", "contiguous_gradients", "reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size",
-    "max_live_parameters", "param_persistence_threshold", "sub_group_size", "offload_optimizer", "offload_params",
-    "pin_memory", "zero_init",
-)
-_WORKLOAD_KEYS = ("micro_batch", "seq_len", "grad_accum", "grad_ckpt", "attn", "activations")
-SETUP_KEYS: tuple[str, ...] = (
-    "model", "stage", "world_size", "gpus_per_node", "nodes", "dtype", "optimizer", "optimizer_impl", "mode",
-    *_WORKLOAD_KEYS, *_ZERO_KEYS,
-)
+PARTS: dict[str, type] = {"parallel": Parallelism, "optimizer": Optimizer, "zero": ZeroConfig,
+                          "workload": Workload}
+"""The parts of a TrainingSetup, by attribute name."""
 
 
-def setup_to_dict(setup: TrainingSetup) -> dict:
-    """The flat dict of a setup (JSON-ready; ``world_size`` is derived and informative only)."""
-    out: dict = {
-        "model": setup.model.name,
-        "stage": int(setup.stage),
-        "world_size": setup.world_size,
-        "gpus_per_node": setup.parallel.gpus_per_node,
-        "nodes": setup.parallel.nodes,
-        "dtype": setup.dtype,
-        "optimizer": setup.optimizer.name,
-        "optimizer_impl": setup.optimizer.impl,
-        "mode": setup.mode,
-    }
-    out.update({key: getattr(setup.workload, key) for key in _WORKLOAD_KEYS})
-    out.update({key: getattr(setup.zero, key) for key in _ZERO_KEYS})
-    out["overlap_comm"] = setup.zero.overlap
+def axes() -> list[tuple[str, str | None, object]]:
+    """(flat key, part attribute or None for TrainingSetup itself, dataclass field) of every flagged field."""
+    out = []
+    for part, cls in (None, TrainingSetup), *PARTS.items():
+        for f in fields(cls):
+            if "flag" in f.metadata:
+                out.append((f.metadata["key"] or f.name, part, f))
     return out
 
 
-def _stage(value, where: str) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: stage must be 0, 1, 2 or 3, got {value!r}") from None
+SETUP_KEYS: tuple[str, ...] = ("model", "world_size", *(key for key, _, _ in axes()))
+
+
+def _plain(value):
+    if isinstance(value, Enum):
+        return value.value
+    return value
+
+
+def setup_to_dict(setup: TrainingSetup) -> dict:
+    """The flat dict of a setup (JSON-ready; ``world_size`` is derived and informative only; ``overlap_comm``
+    is DeepSpeed's resolved value)."""
+    out: dict = {"model": setup.model.name, "world_size": setup.world_size}
+    for key, part, f in axes():
+        owner = setup if part is None else getattr(setup, part)
+        out[key] = int(owner.stage) if key == "stage" else _plain(getattr(owner, f.name))
+    out["overlap_comm"] = setup.zero.overlap
+    return out
 
 
 def check_keys(data: dict, where: str = "setup") -> None:
@@ -58,8 +59,22 @@ def check_keys(data: dict, where: str = "setup") -> None:
             raise ValueError(f"unknown key {key!r} in {where}{hint}")
 
 
+def _layout(data: dict, where: str) -> tuple[int, int]:
+    nodes = int(data.get("nodes", 1))
+    gpus = data.get("gpus_per_node")
+    if gpus is None:
+        world = int(data.get("world_size", nodes))
+        if world % nodes:
+            raise ValueError(f"{where}: world_size {world} is not a multiple of nodes {nodes}")
+        return world // nodes, nodes
+    if "world_size" in data and int(data["world_size"]) != int(gpus) * nodes:
+        raise ValueError(f"{where}: world_size {data['world_size']} != gpus_per_node {gpus} x nodes {nodes}")
+    return int(gpus), nodes
+
+
 def setup_from_dict(data: dict, model: ModelShape | None = None, where: str = "setup") -> TrainingSetup:
-    """Build a TrainingSetup from a flat dict; missing keys take zeroest's defaults.
+    """Build a TrainingSetup from a flat dict; missing keys (and None values) take the setup's defaults and
+    ``vocab``'s rules (the optimizer implementation follows the optimizer and offload).
 
     ``model`` overrides loading ``data["model"]`` (a ModelShape already in hand). ``world_size`` may stand in for
     ``gpus_per_node`` (one node); if both are given they must agree.
@@ -71,22 +86,16 @@ def setup_from_dict(data: dict, model: ModelShape | None = None, where: str = "s
         if "model" not in data:
             raise ValueError(f"{where} names no model: add model: <preset or config.json path>")
         model = load_model(str(data["model"]))
-    nodes = int(data.get("nodes", 1))
-    gpus = data.get("gpus_per_node")
-    if gpus is None:
-        world = int(data.get("world_size", nodes))
-        if world % nodes:
-            raise ValueError(f"{where}: world_size {world} is not a multiple of nodes {nodes}")
-        gpus = world // nodes
-    elif "world_size" in data and int(data["world_size"]) != int(gpus) * nodes:
-        raise ValueError(f"{where}: world_size {data['world_size']} != gpus_per_node {gpus} x nodes {nodes}")
-    zero = ZeroConfig(stage=_stage(data.get("stage", 0), where), **{k: data[k] for k in _ZERO_KEYS if k in data})
-    return TrainingSetup(
-        model=model,
-        parallel=Parallelism(gpus_per_node=int(gpus), nodes=nodes),
-        dtype=data.get("dtype", "bf16"),
-        optimizer=Optimizer(name=data.get("optimizer", "adamw"), impl=data.get("optimizer_impl", "fused")),
-        zero=zero,
-        workload=Workload(**{k: data[k] for k in _WORKLOAD_KEYS if k in data}),
-        mode=data.get("mode", "deepspeed"),
-    )
+    given = {key: value for key, value in data.items() if value is not None}
+    gpus, nodes = _layout(given, where)
+    given.update(gpus_per_node=gpus, nodes=nodes)
+    kwargs: dict = {name: {} for name in PARTS}
+    top: dict = {}
+    for key, part, f in axes():
+        if key in given:
+            (top if part is None else kwargs[part])[f.name] = given[key]
+    try:
+        parts = {name: PARTS[name](**values) for name, values in kwargs.items()}
+        return TrainingSetup(model=model, **parts, **top)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}" if where else str(exc)) from None

@@ -19,6 +19,14 @@ from zeroest.estimator.configs.accelerate import accelerate_ds_config, accelerat
 from zeroest.estimator.configs.files import read_json, unknown_key_warnings, whole_number
 from zeroest.estimator.configs.keys import DS_KEYS, OFFLOAD_KEYS, ZERO_KEYS
 from zeroest.estimator.core.setup import Optimizer, TrainingSetup, Workload, ZeroConfig
+from zeroest.estimator.core.vocab import (
+    ZERO_KNOBS,
+    Builder,
+    OptimizerImpl,
+    default_optimizer_impl,
+    hf_trainer_auto,
+    zero_init_default,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +43,7 @@ BASE_KEYS: tuple[str, ...] = (
     "dtype",
     "optimizer",
     "max_grad_norm",
+    "zero_init",
 )
 """Keys ``base`` may hold; ``model`` (a ModelShape) is required."""
 
@@ -94,17 +103,12 @@ def resolve_auto(
     h the model's hidden size.
     """
     out = json.loads(json.dumps(config))
-    _fill(out, "train_micro_batch_size_per_gpu", micro_batch)
-    _fill(out, "gradient_accumulation_steps", grad_accum)
-    _fill(out, "train_batch_size", world_size * micro_batch * grad_accum)
-    _fill(out, "gradient_clipping", max_grad_norm)
-    _fill(out, "fp16.enabled", dtype == "fp16")
-    _fill(out, "bf16.enabled", dtype == "bf16")
-    _fill(out, "zero_optimization.reduce_bucket_size", hidden_size * hidden_size)
     zero = out.get("zero_optimization")
-    if isinstance(zero, dict) and zero.get("stage") == 3:
-        _fill(out, "zero_optimization.stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
-        _fill(out, "zero_optimization.stage3_param_persistence_threshold", 10 * hidden_size)
+    stage = zero.get("stage") if isinstance(zero, dict) else None
+    values = hf_trainer_auto(hidden_size=hidden_size, micro_batch=micro_batch, grad_accum=grad_accum,
+                             world_size=world_size, dtype=dtype, stage=stage, max_grad_norm=max_grad_norm)
+    for dotted, value in values.items():
+        _fill(out, dotted, value)
     return out
 
 
@@ -170,29 +174,39 @@ def _offload_device(zero: dict, name: str, legacy: str) -> tuple[str, bool]:
     return "none", False
 
 
-def _zero(config: dict, where: str) -> ZeroConfig:
+def has_auto(config) -> bool:
+    """Whether any value of the ds_config is "auto": the file is written for the HF Trainer, which fills them."""
+    if isinstance(config, dict):
+        return any(has_auto(value) for value in config.values())
+    if isinstance(config, list):
+        return any(has_auto(value) for value in config)
+    return config == "auto"
+
+
+def builder_of(raw: dict, acc: dict | None) -> tuple[Builder, bool | None]:
+    """Who builds the model, and accelerate's ``zero3_init_flag`` if set (``vocab.zero_init_default``)."""
+    if acc is not None:
+        flag = (acc.get("deepspeed_config") or {}).get("zero3_init_flag")
+        return Builder.ACCELERATE, None if flag is None else str(flag).lower() == "true"
+    return (Builder.HF_TRAINER if has_auto(raw) else Builder.SCRIPT), None
+
+
+def _zero(config: dict, where: str, zero_init: bool) -> ZeroConfig:
     zero = config.get("zero_optimization") or {}
     opt_dev, opt_pin = _offload_device(zero, "offload_optimizer", "cpu_offload")
     par_dev, par_pin = _offload_device(zero, "offload_param", "cpu_offload_param")
     knobs = {}
-    for ours, theirs in (
-        ("reduce_bucket_size", "reduce_bucket_size"),
-        ("allgather_bucket_size", "allgather_bucket_size"),
-        ("prefetch_bucket_size", "stage3_prefetch_bucket_size"),
-        ("max_live_parameters", "stage3_max_live_parameters"),
-        ("param_persistence_threshold", "stage3_param_persistence_threshold"),
-        ("sub_group_size", "sub_group_size"),
-    ):
-        if zero.get(theirs) not in (None, "auto"):
-            knobs[ours] = whole_number(zero[theirs], f"zero_optimization.{theirs}", where)
-    for flag in ("overlap_comm", "contiguous_gradients"):
-        if zero.get(flag) is not None:
-            knobs[flag] = bool(zero[flag])
+    for knob in ZERO_KNOBS:
+        value = zero.get(knob.ds_key)
+        if value in (None, "auto"):
+            continue
+        knobs[knob.name] = bool(value) if knob.kind is bool else whole_number(
+            value, f"zero_optimization.{knob.ds_key}", where)
     pinned = [pin for dev, pin in ((opt_dev, opt_pin), (par_dev, par_pin)) if dev != "none"]
     stage = whole_number(zero.get("stage", 0), "zero_optimization.stage", where)
     return ZeroConfig(
         stage=stage,
-        zero_init=stage == 3,  # the HF Trainer and accelerate (zero3_init_flag) build ZeRO-3 models under zero.Init
+        zero_init=zero_init,
         offload_optimizer=opt_dev,
         offload_params=par_dev,
         pin_memory=all(pinned) if pinned else True,
@@ -209,7 +223,7 @@ def _optimizer(config: dict, zero: ZeroConfig, base: dict, warnings: list[str], 
             f"{where}: no optimizer section: the training script's own optimizer runs (the HF Trainer's "
             f"torch {name}); estimated as torch {name}"
         )
-        return Optimizer(name=name, impl="cpu" if offload else "torch")
+        return Optimizer(name=name, impl=OptimizerImpl.CPU if offload else OptimizerImpl.TORCH)
     kind = str(section.get("type", "")).lower().replace("_", "")
     names = {"adam": "adam", "adamw": "adamw", "fusedadam": "adam", "cpuadam": "adam", "sgd": "sgd"}
     if kind not in names:
@@ -219,9 +233,10 @@ def _optimizer(config: dict, zero: ZeroConfig, base: dict, warnings: list[str], 
     name = names.get(kind, "adamw")
     if name == "sgd":
         momentum = (section.get("params") or {}).get("momentum", 0)
-        return Optimizer(name="sgd-momentum" if momentum else "sgd", impl="torch")
+        return Optimizer(name="sgd-momentum" if momentum else "sgd")
     torch_adam = bool((section.get("params") or {}).get("torch_adam", False))
-    return Optimizer(name=name, impl="cpu" if offload else "torch" if torch_adam else "fused")
+    return Optimizer(name=name, impl=OptimizerImpl.TORCH if torch_adam and not offload else
+                     default_optimizer_impl(name, zero.offload_optimizer))
 
 
 def setup_from_configs(
@@ -284,7 +299,11 @@ def setup_from_configs(
     dtype = _precision(resolved, where)
     if dtype == "fp32" and not any(k in resolved for k in ("fp16", "bf16", "bfloat16")):
         warnings.append(f"{where}: enables neither bf16 nor fp16, so DeepSpeed trains in fp32")
-    zero = _zero(resolved, where)
+    builder, zero3_flag = builder_of(raw, acc)
+    stage = whole_number((resolved.get("zero_optimization") or {}).get("stage", 0), "zero_optimization.stage", where)
+    zero_init = base["zero_init"] if base.get("zero_init") is not None else zero_init_default(
+        stage, builder, zero3_flag)
+    zero = _zero(resolved, where, zero_init)
     optimizer = _optimizer(resolved, zero, base, warnings, where)
     workload = Workload(
         micro_batch=mb,

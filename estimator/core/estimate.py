@@ -16,6 +16,7 @@ from zeroest.estimator.core.paper import paper_states
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
 from zeroest.estimator.core.stage3 import stage3_states
 from zeroest.estimator.core.timeline import COMPONENTS, Phase, peak_phase, timeline
+from zeroest.estimator.core.vocab import ZERO_INIT_RULE
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,6 +111,10 @@ def _assumptions(setup: TrainingSetup, source: str) -> tuple[str, ...]:
         f" accumulation {setup.workload.grad_accum}",
         f"activations: {source}",
     ]
+    if setup.stage == ZeroStage.PARAMETERS:
+        notes.append("model built under zero.Init (never whole on one GPU)" if setup.zero.zero_init else
+                     f"model built whole on the host, then partitioned (no zero.Init; {ZERO_INIT_RULE}; "
+                     "--zero-init changes it)")
     if setup.mode == "paper":
         notes.append("paper mode: ZeRO paper model states (2 + 2 + K) Psi with K = 12; no activations or buffers")
     return tuple(notes)

@@ -7,34 +7,37 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from enum import IntEnum
-from typing import Literal
 
-from zeroest.estimator.core.defaults import DEEPSPEED_ZERO_DEFAULTS
 from zeroest.estimator.core.shape import ModelShape
+from zeroest.estimator.core.vocab import (
+    ADAM_FAMILY,
+    DTYPE_BYTES,
+    KNOB_BY_NAME,
+    ZERO_INIT_RULE,
+    ActivationMode,
+    Attention,
+    Dtype,
+    Mode,
+    OffloadDevice,
+    OptimizerImpl,
+    OptimizerName,
+    ZeroStage,
+    check_offload,
+    choice,
+    default_optimizer_impl,
+)
 
-Dtype = Literal["bf16", "fp16", "fp32"]
-OptimizerName = Literal["adamw", "adam", "sgd", "sgd-momentum", "adafactor"]
-OptimizerImpl = Literal["fused", "torch", "cpu"]
-OffloadDevice = Literal["none", "cpu", "nvme"]
-Attention = Literal["sdpa", "flash", "eager"]
-ActivationMode = Literal["auto", "traced", "closed-form"]
-Mode = Literal["deepspeed", "paper"]
-
-DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4}
+__all__ = ["DTYPE_BYTES", "Optimizer", "Parallelism", "TrainingSetup", "Workload", "ZeroConfig", "ZeroStage"]
 
 
-class ZeroStage(IntEnum):
-    """ZeRO stages, ordered so code reads like the paper: ``if stage >= ZeroStage.GRADIENTS``."""
+def axis(default, flag: str, help: str, *, key: str | None = None, count: bool = False):
+    """A setup field that is also a command-line flag and a key of the flat setup dict.
 
-    DISABLED = 0
-    """Plain data parallelism: every rank holds every model state."""
-    OPTIMIZER_STATES = 1
-    """P_os: fp32 master weights and optimizer states partitioned over N_d ranks."""
-    GRADIENTS = 2
-    """P_os+g: gradients partitioned too."""
-    PARAMETERS = 3
-    """P_os+g+p: 16-bit parameters partitioned too, gathered layer by layer."""
+    ``flag`` and ``help`` are what ``predict`` and ``plan`` show; ``key`` is the flat dict's and the CLI
+    parameter's name (the field's own name unless given); ``count`` marks element counts typed as ``5e8`` or
+    ``500M``. ``zeroest.cli.options`` and ``configs.flat`` read these, so a new field here is a new flag and key.
+    """
+    return field(default=default, metadata={"flag": flag, "help": help, "key": key, "count": count})
 
 
 def _positive(name: str, value: int, flag: str) -> None:
@@ -47,14 +50,18 @@ def _non_negative(name: str, value: int, flag: str) -> None:
         raise ValueError(f"{name} must be a whole number >= 0, got {value!r} (set {flag})")
 
 
+def _set(obj, name: str, value) -> None:
+    object.__setattr__(obj, name, value)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Parallelism:
     """Data-parallel layout: N_d = gpus_per_node * nodes ranks, one GPU each."""
 
-    gpus_per_node: int = 1
-    """GPUs (ranks) on each node (``--gpus``)."""
-    nodes: int = 1
-    """Nodes (``--nodes``)."""
+    gpus_per_node: int = axis(1, "--gpus", "GPUs (data-parallel ranks) per node.", key="gpus_per_node")
+    """GPUs (ranks) on each node."""
+    nodes: int = axis(1, "--nodes", "Nodes.")
+    """Nodes."""
 
     def __post_init__(self) -> None:
         _positive("the number of GPUs per node", self.gpus_per_node, "--gpus to 1 or more")
@@ -70,20 +77,20 @@ class Parallelism:
 class Optimizer:
     """Which optimizer, and which implementation DeepSpeed runs."""
 
-    name: OptimizerName = "adamw"
+    name: OptimizerName = axis(OptimizerName.ADAMW, "--optimizer", "Optimizer.", key="optimizer")
     """adamw/adam: two fp32 states per parameter; sgd-momentum: one; sgd: none; adafactor: factored rows+cols."""
-    impl: OptimizerImpl = "fused"
+    impl: OptimizerImpl | None = axis(
+        None, "--optimizer-impl", "fused: DeepSpeed FusedAdam; torch: torch_adam (foreach AdamW) or torch.optim; "
+        "cpu: DeepSpeedCPUAdam. Default: cpu with optimizer offload, fused for Adam/AdamW, torch otherwise.",
+        key="optimizer_impl")
     """fused: DeepSpeed FusedAdam (multi-tensor kernel, no temporaries); torch: ``torch_adam: true`` (torch's
-    foreach AdamW, which allocates temporaries the size of a parameter group); cpu: DeepSpeedCPUAdam (offload)."""
+    foreach AdamW, which allocates temporaries the size of a parameter group); cpu: DeepSpeedCPUAdam (offload).
+    None: ``vocab.default_optimizer_impl``, resolved by ``TrainingSetup``."""
 
     def __post_init__(self) -> None:
-        if self.name not in ("adamw", "adam", "sgd", "sgd-momentum", "adafactor"):
-            raise ValueError(
-                f"unknown optimizer {self.name!r}: use --optimizer adamw, adam, sgd, sgd-momentum or adafactor"
-            )
-        if self.impl not in ("fused", "torch", "cpu"):
-            raise ValueError(
-                f"unknown optimizer implementation {self.impl!r}: use --optimizer-impl fused, torch or cpu")
+        _set(self, "name", choice(OptimizerName, self.name, "--optimizer"))
+        if self.impl is not None:
+            _set(self, "impl", choice(OptimizerImpl, self.impl, "--optimizer-impl"))
 
     @property
     def states_per_param(self) -> int:
@@ -95,92 +102,102 @@ class Optimizer:
         return {"adamw": 2, "adam": 2, "sgd-momentum": 1, "sgd": 0, "adafactor": 0}[self.name]
 
 
+def _knob(name: str, help: str):
+    knob = KNOB_BY_NAME[name]
+    if knob.kind is bool:
+        return axis(knob.default, f"--{name.replace('_', '-')}/--no-{name.replace('_', '-')}", help)
+    return axis(knob.default, f"--{name.replace('_', '-')}", f"{help} Elements, e.g. 5e8 or 500M.", count=True)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ZeroConfig:
-    """The ZeRO section of ds_config.json; defaults are DeepSpeed's own (``estimator.defaults``)."""
+    """The ZeRO section of ds_config.json; defaults are DeepSpeed's own (``vocab.ZERO_KNOBS``)."""
 
-    stage: ZeroStage = ZeroStage.DISABLED
+    stage: ZeroStage = axis(ZeroStage.DISABLED, "--stage", "ZeRO stage 0-3.")
     """ZeRO stage 0-3 (``zero_optimization.stage``)."""
-    overlap_comm: bool | None = None
+    overlap_comm: bool | None = _knob("overlap_comm", "Overlap reduction with backward (DeepSpeed's default: on "
+                                      "for stage 3 only).")
     """None means DeepSpeed's default: True for stage 3, False otherwise (config.py ``overlap_comm_valid``)."""
-    contiguous_gradients: bool = DEEPSPEED_ZERO_DEFAULTS["contiguous_gradients"]
+    contiguous_gradients: bool = _knob("contiguous_gradients", "Copy gradients into one contiguous buffer as "
+                                       "they are reduced (stages 2-3).")
     """Copy gradients into one contiguous partition buffer as they are reduced (stages 2-3)."""
-    reduce_bucket_size: int = DEEPSPEED_ZERO_DEFAULTS["reduce_bucket_size"]
+    reduce_bucket_size: int = _knob("reduce_bucket_size", "Gradient reduce bucket.")
     """Elements per gradient reduce bucket."""
-    allgather_bucket_size: int = DEEPSPEED_ZERO_DEFAULTS["allgather_bucket_size"]
+    allgather_bucket_size: int = _knob("allgather_bucket_size", "Parameter all-gather bucket after the step "
+                                       "(stages 1-2).")
     """Elements per parameter all-gather after the step (stages 1-2)."""
-    prefetch_bucket_size: int = DEEPSPEED_ZERO_DEFAULTS["prefetch_bucket_size"]
+    prefetch_bucket_size: int = _knob("prefetch_bucket_size", "Stage 3 prefetch (stage3_prefetch_bucket_size).")
     """Elements stage 3 prefetches ahead of use (``stage3_prefetch_bucket_size``)."""
-    max_live_parameters: int = DEEPSPEED_ZERO_DEFAULTS["max_live_parameters"]
+    max_live_parameters: int = _knob("max_live_parameters", "Most gathered parameters stage 3 keeps "
+                                     "(stage3_max_live_parameters).")
     """Most gathered parameters stage 3 keeps at once (``stage3_max_live_parameters``)."""
-    param_persistence_threshold: int = DEEPSPEED_ZERO_DEFAULTS["param_persistence_threshold"]
+    param_persistence_threshold: int = _knob("param_persistence_threshold", "Stage 3 keeps smaller parameters "
+                                             "whole on every rank (stage3_param_persistence_threshold).")
     """Stage 3 keeps parameters with fewer elements than this whole on every rank."""
-    sub_group_size: int = DEEPSPEED_ZERO_DEFAULTS["sub_group_size"]
+    sub_group_size: int = _knob("sub_group_size", "Stage 3 optimizer sub-group.")
     """Stage 3 optimizer sub-group size in elements (fp32 gradient buffers are made per sub-group)."""
-    offload_optimizer: OffloadDevice = "none"
+    offload_optimizer: OffloadDevice = axis(OffloadDevice.NONE, "--offload-optimizer",
+                                            "Where master weights and optimizer states live.")
     """Where fp32 master weights and optimizer states live (``offload_optimizer.device``)."""
-    offload_params: OffloadDevice = "none"
+    offload_params: OffloadDevice = axis(OffloadDevice.NONE, "--offload-params",
+                                         "Where stage 3 keeps its parameter partitions.")
     """Where stage 3 keeps its 16-bit parameter partitions (``offload_param.device``); stage 3 only."""
-    pin_memory: bool = True
+    pin_memory: bool = axis(True, "--pin-memory/--no-pin-memory", "Offloaded host buffers are page-locked.")
     """Offloaded host buffers are page-locked (``offload_*.pin_memory``)."""
-    zero_init: bool = False
+    zero_init: bool = axis(False, "--zero-init/--no-zero-init", "Stage 3: the model is built under "
+                           "deepspeed.zero.Init, so it is never whole on one GPU; " + ZERO_INIT_RULE + ".")
     """Stage 3: the model is built under ``deepspeed.zero.Init`` (HF Trainer with ZeRO-3, accelerate's
     ``zero3_init_flag``), so it is never whole on one GPU; False: built whole, then partitioned by
-    ``deepspeed.initialize``."""
+    ``deepspeed.initialize``. Below stage 3 it changes nothing. ``vocab.zero_init_default`` is the rule."""
 
     def __post_init__(self) -> None:
-        if self.stage not in (0, 1, 2, 3):
+        if isinstance(self.stage, bool) or self.stage not in (0, 1, 2, 3):
             raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {self.stage!r} (set --stage)")
-        object.__setattr__(self, "stage", ZeroStage(int(self.stage)))
+        _set(self, "stage", ZeroStage(int(self.stage)))
         for name in ("reduce_bucket_size", "allgather_bucket_size"):
             _positive(name.replace("_", " "), getattr(self, name), f"--{name.replace('_', '-')}")
         for name in ("prefetch_bucket_size", "max_live_parameters", "param_persistence_threshold", "sub_group_size"):
             _non_negative(name.replace("_", " "), getattr(self, name), f"--{name.replace('_', '-')}")
         for name in ("offload_optimizer", "offload_params"):
-            if getattr(self, name) not in ("none", "cpu", "nvme"):
-                raise ValueError(f"--{name.replace('_', '-')} must be none, cpu or nvme, got {getattr(self, name)!r}")
-        if self.offload_params != "none" and self.stage < ZeroStage.PARAMETERS:
-            raise ValueError(
-                f"parameter offload needs ZeRO stage 3, but the stage is {int(self.stage)}: "
-                "use --stage 3 or drop --offload-params"
-            )
-        if self.offload_optimizer == "nvme" and self.stage < ZeroStage.PARAMETERS:
-            raise ValueError("optimizer offload to NVMe needs ZeRO stage 3 (ZeRO-Infinity): use --stage 3 or cpu")
-        if self.offload_optimizer == "none" and self.offload_params != "none":
-            raise ValueError(
-                "DeepSpeed offloads parameters only with the optimizer offloaded too: set --offload-optimizer")
+            _set(self, name, choice(OffloadDevice, getattr(self, name), f"--{name.replace('_', '-')}"))
+        check_offload(self.stage, self.offload_optimizer, self.offload_params)
 
     @property
     def overlap(self) -> bool:
         """overlap_comm with DeepSpeed's dynamic default resolved."""
         return self.stage == ZeroStage.PARAMETERS if self.overlap_comm is None else self.overlap_comm
 
+    @property
+    def builds_partitioned(self) -> bool:
+        """The model is partitioned as it is built: stage 3 under zero.Init."""
+        return self.stage == ZeroStage.PARAMETERS and self.zero_init
+
 
 @dataclass(frozen=True, kw_only=True)
 class Workload:
     """One micro-step's input and how activations are kept."""
 
-    micro_batch: int = 1
+    micro_batch: int = axis(1, "--micro-batch", "Sequences per GPU per micro-step.")
     """Sequences per rank per micro-step (``train_micro_batch_size_per_gpu``)."""
-    seq_len: int = 2048
+    seq_len: int = axis(2048, "--seq-len", "Tokens per sequence.")
     """Tokens per sequence."""
-    grad_accum: int = 1
+    grad_accum: int = axis(1, "--grad-accum", "Gradient accumulation steps.")
     """Micro-steps per optimizer step (``gradient_accumulation_steps``)."""
-    grad_ckpt: bool = False
+    grad_ckpt: bool = axis(False, "--grad-ckpt/--no-grad-ckpt", "HF non-reentrant gradient checkpointing.")
     """HF non-reentrant gradient checkpointing: keep layer inputs, recompute one layer at a time."""
-    attn: Attention = "sdpa"
+    attn: Attention = axis(Attention.SDPA, "--attn", "Attention implementation.")
     """Attention implementation: sdpa (memory-efficient/flash kernels), flash (flash-attention-2), eager."""
-    activations: ActivationMode = "auto"
+    activations: ActivationMode = axis(ActivationMode.AUTO, "--activations", "traced (meta-device trace of the HF "
+                                       "model; needs torch and transformers), closed-form, or auto (traced when "
+                                       "possible; closed-form for --params).")
     """traced (meta-device trace of the real HF model), closed-form, or auto (traced when torch is installed)."""
 
     def __post_init__(self) -> None:
         _positive("the micro-batch", self.micro_batch, "--micro-batch")
         _positive("the sequence length", self.seq_len, "--seq-len")
         _positive("gradient accumulation", self.grad_accum, "--grad-accum")
-        if self.attn not in ("sdpa", "flash", "eager"):
-            raise ValueError(f"unknown attention {self.attn!r}: use --attn sdpa, flash or eager")
-        if self.activations not in ("auto", "traced", "closed-form"):
-            raise ValueError(f"unknown activation mode {self.activations!r}: use traced or closed-form")
+        _set(self, "attn", choice(Attention, self.attn, "--attn"))
+        _set(self, "activations", choice(ActivationMode, self.activations, "--activations"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,7 +208,7 @@ class TrainingSetup:
     """The model's shape and parameter tensors."""
     parallel: Parallelism = field(default_factory=Parallelism)
     """Data-parallel ranks N_d."""
-    dtype: Dtype = "bf16"
+    dtype: Dtype = axis(Dtype.BF16, "--dtype", "Training precision.")
     """Training precision: bf16 or fp16 mixed precision (fp32 master weights), or pure fp32."""
     optimizer: Optimizer = field(default_factory=Optimizer)
     """Optimizer and its implementation."""
@@ -199,24 +216,27 @@ class TrainingSetup:
     """ZeRO stage and knobs."""
     workload: Workload = field(default_factory=Workload)
     """Micro-batch, sequence length, accumulation, checkpointing, attention."""
-    mode: Mode = "deepspeed"
+    mode: Mode = axis(Mode.DEEPSPEED, "--mode", "deepspeed: what DeepSpeed allocates; paper: the ZeRO paper's "
+                      "model states.")
     """deepspeed: what DeepSpeed really allocates; paper: the ZeRO paper's model states, (2 + 2 + K) Psi."""
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_BYTES:
-            raise ValueError(f"unknown dtype {self.dtype!r}: use --dtype bf16, fp16 or fp32")
-        if self.mode not in ("deepspeed", "paper"):
-            raise ValueError(f"unknown mode {self.mode!r}: use deepspeed or paper")
-        cpu_adam = self.optimizer.impl == "cpu"
-        if cpu_adam != (self.zero.offload_optimizer != "none"):
-            if cpu_adam:
-                raise ValueError(
-                    "--optimizer-impl cpu (DeepSpeedCPUAdam) runs only with --offload-optimizer cpu or nvme")
-            raise ValueError("an offloaded optimizer runs DeepSpeedCPUAdam on the host: set --optimizer-impl cpu")
-        if cpu_adam and self.optimizer.name not in ("adam", "adamw"):
-            raise ValueError(f"optimizer offload needs Adam or AdamW (DeepSpeedCPUAdam), not {self.optimizer.name}")
-        if self.optimizer.impl == "fused" and self.optimizer.name not in ("adam", "adamw"):
-            raise ValueError(f"--optimizer-impl fused is FusedAdam; {self.optimizer.name} needs --optimizer-impl torch")
+        _set(self, "dtype", choice(Dtype, self.dtype, "--dtype"))
+        _set(self, "mode", choice(Mode, self.mode, "--mode"))
+        opt, zero = self.optimizer, self.zero
+        check_offload(zero.stage, zero.offload_optimizer, zero.offload_params, opt.name)
+        if opt.impl is None:
+            _set(self, "optimizer", replace(opt, impl=default_optimizer_impl(opt.name, zero.offload_optimizer)))
+            opt = self.optimizer
+        offloaded = zero.offload_optimizer != OffloadDevice.NONE
+        if opt.impl == OptimizerImpl.CPU and not offloaded:
+            raise ValueError("--optimizer-impl cpu (DeepSpeedCPUAdam) runs only with --offload-optimizer cpu or nvme")
+        if offloaded and opt.impl != OptimizerImpl.CPU:
+            raise ValueError("an offloaded optimizer runs DeepSpeedCPUAdam on the host: set --optimizer-impl cpu "
+                             "or leave it out")
+        if opt.impl == OptimizerImpl.FUSED and opt.name not in ADAM_FAMILY:
+            raise ValueError(f"--optimizer-impl fused is FusedAdam; {opt.name} needs --optimizer-impl torch "
+                             "(or leave it out)")
 
     @property
     def world_size(self) -> int:
@@ -233,10 +253,16 @@ class TrainingSetup:
         return replace(self, **changes)
 
     def with_stage(self, stage: int) -> TrainingSetup:
-        """The same setup at another ZeRO stage (param offload dropped below stage 3)."""
+        """The same setup at another ZeRO stage (offload the stage does not accept is dropped, and the optimizer
+        implementation follows the offload)."""
         zero = self.zero
-        if stage < ZeroStage.PARAMETERS and zero.offload_params != "none":
-            zero = replace(zero, offload_params="none")
-        if stage < ZeroStage.PARAMETERS and zero.offload_optimizer == "nvme":
-            zero = replace(zero, offload_optimizer="cpu")
-        return replace(self, zero=replace(zero, stage=ZeroStage(stage)))
+        if stage < ZeroStage.PARAMETERS and zero.offload_params != OffloadDevice.NONE:
+            zero = replace(zero, offload_params=OffloadDevice.NONE)
+        if stage < ZeroStage.PARAMETERS and zero.offload_optimizer == OffloadDevice.NVME:
+            zero = replace(zero, offload_optimizer=OffloadDevice.CPU)
+        if stage < ZeroStage.OPTIMIZER_STATES:
+            zero = replace(zero, offload_optimizer=OffloadDevice.NONE)
+        optimizer = self.optimizer
+        if (zero.offload_optimizer != OffloadDevice.NONE) != (optimizer.impl == OptimizerImpl.CPU):
+            optimizer = replace(optimizer, impl=default_optimizer_impl(optimizer.name, zero.offload_optimizer))
+        return replace(self, zero=replace(zero, stage=ZeroStage(stage)), optimizer=optimizer)

@@ -96,7 +96,7 @@ def stage3_states(setup: TrainingSetup, device: Device = "cuda") -> ModelStates:
         step_temp_bytes=step_temp,
         # init: the whole model while its partitions are made (not under zero.Init), or the steady buffers plus
         # the largest parameter gathered whole once (measured: data/probe/llama_z3_bf16_n4_g1*.json)
-        init_peak_bytes=max(0 if setup.zero.zero_init else loaded + b * p3,
+        init_peak_bytes=max(0 if setup.zero.builds_partitioned else loaded + b * p3,
                             b * p3 + (0 if offload_opt else master) + resident + b * n_max),
         host_bytes=host,
         nvme_bytes=nvme,

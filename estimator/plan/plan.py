@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from zeroest.estimator.catalog.gpus import Gpu, gpu_presets
 from zeroest.estimator.core.setup import Optimizer, TrainingSetup, ZeroConfig, ZeroStage
+from zeroest.estimator.core.vocab import default_optimizer_impl, offload_allowed
 from zeroest.estimator.plan.search import CachedEstimator, Memory, budget_bytes, largest_true, min_gpus
 from zeroest.estimator.plan.speed import Hardware, StepTime, hardware_for, step_time
 from zeroest.estimator.units import GiB, format_gib
@@ -112,31 +113,19 @@ def zero_groups(base: TrainingSetup, space: SearchSpace) -> list[ZeroConfig]:
     (``setup.ZeroConfig``).
     """
     groups = []
-    adam = base.optimizer.name in ("adam", "adamw")
     for stage in space.stages:
         for opt in space.offload_optimizer:
             for par in space.offload_params:
-                if opt != "none" and (stage == 0 or not adam):
-                    continue
-                if (opt == "nvme" or par != "none") and stage < ZeroStage.PARAMETERS:
-                    continue
-                if par != "none" and opt == "none":
-                    continue
-                # stage 3 plans build the model under zero.Init: the written accelerate config sets
-                # zero3_init_flag, and the HF Trainer does the same with a ZeRO-3 ds_config
-                groups.append(
-                    replace(base.zero, stage=ZeroStage(stage), offload_optimizer=opt, offload_params=par,
-                            zero_init=stage == ZeroStage.PARAMETERS)
-                )
+                if offload_allowed(stage, opt, par, base.optimizer.name):
+                    # zero.Init as the base says (--zero-init, or vocab.zero_init_default's rule)
+                    groups.append(replace(base.zero, stage=ZeroStage(stage), offload_optimizer=opt,
+                                          offload_params=par))
     return groups
 
 
-def _optimizer_for(base: TrainingSetup, zero: ZeroConfig) -> Optimizer:
-    if zero.offload_optimizer != "none":
-        return replace(base.optimizer, impl="cpu")
-    if base.optimizer.impl == "cpu":
-        return replace(base.optimizer, impl="fused" if base.optimizer.name in ("adam", "adamw") else "torch")
-    return base.optimizer
+def optimizer_for(base: TrainingSetup, zero: ZeroConfig) -> Optimizer:
+    """The optimizer implementation DeepSpeed runs with this ZeRO config (``vocab.default_optimizer_impl``)."""
+    return replace(base.optimizer, impl=default_optimizer_impl(base.optimizer.name, zero.offload_optimizer))
 
 
 def micro_batches(request: PlanRequest) -> list[tuple[int, int]]:
@@ -151,7 +140,7 @@ def _setup(base: TrainingSetup, zero: ZeroConfig, ckpt: bool, mb: int, accum: in
     return replace(
         base,
         zero=zero,
-        optimizer=_optimizer_for(base, zero),
+        optimizer=optimizer_for(base, zero),
         workload=replace(base.workload, micro_batch=mb, grad_accum=accum, grad_ckpt=ckpt),
     )
 

@@ -1,85 +1,104 @@
-"""The options predict and plan share, and turning them into a TrainingSetup.
+"""The setup's flags, read off ``TrainingSetup``'s fields, collected into one dict per command.
 
-Typer parameters are declared once here as ``Annotated`` aliases so every command spells a flag the same way.
+Every field declared with ``core.setup.axis`` becomes an option of the commands decorated with
+``setup_options``: the vocabulary's ``StrEnum``s are the option types, the field's default and help are shown,
+and the values typed (only those) reach the command as one dict. ``zeroest.api.build_setup`` hands that dict to
+``configs.flat.setup_from_dict``, the reader that grids and runs.jsonl rows go through too, so every entry point
+applies the same defaults and rules.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import typing
 from enum import Enum
 from typing import Annotated
 
 import typer
 
-from zeroest.estimator.core.setup import Optimizer, Parallelism, TrainingSetup, Workload, ZeroConfig
+from zeroest.estimator.configs.flat import PARTS, axes
+from zeroest.estimator.core.setup import TrainingSetup
 from zeroest.estimator.core.shape import ModelShape
 from zeroest.estimator.units import parse_count
-
-
-class Dtype(str, Enum):
-    bf16 = "bf16"
-    fp16 = "fp16"
-    fp32 = "fp32"
-
-
-class OptName(str, Enum):
-    adamw = "adamw"
-    adam = "adam"
-    sgd = "sgd"
-    sgd_momentum = "sgd-momentum"
-    adafactor = "adafactor"
-
-
-class OptImpl(str, Enum):
-    fused = "fused"
-    torch = "torch"
-    cpu = "cpu"
-
-
-class Offload(str, Enum):
-    none = "none"
-    cpu = "cpu"
-    nvme = "nvme"
-
-
-class Attn(str, Enum):
-    sdpa = "sdpa"
-    flash = "flash"
-    eager = "eager"
-
-
-class ActMode(str, Enum):
-    traced = "traced"
-    closed_form = "closed-form"
-
-
-def _count(text: str) -> int:
-    return parse_count(text)
-
 
 ParamsOpt = Annotated[str | None, typer.Option("--params", help="Model size, e.g. 1.3B or 350M: a standard "
                                                "llama-style decoder of that size.")]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="A preset (zeroest models lists them) or a path to an "
                                               "HF config.json or its folder.")]
-GpusOpt = Annotated[int, typer.Option("--gpus", help="GPUs (data-parallel ranks) per node.")]
-NodesOpt = Annotated[int, typer.Option("--nodes", help="Nodes.")]
-DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Training precision.")]
-OptOpt = Annotated[OptName, typer.Option("--optimizer", help="Optimizer.")]
-ImplOpt = Annotated[OptImpl | None, typer.Option("--optimizer-impl", help="fused: DeepSpeed FusedAdam; torch: "
-                    "torch_adam (foreach AdamW); cpu: DeepSpeedCPUAdam. Default: cpu with optimizer offload, "
-                    "fused otherwise (torch for SGD/Adafactor).")]
-OffOptOpt = Annotated[Offload, typer.Option("--offload-optimizer", help="Where master weights and optimizer "
-                      "states live.")]
-OffParOpt = Annotated[Offload, typer.Option("--offload-params", help="Where stage 3 keeps parameter partitions.")]
-AccumOpt = Annotated[int, typer.Option("--grad-accum", help="Gradient accumulation steps.")]
-OverlapOpt = Annotated[bool | None, typer.Option("--overlap-comm/--no-overlap-comm", help="Overlap reduction with "
-                       "backward (DeepSpeed's default: on for stage 3 only).", show_default=False)]
-BucketOpt = Annotated[str | None, typer.Option(help="Elements, e.g. 5e8 or 500M. Default: DeepSpeed's.")]
-MicroOpt = Annotated[int, typer.Option("--micro-batch", help="Sequences per GPU per micro-step.")]
-SeqOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")]
-CkptOpt = Annotated[bool, typer.Option("--grad-ckpt", help="HF non-reentrant gradient checkpointing.")]
-AttnOpt = Annotated[Attn, typer.Option("--attn", help="Attention implementation.")]
-ActOpt = Annotated[ActMode | None, typer.Option("--activations", help="traced (meta-device trace of the HF model; "
-                   "needs torch and transformers) or closed-form. Default: traced when possible.")]
+
+
+def _hints() -> dict[str, dict[str, object]]:
+    return {name: typing.get_type_hints(cls) for name, cls in (("", TrainingSetup), *PARTS.items())}
+
+
+def _default_text(value) -> str:
+    if isinstance(value, Enum):
+        value = value.value
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:.0e}".replace("e+0", "e") if isinstance(value, int) and value >= 10**6 else str(value)
+
+
+def _option(key: str, part: str | None, f, hints) -> inspect.Parameter:
+    """One keyword-only parameter for a setup field: its type from the vocabulary, default None (not typed)."""
+    kind = hints[part or ""][f.name]
+    base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+    help_text = f.metadata["help"]
+    if f.default is not None and not isinstance(f.default, type(inspect.Parameter.empty)):
+        help_text += f" Default: {_default_text(f.default)}."
+    if f.metadata["count"]:
+        base = str
+    option = typer.Option(*f.metadata["flag"].split(" "), help=help_text, show_default=False)
+    if base is bool:
+        annotation = Annotated[bool | None, option]
+    elif isinstance(base, type) and issubclass(base, Enum):
+        annotation = Annotated[base | None, option]
+    else:
+        annotation = Annotated[base | None, option]
+    return inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+
+
+def setup_options(*, exclude: tuple[str, ...] = ()):
+    """Decorator: add one option per setup field (except ``exclude``) to a typer command.
+
+    The command takes a ``flags: dict`` parameter instead: the setup keys the user typed, with their values
+    (element counts such as ``5e8`` parsed). Its own parameters keep their place before the setup's.
+    """
+
+    def wrap(command):
+        hints = _hints()
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "flags"]
+        owned = {p.name for p in own}
+        extra = [_option(key, part, f, hints) for key, part, f in axes()
+                 if key not in exclude and key not in owned]
+        counts = {key for key, _, f in axes() if f.metadata["count"]}
+        names = {p.name for p in extra}
+
+        @functools.wraps(command)
+        def run(**kwargs):
+            flags = {}
+            for name in names:
+                value = kwargs.pop(name)
+                if value is None:
+                    continue
+                if name in counts:
+                    try:
+                        value = parse_count(value)
+                    except ValueError as exc:
+                        from zeroest.cli.common import fail
+
+                        fail(f"--{name.replace('_', '-')}: {exc}")
+                flags[name] = value.value if isinstance(value, Enum) else value
+            return command(flags=flags, **kwargs)
+
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + extra
+        run.__signature__ = inspect.Signature(params)
+        run.__annotations__ = {}
+        del run.__wrapped__
+        return run
+
+    return wrap
 
 
 def resolve_model(params: str | None, model: str | None) -> ModelShape:
@@ -93,31 +112,3 @@ def resolve_model(params: str | None, model: str | None) -> ModelShape:
     from zeroest.estimator.catalog.models import load_model
 
     return load_model(model)
-
-
-def default_impl(optimizer: str, offload_optimizer: str) -> str:
-    if offload_optimizer != "none":
-        return "cpu"
-    return "fused" if optimizer in ("adam", "adamw") else "torch"
-
-
-def build_setup(
-    *, shape: ModelShape, stage: int, gpus: int, nodes: int, dtype: str, optimizer: str, impl: str | None,
-    offload_optimizer: str, offload_params: str, grad_accum: int, overlap_comm: bool | None,
-    knobs: dict[str, str | None], micro_batch: int, seq_len: int, grad_ckpt: bool, attn: str,
-    activations: str | None, from_params: bool, paper: bool = False,
-) -> TrainingSetup:
-    """Validate the flags once and build the setup; ValueError says which flag is wrong."""
-    zero_knobs = {name: parse_count(value) for name, value in knobs.items() if value is not None}
-    mode = activations or ("closed-form" if from_params else "auto")
-    return TrainingSetup(
-        model=shape,
-        parallel=Parallelism(gpus_per_node=gpus, nodes=nodes),
-        dtype=dtype,
-        optimizer=Optimizer(name=optimizer, impl=impl or default_impl(optimizer, offload_optimizer)),
-        zero=ZeroConfig(stage=stage, overlap_comm=overlap_comm, offload_optimizer=offload_optimizer,
-                        offload_params=offload_params, **zero_knobs),
-        workload=Workload(micro_batch=micro_batch, seq_len=seq_len, grad_accum=grad_accum, grad_ckpt=grad_ckpt,
-                          attn=attn, activations=mode),
-        mode="paper" if paper else "deepspeed",
-    )

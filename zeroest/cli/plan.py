@@ -15,29 +15,18 @@ import typer
 from rich.table import Table
 
 from zeroest.cli import options as o
+from zeroest.estimator.catalog.fit import FIT_MARGIN
+from zeroest.estimator.catalog.gpus import GPU_HELP
+from zeroest.estimator.core.vocab import OffloadDevice
 
-GpuOpt = Annotated[
-    str,
-    typer.Option(
-        "--gpu",
-        help="The GPU: a preset (4090, a100-40g, a100-80g, h100, h200, ...) or a size such as 24GiB or 80GB.",
-    ),
-]
+GpuOpt = Annotated[str, typer.Option("--gpu", help=f"The GPU: {GPU_HELP}")]
 StageOpt = Annotated[
     list[int] | None, typer.Option("--stage", help="Only these ZeRO stages (repeat the flag); default: 0-3.")
 ]
 OffloadsOpt = Annotated[
-    list[o.Offload] | None,
+    list[OffloadDevice] | None,
     typer.Option(
         "--offload", help="Offload devices the plan may use (repeat the flag); default: none, cpu and nvme."
-    ),
-]
-CkptChoice = Annotated[
-    bool | None,
-    typer.Option(
-        "--grad-ckpt/--no-grad-ckpt",
-        help="Force gradient checkpointing on or off; default: try both.",
-        show_default=False,
     ),
 ]
 _QUERY_HELP = (
@@ -53,30 +42,6 @@ MaxSeqOpt = Annotated[
 MinGpusOpt = Annotated[
     bool, typer.Option("--min-gpus", help=f"The fewest GPUs that hold the setup, {_QUERY_HELP}")
 ]
-
-
-def _gpu(text: str):
-    """``--gpu``: a preset or a size, as ``gpus.parse_gpu``, but with presets matched as strings (gpus.yaml's
-    ``4090`` key loads as a YAML int, which ``parse_gpu`` neither matches nor can suggest)."""
-    import difflib
-
-    from zeroest.estimator.catalog.gpus import Gpu, gpu_presets
-    from zeroest.estimator.units import parse_bytes
-
-    presets = {str(key).lower(): gpu for key, gpu in gpu_presets().items()}
-    key = text.strip().lower()
-    if key in presets:
-        return presets[key]
-    try:
-        if key.replace(".", "").isdigit():
-            raise ValueError("a bare number is not a GPU")  # "4080" is a model name, not 4080 bytes
-        return Gpu(name=text, memory_bytes=parse_bytes(text))
-    except ValueError:
-        near = difflib.get_close_matches(key, list(presets), n=3)
-        hint = f"did you mean {', '.join(near)}? " if near else ""
-        raise ValueError(
-            f"unknown GPU {text!r}: {hint}use a preset ({', '.join(presets)}) or a size such as 24GiB or 80GB"
-        ) from None
 
 
 def _space(stage, offload, grad_ckpt):
@@ -160,7 +125,7 @@ def _candidate_dict(cand) -> dict:
 
 def _queries(request, which: list[str]) -> list[dict]:
     """Each query per (stage, offload, checkpointing) group, at the request's workload."""
-    from zeroest.estimator.plan.plan import _optimizer_for, zero_groups
+    from zeroest.estimator.plan.plan import optimizer_for, zero_groups
     from zeroest.estimator.plan.search import CachedEstimator, max_micro_batch, max_seq_len, min_gpus
 
     est = CachedEstimator()
@@ -171,7 +136,7 @@ def _queries(request, which: list[str]) -> list[dict]:
             setup = replace(
                 base,
                 zero=zero,
-                optimizer=_optimizer_for(base, zero),
+                optimizer=optimizer_for(base, zero),
                 workload=replace(base.workload, grad_ckpt=ckpt),
             )
             row = {
@@ -235,13 +200,11 @@ def _write(best, ds_path: Path | None, acc_path: Path | None) -> list[str]:
     return notes
 
 
+@o.setup_options(exclude=("stage", "offload_optimizer", "offload_params", "optimizer_impl", "mode"))
 def plan(
     gpu: GpuOpt,
     params: o.ParamsOpt = None,
     model: o.ModelOpt = None,
-    gpus: o.GpusOpt = 1,
-    nodes: o.NodesOpt = 1,
-    seq_len: o.SeqOpt = 2048,
     global_batch: Annotated[
         int | None,
         typer.Option(
@@ -256,16 +219,9 @@ def plan(
             "--host-ram", help="Host RAM per node, e.g. 512GiB; offload must fit in it. Default: not checked."
         ),
     ] = None,
-    margin: Annotated[float, typer.Option("--margin", help="Fraction of GPU memory kept free.")] = 0.1,
-    dtype: o.DtypeOpt = o.Dtype.bf16,
-    optimizer: o.OptOpt = o.OptName.adamw,
-    attn: o.AttnOpt = o.Attn.sdpa,
-    activations: o.ActOpt = None,
+    margin: Annotated[float, typer.Option("--margin", help="Fraction of GPU memory kept free.")] = FIT_MARGIN,
     stage: StageOpt = None,
     offload: OffloadsOpt = None,
-    grad_ckpt: CkptChoice = None,
-    micro_batch: o.MicroOpt = 1,
-    grad_accum: o.AccumOpt = 1,
     max_micro_batch: MaxMicroOpt = False,
     max_seq_len: MaxSeqOpt = False,
     min_gpus: MinGpusOpt = False,
@@ -286,9 +242,12 @@ def plan(
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    flags: dict | None = None,
 ) -> None:
     """Find the ZeRO stage, offload, micro-batch, checkpointing and accumulation that fit, fastest first."""
+    from zeroest.api import build_setup
     from zeroest.cli.common import err, fail, out
+    from zeroest.estimator.catalog.gpus import parse_gpu
     from zeroest.estimator.plan.plan import PlanRequest
     from zeroest.estimator.plan.plan import plan as run_plan
     from zeroest.estimator.units import parse_bytes
@@ -304,29 +263,12 @@ def plan(
     ]
     try:
         shape = o.resolve_model(params, model)
-        base = o.build_setup(
-            shape=shape,
-            stage=0,
-            gpus=gpus,
-            nodes=nodes,
-            dtype=dtype.value,
-            optimizer=optimizer.value,
-            impl=None,
-            offload_optimizer="none",
-            offload_params="none",
-            grad_accum=grad_accum,
-            overlap_comm=None,
-            knobs={},
-            micro_batch=micro_batch,
-            seq_len=seq_len,
-            grad_ckpt=False,
-            attn=attn.value,
-            activations=activations.value if activations else None,
-            from_params=params is not None,
-        )
+        flags = dict(flags or {})
+        grad_ckpt = flags.pop("grad_ckpt", None)
+        base = build_setup(shape, flags, from_params=params is not None, stage=0)
         request = PlanRequest(
             base=base,
-            gpu=_gpu(gpu),
+            gpu=parse_gpu(gpu),
             margin=margin,
             global_batch=global_batch,
             host_ram_bytes=parse_bytes(host_ram) if host_ram else None,

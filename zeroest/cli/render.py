@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from zeroest.estimator.catalog.gpus import Gpu
+from zeroest.estimator.catalog.fit import Fit
 from zeroest.estimator.core.estimate import Estimate
 from zeroest.estimator.units import format_count, gib
 
@@ -24,12 +24,13 @@ def _g(n_bytes: int) -> str:
     return f"{gib(n_bytes):.2f}"
 
 
-def estimates_table(estimates: list[Estimate], gpu: Gpu | None = None) -> Table:
-    """One column per stage; rows are components at each stage's peak, then peak, reserved, device, host."""
+def estimates_table(estimates: list[Estimate], fits: list[Fit] | None = None) -> Table:
+    """One column per stage; rows are the components at each stage's peak phase, then the peak, reserved, device
+    and host memory, and the fit verdict on the GPU (device memory against the usable part of the card)."""
     first = estimates[0]
     paper = first.setup.mode == "paper"
     title = (f"{first.setup.model.name}: {format_count(first.n_params)} params, N_d = {first.world_size}"
-             f"{' (paper mode)' if paper else ''}; GiB per GPU")
+             f"{' (paper mode)' if paper else ''}; GiB per GPU, components at each stage's peak phase")
     table = Table(title=title, title_justify="left")
     table.add_column("")
     for est in estimates:
@@ -47,20 +48,18 @@ def estimates_table(estimates: list[Estimate], gpu: Gpu | None = None) -> Table:
         table.add_row("host RAM per node", *(_g(e.cpu_bytes_per_node) for e in estimates))
         if any(e.nvme_bytes for e in estimates):
             table.add_row("NVMe per rank", *(_g(e.nvme_bytes) for e in estimates))
-    if gpu is not None:
+    if fits:
         table.add_section()
-        cells = []
-        for est in estimates:
-            need = est.device_bytes
-            room = gpu.memory_bytes - need
-            cells.append(f"[green]fits, {gib(room):.1f} free[/]" if room >= 0
-                         else f"[red]no, {gib(-room):.1f} short[/]")
-        table.add_row(f"fits {gpu.name} ({gib(gpu.memory_bytes):.1f})", *cells)
+        cells = [f"[green]yes, {gib(f.spare_bytes):.1f} GiB spare[/]" if f.fits
+                 else f"[red]no, {gib(f.short_bytes):.1f} GiB short[/]" for f in fits]
+        first_fit = fits[0]
+        table.add_row(f"fits {first_fit.gpu.name} ({gib(first_fit.usable_bytes):.1f} of "
+                      f"{gib(first_fit.gpu.memory_bytes):.1f} GiB usable, margin {first_fit.margin:.0%})", *cells)
     return table
 
 
-def print_estimates(estimates: list[Estimate], gpu: Gpu | None, console: Console) -> None:
-    console.print(estimates_table(estimates, gpu))
+def print_estimates(estimates: list[Estimate], fits: list[Fit], console: Console) -> None:
+    console.print(estimates_table(estimates, fits))
     console.print("assumptions:", style="dim")
     for line in estimates[0].assumptions:
         console.print(f"  - {line}", style="dim", highlight=False)

@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -23,18 +22,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-err = Console(stderr=True, highlight=False)
-
-
-class LauncherName(str, Enum):
-    torchrun = "torchrun"
-    accelerate = "accelerate"
-    deepspeed = "deepspeed"
-
-
-def _fail(message: str) -> None:
-    err.print(f"zeroest: error: {message}", markup=False, soft_wrap=True)
-    raise typer.Exit(2)
+from zeroest.cli.common import err, fail
+from zeroest.estimator.core.vocab import Launcher
 
 
 def _sizes(text: str | None) -> list[int]:
@@ -96,8 +85,8 @@ def validate(
         ),
     ] = Path("zeroest-validate"),
     launcher: Annotated[
-        LauncherName, typer.Option("--launcher", help="How ranks are started.")
-    ] = LauncherName.torchrun,
+        Launcher, typer.Option("--launcher", help="How ranks are started.")
+    ] = Launcher.TORCHRUN,
     cpu: Annotated[
         bool,
         typer.Option(
@@ -205,7 +194,7 @@ def validate(
         runs = runner.plan(entries, loaded.models, opts, visible_gpus=len(devices))
         todo = runner.prepare_results(runs, opts) if not dry_run else runs
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 220)
     where = "CPU (gloo)" if cpu else f"{len(devices)} x {devices[0]['name']}"
     console.print(
