@@ -33,6 +33,22 @@ def test_list_presets() -> None:
     assert list_presets() == EXPECTED_PRESETS
 
 
+@pytest.mark.parametrize("name", EXPECTED_PRESETS)
+def test_every_preset_loads_with_a_positive_size(name: str) -> None:
+    shape = load_model(name)
+    assert shape.name == name
+    assert count_params(shape).total > 0 and shape.num_layers > 0 and shape.hidden_size > 0
+
+
+def test_broken_preset_names_its_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import zeroest.estimator.catalog.models as models
+
+    (tmp_path / "bad.json").write_text('{"model_type": "llama",}')
+    monkeypatch.setattr(models, "_models_dir", lambda: tmp_path)
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'bad.json'}:1:24: invalid JSON"):
+        load_model("bad")
+
+
 def test_load_preset_case_insensitive() -> None:
     shape = load_model("Llama-2-7B")
     assert (shape.name, shape.family, shape.hidden_size) == ("llama-2-7b", "llama", 4096)

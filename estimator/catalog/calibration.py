@@ -2,18 +2,43 @@
 
 ``zeroest report --fit`` writes one file per GPU model x torch x DeepSpeed version group it measured (versions
 cut to major.minor: the caching allocator and DeepSpeed's buffers change between minor releases, not patch
-ones); ``find_calibration`` reads the one for a given environment back as ``Overheads``.
+ones); ``find_calibration`` reads the one for a given environment back as ``Overheads``, through ``files.load_json``.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from dataclasses import fields
 from pathlib import Path
 
-from zeroest.estimator.core.overheads import Overheads, calibration_dir, load_calibration
+from zeroest.estimator.catalog.files import data_path, load_json
+from zeroest.estimator.core.overheads import Overheads
 
 log = logging.getLogger(__name__)
+
+
+def calibration_dir() -> Path:
+    """``data/calibration`` of the ``zeroest.data`` package."""
+    return data_path("calibration")
+
+
+def load_calibration(path: Path) -> Overheads:
+    """Overheads from a calibration JSON (``{"overheads": {...}, "fitted_on": ..., "errors": ...}``, or the bare
+    mapping of overheads); an unknown name or a value that is not a number is a ValueError naming the file."""
+    data = load_json(path, "calibration")
+    values = data.get("overheads", data)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: 'overheads' must be an object of named overheads; fix the file")
+    known = {f.name for f in fields(Overheads)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"calibration {path} has unknown overheads {sorted(unknown)}; known: {sorted(known)}")
+    numbers = {k: v for k, v in values.items() if k != "source"}
+    bad = sorted(k for k, v in numbers.items() if isinstance(v, bool) or not isinstance(v, (int, float)))
+    if bad:
+        raise ValueError(f"calibration {path}: {', '.join(bad)} must be numbers; fix the file")
+    return Overheads(**{**values, "source": path.name})
 
 
 def gpu_slug(gpu_name: str) -> str:

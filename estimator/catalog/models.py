@@ -8,13 +8,12 @@ model table.
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from zeroest.estimator.catalog.files import data_path
+from zeroest.estimator.catalog.files import data_path, load_json
 from zeroest.estimator.core.architecture import count_params, shape_from_config
 from zeroest.estimator.core.shape import ModelShape
 
@@ -32,18 +31,6 @@ def list_presets() -> list[str]:
     return sorted(name.removesuffix(".json") for name in names if name.endswith(".json"))
 
 
-def _parse_json(text: str, where: str) -> dict:
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"{where}:{err.lineno}:{err.colno}: invalid JSON ({err.msg}); fix the file or pass a preset name"
-        ) from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{where}: expected a JSON object (an HF config.json), got {type(config).__name__}")
-    return config
-
-
 def load_model(name_or_path: str) -> ModelShape:
     """A ``ModelShape`` from a preset name (``list_presets()``), a config.json, or a directory holding one."""
     label, config = load_config(name_or_path)
@@ -55,24 +42,20 @@ def load_config(name_or_path: str) -> tuple[str, dict]:
     preset's name or the file's path.
 
     Preset names match case-insensitively. An unknown name raises ValueError with the closest preset names
-    (``difflib.get_close_matches``); malformed JSON raises ValueError naming file, line and column.
+    (``difflib.get_close_matches``); malformed JSON raises ValueError naming file, line and column
+    (``files.load_json``).
     """
     presets = list_presets()
     key = name_or_path.strip().lower()
     if key in presets:
-        text = (_models_dir() / f"{key}.json").read_text(encoding="utf-8")
-        return key, _parse_json(text, f"preset {key}")
+        return key, load_json(_models_dir() / f"{key}.json", f"model preset {key}")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(f"directory {str(path)!r} has no config.json: pass a model dir or a preset")
         path = path / "config.json"
     if path.is_file():
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise ValueError(f"cannot read model config {str(path)!r}: {err}") from None
-        return str(path), _parse_json(text, str(path))
+        return str(path), load_json(path, "an HF config.json")
     close = difflib.get_close_matches(key, presets, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ValueError(

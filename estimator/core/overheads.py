@@ -1,21 +1,16 @@
 """Named overheads outside the model: CUDA context, NCCL, cuBLAS workspace, caching-allocator behaviour.
 
 Each is a parameter with a documented default; ``zeroest report --fit`` fits them per GPU x torch x DeepSpeed
-version and writes ``data/calibration/<gpu>-torch<ver>-ds<ver>.json``, which ``load_calibration`` reads back.
+version and writes ``data/calibration/<gpu>-torch<ver>-ds<ver>.json``, which ``catalog.calibration`` reads back.
+This module is pure: no file is read here.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
-from zeroest.estimator.catalog.files import data_path
 from zeroest.estimator.units import MiB, round_up
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,22 +73,3 @@ def device_from(reserved_bytes: float, overheads: Overheads, *, peers: int, real
     and its per-peer buffers; none on a fake process group)."""
     nccl = overheads.nccl_communicator_bytes + overheads.nccl_bytes_per_peer * peers if real_comm else 0
     return reserved_bytes + overheads.cuda_context_bytes + nccl
-
-
-def calibration_dir() -> Path:
-    """``data/calibration`` of the ``zeroest.data`` package."""
-    return data_path("calibration")
-
-
-def load_calibration(path: Path) -> Overheads:
-    """Overheads from a calibration JSON ({"overheads": {...}}); unknown keys are an error."""
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"calibration {path} is not valid JSON (line {err.lineno}, column {err.colno})") from None
-    values = data.get("overheads", data)
-    known = {f.name for f in fields(Overheads)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"calibration {path} has unknown overheads {sorted(unknown)}; known: {sorted(known)}")
-    return Overheads(**{**values, "source": str(path.name)})

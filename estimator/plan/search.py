@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from zeroest.estimator.catalog.fit import usable_bytes
 from zeroest.estimator.core.architecture import count_params
 from zeroest.estimator.core.overheads import Overheads
 from zeroest.estimator.core.setup import Parallelism, TrainingSetup
@@ -32,10 +33,9 @@ GPU_LIMIT = 2**16
 
 
 def budget_bytes(gpu_bytes: int, margin: float) -> int:
-    """Device bytes a setup may use: ``floor((1 - margin) * gpu_bytes)``; margin is a fraction in [0, 1)."""
-    if not 0 <= margin < 1:
-        raise ValueError(f"--margin is a fraction of the GPU's memory kept free, in [0, 1), got {margin}")
-    return int(gpu_bytes * (1 - margin))
+    """Device bytes a setup may use: ``catalog.fit.usable_bytes``, ``floor((1 - margin) * gpu_bytes)``; margin is
+    a fraction in [0, 1)."""
+    return usable_bytes(gpu_bytes, margin)
 
 
 @dataclass(frozen=True, kw_only=True)
