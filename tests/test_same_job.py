@@ -11,12 +11,12 @@ import json
 
 import pytest
 from typer.testing import CliRunner
-
-from zeroest.api import build_setup, predict_request
-from zeroest.cli import app
 from zeroest.estimator.catalog.models import load_model
 from zeroest.estimator.configs.ds_write import ds_config
 from zeroest.estimator.core.architecture import count_params
+
+from zeroest.api import build_setup, predict_request
+from zeroest.cli import app
 
 MODEL = "llama-3-70b"
 FLAGS = {"gpus_per_node": 8, "nodes": 8, "seq_len": 256, "activations": "closed-form"}

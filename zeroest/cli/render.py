@@ -53,8 +53,9 @@ def estimates_table(estimates: list[Estimate], fits: list[Fit] | None = None) ->
         cells = [f"[green]yes, {gib(f.spare_bytes):.1f} GiB spare[/]" if f.fits
                  else f"[red]no, {gib(f.short_bytes):.1f} GiB short[/]" for f in fits]
         first_fit = fits[0]
-        table.add_row(f"fits {first_fit.gpu.name} ({gib(first_fit.usable_bytes):.1f} of "
-                      f"{gib(first_fit.gpu.memory_bytes):.1f} GiB usable, margin {first_fit.margin:.0%})", *cells)
+        table.add_row(f"fits {first_fit.gpu.name}", *cells)
+        table.caption = (f"fits: device memory against {gib(first_fit.usable_bytes):.1f} of "
+                         f"{gib(first_fit.gpu.memory_bytes):.1f} GiB (margin {first_fit.margin:.0%}, --margin)")
     return table
 
 
