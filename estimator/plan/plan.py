@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 
+from zeroest.estimator.catalog.fit import FIT_MARGIN
 from zeroest.estimator.catalog.gpus import Gpu, gpu_presets
 from zeroest.estimator.core.setup import Optimizer, TrainingSetup, ZeroConfig, ZeroStage
 from zeroest.estimator.core.vocab import default_optimizer_impl, offload_allowed
@@ -50,7 +51,7 @@ class PlanRequest:
     base: TrainingSetup
     gpu: Gpu
     """The GPU every rank runs on."""
-    margin: float = 0.1
+    margin: float = FIT_MARGIN
     """Fraction of the GPU's memory kept free."""
     global_batch: int | None = None
     """Sequences per optimizer step over all ranks; None: accumulation 1, micro-batch free."""

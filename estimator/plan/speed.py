@@ -136,12 +136,7 @@ counts."""
 
 def hardware_for(gpu: Gpu) -> Hardware:
     """The preset's figures for a GPU from ``gpus.parse_gpu``; a bare size gets ``DEFAULT_HARDWARE_KEY``'s."""
-    from zeroest.estimator.catalog.gpus import gpu_presets
-
-    for key, preset in gpu_presets().items():
-        if preset.name == gpu.name and str(key) in HARDWARE:  # gpus.yaml's 4090 is a YAML int
-            return HARDWARE[str(key)]
-    return HARDWARE[DEFAULT_HARDWARE_KEY]
+    return HARDWARE.get(gpu.preset or "", HARDWARE[DEFAULT_HARDWARE_KEY])
 
 
 @dataclass(frozen=True, kw_only=True)
