@@ -10,7 +10,6 @@ from zeroest.estimator.configs.ds_write import FP16_INITIAL_SCALE_POWER, GRADIEN
 from zeroest.estimator.configs.flat import setup_from_dict
 from zeroest.validate.launch import (
     LaunchOptions,
-    accelerate_config_yaml,
     arch_list_ok,
     child_env,
     fix_arch_list,
@@ -211,25 +210,46 @@ def test_bad_launch_options(kwargs, message):
         LaunchOptions(**kwargs)
 
 
-def test_accelerate_config_points_at_the_ds_config(tmp_path):
+def _accelerate_run(tmp_path, launch: LaunchOptions, **setup):
+    """The accelerate.yaml validate writes for one real run of ``setup`` (on the CPU: 2 ranks)."""
     import yaml
+    from zeroest.validate.grid import GridEntry
+    from zeroest.validate.runner import ValidateOptions, plan, write_accelerate_config
 
-    text = accelerate_config_yaml(
-        ds_config_path=tmp_path / "ds.json",
-        nproc=4,
-        opts=LaunchOptions(),
-        port=4321,
-        stage=2,
-        offload_optimizer="cpu",
-        cpu=False,
+    opts = ValidateOptions(out=tmp_path, launch=launch, cpu=True)
+    (run,) = plan([GridEntry(setup={"model": "gpt2", **setup}, where="t:1")], {}, opts, visible_gpus=0)
+    ds_path = tmp_path / "ds_config.json"
+    path = write_accelerate_config(run, opts, ds_path, port=4321)
+    return path.read_text(), yaml.safe_load(path.read_text()), ds_path
+
+
+@pytest.mark.parametrize(
+    ("stage", "zero_init", "flag"),
+    [(3, True, True), (3, False, False), (2, True, False), (1, False, False)],
+)
+def test_accelerate_config_points_at_the_ds_config(tmp_path, stage, zero_init, flag):
+    text, config, ds_path = _accelerate_run(
+        tmp_path, LaunchOptions(launcher="accelerate"), stage=stage, zero_init=zero_init, offload_optimizer="cpu",
+        optimizer_impl="cpu",
     )
-    config = yaml.safe_load(text)
+    section = config["deepspeed_config"]
     assert config["distributed_type"] == "DEEPSPEED"
-    assert config["deepspeed_config"]["deepspeed_config_file"] == str(tmp_path / "ds.json")
-    assert config["num_processes"] == 4 and config["main_process_port"] == 4321
+    assert section["deepspeed_config_file"] == str(ds_path.resolve())
+    assert section["zero3_init_flag"] is flag  # zero_init at stage 3 only
+    assert config["num_processes"] == 2 and config["main_process_port"] == 4321 and config["use_cpu"] is True
     # accelerate refuses these next to deepspeed_config_file: they are comments, and live in the ds_config
-    assert "zero_stage" not in config["deepspeed_config"]
-    assert "# zero_stage: 2" in text and "# offload_optimizer_device: cpu" in text
+    assert "zero_stage" not in section and "offload_optimizer_device" not in section
+    assert f"# zero_stage: {stage}" in text and "# offload_optimizer_device: cpu" in text
+
+
+def test_accelerate_config_carries_the_node_and_loads_in_accelerate(tmp_path):
+    config_args = pytest.importorskip("accelerate.commands.config.config_args")
+    launch = LaunchOptions(launcher="accelerate", nnodes=2, node_rank=1, master_addr="10.0.0.7", master_port=29555)
+    _, config, _ = _accelerate_run(tmp_path, launch, stage=3, zero_init=True, gpus_per_node=4, nodes=2)
+    assert (config["machine_rank"], config["main_process_ip"], config["num_machines"]) == (1, "10.0.0.7", 2)
+    assert config["num_processes"] == 8
+    loaded = config_args.ClusterConfig.from_yaml_file(tmp_path / "accelerate.yaml")
+    assert loaded.deepspeed_config["zero3_init_flag"] is True and loaded.num_processes == 8
 
 
 def test_deepspeed_env_file_carries_our_fixes_to_other_nodes():

@@ -255,3 +255,29 @@ def test_one_job_at_a_time_is_exclusive():
     slots.add(_job(_run("a", device_bytes=GiB), [0], True))
     assert slots.place(_run("b", device_bytes=GiB)) is None
     assert not slots.running[0].shared
+
+
+def test_simulate_may_be_a_default():
+    text = GRID.replace("defaults: {model: tiny,", "defaults: {simulate: true, model: tiny,").replace(
+        "- {stage: 0}", "- {stage: 0, simulate: false}"
+    )
+    grid = parse_grid(text, "g.yaml")
+    assert [e.simulate for e in grid.entries] == [False, True]
+    assert all("simulate" not in e.setup for e in grid.entries)
+
+
+def test_zeroinit_grid_builds_stage_3_under_zero_init_with_controls():
+    from zeroest.estimator.configs.flat import setup_from_dict
+    from zeroest.estimator.core.architecture import count_params
+
+    grid = load_grid("zeroinit")
+    setups = [setup_from_dict(e.setup, where=e.where) for e in grid.entries]
+    assert all(e.simulate for e in grid.entries)
+    assert all(int(s.stage) == 3 and s.dtype == "bf16" for s in setups)
+    assert all(8 <= s.world_size <= 64 for s in setups)
+    assert all(1e9 <= count_params(s.model).total <= 8.1e9 for s in setups)
+    zero_init = {(s.model.name, s.world_size) for s in setups if s.zero.zero_init}
+    controls = {(s.model.name, s.world_size) for s in setups if not s.zero.zero_init}
+    assert len(zero_init) >= 6 and len(controls) >= 2
+    assert controls <= zero_init  # each control is the same setup as a zero_init row, built whole
+    assert len({s.model.name for s in setups}) >= 4 and len({s.world_size for s in setups}) >= 3

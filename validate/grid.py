@@ -9,10 +9,11 @@ A grid file is either a list of setups or a mapping::
       - {stage: 0}
       - {stage: 3, world_size: 4, simulate: true}
 
-Setup keys are ``estimator.serialize.SETUP_KEYS`` (predict's flags, ``micro_batch`` for ``--micro-batch``);
-the one extra key ``simulate: true`` runs the setup as rank 0 of a ``world_size``-rank job on a fake process
-group. An unknown key is a ValueError naming the file, the line and the nearest known key. JSON is parsed by
-the same YAML reader (YAML is a superset of JSON), so JSON files get line numbers too.
+Setup keys are ``estimator.configs.flat.SETUP_KEYS`` (predict's flags, ``micro_batch`` for ``--micro-batch``);
+the one extra key ``simulate: true`` (in an entry or under ``defaults:``) runs the setup as rank 0 of a
+``world_size``-rank job on a fake process group. An unknown key is a ValueError naming the file, the line and
+the nearest known key. JSON is parsed by the same YAML reader (YAML is a superset of JSON), so JSON files get
+line numbers too.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ RUN_KEYS: tuple[str, ...] = ("simulate",)
 """Keys of a grid entry that are not setup keys."""
 ENTRY_KEYS: tuple[str, ...] = (*SETUP_KEYS, *RUN_KEYS)
 TOP_KEYS: tuple[str, ...] = ("models", "defaults", "runs")
-BUILTIN_GRIDS: tuple[str, ...] = ("quick", "default")
+BUILTIN_GRIDS: tuple[str, ...] = ("quick", "default", "holdout", "zeroinit")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,7 +83,7 @@ def _check_nodes(root: yaml.Node, source: str) -> list[int]:
         _check_mapping(root, TOP_KEYS, source, "the grid")
         sections = {k.value: v for k, v in root.value}
         if "defaults" in sections:
-            _check_mapping(sections["defaults"], SETUP_KEYS, source, "defaults")
+            _check_mapping(sections["defaults"], ENTRY_KEYS, source, "defaults")
         if "runs" not in sections:
             raise ValueError(f"{source}: the grid has no runs: add a 'runs:' list of setups")
         runs = sections["runs"]
@@ -116,9 +117,9 @@ def parse_grid(text: str, source: str = "<grid>") -> Grid:
             )
     entries = []
     for line, item in zip(lines, data["runs"], strict=True):
-        item = dict(item)
+        item = {**defaults, **item}
         simulate = bool(item.pop("simulate", False))
-        entries.append(GridEntry(setup={**defaults, **item}, simulate=simulate, where=f"{source}:{line}"))
+        entries.append(GridEntry(setup=item, simulate=simulate, where=f"{source}:{line}"))
     return Grid(entries=tuple(entries), models=dict(models), source=source)
 
 

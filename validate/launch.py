@@ -5,7 +5,8 @@ Every run is a fresh process tree (so CUDA peaks and caching-allocator state nev
 * ``torchrun``: ``python -m torch.distributed.run --nproc-per-node N ... -m zeroest.validate.worker --spec
   S``;
 * ``accelerate``: ``python -m accelerate.commands.launch --config_file A -m zeroest.validate.worker --spec
-  S``, with a generated accelerate config whose ``deepspeed_config_file`` is the run's ds_config.json;
+  S``, with the accelerate config ``estimator.configs.accelerate_write.accelerate_yaml`` writes for the run
+  (``deepspeed_config_file`` is the run's ds_config.json, ``zero3_init_flag`` the setup's zero_init at stage 3);
 * ``deepspeed``: ``python -m deepspeed.launcher.runner --num_gpus N --module zeroest.validate.worker --spec
   S``;
 * simulated runs (rank 0 of an N-rank job on a fake process group) need no launcher: ``python -m
@@ -147,45 +148,6 @@ class LaunchOptions:
             raise ValueError("multi-node runs need one rendezvous port on every node: set --master-port")
         if self.hostfile is not None and self.launcher != "deepspeed":
             raise ValueError("--hostfile is read by the deepspeed launcher only: add --launcher deepspeed")
-
-
-def accelerate_config_yaml(
-    *,
-    ds_config_path: Path,
-    nproc: int,
-    opts: LaunchOptions,
-    port: int,
-    stage: int,
-    offload_optimizer: str,
-    cpu: bool,
-) -> str:
-    """An accelerate config (``accelerate launch --config_file``) that hands DeepSpeed our ds_config.json.
-
-    accelerate refuses ``zero_stage`` / ``offload_optimizer_device`` next to ``deepspeed_config_file``
-    (``accelerate/utils/dataclasses.py`` ``DeepSpeedPlugin._deepspeed_config_checks``), so they are written as
-    comments here and live in the ds_config file.
-    """
-    return "\n".join(
-        [
-            "compute_environment: LOCAL_MACHINE",
-            "distributed_type: DEEPSPEED",
-            "deepspeed_config:",
-            f"  deepspeed_config_file: {ds_config_path}",
-            "  deepspeed_multinode_launcher: standard",
-            "  zero3_init_flag: false",
-            f"  # zero_stage: {stage}  (in deepspeed_config_file)",
-            f"  # offload_optimizer_device: {offload_optimizer}  (in deepspeed_config_file)",
-            f"machine_rank: {opts.node_rank}",
-            f"main_process_ip: {opts.master_addr}",
-            f"main_process_port: {port}",
-            f"num_machines: {opts.nnodes}",
-            f"num_processes: {nproc * opts.nnodes}",
-            "rdzv_backend: static",
-            "same_network: true",
-            f"use_cpu: {'true' if cpu else 'false'}",
-            "",
-        ]
-    )
 
 
 def launch_command(

@@ -193,13 +193,17 @@ def is_oom(exc: BaseException) -> bool:
 
 
 SETUP_PHASES = ("build",)
-"""Phases before DeepSpeed sees the model (building it); not part of a training job's peaks."""
+"""Phases before DeepSpeed sees the model (building it). A whole model is built on the GPU only to run HF's
+init fast, then moved to the host (``worker.build_model``), so that phase is no part of a training job's peaks;
+a model built under ``deepspeed.zero.Init`` is built on the device exactly as in the job, and counts."""
 
 
-def summarize(phases: dict[str, dict]) -> dict:
-    """Overall peaks over the phases from ``init`` on: the largest peak allocated / reserved, the largest NVML
-    reading and the largest host RSS."""
-    phases = {name: record for name, record in phases.items() if name not in SETUP_PHASES}
+def summarize(phases: dict[str, dict], *, with_build: bool = False) -> dict:
+    """Overall peaks over the phases from ``init`` on (from ``build`` on with ``with_build``, for models built
+    under zero.Init): the largest peak allocated / reserved, the largest NVML reading and the largest host
+    RSS."""
+    skip = () if with_build else SETUP_PHASES
+    phases = {name: record for name, record in phases.items() if name not in skip}
 
     def most(key: str) -> int | None:
         values = [p[key] for p in phases.values() if p.get(key) is not None]

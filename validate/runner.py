@@ -22,13 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zeroest.estimator.configs.accelerate_write import accelerate_yaml
 from zeroest.estimator.configs.ds_write import ds_config
 from zeroest.estimator.configs.flat import setup_from_dict, setup_to_dict
 from zeroest.validate.grid import GridEntry
 from zeroest.validate.jobs import Job, Run, Slots, rough_need_bytes
 from zeroest.validate.launch import (
     LaunchOptions,
-    accelerate_config_yaml,
     child_env,
     deepspeed_env_file,
     free_port,
@@ -197,6 +197,23 @@ def _check_real(setup, opts: ValidateOptions, visible_gpus: int, where: str) -> 
         )
 
 
+def write_accelerate_config(run: Run, opts: ValidateOptions, ds_path: Path, port: int) -> Path:
+    """``accelerate.yaml`` next to the run's ds_config.json (``configs.accelerate_write.accelerate_yaml``: the
+    same writer as ``zeroest plan``), with this node's launch fields; ``zero3_init_flag`` is the setup's
+    zero_init at stage 3."""
+    path = ds_path.parent / "accelerate.yaml"
+    path.write_text(
+        accelerate_yaml(
+            setup_from_dict(run.setup, where=run.where),
+            ds_config_file=str(ds_path.resolve()),
+            machine_rank=opts.launch.node_rank,
+            main_process=(opts.launch.master_addr, port),
+            use_cpu=opts.cpu,
+        )
+    )
+    return path
+
+
 def _start(run: Run, opts: ValidateOptions, gpus: list[int], alone: bool, base_env: dict, capability) -> Job:
     run_dir = opts.work / run.key
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -208,18 +225,7 @@ def _start(run: Run, opts: ValidateOptions, gpus: list[int], alone: bool, base_e
     port = opts.launch.master_port or free_port()
     accelerate_path = None
     if run.launcher == "accelerate" and not run.simulated:
-        accelerate_path = run_dir / "accelerate.yaml"
-        accelerate_path.write_text(
-            accelerate_config_yaml(
-                ds_config_path=ds_path.resolve(),
-                nproc=run.nproc,
-                opts=opts.launch,
-                port=port,
-                stage=int(run.setup["stage"]),
-                offload_optimizer=run.setup["offload_optimizer"],
-                cpu=opts.cpu,
-            )
-        )
+        accelerate_path = write_accelerate_config(run, opts, ds_path, port)
     cmd = launch_command(
         opts.launch,
         nproc=run.nproc,

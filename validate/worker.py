@@ -11,11 +11,12 @@ and the number of steps. After every phase the rank rewrites ``rank<R>.json`` ne
 killed by a timeout still leaves what it measured. Exit codes: 0 done, 3 out of memory (recorded in the
 file), 1 any other error.
 
-Phases: ``build`` (random-init HF model on the host), ``init`` (``deepspeed.initialize``), then for each step
-``s`` and micro-step ``m``: ``step<s>.forward<m>``, ``step<s>.backward<m>``, and ``step<s>.step`` (the
-``engine.step()`` at the accumulation boundary; DeepSpeed wants ``engine.step()`` after every micro-step, and
-the ones before the boundary only count, so they are measured inside ``backward<m>``). Step 0 is the warm-up;
-``steady`` summarises steps 1 on.
+Phases: ``build`` (random-init HF model: whole on the host, or partitioned on the device under
+``deepspeed.zero.Init`` for stage 3 with ``zero_init``, see ``build_model``), ``init``
+(``deepspeed.initialize``), then for each step ``s`` and micro-step ``m``: ``step<s>.forward<m>``,
+``step<s>.backward<m>``, and ``step<s>.step`` (the ``engine.step()`` at the accumulation boundary; DeepSpeed
+wants ``engine.step()`` after every micro-step, and the ones before the boundary only count, so they are
+measured inside ``backward<m>``). Step 0 is the warm-up; ``steady`` summarises steps 1 on.
 """
 
 from __future__ import annotations
@@ -85,18 +86,80 @@ class RankFile:
         os.replace(tmp, self.path)
 
 
-def build_model(spec: dict):
-    """The HF causal LM of the spec on the host: random init from its config dict, or local weights from
-    ``pretrained``.
+def builds_under_zero_init(setup: dict) -> bool:
+    """True when the setup's model is built inside ``deepspeed.zero.Init``: ZeRO stage 3 with ``zero_init``."""
+    return int(setup["stage"]) == 3 and bool(setup.get("zero_init", False))
 
-    On a GPU the random init runs there (HF's init of gpt2 in bf16 took 10-13 s on the H100 machine's CPUs),
-    then the model moves to host memory and the CUDA cache is emptied, so
-    ``deepspeed.initialize`` starts from a host model exactly as in a job that loads it on the host.
+
+def hf_deepspeed_config(spec: dict):
+    """transformers' ``HfDeepSpeedConfig`` of the run's ds_config when the model is built under zero.Init, else
+    None. The caller keeps it alive while the model lives.
+
+    This is what a user's job does before it builds the model: ``TrainingArguments(deepspeed=...)`` creates an
+    ``HfTrainerDeepSpeedConfig`` (transformers/training_args.py ``__post_init__``), and accelerate's
+    ``DeepSpeedPlugin.set_deepspeed_weakref`` an ``HfDeepSpeedConfig`` (accelerate/utils/dataclasses.py).
+    transformers keeps only a weak reference to it (integrations/deepspeed.py ``set_hf_deepspeed_config``), and
+    while it lives ``is_deepspeed_zero3_enabled()`` is its ``is_zero3()``.
+    """
+    if not builds_under_zero_init(spec["setup"]):
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(spec["ds_config"])
+
+
+def _check_accelerate_flag(spec: dict) -> None:
+    """Under ``accelerate launch``, refuse a ``zero3_init_flag`` that disagrees with the spec's zero_init.
+
+    ``accelerate launch`` passes the config's flag as ``ACCELERATE_DEEPSPEED_ZERO3_INIT``
+    (accelerate/utils/launch.py ``prepare_deepspeed_cmd_env``); ``DeepSpeedPlugin.__post_init__`` reads it.
+    """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return
+    flag = os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_INIT")
+    want = builds_under_zero_init(spec["setup"])
+    if flag is not None and (flag.lower() == "true") != want:
+        raise ValueError(
+            f"accelerate launch set zero3_init_flag {flag} but the run's setup has zero_init "
+            f"{str(want).lower()} at stage {spec['setup']['stage']}: the accelerate config is not the one "
+            "zeroest wrote for this run; run it again with --redo"
+        )
+
+
+def partitioned(model) -> bool:
+    """True when every parameter is a ZeRO-3 parameter (``ds_id`` is set by partition_parameters.py
+    ``_convert_to_deepspeed_param``): the model was built under zero.Init."""
+    params = list(model.parameters())
+    return bool(params) and all(hasattr(p, "ds_id") for p in params)
+
+
+def build_model(spec: dict):
+    """The HF causal LM of the spec: random init from its config dict, or local weights from ``pretrained``.
+
+    Built as transformers builds it for a user. Under zero.Init (stage 3 with zero_init: the caller holds
+    ``hf_deepspeed_config(spec)``), ``from_config`` (modeling_utils.py ``_from_config``) and ``from_pretrained``
+    (``get_init_context``) enter ``deepspeed.zero.Init(config_dict_or_path=deepspeed_config())`` themselves:
+    each module's parameters are created on the rank's device (``Init`` overrides the tensor constructors to its
+    ``local_device``, ``cuda:LOCAL_RANK``) and partitioned as the module's ``__init__`` returns
+    (deepspeed/runtime/zero/partition_parameters.py ``Init._post_init_method`` -> ``_zero_init_param``), then
+    ``initialize_weights_zero3`` initialises them a module at a time, gathered; so after the build each rank
+    holds 1/N_d of the 16-bit parameters and the model was never whole.
+
+    Otherwise the whole model is built on the host. On a GPU the random init runs there (HF's init of gpt2 in
+    bf16 took 10-13 s on the H100 machine's CPUs), then the model moves to host memory and the CUDA cache is
+    emptied, so ``deepspeed.initialize`` starts from a host model exactly as in a job that loads it on the host.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     setup = spec["setup"]
+    zero_init = builds_under_zero_init(setup)
+    if is_deepspeed_zero3_enabled() != zero_init:
+        raise RuntimeError(
+            f"zero_init is {zero_init} but transformers' is_deepspeed_zero3_enabled() is "
+            f"{is_deepspeed_zero3_enabled()}: hold hf_deepspeed_config(spec) (and only then) while building"
+        )
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[setup["dtype"]]
     attn = _ATTN[setup.get("attn", "sdpa")]
     if spec.get("pretrained"):
@@ -106,7 +169,7 @@ def build_model(spec: dict):
     else:
         config_dict = dict(spec["model_config"])
         config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
-        on_gpu = spec["device"] == "cuda"
+        on_gpu = spec["device"] == "cuda" and not zero_init
         with torch.device("cuda") if on_gpu else contextlib.nullcontext():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
         if on_gpu:
@@ -176,7 +239,7 @@ def _finish(result: dict, meter, spec: dict, step_times: list[float]) -> None:
 
     measured = result["measured"]
     phases = meter.phases
-    measured.update(summarize(phases))
+    measured.update(summarize(phases, with_build=builds_under_zero_init(spec["setup"])))
     training = {k: v for k, v in phases.items() if k.startswith("step")}
     first = {k: v for k, v in training.items() if k.startswith("step0.")}
     steady = {k: v for k, v in training.items() if not k.startswith("step0.")}
@@ -201,9 +264,14 @@ def _train(spec: dict, meter, result: dict, rank_file: RankFile) -> None:
 
     world_size = int(spec["setup"]["world_size"])
     rank_file.write(result)
+    _check_accelerate_flag(spec)
+    # zero.Init partitions over the process group that exists when the model is built, so the (fake or real)
+    # group comes first; the HfDeepSpeedConfig lives until the run ends, as a job's TrainingArguments does.
     _init_distributed(spec, world_size)
+    hf_config = hf_deepspeed_config(spec)
     with meter.phase("build"):
         model = build_model(spec)
+    result["measured"]["built_partitioned"] = partitioned(model)
     rank_file.write(result)
     with meter.phase("init"):
         engine, *_ = deepspeed.initialize(
@@ -216,6 +284,7 @@ def _train(spec: dict, meter, result: dict, rank_file: RankFile) -> None:
     step_times = _steps(spec, engine, meter, result, rank_file)
     result["measured"]["skipped_steps"] = int(getattr(engine, "skipped_steps", 0) or 0)
     _finish(result, meter, spec, step_times)
+    del hf_config
 
 
 def _environment(spec: dict) -> None:
@@ -280,7 +349,7 @@ def run_spec(spec: dict) -> int:
     if code != EXIT_OK:
         from zeroest.validate.measure import summarize
 
-        result["measured"].update(summarize(meter.phases))
+        result["measured"].update(summarize(meter.phases, with_build=builds_under_zero_init(spec["setup"])))
     result["complete"] = code == EXIT_OK
     rank_file.write(result)
     return code
