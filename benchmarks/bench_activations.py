@@ -33,8 +33,8 @@ print(json.dumps({"s": elapsed, "source": source, "torch_imported": "torch" in s
 
 def closed_form_per_setup() -> float:
     """Mean seconds per ``closed_form_profile`` call over every preset x attention x two shapes."""
-    from zeroest.estimator.core.activations import closed_form_profile
     from zeroest.estimator.core.architecture import shape_from_config
+    from zeroest.estimator.core.closed_form import closed_form_profile
 
     setups = []
     for path in sorted(glob.glob(os.path.join(MODELS, "*.json"))):

@@ -2,7 +2,7 @@
 
 For small models of each family (2 and 3 decoder layers, bf16 unless stated), on one CUDA device:
 
-1. the same recorder (``estimator.tracing.run_trace``) on real CUDA tensors: every profile field of the real
+1. the same recorder (``estimator.trace.recorder.run_trace``) on real CUDA tensors: every profile field of the real
    run against the meta trace with ``target="cuda"`` (kernel choice, layouts, dropout masks, saved storages);
 2. the caching allocator: ``torch.cuda.memory_allocated`` at the end of forward and ``max_memory_allocated``
    during forward, over the weights and input ids, against ``forward_end_bytes`` / ``forward_peak_bytes``.
@@ -49,16 +49,18 @@ def _fields(profile) -> dict:
 
 def check(name: str, config: dict, b: int, s: int, dtype: str, attn: str, device: str = "cuda") -> dict:
     import torch
-    from zeroest.estimator.trace import cache as pc
+    from zeroest.estimator.trace import polys as pc
+    from zeroest.estimator.trace import recorder
     from zeroest.estimator.trace import tracer as tr
+    from zeroest.estimator.trace.model import build_model
 
     meta = pc.profile_from_polys(tr.trace_polys(config, dtype, attn, target=device, seq_len=s), b, s, 2)
     torch.manual_seed(0)
-    model = tr.build_model(config, dtype, attn, device=device)
+    model = build_model(config, dtype, attn, device=device)
     ids = torch.randint(0, 1000, (b, s), device=device)
     real = {}
     for mode, ckpt in (("plain", False), ("ckpt", True)):
-        trace = tr.run_trace(model, ids, grad_ckpt=ckpt, target=device, force_flash=attn == "flash")
+        trace = recorder.run_trace(model, ids, grad_ckpt=ckpt, target=device, force_flash=attn == "flash")
         real[mode] = pc.analyze(trace, [{(0, 0): n} for n in trace.sizes])
     real_profile = pc.profile_from_polys(real, b, s, 2)
     real_fields = _fields(real_profile)
@@ -70,7 +72,7 @@ def check(name: str, config: dict, b: int, s: int, dtype: str, attn: str, device
     if device != "cuda":
         return result
     # the caching allocator, 3 layers, no checkpointing
-    model = tr.build_model(config, dtype, attn, device="cuda", num_layers=3)
+    model = build_model(config, dtype, attn, device="cuda", num_layers=3)
     three = pc.profile_from_polys(tr.trace_polys(config, dtype, attn, target="cuda", seq_len=s), b, s, 3)
     for _ in range(2):  # warm up cuBLAS workspaces and the allocator
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()

@@ -14,8 +14,12 @@ import logging
 import os
 
 import pytest
-from zeroest.estimator.core.activations import ActivationProfile, activation_profile, closed_form_profile
+from zeroest.estimator.core.activations import activation_profile
 from zeroest.estimator.core.architecture import shape_from_config
+from zeroest.estimator.core.closed_form import closed_form_profile
+from zeroest.estimator.core.profile import ActivationProfile
+from zeroest.estimator.trace import polys, recorder, tracer
+from zeroest.estimator.trace.model import build_model, set_checkpointing
 
 B, S = 2, 16
 """The real CPU runs' micro-batch and sequence length."""
@@ -51,9 +55,7 @@ def _shape(name: str, config: dict):
 def _cache(tmp_path, monkeypatch):
     """Every test traces into its own cache directory."""
     monkeypatch.setenv("ZEROEST_CACHE_DIR", str(tmp_path / "profiles"))
-    from zeroest.estimator.trace import tracer as tracing
-
-    monkeypatch.setattr(tracing, "_MEMO", {})
+    monkeypatch.setattr(tracer, "_MEMO", {})
 
 
 # -- the dataclass
@@ -154,10 +156,7 @@ def test_closed_form_mode_needs_no_torch():
 def _torch():
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from zeroest.estimator.trace import cache as profile_cache
-    from zeroest.estimator.trace import tracer as tracing
-
-    return torch, tracing, profile_cache
+    return torch
 
 
 def _layernorm_calls(family: str, layers: int) -> int:
@@ -166,16 +165,16 @@ def _layernorm_calls(family: str, layers: int) -> int:
 
 
 def _real_model(config: dict, attn: str, grad_ckpt: bool = False):
-    torch, tracing, _ = _torch()
+    torch = _torch()
     torch.manual_seed(0)
-    model = tracing.build_model(config, "bf16", attn, device="cpu", num_layers=None)
-    tracing.set_checkpointing(model, grad_ckpt)
+    model = build_model(config, "bf16", attn, device="cpu", num_layers=None)
+    set_checkpointing(model, grad_ckpt)
     return model, torch.randint(0, config["vocab_size"], (B, S))
 
 
 def _real_saved_bytes(config: dict, attn: str) -> int:
     """Bytes of the distinct storages autograd saves in a real CPU forward (weights and buffers left out)."""
-    torch, _, _ = _torch()
+    torch = _torch()
     model, ids = _real_model(config, attn)
     weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     saved: dict[int, int] = {}
@@ -196,20 +195,20 @@ def test_traced_saved_bytes_equal_what_autograd_saves_on_cpu(family):
     """The meta trace (CPU kernels) of a 2-layer copy, extrapolated to 3 layers, counts exactly the bytes a
     real CPU run saves; CPU LayerNorm keeps mean and rstd in bf16 (2 + 2 bytes a token) where meta and CUDA
     keep fp32 (4 + 4), the one named difference."""
-    _, tracing, pc = _torch()
+    _torch()
     config = TINY[family]
-    regions = tracing.trace_polys(config, "bf16", "sdpa", target="cpu")["plain"]["regions"]
-    at = {name: pc.evaluate(poly, B, S) for name, poly in regions.items()}
+    regions = tracer.trace_polys(config, "bf16", "sdpa", target="cpu")["plain"]["regions"]
+    at = {name: polys.evaluate(poly, B, S) for name, poly in regions.items()}
     traced = at["embed"] + at["layer0"] + 2 * at["layer1"] + at["head"] + at["loss"]
     assert traced - _real_saved_bytes(config, "sdpa") == _layernorm_calls(family, 3) * 4 * B * S
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_traced_eager_saved_bytes_equal_a_real_cpu_run(family):
-    _, tracing, pc = _torch()
+    _torch()
     config = TINY[family]
-    regions = tracing.trace_polys(config, "bf16", "eager", target="cpu")["plain"]["regions"]
-    at = {name: pc.evaluate(poly, B, S) for name, poly in regions.items()}
+    regions = tracer.trace_polys(config, "bf16", "eager", target="cpu")["plain"]["regions"]
+    at = {name: polys.evaluate(poly, B, S) for name, poly in regions.items()}
     traced = at["embed"] + at["layer0"] + 2 * at["layer1"] + at["head"] + at["loss"]
     assert traced - _real_saved_bytes(config, "eager") == _layernorm_calls(family, 3) * 4 * B * S
 
@@ -245,7 +244,6 @@ def _live_bytes_class():
 def _measure(config: dict, attn: str, grad_ckpt: bool) -> dict[str, int]:
     """Live bytes of a real CPU step (weights adopted first), replayed without the parameter gradients: at the
     end of forward, the forward peak, and the backward peak after the output has been dropped."""
-    _, tracing, _ = _torch()
     model, ids = _real_model(config, attn, grad_ckpt)
     meter = _live_bytes_class()(device="cpu")
     meter.adopt([*model.parameters(), *model.buffers()])
@@ -257,7 +255,7 @@ def _measure(config: dict, attn: str, grad_ckpt: bool) -> dict[str, int]:
         meter.adopt([ids])
         out = model(input_ids=ids, labels=ids, use_cache=False)
         fwd_end = len(meter.log)
-        tracing.param_grad_hooks(out.loss, grads.append)
+        recorder.param_grad_hooks(out.loss, grads.append)
         loss = out.loss
         del out
         bwd_start = len(meter.log)
@@ -283,16 +281,16 @@ def _measure(config: dict, attn: str, grad_ckpt: bool) -> dict[str, int]:
 def test_profile_matches_live_bytes_of_a_real_cpu_step(family, grad_ckpt):
     """forward_end, forward_peak and backward_peak of the traced profile (meta, CPU kernels, 2 layers traced,
     3 extrapolated) against LiveBytes on a real 3-layer CPU step, parameter gradients excluded: within 2%."""
-    _, tracing, pc = _torch()
+    _torch()
     config = TINY[family]
-    profile = pc.profile_from_polys(tracing.trace_polys(config, "bf16", "sdpa", target="cpu"), B, S, 3)
+    profile = polys.profile_from_polys(tracer.trace_polys(config, "bf16", "sdpa", target="cpu"), B, S, 3)
     measured = _measure(config, "sdpa", grad_ckpt)
     for name, value in measured.items():
         assert getattr(profile, f"{name}_bytes")(grad_ckpt) == pytest.approx(value, rel=0.02), name
 
 
 def test_meta_live_bytes_count_meta_storages():
-    torch, _, _ = _torch()
+    torch = _torch()
     from zeroest.validate.memtrack import LiveBytes
 
     meter = LiveBytes(device="meta")
@@ -302,58 +300,37 @@ def test_meta_live_bytes_count_meta_storages():
     assert meter.live_bytes == x.nbytes + y.nbytes == 64 * 32 * 2 + 64 * 64 * 2
 
 
-# -- scaling, cache, modes
-# ---------------------------------------------------------------------------------------
+# -- scaling, modes
+# ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("family", "attn"), [("llama", "eager"), ("gpt2", "sdpa"), ("phi3", "sdpa")])
 def test_scaled_profile_equals_a_second_trace(family, attn):
     """The polynomials fitted at (2, 64), (4, 64), (2, 128) give the profile at (3, 40) that a direct trace at
     (3, 40) measures (eager's s^2 terms included); labels padded to s + 1 are fitted as s: a few bytes."""
-    torch, tracing, pc = _torch()
+    torch = _torch()
     config, b, s = TINY[family], 3, 40
-    fitted = pc.profile_from_polys(tracing.trace_polys(config, "bf16", attn), b, s, 3)
-    model = tracing.build_model(config, "bf16", attn)
+    fitted = polys.profile_from_polys(tracer.trace_polys(config, "bf16", attn), b, s, 3)
+    model = build_model(config, "bf16", attn)
     direct = {}
     for mode, ckpt in (("plain", False), ("ckpt", True)):
-        trace = tracing.run_trace(model, torch.zeros((b, s), dtype=torch.long, device="meta"), grad_ckpt=ckpt)
-        direct[mode] = pc.analyze(trace, [{(0, 0): n} for n in trace.sizes])
-    direct_profile = pc.profile_from_polys(direct, b, s, 3)
+        trace = recorder.run_trace(model, torch.zeros((b, s), dtype=torch.long, device="meta"), grad_ckpt=ckpt)
+        direct[mode] = polys.analyze(trace, [{(0, 0): n} for n in trace.sizes])
+    direct_profile = polys.profile_from_polys(direct, b, s, 3)
     for field in dataclasses.fields(fitted):
         want = getattr(direct_profile, field.name)
         assert getattr(fitted, field.name) == pytest.approx(want, abs=8 * b), field.name
 
 
-def test_traced_profile_is_cached_on_disk(tmp_path, monkeypatch):
-    _, tracing, pc = _torch()
-    shape = _shape("llama", TINY["llama"])
-    first = tracing.traced_profile(shape, 2, 16, config=TINY["llama"])
-    assert list((tmp_path / "profiles").glob("*.json"))
-    monkeypatch.setattr(tracing, "_MEMO", {})
-    monkeypatch.setattr(tracing, "trace_polys", lambda *a, **k: pytest.fail("traced again, cache not read"))
-    assert tracing.traced_profile(shape, 2, 16, config=TINY["llama"]) == first
-    other = tracing.traced_profile(shape, 8, 100, config=TINY["llama"])
-    assert other.layer_saved_bytes > first.layer_saved_bytes
-
-
-def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
-    from zeroest.estimator.trace.cache import cache_dir
-
-    assert cache_dir() == tmp_path / "profiles"
-    monkeypatch.delenv("ZEROEST_CACHE_DIR")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cache_dir() == tmp_path / "xdg" / "zeroest" / "profiles"
-
-
 def test_auto_traces_and_falls_back_with_a_warning(monkeypatch, caplog):
-    _, tracing, _ = _torch()
+    _torch()
     shape = _shape("llama", TINY["llama"])
     profile, source = activation_profile(shape, 2, 16, config=TINY["llama"])
     assert source == "traced"
-    assert profile == tracing.traced_profile(shape, 2, 16, config=TINY["llama"])
+    assert profile == tracer.traced_profile(shape, 2, 16, config=TINY["llama"])
 
     def broken(*args, **kwargs):
         raise RuntimeError("no meta kernel for this op")
 
-    monkeypatch.setattr(tracing, "traced_profile", broken)
+    monkeypatch.setattr(tracer, "traced_profile", broken)
     with caplog.at_level(logging.WARNING):
         profile, source = activation_profile(shape, 2, 16, config=TINY["llama"])
     assert source.startswith("closed-form (trace failed: RuntimeError")
@@ -367,9 +344,9 @@ _PROPERTIES = ("forward_end_bytes", "forward_peak_bytes", "backward_peak_bytes")
 
 
 def _agree(name: str, config: dict, b: int, s: int, dtype: str, attn: str) -> None:
-    _, tracing, _ = _torch()
+    _torch()
     shape = _shape(name, config)
-    traced = tracing.traced_profile(shape, b, s, dtype, attn, config=config)
+    traced = tracer.traced_profile(shape, b, s, dtype, attn, config=config)
     closed = closed_form_profile(shape, b, s, dtype, attn, config)
     assert closed.layer_saved_bytes == pytest.approx(traced.layer_saved_bytes, rel=0.05)
     for prop in _PROPERTIES:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zeroest.estimator.core.activations import ActivationProfile
 from zeroest.estimator.core.architecture import param_tensors
 from zeroest.estimator.core.model_states import ModelStates
+from zeroest.estimator.core.profile import ActivationProfile
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
 
 PHASES: tuple[str, ...] = ("init", "forward", "backward", "step")
