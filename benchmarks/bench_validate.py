@@ -34,7 +34,7 @@ def bench_plan(grid_name: str) -> None:
 
 
 def bench_cpu_quick() -> None:
-    from zeroest.validate.results import read_rows
+    from zeroest.report.runs import read_rows
 
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "out"

@@ -7,13 +7,15 @@ DeepSpeed's ``estimate_zero2_model_states_mem_needs`` (stages 0-2) and ``estimat
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
+from pathlib import Path
 
 from zeroest.estimator.configs.flat import setup_from_dict
 from zeroest.estimator.core.architecture import count_params, param_tensors
 from zeroest.estimator.core.estimate import estimate
+
+from zeroest.report.runs import read_rows
 
 DEFAULT = ["data/runs/h100-default/runs.jsonl", "data/runs/h100-holdout/runs.jsonl"]
 
@@ -38,8 +40,8 @@ def summary(name: str, errors: list[float]) -> str:
 
 
 def main(paths: list[str]) -> None:
-    rows = [json.loads(line) for path in paths for line in open(path, encoding="utf-8")]
-    rows = [r for r in rows if r.get("status", "ok") == "ok" and r["measured"].get("peak_allocated_bytes")]
+    rows = [row for path in paths for row in read_rows(Path(path))]
+    rows = [r for r in rows if r["status"] == "ok" and r["measured"].get("peak_allocated_bytes")]
     ds, ours = [], []
     for row in rows:
         setup = setup_from_dict(row["setup"])

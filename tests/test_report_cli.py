@@ -53,7 +53,7 @@ def runs_dir(tmp_path_factory, closed_form):  # noqa: F811
 def fitted(runs_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     args = ["report", str(runs_dir), "--fit", "--json", "--plots", str(out / "plots"), "--markdown",
-            str(out / "ACCURACY.md"), "--calibration-dir", str(out / "calibration"), "--folds", "3"]
+            str(out / "ACCURACY.md"), "--write-calibration", str(out / "calibration"), "--folds", "3"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout), out
@@ -140,8 +140,7 @@ def test_measured_claims_sit_beside_the_predictions(fitted):
 def test_one_model_gets_in_sample_errors_and_says_why(tmp_path):
     rows = synthetic_grid(models=("gpt2",))
     write_rows(tmp_path / "runs.jsonl", rows)
-    result = CliRunner().invoke(app, ["report", str(tmp_path), "--fit", "--json", "--calibration-dir",
-                                      str(tmp_path / "cal")])
+    result = CliRunner().invoke(app, ["report", str(tmp_path), "--fit", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["basis"] == "in_sample"
@@ -160,9 +159,13 @@ def _one_line_error(args: list[str]) -> str:
 def test_bad_input_exits_2_with_one_line(tmp_path):
     assert "does not exist" in _one_line_error(["report", str(tmp_path / "missing")])
     assert "no .jsonl files" in _one_line_error(["report", str(tmp_path)])
-    (tmp_path / "runs.jsonl").write_text('{"zeroest_version": "0.1.0"}\nnot json\n')
+    path = write_rows(tmp_path / "runs.jsonl", [{**synthetic_row(make_setup("gpt2", 0, 1)), "status": "error"}])
     assert "no usable runs" in _one_line_error(["report", str(tmp_path)])
     assert "--folds" in _one_line_error(["report", str(tmp_path), "--folds", "1"])
+    assert "needs --fit" in _one_line_error(["report", str(tmp_path), "--write-calibration", str(tmp_path / "c")])
+    with open(path, "a") as handle:
+        handle.write('{"zeroest_version": "0.1.0", "run_key"\n')
+    assert f"{path}:2: not valid JSON" in _one_line_error(["report", str(tmp_path)])
 
 
 def test_a_setup_the_estimator_cannot_rebuild_is_skipped_with_the_reason(tmp_path):
@@ -174,3 +177,80 @@ def test_a_setup_the_estimator_cannot_rebuild_is_skipped_with_the_reason(tmp_pat
     summary = json.loads(result.stdout)
     assert summary["rows"] == 1 and summary["basis"] == "current"
     assert "cannot rebuild its setup: unknown model 'gpt-nonexistent'" in summary["skipped"][0]["reason"]
+
+
+def _outputs(folder) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _write_twice(tmp_path, *options: str) -> list[dict[str, bytes]]:
+    """Run the same report twice into tmp_path/out; what it wrote each time."""
+    runs_dir = tmp_path / "runs"
+    write_rows(runs_dir / "h100" / "runs.jsonl", synthetic_grid(models=("gpt2", "opt-125m"), worlds=(1, 4)))
+    out = tmp_path / "out"
+    args = ["report", str(runs_dir), "--fit", "--folds", "2", *(o.format(out=out) for o in options)]
+    written = []
+    for _ in range(2):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        written.append(_outputs(out))
+    return written
+
+
+def test_calibration_and_markdown_are_the_same_bytes_every_time(tmp_path):
+    first, second = _write_twice(tmp_path, "--write-calibration", "{out}/cal.json", "--markdown",
+                                 "{out}/ACCURACY.md")
+    assert set(first) == {"cal.json", "ACCURACY.md"}
+    assert first == second
+    text = first["cal.json"].decode()
+    doc = json.loads(text)
+    assert text == json.dumps(doc, sort_keys=True, indent=1) + "\n"  # keys sorted, nothing but the document
+    assert str(tmp_path) not in text  # runs files named without machine paths
+    assert doc["fitted_on"]["files"] == ["h100/runs.jsonl"]
+
+
+@pytest.mark.slow
+def test_plots_are_the_same_bytes_every_time(tmp_path):
+    first, second = _write_twice(tmp_path, "--plots", "{out}/plots")
+    assert len(first) == 8 and first == second
+
+
+def test_a_json_path_for_several_gpu_groups_is_refused(tmp_path):
+    a100 = {"name": "NVIDIA A100-SXM4-80GB", "memory_bytes": 80 * 2**30}
+    rows = synthetic_grid(models=("gpt2", "opt-125m")) + synthetic_grid(models=("gpt2", "opt-125m"), gpu=a100)
+    write_rows(tmp_path / "runs.jsonl", rows)
+    target = tmp_path / "cal" / "one.json"
+    message = _one_line_error(["report", str(tmp_path), "--fit", "--write-calibration", str(target)])
+    assert "2 GPU groups were fitted" in message and "pass a folder" in message
+    assert not (tmp_path / "cal").exists()
+
+
+def _tree(folder) -> dict[str, str]:
+    import hashlib
+
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
+
+
+def test_a_report_with_fit_changes_no_file_of_the_repository(tmp_path, monkeypatch):
+    """``--fit`` alone writes nothing: neither the runs it reads (a copy of the repository's data) nor the
+    checkout's data/calibration, which --fit once overwrote."""
+    import shutil
+    from pathlib import Path
+
+    import zeroest
+
+    repo_data = Path(zeroest.__file__).resolve().parents[1] / "data"
+    if not (repo_data / "runs" / "h100-default" / "runs.jsonl").is_file():
+        pytest.skip("not a checkout with data/runs")
+    copy = tmp_path / "data"
+    shutil.copytree(repo_data, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    before_copy, before_repo = _tree(copy), _tree(repo_data)
+    monkeypatch.chdir(tmp_path)
+    runs = [str(copy / "runs" / name) for name in ("h100-default", "h100-holdout", "h100-launchers")]
+    result = CliRunner().invoke(app, ["report", *runs, "--fit"])
+    assert result.exit_code == 0, result.output
+    assert "64 runs, 64 ranks" in result.stdout and "wrote" not in result.stdout
+    assert _tree(copy) == before_copy
+    assert _tree(repo_data) == before_repo
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from test_report_support import MODELS, TRUE_OVERHEADS, closed_form, make_setup, synthetic_grid  # noqa: F401
+from test_report_support import MODELS, TRUE_OVERHEADS, closed_form, make_setup  # noqa: F401
 from zeroest.estimator.core.overheads import Overheads
 from zeroest.estimator.units import MiB
 
@@ -153,13 +153,3 @@ def test_error_statistics():
     with pytest.raises(ValueError, match="positive measurement"):
         relative_error(1, 0)
 
-
-def test_synthetic_grid_is_exact_under_true_overheads():
-    """The synthetic rows really are estimate(setup, TRUE_OVERHEADS): the premise of every report test."""
-    from zeroest.estimator.configs.flat import setup_from_dict
-    from zeroest.estimator.core.estimate import estimate
-
-    row = synthetic_grid(models=("gpt2",), stages=(2,), worlds=(4,))[0]
-    e = estimate(setup_from_dict(row["setup"]), TRUE_OVERHEADS, simulated=row["simulated"])
-    assert row["measured"]["peak_allocated_bytes"] == e.peak_allocated_bytes
-    assert row["measured"]["device_bytes"] == e.device_bytes

@@ -1,4 +1,4 @@
-"""Reading runs.jsonl tolerantly, measured reductions, phase mapping and calibration file lookup."""
+"""Usable rows of runs files (the rest skipped with why), measured reductions, phase mapping, calibration lookup."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from test_report_support import (  # noqa: F401
 from zeroest.estimator.catalog.calibration import calibration_name, find_calibration, gpu_slug, short_version
 
 from zeroest.report.join import measured_phase_peaks
-from zeroest.report.runs import load_runs, measured_reductions, runs_files
+from zeroest.report.load import load_runs, measured_reductions
+from zeroest.report.runs import RunsFileError, runs_files
 
 pytestmark = pytest.mark.usefixtures("closed_form")
 
@@ -26,20 +27,24 @@ def test_load_runs_keeps_good_rows_and_lists_the_rest(tmp_path):
     good = synthetic_row(make_setup("gpt2", 2, 2))
     oom = synthetic_row(make_setup("gpt2", 0, 2, micro_batch=64), oom="step0.forward0")
     failed = {**good, "status": "error", "error": "RuntimeError: NCCL timeout\nmore"}
-    lines = [json.dumps(good), "{not json", json.dumps({**good, "zeroest_version": "0.0.9"}),
-             json.dumps({k: v for k, v in good.items() if k != "setup"}), json.dumps(failed), json.dumps([1]),
-             "", json.dumps(oom)]
+    lines = [json.dumps(good), json.dumps({**good, "zeroest_version": "0.0.9"}), json.dumps(failed), "",
+             json.dumps(oom)]
     path = tmp_path / "runs.jsonl"
     path.write_text("\n".join(lines) + "\n")
     loaded = load_runs([tmp_path], version="0.1.0")
-    assert [r.line for r in loaded.rows] == [1, 8]
-    reasons = {s.where.rsplit(":", 1)[1]: s.reason for s in loaded.skipped}
-    assert set(reasons) == {"2", "3", "4", "5", "6"}
-    assert "not valid JSON" in reasons["2"]
-    assert "zeroest 0.0.9" in reasons["3"]
-    assert "no setup" in reasons["4"]
-    assert reasons["5"] == "run status error: RuntimeError: NCCL timeout"
-    assert "not an object" in reasons["6"]
+    assert [r.line for r in loaded.rows] == [1, 5]
+    reasons = {s.where: s.reason for s in loaded.skipped}
+    assert set(reasons) == {f"{path}:2", f"{path}:3"}
+    assert "zeroest 0.0.9" in reasons[f"{path}:2"]
+    assert reasons[f"{path}:3"] == "run status error: RuntimeError: NCCL timeout"
+
+
+def test_load_runs_stops_at_a_malformed_line(tmp_path):
+    good = synthetic_row(make_setup("gpt2", 2, 2))
+    write_rows(tmp_path / "a" / "runs.jsonl", [good])
+    (tmp_path / "b.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({"setup": {}}) + "\n")
+    with pytest.raises(RunsFileError, match=r"b\.jsonl:2: not a runs\.jsonl row: no zeroest_version"):
+        load_runs([tmp_path])
 
 
 def test_runs_files_finds_nested_files_and_refuses_missing_paths(tmp_path):

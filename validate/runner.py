@@ -34,7 +34,8 @@ from zeroest.validate.launch import (
     free_port,
     launch_command,
 )
-from zeroest.validate.results import RUNS_FILE, append_rows, check_version, done_keys, drop_runs, make_rows, read_rows
+
+from zeroest.report.runs import RUNS_FILE, append_rows, check_version, done_keys, drop_runs, make_rows, read_rows
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ def claims(
         table = claims_table(shape)
         measured = None
         if runs:
-            from zeroest.validate.results import measured_reductions
+            from zeroest.report.load import measured_reductions
 
             measured = measured_reductions(runs)
     except (ValueError, FileNotFoundError) as exc:

@@ -243,7 +243,7 @@ def validate(
         except KeyboardInterrupt:
             err.print(f"zeroest: interrupted; finished runs are in {out}/runs.jsonl, re-run to resume")
             raise typer.Exit(130) from None
-    from zeroest.validate.results import read_rows
+    from zeroest.report.runs import read_rows
 
     order = {run.key: index for index, run in enumerate(runs)}
     rows = [row for row in read_rows(out / "runs.jsonl") if row.get("run_key") in order]

@@ -20,7 +20,7 @@ from zeroest.estimator.core.overheads import Overheads
 from zeroest.report.errors import ErrorStats, error_stats, grouped_stats
 from zeroest.report.fit import QUANTITIES, CrossValidation, FitResult, cross_validate, fit_overheads
 from zeroest.report.join import PHASES, Environment, Prediction, Record, join_rows, overheads_for, predict
-from zeroest.report.runs import Skipped, load_runs
+from zeroest.report.load import Skipped, load_runs
 
 log = logging.getLogger(__name__)
 

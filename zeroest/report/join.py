@@ -19,7 +19,7 @@ from zeroest.estimator.core.overheads import Overheads
 from zeroest.estimator.core.setup import TrainingSetup
 from zeroest.report.errors import relative_error
 from zeroest.report.fit import BASIS_SCALES, NEUTRAL, QUANTITIES, Sample, terms_from_estimates
-from zeroest.report.runs import RunRow, Skipped, is_oom
+from zeroest.report.load import RunRow, Skipped, is_oom
 
 log = logging.getLogger(__name__)
 

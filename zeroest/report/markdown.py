@@ -188,7 +188,8 @@ def _fits(a: Analysis) -> list[str]:
         if g.path:
             notes.append(f"written to `{_shown(g.path)}`")
         else:
-            why = "CPU runs" if not g.env.gpu_name else "nothing could be fitted"
+            why = ("CPU runs" if not g.env.gpu_name else "nothing could be fitted" if not g.result.fitted
+                   else "not asked for: `--write-calibration PATH` writes it")
             notes.append(f"no calibration file written ({why})")
         out += ["", *(f"- {n}" for n in notes), ""]
     return out

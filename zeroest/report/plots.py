@@ -17,7 +17,7 @@ from zeroest.estimator.units import GiB
 from zeroest.report.analysis import BASIS_TITLES, Analysis
 from zeroest.report.fit import QUANTITIES
 from zeroest.report.join import Record
-from zeroest.report.runs import shape_key
+from zeroest.report.load import shape_key
 from zeroest.report.tables import claim_points, run_label
 
 STAGE_COLOURS = {0: "#4c72b0", 1: "#dd8452", 2: "#55a868", 3: "#c44e52"}

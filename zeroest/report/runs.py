@@ -1,80 +1,139 @@
-"""Reading runs.jsonl tolerantly: every usable row kept, every other one listed with why it was skipped.
+"""runs.jsonl: the one schema, reader and writer of measured runs (``zeroest validate`` writes, ``zeroest report``
+and ``zeroest claims`` read).
 
-A runs.jsonl (written by ``zeroest validate``, see validate/results.py) has one JSON object per rank per run.
-This module knows only JSON: it needs no estimator, torch or DeepSpeed, so the claims command can read
-measured reductions cheaply (``measured_reductions``).
+One JSON object per line, one line per rank per run. Keys:
+
+Required (the reader rejects a row without them, or of another type):
+
+* ``zeroest_version`` (str): the zeroest that planned the run and made its ``prediction``. The setup's keys
+  and the stored prediction mean what that version meant, so validate never appends to a file of another
+  version (``check_version``) and the report skips such rows with the reason.
+* ``run_key`` (str): validate's resume key (setup, simulated, launcher, device); every rank of a run shares it.
+* ``setup`` (object): the flat setup (``zeroest.estimator.configs.flat.setup_to_dict``).
+* ``rank``, ``world_size``, ``ranks_in_run`` (int): this rank, the run's N_d, and how many rows this run's
+  node writes (a run is done when the file holds that many rows of its ``run_key``).
+* ``simulated`` (bool): ranks ran on a fake process group (no communication, no NCCL memory).
+* ``status`` (str, one of ``STATUSES``): ok, oom, error, timeout or crashed.
+* ``measured`` (object): overall ``peak_allocated_bytes``, ``peak_reserved_bytes``, ``device_bytes``, ``oom``
+  (the phase it died in, or null), ``step_time_s``, ``tokens_per_s`` and ``phases`` (the same per phase);
+  any of them may be missing or null for a run that did not finish.
+
+Optional (absent or null when unknown): ``launcher`` (str), ``error`` (str), ``traceback`` (str),
+``prediction`` (``Estimate.to_dict()`` made before the run) with ``prediction_error`` (why there is none),
+``versions`` (object: python, torch, cuda, driver, deepspeed, transformers, accelerate: the software the
+run measured; torch and deepspeed pick the calibration group), ``gpu`` (object: name, memory_bytes, ...) or
+``cpu`` (object), ``host`` (object), ``exclusive`` (bool: the run had its GPU to itself), ``wall_s``
+(float), ``finished_at`` (str, ISO 8601).
+
+There is no separate schema version: ``zeroest_version`` is it. A row is identified by (``run_key``,
+``rank``). ``append_rows`` never writes a row whose identity the file already holds, and replaces the file
+in one rename, so a writer killed at any moment leaves the old file or the new one, never a cut line; a
+malformed line is therefore an error (``RunsFileError``, one line naming the file and line), not something
+to skip. This module needs no estimator, torch or numpy.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-USABLE_STATUSES = ("ok", "oom")
-SHAPE_KEYS: tuple[str, ...] = (
-    "model", "micro_batch", "seq_len", "grad_accum", "grad_ckpt", "dtype", "optimizer", "optimizer_impl",
-    "attn",
+RUNS_FILE = "runs.jsonl"
+STATUSES: tuple[str, ...] = ("ok", "oom", "error", "timeout", "crashed")
+REQUIRED: dict[str, str] = {
+    "zeroest_version": "str", "run_key": "str", "setup": "object", "rank": "int", "world_size": "int",
+    "ranks_in_run": "int", "simulated": "bool", "status": "str", "measured": "object",
+}
+"""Required keys and their JSON types (see the module docstring)."""
+OPTIONAL: tuple[str, ...] = (
+    "launcher", "error", "traceback", "prediction", "prediction_error", "versions", "gpu", "cpu", "host",
+    "exclusive", "wall_s", "finished_at",
 )
-"""Setup keys that must agree for two runs to be the same model and shape (stage and N_d may differ)."""
 
 
-def default_runs_dir() -> Path:
-    """data/runs of the working directory when there is one, else of this checkout."""
-    here = Path("data/runs")
-    return here if here.is_dir() else Path(__file__).resolve().parents[2] / "data" / "runs"
+class RunsFileError(ValueError):
+    """A runs file (or a row meant for one) that breaks the schema; the message is one line: where, what, how
+    to fix."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class Skipped:
-    """A row (or file) that was not used, and why."""
-
-    where: str
-    """``path:line`` (or the path alone for a whole file)."""
-    reason: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class RunRow:
-    """One usable row of a runs.jsonl: one rank of one run."""
-
-    source: Path
-    """The runs.jsonl it came from (model config paths are resolved against its folder)."""
-    line: int
-    data: dict
-    """The row as written: setup, rank, simulated, status, prediction, measured, versions, gpu or cpu, ..."""
-
-    @property
-    def where(self) -> str:
-        return f"{self.source}:{self.line}"
-
-    @property
-    def run_key(self) -> str:
-        """validate's run key, or one made from the file and the setup for rows written without it."""
-        key = self.data.get("run_key")
-        if key:
-            return str(key)
-        blob = json.dumps({"setup": self.data["setup"], "simulated": bool(self.data.get("simulated"))},
-                          sort_keys=True)
-        return f"{self.source}#{blob}"
+def _is(value: object, kind: str) -> bool:
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "bool":
+        return isinstance(value, bool)
+    return isinstance(value, {"str": str, "object": dict}[kind])
 
 
-@dataclass(frozen=True, kw_only=True)
-class LoadedRuns:
-    """What ``load_runs`` read."""
+def row_problem(row: object) -> str | None:
+    """Why ``row`` breaks the schema, or None."""
+    if not isinstance(row, dict):
+        return f"a JSON {type(row).__name__}, not an object"
+    missing = [key for key in REQUIRED if key not in row]
+    if missing:
+        return f"no {', '.join(missing)} (required keys: {', '.join(REQUIRED)})"
+    for key, kind in REQUIRED.items():
+        if not _is(row[key], kind):
+            return f"{key} is {json.dumps(row[key])[:40]}, not a JSON {kind}"
+    if row["status"] not in STATUSES:
+        return f"status {row['status']!r} is not one of {', '.join(STATUSES)}"
+    return None
 
-    files: tuple[Path, ...]
-    rows: tuple[RunRow, ...]
-    skipped: tuple[Skipped, ...]
+
+def parse_rows(text: str, where: str | Path) -> list[tuple[int, dict]]:
+    """(line number, row) of every non-blank line of a runs file's text; ``RunsFileError`` at the first
+    malformed line."""
+    out = []
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): it also splits at U+2028
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RunsFileError(f"{where}:{number}: not valid JSON ({exc.msg}, column {exc.colno}); "
+                                "fix or delete that line") from None
+        problem = row_problem(row)
+        if problem:
+            raise RunsFileError(f"{where}:{number}: not a runs.jsonl row: {problem}; fix or delete that line")
+        out.append((number, row))
+    return out
+
+
+def _decode(data: bytes, path: Path) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RunsFileError(f"{path}: not UTF-8 text; pass a runs.jsonl written by zeroest validate") from None
+
+
+def read_numbered(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) of every row of a runs file (a missing file has none); ``RunsFileError`` for a
+    malformed line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RunsFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    return parse_rows(_decode(data, path), path)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Every row of a runs file, in file order (a missing file has none); ``RunsFileError`` for a malformed
+    line."""
+    return [row for _, row in read_numbered(path)]
 
 
 def runs_files(paths: Iterable[str | Path]) -> list[Path]:
-    """The .jsonl files named, or found (recursively) under the folders named; ValueError for a missing
-    path."""
+    """The .jsonl files named, or found (recursively, sorted) under the folders named; ValueError for a
+    missing path."""
     files: list[Path] = []
     for raw in paths:
         path = Path(raw).expanduser()
@@ -87,142 +146,175 @@ def runs_files(paths: Iterable[str | Path]) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
-def _row_problem(row: object, version: str | None) -> str | None:
-    """Why a parsed row cannot be used, or None."""
-    if not isinstance(row, dict):
-        return f"a JSON {type(row).__name__}, not an object"
-    if version is not None and str(row.get("zeroest_version")) != version:
-        return (f"written by zeroest {row.get('zeroest_version')}, this is zeroest {version}: the estimate "
-                "may have changed since; measure again with this version")
-    if not isinstance(row.get("setup"), dict):
-        return "no setup object"
-    measured = row.get("measured")
-    if not isinstance(measured, dict):
-        return "no measured object"
-    status = row.get("status", "oom" if measured.get("oom") else "ok")
-    if status not in USABLE_STATUSES and not measured.get("oom"):
-        error = str(row.get("error") or "no error recorded").splitlines()[0][:160]
-        return f"run status {status}: {error}"
-    return None
+def default_runs_dir() -> Path:
+    """data/runs of the working directory when there is one, else of this checkout."""
+    here = Path("data/runs")
+    return here if here.is_dir() else Path(__file__).resolve().parents[2] / "data" / "runs"
 
 
-def load_runs(paths: Sequence[str | Path], version: str | None = None) -> LoadedRuns:
-    """Rows of every runs file under ``paths``; rows of another zeroest ``version`` (when given) are
-    skipped."""
-    files = runs_files(paths)
-    rows: list[RunRow] = []
-    skipped: list[Skipped] = []
-    for path in files:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            skipped.append(Skipped(where=str(path), reason=f"cannot be read: {exc}"))
-            continue
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                why = f"not valid JSON ({exc.msg}); a run cut off while writing?"
-                skipped.append(Skipped(where=where, reason=why))
-                continue
-            problem = _row_problem(row, version)
-            if problem:
-                skipped.append(Skipped(where=where, reason=problem))
-            else:
-                rows.append(RunRow(source=path, line=number, data=row))
-    return LoadedRuns(files=tuple(files), rows=tuple(rows), skipped=tuple(skipped))
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder`` (one writer of its runs file at a time, across processes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
-def is_oom(row: RunRow) -> bool:
-    """The run ran out of memory (``measured.oom`` names the phase)."""
-    return bool(row.data["measured"].get("oom")) or row.data.get("status") == "oom"
+def _replace(path: Path, data: bytes) -> None:
+    """Write ``data`` beside ``path``, fsync it, rename it over ``path`` (atomic), fsync the folder."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def shape_key(setup: dict) -> tuple:
-    """The model and shape of a setup (``SHAPE_KEYS``), model given by its file or preset name."""
-    model = str(setup.get("model", "?")).rsplit("/", 1)[-1].removesuffix(".json")
-    return (model, *(setup.get(k) for k in SHAPE_KEYS[1:]))
+def _line(row: dict) -> bytes:
+    return (json.dumps(row) + "\n").encode("utf-8")
 
 
-def worst_ranks(rows: Iterable[RunRow]) -> list[RunRow]:
-    """One row per run: the rank with the largest measured peak allocated (order of first appearance)."""
-    best: dict[str, RunRow] = {}
-    for row in rows:
-        current = best.get(row.run_key)
-        peak = row.data["measured"].get("peak_allocated_bytes") or 0
-        if current is None or peak > (current.data["measured"].get("peak_allocated_bytes") or 0):
-            best[row.run_key] = row
-    return list(best.values())
+def append_rows(path: Path, rows: Sequence[dict]) -> int:
+    """Append ``rows`` to the runs file ``path``; returns how many were written.
 
-
-@dataclass(frozen=True, kw_only=True)
-class ReductionPoint:
-    """Measured peak allocated of one stage over stage 0 at one N_d, same model and shape."""
-
-    shape: tuple
-    """``shape_key`` of the runs."""
-    world_size: int
-    stage: int
-    peak_allocated_bytes: int
-    stage0_peak_allocated_bytes: int
-    simulated: bool
-    """The stage's run used a fake process group (real runs are preferred where both exist)."""
-
-    @property
-    def reduction(self) -> float:
-        return self.stage0_peak_allocated_bytes / self.peak_allocated_bytes
-
-
-def reduction_points(rows: Iterable[RunRow]) -> list[ReductionPoint]:
-    """Every measured stage's reduction over stage 0 at the same N_d and shape (no offload, no OOM runs)."""
-    peaks: dict[tuple, dict[int, tuple[int, bool]]] = {}
-    for row in worst_ranks(r for r in rows if not is_oom(r)):
-        setup, measured = row.data["setup"], row.data["measured"]
-        peak = measured.get("peak_allocated_bytes") or 0
-        offload = setup.get("offload_optimizer", "none") != "none"
-        if peak <= 0 or offload or setup.get("mode", "deepspeed") != "deepspeed":
-            continue
-        simulated = bool(row.data.get("simulated"))
-        slot = peaks.setdefault((shape_key(setup), int(setup["world_size"])), {})
-        stage = int(setup["stage"])
-        if stage not in slot or (slot[stage][1] and not simulated):
-            slot[stage] = (int(peak), simulated)
-    points = []
-    for (shape, world), by_stage in sorted(peaks.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
-        if 0 not in by_stage:
-            continue
-        for stage, (peak, simulated) in sorted(by_stage.items()):
-            points.append(ReductionPoint(shape=shape, world_size=world, stage=stage,
-                                         peak_allocated_bytes=peak, simulated=simulated,
-                                         stage0_peak_allocated_bytes=by_stage[0][0]))
-    return points
-
-
-def measured_reductions(runs_path: str | Path | Sequence[str | Path],
-                        model: str | None = None) -> dict[str, float]:
-    """``{"<stage>@<N_d>": measured reduction of peak allocated over stage 0}`` for one model and shape.
-
-    Reductions are of the whole measured peak (activations included), worst rank of each run, runs without
-    offload. ``model`` picks the model (preset or file name); with several shapes left, the one with the most
-    measured points is used and the choice is logged. ValueError when the path holds no usable rows.
+    Rows whose (run_key, rank) the file already holds are not written again (logged). The rows already there
+    keep their bytes; the new file replaces the old in one rename, under a lock on the folder, so a writer
+    killed mid-write, or a second writer, never cuts or loses a row. ``RunsFileError`` for a malformed row
+    (nothing is written) or a malformed file.
     """
-    paths = [runs_path] if isinstance(runs_path, (str, Path)) else list(runs_path)
-    loaded = load_runs(paths)
-    for skip in loaded.skipped:
-        log.info("skipped %s: %s", skip.where, skip.reason)
-    if not loaded.rows:
-        raise ValueError(f"no usable runs in {', '.join(map(str, paths))}: run zeroest validate first")
-    points = [p for p in reduction_points(loaded.rows) if model is None or p.shape[0] == model]
-    if not points:
-        return {}
-    counts: dict[tuple, int] = {}
-    for p in points:
-        counts[p.shape] = counts.get(p.shape, 0) + 1
-    shape = max(counts, key=lambda s: (counts[s], str(s)))
-    if len(counts) > 1:
-        log.info("measured reductions of %s (%d points); other shapes: %s", shape, counts[shape],
-                 ", ".join(str(s) for s in counts if s != shape))
-    return {f"{p.stage}@{p.world_size}": p.reduction for p in points if p.shape == shape}
+    path = Path(path)
+    for index, row in enumerate(rows):
+        problem = row_problem(row)
+        if problem:
+            raise RunsFileError(f"row {index} to append to {path} breaks the schema: {problem}")
+    with _locked(path.parent):
+        old = path.read_bytes() if path.exists() else b""
+        seen = {(r["run_key"], r["rank"]) for _, r in parse_rows(_decode(old, path), path)}
+        new = []
+        for row in rows:
+            ident = (row["run_key"], row["rank"])
+            if ident in seen:
+                log.warning("%s already holds rank %d of run %s: not written again", path, row["rank"],
+                            row["run_key"])
+                continue
+            seen.add(ident)
+            new.append(row)
+        if new:
+            head = old if not old or old.endswith(b"\n") else old + b"\n"
+            _replace(path, head + b"".join(map(_line, new)))
+    return len(new)
+
+
+def drop_runs(path: Path, keys: set[str]) -> int:
+    """Remove the rows of the runs ``keys`` (``validate --redo``); the file as it was is kept as
+    runs.jsonl.bak. Returns the rows dropped. Kept rows keep their bytes; both files are replaced
+    atomically."""
+    path = Path(path)
+    with _locked(path.parent):
+        if not path.exists():
+            return 0
+        old = path.read_bytes()
+        text = _decode(old, path)
+        rows = dict(parse_rows(text, path))
+        lines = text.split("\n")
+        keep = [line for n, line in enumerate(lines, 1) if n not in rows or rows[n]["run_key"] not in keys]
+        dropped = len(lines) - len(keep)
+        if dropped:
+            _replace(path.with_suffix(".jsonl.bak"), old)
+            _replace(path, "\n".join(keep).encode("utf-8"))
+    return dropped
+
+
+def done_keys(rows: Iterable[dict]) -> set[str]:
+    """run_keys whose every rank (``ranks_in_run`` of them) has a row."""
+    ranks: dict[str, set[int]] = {}
+    expected: dict[str, int] = {}
+    for row in rows:
+        ranks.setdefault(row["run_key"], set()).add(row["rank"])
+        expected[row["run_key"]] = row["ranks_in_run"]
+    return {key for key, seen in ranks.items() if len(seen) >= expected[key]}
+
+
+def check_version(rows: Iterable[dict], version: str, path: Path) -> None:
+    """Refuse (ValueError) to mix rows of another zeroest version into one runs file."""
+    others = sorted({str(r["zeroest_version"]) for r in rows if r["zeroest_version"] != version})
+    if others:
+        raise ValueError(
+            f"{path} holds runs of zeroest {', '.join(others)}, and this is zeroest {version}: "
+            "results of different versions are not mixed; pass a new --out directory"
+        )
+
+
+def _status(rank_result: dict | None, failure: str | None) -> str:
+    if rank_result is not None and rank_result.get("measured", {}).get("oom"):
+        return "oom"
+    if failure and failure.startswith("timeout"):
+        return "timeout"
+    if rank_result is None:
+        return "crashed"
+    if rank_result.get("complete"):
+        return "ok"
+    return "error" if rank_result.get("error") else "crashed"
+
+
+def make_rows(
+    *,
+    run_key: str,
+    launcher: str,
+    setup: dict,
+    simulated: bool,
+    ranks: list[dict | None],
+    first_rank: int = 0,
+    prediction: dict | None,
+    prediction_error: str | None,
+    exclusive: bool,
+    wall_s: float,
+    failure: str | None,
+    version: str,
+) -> list[dict]:
+    """One row per rank of a finished (or failed) run on this node. ``ranks[i]`` is the worker's result file
+    of rank ``first_rank + i`` (``complete``, ``error``, ``traceback``, ``measured``, ``versions``, ``host``,
+    ``gpu`` or ``cpu``), None if it left none."""
+    rows = []
+    for rank, result in enumerate(ranks, start=first_rank):
+        result = result or {}
+        row = {
+            "zeroest_version": version,
+            "run_key": run_key,
+            "launcher": launcher,
+            "setup": setup,
+            "rank": rank,
+            "world_size": int(setup["world_size"]),
+            "ranks_in_run": len(ranks),
+            "simulated": bool(simulated),
+            "status": _status(result or None, failure),
+            "error": result.get("error") or failure,
+            "prediction": prediction,
+            "prediction_error": prediction_error,
+            "measured": result.get("measured") or {"phases": {}, "oom": None},
+            "versions": result.get("versions"),
+            "host": result.get("host"),
+            "exclusive": exclusive,
+            "wall_s": round(wall_s, 3),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        for key in ("gpu", "cpu"):
+            if key in result:
+                row[key] = result[key]
+                break
+        if result.get("traceback"):
+            row["traceback"] = result["traceback"]
+        rows.append(row)
+    return rows

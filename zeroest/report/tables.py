@@ -9,7 +9,7 @@ from zeroest.estimator.core.shape import ModelShape
 from zeroest.report.analysis import Analysis, drift, oom_cases, phase_stats
 from zeroest.report.fit import QUANTITIES
 from zeroest.report.join import Record, overheads_for, predict
-from zeroest.report.runs import reduction_points, shape_key, worst_ranks
+from zeroest.report.load import reduction_points, shape_key, worst_ranks
 
 
 def run_label(r: Record) -> str:
@@ -56,7 +56,7 @@ def _claims_row(shape: ModelShape, world: int, stage: int) -> tuple[float, float
 
 
 def claim_points(analysis: Analysis) -> list[ClaimPoint]:
-    """Measured reductions (``runs_io.reduction_points``) with the estimator's and the paper's beside them."""
+    """Measured reductions (``load.reduction_points``) with the estimator's and the paper's beside them."""
     by_where = {r.key: r for r in analysis.records}
     index: dict[tuple, Record] = {}
     for row in worst_ranks(r.row for r in analysis.compared):

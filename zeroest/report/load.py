@@ -1,0 +1,181 @@
+"""The rows of runs files a report can use, the rest listed with why, and measured ZeRO reductions.
+
+Rows are read by ``zeroest.report.runs`` (the schema; a malformed line is an error there). A well-formed row is
+still skipped here, with the reason, when it is of another zeroest version or its run did not finish (status
+error, timeout, crashed). Like ``runs``, this module needs no estimator, torch or numpy, so the claims command
+reads measured reductions cheaply (``measured_reductions``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from zeroest.report.runs import read_numbered, runs_files
+
+log = logging.getLogger(__name__)
+
+USABLE_STATUSES = ("ok", "oom")
+SHAPE_KEYS: tuple[str, ...] = (
+    "model", "micro_batch", "seq_len", "grad_accum", "grad_ckpt", "dtype", "optimizer", "optimizer_impl",
+    "attn",
+)
+"""Setup keys that must agree for two runs to be the same model and shape (stage and N_d may differ)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Skipped:
+    """A row that was not used, and why."""
+
+    where: str
+    """``path:line``."""
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunRow:
+    """One usable row of a runs.jsonl: one rank of one run."""
+
+    source: Path
+    """The runs.jsonl it came from (model config paths are resolved against its folder)."""
+    line: int
+    data: dict
+    """The row as written (schema: ``zeroest.report.runs``)."""
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
+
+    @property
+    def run_key(self) -> str:
+        return str(self.data["run_key"])
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadedRuns:
+    """What ``load_runs`` read."""
+
+    files: tuple[Path, ...]
+    rows: tuple[RunRow, ...]
+    skipped: tuple[Skipped, ...]
+
+
+def _unusable(row: dict, version: str | None) -> str | None:
+    """Why a well-formed row cannot be compared, or None."""
+    if version is not None and row["zeroest_version"] != version:
+        return (f"written by zeroest {row['zeroest_version']}, this is zeroest {version}: the estimate "
+                "may have changed since; measure again with this version")
+    if row["status"] not in USABLE_STATUSES and not row["measured"].get("oom"):
+        error = str(row.get("error") or "no error recorded").splitlines()[0][:160]
+        return f"run status {row['status']}: {error}"
+    return None
+
+
+def load_runs(paths: Sequence[str | Path], version: str | None = None) -> LoadedRuns:
+    """Rows of every runs file under ``paths``; rows of another zeroest ``version`` (when given) and of runs
+    that did not finish are skipped. ValueError for a missing path, ``RunsFileError`` for a malformed line."""
+    files = runs_files(paths)
+    rows: list[RunRow] = []
+    skipped: list[Skipped] = []
+    for path in files:
+        for number, data in read_numbered(path):
+            problem = _unusable(data, version)
+            if problem:
+                skipped.append(Skipped(where=f"{path}:{number}", reason=problem))
+            else:
+                rows.append(RunRow(source=path, line=number, data=data))
+    return LoadedRuns(files=tuple(files), rows=tuple(rows), skipped=tuple(skipped))
+
+
+def is_oom(row: RunRow) -> bool:
+    """The run ran out of memory (``measured.oom`` names the phase)."""
+    return bool(row.data["measured"].get("oom")) or row.data["status"] == "oom"
+
+
+def shape_key(setup: dict) -> tuple:
+    """The model and shape of a setup (``SHAPE_KEYS``), model given by its file or preset name."""
+    model = str(setup.get("model", "?")).rsplit("/", 1)[-1].removesuffix(".json")
+    return (model, *(setup.get(k) for k in SHAPE_KEYS[1:]))
+
+
+def worst_ranks(rows: Iterable[RunRow]) -> list[RunRow]:
+    """One row per run: the rank with the largest measured peak allocated (order of first appearance)."""
+    best: dict[str, RunRow] = {}
+    for row in rows:
+        current = best.get(row.run_key)
+        peak = row.data["measured"].get("peak_allocated_bytes") or 0
+        if current is None or peak > (current.data["measured"].get("peak_allocated_bytes") or 0):
+            best[row.run_key] = row
+    return list(best.values())
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReductionPoint:
+    """Measured peak allocated of one stage over stage 0 at one N_d, same model and shape."""
+
+    shape: tuple
+    """``shape_key`` of the runs."""
+    world_size: int
+    stage: int
+    peak_allocated_bytes: int
+    stage0_peak_allocated_bytes: int
+    simulated: bool
+    """The stage's run used a fake process group (real runs are preferred where both exist)."""
+
+    @property
+    def reduction(self) -> float:
+        return self.stage0_peak_allocated_bytes / self.peak_allocated_bytes
+
+
+def reduction_points(rows: Iterable[RunRow]) -> list[ReductionPoint]:
+    """Every measured stage's reduction over stage 0 at the same N_d and shape (no offload, no OOM runs)."""
+    peaks: dict[tuple, dict[int, tuple[int, bool]]] = {}
+    for row in worst_ranks(r for r in rows if not is_oom(r)):
+        setup, measured = row.data["setup"], row.data["measured"]
+        peak = measured.get("peak_allocated_bytes") or 0
+        offload = setup.get("offload_optimizer", "none") != "none"
+        if peak <= 0 or offload or setup.get("mode", "deepspeed") != "deepspeed":
+            continue
+        simulated = bool(row.data["simulated"])
+        slot = peaks.setdefault((shape_key(setup), int(setup["world_size"])), {})
+        stage = int(setup["stage"])
+        if stage not in slot or (slot[stage][1] and not simulated):
+            slot[stage] = (int(peak), simulated)
+    points = []
+    for (shape, world), by_stage in sorted(peaks.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+        if 0 not in by_stage:
+            continue
+        for stage, (peak, simulated) in sorted(by_stage.items()):
+            points.append(ReductionPoint(shape=shape, world_size=world, stage=stage,
+                                         peak_allocated_bytes=peak, simulated=simulated,
+                                         stage0_peak_allocated_bytes=by_stage[0][0]))
+    return points
+
+
+def measured_reductions(runs_path: str | Path | Sequence[str | Path],
+                        model: str | None = None) -> dict[str, float]:
+    """``{"<stage>@<N_d>": measured reduction of peak allocated over stage 0}`` for one model and shape.
+
+    Reductions are of the whole measured peak (activations included), worst rank of each run, runs without
+    offload. ``model`` picks the model (preset or file name); with several shapes left, the one with the most
+    measured points is used and the choice is logged. ValueError when the path holds no usable rows.
+    """
+    paths = [runs_path] if isinstance(runs_path, (str, Path)) else list(runs_path)
+    loaded = load_runs(paths)
+    for skip in loaded.skipped:
+        log.info("skipped %s: %s", skip.where, skip.reason)
+    if not loaded.rows:
+        raise ValueError(f"no usable runs in {', '.join(map(str, paths))}: run zeroest validate first")
+    points = [p for p in reduction_points(loaded.rows) if model is None or p.shape[0] == model]
+    if not points:
+        return {}
+    counts: dict[tuple, int] = {}
+    for p in points:
+        counts[p.shape] = counts.get(p.shape, 0) + 1
+    shape = max(counts, key=lambda s: (counts[s], str(s)))
+    if len(counts) > 1:
+        log.info("measured reductions of %s (%d points); other shapes: %s", shape, counts[shape],
+                 ", ".join(str(s) for s in counts if s != shape))
+    return {f"{p.stage}@{p.world_size}": p.reduction for p in points if p.shape == shape}
