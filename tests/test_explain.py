@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -9,7 +10,6 @@ from zeroest.estimator.catalog.models import load_model
 from zeroest.estimator.core.estimate import estimate
 from zeroest.estimator.core.setup import Optimizer, Parallelism, TrainingSetup, Workload, ZeroConfig
 from zeroest.estimator.plan.explain import explain, knob_changes, knobs
-from zeroest.estimator.units import format_gib
 
 MODEL = load_model("qwen2.5-0.5b")
 
@@ -34,15 +34,25 @@ def test_knob_savings_are_reestimates():
     assert [k.saved_bytes for k in found] == sorted((k.saved_bytes for k in found), reverse=True)
 
 
+def gib_after(text: str, line: str) -> float:
+    """The number of GiB printed right after ``text`` in ``line``."""
+    match = re.search(re.escape(text) + r" ([0-9.]+) GiB", line)
+    assert match, (text, line)
+    return float(match.group(1))
+
+
 def test_explain_lines_carry_the_numbers():
     est = estimate(setup_of())
     lines = explain(est)
-    assert lines[0].startswith(f"the peak is {format_gib(est.peak_allocated_bytes, 1)} allocated")
+    assert gib_after("the peak is", lines[0]) == pytest.approx(est.peak_allocated_bytes / 2**30, abs=0.05)
     biggest, size = max(est.components.items(), key=lambda kv: kv[1])
-    share = f"{100 * size / est.peak_allocated_bytes:.0f}% of the peak ({format_gib(size, 1)})"
-    assert any(share in line for line in lines)
+    share = next(line for line in lines if line.startswith(f"{biggest} are "))
+    percent, shown = re.search(r"(\d+)% of the peak \(([0-9.]+) GiB\)", share).groups()
+    assert int(percent) == pytest.approx(100 * size / est.peak_allocated_bytes, abs=0.5)
+    assert float(shown) == pytest.approx(size / 2**30, abs=0.05)
     best = next(k for k in knobs(est) if k.saved_bytes > 0)
-    assert f"{best.name} saves {format_gib(best.saved_bytes, 1)}" in "\n".join(lines)
+    saving = next(line for line in lines if line.startswith(f"{best.name} saves"))
+    assert gib_after(f"{best.name} saves", saving) == pytest.approx(best.saved_bytes / 2**30, abs=0.05)
     assert lines[-1] == f"the knob that frees the most: {best.name}"
 
 

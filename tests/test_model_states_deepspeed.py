@@ -25,18 +25,21 @@ PROBE_CONFIGS = {
 }
 SMALL = dict(reduce_bucket_size=200_000, allgather_bucket_size=200_000)
 
+# One case per ZeRO stage 1-3 runs in the fast lane (1-3 s each once DeepSpeed is imported); stage 0's probes
+# (its FP16 optimizers run a step inside ``initialize``, ~5 s each) and the other variants run with the slow tests.
+SLOW = pytest.mark.slow
 CASES = [
-    dict(model="llama", stage=0, dtype="bf16", world_size=4),
-    dict(model="llama", stage=0, dtype="fp32", world_size=4),
-    dict(model="llama", stage=1, dtype="bf16", world_size=4),
+    pytest.param(dict(model="llama", stage=0, dtype="bf16", world_size=4), marks=SLOW),
+    pytest.param(dict(model="llama", stage=0, dtype="fp32", world_size=4), marks=SLOW),
+    pytest.param(dict(model="llama", stage=1, dtype="bf16", world_size=4), marks=SLOW),
     dict(model="llama", stage=1, dtype="fp16", world_size=8),
-    dict(model="llama", stage=2, dtype="bf16", world_size=4),
-    dict(model="llama", stage=2, dtype="fp32", world_size=4),
+    pytest.param(dict(model="llama", stage=2, dtype="bf16", world_size=4), marks=SLOW),
+    pytest.param(dict(model="llama", stage=2, dtype="fp32", world_size=4), marks=SLOW),
     dict(model="gpt2", stage=2, dtype="bf16", world_size=8),
-    dict(model="llama", stage=2, dtype="bf16", world_size=4, grad_accum=2),
-    dict(model="llama", stage=3, dtype="bf16", world_size=4),
+    pytest.param(dict(model="llama", stage=2, dtype="bf16", world_size=4, grad_accum=2), marks=SLOW),
+    pytest.param(dict(model="llama", stage=3, dtype="bf16", world_size=4), marks=SLOW),
     dict(model="gpt2", stage=3, dtype="bf16", world_size=8),
-    dict(model="llama", stage=3, dtype="fp16", world_size=2),
+    pytest.param(dict(model="llama", stage=3, dtype="fp16", world_size=2), marks=SLOW),
 ]
 
 

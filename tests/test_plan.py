@@ -130,7 +130,7 @@ def test_infeasible_names_gpus_needed():
     frugal = frugal_setup(req)
     assert frugal.stage == ZeroStage.PARAMETERS and frugal.workload.grad_ckpt
     assert frugal.zero.offload_optimizer == "cpu" and frugal.zero.offload_params == "cpu"
-    assert f"does not fit on 2 x {4.0 * GiB / GiB:.0f} GiB even at micro-batch 1" in result.infeasible
+    assert "does not fit on 2 x 4 GiB even at micro-batch 1" in result.infeasible
     need = min_gpus(replace(frugal, parallel=Parallelism()), req.gpu.memory_bytes, req.margin)
     if need is not None:
         assert f"needs at least {need} GPUs of 4 GiB" in result.infeasible

@@ -95,7 +95,8 @@ def test_cache_memoizes_per_setup():
 
 
 def test_budget_is_margin_of_gpu():
-    assert budget_bytes(24 * GiB, 0.1) == int(24 * GiB * 0.9)
+    assert budget_bytes(24 * 2**30, 0.1) == 23_192_823_398  # floor(0.9 * 24 GiB)
+    assert budget_bytes(24 * 2**30, 0.0) == 24 * 2**30
     with pytest.raises(ValueError, match="--margin"):
         budget_bytes(24 * GiB, 1.0)
 

@@ -19,13 +19,15 @@ from zeroest.estimator.core.setup import DTYPE_BYTES, Workload
 
 pytestmark = pytest.mark.deepspeed
 
+# The fast lane keeps the case whose probe test_model_states_deepspeed.py has already run (cached per session).
+SLOW = pytest.mark.slow
 CASES = [
-    dict(model="llama", stage=0, dtype="bf16", world_size=4),
-    dict(model="llama", stage=0, dtype="fp32", world_size=4),
-    dict(model="gpt2", stage=0, dtype="bf16", world_size=4),
-    dict(model="llama", stage=1, dtype="bf16", world_size=8),
-    dict(model="llama", stage=2, dtype="bf16", world_size=4),
-    dict(model="llama", stage=2, dtype="bf16", world_size=4, grad_accum=2),
+    pytest.param(dict(model="llama", stage=0, dtype="bf16", world_size=4), marks=SLOW),
+    pytest.param(dict(model="llama", stage=0, dtype="fp32", world_size=4), marks=SLOW),
+    pytest.param(dict(model="gpt2", stage=0, dtype="bf16", world_size=4), marks=SLOW),
+    pytest.param(dict(model="llama", stage=1, dtype="bf16", world_size=8), marks=SLOW),
+    pytest.param(dict(model="llama", stage=2, dtype="bf16", world_size=4), marks=SLOW),
+    pytest.param(dict(model="llama", stage=2, dtype="bf16", world_size=4, grad_accum=2), marks=SLOW),
     dict(model="gpt2", stage=2, dtype="bf16", world_size=8),
 ]
 

@@ -2,7 +2,7 @@
 
 import pytest
 from zeroest.estimator.core.architecture import shape_from_config
-from zeroest.estimator.units import GB, GiB, parse_bytes, parse_count
+from zeroest.estimator.units import parse_bytes, parse_count
 
 TINY_LLAMA = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128}
@@ -25,7 +25,9 @@ def test_parse_count_rejects(text):
         parse_count(text)
 
 
-@pytest.mark.parametrize("text,size", [("24GiB", 24 * GiB), ("24G", 24 * GiB), ("80GB", 80 * GB), ("1024", 1024)])
+# GiB is 2**30 bytes, GB is 10**9 (written out here, not taken from the module under test)
+@pytest.mark.parametrize("text,size", [("24GiB", 24 * 2**30), ("24G", 24 * 2**30), ("80GB", 80 * 10**9),
+                                       ("1024", 1024)])
 def test_parse_bytes(text, size):
     assert parse_bytes(text) == size
 
