@@ -49,6 +49,7 @@ def test_setup_rejects(tiny_shape):
     with pytest.raises(ValueError, match="--micro-batch"):
         Workload(micro_batch=0)
     with pytest.raises(ValueError, match="DeepSpeedCPUAdam"):
-        TrainingSetup(model=tiny_shape, zero=ZeroConfig(stage=2, offload_optimizer="cpu"))
+        TrainingSetup(model=tiny_shape, optimizer=Optimizer(impl="fused"),
+                      zero=ZeroConfig(stage=2, offload_optimizer="cpu"))
     with pytest.raises(ValueError, match="--optimizer-impl torch"):
         TrainingSetup(model=tiny_shape, optimizer=Optimizer(name="sgd", impl="fused"))
