@@ -10,7 +10,15 @@ import os
 import pytest
 
 from zeroest.report import runs
-from zeroest.report.runs import RunsFileError, append_rows, done_keys, drop_runs, read_numbered, read_rows
+from zeroest.report.runs import (
+    RunsFileError,
+    append_rows,
+    check_version,
+    done_keys,
+    drop_runs,
+    read_numbered,
+    read_rows,
+)
 
 
 def _row(key: str, rank: int = 0, ranks: int = 1, **extra) -> dict:
@@ -50,6 +58,16 @@ def test_a_malformed_line_is_one_error_naming_file_and_line(tmp_path, line, says
     assert message.startswith(f"{path}:2: ")
     assert says in message
     assert message.endswith("fix or delete that line")
+
+
+def test_a_row_of_another_version_is_read_by_its_version_alone_and_refused(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    path.write_text(json.dumps(_row("a")) + "\n" + json.dumps({"zeroest_version": "0.0.1", "key": "old"}) + "\n")
+    rows = read_rows(path)
+    assert rows[1] == {"zeroest_version": "0.0.1", "key": "old"}
+    assert done_keys(rows) == {"a"}
+    with pytest.raises(ValueError, match=r"holds runs of zeroest 0\.0\.1, and this is zeroest 0\.1\.0"):
+        check_version(rows, "0.1.0", path)
 
 
 def test_a_file_that_is_not_utf8_is_one_error(tmp_path):

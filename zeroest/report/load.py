@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from zeroest.report.runs import read_numbered, runs_files
+from zeroest.report.runs import read_numbered, row_problem, runs_files
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,9 @@ def _unusable(row: dict, version: str | None) -> str | None:
     if version is not None and row["zeroest_version"] != version:
         return (f"written by zeroest {row['zeroest_version']}, this is zeroest {version}: the estimate "
                 "may have changed since; measure again with this version")
+    problem = row_problem(row)  # the reader checked rows of this version only
+    if problem:
+        return f"written by zeroest {row['zeroest_version']} and not in this version's schema: {problem}"
     if row["status"] not in USABLE_STATUSES and not row["measured"].get("oom"):
         error = str(row.get("error") or "no error recorded").splitlines()[0][:160]
         return f"run status {row['status']}: {error}"

@@ -25,11 +25,14 @@ run measured; torch and deepspeed pick the calibration group), ``gpu`` (object: 
 ``cpu`` (object), ``host`` (object), ``exclusive`` (bool: the run had its GPU to itself), ``wall_s``
 (float), ``finished_at`` (str, ISO 8601).
 
-There is no separate schema version: ``zeroest_version`` is it. A row is identified by (``run_key``,
-``rank``). ``append_rows`` never writes a row whose identity the file already holds, and replaces the file
-in one rename, so a writer killed at any moment leaves the old file or the new one, never a cut line; a
-malformed line is therefore an error (``RunsFileError``, one line naming the file and line), not something
-to skip. This module needs no estimator, torch or numpy.
+There is no separate schema version: ``zeroest_version`` is it. The reader checks rows of this zeroest
+version against the schema above; a row of another version only needs its ``zeroest_version`` (its keys are
+that version's), and every consumer refuses or skips it by version (``check_version``, ``load_runs``).
+
+A row is identified by (``run_key``, ``rank``). ``append_rows`` never writes a row whose identity the file
+already holds, and replaces the file in one rename, so a writer killed at any moment leaves the old file or
+the new one, never a cut line; a malformed line is therefore an error (``RunsFileError``, one line naming the
+file and line), not something to skip. This module needs no estimator, torch or numpy.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+
+from zeroest import __version__
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +91,15 @@ def row_problem(row: object) -> str | None:
     return None
 
 
+def _own(row: object) -> bool:
+    """Not a row of another zeroest version (whose keys this version does not check)."""
+    version = row.get("zeroest_version") if isinstance(row, dict) else None
+    return not isinstance(version, str) or version == __version__
+
+
 def parse_rows(text: str, where: str | Path) -> list[tuple[int, dict]]:
     """(line number, row) of every non-blank line of a runs file's text; ``RunsFileError`` at the first
-    malformed line."""
+    malformed line (rows of another zeroest version need only their ``zeroest_version``)."""
     out = []
     for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): it also splits at U+2028
         if not line.strip():
@@ -98,7 +109,7 @@ def parse_rows(text: str, where: str | Path) -> list[tuple[int, dict]]:
         except json.JSONDecodeError as exc:
             raise RunsFileError(f"{where}:{number}: not valid JSON ({exc.msg}, column {exc.colno}); "
                                 "fix or delete that line") from None
-        problem = row_problem(row)
+        problem = row_problem(row) if _own(row) else None
         if problem:
             raise RunsFileError(f"{where}:{number}: not a runs.jsonl row: {problem}; fix or delete that line")
         out.append((number, row))
@@ -201,7 +212,7 @@ def append_rows(path: Path, rows: Sequence[dict]) -> int:
             raise RunsFileError(f"row {index} to append to {path} breaks the schema: {problem}")
     with _locked(path.parent):
         old = path.read_bytes() if path.exists() else b""
-        seen = {(r["run_key"], r["rank"]) for _, r in parse_rows(_decode(old, path), path)}
+        seen = {(r.get("run_key"), r.get("rank")) for _, r in parse_rows(_decode(old, path), path)}
         new = []
         for row in rows:
             ident = (row["run_key"], row["rank"])
@@ -229,7 +240,7 @@ def drop_runs(path: Path, keys: set[str]) -> int:
         text = _decode(old, path)
         rows = dict(parse_rows(text, path))
         lines = text.split("\n")
-        keep = [line for n, line in enumerate(lines, 1) if n not in rows or rows[n]["run_key"] not in keys]
+        keep = [line for n, line in enumerate(lines, 1) if n not in rows or rows[n].get("run_key") not in keys]
         dropped = len(lines) - len(keep)
         if dropped:
             _replace(path.with_suffix(".jsonl.bak"), old)
@@ -238,10 +249,10 @@ def drop_runs(path: Path, keys: set[str]) -> int:
 
 
 def done_keys(rows: Iterable[dict]) -> set[str]:
-    """run_keys whose every rank (``ranks_in_run`` of them) has a row."""
+    """run_keys whose every rank (``ranks_in_run`` of them) has a row (rows of this version)."""
     ranks: dict[str, set[int]] = {}
     expected: dict[str, int] = {}
-    for row in rows:
+    for row in filter(_own, rows):
         ranks.setdefault(row["run_key"], set()).add(row["rank"])
         expected[row["run_key"]] = row["ranks_in_run"]
     return {key for key, seen in ranks.items() if len(seen) >= expected[key]}
