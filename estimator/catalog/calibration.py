@@ -1,6 +1,7 @@
 """Which calibration file fits a GPU, torch and DeepSpeed: ``data/calibration/<gpu>-torch<ver>-ds<ver>.json``.
 
-``zeroest report --fit`` writes one file per GPU model x torch x DeepSpeed version group it measured (versions
+``zeroest report --fit --write-calibration data/calibration``
+writes one file per GPU model x torch x DeepSpeed version group it measured (versions
 cut to major.minor: the caching allocator and DeepSpeed's buffers change between minor releases, not patch
 ones); ``find_calibration`` reads the one for a given environment back as ``Overheads``, through ``files.load_json``.
 """

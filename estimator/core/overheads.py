@@ -1,7 +1,8 @@
 """Named overheads outside the model: CUDA context, NCCL, cuBLAS workspace, caching-allocator behaviour.
 
 Each is a parameter with a documented default; ``zeroest report --fit`` fits them per GPU x torch x DeepSpeed
-version and writes ``data/calibration/<gpu>-torch<ver>-ds<ver>.json``, which ``catalog.calibration`` reads back.
+version and, with ``--write-calibration data/calibration``, writes
+``data/calibration/<gpu>-torch<ver>-ds<ver>.json``, which ``catalog.calibration`` reads back.
 This module is pure: no file is read here.
 """
 
