@@ -63,4 +63,5 @@ def bench_cpu_quick() -> None:
 
 if __name__ == "__main__":
     bench_plan("default")
+    bench_plan("zeroinit")
     bench_cpu_quick()

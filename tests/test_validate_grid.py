@@ -205,6 +205,12 @@ def test_summary_error_and_speedup():
     assert run_label(z2[0]["setup"], True) == "gpt2 z2 N=1(sim) mb1x8 bf16 adamw/fused"
 
 
+@pytest.mark.parametrize(("stage", "zero_init", "tagged"), [(3, True, True), (3, False, False), (2, True, False)])
+def test_run_label_tells_a_zero_init_build(stage, zero_init, tagged):
+    setup = {**_rows("z", 1)[0]["setup"], "stage": stage, "zero_init": zero_init}
+    assert run_label(setup, True).endswith(" zinit") is tagged
+
+
 def _run(key, nproc=1, device_bytes=None, simulated=False):
     setup = {"gpus_per_node": nproc}
     prediction = {"device_bytes": device_bytes} if device_bytes else None

@@ -151,3 +151,22 @@ def test_validate_rows_record_zero_init_and_the_build(tmp_path):
     assert init[0] == pytest.approx(init[1], rel=1e-3)
     built = rows[True]["measured"]["phases"]["build"]["peak_allocated_bytes"]  # the zero.Init build counts
     assert rows[True]["measured"]["peak_allocated_bytes"] >= built
+
+
+@pytest.mark.deepspeed
+@pytest.mark.parametrize("flag", [True, False])
+def test_accelerate_enables_zero_init_whatever_its_flag(flag):
+    """Why the worker makes no Accelerator: accelerate's ``set_deepspeed_weakref`` (run when ``Accelerator()``
+    selects the plugin) creates an HfDeepSpeedConfig for a stage-3 config with the flag true or false."""
+    pytest.importorskip("accelerate")
+    from accelerate.utils import DeepSpeedPlugin
+    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    spec = _spec(TINY_LLAMA, world_size=4, zero_init=flag)
+    plugin = DeepSpeedPlugin(hf_ds_config=spec["ds_config"], zero3_init_flag=flag)
+    try:
+        plugin.set_deepspeed_weakref()
+        assert plugin.is_zero3_init_enabled() is flag
+        assert is_deepspeed_zero3_enabled()
+    finally:
+        unset_hf_deepspeed_config()

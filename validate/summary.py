@@ -42,7 +42,7 @@ class SummaryRow:
 
 
 def run_label(setup: dict, simulated: bool) -> str:
-    """``gpt2 z3 N=4(sim) mb2x1024 bf16 adamw/fused ckpt off:opt``: a run at a glance."""
+    """``gpt2 z3 N=4(sim) mb2x1024 bf16 adamw/fused ckpt zinit off:opt``: a run at a glance."""
     parts = [
         str(setup["model"]).rsplit("/", 1)[-1].removesuffix(".json"),
         f"z{setup['stage']}",
@@ -54,6 +54,8 @@ def run_label(setup: dict, simulated: bool) -> str:
     parts.append(f"{setup['dtype']} {setup['optimizer']}/{setup['optimizer_impl']}")
     if setup.get("grad_ckpt"):
         parts.append("ckpt")
+    if int(setup["stage"]) == 3 and setup.get("zero_init"):
+        parts.append("zinit")
     offload = [
         name
         for name, key in (("opt", "offload_optimizer"), ("par", "offload_params"))

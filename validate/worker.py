@@ -112,7 +112,10 @@ def _check_accelerate_flag(spec: dict) -> None:
     """Under ``accelerate launch``, refuse a ``zero3_init_flag`` that disagrees with the spec's zero_init.
 
     ``accelerate launch`` passes the config's flag as ``ACCELERATE_DEEPSPEED_ZERO3_INIT``
-    (accelerate/utils/launch.py ``prepare_deepspeed_cmd_env``); ``DeepSpeedPlugin.__post_init__`` reads it.
+    (accelerate/utils/launch.py ``prepare_deepspeed_cmd_env``); ``DeepSpeedPlugin.__post_init__`` reads it. The
+    worker makes no ``Accelerator`` (whose ``DeepSpeedPlugin.set_deepspeed_weakref`` would enable zero.Init at
+    stage 3 whatever the flag says, accelerate 1.15): it builds as the spec's zero_init says under every
+    launcher, and this check keeps the flag in the written config in step with that.
     """
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return

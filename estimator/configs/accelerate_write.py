@@ -10,9 +10,11 @@ defaults and the micro-batch is the DataLoader's batch size. Keys are those ``ac
 
 ``zero3_init_flag`` is the setup's ``zero_init`` at stage 3 and false below it. ``accelerate launch`` hands it to
 the ranks as ``ACCELERATE_DEEPSPEED_ZERO3_INIT`` (accelerate/utils/launch.py ``prepare_deepspeed_cmd_env``), which
-``DeepSpeedPlugin.__post_init__`` reads back as ``zero3_init_flag``; ``DeepSpeedPlugin.set_deepspeed_weakref``
-then creates transformers' ``HfDeepSpeedConfig``, under which ``from_config`` / ``from_pretrained`` build the
-model inside ``deepspeed.zero.Init`` (transformers/modeling_utils.py ``_from_config``, ``get_init_context``).
+``DeepSpeedPlugin.__post_init__`` reads back as ``zero3_init_flag`` (``is_zero3_init_enabled()``). What makes
+transformers build under ``deepspeed.zero.Init`` is a live ``HfDeepSpeedConfig`` of a stage-3 config
+(transformers/modeling_utils.py ``_from_config``, ``get_init_context``); accelerate 1.15 creates one in
+``DeepSpeedPlugin.set_deepspeed_weakref`` (run when ``Accelerator()`` selects the plugin) whatever the flag says,
+so a script that builds its model after ``Accelerator()`` is under zero.Init at stage 3 even with the flag false.
 """
 
 from __future__ import annotations
