@@ -73,6 +73,15 @@ def test_accelerate_flag_must_match_the_setup(monkeypatch, env_flag, zero_init, 
         _check_accelerate_flag(spec)
 
 
+@pytest.fixture
+def fake_world():
+    """Tear the fake world down after the test, so later tests in this process see no process group."""
+    yield
+    from zeroest.validate.fakepg import close_world
+
+    close_world()
+
+
 def _build_rank0(spec: dict) -> tuple[int, int, bool, int]:
     """(live bytes after the build, peak bytes during it, partitioned?, buffer bytes) of rank 0."""
     from zeroest.validate.fakepg import init_fake_world
@@ -96,7 +105,7 @@ def _build_rank0(spec: dict) -> tuple[int, int, bool, int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("config", [TINY_LLAMA, TINY_GPT2], ids=["llama", "gpt2"])
 @pytest.mark.parametrize("world_size", [4, 8])
-def test_zero_init_build_holds_one_partition_per_rank(config, world_size):
+def test_zero_init_build_holds_one_partition_per_rank(config, world_size, fake_world):
     pytest.importorskip("deepspeed")
     shape = shape_from_config(config, "tiny")
     whole = BF16 * count_params(shape).total
@@ -134,7 +143,7 @@ def test_validate_rows_record_zero_init_and_the_build(tmp_path):
     cmd = [sys.executable, "-m", "zeroest.validate", "--cpu", "--grid", str(grid), "--out", str(out), "--jobs", "2"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    from zeroest.validate.results import read_rows
+    from zeroest.report.runs import read_rows
 
     rows = {row["setup"]["zero_init"]: row for row in read_rows(out / "runs.jsonl")}
     assert set(rows) == {True, False}

@@ -102,6 +102,16 @@ def init_fake_world(rank: int, world_size: int) -> None:
     logger.debug("fake world: rank %d of %d", rank, world_size)
 
 
+def close_world() -> None:
+    """Destroy this process's process group, if any, and forget DeepSpeed's cached groups (a test that made a
+    fake world leaves none behind for the next)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+        _reset_deepspeed_groups()
+
+
 def _gloo_child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:
     try:
         import torch.distributed as dist
