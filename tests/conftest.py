@@ -1,17 +1,18 @@
 """Shared fixtures.
 
-DeepSpeed on the CPU: ``ds_probe`` runs ``zeroest.validate.dsprobe.probe`` in this pytest process on torch's
-fake
-process group (one process plays rank 0 of an N-rank job; ``validate.fakepg.init_fake_world`` switches world
-size
-between probes and resets DeepSpeed's cached groups). After the first probe (~6 s: imports, and a one-time
-JIT build
-of DeepSpeed's shm comm op into ~/.cache/torch_extensions, ~40 s if not cached) each probe takes 1-3 s.
-Results are
-cached per ``ProbeConfig`` for the session, so parametrized tests that share a configuration pay once.
-Stage 3 on the fake group works for rank 0 only (its trace check compares ranks through a broadcast the fake
-group
-does not perform); use ``validate.fakepg.run_gloo`` for other ranks.
+DeepSpeed on the CPU: ``ds_probe`` runs ``zeroest.validate.dsprobe.probe`` in this pytest process on torch's fake
+process group (one process plays rank 0 of an N-rank job; ``validate.fakepg.init_fake_world`` switches world size
+between probes and resets DeepSpeed's cached groups). After the first probe (~6 s: imports, and a one-time JIT build
+of DeepSpeed's shm comm op into ~/.cache/torch_extensions, ~40 s if not cached) each probe takes 1-3 s. Results are
+cached per ``ProbeConfig`` for the session, so parametrized tests that share a configuration pay once. Stage 3 on the
+fake group works for rank 0 only (its trace check compares ranks through a broadcast the fake group does not
+perform); use ``validate.fakepg.run_gloo`` for other ranks.
+
+Traced activation profiles are cached in a directory of this session (``ZEROEST_CACHE_DIR``), never in the user's
+``~/.cache/zeroest``: a profile traced by an earlier version of the code cannot stand in for a trace under test.
+
+Lanes: ``-m "not slow"`` is the fast lane; ``slow`` marks tests of seconds each and the DeepSpeed variants beyond one
+per ZeRO stage; a plain ``pytest`` runs everything.
 """
 
 from __future__ import annotations
@@ -21,6 +22,14 @@ from typing import Any
 import pytest
 
 _PROBE_CACHE: dict[Any, dict[str, Any]] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_profile_cache(tmp_path_factory):
+    """Traced profiles go to (and come from) a fresh directory for this session only."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ZEROEST_CACHE_DIR", str(tmp_path_factory.mktemp("profiles")))
+        yield
 
 
 @pytest.fixture(scope="session")
