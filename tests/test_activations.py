@@ -44,6 +44,16 @@ TINY = {
 }
 LAYERNORM = {"gpt2": 2, "gpt_neox": 1, "opt": 2}
 """LayerNorm calls per layer that save their own mean and rstd (gpt_neox's two norms share one input)."""
+def lane(values, keep: int, ids=None):
+    """The first ``keep`` cases run in the fast lane, the rest only in the full suite (marked slow)."""
+    out = []
+    for i, value in enumerate(values):
+        args = value if isinstance(value, tuple) else (value,)
+        marks = () if i < keep else (pytest.mark.slow,)
+        out.append(pytest.param(*args, marks=marks, id=None if ids is None else ids[i]))
+    return out
+
+
 PRESETS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "data", "models", "*.json")))
 
 
@@ -190,7 +200,7 @@ def _real_saved_bytes(config: dict, attn: str) -> int:
     return sum(saved.values())
 
 
-@pytest.mark.parametrize("family", list(TINY))
+@pytest.mark.parametrize("family", lane(list(TINY), 2, ids=list(TINY)))
 def test_traced_saved_bytes_equal_what_autograd_saves_on_cpu(family):
     """The meta trace (CPU kernels) of a 2-layer copy, extrapolated to 3 layers, counts exactly the bytes a
     real CPU run saves; CPU LayerNorm keeps mean and rstd in bf16 (2 + 2 bytes a token) where meta and CUDA
@@ -277,7 +287,7 @@ def _measure(config: dict, attn: str, grad_ckpt: bool) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("grad_ckpt", [False, True], ids=["plain", "ckpt"])
-@pytest.mark.parametrize("family", list(TINY))
+@pytest.mark.parametrize("family", lane(list(TINY), 2, ids=list(TINY)))
 def test_profile_matches_live_bytes_of_a_real_cpu_step(family, grad_ckpt):
     """forward_end, forward_peak and backward_peak of the traced profile (meta, CPU kernels, 2 layers traced,
     3 extrapolated) against LiveBytes on a real 3-layer CPU step, parameter gradients excluded: within 2%."""
@@ -355,14 +365,15 @@ def _agree(name: str, config: dict, b: int, s: int, dtype: str, attn: str) -> No
             assert getattr(closed, prop)(ckpt) == pytest.approx(want, rel=0.05), (prop, ckpt, b, s)
 
 
-@pytest.mark.parametrize("path", PRESETS, ids=[os.path.basename(p)[:-5] for p in PRESETS])
+@pytest.mark.parametrize("path", lane(PRESETS, 3, ids=[os.path.basename(p)[:-5] for p in PRESETS]))
 def test_closed_form_within_5_percent_of_traced_for_presets(path):
     config = json.load(open(path))
     for b, s in ((1, 512), (4, 2048), (2, 8192)):
         _agree(os.path.basename(path)[:-5], config, b, s, "bf16", "sdpa")
 
 
-@pytest.mark.parametrize("name", ["llama-3-8b", "gpt2", "pythia-1b", "phi-3-mini", "gemma-2b", "opt-125m"])
+@pytest.mark.parametrize("name", lane(["gpt2", "llama-3-8b", "pythia-1b", "phi-3-mini", "gemma-2b", "opt-125m"], 1,
+                                      ids=["gpt2", "llama-3-8b", "pythia-1b", "phi-3-mini", "gemma-2b", "opt-125m"]))
 @pytest.mark.parametrize(("dtype", "attn"), [("bf16", "eager"), ("bf16", "flash"), ("fp32", "sdpa")])
 def test_closed_form_within_5_percent_for_other_kernels(name, dtype, attn):
     path = os.path.join(os.path.dirname(__file__), "..", "data", "models", f"{name}.json")

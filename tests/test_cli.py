@@ -7,7 +7,6 @@ from typer.testing import CliRunner
 from zeroest.estimator.catalog.models import standard_shape
 from zeroest.estimator.core.estimate import estimate
 from zeroest.estimator.core.setup import Parallelism, TrainingSetup, Workload, ZeroConfig
-from zeroest.estimator.units import GiB
 
 from zeroest.cli import app
 
@@ -114,5 +113,3 @@ def test_models_lists_presets():
     assert "llama-3-8b" in result.output.split() and "gpt2-xl" in result.output.split()
 
 
-def test_gib_is_two_to_the_thirty():
-    assert GiB == 2**30
