@@ -25,6 +25,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from zeroest.estimator.core.vocab import ZERO_KNOBS
 from zeroest.validate.dsprobe_introspect import CATEGORIES, categorize, walk_storages
 
 logger = logging.getLogger(__name__)
@@ -79,17 +80,11 @@ class ProbeConfig:
 
     def ds_config(self) -> dict[str, Any]:
         """The ds_config dict this probe passes to ``deepspeed.initialize``."""
-        zero: dict[str, Any] = {
-            "stage": self.stage,
-            "contiguous_gradients": self.contiguous_gradients,
-            "reduce_bucket_size": self.reduce_bucket_size,
-            "allgather_bucket_size": self.allgather_bucket_size,
-            "stage3_param_persistence_threshold": self.param_persistence_threshold,
-            "stage3_prefetch_bucket_size": self.prefetch_bucket_size,
-            "sub_group_size": self.sub_group_size,
-        }
-        if self.overlap_comm is not None:
-            zero["overlap_comm"] = self.overlap_comm
+        zero: dict[str, Any] = {"stage": self.stage}
+        for knob in ZERO_KNOBS:  # our names -> DeepSpeed's keys, the table the config reader and writer use
+            value = getattr(self, knob.name, None)
+            if value is not None:
+                zero[knob.ds_key] = value
         params: dict[str, Any] = {"lr": 1e-4, "weight_decay": 0.01}
         if self.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
