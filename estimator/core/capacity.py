@@ -81,9 +81,9 @@ def flatten_note(decision: FlattenDecision | None) -> str | None:
         return None
     flat = decision.flat_buffer_bytes / GiB
     if decision.assumed:
-        return (f"card unknown: assumed DeepSpeed flattens the parameter group on the GPU next to the parameters "
-                f"(two 16-bit copies at init; stage_1_and_2.py DeepSpeedZeroOptimizer.__init__); --gpu gives "
-                f"the card and its branch")
+        return ("card unknown: assumed DeepSpeed flattens the parameter group on the GPU next to the parameters "
+                "(two 16-bit copies at init; stage_1_and_2.py DeepSpeedZeroOptimizer.__init__); --gpu gives "
+                "the card and its branch")
     free = decision.free_bytes / GiB
     if decision.on_gpu:
         return (f"the card has {free:.2f} GiB free at the flatten >= the flat buffer's {flat:.2f} GiB: DeepSpeed "

@@ -216,9 +216,11 @@ def stage12_states(setup: TrainingSetup, numel: int, device: Device = "cuda", *,
         epilogue_bytes=epilogue,
         step_grads_bytes=step_grads,
         step_temp_bytes=step_temp,
-        # init: the model's params and the flat copy (2bP; bP' flattened on the host); later the master partition and the zero fp32
-        # gradient ``initialize_optimizer_states`` makes and drops (4p), or the pinned host buffers with offload.
-        init_peak_bytes=max(b * numel * flatten_on_gpu + b * padded, b * padded + (0 if offload else master + FP32 * part)),
+        # init: the model's params and the flat copy (2bP; bP' alone when flattened on the host); later the master
+        # partition and the zero fp32 gradient ``initialize_optimizer_states`` makes and drops (4p), or the pinned
+        # host buffers with offload.
+        init_peak_bytes=max(b * numel * flatten_on_gpu + b * padded,
+                            b * padded + (0 if offload else master + FP32 * part)),
         host_bytes=master + states + FP32 * part + b * part + b * n_max if offload else 0,
         nvme_bytes=0,
     )
