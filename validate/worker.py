@@ -335,6 +335,10 @@ def run_spec(spec: dict) -> int:
         "host": host_info(),
         "cpu" if cpu else "gpu": meter.device_info(),
     }
+    if not cpu and spec["setup"].get("gpu_memory_bytes"):  # validate.emulate: run as that card
+        from zeroest.validate.emulate import emulate
+
+        result["gpu"]["emulated"] = emulate(int(spec["setup"]["gpu_memory_bytes"]), torch.cuda.current_device())
     code = EXIT_OK
     with meter.live if cpu else contextlib.nullcontext():
         try:
