@@ -1,7 +1,6 @@
 """DeepSpeed's capacity branch at stage 1-2 init (core/capacity.py), from the card's memory."""
 
 import pytest
-from zeroest.api import predict_request
 from zeroest.estimator.catalog.gpus import parse_gpu
 from zeroest.estimator.catalog.models import load_model
 from zeroest.estimator.configs.flat import setup_from_dict, setup_to_dict
@@ -12,9 +11,11 @@ from zeroest.estimator.core.model_states import flat_group_numel
 from zeroest.estimator.core.overheads import Overheads
 from zeroest.estimator.units import GiB, MiB, round_up
 
+from zeroest.api import predict_request
+
 SHAPE = load_model("llama-3-8b")
 P = count_params(SHAPE).total
-O = Overheads()
+OVH = Overheads()
 
 
 def _setup(card, stage=2, world=2, **extra):
@@ -24,26 +25,26 @@ def _setup(card, stage=2, world=2, **extra):
 
 def test_free_memory_is_card_minus_context_nccl_and_held_params():
     card = parse_gpu("4090").memory_bytes
-    d = flatten_decision(_setup(card), P, O, real_comm=True)
-    held = round_up(2 * P, O.reserved_block_bytes)
-    assert d.free_bytes == card - O.cuda_context_bytes - O.nccl_communicator_bytes - held
+    d = flatten_decision(_setup(card), P, OVH, real_comm=True)
+    held = round_up(2 * P, OVH.reserved_block_bytes)
+    assert d.free_bytes == card - OVH.cuda_context_bytes - OVH.nccl_communicator_bytes - held
     assert d.flat_buffer_bytes == 2 * flat_group_numel(P, 2)
     assert not d.on_gpu
-    simulated = flatten_decision(_setup(card), P, O, real_comm=False)
-    assert simulated.free_bytes - d.free_bytes == O.nccl_communicator_bytes
+    simulated = flatten_decision(_setup(card), P, OVH, real_comm=False)
+    assert simulated.free_bytes - d.free_bytes == OVH.nccl_communicator_bytes
 
 
 @pytest.mark.parametrize("card, on_gpu", [("4090", False), ("a6000", True), ("h100", True), (None, True)])
 def test_branch_follows_the_card(card, on_gpu):
     memory = parse_gpu(card).memory_bytes if card else None
-    assert flatten_decision(_setup(memory), P, O, real_comm=False).on_gpu is on_gpu
+    assert flatten_decision(_setup(memory), P, OVH, real_comm=False).on_gpu is on_gpu
 
 
 def test_boundary_is_two_copies_plus_overheads():
     """The smallest card that flattens on the GPU: F = b P' exactly."""
-    need = O.cuda_context_bytes + round_up(2 * P, O.reserved_block_bytes) + 2 * flat_group_numel(P, 2)
-    assert flatten_decision(_setup(need), P, O, real_comm=False).on_gpu
-    assert not flatten_decision(_setup(need - 1), P, O, real_comm=False).on_gpu
+    need = OVH.cuda_context_bytes + round_up(2 * P, OVH.reserved_block_bytes) + 2 * flat_group_numel(P, 2)
+    assert flatten_decision(_setup(need), P, OVH, real_comm=False).on_gpu
+    assert not flatten_decision(_setup(need - 1), P, OVH, real_comm=False).on_gpu
 
 
 def test_small_card_init_holds_one_16bit_copy_not_two():
@@ -64,7 +65,7 @@ def test_small_card_init_holds_one_16bit_copy_not_two():
 def test_other_stages_have_no_capacity_branch(stage):
     extra = {"offload_optimizer": "none"} if stage == 0 else {}
     setup = _setup(parse_gpu("4090").memory_bytes, stage=stage, **extra)
-    assert flatten_decision(setup, P, O, real_comm=False) is None
+    assert flatten_decision(setup, P, OVH, real_comm=False) is None
     assert estimate(setup).peak_allocated_bytes == estimate(setup.with_(gpu_memory_bytes=None)).peak_allocated_bytes
 
 
