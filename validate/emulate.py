@@ -13,7 +13,7 @@ Two things make a process on an H200 behave as on, say, a 24 GB RTX 4090:
   Without the patch it would report the H200's free memory, shared with the other runs on it.
 
 The patch sets an attribute on the accelerator object DeepSpeed caches (real_accelerator.py ``get_accelerator``
-returns one ``ds_accelerator``), so it must run before ``deepspeed.initialize``; the worker calls ``emulate``
+returns one ``ds_accelerator``), so it must run before ``deepspeed.initialize``; the worker calls it (``emulate_card``)
 right after selecting the device. NCCL's memory is not counted: emulated rows run on a fake process group.
 """
 
@@ -54,3 +54,13 @@ def emulate(card_bytes: int, device_index: int) -> dict:
     log.info("emulating a %.2f GiB card: allocator fraction %.4f of %.2f GiB", card_bytes / 2**30, fraction,
              total / 2**30)
     return {"memory_bytes": card_bytes, "fraction": fraction, "context_bytes": context, "total_bytes": total}
+
+
+def emulate_card(setup: dict, gpu: dict) -> int:
+    """The worker's hook: emulate the flat setup's ``gpu_memory_bytes`` card, if any, and record it in the row's
+    ``gpu`` object as ``emulated``; returns the worker's 0 exit code so that the call fits the flow."""
+    if setup.get("gpu_memory_bytes"):
+        import torch
+
+        gpu["emulated"] = emulate(int(setup["gpu_memory_bytes"]), torch.cuda.current_device())
+    return 0
