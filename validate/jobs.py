@@ -60,7 +60,9 @@ class Run:
         """GPU memory to set aside when packing; None: take the GPU alone."""
         if not self.prediction or not self.prediction.get("device_bytes"):
             return self.fallback_need_bytes
-        return int(self.prediction["device_bytes"] * PACKING_MARGIN) + PACKING_SLACK_BYTES
+        need = int(self.prediction["device_bytes"] * PACKING_MARGIN) + PACKING_SLACK_BYTES
+        card = self.setup.get("gpu_memory_bytes")  # an emulated card caps the run (validate.emulate)
+        return min(need, int(card) + PACKING_SLACK_BYTES) if card else need
 
 
 def rough_need_bytes(n_params: int, setup: dict, vocab_size: int) -> int:

@@ -11,12 +11,11 @@ and the number of steps. After every phase the rank rewrites ``rank<R>.json`` ne
 killed by a timeout still leaves what it measured. Exit codes: 0 done, 3 out of memory (recorded in the
 file), 1 any other error.
 
-Phases: ``build`` (random-init HF model: whole on the host, or partitioned on the device under
-``deepspeed.zero.Init`` for stage 3 with ``zero_init``, see ``build_model``), ``init``
-(``deepspeed.initialize``), then for each step ``s`` and micro-step ``m``: ``step<s>.forward<m>``,
-``step<s>.backward<m>``, and ``step<s>.step`` (the ``engine.step()`` at the accumulation boundary; DeepSpeed
-wants ``engine.step()`` after every micro-step, and the ones before the boundary only count, so they are
-measured inside ``backward<m>``). Step 0 is the warm-up; ``steady`` summarises steps 1 on.
+Phases: ``build`` (random-init HF model: whole on the host, or partitioned on the device under ``deepspeed.zero.Init``
+for stage 3 with ``zero_init``, see ``build_model``), ``init`` (``deepspeed.initialize``), then for each step ``s``
+and micro-step ``m``: ``step<s>.forward<m>``, ``step<s>.backward<m>``, and ``step<s>.step`` (the ``engine.step()`` at
+the accumulation boundary; DeepSpeed wants ``engine.step()`` after every micro-step, and the ones before the boundary
+only count, so they are measured inside ``backward<m>``). Step 0 is the warm-up; ``steady`` summarises steps 1 on.
 """
 
 from __future__ import annotations
@@ -316,6 +315,7 @@ def _environment(spec: dict) -> None:
 def run_spec(spec: dict) -> int:
     """Run one rank of the spec's run; write ``rank<R>.json``; return the exit code."""
     import torch
+    from zeroest.validate.emulate import emulate_card
     from zeroest.validate.measure import CpuMeter, Meter, is_oom
 
     _environment(spec)
@@ -335,7 +335,7 @@ def run_spec(spec: dict) -> int:
         "host": host_info(),
         "cpu" if cpu else "gpu": meter.device_info(),
     }
-    code = EXIT_OK
+    code = EXIT_OK if cpu else emulate_card(spec["setup"], result["gpu"])  # validate.emulate: run as that card
     with meter.live if cpu else contextlib.nullcontext():
         try:
             _train(spec, meter, result, rank_file)

@@ -81,7 +81,8 @@ def predict_request(shape: ModelShape, flags: dict, *, stage: int | None = None,
 
     ``flags`` holds flat setup keys (``configs.flat.SETUP_KEYS``) the user gave; with a config file they fill only
     what the file leaves open. Without ``stage`` (and without a config file), every stage that accepts the offload
-    asked for is estimated. ``gpu`` is a preset name, a size, or a ``Gpu``.
+    asked for is estimated. ``gpu`` is a preset name, a size, or a ``Gpu``; its memory becomes the setups'
+    ``gpu_memory_bytes`` (DeepSpeed's capacity branches, ``core.capacity``).
     """
     target = parse_gpu(gpu) if isinstance(gpu, str) else gpu
     warnings: list[str] = []
@@ -95,6 +96,8 @@ def predict_request(shape: ModelShape, flags: dict, *, stage: int | None = None,
         stages = [stage] if stage is not None else default_stages(
             flags.get("offload_optimizer", OffloadDevice.NONE), flags.get("offload_params", OffloadDevice.NONE))
         setups = [build_setup(shape, flags, from_params=from_params, stage=s) for s in stages]
+    if target is not None and "gpu_memory_bytes" not in flags:  # the card decides DeepSpeed's init branch
+        setups = [s.with_(gpu_memory_bytes=target.memory_bytes) for s in setups]
     overheads = calibration_for(target)
     estimates = [estimate(s, overheads) for s in setups]
     fits = [fit_verdict(e.device_bytes, target, margin) for e in estimates] if target is not None else []

@@ -87,6 +87,13 @@ def setup_from_dict(data: dict, model: ModelShape | None = None, where: str = "s
             raise ValueError(f"{where} names no model: add model: <preset or config.json path>")
         model = load_model(str(data["model"]))
     given = {key: value for key, value in data.items() if value is not None}
+    if isinstance(given.get("gpu_memory_bytes"), str):  # a preset or a size with its unit: 4090, 24GB
+        from zeroest.estimator.catalog.gpus import parse_gpu
+
+        try:
+            given["gpu_memory_bytes"] = parse_gpu(given["gpu_memory_bytes"]).memory_bytes
+        except ValueError as exc:
+            raise ValueError(f"{where}: gpu_memory_bytes: {exc}" if where else str(exc)) from None
     gpus, nodes = _layout(given, where)
     given.update(gpus_per_node=gpus, nodes=nodes)
     kwargs: dict = {name: {} for name in PARTS}

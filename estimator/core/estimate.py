@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from zeroest.estimator.core.activations import activation_profile
 from zeroest.estimator.core.architecture import count_params
+from zeroest.estimator.core.capacity import flatten_decision, flatten_note
 from zeroest.estimator.core.model_states import Device, ModelStates, stage0_states, stage12_states
 from zeroest.estimator.core.overheads import Overheads, device_from, reserved_from
 from zeroest.estimator.core.paper import paper_states
@@ -78,13 +79,14 @@ class Estimate:
         }
 
 
-def model_states(setup: TrainingSetup, device: Device = "cuda") -> ModelStates:
-    """DeepSpeed-faithful model states of one rank for the setup's stage (``device`` picks torch's optimizer path)."""
+def model_states(setup: TrainingSetup, device: Device = "cuda", *, flatten_on_gpu: bool = True) -> ModelStates:
+    """DeepSpeed-faithful model states of one rank for the setup's stage (``device`` picks torch's optimizer path;
+    ``flatten_on_gpu`` is stage 1-2's capacity branch, ``core.capacity``)."""
     numel = count_params(setup.model).total
     if setup.stage == ZeroStage.DISABLED:
         return stage0_states(setup, numel, device)
     if setup.stage <= ZeroStage.GRADIENTS:
-        return stage12_states(setup, numel, device)
+        return stage12_states(setup, numel, device, flatten_on_gpu=flatten_on_gpu)
     return stage3_states(setup, device)
 
 
@@ -152,7 +154,9 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
         overheads = replace(overheads, cublas_workspace_bytes=0, cuda_context_bytes=0, nccl_bytes_per_peer=0,
                             nccl_communicator_bytes=0, reserved_block_bytes=1, reserved_fraction_of_peak=0.0,
                             reserved_fraction_of_transient=0.0, reserved_fixed_bytes=0)
-    states = model_states(setup, device)
+    # on the CPU, available_memory() is the host's free RAM: the on-device branch (cpu_accelerator.py)
+    flatten = flatten_decision(setup, numel, overheads, real_comm=not simulated) if device == "cuda" else None
+    states = model_states(setup, device, flatten_on_gpu=flatten is None or flatten.on_gpu)
     w = setup.workload
     act, source = activation_profile(setup.model, w.micro_batch, w.seq_len, setup.dtype, w.attn, mode=w.activations,
                                      target=device)
@@ -180,5 +184,5 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
         nvme_bytes=states.nvme_bytes,
         activation_source=source,
         overheads=overheads,
-        assumptions=_assumptions(setup, source),
+        assumptions=_assumptions(setup, source) + tuple(n for n in (flatten_note(flatten),) if n),
     )

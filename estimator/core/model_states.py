@@ -160,11 +160,13 @@ def stage0_states(setup: TrainingSetup, numel: int, device: Device = "cuda") -> 
                        states_at_init=True, step_temp_bytes=step_temp, init_peak_bytes=init_peak, **common)
 
 
-def stage12_states(setup: TrainingSetup, numel: int, device: Device = "cuda") -> ModelStates:
+def stage12_states(setup: TrainingSetup, numel: int, device: Device = "cuda", *,
+                   flatten_on_gpu: bool = True) -> ModelStates:
     """Stages 1 and 2: runtime/zero/stage_1_and_2.py ``DeepSpeedZeroOptimizer``.
 
     * params: ``bit16_groups_flat``, bP'; the model's parameters become views into it
-      (``_update_model_bit16_weights``), so init peaks at 2bP while both exist.
+      (``_update_model_bit16_weights``), so init peaks at bP + bP' while both exist, or at bP' when the card
+      lacks room and DeepSpeed flattens on the host (``flatten_on_gpu`` False, ``core.capacity``).
     * master: ``single_partition_of_fp32_groups``, 4p (``weights_partition ... .clone()``).
     * states: S * 4p, at the first step (``initialize_optimizer_states`` creates none).
     * buckets: ``setup_buckets`` allocates b * B_r whole (x2 with overlap_comm) at the first gradient hook of each
@@ -214,9 +216,11 @@ def stage12_states(setup: TrainingSetup, numel: int, device: Device = "cuda") ->
         epilogue_bytes=epilogue,
         step_grads_bytes=step_grads,
         step_temp_bytes=step_temp,
-        # init: the model's params and the flat copy (2bP); later the master partition and the zero fp32
-        # gradient ``initialize_optimizer_states`` makes and drops (4p), or the pinned host buffers with offload.
-        init_peak_bytes=max(b * numel + b * padded, b * padded + (0 if offload else master + FP32 * part)),
+        # init: the model's params and the flat copy (2bP; bP' alone when flattened on the host); later the master
+        # partition and the zero fp32 gradient ``initialize_optimizer_states`` makes and drops (4p), or the pinned
+        # host buffers with offload.
+        init_peak_bytes=max(b * numel * flatten_on_gpu + b * padded,
+                            b * padded + (0 if offload else master + FP32 * part)),
         host_bytes=master + states + FP32 * part + b * part + b * n_max if offload else 0,
         nvme_bytes=0,
     )

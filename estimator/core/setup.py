@@ -219,8 +219,16 @@ class TrainingSetup:
     mode: Mode = axis(Mode.DEEPSPEED, "--mode", "deepspeed: what DeepSpeed allocates; paper: the ZeRO paper's "
                       "model states.")
     """deepspeed: what DeepSpeed really allocates; paper: the ZeRO paper's model states, (2 + 2 + K) Psi."""
+    gpu_memory_bytes: int | None = axis(None, "--gpu", "The card's total memory: DeepSpeed's stage 1-2 init "
+                                        "flattens on the host when the card lacks room. Default: unknown, the "
+                                        "larger (on-GPU) branch is assumed.")
+    """Total memory of each rank's card (bytes, what the driver reports); ``predict``/``plan`` fill it from
+    ``--gpu`` (``catalog.gpus.parse_gpu``), grids from a preset or size. DeepSpeed's capacity decisions
+    (``core.capacity``) follow it; None: an unknown card, assumed large (the branch that holds more)."""
 
     def __post_init__(self) -> None:
+        if self.gpu_memory_bytes is not None:
+            _positive("the card's memory", self.gpu_memory_bytes, "--gpu to a preset or a size such as 24GB")
         _set(self, "dtype", choice(Dtype, self.dtype, "--dtype"))
         _set(self, "mode", choice(Mode, self.mode, "--mode"))
         opt, zero = self.optimizer, self.zero

@@ -200,7 +200,8 @@ def _write(best, ds_path: Path | None, acc_path: Path | None) -> list[str]:
     return notes
 
 
-@o.setup_options(exclude=("stage", "offload_optimizer", "offload_params", "optimizer_impl", "mode"))
+@o.setup_options(exclude=("stage", "offload_optimizer", "offload_params", "optimizer_impl", "mode",
+                           "gpu_memory_bytes"))
 def plan(
     gpu: GpuOpt,
     params: o.ParamsOpt = None,
@@ -265,10 +266,11 @@ def plan(
         shape = o.resolve_model(params, model)
         flags = dict(flags or {})
         grad_ckpt = flags.pop("grad_ckpt", None)
-        base = build_setup(shape, flags, from_params=params is not None, stage=0)
+        card = parse_gpu(gpu)
+        base = build_setup(shape, flags, from_params=params is not None, stage=0, gpu_memory_bytes=card.memory_bytes)
         request = PlanRequest(
             base=base,
-            gpu=parse_gpu(gpu),
+            gpu=card,
             margin=margin,
             global_batch=global_batch,
             host_ram_bytes=parse_bytes(host_ram) if host_ram else None,

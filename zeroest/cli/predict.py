@@ -27,7 +27,7 @@ AccConfigOpt = Annotated[Path | None, typer.Option(
     "--ds-config or its deepspeed_config_file).")]
 
 
-@o.setup_options(exclude=("stage", "mode"))
+@o.setup_options(exclude=("stage", "mode", "gpu_memory_bytes"))
 def predict(
     params: o.ParamsOpt = None,
     model: o.ModelOpt = None,

@@ -38,6 +38,20 @@ def _sizes(text: str | None) -> list[int]:
     return sizes
 
 
+def _emulated(card: str | None, cpu: bool) -> list[str]:
+    """The ``--set`` override of ``--emulate-gpu`` (``catalog.gpus.parse_gpu`` reads it)."""
+    if card is None:
+        return []
+    if cpu:
+        raise ValueError("--emulate-gpu caps a CUDA device: drop --cpu, or drop --emulate-gpu")
+    from zeroest.estimator.catalog.gpus import parse_gpu
+
+    try:
+        return [f"gpu_memory_bytes={parse_gpu(card).memory_bytes}"]
+    except ValueError as exc:
+        raise ValueError(f"--emulate-gpu: {exc}") from None
+
+
 def _line(index: int, total: int, run, rows: list[dict]) -> str:
     from zeroest.validate.summary import cells, summary_rows
 
@@ -132,6 +146,14 @@ def validate(
             "--pretrained", help="Local HF model directory to load weights from (default: random init)."
         ),
     ] = None,
+    emulate_gpu: Annotated[
+        str | None,
+        typer.Option(
+            "--emulate-gpu",
+            help="Run every setup as on this card (a preset such as 4090 or a size such as 24GB): the process is "
+            "capped at its memory and DeepSpeed sees its free memory; sets gpu_memory_bytes of every setup.",
+        ),
+    ] = None,
     work_dir: Annotated[
         Path | None,
         typer.Option(
@@ -181,7 +203,8 @@ def validate(
             work_dir=work_dir,
         )
         loaded = grid_mod.load_grid(grid)
-        entries = grid_mod.apply_overrides(loaded, set_ or [], _sizes(simulate_world_size))
+        entries = grid_mod.apply_overrides(loaded, [*(set_ or []), *_emulated(emulate_gpu, cpu)],
+                                           _sizes(simulate_world_size))
         devices: list[dict] = []
         if not cpu:
             devices = runner.probe_gpus(child_env(os.environ, cpu=False, capability=None))

@@ -1,0 +1,87 @@
+"""DeepSpeed's capacity branch at stage 1-2 init (core/capacity.py), from the card's memory."""
+
+import pytest
+from zeroest.estimator.catalog.gpus import parse_gpu
+from zeroest.estimator.catalog.models import load_model
+from zeroest.estimator.configs.flat import setup_from_dict, setup_to_dict
+from zeroest.estimator.core.architecture import count_params, param_tensors
+from zeroest.estimator.core.capacity import flatten_decision
+from zeroest.estimator.core.estimate import estimate
+from zeroest.estimator.core.model_states import flat_group_numel
+from zeroest.estimator.core.overheads import Overheads
+from zeroest.estimator.units import GiB, MiB, round_up
+
+from zeroest.api import predict_request
+
+SHAPE = load_model("llama-3-8b")
+P = count_params(SHAPE).total
+OVH = Overheads()
+
+
+def _setup(card, stage=2, world=2, **extra):
+    return setup_from_dict({"world_size": world, "stage": stage, "offload_optimizer": "cpu", "grad_ckpt": True,
+                            "activations": "closed-form", "gpu_memory_bytes": card, **extra}, model=SHAPE)
+
+
+def test_free_memory_is_card_minus_context_nccl_and_held_params():
+    card = parse_gpu("4090").memory_bytes
+    d = flatten_decision(_setup(card), P, OVH, real_comm=True)
+    held = round_up(2 * P, OVH.reserved_block_bytes)
+    assert d.free_bytes == card - OVH.cuda_context_bytes - OVH.nccl_communicator_bytes - held
+    assert d.flat_buffer_bytes == 2 * flat_group_numel(P, 2)
+    assert not d.on_gpu
+    simulated = flatten_decision(_setup(card), P, OVH, real_comm=False)
+    assert simulated.free_bytes - d.free_bytes == OVH.nccl_communicator_bytes
+
+
+@pytest.mark.parametrize("card, on_gpu", [("4090", False), ("a6000", True), ("h100", True), (None, True)])
+def test_branch_follows_the_card(card, on_gpu):
+    memory = parse_gpu(card).memory_bytes if card else None
+    assert flatten_decision(_setup(memory), P, OVH, real_comm=False).on_gpu is on_gpu
+
+
+def test_boundary_is_two_copies_plus_overheads():
+    """The smallest card that flattens on the GPU: F = b P' exactly."""
+    need = OVH.cuda_context_bytes + round_up(2 * P, OVH.reserved_block_bytes) + 2 * flat_group_numel(P, 2)
+    assert flatten_decision(_setup(need), P, OVH, real_comm=False).on_gpu
+    assert not flatten_decision(_setup(need - 1), P, OVH, real_comm=False).on_gpu
+
+
+def test_small_card_init_holds_one_16bit_copy_not_two():
+    small = estimate(_setup(parse_gpu("4090").memory_bytes), simulated=True)
+    large = estimate(_setup(None), simulated=True)
+    init_small = next(p for p in small.phases if p.name == "init").peak_bytes
+    init_large = next(p for p in large.phases if p.name == "init").peak_bytes
+    flat = 2 * flat_group_numel(P, 2)
+    staging = 2 * max(t.numel for t in param_tensors(SHAPE))  # temp_grad_buffer_for_gpu_offload, after the flatten
+    assert init_large == 2 * P + flat  # the model's parameters and their flat copy at once
+    assert init_small == flat + staging  # the parameters went to the host before the flatten
+    assert init_small < 16.5 * GiB < init_large
+    assert any("flattens there" in note for note in small.assumptions)
+    assert any("card unknown" in note for note in large.assumptions)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_other_stages_have_no_capacity_branch(stage):
+    extra = {"offload_optimizer": "none"} if stage == 0 else {}
+    setup = _setup(parse_gpu("4090").memory_bytes, stage=stage, **extra)
+    assert flatten_decision(setup, P, OVH, real_comm=False) is None
+    assert estimate(setup).peak_allocated_bytes == estimate(setup.with_(gpu_memory_bytes=None)).peak_allocated_bytes
+
+
+def test_gpu_flag_reaches_the_setup_and_the_flat_dict():
+    flags = {"gpus_per_node": 2, "offload_optimizer": "cpu", "grad_ckpt": True, "activations": "closed-form"}
+    result = predict_request(SHAPE, flags, stage=2, gpu="4090")
+    (est,) = result.estimates
+    assert est.setup.gpu_memory_bytes == 24564 * MiB
+    assert setup_to_dict(est.setup)["gpu_memory_bytes"] == 24564 * MiB
+    assert est.phases[0].peak_bytes < 16.5 * GiB
+
+
+def test_grid_value_may_be_a_preset_or_a_size():
+    assert _setup("4090").gpu_memory_bytes == 24564 * MiB
+    assert _setup("48GB").gpu_memory_bytes == 48 * 10**9
+    with pytest.raises(ValueError, match="gpu_memory_bytes"):
+        setup_from_dict({"gpu_memory_bytes": "24", "stage": 2}, model=SHAPE, where="grid.yaml:3")
+    with pytest.raises(ValueError, match="--gpu"):
+        _setup(-5)
