@@ -3,11 +3,18 @@
 ``predict_request`` is what ``zeroest predict`` asks: it takes the job as flags (a dict of the flat setup keys), or
 as a ds_config.json / accelerate config with the flags filling what the files leave open, expands the stages, finds
 the calibration for the GPU, and gives the fit verdict at the one margin of ``catalog.gpus``.
+
+``plan_request`` is what ``zeroest plan`` asks: the search space, the plan or the capacity queries, and the
+configs it writes.
+
+Flags and config files: a flag given together with a config file that decides the same thing must agree with the
+file, or the request is refused (``ValueError`` naming the flag, the file and its key), the way the HF Trainer
+refuses ``TrainingArguments`` that mismatch its ds_config. A flag fills what the file leaves "auto" or open.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from zeroest.estimator.catalog.fit import FIT_MARGIN, Fit, fit_verdict
@@ -53,13 +60,34 @@ def calibration_for(gpu: Gpu | None):
 
 def _config_setup(shape: ModelShape, flags: dict, ds_config: Path | None, accelerate_config: Path | None,
                   from_params: bool) -> tuple[TrainingSetup, list[str]]:
+    from zeroest.estimator.configs.checks import flag_conflicts
     from zeroest.estimator.configs.read import BASE_KEYS, setup_from_configs
 
     base = {key: flags[key] for key in BASE_KEYS if key in flags}
     base["model"] = shape
     if from_params:
         base.setdefault("activations", "closed-form")
-    return setup_from_configs(ds_config, accelerate_config, base)
+    setup, warnings = setup_from_configs(ds_config, accelerate_config, base)
+    if "mode" in flags:
+        setup = replace(setup, mode=flags["mode"])
+    where = str(ds_config or accelerate_config)
+    conflicts = flag_conflicts(setup, {k: v for k, v in flags.items() if k != "mode"}, where)
+    if conflicts:
+        raise ValueError(conflicts[0])
+    return setup, warnings
+
+
+def _paper_warnings(setups: list[TrainingSetup]) -> list[str]:
+    first = setups[0]
+    if first.mode != "paper":
+        return []
+    offloaded = [f"{name} {device}" for name, device in (("--offload-optimizer", first.zero.offload_optimizer),
+                                                          ("--offload-params", first.zero.offload_params))
+                 if device != "none"]
+    if not offloaded:
+        return []
+    return [f"--paper: the ZeRO paper's model states (2+2+K) Psi have no offload, so {' and '.join(offloaded)} "
+            "is ignored; drop --paper to estimate the offload"]
 
 
 def build_setup(shape: ModelShape, flags: dict, *, from_params: bool = False, **fixed) -> TrainingSetup:
@@ -95,6 +123,7 @@ def predict_request(shape: ModelShape, flags: dict, *, stage: int | None = None,
         stages = [stage] if stage is not None else default_stages(
             flags.get("offload_optimizer", OffloadDevice.NONE), flags.get("offload_params", OffloadDevice.NONE))
         setups = [build_setup(shape, flags, from_params=from_params, stage=s) for s in stages]
+    warnings += _paper_warnings(setups)
     overheads = calibration_for(target)
     estimates = [estimate(s, overheads) for s in setups]
     fits = [fit_verdict(e.device_bytes, target, margin) for e in estimates] if target is not None else []
