@@ -15,8 +15,8 @@ import json
 import logging
 from pathlib import Path
 
-from zeroest.estimator.configs.checks import unmodelled_warnings
 from zeroest.estimator.configs.accelerate import accelerate_ds_config, accelerate_world, read_accelerate
+from zeroest.estimator.configs.checks import unmodelled_warnings
 from zeroest.estimator.configs.files import read_json, unknown_key_warnings, whole_number
 from zeroest.estimator.configs.keys import DS_KEYS, OFFLOAD_KEYS, ZERO_KEYS
 from zeroest.estimator.core.setup import Optimizer, TrainingSetup, Workload, ZeroConfig
