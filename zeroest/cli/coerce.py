@@ -4,7 +4,7 @@ typer (0.29) coerces every parameter through a pydantic ``TypeAdapter`` (``typer
 ``build_runtime_param``), and importing pydantic for it costs about a third of ``zeroest predict``'s start-up.
 Our options are all plain: str, int, float, bool, a ``StrEnum``, a ``Path``, or a list of one of them. For those,
 ``install()`` puts a coercion that click's own messages would give (``'x' is not a valid integer``); anything else
-goes to typer's. If typer's internals are not where this expects them, nothing is changed.
+goes to typer's. Help also drops the ``<bool>`` typer prints beside flags. If typer's internals are not where this expects them, nothing is changed.
 """
 
 from __future__ import annotations
@@ -74,3 +74,18 @@ def install() -> None:
 
     build._zeroest = True
     core.build_runtime_param = build
+    _hide_flag_type(core)
+
+
+def _hide_flag_type(core) -> None:
+    """Help shows no ``<bool>`` beside a plain flag (``--json``, ``--grad-ckpt/--no-grad-ckpt``): it takes no
+    value."""
+    option = getattr(core, "TyperOption", None)
+    shown = getattr(option, "display_type_rich", None)
+    if shown is None:
+        return
+
+    def display_type_rich(self, ctx):
+        return "" if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    option.display_type_rich = display_type_rich
