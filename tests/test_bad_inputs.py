@@ -183,7 +183,8 @@ def test_ordinary_accelerate_yaml_gives_no_false_warnings(tmp_path):
 
 
 def test_run_keys_do_not_depend_on_how_out_is_spelled(tmp_path, monkeypatch):
-    from zeroest.validate import grid, runner as validate_runner
+    from zeroest.validate import grid
+    from zeroest.validate import runner as validate_runner
     from zeroest.validate.launch import LaunchOptions
 
     loaded = grid.load_grid("quick")

@@ -4,7 +4,8 @@ typer (0.29) coerces every parameter through a pydantic ``TypeAdapter`` (``typer
 ``build_runtime_param``), and importing pydantic for it costs about a third of ``zeroest predict``'s start-up.
 Our options are all plain: str, int, float, bool, a ``StrEnum``, a ``Path``, or a list of one of them. For those,
 ``install()`` puts a coercion that click's own messages would give (``'x' is not a valid integer``); anything else
-goes to typer's. Help also drops the ``<bool>`` typer prints beside flags. If typer's internals are not where this expects them, nothing is changed.
+goes to typer's. Help also drops the ``<bool>`` typer prints beside flags. If typer's internals are not where
+this expects them, nothing is changed.
 """
 
 from __future__ import annotations
