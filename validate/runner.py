@@ -110,8 +110,7 @@ def run_key(setup: dict, simulated: bool, launcher: str, device: str) -> str:
 
 
 def _model_config(name: str, inline: dict[str, dict], out: Path) -> tuple[str, dict]:
-    """(model as the setup names it, HF config dict); inline grid models are written to
-    OUT/models/<name>.json."""
+    """(model as the setup names it, HF config dict); inline grid models are written to OUT/models/<name>.json."""
     from zeroest.estimator.catalog import models as presets
 
     if name in inline:
@@ -152,10 +151,9 @@ def plan(entries: list[GridEntry], models: dict[str, dict], opts: ValidateOption
         flat = setup_to_dict(setup)
         if not entry.simulate:
             _check_real(setup, opts, visible_gpus, entry.where)
-        # keyed by the model as the grid names it, not by where OUT/models/ happens to be
-        named = str(entry.setup.get("model", ""))
-        keyed = {**flat, "model": named} if named in models else flat
-        key = run_key(keyed, entry.simulate, opts.launch.launcher, device)
+        named = str(entry.setup.get("model", ""))  # an inline model by its name, not by where OUT/models/ is
+        key = run_key({**flat, "model": named} if named in models else flat, entry.simulate, opts.launch.launcher,
+                      device)
         if key in runs:
             continue
         prediction, why = predict(setup, device=device, simulated=entry.simulate)
@@ -331,10 +329,7 @@ def _crashed(rows: list[dict]) -> set[str]:
 
 def not_done(runs: list[Run], opts: ValidateOptions) -> list[Run]:
     """The runs OUT/runs.jsonl does not hold yet (a crashed run counts as not done); reads, writes nothing."""
-    path = opts.out / RUNS_FILE
-    rows = read_rows(path) if path.exists() else []
-    if opts.redo:
-        return list(runs)
+    rows = [] if opts.redo else read_rows(opts.out / RUNS_FILE)
     crashed = _crashed(rows)
     done = done_keys(row for row in rows if row["run_key"] not in crashed)
     return [run for run in runs if run.key not in done]
@@ -349,8 +344,7 @@ def prepare_results(runs: list[Run], opts: ValidateOptions) -> list[Run]:
     keys = {run.key for run in runs}
     retry = keys if opts.redo else keys & _crashed(rows)
     if retry:
-        if not opts.redo:
-            log.warning("%d run(s) crashed before; running them again", len(retry))
+        log.log(logging.INFO if opts.redo else logging.WARNING, "running %d run(s) again", len(retry))
         drop_runs(path, retry)
     return not_done(runs, opts)
 
