@@ -10,6 +10,7 @@ Units appear only at the edges (parsing user input, rendering output):
 
 from __future__ import annotations
 
+import math
 import re
 
 KiB = 2**10
@@ -47,6 +48,8 @@ def parse_count(text: str | int | float) -> int:
                 "e.g. 1.3B or 350M"
             )
         value, suffix = float(match.group(1)), match.group(2).upper()
+    if not math.isfinite(value * _COUNT_SUFFIX[suffix]):
+        raise ValueError(f"parameter count {text!r} is too large to be a number; use e.g. 1.3B or 70B")
     count = round(value * _COUNT_SUFFIX[suffix])
     if count <= 0:
         raise ValueError(f"parameter count {text!r} must be positive")

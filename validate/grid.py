@@ -115,6 +115,8 @@ def parse_grid(text: str, source: str = "<grid>") -> Grid:
             raise ValueError(
                 f"{source}: model {name!r} under models: must be an HF config dict with a model_type"
             )
+    if not data["runs"]:
+        raise ValueError(f"{source}: runs: is an empty list, so there is nothing to validate: list setups under it")
     entries = []
     for line, item in zip(lines, data["runs"], strict=True):
         item = {**defaults, **item}

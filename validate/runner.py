@@ -110,8 +110,7 @@ def run_key(setup: dict, simulated: bool, launcher: str, device: str) -> str:
 
 
 def _model_config(name: str, inline: dict[str, dict], out: Path) -> tuple[str, dict]:
-    """(model as the setup names it, HF config dict); inline grid models are written to
-    OUT/models/<name>.json."""
+    """(model as the setup names it, HF config dict); inline grid models are written to OUT/models/<name>.json."""
     from zeroest.estimator.catalog import models as presets
 
     if name in inline:
@@ -152,7 +151,9 @@ def plan(entries: list[GridEntry], models: dict[str, dict], opts: ValidateOption
         flat = setup_to_dict(setup)
         if not entry.simulate:
             _check_real(setup, opts, visible_gpus, entry.where)
-        key = run_key(flat, entry.simulate, opts.launch.launcher, device)
+        named = str(entry.setup.get("model", ""))  # an inline model by its name, not by where OUT/models/ is
+        key = run_key({**flat, "model": named} if named in models else flat, entry.simulate, opts.launch.launcher,
+                      device)
         if key in runs:
             continue
         prediction, why = predict(setup, device=device, simulated=entry.simulate)
@@ -314,17 +315,38 @@ def build_ops(names: list[str], opts: ValidateOptions, base_env: dict, capabilit
     return built
 
 
+def missing_packages() -> list[str]:
+    """The packages a real run imports that are not installed (``importlib.util.find_spec``, nothing imported)."""
+    from importlib.util import find_spec
+
+    return [name for name in ("torch", "deepspeed", "transformers") if find_spec(name) is None]
+
+
+def _crashed(rows: list[dict]) -> set[str]:
+    """run_keys with a rank that crashed (the worker never reported): retried on resume, not counted done."""
+    return {row["run_key"] for row in rows if row.get("status") == "crashed"}
+
+
+def not_done(runs: list[Run], opts: ValidateOptions) -> list[Run]:
+    """The runs OUT/runs.jsonl does not hold yet (a crashed run counts as not done); reads, writes nothing."""
+    rows = [] if opts.redo else read_rows(opts.out / RUNS_FILE)
+    crashed = _crashed(rows)
+    done = done_keys(row for row in rows if row["run_key"] not in crashed)
+    return [run for run in runs if run.key not in done]
+
+
 def prepare_results(runs: list[Run], opts: ValidateOptions) -> list[Run]:
-    """The runs still to do: check the version of OUT/runs.jsonl, drop redone runs, skip done ones."""
+    """The runs still to do: check the version of OUT/runs.jsonl, drop redone and crashed runs, skip done ones."""
     opts.out.mkdir(parents=True, exist_ok=True)
     path = opts.out / RUNS_FILE
-    check_version(read_rows(path), zeroest_version(), path)
+    rows = read_rows(path)
+    check_version(rows, zeroest_version(), path)
     keys = {run.key for run in runs}
-    if opts.redo:
-        drop_runs(path, keys)
-        return list(runs)
-    done = done_keys(read_rows(path))
-    return [run for run in runs if run.key not in done]
+    retry = keys if opts.redo else keys & _crashed(rows)
+    if retry:
+        log.log(logging.INFO if opts.redo else logging.WARNING, "running %d run(s) again", len(retry))
+        drop_runs(path, retry)
+    return not_done(runs, opts)
 
 
 def execute(

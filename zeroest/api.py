@@ -3,11 +3,18 @@
 ``predict_request`` is what ``zeroest predict`` asks: it takes the job as flags (a dict of the flat setup keys), or
 as a ds_config.json / accelerate config with the flags filling what the files leave open, expands the stages, finds
 the calibration for the GPU, and gives the fit verdict at the one margin of ``catalog.gpus``.
+
+``plan_request`` is what ``zeroest plan`` asks: the search space, the plan or the capacity queries, and the
+configs it writes.
+
+Flags and config files: a flag given together with a config file that decides the same thing must agree with the
+file, or the request is refused (``ValueError`` naming the flag, the file and its key), the way the HF Trainer
+refuses ``TrainingArguments`` that mismatch its ds_config. A flag fills what the file leaves "auto" or open.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from zeroest.estimator.catalog.fit import FIT_MARGIN, Fit, fit_verdict
@@ -53,13 +60,34 @@ def calibration_for(gpu: Gpu | None):
 
 def _config_setup(shape: ModelShape, flags: dict, ds_config: Path | None, accelerate_config: Path | None,
                   from_params: bool) -> tuple[TrainingSetup, list[str]]:
+    from zeroest.estimator.configs.checks import flag_conflicts
     from zeroest.estimator.configs.read import BASE_KEYS, setup_from_configs
 
     base = {key: flags[key] for key in BASE_KEYS if key in flags}
     base["model"] = shape
     if from_params:
         base.setdefault("activations", "closed-form")
-    return setup_from_configs(ds_config, accelerate_config, base)
+    setup, warnings = setup_from_configs(ds_config, accelerate_config, base)
+    if "mode" in flags:
+        setup = replace(setup, mode=flags["mode"])
+    where = str(ds_config or accelerate_config)
+    conflicts = flag_conflicts(setup, {k: v for k, v in flags.items() if k != "mode"}, where)
+    if conflicts:
+        raise ValueError(conflicts[0])
+    return setup, warnings
+
+
+def _paper_warnings(setups: list[TrainingSetup]) -> list[str]:
+    first = setups[0]
+    if first.mode != "paper":
+        return []
+    offloaded = [f"{name} {device}" for name, device in (("--offload-optimizer", first.zero.offload_optimizer),
+                                                          ("--offload-params", first.zero.offload_params))
+                 if device != "none"]
+    if not offloaded:
+        return []
+    return [f"--paper: the ZeRO paper's model states (2+2+K) Psi have no offload, so {' and '.join(offloaded)} "
+            "is ignored; drop --paper to estimate the offload"]
 
 
 def build_setup(shape: ModelShape, flags: dict, *, from_params: bool = False, **fixed) -> TrainingSetup:
@@ -98,7 +126,129 @@ def predict_request(shape: ModelShape, flags: dict, *, stage: int | None = None,
         setups = [build_setup(shape, flags, from_params=from_params, stage=s) for s in stages]
     if target is not None and "gpu_memory_bytes" not in flags:  # the card decides DeepSpeed's init branch
         setups = [s.with_(gpu_memory_bytes=target.memory_bytes) for s in setups]
+    warnings += _paper_warnings(setups)
     overheads = calibration_for(target)
     estimates = [estimate(s, overheads) for s in setups]
     fits = [fit_verdict(e.device_bytes, target, margin) for e in estimates] if target is not None else []
     return Prediction(estimates=estimates, gpu=target, fits=fits, warnings=warnings)
+
+
+@dataclass(frozen=True)
+class PlanAnswer:
+    """What ``zeroest plan`` shows: the capacity ``rows`` (queries asked) or the ``plan`` and the candidates
+    ``shown``; the chosen setup's explanation, the files written, and notes on what was assumed."""
+
+    request: object
+    queries: list[str]
+    rows: list[dict] = field(default_factory=list)
+    plan: object | None = None
+    shown: tuple = ()
+    explain: list[str] = field(default_factory=list)
+    written: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    write_error: str | None = None
+    """Why a file asked for could not be written (the plan above it stands)."""
+
+
+def _search_space(stages: list[int] | None, offloads: list[str] | None, grad_ckpt: bool | None):
+    from zeroest.estimator.plan.plan import SearchSpace
+
+    for s in stages or ():
+        if s not in (0, 1, 2, 3):
+            raise ValueError(f"--stage must be 0, 1, 2 or 3, got {s}")
+    devices = tuple(offloads) if offloads else ("none", "cpu", "nvme")
+    if "none" not in devices:
+        devices = ("none", *devices)
+    return SearchSpace(stages=tuple(sorted(set(stages))) if stages else (0, 1, 2, 3), offload_optimizer=devices,
+                       offload_params=devices, grad_ckpt=(False, True) if grad_ckpt is None else (grad_ckpt,))
+
+
+def _check_target(path: Path | None, flag: str) -> None:
+    """Refuse, before the search, a path that cannot be written."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder: give a file name in it, e.g. {path / 'ds_config.json'}")
+    if not path.parent.is_dir():
+        raise ValueError(f"{flag} {path}: the folder {path.parent} does not exist; create it or pick another path")
+
+
+def _write_configs(setup: TrainingSetup, ds_path: Path | None, acc_path: Path | None, write_for: str) -> list[str]:
+    import json
+
+    from zeroest.estimator.configs.accelerate_write import accelerate_yaml
+    from zeroest.estimator.configs.ds_write import ds_config, trainer_arguments, trainer_ds_config
+
+    notes = []
+    if ds_path is not None:
+        trainer = write_for == "hf-trainer"
+        config = trainer_ds_config(setup) if trainer else ds_config(setup)
+        ds_path.write_text(json.dumps(config, indent=2) + "\n")
+        notes.append(f"wrote {ds_path}" + (f" for the HF Trainer: run it with {trainer_arguments(setup)}"
+                                           if trainer else " for deepspeed.initialize"))
+        if "nvme" in (setup.zero.offload_optimizer, setup.zero.offload_params):
+            notes.append(f"  set nvme_path in {ds_path} to a folder on your NVMe drive (it says /local_nvme)")
+    if acc_path is not None:
+        ref = None if ds_path is None else str(ds_path)
+        acc_path.write_text(accelerate_yaml(setup, ds_config_file=ref))
+        notes.append(f"wrote {acc_path}"
+                     + ("" if ref else f" (set your DataLoader's batch size to {setup.workload.micro_batch})"))
+    return notes
+
+
+def plan_request(shape: ModelShape, flags: dict, *, gpu: str, margin: float = FIT_MARGIN,
+                 global_batch: int | None = None, host_ram: str | None = None, stages: list[int] | None = None,
+                 offloads: list[str] | None = None, queries: list[str] | None = None, top: int = 10,
+                 explain: bool = False, write_ds_config: Path | None = None,
+                 write_accelerate_config: Path | None = None, write_for: str = "hf-trainer",
+                 from_params: bool = False) -> PlanAnswer:
+    """The plan ``zeroest plan`` prints: the setups that fit ``gpu``, fastest first (``top`` of them), or the
+    capacity ``queries`` (``plan.QUERIES``) per ZeRO group; the chosen setup's configs written where asked.
+
+    A written ds_config for the HF Trainer (``write_for`` hf-trainer, its "auto" values) is built under zero.Init
+    at stage 3, so unless ``flags`` says ``zero_init`` the plan assumes the same (``vocab.zero_init_default``).
+    """
+    from zeroest.estimator.core.estimate import estimate as estimate_setup
+    from zeroest.estimator.core.vocab import Builder, zero_init_default
+    from zeroest.estimator.plan.explain import explain as explain_lines
+    from zeroest.estimator.plan.plan import PlanRequest, capacity_queries
+    from zeroest.estimator.plan.plan import plan as run_plan
+    from zeroest.estimator.units import parse_bytes
+
+    queries = list(queries or [])
+    if top < 1:
+        raise ValueError(f"--top {top}: show at least one setup (--top 1 or more)")
+    if global_batch is not None and global_batch < 1:
+        raise ValueError(f"--global-batch {global_batch}: give 1 or more sequences per optimizer step")
+    if queries and (write_ds_config or write_accelerate_config):
+        raise ValueError(f"--{queries[0].replace('_', '-')} answers a question and chooses no setup, so there is "
+                         "nothing to write: drop --write-ds-config / --write-accelerate-config, or the query")
+    _check_target(write_ds_config, "--write-ds-config")
+    _check_target(write_accelerate_config, "--write-accelerate-config")
+    flags = dict(flags)
+    grad_ckpt = flags.pop("grad_ckpt", None)
+    notes = []
+    if write_ds_config is not None and "zero_init" not in flags:
+        flags["zero_init"] = zero_init_default(3, Builder(write_for))
+        how = ("under zero.Init, as the HF Trainer does with the written ds_config" if flags["zero_init"]
+               else "whole, without zero.Init, as a plain script does")
+        notes.append(f"planned with stage 3 building the model {how} (--zero-init/--no-zero-init changes it)")
+    card = parse_gpu(gpu)
+    flags.setdefault("gpu_memory_bytes", card.memory_bytes)  # the card decides DeepSpeed's init branch
+    base = build_setup(shape, flags, from_params=from_params, stage=0)
+    request = PlanRequest(base=base, gpu=card, margin=margin, global_batch=global_batch,
+                          host_ram_bytes=parse_bytes(host_ram) if host_ram else None,
+                          space=_search_space(stages, offloads, grad_ckpt))
+    if queries:
+        return PlanAnswer(request=request, queries=queries, rows=capacity_queries(request, queries), notes=notes)
+    result = run_plan(request)
+    if result.best is None:
+        return PlanAnswer(request=request, queries=[], plan=result, notes=notes)
+    lines = explain_lines(estimate_setup(result.best.setup)) if explain else []
+    try:
+        written = _write_configs(result.best.setup, write_ds_config, write_accelerate_config, write_for)
+        error = None
+    except OSError as exc:
+        written, error = [], f"cannot write the chosen setup's config: {exc.strerror} ({exc.filename}); pick a path"
+    return PlanAnswer(request=request, queries=[], plan=result, shown=result.candidates[:top], explain=lines,
+                      written=written, notes=notes, write_error=error)

@@ -34,8 +34,7 @@ def accelerate_ds_config(acc: dict, base: dict) -> dict:
     """The ds_config accelerate builds from an inline ``deepspeed_config`` (``DeepSpeedPlugin.__post_init__``,
     no config file; ``zero_stage`` defaults to 2) plus ``set_mixed_precision``'s precision section."""
     ds = acc.get("deepspeed_config") or {}
-    config = {
-        "train_batch_size": "auto",
+    config = {  # no train_batch_size: accelerate derives it as micro x accumulation x processes
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": ds.get("gradient_accumulation_steps", "auto"),
         "zero_optimization": {
@@ -51,17 +50,14 @@ def accelerate_ds_config(acc: dict, base: dict) -> dict:
 
 
 def accelerate_world(acc: dict | None, base: dict, warnings: list[str], where: str) -> Parallelism:
+    """The world size: the YAML's ``num_processes`` over ``num_machines`` when set, else ``base``'s layout (a
+    ``--gpus``/``--nodes`` that disagrees with the YAML is a conflict, ``configs.checks.flag_conflicts``)."""
     gpus, nodes = base.get("gpus_per_node", 1), base.get("nodes", 1)
     if acc and acc.get("num_processes") not in (None, -1):
         machines = whole_number(acc.get("num_machines", 1), "num_machines", where)
         total = whole_number(acc["num_processes"], "num_processes", where)
         if total % machines:
             raise ValueError(f"{where}: num_processes {total} is not a multiple of num_machines {machines}")
-        if (gpus, nodes) != (total // machines, machines):
-            warnings.append(
-                f"{where}: num_processes {total} on {machines} machine(s) sets the world size "
-                f"(not {gpus} GPUs x {nodes} nodes)"
-            )
         gpus, nodes = total // machines, machines
     return Parallelism(gpus_per_node=gpus, nodes=nodes)
 
@@ -74,8 +70,11 @@ def read_accelerate(acc_path: Path, ds_path: Path | None, warnings: list[str]) -
     warnings += unknown_key_warnings(
         ds, ACCELERATE_DS_KEYS, f"{where} deepspeed_config", "accelerate ignores it"
     )
-    if acc.get("distributed_type", "DEEPSPEED") != "DEEPSPEED":
-        warnings.append(f"{where}: distributed_type is {acc.get('distributed_type')}, not DEEPSPEED")
+    kind = acc.get("distributed_type", "DEEPSPEED")
+    if kind != "DEEPSPEED":
+        raise ValueError(f"{where}: distributed_type is {kind}, which launches no DeepSpeed (MULTI_GPU is plain "
+                         "torch DDP) and zeroest models DeepSpeed ZeRO only: set distributed_type: DEEPSPEED, or "
+                         "estimate DDP's nearest case with zeroest predict --stage 0 --gpus N")
     file = ds.get("deepspeed_config_file")
     if file and file != "none":
         ignored = [k for k in IGNORED_WITH_DS_FILE if k in ds or (k == "mixed_precision" and acc.get(k))]

@@ -93,3 +93,41 @@ def ds_config(setup: TrainingSetup, *, nvme_path: str | None = None) -> dict:
     if setup.optimizer.name not in ADAM_FAMILY:
         config["zero_allow_untested_optimizer"] = True
     return config
+
+
+TRAINER_AUTO: tuple[str, ...] = (
+    "train_batch_size",
+    "gradient_clipping",
+    "optimizer.params.lr",
+    "optimizer.params.betas",
+    "optimizer.params.eps",
+    "optimizer.params.weight_decay",
+)
+"""Keys the HF Trainer fills from ``TrainingArguments`` and checks against them
+(transformers/integrations/deepspeed.py ``HfTrainerDeepSpeedConfig.trainer_config_process``: ``fill_match`` of
+``train_batch_size``, ``gradient_clipping`` = max_grad_norm, ``optimizer.params.lr`` / ``betas`` / ``eps`` /
+``weight_decay``); memory depends on none of their values, so the written file says "auto" and the Trainer's
+arguments decide. Micro-batch, accumulation and precision stay the plan's numbers: the Trainer checks them
+against ``per_device_train_batch_size``, ``gradient_accumulation_steps`` and ``--bf16``/``--fp16``."""
+
+
+def trainer_ds_config(setup: TrainingSetup, *, nvme_path: str | None = None) -> dict:
+    """``ds_config(setup)`` for the HF Trainer: ``TRAINER_AUTO`` keys set to "auto", so
+    ``HfTrainerDeepSpeedConfig.trainer_config_process`` fills them instead of stopping on a mismatch."""
+    config = ds_config(setup, nvme_path=nvme_path)
+    for dotted in TRAINER_AUTO:
+        *parents, key = dotted.split(".")
+        node = config
+        for name in parents:
+            node = node.get(name, {})
+        if key in node:
+            node[key] = "auto"
+    return config
+
+
+def trainer_arguments(setup: TrainingSetup) -> str:
+    """The ``TrainingArguments`` flags that match ``trainer_ds_config(setup)``'s fixed numbers."""
+    work = setup.workload
+    precision = {"bf16": " --bf16", "fp16": " --fp16"}.get(str(setup.dtype), "")
+    return (f"--per_device_train_batch_size {work.micro_batch} --gradient_accumulation_steps {work.grad_accum}"
+            f"{precision}")

@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 
 from zeroest.estimator.configs.accelerate import accelerate_ds_config, accelerate_world, read_accelerate
+from zeroest.estimator.configs.checks import unmodelled_warnings
 from zeroest.estimator.configs.files import read_json, unknown_key_warnings, whole_number
 from zeroest.estimator.configs.keys import DS_KEYS, OFFLOAD_KEYS, ZERO_KEYS
 from zeroest.estimator.core.setup import Optimizer, TrainingSetup, Workload, ZeroConfig
@@ -83,6 +84,11 @@ def _fill(config: dict, dotted: str, value) -> None:
         node[key] = value
 
 
+def _fixed(value, default: int) -> int:
+    """A batch size the file fixes (a number), else ``default``."""
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
+
+
 def resolve_auto(
     config: dict,
     *,
@@ -105,6 +111,10 @@ def resolve_auto(
     out = json.loads(json.dumps(config))
     zero = out.get("zero_optimization")
     stage = zero.get("stage") if isinstance(zero, dict) else None
+    # The Trainer's train_batch_size is world x its own micro x accumulation, which must match the file's fixed
+    # values (fill_match), so a file that fixes them fixes the product too.
+    micro_batch = _fixed(out.get("train_micro_batch_size_per_gpu"), micro_batch)
+    grad_accum = _fixed(out.get("gradient_accumulation_steps"), grad_accum)
     values = hf_trainer_auto(hidden_size=hidden_size, micro_batch=micro_batch, grad_accum=grad_accum,
                              world_size=world_size, dtype=dtype, stage=stage, max_grad_norm=max_grad_norm)
     for dotted, value in values.items():
@@ -165,10 +175,14 @@ def _precision(config: dict, where: str) -> str:
     return "fp16" if fp16 else "bf16" if bf16 else "fp32"
 
 
-def _offload_device(zero: dict, name: str, legacy: str) -> tuple[str, bool]:
+def _offload_device(zero: dict, name: str, legacy: str, where: str = "the ds_config") -> tuple[str, bool]:
     section = zero.get(name)
     if isinstance(section, dict):
-        return str(section.get("device") or "none"), bool(section.get("pin_memory", False))
+        device = str(section.get("device") or "none")
+        if device not in ("none", "cpu", "nvme"):
+            raise ValueError(f"{where}: zero_optimization.{name}.device is {section.get('device')!r}; DeepSpeed "
+                             "takes none, cpu or nvme (\"auto\" is not filled by any trainer): set one of them")
+        return device, bool(section.get("pin_memory", False))
     if zero.get(legacy):
         return "cpu", bool(zero.get("cpu_offload_use_pin_memory", False))
     return "none", False
@@ -191,10 +205,18 @@ def builder_of(raw: dict, acc: dict | None) -> tuple[Builder, bool | None]:
     return (Builder.HF_TRAINER if has_auto(raw) else Builder.SCRIPT), None
 
 
+def _stage(value, where: str) -> int:
+    stage = whole_number(value, "zero_optimization.stage", where)
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"{where}: zero_optimization.stage is {value!r}; DeepSpeed's stages are 0, 1, 2 and 3: "
+                         "set one of them")
+    return stage
+
+
 def _zero(config: dict, where: str, zero_init: bool) -> ZeroConfig:
     zero = config.get("zero_optimization") or {}
-    opt_dev, opt_pin = _offload_device(zero, "offload_optimizer", "cpu_offload")
-    par_dev, par_pin = _offload_device(zero, "offload_param", "cpu_offload_param")
+    opt_dev, opt_pin = _offload_device(zero, "offload_optimizer", "cpu_offload", where)
+    par_dev, par_pin = _offload_device(zero, "offload_param", "cpu_offload_param", where)
     knobs = {}
     for knob in ZERO_KNOBS:
         value = zero.get(knob.ds_key)
@@ -203,7 +225,7 @@ def _zero(config: dict, where: str, zero_init: bool) -> ZeroConfig:
         knobs[knob.name] = bool(value) if knob.kind is bool else whole_number(
             value, f"zero_optimization.{knob.ds_key}", where)
     pinned = [pin for dev, pin in ((opt_dev, opt_pin), (par_dev, par_pin)) if dev != "none"]
-    stage = whole_number(zero.get("stage", 0), "zero_optimization.stage", where)
+    stage = _stage(zero.get("stage", 0), where)
     return ZeroConfig(
         stage=stage,
         zero_init=zero_init,
@@ -219,11 +241,12 @@ def _optimizer(config: dict, zero: ZeroConfig, base: dict, warnings: list[str], 
     offload = zero.offload_optimizer != "none"
     if not isinstance(section, dict):
         name = base.get("optimizer", "adamw")
+        impl = OptimizerImpl.CPU if offload else OptimizerImpl.TORCH
         warnings.append(
             f"{where}: no optimizer section: the training script's own optimizer runs (the HF Trainer's "
-            f"torch {name}); estimated as torch {name}"
+            f"torch {name}); estimated as {name} ({impl.value}), --optimizer changes it"
         )
-        return Optimizer(name=name, impl=OptimizerImpl.CPU if offload else OptimizerImpl.TORCH)
+        return Optimizer(name=name, impl=impl)
     kind = str(section.get("type", "")).lower().replace("_", "")
     names = {"adam": "adam", "adamw": "adamw", "fusedadam": "adam", "cpuadam": "adam", "sgd": "sgd"}
     if kind not in names:
@@ -263,7 +286,7 @@ def setup_from_configs(
     where = str(ds_path) if ds_path is not None else str(accelerate_path)
     if ds_path is not None:
         raw = read_json(ds_path)
-        warnings += _ds_key_warnings(raw, where)
+        warnings += _ds_key_warnings(raw, where) + unmodelled_warnings(raw, where)
     else:
         raw = accelerate_ds_config(acc, base)
     parallel = accelerate_world(acc, base, warnings, str(accelerate_path or where))
@@ -300,7 +323,7 @@ def setup_from_configs(
     if dtype == "fp32" and not any(k in resolved for k in ("fp16", "bf16", "bfloat16")):
         warnings.append(f"{where}: enables neither bf16 nor fp16, so DeepSpeed trains in fp32")
     builder, zero3_flag = builder_of(raw, acc)
-    stage = whole_number((resolved.get("zero_optimization") or {}).get("stage", 0), "zero_optimization.stage", where)
+    stage = _stage((resolved.get("zero_optimization") or {}).get("stage", 0), where)
     zero_init = base["zero_init"] if base.get("zero_init") is not None else zero_init_default(
         stage, builder, zero3_flag)
     zero = _zero(resolved, where, zero_init)

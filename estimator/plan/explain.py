@@ -125,6 +125,7 @@ def explain(
             f"{knob.name} saves {format_gib(knob.saved_bytes, 1)} (device "
             f"{format_gib(est.device_bytes, 1)} -> {format_gib(knob.device_bytes, 1)})"
         )
+    lines.append("for every combination of these knobs with the micro-batch, fastest first: zeroest plan --gpu CARD")
     if helpful:
         lines.append(f"the knob that frees the most: {helpful[0].name}")
     else:

@@ -17,7 +17,15 @@ from zeroest.estimator.catalog.fit import FIT_MARGIN
 from zeroest.estimator.catalog.gpus import Gpu, gpu_presets
 from zeroest.estimator.core.setup import Optimizer, TrainingSetup, ZeroConfig, ZeroStage
 from zeroest.estimator.core.vocab import default_optimizer_impl, offload_allowed
-from zeroest.estimator.plan.search import CachedEstimator, Memory, budget_bytes, largest_true, min_gpus
+from zeroest.estimator.plan.search import (
+    CachedEstimator,
+    Memory,
+    budget_bytes,
+    largest_true,
+    max_micro_batch,
+    max_seq_len,
+    min_gpus,
+)
 from zeroest.estimator.plan.speed import Hardware, StepTime, hardware_for, step_time
 from zeroest.estimator.units import GiB, format_gib
 
@@ -299,3 +307,30 @@ def infeasible_message(request: PlanRequest, estimator: CachedEstimator | None =
             why = "what stays per GPU (activations, buffers) does not shrink with N_d"
         tail = f"more GPUs of {size} do not help ({why})" + (f"; {larger} would fit" if larger else "")
     return f"{head}; {tail}"
+
+
+QUERIES: tuple[str, ...] = ("max_micro_batch", "max_seq_len", "min_gpus")
+"""The capacity questions ``plan`` answers instead of planning (``search``'s functions of the same names)."""
+
+
+def capacity_queries(request: PlanRequest, which: list[str]) -> list[dict]:
+    """Each query of ``which`` (``QUERIES``) per (stage, offload, checkpointing) group, at the request's workload:
+    one dict per group with its knobs and one answer per query (None or 0: nothing fits)."""
+    est = CachedEstimator()
+    base, gpu, margin = request.base, request.gpu, request.margin
+    per_node = base.parallel.gpus_per_node if base.parallel.nodes > 1 else None
+    rows = []
+    for zero in zero_groups(base, request.space):
+        for ckpt in request.space.grad_ckpt:
+            setup = replace(base, zero=zero, optimizer=optimizer_for(base, zero),
+                            workload=replace(base.workload, grad_ckpt=ckpt))
+            row: dict = {"stage": int(zero.stage), "offload_optimizer": zero.offload_optimizer,
+                         "offload_params": zero.offload_params, "grad_ckpt": ckpt}
+            if "max_micro_batch" in which:
+                row["max_micro_batch"] = max_micro_batch(setup, gpu.memory_bytes, margin, estimator=est)
+            if "max_seq_len" in which:
+                row["max_seq_len"] = max_seq_len(setup, gpu.memory_bytes, margin, estimator=est)
+            if "min_gpus" in which:
+                row["min_gpus"] = min_gpus(setup, gpu.memory_bytes, margin, gpus_per_node=per_node, estimator=est)
+            rows.append(row)
+    return rows

@@ -7,8 +7,9 @@ import logging
 
 import typer
 
-from zeroest.cli import claims, models, plan, predict, report, validate
+from zeroest.cli import claims, coerce, models, plan, predict, report, validate
 
+coerce.install()
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Per-GPU memory of DeepSpeed ZeRO training: predict it, check it, plan with it.")
 app.command("predict")(predict.predict)

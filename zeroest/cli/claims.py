@@ -33,7 +33,12 @@ def claims(
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     if plot:
-        write_claims_plot(table, plot, measured)
+        try:
+            write_claims_plot(table, plot, measured)
+        except ImportError:
+            fail("--plot needs matplotlib, which is not installed: pip install matplotlib (or 'zeroest[validate]')")
+        except OSError as exc:
+            fail(f"--plot {plot}: cannot write it ({exc.strerror}); pick a path in a folder that exists")
     if as_json:
         out.print_json(json.dumps({"model": shape.name, "rows": [r.to_dict() for r in table],
                                    "verdicts": verdicts(table), "measured": measured}))

@@ -22,6 +22,9 @@ from zeroest.estimator.core.setup import TrainingSetup
 from zeroest.estimator.core.shape import ModelShape
 from zeroest.estimator.units import parse_count
 
+MAX_PARAMS = 10**15
+"""The largest ``--params``: past it the standard shape's layer count and width run far outside GPT-3's table, and
+shaping it takes minutes."""
 ParamsOpt = Annotated[str | None, typer.Option("--params", help="Model size, e.g. 1.3B or 350M: a standard "
                                                "llama-style decoder of that size.")]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="A preset (zeroest models lists them) or a path to an "
@@ -108,7 +111,14 @@ def resolve_model(params: str | None, model: str | None) -> ModelShape:
     if params is not None:
         from zeroest.estimator.catalog.models import standard_shape
 
-        return standard_shape(parse_count(params))
+        try:
+            count = parse_count(params)
+        except ValueError as exc:
+            raise ValueError(f"--params: {exc}") from None
+        if count > MAX_PARAMS:
+            raise ValueError(f"--params {params}: {count:.3g} parameters is beyond what zeroest shapes (at most "
+                             f"{MAX_PARAMS:.0e}, a thousand times GPT-3's largest); give a smaller size, e.g. 70B")
+        return standard_shape(count)
     from zeroest.estimator.catalog.models import load_model
 
     return load_model(model)

@@ -20,11 +20,12 @@ GpuOpt = Annotated[str | None, typer.Option("--gpu", help=f"Check the fit: {GPU_
 MarginOpt = Annotated[float, typer.Option("--margin", help="Fraction of the GPU's memory kept free for the fit "
                                           "verdict (fragmentation, other processes, growth not modelled).")]
 DsConfigOpt = Annotated[Path | None, typer.Option(
-    "--ds-config", dir_okay=False, help="Estimate the setup this ds_config.json trains; its \"auto\" values are "
-    "filled from the other flags as the HF Trainer fills them.")]
+    "--ds-config", dir_okay=False, help="Estimate the setup this ds_config.json trains; its \"auto\" values, "
+    "and what it leaves open, are filled from the other flags as the HF Trainer fills them. A flag the file also "
+    "decides must agree with it, else it is an error naming the file's key (the HF Trainer's rule).")]
 AccConfigOpt = Annotated[Path | None, typer.Option(
     "--accelerate-config", dir_okay=False, help="Estimate the setup this accelerate config YAML launches (with "
-    "--ds-config or its deepspeed_config_file).")]
+    "--ds-config or its deepspeed_config_file); flags follow the --ds-config rule.")]
 
 
 @o.setup_options(exclude=("stage", "mode", "gpu_memory_bytes"))

@@ -181,6 +181,12 @@ def validate(
     from zeroest.validate.summary import markdown, summary_rows
 
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file; validate writes a folder (runs.jsonl, summary.md): give a folder path")
+    missing = runner.missing_packages()
+    if missing and not dry_run:
+        fail(f"validate runs real DeepSpeed trainings and needs {', '.join(missing)}, which is not installed: "
+             "pip install 'zeroest[validate]' (or use --dry-run to list the runs)")
     try:
         launch = LaunchOptions(
             launcher=launcher.value,
@@ -215,7 +221,7 @@ def validate(
                     "and the driver"
                 )
         runs = runner.plan(entries, loaded.models, opts, visible_gpus=len(devices))
-        todo = runner.prepare_results(runs, opts) if not dry_run else runs
+        todo = runner.prepare_results(runs, opts) if not dry_run else runner.not_done(runs, opts)
     except ValueError as exc:
         fail(str(exc))
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 220)
