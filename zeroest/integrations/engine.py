@@ -114,6 +114,10 @@ def flat_setup(engine, *, micro_batch: int, seq_len: int, zero_init: bool | None
     stage = int(engine.zero_optimization_stage())
     size, local = world()
     name, impl = optimizer_of(engine)
+    group = (getattr(getattr(engine, "basic_optimizer", None), "param_groups", None) or [{}])[0]
+    if impl == "torch" and group.get("fused"):
+        notes.append(f"torch {name} with fused=True: estimated as torch's foreach/single-tensor path, whose step "
+                     "temporaries the fused kernel does not allocate (the step estimate is high)")
     opt_dev, opt_pin = _offload(engine.zero_offload_optimizer())
     par_dev, par_pin = _offload(engine.zero_offload_param())
     pins = [p for p in (opt_pin, par_pin) if p is not None]
