@@ -28,6 +28,7 @@ _EXPORTS = {
     "ModelShape": "zeroest.estimator.core.shape",
     "load_model": "zeroest.estimator.catalog.models",
     "standard_shape": "zeroest.estimator.catalog.models",
+    "watch": "zeroest.watch",
 }
 
 __all__ = ["__version__", *_EXPORTS]
