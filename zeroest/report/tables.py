@@ -26,8 +26,6 @@ def run_label(r: Record) -> str:
     offload = [n for n, v in places if v != "none"]
     if offload:
         parts.append("off:" + "+".join(offload))
-    if s.workload.loop != "trainer":
-        parts.append(f"loop:{s.workload.loop}")
     return " ".join(parts)
 
 
