@@ -218,8 +218,8 @@ def test_live_bytes_of_each_loop_differ_by_the_logits(accum):
     """The validator's loop on a real HF model, phase peaks of live storages (``CpuMeter``): each loop holds
     exactly L = 2 b s V more than the trainer's where the timeline says, in every steady micro-step."""
     torch = pytest.importorskip("torch")
-    from zeroest.validate.measure import CpuMeter
     from zeroest.validate.loops import train_steps
+    from zeroest.validate.measure import CpuMeter
 
     b, s = 2, 32
     big_l = 2 * b * s * TINY_LLAMA["vocab_size"]
