@@ -11,7 +11,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from zeroest.estimator.configs.flat import setup_from_dict
+from zeroest.estimator.configs.flat import setup_from_row
 from zeroest.estimator.core.architecture import count_params, param_tensors
 from zeroest.estimator.core.estimate import estimate
 
@@ -44,7 +44,7 @@ def main(paths: list[str]) -> None:
     rows = [r for r in rows if r["status"] == "ok" and r["measured"].get("peak_allocated_bytes")]
     ds, ours = [], []
     for row in rows:
-        setup = setup_from_dict(row["setup"])
+        setup = setup_from_row(row["setup"])
         measured = row["measured"]["peak_allocated_bytes"]
         ds.append((deepspeed_bytes(setup) - measured) / measured)
         mine = estimate(setup, simulated=bool(row.get("simulated"))).peak_allocated_bytes

@@ -27,7 +27,7 @@ def test_zero2_equals_deepspeeds_plus_the_flattened_copy(world):
     shape = load_model("llama-2-7b")  # every tensor a multiple of 2 * 64: no padding
     psi = count_params(shape).total
     setup = TrainingSetup(model=shape, parallel=Parallelism(gpus_per_node=world), zero=ZeroConfig(stage=2),
-                          workload=Workload(activations="closed-form"))
+                          workload=Workload(activations="closed-form", loop="trainer"))
     _, ds_gpu = ds.estimate_zero2_model_states_mem_needs(psi, num_gpus_per_node=world, cpu_offload=False)
     # step() flattens this rank's 16-bit gradients (2 Psi / N) while grads_in_partition (the whole
     # parameters that overlap the partition) still lives: DeepSpeed's estimator counts them once.
@@ -42,7 +42,7 @@ def test_zero3_differs_from_deepspeeds_by_named_terms(world):
     largest = max(t.numel for t in param_tensors(shape))
     zero = ZeroConfig(stage=3, param_persistence_threshold=0, sub_group_size=10**12)
     setup = TrainingSetup(model=shape, parallel=Parallelism(gpus_per_node=world), zero=zero,
-                          workload=Workload(activations="closed-form"))
+                          workload=Workload(activations="closed-form", loop="trainer"))
     _, ds_gpu, _ = ds.estimate_zero3_model_states_mem_needs(
         psi, largest, num_gpus_per_node=world, cpu_offload=False, cpu_offload_params=False)
     # DeepSpeed's 18 Psi / N is 16-bit params 2 + fp32 gradients 4 + master 4 + Adam 8. We add what

@@ -40,6 +40,7 @@ MASTER, ADAM = 4, 8  # fp32 master weights; fp32 exp_avg + exp_avg_sq
 REDUCE_BUCKET = DEEPSPEED_ZERO_DEFAULTS["reduce_bucket_size"]
 CUBLAS = Overheads().cublas_workspace_bytes  # allocated at the first matmul: in every phase after init
 ACT = closed_form_profile(SHAPE, 1, 2048, "bf16", "sdpa")
+OUTPUTS = B * 1 * 2048 * SHAPE.vocab_size  # --loop custom (the default): the output's logits, b s V, in every phase
 STAGES = (0, 1, 2, 3)
 
 
@@ -70,7 +71,7 @@ def expected(stage: int) -> tuple[str, dict[str, int]]:
         # fused_optimizer.py FP16_Optimizer.step: every 16-bit grad (b Psi, alive) cast to fp32 and flattened
         # (4 Psi + 4 Psi at once); the full master and Adam states on every rank
         return "step", dict(params=B * PSI, master_weights=MASTER * PSI, optimizer_states=ADAM * PSI,
-                            grads=B * PSI, buffers=CUBLAS, activations=0, temporaries=8 * PSI)
+                            grads=B * PSI, buffers=CUBLAS, activations=OUTPUTS, temporaries=8 * PSI)
     if stage in (1, 2):
         padded = math.ceil(PSI / (2 * N_D)) * 2 * N_D
         part = padded // N_D
@@ -78,7 +79,7 @@ def expected(stage: int) -> tuple[str, dict[str, int]]:
         # stage 1 still holds the head's param.grad, stage 2 has moved it into the bucket
         return "backward", dict(params=B * padded, master_weights=MASTER * part, optimizer_states=ADAM * part,
                                 grads=head_grads if stage == 1 else 0, buffers=CUBLAS + B * REDUCE_BUCKET,
-                                activations=first_layer_backward, temporaries=0)
+                                activations=first_layer_backward + OUTPUTS, temporaries=0)
     threshold = DEEPSPEED_ZERO_DEFAULTS["param_persistence_threshold"]
     p3 = sum(math.ceil(n / N_D) for n in NUMELS)
     persistent = sum(math.ceil(n / N_D) * N_D for n in NUMELS if n < threshold)
@@ -88,7 +89,7 @@ def expected(stage: int) -> tuple[str, dict[str, int]]:
     # grad_partitions_flat_buffer (b P3) and one ipg bucket (b B_r) from init; max_live + prefetch gathered
     buffers = CUBLAS + B * p3 + B * REDUCE_BUCKET + B * in_flight
     return "backward", dict(params=B * p3 + B * persistent, master_weights=MASTER * p3, optimizer_states=ADAM * p3,
-                            grads=0, buffers=buffers, activations=head_backward, temporaries=0)
+                            grads=0, buffers=buffers, activations=head_backward + OUTPUTS, temporaries=0)
 
 
 def headline_setup(stage: int) -> TrainingSetup:

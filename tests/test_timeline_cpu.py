@@ -50,7 +50,7 @@ def test_phase_peaks_match_real_deepspeed(ds_probe, case):
     record = ds_probe(**case, **SMALL)
     setup = setup_for(case)
     setup = setup.with_(workload=Workload(micro_batch=1, seq_len=16, grad_accum=case.get("grad_accum", 1),
-                                          activations="traced"))
+                                          activations="traced", loop="trainer"))  # the probe keeps only the loss
     predicted = {p.name: p.peak_bytes for p in estimate(setup, device="cpu").phases}
     measured = measured_peaks(record)
     for phase in ("init", "forward", "step"):

@@ -205,37 +205,6 @@ def _init_distributed(spec: dict, world_size: int) -> None:
         deepspeed.init_distributed(dist_backend="gloo" if spec["device"] == "cpu" else "nccl")
 
 
-def _steps(spec: dict, engine, meter, result: dict, rank_file: RankFile) -> list[float]:
-    import torch
-
-    setup = spec["setup"]
-    micro, seq, accum = setup["micro_batch"], setup["seq_len"], setup["grad_accum"]
-    vocab = engine.module.config.vocab_size
-    device = engine.device
-    generator = torch.Generator(device="cpu").manual_seed(1234)
-    step_times: list[float] = []
-    for step in range(spec["steps"]):
-        start = time.perf_counter()
-        for micro_step in range(accum):
-            ids = torch.randint(0, vocab, (micro, seq), generator=generator).to(device)
-            with meter.phase(f"step{step}.forward{micro_step}"):
-                loss = engine(input_ids=ids, labels=ids).loss
-            rank_file.write(result)
-            last = micro_step == accum - 1
-            with meter.phase(f"step{step}.backward{micro_step}"):
-                engine.backward(loss)
-                if not last:
-                    engine.step()  # only counts the micro-step; DeepSpeed steps at the boundary
-            rank_file.write(result)
-            del loss
-        with meter.phase(f"step{step}.step"):
-            engine.step()
-        step_times.append(time.perf_counter() - start)
-        result["measured"]["step_times_s"] = list(step_times)
-        rank_file.write(result)
-    return step_times
-
-
 def _finish(result: dict, meter, spec: dict, step_times: list[float]) -> None:
     from zeroest.validate.measure import summarize
 
@@ -261,6 +230,7 @@ def _train(spec: dict, meter, result: dict, rank_file: RankFile) -> None:
     import deepspeed
     import transformers  # noqa: F401 - imported here so that no phase counts import time
     from transformers import AutoModelForCausalLM  # noqa: F401
+    from zeroest.validate.loops import train_steps
 
     result["measured"]["import_s"] = time.perf_counter() - start
 
@@ -283,7 +253,7 @@ def _train(spec: dict, meter, result: dict, rank_file: RankFile) -> None:
         )
     del model
     rank_file.write(result)
-    step_times = _steps(spec, engine, meter, result, rank_file)
+    step_times = train_steps(spec, engine, meter, result, lambda: rank_file.write(result))
     result["measured"]["skipped_steps"] = int(getattr(engine, "skipped_steps", 0) or 0)
     _finish(result, meter, spec, step_times)
     del hf_config

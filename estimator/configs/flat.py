@@ -14,6 +14,7 @@ from enum import Enum
 
 from zeroest.estimator.core.setup import Optimizer, Parallelism, TrainingSetup, Workload, ZeroConfig
 from zeroest.estimator.core.shape import ModelShape
+from zeroest.estimator.core.vocab import MEASURED_BEFORE_KEY
 
 PARTS: dict[str, type] = {"parallel": Parallelism, "optimizer": Optimizer, "zero": ZeroConfig,
                           "workload": Workload}
@@ -106,3 +107,11 @@ def setup_from_dict(data: dict, model: ModelShape | None = None, where: str = "s
         return TrainingSetup(model=model, **parts, **top)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}: {exc}" if where else str(exc)) from None
+
+
+def setup_from_row(data: dict, model: ModelShape | None = None, where: str = "row") -> TrainingSetup:
+    """The setup a measured runs.jsonl row ran: ``setup_from_dict``, except that a key the row lacks (or holds as
+    None) because the row was written before the key existed takes what the row was measured with
+    (``vocab.MEASURED_BEFORE_KEY``: ``loop`` trainer), not the default a user gets for leaving the flag out."""
+    given = {key: value for key, value in data.items() if value is not None}
+    return setup_from_dict({**MEASURED_BEFORE_KEY, **given}, model=model, where=where)

@@ -26,6 +26,7 @@ from zeroest.estimator.core.vocab import (
     OptimizerImpl,
     default_optimizer_impl,
     hf_trainer_auto,
+    loop_default,
     zero_init_default,
 )
 
@@ -45,6 +46,7 @@ BASE_KEYS: tuple[str, ...] = (
     "optimizer",
     "max_grad_norm",
     "zero_init",
+    "loop",
 )
 """Keys ``base`` may hold; ``model`` (a ModelShape) is required."""
 
@@ -269,7 +271,8 @@ def setup_from_configs(
     keys).
 
     ``base`` holds ``BASE_KEYS`` (``model`` a ModelShape is required): what the HF Trainer's arguments
-    would give. Values the files set win over ``base``; "auto" takes ``base``'s.
+    would give. Values the files set win over ``base``; "auto" takes ``base``'s. The loop is ``base``'s when
+    given, else the files' builder's (``vocab.loop_default``: trainer for "auto" values, custom otherwise).
     """
     unknown = set(base) - set(BASE_KEYS)
     if unknown or "model" not in base:
@@ -335,6 +338,7 @@ def setup_from_configs(
         grad_ckpt=base.get("grad_ckpt", False),
         attn=base.get("attn", "sdpa"),
         activations=base.get("activations", "auto"),
+        loop=base["loop"] if base.get("loop") is not None else loop_default(builder),
     )
     setup = TrainingSetup(
         model=base["model"], parallel=parallel, dtype=dtype, optimizer=optimizer, zero=zero, workload=workload

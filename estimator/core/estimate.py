@@ -17,7 +17,7 @@ from zeroest.estimator.core.paper import paper_states
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
 from zeroest.estimator.core.stage3 import stage3_states
 from zeroest.estimator.core.timeline import COMPONENTS, Phase, peak_phase, timeline
-from zeroest.estimator.core.vocab import ZERO_INIT_RULE
+from zeroest.estimator.core.vocab import LOOP_RULE, ZERO_INIT_RULE, Loop
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,6 +102,19 @@ def _scaled(act, factor: float):
                           if isinstance(getattr(act, f.name), int) and not isinstance(getattr(act, f.name), bool)})
 
 
+LOOP_NOTES = {
+    Loop.TRAINER: "only the loss survives the forward (HF Trainer's compute_loss)",
+    Loop.CUSTOM: "the output object and its logits live until the next forward returns (outputs reassigned "
+                 "each micro-step)",
+    Loop.CUSTOM_DEL: "the output object and its logits live through backward and step, then del outputs",
+}
+
+
+def _loop_note(setup: TrainingSetup) -> str:
+    loop = setup.workload.loop
+    return f"training loop {loop}: {LOOP_NOTES[loop]} ({LOOP_RULE}; --loop changes it)"
+
+
 def _assumptions(setup: TrainingSetup, source: str) -> tuple[str, ...]:
     m = setup.model
     notes = [
@@ -112,6 +125,7 @@ def _assumptions(setup: TrainingSetup, source: str) -> tuple[str, ...]:
         f" gradient checkpointing {'on' if setup.workload.grad_ckpt else 'off'},"
         f" accumulation {setup.workload.grad_accum}",
         f"activations: {source}",
+        _loop_note(setup),
     ]
     if setup.stage == ZeroStage.PARAMETERS:
         notes.append("model built under zero.Init (never whole on one GPU)" if setup.zero.zero_init else

@@ -13,10 +13,12 @@ from zeroest.estimator.core.vocab import (
     ADAM_FAMILY,
     DTYPE_BYTES,
     KNOB_BY_NAME,
+    LOOP_RULE,
     ZERO_INIT_RULE,
     ActivationMode,
     Attention,
     Dtype,
+    Loop,
     Mode,
     OffloadDevice,
     OptimizerImpl,
@@ -191,6 +193,10 @@ class Workload:
                                        "model; needs torch and transformers), closed-form, or auto (traced when "
                                        "possible; closed-form for --params).")
     """traced (meta-device trace of the real HF model), closed-form, or auto (traced when torch is installed)."""
+    loop: Loop = axis(Loop.CUSTOM, "--loop", "What the training loop keeps of the model's output: trainer (only "
+                      "the loss), custom (outputs reassigned each micro-step), custom-del (outputs deleted after "
+                      "the step); " + LOOP_RULE + ".")
+    """How long the output object (its logits) lives: ``vocab.Loop``; ``vocab.loop_default`` is the rule."""
 
     def __post_init__(self) -> None:
         _positive("the micro-batch", self.micro_batch, "--micro-batch")
@@ -198,6 +204,7 @@ class Workload:
         _positive("gradient accumulation", self.grad_accum, "--grad-accum")
         _set(self, "attn", choice(Attention, self.attn, "--attn"))
         _set(self, "activations", choice(ActivationMode, self.activations, "--activations"))
+        _set(self, "loop", choice(Loop, self.loop, "--loop"))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -5,6 +5,9 @@ A training run goes through ``deepspeed.initialize`` (init), then per micro-step
 some only at its own peak (activations, temporaries). The peak allocated memory of the run is the largest phase peak;
 the first step, which creates the optimizer states, is covered because steady-state phases already hold them.
 
+The training loop decides how long the model's output object lives (``loop_outputs_bytes``): its logits sit in
+every phase after the forward that made them unless the loop keeps only the loss.
+
 Within backward, activations are freed layer by layer while gradients appear layer by layer; both change linearly in
 the number of layers done, so the backward peak lies at its start or its end and only those two points are evaluated.
 """
@@ -17,6 +20,7 @@ from zeroest.estimator.core.architecture import param_tensors
 from zeroest.estimator.core.model_states import ModelStates
 from zeroest.estimator.core.profile import ActivationProfile
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
+from zeroest.estimator.core.vocab import Loop
 
 PHASES: tuple[str, ...] = ("init", "forward", "backward", "step")
 COMPONENTS: tuple[str, ...] = (
@@ -59,6 +63,38 @@ def _grads_at_backward_start(setup: TrainingSetup, states: ModelStates) -> int:
     return 0
 
 
+def loop_outputs_bytes(setup: TrainingSetup, act: ActivationProfile, phase: str) -> int:
+    """Bytes of the model's output object that the training loop holds at ``phase``'s peak, beyond the profile's.
+
+    ``LlamaForCausalLM.forward`` (transformers 5.x, and every ``*ForCausalLM``) returns ``CausalLMOutputWithPast``
+    with ``loss`` (0-d fp32, from loss/loss_utils.py ``ForCausalLMLoss``) and ``logits`` = ``lm_head(h)``, b x s x V
+    in the model's dtype: L = p * b * s * V = ``act.logits_bytes``; with ``use_cache=False`` and no
+    ``output_hidden_states``/``output_attentions`` its cache, hidden states and attentions are None. The 4-byte
+    loss is left out. ``ForCausalLMLoss`` upcasts a copy (``logits.float()``) and cross-entropy saves its fp32
+    log-softmax, so backward never needs the logits themselves: they live only as long as the loop's reference.
+
+    ============  =======  ==========  ======
+    phase         trainer  custom-del  custom
+    ============  =======  ==========  ======
+    init          0        0           0
+    forward       0        0           L: the previous micro-step's ``outputs`` (the last one of the previous
+                                       step before micro-step 0) until this forward returns and replaces it
+    backward      0        L           L
+    step          0        L           L
+    ============  =======  ==========  ======
+
+    The forward's own logits are the profile's (``forward_peak_bytes``) in every loop. trainer: transformers'
+    trainer.py ``compute_loss`` returns ``outputs["loss"]``, so the output dies before ``training_step`` calls
+    backward; custom-del: ``del outputs`` after the step.
+    """
+    loop = setup.workload.loop
+    if loop == Loop.TRAINER or phase == "init":
+        return 0
+    if phase == "forward":
+        return act.logits_bytes if loop == Loop.CUSTOM else 0
+    return act.logits_bytes
+
+
 def timeline(setup: TrainingSetup, states: ModelStates, act: ActivationProfile) -> tuple[Phase, ...]:
     """init and the three phases of a steady training step, each with its peak's components.
 
@@ -81,14 +117,15 @@ def timeline(setup: TrainingSetup, states: ModelStates, act: ActivationProfile) 
                      else 0)
     forward = Phase(name="forward", components=_components(
         **held, grads=states.grads_carry_bytes, buffers=resident + states.gathered_params_bytes + carry_buckets,
-        activations=act.forward_peak_bytes(ckpt)))
+        activations=act.forward_peak_bytes(ckpt) + loop_outputs_bytes(setup, act, "forward")))
     # Backward, three candidate peaks. The head's backward (logits gradient, fp32 log-softmax gradient) runs before
     # any gradient hook fires, so the reduce buckets (``setup_buckets`` in the first hook) are not there yet; the
     # first layer's backward has them; the end has every gradient and, at stage 1, the flattened partition, while
     # stage 3 has released its gathered parameters after their backward use.
     gathered = resident + states.gathered_params_bytes
     grads_start = _grads_at_backward_start(setup, states)
-    stack = act.stack_bytes(ckpt)
+    outputs = loop_outputs_bytes(setup, act, "backward")  # the loop's output object, beside the saved stack
+    stack = act.stack_bytes(ckpt) + outputs
     head = _components(**held, grads=grads_start, buffers=gathered + carry_buckets,
                        activations=stack + act.head_saved_bytes + act.grad_logits_bytes
                        + act.backward_head_transient_bytes)
@@ -96,11 +133,12 @@ def timeline(setup: TrainingSetup, states: ModelStates, act: ActivationProfile) 
                         activations=stack + act.layer_backward_peak_bytes(ckpt))
     end = _components(**held, grads=max(states.grads_bytes, states.grads_carry_bytes),
                       buffers=resident + states.buckets_bytes,
-                      activations=act.backward_live_after_layers(setup.model.num_layers, ckpt),
+                      activations=act.backward_live_after_layers(setup.model.num_layers, ckpt) + outputs,
                       temporaries=states.epilogue_bytes)
     backward = Phase(name="backward", components=max(head, layer, end, key=lambda c: sum(c.values())))
     step = Phase(name="step", components=_components(
-        **held, grads=states.step_grads_bytes, buffers=resident, temporaries=states.step_temp_bytes))
+        **held, grads=states.step_grads_bytes, buffers=resident, temporaries=states.step_temp_bytes,
+        activations=loop_outputs_bytes(setup, act, "step")))
     return (init, forward, backward, step)
 
 

@@ -89,6 +89,20 @@ class Mode(StrEnum):
     PAPER = "paper"
 
 
+class Loop(StrEnum):
+    """What the training loop keeps of the model's output object (``CausalLMOutputWithPast``: the loss and the
+    b x s x V logits) after the forward returns."""
+
+    TRAINER = "trainer"
+    """Only the loss leaves the forward: transformers' Trainer ``compute_loss`` returns ``outputs["loss"]`` and
+    drops the output object before ``training_step`` calls backward (TRL's trainers inherit it)."""
+    CUSTOM = "custom"
+    """A for-loop that reassigns ``outputs = model(**batch)``: the output lives through backward and step, and
+    until the next micro-step's forward returns (the accelerate examples' loop)."""
+    CUSTOM_DEL = "custom-del"
+    """The same loop with ``del outputs`` after the optimizer step: the output lives through backward and step."""
+
+
 class Launcher(StrEnum):
     """How the job's ranks are started."""
 
@@ -156,6 +170,27 @@ ZERO_INIT_RULE = (
     "accelerate with zero3_init_flag on, build it under zero.Init"
 )
 """The zero.Init rule in words, for ``--help`` and the printed assumptions."""
+
+
+def loop_default(builder: Builder | None) -> Loop:
+    """The loop a job most likely runs when ``--loop`` is not given.
+
+    A ds_config with "auto" values is written for the HF Trainer, whose ``compute_loss`` keeps only the loss; an
+    accelerate config, a plain ds_config or flags alone (``builder`` None) mean a loop of the user's own, which
+    is assumed to keep its ``outputs`` (the larger case).
+    """
+    return Loop.TRAINER if builder == Builder.HF_TRAINER else Loop.CUSTOM
+
+
+LOOP_RULE = (
+    "default: custom with flags alone, an accelerate config or a plain ds_config; trainer for a ds_config with "
+    "\"auto\" values (the HF Trainer's)"
+)
+"""The loop rule in words, for ``--help`` and the printed assumptions."""
+
+MEASURED_BEFORE_KEY: dict[str, object] = {"loop": Loop.TRAINER}
+"""What a runs.jsonl row written before a setup key existed was measured with: the validator's worker ran only
+the Trainer's loop (``loss = engine(...).loss``) before ``loop`` was a key. Not the user's default."""
 
 
 def check_offload(stage: int, offload_optimizer: str, offload_params: str, optimizer: str | None = None) -> None:

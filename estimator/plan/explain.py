@@ -2,7 +2,8 @@
 
 Every saving is measured, not guessed: the estimate is run again with one knob turned (gradient checkpointing
 on, half the micro-batch with twice the accumulation, a higher ZeRO stage, optimizer or parameter offload,
-twice the GPUs, sdpa instead of eager attention) and the device memory compared.
+twice the GPUs, sdpa instead of eager attention, a loop that keeps only the loss) and the device memory
+compared.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass, replace
 
 from zeroest.estimator.core.estimate import Estimate, estimate
 from zeroest.estimator.core.setup import TrainingSetup, ZeroStage
+from zeroest.estimator.core.vocab import Loop
 from zeroest.estimator.units import format_gib
 
 LABELS = {
@@ -28,6 +30,9 @@ INIT_LABELS = {
     "partitioned: model_states.py init_extra_bytes)",
 }
 """What a component is when the peak is at init."""
+LOOP_FIX = ("keep only the loss before backward (loss = model(**batch).loss, or del outputs before "
+            "backward), or train with the HF Trainer")
+"""The change that makes a custom loop's memory the Trainer's (``--loop trainer``)."""
 SHARE_SHOWN = 0.05
 """Components below this fraction of the peak are not mentioned."""
 
@@ -82,7 +87,20 @@ def knob_changes(setup: TrainingSetup) -> list[tuple[str, TrainingSetup]]:
         changes.append((f"twice the GPUs (N_d = {2 * world})", replace(setup, parallel=doubled)))
     if w.attn == "eager":
         changes.append(("sdpa attention", _workload(setup, attn="sdpa")))
+    if w.loop != Loop.TRAINER:
+        changes.append((LOOP_FIX, _workload(setup, loop=Loop.TRAINER)))
     return changes
+
+
+def loop_line(est: Estimate, found: list[Knob]) -> str | None:
+    """The sentence naming the loop when the output object it keeps (its b x s x V logits) raises the peak."""
+    fix = next((k for k in found if k.setup.workload.loop == Loop.TRAINER and k.name == LOOP_FIX), None)
+    if fix is None or fix.saved_bytes <= 0:
+        return None
+    m, w = est.setup.model, est.setup.workload
+    return (f"the {w.loop} loop keeps the output object alive ({w.micro_batch} x {w.seq_len} x {m.vocab_size} "
+            f"logits in {est.setup.dtype}) beyond the forward; it costs {format_gib(fix.saved_bytes, 2)}: "
+            f"{LOOP_FIX} (--loop trainer)")
 
 
 def knobs(est: Estimate, estimator: Callable[[TrainingSetup], Estimate] | None = None) -> list[Knob]:
@@ -119,6 +137,8 @@ def explain(
             f"ZeRO-{est.stage + 1}..3 cannot help here: N_d = 1, so there is nothing to partition over"
         )
     found = knobs(est, estimator)
+    named = loop_line(est, found)
+    lines += [named] if named else []
     helpful = [k for k in found if k.saved_bytes > 0]
     for knob in helpful[:top]:
         lines.append(

@@ -172,6 +172,7 @@ DIMENSIONS: dict[str, Callable[[Record], object]] = {
     "checkpointing": lambda r: "on" if r.setup.workload.grad_ckpt else "off",
     "dtype": lambda r: r.setup.dtype,
     "run": lambda r: "simulated" if r.simulated else "real",
+    "loop": lambda r: r.setup.workload.loop,  # rows without the key: the worker's old loop (flat.setup_from_row)
     "gpu": lambda r: r.env.group,
 }
 """Breakdowns of the errors: each maps a record to its value in that dimension."""

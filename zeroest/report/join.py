@@ -204,14 +204,14 @@ def predict(setup: TrainingSetup, overheads: Overheads, *, simulated: bool = Fal
 def join_row(row: RunRow) -> Record:
     """The record of one row; ValueError (or FileNotFoundError) when its setup cannot be rebuilt."""
     from zeroest.estimator.catalog.models import load_model
-    from zeroest.estimator.configs.flat import setup_from_dict
+    from zeroest.estimator.configs.flat import setup_from_row
     from zeroest.estimator.core.estimate import estimate
 
     data = dict(row.data["setup"])
     if data.get("mode", "deepspeed") != "deepspeed":
         raise ValueError(f"mode {data.get('mode')!r}: only DeepSpeed-faithful runs are compared")
     model = load_model(_resolve_model(str(data.get("model", "")), row.source))
-    setup = setup_from_dict(data, model=model, where=row.where)
+    setup = setup_from_row(data, model=model, where=row.where)
     env = environment(row.data)
     simulated = bool(row.data.get("simulated"))
     cpu_row = not row.data.get("gpu")
