@@ -209,7 +209,7 @@ def plan_request(shape: ModelShape, flags: dict, *, gpu: str, margin: float = FI
     at stage 3, so unless ``flags`` says ``zero_init`` the plan assumes the same (``vocab.zero_init_default``).
     """
     from zeroest.estimator.core.estimate import estimate as estimate_setup
-    from zeroest.estimator.core.vocab import Builder, zero_init_default
+    from zeroest.estimator.core.vocab import Builder, loop_default, zero_init_default
     from zeroest.estimator.plan.explain import explain as explain_lines
     from zeroest.estimator.plan.plan import PlanRequest, capacity_queries
     from zeroest.estimator.plan.plan import plan as run_plan
@@ -233,6 +233,10 @@ def plan_request(shape: ModelShape, flags: dict, *, gpu: str, margin: float = FI
         how = ("under zero.Init, as the HF Trainer does with the written ds_config" if flags["zero_init"]
                else "whole, without zero.Init, as a plain script does")
         notes.append(f"planned with stage 3 building the model {how} (--zero-init/--no-zero-init changes it)")
+    if write_ds_config is not None and "loop" not in flags:
+        flags["loop"] = loop_default(Builder(write_for))
+        notes.append(f"planned with the {flags['loop']} training loop, as the written ds_config is read back "
+                     "(--loop changes it)")
     card = parse_gpu(gpu)
     flags.setdefault("gpu_memory_bytes", card.memory_bytes)  # the card decides DeepSpeed's init branch
     base = build_setup(shape, flags, from_params=from_params, stage=0)
