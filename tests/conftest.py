@@ -47,3 +47,10 @@ def ds_probe():
         return _PROBE_CACHE[config]
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def _host_ram_of_a_training_node(monkeypatch):
+    """``plan`` checks host RAM against this machine's by default; tests plan for a 2 TiB training node instead, so
+    their answers do not depend on the machine running them (``tests/test_plan_host_ram.py`` checks the default)."""
+    monkeypatch.setattr("zeroest.api.this_machine_ram_bytes", lambda: 2 * 2**40)

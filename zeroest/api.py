@@ -196,6 +196,13 @@ def _write_configs(setup: TrainingSetup, ds_path: Path | None, acc_path: Path | 
     return notes
 
 
+def this_machine_ram_bytes() -> int:
+    """Physical memory of this machine (``sysconf``), the default host RAM per node that ``plan`` checks."""
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def plan_request(shape: ModelShape, flags: dict, *, gpu: str, margin: float = FIT_MARGIN,
                  global_batch: int | None = None, host_ram: str | None = None, stages: list[int] | None = None,
                  offloads: list[str] | None = None, queries: list[str] | None = None, top: int = 10,
@@ -240,8 +247,14 @@ def plan_request(shape: ModelShape, flags: dict, *, gpu: str, margin: float = FI
     card = parse_gpu(gpu)
     flags.setdefault("gpu_memory_bytes", card.memory_bytes)  # the card decides DeepSpeed's init branch
     base = build_setup(shape, flags, from_params=from_params, stage=0)
+    if host_ram:
+        host_ram_bytes = parse_bytes(host_ram)
+    else:
+        host_ram_bytes = this_machine_ram_bytes()
+        notes.append(f"host RAM per node checked against this machine's {host_ram_bytes / 2**30:.0f} GiB "
+                     "(--host-ram sets the training nodes')")
     request = PlanRequest(base=base, gpu=card, margin=margin, global_batch=global_batch,
-                          host_ram_bytes=parse_bytes(host_ram) if host_ram else None,
+                          host_ram_bytes=host_ram_bytes,
                           space=_search_space(stages, offloads, grad_ckpt))
     if queries:
         return PlanAnswer(request=request, queries=queries, rows=capacity_queries(request, queries), notes=notes)

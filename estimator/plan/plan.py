@@ -175,6 +175,8 @@ def plan(request: PlanRequest, *, estimator: CachedEstimator | None = None) -> P
     n_params = est.numel(base)
     best: list[Candidate] = []
     considered = fitting = 0
+    host_bound: list[Memory] = []
+    """Groups that fit the GPU at the smallest micro-batch but not the host RAM."""
     for zero in zero_groups(base, request.space):
         for ckpt in request.space.grad_ckpt:
             considered += len(pairs)
@@ -184,6 +186,8 @@ def plan(request: PlanRequest, *, estimator: CachedEstimator | None = None) -> P
 
             first = est.memory(make(*pairs[0]))
             if request.host_ram_bytes is not None and first.cpu_bytes_per_node > request.host_ram_bytes:
+                if first.device_bytes <= budget:
+                    host_bound.append(first)
                 continue
             fit = _fitting_prefix(pairs, make, lambda s: est.device_bytes(s) <= budget)
             fitting += len(fit)
@@ -196,6 +200,10 @@ def plan(request: PlanRequest, *, estimator: CachedEstimator | None = None) -> P
             )
     best.sort(key=lambda c: (c.seconds_per_token, c.memory.device_bytes))
     reason = None if best else infeasible_message(request, est)
+    if not best and host_bound:
+        least = min(m.cpu_bytes_per_node for m in host_bound)
+        reason += (f"; {len(host_bound)} setup group(s) would fit the GPU but need at least {format_gib(least, 1)} "
+                   f"of host RAM per node, more than the {format_gib(request.host_ram_bytes, 1)} checked (--host-ram)")
     return Plan(
         request=request,
         candidates=tuple(best),

@@ -60,7 +60,8 @@ def plan(
     host_ram: Annotated[
         str | None,
         typer.Option(
-            "--host-ram", help="Host RAM per node, e.g. 512GiB; offload must fit in it. Default: not checked."
+            "--host-ram", help="Host RAM per node, e.g. 512GiB; the chosen setup must fit in it. Default: this "
+            "machine's RAM, with a note."
         ),
     ] = None,
     margin: Annotated[float, typer.Option("--margin", help="Fraction of GPU memory kept free.")] = FIT_MARGIN,
@@ -134,7 +135,8 @@ def _render(answer, as_json: bool) -> None:
     result = answer.plan
     if result.best is None:
         if as_json:
-            out.print_json(json.dumps({"fits": False, "reason": result.infeasible, "considered": result.considered}))
+            out.print_json(json.dumps({"fits": False, "reason": result.infeasible, "considered": result.considered,
+                                       "assumed": answer.notes}))
         else:
             err.print(f"zeroest: {result.infeasible}", markup=False)
         return
