@@ -10,6 +10,8 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -56,12 +58,39 @@ def load_config(name_or_path: str) -> tuple[str, dict]:
         path = path / "config.json"
     if path.is_file():
         return str(path), load_json(path, "an HF config.json")
+    if _HUB_ID.fullmatch(name_or_path.strip()):
+        return _hub_config(name_or_path.strip())
     close = difflib.get_close_matches(key, presets, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ValueError(
         f"unknown model {name_or_path!r}: not a preset or a file{hint} "
         "(`zeroest models` lists the presets)"
     )
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+"""``org/name``: a Hugging Face Hub model id, read from the local cache only."""
+
+
+def _hub_config(repo_id: str) -> tuple[str, dict]:
+    """(repo_id, config.json) of a Hub id from huggingface_hub's local cache (``$HF_HUB_CACHE``, else
+    ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``), offline; ValueError (one line) when it is not there."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        raise ValueError(f"model {repo_id!r} looks like a Hub id, which needs huggingface_hub: "
+                         "pip install 'zeroest[validate]', or pass the path of its config.json") from None
+    hf_home = os.environ.get("HF_HOME")
+    cache = os.environ.get("HF_HUB_CACHE") or (os.path.join(hf_home, "hub") if hf_home else None)
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache)
+    except ValueError as err:  # HFValidationError: not a valid repo id
+        raise ValueError(f"model {repo_id!r}: not a preset, a file or a valid Hub id ({err})") from None
+    if not isinstance(found, str):
+        where = cache or "the default cache"
+        raise ValueError(f"model {repo_id!r} is not in the local Hugging Face cache ({where}): download its "
+                         f"config.json once (`hf download {repo_id} config.json`) or pass a config.json path")
+    return repo_id, load_json(Path(found), f"the cached config.json of {repo_id}")
 
 
 @dataclass(frozen=True, kw_only=True)

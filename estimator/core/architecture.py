@@ -117,8 +117,10 @@ def shape_from_config(config: dict, name: str) -> ModelShape:
     supported = ", ".join(FAMILIES)
     if family is None:
         raise ValueError(f"config {name!r} has no 'model_type': is it an HF config.json? ({supported})")
-    if family not in FAMILIES:
-        raise ValueError(f"config {name!r} has model_type {family!r}; supported: {supported}")
+    if family not in FAMILIES:  # any other causal LM: read from transformers (needs the full install)
+        from zeroest.estimator.trace.generic import generic_shape
+
+        return generic_shape(config, name)
     gpt2 = family == "gpt2"
     hidden = _positive_int(config, name, *(("n_embd", "hidden_size") if gpt2 else ("hidden_size", "n_embd")))
     layers = _positive_int(config, name, *(("n_layer",) if gpt2 else ()), "num_hidden_layers")
@@ -326,10 +328,15 @@ def param_tensors(shape: ModelShape) -> tuple[ParamTensor, ...]:
     """The tensors of ``AutoModelForCausalLM.from_config(cfg).named_parameters()``, in order.
 
     Names, order and ``numel`` match transformers 5.24 for every family in ``FAMILIES``; a tied lm_head is
-    left out, as ``named_parameters`` (``remove_duplicate=True``) leaves it out.
+    left out, as ``named_parameters`` (``remove_duplicate=True``) leaves it out. Any other family is read off
+    the model built on the meta device (``trace.generic.meta_param_tensors``, torch imported there).
     """
     if shape.family not in FAMILIES:
-        raise ValueError(f"model {shape.name!r} has family {shape.family!r}, not in {', '.join(FAMILIES)}")
+        if not isinstance(shape.extra.get("config"), dict):
+            raise ValueError(f"model {shape.name!r} has family {shape.family!r} and no config.json to build it from")
+        from zeroest.estimator.trace.generic import meta_param_tensors
+
+        return tuple(ParamTensor(name=n, numel=k, component=c) for n, k, c in meta_param_tensors(shape))
     return _tensors(shape)
 
 

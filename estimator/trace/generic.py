@@ -1,0 +1,132 @@
+"""Any HF causal LM: its ``ModelShape`` and exact parameter tensors from the model built on the meta device.
+
+The families ``core.architecture`` writes out (``core.shape.FAMILIES``) keep their closed forms. Every other
+``model_type`` that ``AutoModelForCausalLM.from_config`` builds goes through here: ``generic_shape`` reads the
+shape's fields from the HF config class (transformers ``AutoConfig.for_model``, so that the class defaults of
+fields left out of config.json apply), and ``meta_param_tensors`` lists ``model.named_parameters()`` of the
+full-depth model on ``torch.device("meta")``: no memory, exact names, order and element counts. Tied weights
+appear once (``named_parameters(remove_duplicate=True)``); buffers (rotary ``inv_freq``, ...) are not
+parameters and are left out, as DeepSpeed's ZeRO partitions parameters only (partition_parameters.py
+``_convert_to_deepspeed_param`` runs over ``module.parameters``).
+
+A family's quirks (MoE experts and routers, q/k norms, pre/post norms, latent attention) are whatever modules
+the model registers; the component of a tensor is read from its name by ``COMPONENT_RULES``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from zeroest.estimator.core.shape import ModelShape
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'zeroest[validate]'"
+"""What makes traced families work: torch and transformers."""
+
+COMPONENT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("lm_head", ("lm_head",)),
+    ("norms", ("norm", "ln_", "layernorm")),
+    ("position_embeddings", ("embed_positions", "wpe", "position_embeddings")),
+    ("embeddings", ("embed", "wte")),
+    ("attention", ("attn", "attention")),
+    ("mlp", ("mlp", "experts", "moe", "feed_forward", "ffn", "gate", "router")),
+)
+"""(component, substrings): the first rule a module name of the parameter (its path, without ``.weight``)
+matches decides; the norm rule reads the last module only, so that ``self_attn.q_norm`` is a norm. A tensor that
+matches none belongs to ``mlp`` inside the decoder layers and to ``embeddings`` outside them."""
+
+
+def component_of(name: str) -> str:
+    """The component of the parameter called ``name`` (``model.layers.0.self_attn.q_norm.weight`` -> norms)."""
+    modules = name.split(".")[:-1]
+    path, last = ".".join(modules).lower(), (modules[-1].lower() if modules else "")
+    for component, needles in COMPONENT_RULES:
+        where = last if component == "norms" else path
+        if any(needle in where for needle in needles):
+            return component
+    return "mlp" if any(part.isdigit() for part in modules) else "embeddings"
+
+
+def _require_transformers(family: str, name: str):
+    import importlib.util
+
+    if any(importlib.util.find_spec(lib) is None for lib in ("torch", "transformers")):
+        raise ValueError(f"config {name!r} has model_type {family!r}, which needs torch and transformers to read "
+                         f"its parameters: {INSTALL_HINT}")
+
+
+def hf_config_object(config: dict, name: str):
+    """The transformers config object of a config.json dict; ValueError (one line) for an unknown model_type."""
+    family = config["model_type"]
+    _require_transformers(family, name)
+    from transformers import AutoConfig
+
+    kwargs = {k: v for k, v in config.items() if k != "model_type"}
+    try:
+        cfg = AutoConfig.for_model(family, **kwargs)
+    except (ValueError, KeyError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"config {name!r}: transformers cannot build model_type {family!r} ({first[:120]}): "
+                         "is it a causal LM config, and is transformers recent enough?") from None
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(cfg), None)
+    if model_class is None or not model_class.__name__.endswith("ForCausalLM"):  # e.g. bert's BertLMHeadModel
+        raise ValueError(f"config {name!r} has model_type {family!r}, which has no decoder-only *ForCausalLM "
+                         "in transformers: only causal LMs work")
+    return cfg
+
+
+def _attr(cfg, *names: str, default=None):
+    for key in names:
+        value = getattr(cfg, key, None)
+        if value is not None:
+            return value
+    return default
+
+
+def generic_shape(config: dict, name: str) -> ModelShape:
+    """A ``ModelShape`` for a family without a closed form; ``extra["config"]`` keeps the config.json dict,
+    which the tracer and ``meta_param_tensors`` build from. The scalar fields are the config class's values
+    (its defaults where config.json leaves them out); MoE models report the dense ``intermediate_size``."""
+    cfg = hf_config_object(config, name)
+    hidden = int(_attr(cfg, "hidden_size", "n_embd", "d_model"))
+    heads = int(_attr(cfg, "num_attention_heads", "n_head", default=1))
+    head_dim = int(_attr(cfg, "head_dim", default=hidden // max(heads, 1)))
+    return ModelShape(
+        name=name,
+        family=config["model_type"],
+        vocab_size=int(cfg.vocab_size),
+        hidden_size=hidden,
+        num_layers=int(_attr(cfg, "num_hidden_layers", "n_layer")),
+        num_heads=heads,
+        num_kv_heads=int(_attr(cfg, "num_key_value_heads", default=heads)),
+        head_dim=head_dim,
+        intermediate_size=int(_attr(cfg, "intermediate_size", "moe_intermediate_size", "ffn_dim", default=4 * hidden)),
+        max_positions=int(_attr(cfg, "max_position_embeddings", "n_positions", default=2048)),
+        gated_mlp=True,
+        tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        norm="rmsnorm",
+        positions="rotary",
+        attention_bias=bool(getattr(cfg, "attention_bias", False)),
+        extra={"config": dict(config), "hidden_act": str(_attr(cfg, "hidden_act", "hidden_activation",
+                                                                default="silu"))},
+    )
+
+
+def meta_model(config: dict):
+    """``AutoModelForCausalLM.from_config`` of the whole model on the meta device (fp32, eager attention)."""
+    from zeroest.estimator.trace.model import build_model
+
+    return build_model(config, "fp32", "eager", device="meta", num_layers=None)
+
+
+def meta_param_tensors(shape: ModelShape) -> list[tuple[str, int, str]]:
+    """(name, numel, component) of every entry of ``named_parameters()`` of ``shape``'s model on meta."""
+    start = time.perf_counter()
+    model = meta_model(shape.extra["config"])
+    out = [(name, param.numel(), component_of(name)) for name, param in model.named_parameters()]
+    log.info(f"read {len(out)} parameter tensors of {shape.name} on meta in {time.perf_counter() - start:.2f} s")
+    return out
