@@ -12,12 +12,13 @@ import difflib
 from dataclasses import fields
 from enum import Enum
 
+from zeroest.estimator.core.adapters import Adapters
 from zeroest.estimator.core.setup import Optimizer, Parallelism, TrainingSetup, Workload, ZeroConfig
 from zeroest.estimator.core.shape import ModelShape
 from zeroest.estimator.core.vocab import MEASURED_BEFORE_KEY
 
 PARTS: dict[str, type] = {"parallel": Parallelism, "optimizer": Optimizer, "zero": ZeroConfig,
-                          "workload": Workload}
+                          "workload": Workload, "adapters": Adapters}
 """The parts of a TrainingSetup, by attribute name."""
 
 

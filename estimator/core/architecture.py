@@ -63,6 +63,8 @@ class ParamTensor:
     """Number of elements."""
     component: Component
     """Which part of the model it belongs to; a bias belongs to its module's component."""
+    linear_shape: tuple[int, int] | None = None
+    """(out, in) when this is the weight of an ``nn.Linear`` (or gpt2's ``Conv1D``): what a LoRA adapter wraps."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,12 +191,12 @@ def shape_from_config(config: dict, name: str) -> ModelShape:
     )
 
 
-_Emit = Callable[[str, int, str], None]
+_Emit = Callable[..., None]
 
 
 def _linear(emit: _Emit, name: str, n_in: int, n_out: int, bias: bool, component: str) -> None:
     """``nn.Linear(n_in, n_out, bias)`` (or gpt2's ``Conv1D(n_out, n_in)``): weight, then bias."""
-    emit(f"{name}.weight", n_in * n_out, component)
+    emit(f"{name}.weight", n_in * n_out, component, (n_out, n_in))
     if bias:
         emit(f"{name}.bias", n_out, component)
 
@@ -297,8 +299,8 @@ _LAYER = {
 def _tensors(s: ModelShape) -> tuple[ParamTensor, ...]:
     out: list[ParamTensor] = []
 
-    def emit(name: str, numel: int, component: str) -> None:
-        out.append(ParamTensor(name=name, numel=numel, component=component))
+    def emit(name: str, numel: int, component: str, linear_shape: tuple[int, int] | None = None) -> None:
+        out.append(ParamTensor(name=name, numel=numel, component=component, linear_shape=linear_shape))
 
     h, vocab = s.hidden_size, s.vocab_size
     if s.family == "opt":
@@ -319,7 +321,7 @@ def _tensors(s: ModelShape) -> tuple[ParamTensor, ...]:
         layer(s, emit, f"{prefix}.{i}")
     _norm(emit, final, h, s.norm == "layernorm")
     if not s.tied_embeddings:
-        emit("lm_head.weight", vocab * h, "lm_head")
+        emit("lm_head.weight", vocab * h, "lm_head", (vocab, h))
     return tuple(out)
 
 

@@ -131,6 +131,9 @@ def _assumptions(setup: TrainingSetup, source: str) -> tuple[str, ...]:
         notes.append("model built under zero.Init (never whole on one GPU)" if setup.zero.zero_init else
                      f"model built whole on the host, then partitioned (no zero.Init; {ZERO_INIT_RULE}; "
                      "--zero-init changes it)")
+    if not setup.adapters.full:
+        notes.append("LoRA/frozen weights: model states and activations as a full fine-tune (an upper bound; "
+                     "frozen-parameter states are not modelled yet)")
     if setup.mode == "paper":
         notes.append("paper mode: ZeRO paper model states (2 + 2 + K) Psi with K = 12; no activations or buffers")
     return tuple(notes)

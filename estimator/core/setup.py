@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from zeroest.estimator.core.adapters import Adapters, trainable_split
 from zeroest.estimator.core.shape import ModelShape
 from zeroest.estimator.core.vocab import (
     ADAM_FAMILY,
@@ -223,6 +224,8 @@ class TrainingSetup:
     """ZeRO stage and knobs."""
     workload: Workload = field(default_factory=Workload)
     """Micro-batch, sequence length, accumulation, checkpointing, attention."""
+    adapters: Adapters = field(default_factory=Adapters)
+    """LoRA adapters and frozen weights (``core.adapters``); the default trains every parameter."""
     mode: Mode = axis(Mode.DEEPSPEED, "--mode", "deepspeed: what DeepSpeed allocates; paper: the ZeRO paper's "
                       "model states.")
     """deepspeed: what DeepSpeed really allocates; paper: the ZeRO paper's model states, (2 + 2 + K) Psi."""
@@ -238,6 +241,8 @@ class TrainingSetup:
             _positive("the card's memory", self.gpu_memory_bytes, "--gpu to a preset or a size such as 24GB")
         _set(self, "dtype", choice(Dtype, self.dtype, "--dtype"))
         _set(self, "mode", choice(Mode, self.mode, "--mode"))
+        if self.adapters.lora:
+            trainable_split(self.model, self.adapters)  # raises when --lora-targets matches no Linear
         opt, zero = self.optimizer, self.zero
         check_offload(zero.stage, zero.offload_optimizer, zero.offload_params, opt.name)
         if opt.impl is None:

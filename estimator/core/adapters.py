@@ -1,0 +1,203 @@
+"""Which parameters train: peft LoRA adapters, ``modules_to_save`` copies and frozen base weights.
+
+``Adapters`` is the setup's part for it; ``trainable_split`` lists the tensors of the model as peft builds it
+(peft 0.21 ``tuners/lora/model.py`` ``LoraModel._create_and_replace``, ``tuners/lora/layer.py``
+``LoraLayer.update_layer``, ``utils/other.py`` ``ModulesToSaveWrapper``), split into trainable and frozen, in
+``named_parameters`` order.
+
+Closed form, per LoRA-wrapped Linear of weight shape (out, in) and rank r: ``lora_A`` is ``nn.Linear(in, r,
+bias=False)`` (r * in) and ``lora_B`` is ``nn.Linear(r, out, bias=False)`` (out * r), so it adds r * (in + out)
+trainable elements; the base layer's weight and bias freeze (``_mark_only_adapters_as_trainable``, bias="none").
+A module in ``modules_to_save`` keeps its original (frozen) and gains a trainable deep copy of all its parameters.
+
+Freeze patterns (``--freeze``, comma-separated, for the base weights of any setup):
+
+* ``embeddings``: token and learned position embeddings (and opt's project_in/out);
+* ``lm_head``, ``norms``, ``attention``, ``mlp``: that component;
+* ``layers:N``: the first N decoder layers (0 .. N-1); ``layers:A-B``: layers A to B inclusive;
+* anything else: a glob over HF parameter names, e.g. ``*.self_attn.*`` (``fnmatch``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+from zeroest.estimator.core.architecture import COMPONENTS, ParamTensor, param_tensors
+from zeroest.estimator.core.shape import ModelShape
+
+ALL_LINEAR = "all-linear"
+"""peft's ``target_modules="all-linear"``: every Linear/Conv1D but the output layer
+(tuners_utils.py ``_maybe_include_all_linear_layers``)."""
+PEFT_PREFIX = "base_model.model."
+"""``PeftModel`` names every parameter under ``base_model.model.``."""
+_LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
+
+
+def _axis(default, flag: str, help: str):
+    """Same metadata as ``core.setup.axis`` (not imported: setup imports this module)."""
+    return field(default=default, metadata={"flag": flag, "help": help, "key": None, "count": False})
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+@dataclass(frozen=True, kw_only=True)
+class Adapters:
+    """LoRA (peft) and frozen parameters. The defaults are a full fine-tune: every parameter trains."""
+
+    lora_rank: int | None = _axis(None, "--lora-rank", "peft LoRA rank r (0 or unset: full fine-tune).")
+    """LoRA rank r; None (or 0) trains the whole model."""
+    lora_alpha: int | None = _axis(None, "--lora-alpha", "LoRA alpha (scaling only; no memory of its own). "
+                                   "Default: peft's 8.")
+    """``LoraConfig.lora_alpha``: scales B A by alpha / r; recorded for the validator, no memory term."""
+    lora_dropout: float = _axis(0.0, "--lora-dropout", "LoRA dropout probability (adds a mask per wrapped layer).")
+    """``LoraConfig.lora_dropout``: above 0 each wrapped layer saves a dropout mask of its input."""
+    lora_targets: str = _axis(ALL_LINEAR, "--lora-targets", "Modules LoRA wraps: all-linear, or comma-separated "
+                              "module names such as q_proj,v_proj.")
+    """``LoraConfig.target_modules``: ``all-linear`` or names matched as peft does (``check_target_module_exists``:
+    the module's name equals a target or ends with ``.`` + target)."""
+    modules_to_save: str = _axis("", "--modules-to-save", "Comma-separated modules trained whole next to LoRA "
+                                 "(e.g. lm_head,embed_tokens).")
+    """``LoraConfig.modules_to_save``: each matched module gets a full trainable copy."""
+    freeze: str = _axis("", "--freeze", "Comma-separated frozen base weights: embeddings, lm_head, norms, "
+                        "attention, mlp, layers:N (first N), layers:A-B, or a name glob.")
+    """Freeze patterns, the language in this module's docstring."""
+
+    def __post_init__(self) -> None:
+        rank = self.lora_rank
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
+            raise ValueError(f"the LoRA rank must be a whole number >= 0, got {rank!r} (set --lora-rank)")
+        if rank == 0:
+            object.__setattr__(self, "lora_rank", None)
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r} (set --lora-dropout)")
+        if not _names(self.lora_targets):
+            raise ValueError("--lora-targets is empty: give all-linear or module names such as q_proj,v_proj")
+        for pattern in _names(self.freeze):
+            _layer_range(pattern)  # raises on a malformed layers: pattern
+
+    @property
+    def lora(self) -> bool:
+        """LoRA adapters are on."""
+        return self.lora_rank is not None
+
+    @property
+    def full(self) -> bool:
+        """A plain full fine-tune: nothing frozen, no adapters."""
+        return not self.lora and not _names(self.freeze) and not _names(self.modules_to_save)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainableSplit:
+    """The model's tensors as trained: ``trainable`` then ``frozen``, each in ``named_parameters`` order."""
+
+    trainable: tuple[ParamTensor, ...]
+    """Parameters with ``requires_grad``: LoRA A/B, modules_to_save copies, unfrozen base weights."""
+    frozen: tuple[ParamTensor, ...]
+    """Base weights with ``requires_grad=False``."""
+
+    @property
+    def trainable_numel(self) -> int:
+        """Trainable elements (peft's ``print_trainable_parameters`` "trainable params")."""
+        return sum(t.numel for t in self.trainable)
+
+    @property
+    def frozen_numel(self) -> int:
+        """Frozen elements."""
+        return sum(t.numel for t in self.frozen)
+
+    @property
+    def total_numel(self) -> int:
+        """Every parameter (peft's "all params")."""
+        return self.trainable_numel + self.frozen_numel
+
+
+def _layer_range(pattern: str) -> range | None:
+    if not pattern.startswith("layers:"):
+        return None
+    spec = pattern.removeprefix("layers:")
+    match = re.fullmatch(r"(\d+)(?:-(\d+))?", spec)
+    if not match:
+        raise ValueError(f"--freeze pattern {pattern!r}: write layers:N (the first N) or layers:A-B")
+    lo, hi = match.groups()
+    return range(int(lo)) if hi is None else range(int(lo), int(hi) + 1)
+
+
+def _frozen_by(tensor: ParamTensor, patterns: tuple[str, ...]) -> bool:
+    for pattern in patterns:
+        layers = _layer_range(pattern)
+        index = _LAYER.search(tensor.name)
+        if layers is not None:
+            if index and int(index.group(1)) in layers:
+                return True
+        elif pattern == "embeddings":
+            if tensor.component in ("embeddings", "position_embeddings"):
+                return True
+        elif pattern in COMPONENTS:
+            if tensor.component == pattern:
+                return True
+        elif fnmatchcase(tensor.name, pattern):
+            return True
+    return False
+
+
+def _module(name: str) -> str:
+    return name.rsplit(".", 1)[0]
+
+
+def _matches(module: str, targets: tuple[str, ...]) -> bool:
+    """peft tuners_utils.py ``check_target_module_exists``: equal, or ends with ``.`` + target."""
+    return any(module == t or module.endswith(f".{t}") for t in targets)
+
+
+def _is_target(tensor: ParamTensor, adapters: Adapters) -> bool:
+    if tensor.linear_shape is None:
+        return False
+    module = _module(tensor.name)
+    targets = _names(adapters.lora_targets)
+    if targets == (ALL_LINEAR,):
+        return tensor.component != "lm_head"
+    return _matches(module, targets)
+
+
+def _saved_copies(model: ModelShape, tensors: tuple[ParamTensor, ...], saved: tuple[str, ...]) -> list[ParamTensor]:
+    """``ModulesToSaveWrapper``: ``modules_to_save.default`` is a deep copy of the module, all trainable. A tied
+    lm_head is not in ``named_parameters`` (its weight is the embedding's), but its copy is a new tensor."""
+    out = []
+    for t in tensors:
+        module = _module(t.name)
+        if _matches(module, saved):
+            out.append(ParamTensor(name=f"{module}.modules_to_save.default.{t.name.rsplit('.', 1)[1]}",
+                                   numel=t.numel, component=t.component))
+    if "lm_head" in saved and model.tied_embeddings:
+        embed = next(t for t in tensors if t.component == "embeddings")
+        out.append(ParamTensor(name="lm_head.modules_to_save.default.weight", numel=embed.numel,
+                               component="lm_head"))
+    return out
+
+
+def trainable_split(model: ModelShape, adapters: Adapters) -> TrainableSplit:
+    """The model's parameters as peft (or a freeze) leaves them, with LoRA A/B after each wrapped weight."""
+    tensors = param_tensors(model)
+    freeze = _names(adapters.freeze)
+    saved = _names(adapters.modules_to_save)
+    trainable: list[ParamTensor] = []
+    frozen: list[ParamTensor] = []
+    r = adapters.lora_rank
+    for t in tensors:
+        (frozen if adapters.lora or _frozen_by(t, freeze) else trainable).append(t)
+        if adapters.lora and _is_target(t, adapters):
+            out, n_in = t.linear_shape
+            module = _module(t.name)
+            trainable.append(ParamTensor(name=f"{module}.lora_A.default.weight", numel=r * n_in,
+                                         component=t.component))
+            trainable.append(ParamTensor(name=f"{module}.lora_B.default.weight", numel=out * r,
+                                         component=t.component))
+    if adapters.lora and not any(_is_target(t, adapters) for t in tensors):
+        raise ValueError(f"--lora-targets {adapters.lora_targets!r} matches no Linear of {model.name}: use "
+                         "all-linear or module names such as q_proj,v_proj")
+    trainable.extend(_saved_copies(model, tensors, saved))
+    return TrainableSplit(trainable=tuple(trainable), frozen=tuple(frozen))
