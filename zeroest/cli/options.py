@@ -48,7 +48,7 @@ def _option(key: str, part: str | None, f, hints) -> inspect.Parameter:
     kind = hints[part or ""][f.name]
     base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
     help_text = f.metadata["help"]
-    if f.default is not None and not isinstance(f.default, type(inspect.Parameter.empty)):
+    if f.default not in (None, "") and not isinstance(f.default, type(inspect.Parameter.empty)):
         help_text += f" Default: {_default_text(f.default)}."
     if f.metadata["count"]:
         base = str
