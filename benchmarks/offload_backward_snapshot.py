@@ -28,8 +28,10 @@ def main() -> None:
     from torch.testing._internal.distributed.fake_pg import FakeStore
     from transformers import AutoConfig, AutoModelForCausalLM
     from zeroest.estimator.catalog import models as presets
+    from zeroest.validate.fakepg import init_fake_world
 
     dist.init_process_group(backend="fake", rank=0, world_size=2, store=FakeStore())
+    init_fake_world(0, 2)  # as validate/worker.py _init_distributed does for a simulated rank
     deepspeed.init_distributed(dist_backend="gloo")
     torch.cuda.set_device(0)
     cfg = dict(presets.load_config(args.model)[1])
