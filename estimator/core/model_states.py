@@ -56,7 +56,8 @@ class ModelStates:
     gathered_params_bytes: int
     """Stage 3: parameters gathered at once during forward/backward (current module plus prefetch)."""
     epilogue_bytes: int
-    """Transient at the end of backward: the 16-bit partition stage 1 flattens from the full gradients."""
+    """Transient at the end of backward: the 16-bit partition stage 1 flattens from the full gradients; with
+    offload, the fp32 copy of the largest in-partition gradient slice on its way to the host."""
     step_grads_bytes: int
     """Gradient storage alive when ``engine.step()`` begins (freed inside it, after its fp32 copy is made)."""
     step_temp_bytes: int
@@ -127,6 +128,47 @@ def _overlap_numel(numels: tuple[int, ...], world_size: int, rank: int) -> int:
     return starts[last + 1] - starts[first] if first <= last else 0
 
 
+def stage1_offload_grads_bytes(setup: TrainingSetup, numel: int) -> int:
+    """Stage 1 with optimizer offload and ``overlap_comm`` off: the model's ``param.grad`` (bP) live to the end of
+    backward, as without offload; 0 at stage 2 or with ``overlap_comm``.
+
+    stage_1_and_2.py ``process_gradients`` (the gradient hook) reduces a gradient only
+    ``if self.partition_gradients or self.overlap_comm``: at stage 1 with overlap off no hook reduces or offloads
+    anything; every ``param.grad`` stays on the GPU until ``engine.backward`` calls ``reduce_gradients``, which
+    walks the groups (``reduce_ready_partitions_and_remove_grads``) and then copies this rank's partition to the
+    host (``copy_grads_in_partition`` -> ``async_inplace_copy_grad_to_fp32_buffer_from_gpu``). The reduce buckets
+    are allocated by the first hook all the same (``setup_buckets``). Measured: qwen2.5-1.5b, N_d = 2, ZeRO-1 +
+    offload + checkpointing, backward 8.06 GiB against 6.05 at ZeRO-2 (data/runs/h200-cards).
+    """
+    if setup.stage >= ZeroStage.GRADIENTS or setup.zero.overlap:
+        return 0
+    return DTYPE_BYTES[setup.dtype] * numel
+
+
+def offload_copy_temp_bytes(model: ModelShape, world_size: int) -> int:
+    """4 * n_slice: the fp32 copy on the GPU of one gradient's in-partition slice, on its way to the host.
+
+    stage_1_and_2.py ``async_inplace_copy_grad_to_fp32_buffer_from_gpu`` (called per parameter from
+    ``copy_grads_in_partition`` when it is reduced) converts on the GPU before the copy:
+    ``src_tensor = grad_accum.view(-1).narrow(0, source_offset, num_elements)``, then
+    ``src_tensor.to(self.master_weights_and_grads_dtype)`` (fp32), then ``dest_tensor.copy_(src_tensor)``. n_slice
+    is the largest overlap of one parameter with the rank's partition (the embedding, whole, on rank 0 of a
+    small N_d). Measured: llama-3-8b, N_d = 2, ZeRO-2 + offload on a 24 GB card OOMs asking for 3.91 GiB
+    (4 x 128256 x 4096); qwen2.5-1.5b ZeRO-1/2 + offload + checkpointing miss 0.87 GiB (4 x 151936 x 1536) at
+    the end of backward (data/runs/h200-cards).
+    """
+    numels = tuple(t.numel for t in param_tensors(model))
+    return FP32 * max(_largest_slice_numel(numels, world_size, r) for r in range(world_size))
+
+
+@lru_cache(maxsize=4096)
+def _largest_slice_numel(numels: tuple[int, ...], world_size: int, rank: int) -> int:
+    starts = [0, *accumulate(numels)]
+    part = flat_group_numel(starts[-1], world_size) // world_size
+    lo, hi = rank * part, (rank + 1) * part
+    return max((min(end, hi) - max(start, lo) for start, end in zip(starts[:-1], starts[1:], strict=True)), default=0)
+
+
 def stage0_states(setup: TrainingSetup, numel: int, device: Device = "cuda") -> ModelStates:
     """Stage 0: every rank holds every state (engine.py ``_do_optimizer_sanity_check`` picks the wrapper).
 
@@ -178,7 +220,8 @@ def stage12_states(setup: TrainingSetup, numel: int, device: Device = "cuda", *,
     * step: the flat 16-bit partition is converted to an fp32 ``single_grad_partition`` (4p) and freed; then the
       optimizer's temporaries.
     * offload: master, states, an fp32 gradient partition (4p, from init) and a 16-bit copy (bp) on the host;
-      ``temp_grad_buffer_for_gpu_offload`` (b * n_max) on the GPU; no ``grads_in_partition``.
+      ``temp_grad_buffer_for_gpu_offload`` (b * n_max) on the GPU; no ``grads_in_partition``; at stage 1 without
+      ``overlap_comm`` the model's gradients (bP) stay to the end of backward (``stage1_offload_grads_bytes``).
     """
     b = DTYPE_BYTES[setup.dtype]
     world = setup.world_size
@@ -193,7 +236,8 @@ def stage12_states(setup: TrainingSetup, numel: int, device: Device = "cuda", *,
     master = FP32 * part
     states = optimizer_state_bytes(setup, part)
     if offload:
-        grads, carry, epilogue, step_grads = 0, 0, 0, 0
+        grads = stage1_offload_grads_bytes(setup, numel)
+        carry, epilogue, step_grads = (grads if accum else 0), offload_copy_temp_bytes(setup.model, world), 0
     elif stage2:
         grads = b * stage2_grad_numel(setup.model, world)
         carry, epilogue, step_grads = (grads if accum else 0), 0, grads
@@ -219,8 +263,10 @@ def stage12_states(setup: TrainingSetup, numel: int, device: Device = "cuda", *,
         # init: the model's params and the flat copy (2bP; bP' alone when flattened on the host); later the master
         # partition and the zero fp32 gradient ``initialize_optimizer_states`` makes and drops (4p), or the pinned
         # host buffers with offload.
+        # (offload: ``weights_partition = ...[partition_id].detach().clone().to(self.device)`` clones the 16-bit
+        # partition on the GPU, bp, before moving it to the host)
         init_peak_bytes=max(b * numel * flatten_on_gpu + b * padded,
-                            b * padded + (0 if offload else master + FP32 * part)),
+                            b * padded + (b * part if offload else master + FP32 * part)),
         host_bytes=master + states + FP32 * part + b * part + b * n_max if offload else 0,
         nvme_bytes=0,
     )

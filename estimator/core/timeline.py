@@ -58,7 +58,7 @@ def _grads_at_backward_start(setup: TrainingSetup, states: ModelStates) -> int:
     model's own ``param.grad`` hold gradients (stages 0-1), the head's."""
     if states.grads_carry_bytes:
         return states.grads_carry_bytes
-    if setup.stage <= ZeroStage.OPTIMIZER_STATES and setup.zero.offload_optimizer == "none":
+    if setup.stage <= ZeroStage.OPTIMIZER_STATES and (setup.zero.offload_optimizer == "none" or states.grads_bytes):
         return DTYPE_BYTES[setup.dtype] * _head_param_numel(setup)
     return 0
 
