@@ -9,7 +9,7 @@ from zeroest.estimator.core.capacity import flatten_decision
 from zeroest.estimator.core.estimate import estimate
 from zeroest.estimator.core.model_states import flat_group_numel
 from zeroest.estimator.core.overheads import Overheads
-from zeroest.estimator.units import GiB, MiB, round_up
+from zeroest.estimator.units import MiB, round_up
 
 from zeroest.api import predict_request
 
