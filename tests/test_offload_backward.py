@@ -7,7 +7,7 @@ from importlib import resources
 
 import pytest
 from zeroest.estimator.catalog.models import load_model
-from zeroest.estimator.configs.flat import setup_from_dict
+from zeroest.estimator.configs.flat import setup_from_dict, setup_from_row
 from zeroest.estimator.core.architecture import count_params
 from zeroest.estimator.core.estimate import model_states
 from zeroest.estimator.core.model_states import flat_group_numel, offload_copy_temp_bytes
@@ -54,6 +54,6 @@ def test_offload_rows_on_emulated_cards(model, stage, phase, measured_prefix):
 
     (row,) = [r for r in _rows() if r["setup"]["model"] == model and r["setup"]["stage"] == stage
               and r["setup"]["offload_optimizer"] == "cpu" and r["setup"]["grad_ckpt"]]
-    est = estimate(setup_from_dict(row["setup"]), simulated=True)
+    est = estimate(setup_from_row(row["setup"]), simulated=True)
     predicted = next(p.peak_bytes for p in est.phases if p.name == phase)
     assert predicted == pytest.approx(_phase_peak(row, measured_prefix), rel=2e-3)

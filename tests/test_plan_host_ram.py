@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from zeroest.cli import app
 
 runner = CliRunner()
-ARGS = ["plan", "--model", "llama-3-8b", "--gpus", "2", "--gpu", "4090", "--seq-len", "512", "--activations",
+ARGS = ["plan", "--model", "qwen2.5-1.5b", "--gpus", "2", "--gpu", "4090", "--seq-len", "512", "--activations",
         "closed-form", "--json"]
 
 
