@@ -19,7 +19,7 @@ from test_watch import TINY, check_rows, torchrun
 from zeroest.estimator.core.architecture import count_params, shape_from_config
 
 TRAINER = r'''
-import json, sys, warnings
+import json, os, sys, warnings
 warnings.simplefilter("ignore")
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
@@ -38,9 +38,10 @@ data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, config["vo
 callback = ZeroestCallback(steps=2, out=spec["out"])
 Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]).train()
 result = callback.result
-print("RESULT", json.dumps({"loop": result.loop, "written": result.rows_written,
-                            "optimizer": [result.setup.optimizer.name, result.setup.optimizer.impl],
-                            "warned": [c.phase for c in result.checks if c.diverges(0.05)]}))
+with open(f"result-{os.environ['RANK']}.json", "w") as f:
+    json.dump({"loop": result.loop, "written": result.rows_written,
+               "optimizer": [result.setup.optimizer.name, result.setup.optimizer.impl],
+               "warned": [c.phase for c in result.checks if c.diverges(0.05)]}, f)
 '''
 
 DS_CONFIG = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",

@@ -180,12 +180,15 @@ with zeroest.watch(engine, steps=2, out=spec["out"]) as w:
         engine.backward(outputs.loss)
         engine.step()
 assert "forward" not in engine.__dict__, "the engine's methods were not restored"
-print("RESULT", json.dumps({"loop": w.result.loop, "written": w.result.rows_written}))
+with open(f"result-{os.environ['RANK']}.json", "w") as f:  # a file per rank: ranks share one stdout pipe
+    json.dump({"loop": w.result.loop, "written": w.result.rows_written}, f)
 '''
 
 
 def torchrun(tmp_path, script: str, spec: dict, nproc: int = 2, timeout: float = 600) -> list[dict]:
-    """Run ``script`` on ``nproc`` gloo ranks; the RESULT line of each rank."""
+    """Run ``script`` on ``nproc`` gloo ranks; the result each rank wrote to ``result-RANK.json`` in rank order.
+
+    Files, not stdout: the ranks write to one pipe, and a rank's line can be cut by another's output."""
     path = tmp_path / "job.py"
     path.write_text(script)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -193,7 +196,8 @@ def torchrun(tmp_path, script: str, spec: dict, nproc: int = 2, timeout: float =
            str(29400 + os.getpid() % 500), str(path), json.dumps(spec)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads(line.split("RESULT ", 1)[1]) for line in done.stdout.splitlines() if "RESULT " in line]
+    files = sorted(tmp_path.glob("result-*.json"), key=lambda f: int(f.stem.split("-")[1]))
+    return [json.loads(f.read_text()) for f in files]
 
 
 DS_CONFIG = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "bf16": {"enabled": True},
