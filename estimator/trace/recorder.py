@@ -17,10 +17,11 @@ runs cuDNN (``_scaled_dot_product_cudnn_attention``: saves q, k, v, the output a
 without repeating k/v, dropout as an RNG state), the same bytes as FlashAttention-2; fp32 runs the
 memory-efficient kernel for multi-head attention and the math path for GQA; ``F.dropout`` becomes
 ``native_dropout`` with a 1-byte mask. ``target="cpu"`` mimics the CPU's choices
-(``_scaled_dot_product_flash_attention_for_cpu`` without dropout, math with it; dropout noise in the input
-dtype), so a trace can be checked byte for byte against a real CPU run. ``attn="flash"`` (flash_attention_2,
-not runnable off-GPU) is traced as sdpa with the cuDNN kernel forced: flash-attn's ``FlashAttnFunc`` saves the
-same q, k, v, output and fp32 softmax_lse (b, a, s).
+(``_scaled_dot_product_flash_attention_for_cpu`` without dropout and with one head size for q, k and v, math
+otherwise, e.g. latent attention's v narrower than q/k; dropout noise in the input dtype), so a trace can be
+checked byte for byte against a real CPU run. ``attn="flash"`` (flash_attention_2, not runnable off-GPU) is
+traced as sdpa with the cuDNN kernel forced: flash-attn's ``FlashAttnFunc`` saves the same q, k, v, output and
+fp32 softmax_lse (b, a, s).
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ def _kernels(target: str, force_flash: bool):
             bias = additive(attn_mask, query.dtype)
             return aten._scaled_dot_product_efficient_attention(*args, bias, True, dropout_p, is_causal,
                                                                scale=scale)[0]
-        if query.device.type == "meta" and target == "cpu" and dropout_p == 0.0:
+        same_dims = query.size(-1) == key.size(-1) == value.size(-1)  # sdp_utils_cpp.cpp check_head_dim_size_cpp
+        if query.device.type == "meta" and target == "cpu" and dropout_p == 0.0 and same_dims:
             bias = additive(attn_mask, query.dtype)
             return aten._scaled_dot_product_flash_attention_for_cpu(*args, 0.0, is_causal, attn_mask=bias,
                                                                     scale=scale)[0]
