@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from zeroest.estimator.core.architecture import param_tensors
 from zeroest.estimator.core.model_states import ModelStates
 from zeroest.estimator.core.profile import ActivationProfile
+from zeroest.estimator.core.reductions import backward_reductions
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
 from zeroest.estimator.core.vocab import Loop
 
@@ -61,6 +62,23 @@ def _grads_at_backward_start(setup: TrainingSetup, states: ModelStates) -> int:
     if setup.stage <= ZeroStage.OPTIMIZER_STATES and (setup.zero.offload_optimizer == "none" or states.grads_bytes):
         return DTYPE_BYTES[setup.dtype] * _head_param_numel(setup)
     return 0
+
+
+def tied_head_grad_bytes(setup: TrainingSetup) -> int:
+    """b * V * h when lm_head shares the token embedding's weight, else 0: the head's part of that weight's
+    gradient, waiting in autograd's input buffer from the head's backward to the embedding's.
+
+    One leaf used twice has one ``AccumulateGrad`` node; autograd sums the gradients of both uses in the node's
+    input buffer (torch/csrc/autograd/input_buffer.cpp ``InputBuffer::add``) and calls the node, so DeepSpeed's
+    gradient hook (and, at stages 0-1, ``param.grad``), only after the embedding's backward, at the end. Until
+    then the lm_head matmul's weight gradient (``mm`` of grad_logits^T and the final hidden state, V x h in the
+    model's dtype) is held at every stage and appears in no ``param.grad``. Measured on the CPU (validate
+    --cpu, granite and qwen3 with tied embeddings, ZeRO-2 N_d 4): live in the first layer's backward.
+    """
+    if not setup.model.tied_embeddings:
+        return 0
+    embed = sum(t.numel for t in param_tensors(setup.model) if t.component == "embeddings")
+    return DTYPE_BYTES[setup.dtype] * embed
 
 
 def loop_outputs_bytes(setup: TrainingSetup, act: ActivationProfile, phase: str) -> int:
@@ -118,7 +136,7 @@ def timeline(setup: TrainingSetup, states: ModelStates, act: ActivationProfile) 
     forward = Phase(name="forward", components=_components(
         **held, grads=states.grads_carry_bytes, buffers=resident + states.gathered_params_bytes + carry_buckets,
         activations=act.forward_peak_bytes(ckpt) + loop_outputs_bytes(setup, act, "forward")))
-    # Backward, three candidate peaks. The head's backward (logits gradient, fp32 log-softmax gradient) runs before
+    # Backward, four candidate peaks. The head's backward (logits gradient, fp32 log-softmax gradient) runs before
     # any gradient hook fires, so the reduce buckets (``setup_buckets`` in the first hook) are not there yet; the
     # first layer's backward has them; the end has every gradient and, at stage 1, the flattened partition, while
     # stage 3 has released its gathered parameters after their backward use.
@@ -126,20 +144,54 @@ def timeline(setup: TrainingSetup, states: ModelStates, act: ActivationProfile) 
     grads_start = _grads_at_backward_start(setup, states)
     outputs = loop_outputs_bytes(setup, act, "backward")  # the loop's output object, beside the saved stack
     stack = act.stack_bytes(ckpt) + outputs
+    # From the head's first parameter gradient on (the final norm's), the first hook has allocated the buckets
+    # while the head's last transients live; the tied head gradient (``tied_head_grad_bytes``) waits until the
+    # embedding's backward, through every layer's.
     head = _components(**held, grads=grads_start, buffers=gathered + carry_buckets,
                        activations=stack + act.head_saved_bytes + act.grad_logits_bytes
                        + act.backward_head_transient_bytes)
-    layer = _components(**held, grads=grads_start, buffers=gathered + states.buckets_bytes,
+    tied = tied_head_grad_bytes(setup)
+    late = _components(**held, grads=grads_start + tied, buffers=gathered + states.buckets_bytes,
+                       activations=stack + act.head_after_grad_peak_bytes(ckpt))
+    layer = _components(**held, grads=grads_start + tied, buffers=gathered + states.buckets_bytes,
                         activations=stack + act.layer_backward_peak_bytes(ckpt))
     end = _components(**held, grads=max(states.grads_bytes, states.grads_carry_bytes),
                       buffers=resident + states.buckets_bytes,
                       activations=act.backward_live_after_layers(setup.model.num_layers, ckpt) + outputs,
                       temporaries=states.epilogue_bytes)
-    backward = Phase(name="backward", components=max(head, layer, end, key=lambda c: sum(c.values())))
+    during = _reduction_candidates(setup, states, act, held, grads_start + tied, resident + states.buckets_bytes,
+                                   outputs)
+    backward = Phase(name="backward", components=max(head, late, layer, end, *during,
+                                                     key=lambda c: sum(c.values())))
     step = Phase(name="step", components=_components(
         **held, grads=states.step_grads_bytes, buffers=resident, temporaries=states.step_temp_bytes,
         activations=loop_outputs_bytes(setup, act, "step")))
     return (init, forward, backward, step)
+
+
+def _reduction_candidates(setup: TrainingSetup, states: ModelStates, act: ActivationProfile, held: dict,
+                          grads_before: int, buffers: int, outputs: int) -> list[dict[str, int]]:
+    """Backward's live bytes at each ZeRO-2 bucket reduction (``core.reductions``): the activations of the layers
+    not yet done, of the layer in progress its share not yet walked through (``Reduction.layer_left``; under
+    checkpointing that share of its recomputed intermediates), the tied head gradient until the embeddings'
+    backward, the arriving gradient (b n), and either the flatten copy (b E, before the first reduction's
+    ``grads_in_partition`` exists) or ``grads_in_partition`` (after it). Measured: granite-small ZeRO-2 N_d 4
+    on an H200 peaks at the first reduction's flatten (data/runs/h200-families), and so does a CPU run
+    (validate --cpu)."""
+    b, ckpt, num_layers = DTYPE_BYTES[setup.dtype], setup.workload.grad_ckpt, setup.model.num_layers
+    out = []
+    for red in backward_reductions(setup):
+        inside = red.layers_done < num_layers
+        live = act.backward_live_after_layers(red.layers_done, ckpt) + outputs
+        if red.in_layer:  # the layer in progress: the share not yet walked through
+            live -= round((1 - red.layer_left) * act.per_layer_bytes(ckpt))
+            live += round(red.layer_left * act.recompute_bytes) if ckpt else 0
+        waiting = (grads_before if inside else 0) + b * red.arriving_numel
+        flatten_grads = waiting + (0 if red.first else states.grads_bytes)
+        out.append(_components(**held, grads=flatten_grads, buffers=buffers, activations=live,
+                               temporaries=b * red.flattened_numel))
+        out.append(_components(**held, grads=waiting + states.grads_bytes, buffers=buffers, activations=live))
+    return out
 
 
 def peak_phase(phases: tuple[Phase, ...]) -> Phase:

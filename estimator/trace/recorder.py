@@ -6,9 +6,11 @@ that numbers every tensor storage created and sees it freed, and under
 data pointer, so storages are told apart by the address of their ``StorageImpl``
 (``untyped_storage()._cdata``), unique while the storage lives. Module hooks mark where the embeddings, each
 layer, the head and the loss begin and end, in forward and (through tensor hooks on each layer's output and
-input) in backward. Parameter gradients (also the transposed weight gradients that ``AccumulateGrad`` copies
-into ``.grad``, and a tied weight's partial gradients waiting in autograd's input buffer) are left out: the
-timeline counts them as gradients.
+input) in backward, and where the first parameter gradient reaches its ``AccumulateGrad`` (where DeepSpeed's
+first gradient hook allocates its reduce buckets; the node that made the gradient has freed its inputs).
+Parameter gradients (also the transposed weight gradients that ``AccumulateGrad`` copies into ``.grad``, and a
+tied weight's partial gradients waiting in autograd's input buffer) are left out: the timeline counts them as
+gradients.
 
 Kernels: on meta, ``F.scaled_dot_product_attention`` would take the math path (fp32 probabilities), so it is
 replaced by the kernel the target device runs (``_kernels``). ``target="cuda"`` follows what torch 2.11 picked
@@ -224,8 +226,17 @@ def run_trace(model, input_ids, *, grad_ckpt: bool, target: str = "cuda",
     for i, layer in enumerate(decoder_layers(model)):
         handles.append(layer.register_forward_pre_hook(layer_pre(i), with_kwargs=True))
         handles.append(layer.register_forward_hook(layer_post(i), with_kwargs=True))
+    def on_grad(grad) -> None:
+        excluded.add(rec.serial(grad))
+
+    def on_accumulate(grad) -> None:  # AccumulateGrad's pre-hook: the producing node has dropped its inputs
+        on_grad(grad)
+        if state["backward"] and not state.get("first_grad"):
+            state["first_grad"] = True
+            rec.mark("first_grad")
+
     for param in model.parameters():
-        handles.append(param.register_hook(lambda grad: excluded.add(rec.serial(grad))))
+        handles.append(param.register_hook(on_accumulate))
     checks = _no_data_checks() if device == "meta" else contextlib.nullcontext()
     try:
         with rec, _kernels(target, force_flash), checks:
@@ -236,7 +247,7 @@ def run_trace(model, input_ids, *, grad_ckpt: bool, target: str = "cuda",
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
                 out = model(input_ids=input_ids, labels=input_ids, use_cache=False)
             rec.mark("fwd_end")
-            handles += param_grad_hooks(out.loss, lambda grad: excluded.add(rec.serial(grad)))
+            handles += param_grad_hooks(out.loss, on_grad)
             loss = out.loss
             del out
             rec.mark("bwd_start")
@@ -250,6 +261,8 @@ def run_trace(model, input_ids, *, grad_ckpt: bool, target: str = "cuda",
     for param in model.parameters():
         param.grad = None
     marks = {name: at for at, name in rec.marks}
+    if "layer1_bwd_start" in marks:  # a model whose first gradient comes inside the layers: an empty window
+        marks["first_grad"] = min(marks.get("first_grad", marks["layer1_bwd_start"]), marks["layer1_bwd_start"])
     return Trace(sizes=list(rec.sizes), events=list(rec.events), marks=marks, saved=saved,
                     logits=special["logits"], grad_logits=special["grad_logits"], excluded=excluded - {None})
 
