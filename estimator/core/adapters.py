@@ -201,3 +201,10 @@ def trainable_split(model: ModelShape, adapters: Adapters) -> TrainableSplit:
                          "all-linear or module names such as q_proj,v_proj")
     trainable.extend(_saved_copies(model, tensors, saved))
     return TrainableSplit(trainable=tuple(trainable), frozen=tuple(frozen))
+
+
+def frozen_base_names(model: ModelShape, adapters: Adapters) -> frozenset[str]:
+    """HF names of the base weights that do not train: every one under LoRA (peft freezes the base model:
+    tuners_utils.py ``BaseTuner._mark_only_adapters_as_trainable``), else those the freeze patterns match."""
+    freeze = _names(adapters.freeze)
+    return frozenset(t.name for t in param_tensors(model) if adapters.lora or _frozen_by(t, freeze))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zeroest.estimator.core.adapters import Adapters
 from zeroest.estimator.core.hf_config import hf_config
 from zeroest.estimator.core.profile import DTYPE_BYTES, ActivationProfile, check_kind
 from zeroest.estimator.core.shape import ModelShape
@@ -267,7 +268,8 @@ def _eager_transients(d: _Dims) -> tuple[int, int, int]:
 
 
 def closed_form_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str = "bf16",
-                        attn: str = "sdpa", config: dict | None = None) -> ActivationProfile:
+                        attn: str = "sdpa", config: dict | None = None,
+                        adapters: Adapters | None = None) -> ActivationProfile:
     """The ``ActivationProfile`` from formulas (Table 2 of arXiv 2205.05198 adapted to HF; see the helpers).
 
     ``config`` is the HF config.json dict when known (activation, dropout, rotary fraction, sliding window);

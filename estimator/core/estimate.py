@@ -176,7 +176,7 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
     states = model_states(setup, device, flatten_on_gpu=flatten is None or flatten.on_gpu)
     w = setup.workload
     act, source = activation_profile(setup.model, w.micro_batch, w.seq_len, setup.dtype, w.attn, mode=w.activations,
-                                     target=device)
+                                     target=device, adapters=setup.adapters)
     phases = timeline(setup, states,
                       act if overheads.activation_scale == 1 else _scaled(act, overheads.activation_scale))
     phases = tuple(
