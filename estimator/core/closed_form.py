@@ -311,4 +311,4 @@ def closed_form_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype
         layer_backward_transient_bytes=layer_bwd,
         ckpt_layer_backward_transient_bytes=layer_bwd - (p * T * h if d.norm_kind == "layernorm" else 0),
     )
-    return profile if adapters is None or adapters.full else lora_profile(profile, shape, adapters, T, p)
+    return profile if adapters is None or adapters.full else lora_profile(profile, shape, adapters, d)
