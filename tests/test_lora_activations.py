@@ -12,7 +12,7 @@ import json
 import os
 
 import pytest
-from test_activations import B, S, TINY, _measure, _torch
+from test_activations import TINY, B, S, _measure, _torch
 from zeroest.estimator.core.activations import activation_profile
 from zeroest.estimator.core.adapters import Adapters, frozen_base_names
 from zeroest.estimator.core.architecture import shape_from_config
