@@ -214,12 +214,13 @@ _TARGETS = {"gpt2": "all-linear", "pythia-1b": "all-linear", "phi-3-mini": "all-
     pytest.param(n, marks=(pytest.mark.slow,) if n != "llama-3-8b" else ())
     for n in ("llama-3-8b", "qwen2.5-0.5b", "gemma-2b", "mistral-7b", "gpt2", "pythia-1b", "opt-125m",
               "phi-3-mini")])
+@pytest.mark.parametrize("fp32", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("adapters", [Adapters(lora_rank=8), pytest.param(
     Adapters(lora_rank=64, lora_dropout=0.1), marks=pytest.mark.slow)], ids=["r8", "r64-dropout"])
-def test_closed_form_lora_within_5_percent_of_traced(name, adapters):
-    """The closed form against the traced profile (meta, CUDA kernels), both checkpointing modes: the saved
-    layer and the phases' live bytes within 5%, as the full fine-tune's closed form; llama-like families
-    with q/k/v/o/gate/up/down names too."""
+def test_closed_form_lora_within_5_percent_of_traced(name, adapters, fp32):
+    """The closed form against the traced profile (meta, CUDA kernels), both checkpointing modes, adapters in
+    bf16 or peft's fp32: the saved layer and the phases' live bytes within 5%, as the full fine-tune's closed
+    form; llama-like families with q/k/v/o/gate/up/down names too."""
     _peft()
     config = json.load(open(os.path.join(MODELS, f"{name}.json")))
     shape = shape_from_config(config, name)
@@ -228,8 +229,8 @@ def test_closed_form_lora_within_5_percent_of_traced(name, adapters):
     for target in targets:
         lora = Adapters(lora_rank=adapters.lora_rank, lora_dropout=adapters.lora_dropout, lora_targets=target)
         for b, s in ((1, 512), (4, 2048)):
-            traced = tracer.traced_profile(shape, b, s, config=config, adapters=lora)
-            closed = closed_form_profile(shape, b, s, "bf16", "sdpa", config, adapters=lora)
+            traced = tracer.traced_profile(shape, b, s, config=config, adapters=lora, adapters_fp32=fp32)
+            closed = closed_form_profile(shape, b, s, "bf16", "sdpa", config, adapters=lora, adapters_fp32=fp32)
             assert closed.layer_saved_bytes == pytest.approx(traced.layer_saved_bytes, rel=0.05)
             for prop in _PROPERTIES:
                 for ckpt in (False, True):
@@ -244,3 +245,83 @@ def test_activation_profile_passes_the_adapters():
     assert source == "closed-form"
     assert profile == closed_form_profile(shape, B, S, config=LLAMA, adapters=lora)
     assert profile != activation_profile(shape, B, S, config=LLAMA, mode="closed-form")[0]
+
+
+# -- the adapters' dtype
+# ------------------------------------------------------------------------------------------
+_DS_DTYPES = """
+import json, logging, warnings
+warnings.filterwarnings("ignore")
+logging.disable(logging.WARNING)
+import torch
+from zeroest.validate.fakepg import init_fake_world
+init_fake_world(0, 2)
+import deepspeed, peft
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.integrations import HfDeepSpeedConfig
+ds = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}, "zero_optimization": {"stage": 3},
+      "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}}
+out = {}
+for zero_init in (True, False):
+    keep = HfDeepSpeedConfig(ds) if zero_init else None
+    cfg = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=300)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    engine, *_ = deepspeed.initialize(model=model, config=ds,
+                                      model_parameters=[p for p in model.parameters() if p.requires_grad])
+    out[str(zero_init)] = sorted({str(p.dtype) for n, p in engine.module.named_parameters() if "lora_" in n})
+    del keep
+print("DTYPES", json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_deepspeed_keeps_peft_fp32_adapters_only_under_zero_init():
+    """peft upcasts bf16 adapters to fp32; DeepSpeed's engine casts them back to bf16, except in a model built
+    under zero.Init (stage 3, rank 0 of 2 on the fake process group): the case ``adapters_fp32`` models."""
+    import subprocess
+    import sys
+
+    _peft()
+    pytest.importorskip("deepspeed")
+    done = subprocess.run([sys.executable, "-c", _DS_DTYPES], capture_output=True, text=True, timeout=300)
+    line = next(x for x in done.stdout.splitlines() if x.startswith("DTYPES"))
+    assert json.loads(line.split(" ", 1)[1]) == {"True": ["torch.float32"], "False": ["torch.bfloat16"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_traced_fp32_adapters_saved_bytes_equal_a_real_cpu_run(dropout):
+    """fp32 adapters in a bf16 model: every wrapped Linear saves its own fp32 cast of x (or the cast's dropped
+    copy and the noise) and lora_B an fp32 r-wide input, none of the bf16 x; trace and real run agree exactly,
+    and the layer is the bf16-adapter layer's plus the named difference."""
+    torch = _peft()
+    from zeroest.estimator.trace.model import build_trained
+
+    adapters = Adapters(lora_rank=8, lora_dropout=dropout)
+    entry = tracer.trace_polys(LLAMA, "bf16", "sdpa", target="cpu", adapters=adapters, adapters_fp32=True)
+    at = {name: polys.evaluate(poly, B, S) for name, poly in entry["plain"]["regions"].items()}
+    torch.manual_seed(0)
+    model = build_trained(LLAMA, "bf16", "sdpa", adapters, grad_ckpt=False, device="cpu", num_layers=None,
+                          adapters_fp32=True)
+    ids = torch.randint(0, LLAMA["vocab_size"], (B, S))
+    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in weights:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=ids, labels=ids, use_cache=False)
+    assert at["embed"] + at["layer0"] + 2 * at["layer1"] + at["head"] + at["loss"] == sum(saved.values())
+    half = polys.evaluate(tracer.trace_polys(LLAMA, "bf16", "sdpa", target="cpu", adapters=adapters)
+                          ["plain"]["regions"]["layer1"], B, S)
+    t, p, h, i, r, inputs = B * S, 2, 64, 160, 8, 5 * 64 + 64 + 160
+    if dropout:  # CPU dropout: noise and dropped copy in the input's dtype, fp32 instead of bf16
+        assert at["layer1"] == half + 2 * (4 - p) * t * inputs + 7 * (4 - p) * t * r
+    else:  # the norms' outputs and the MLP product are no longer lora_A's inputs
+        assert at["layer1"] == half - 2 * p * t * h - p * t * i + 4 * t * inputs + 7 * (4 - p) * t * r

@@ -28,19 +28,22 @@ def _tracer_available(adapters: Adapters | None = None) -> bool:
 def activation_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str = "bf16",
                        attn: str = "sdpa", mode: str = "auto",
                        config: dict | None = None, target: str = "cuda",
-                       adapters: Adapters | None = None) -> tuple[ActivationProfile, str]:
+                       adapters: Adapters | None = None,
+                       adapters_fp32: bool = False) -> tuple[ActivationProfile, str]:
     """The profile and where it came from ("traced", "closed-form", or "closed-form (trace failed: ...)").
 
     ``mode``: "traced" runs the HF model on the meta device (``trace.tracer``), "closed-form" uses the
     formulas, "auto" traces when torch and transformers can be imported. A model the tracer cannot run falls
     back to the closed form with a one-line warning. ``target`` ("cuda" or "cpu") is the device whose attention
     kernels the trace mimics. ``adapters`` (``core.adapters.Adapters``: LoRA, frozen weights) profiles the model
-    as it trains; None or a full fine-tune gives the full fine-tune's profile.
+    as it trains; None or a full fine-tune gives the full fine-tune's profile. ``adapters_fp32``: the LoRA
+    adapters stay in peft's fp32, as in a model built under zero.Init (``trace.model.build_trained``).
     """
     if mode not in ("auto", "traced", "closed-form"):
         raise ValueError(f"unknown activation mode {mode!r}: use auto, traced or closed-form")
     if mode == "closed-form" or (mode == "auto" and not _tracer_available(adapters)):
-        profile = closed_form_profile(shape, micro_batch, seq_len, dtype, attn, config, adapters=adapters)
+        profile = closed_form_profile(shape, micro_batch, seq_len, dtype, attn, config, adapters=adapters,
+                                      adapters_fp32=adapters_fp32)
         return profile, "closed-form"
     if not _tracer_available(adapters):
         raise ValueError(
@@ -51,10 +54,10 @@ def activation_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype:
 
     try:
         return traced_profile(shape, micro_batch, seq_len, dtype, attn, config=config, target=target,
-                              adapters=adapters), "traced"
+                              adapters=adapters, adapters_fp32=adapters_fp32), "traced"
     except Exception as err:  # noqa: BLE001 (any failure of a third-party model falls back, with a warning)
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:160]
         log.warning(f"could not trace {shape.name} ({reason}); using the closed-form activation profile")
         return closed_form_profile(
-            shape, micro_batch, seq_len, dtype, attn, config, adapters=adapters
+            shape, micro_batch, seq_len, dtype, attn, config, adapters=adapters, adapters_fp32=adapters_fp32
         ), f"closed-form (trace failed: {reason})"

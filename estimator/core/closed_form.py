@@ -270,7 +270,7 @@ def _eager_transients(d: _Dims) -> tuple[int, int, int]:
 
 def closed_form_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str = "bf16",
                         attn: str = "sdpa", config: dict | None = None,
-                        adapters: Adapters | None = None) -> ActivationProfile:
+                        adapters: Adapters | None = None, adapters_fp32: bool = False) -> ActivationProfile:
     """The ``ActivationProfile`` from formulas (Table 2 of arXiv 2205.05198 adapted to HF; see the helpers).
 
     ``config`` is the HF config.json dict when known (activation, dropout, rotary fraction, sliding window);
@@ -281,7 +281,7 @@ def closed_form_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype
     ``log_softmax_backward``'s output (8bsV) before their cast to p, the labels (8bs) freed. Transients of the
     layers are the traced op order's (estimator/trace/) in named tensors: grad_hidden p*bsh carried between
     layers, RMSNorm's fp32 temporaries, the MLP's and eager attention's live intermediates. ``adapters`` with
-    LoRA on: ``core.closed_form_lora.lora_profile`` of that profile.
+    LoRA on: ``core.closed_form_lora.lora_profile`` of that profile (``adapters_fp32``: peft's fp32 adapters).
     """
     check_kind(dtype, attn)
     d = _dims(shape, micro_batch, seq_len, dtype, attn, config if config is not None else hf_config(shape))
@@ -311,4 +311,4 @@ def closed_form_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype
         layer_backward_transient_bytes=layer_bwd,
         ckpt_layer_backward_transient_bytes=layer_bwd - (p * T * h if d.norm_kind == "layernorm" else 0),
     )
-    return profile if adapters is None or adapters.full else lora_profile(profile, shape, adapters, d)
+    return profile if adapters is None or adapters.full else lora_profile(profile, shape, adapters, d, adapters_fp32)

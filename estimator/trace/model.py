@@ -72,7 +72,7 @@ def decoder_layers(model) -> list:
 
 def build_trained(config: dict, dtype: str, attn: str, adapters, *, grad_ckpt: bool,
                   frozen: frozenset[str] = frozenset(), input_grads: bool = False, device: str = "meta",
-                  num_layers: int | None = TRACE_LAYERS):
+                  num_layers: int | None = TRACE_LAYERS, adapters_fp32: bool = False):
     """The model as the validator trains it with ``adapters`` (``core.adapters.Adapters``).
 
     In the validator's order: non-reentrant checkpointing switched on the HF model first (transformers
@@ -83,6 +83,14 @@ def build_trained(config: dict, dtype: str, attn: str, adapters, *, grad_ckpt: b
     ``PeftModel.__init__`` freezes every base weight, and calls ``enable_input_require_grads`` again when the
     model checkpoints). ``input_grads`` adds that hook without checkpointing (the tracer's upper bound for
     frozen layers whose real input needs a gradient).
+
+    peft 0.21 upcasts bf16/fp16 adapters to fp32 (``PeftModel.__init__`` ``_cast_adapter_dtype``), and
+    DeepSpeed 0.19.8 casts every parameter back to the run's dtype (runtime/engine.py
+    ``_configure_distributed_model`` -> ``_cast_module_mixed_precision``): so are the adapters here, and
+    ``lora.Linear.forward``'s ``_cast_input_dtype`` is a no-op. ``adapters_fp32`` keeps peft's fp32 adapters,
+    as a model built under zero.Init keeps them (the engine skips its cast for it, and stage 3's
+    ``_convert_to_zero_parameters`` moves the new parameters without one): each wrapped Linear then casts its
+    input to fp32.
     """
     model = build_model(config, dtype, attn, device, num_layers)
     set_checkpointing(model, grad_ckpt)
@@ -101,6 +109,8 @@ def build_trained(config: dict, dtype: str, attn: str, adapters, *, grad_ckpt: b
                       target_modules=targets[0] if targets == ["all-linear"] else targets, modules_to_save=saved,
                       task_type="CAUSAL_LM")
     model = get_peft_model(model, lora).train()
+    if adapters_fp32:
+        return model
     import torch
 
     run_dtype = getattr(torch, TORCH_DTYPES[dtype])

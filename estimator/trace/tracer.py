@@ -42,12 +42,12 @@ def _regime_seq(config: dict, attn: str, seq_len: int) -> int | None:
 
 def trace_polys(config: dict, dtype: str, attn: str, *, target: str = "cuda",
                 seq_len: int = BASE_SEQ, adapters: Adapters | None = None, frozen: frozenset[str] = frozenset(),
-                input_grads: bool = False) -> dict:
+                input_grads: bool = False, adapters_fp32: bool = False) -> dict:
     """Trace both modes (plain, checkpointed) at three shapes on meta; fit per-storage monomials; analyze.
 
     With ``adapters`` (``core.adapters.Adapters``, not a full fine-tune) each mode traces its own model built
     as the validator trains it (``trace.model.build_trained``: checkpointing before peft, ``frozen`` names
-    frozen, ``input_grads`` for the input-embedding hook).
+    frozen, ``input_grads`` for the input-embedding hook, ``adapters_fp32`` for peft's fp32 adapters).
     """
     import torch
 
@@ -64,7 +64,7 @@ def trace_polys(config: dict, dtype: str, attn: str, *, target: str = "cuda",
     for mode, ckpt in (("plain", False), ("ckpt", True)):
         if wrapped:
             model = build_trained(config, dtype, attn, adapters, grad_ckpt=ckpt, frozen=frozen,
-                                  input_grads=input_grads)
+                                  input_grads=input_grads, adapters_fp32=adapters_fp32)
         traces = [
             run_trace(model, torch.zeros((b, s), dtype=torch.long, device="meta"), grad_ckpt=ckpt,
                       target=target, force_flash=attn == "flash")
@@ -125,7 +125,8 @@ def _entry(key_payload: dict, name: str, trace, use_cache: bool) -> dict:
 
 def traced_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str = "bf16",
                    attn: str = "sdpa", *, target: str = "cuda", config: dict | None = None,
-                   use_cache: bool = True, adapters: Adapters | None = None) -> ActivationProfile:
+                   use_cache: bool = True, adapters: Adapters | None = None,
+                   adapters_fp32: bool = False) -> ActivationProfile:
     """The ``ActivationProfile`` of ``shape`` traced on the meta device (see the module docstring).
 
     ``config`` is the HF config.json dict (default ``hf_config(shape)``); ``target`` the device whose kernels
@@ -134,6 +135,7 @@ def traced_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str
     new trace; a cached profile is read without importing torch. ``adapters`` (LoRA, frozen weights) traces
     the model as peft and the freeze patterns leave it, one trace per kind of layer (``trace.trained``); its
     key adds the adapters, the frozen names and peft's version, so LoRA and full profiles never mix.
+    ``adapters_fp32``: the adapters stay in peft's fp32 (a model built under zero.Init; ``trace.model``).
     """
     check_kind(dtype, attn)
     config = dict(config or hf_config(shape))
@@ -151,9 +153,11 @@ def traced_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str
     for kind in kinds:
         entry = _entry(
             {**payload, "peft": _peft_version(), "lora": lora,
-             "frozen": sorted(kind.frozen), "input_grads": kind.input_grads},
+             "frozen": sorted(kind.frozen), "input_grads": kind.input_grads,
+             **({"adapters_fp32": True} if adapters_fp32 and adapters.lora else {})},
             f"{shape.name} ({dtype}, {attn}, trained)",
             lambda kind=kind: trace_polys(config, dtype, attn, target=target, seq_len=seq_len, adapters=adapters,
-                                          frozen=kind.frozen, input_grads=kind.input_grads), use_cache)
+                                          frozen=kind.frozen, input_grads=kind.input_grads,
+                                          adapters_fp32=adapters_fp32), use_cache)
         profiles.append(polys.profile_from_polys(entry, micro_batch, seq_len, 1))
     return trained.combine(kinds, profiles)
