@@ -325,3 +325,30 @@ def test_traced_fp32_adapters_saved_bytes_equal_a_real_cpu_run(dropout):
         assert at["layer1"] == half + 2 * (4 - p) * t * inputs + 7 * (4 - p) * t * r
     else:  # the norms' outputs and the MLP product are no longer lora_A's inputs
         assert at["layer1"] == half - 2 * p * t * h - p * t * i + 4 * t * inputs + 7 * (4 - p) * t * r
+
+
+@pytest.mark.parametrize("zero_init", [False, True])
+def test_estimate_uses_the_lora_profile(zero_init):
+    """``estimate()`` passes the setup's adapters: the activations of a LoRA job are the LoRA profile's, with
+    fp32 adapters only for a stage-3 model built under zero.Init, and the assumptions say which."""
+    from dataclasses import replace
+
+    from zeroest.estimator.core.estimate import estimate, model_states
+    from zeroest.estimator.core.setup import Parallelism, TrainingSetup, Workload, ZeroConfig
+    from zeroest.estimator.core.timeline import timeline
+
+    config = json.load(open(os.path.join(MODELS, "llama-3-8b.json")))
+    shape = shape_from_config(config, "llama-3-8b")
+    full = TrainingSetup(model=shape, parallel=Parallelism(gpus_per_node=8),
+                         zero=ZeroConfig(stage=3, zero_init=zero_init),
+                         workload=Workload(micro_batch=1, seq_len=2048, activations="closed-form"))
+    lora = replace(full, adapters=Adapters(lora_rank=16))
+    profile = closed_form_profile(shape, 1, 2048, "bf16", "sdpa", config, adapters=lora.adapters,
+                                  adapters_fp32=zero_init)
+    states = model_states(lora, "cuda")
+    want = max(p.components["activations"] for p in timeline(lora, states, profile))
+    got = estimate(lora)
+    assert max(p.components["activations"] for p in got.phases) == want
+    assert want != max(p.components["activations"] for p in estimate(full).phases)
+    note = next(n for n in got.assumptions if n.startswith("activations of LoRA"))
+    assert ("fp32" in note) == zero_init
