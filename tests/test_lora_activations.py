@@ -14,13 +14,19 @@ import os
 import pytest
 from test_activations import TINY, B, S, _measure, _torch
 from zeroest.estimator.core.activations import activation_profile
-from zeroest.estimator.core.adapters import Adapters, frozen_base_names
+from zeroest.estimator.core.adapters import Adapters, frozen_base_names, layer_kinds
 from zeroest.estimator.core.architecture import shape_from_config
 from zeroest.estimator.core.closed_form import closed_form_profile
-from zeroest.estimator.trace import polys, tracer, trained
+from zeroest.estimator.trace import polys, tracer
 
 LLAMA = TINY["llama"]
 MODELS = os.path.join(os.path.dirname(__file__), "..", "data", "models")
+
+
+def _traced(shape, b: int, s: int, adapters: Adapters | None = None, **kwargs):
+    """``tracer.traced_profile`` with the layer kinds ``activation_profile`` passes."""
+    kinds = layer_kinds(shape, adapters) if adapters is not None and not adapters.full else None
+    return tracer.traced_profile(shape, b, s, adapters=adapters, kinds=kinds, **kwargs)
 
 
 @pytest.fixture(autouse=True)
@@ -141,7 +147,7 @@ def test_traced_lora_profile_matches_live_bytes_of_a_real_cpu_step(adapters, gra
     """forward_end, forward_peak and backward_peak of the traced profile against LiveBytes on a real 3-layer
     CPU step of the peft-wrapped (or partly frozen) model, parameter gradients excluded: within 0.1%."""
     _peft()
-    profile = tracer.traced_profile(shape_from_config(LLAMA, "tiny"), B, S, target="cpu", adapters=adapters)
+    profile = _traced(shape_from_config(LLAMA, "tiny"), B, S, target="cpu", adapters=adapters)
     measured = _measure(LLAMA, "sdpa", grad_ckpt, _real(adapters, grad_ckpt))
     for name, value in measured.items():
         assert getattr(profile, f"{name}_bytes")(grad_ckpt) == pytest.approx(value, rel=0.001), name
@@ -153,7 +159,7 @@ def test_a_frozen_bottom_is_an_upper_bound_within_5_percent():
     as a trainable layer that has one (both traced layers of a kind are alike): over, by little."""
     _peft()
     adapters = Adapters(freeze="embeddings,layers:1")
-    profile = tracer.traced_profile(shape_from_config(LLAMA, "tiny"), B, S, target="cpu", adapters=adapters)
+    profile = _traced(shape_from_config(LLAMA, "tiny"), B, S, target="cpu", adapters=adapters)
     measured = _measure(LLAMA, "sdpa", False, _real(adapters, False))
     for name, value in measured.items():
         assert value <= getattr(profile, f"{name}_bytes")(False) <= 1.05 * value, name
@@ -163,12 +169,12 @@ def test_layer_kinds_of_a_freeze_by_layer():
     """``layers:2`` on 3 layers: two frozen layers (the first kind: it holds layer 0), one that trains (the
     deepest); LoRA and component freezes make one kind."""
     shape = shape_from_config(LLAMA, "tiny")
-    kinds = trained.layer_kinds(shape, Adapters(freeze="layers:2"))
+    kinds = layer_kinds(shape, Adapters(freeze="layers:2"))
     assert [(k.count, k.deepest) for k in kinds] == [(2, False), (1, True)]
     assert "model.layers.1.mlp.up_proj.weight" in kinds[0].frozen
     assert not any(".layers." in name for name in kinds[1].frozen)
-    assert len(trained.layer_kinds(shape, Adapters(lora_rank=8))) == 1
-    assert len(trained.layer_kinds(shape, Adapters(freeze="attention,norms"))) == 1
+    assert len(layer_kinds(shape, Adapters(lora_rank=8))) == 1
+    assert len(layer_kinds(shape, Adapters(freeze="attention,norms"))) == 1
 
 
 # -- the cache
@@ -177,13 +183,13 @@ def test_lora_and_full_profiles_never_share_a_cache_entry(tmp_path):
     """The key holds the adapters: a full and a LoRA profile are two files, and each reads back as itself."""
     _peft()
     shape = shape_from_config(LLAMA, "tiny")
-    profiles = [tracer.traced_profile(shape, B, S, config=LLAMA, adapters=a) for a in (None, Adapters(lora_rank=8))]
+    profiles = [_traced(shape, B, S, config=LLAMA, adapters=a) for a in (None, Adapters(lora_rank=8))]
     assert profiles[0].layer_saved_bytes != profiles[1].layer_saved_bytes
     assert len(os.listdir(tmp_path / "profiles")) == 2
     tracer._MEMO.clear()
-    again = [tracer.traced_profile(shape, B, S, config=LLAMA, adapters=a) for a in (None, Adapters(lora_rank=8))]
+    again = [_traced(shape, B, S, config=LLAMA, adapters=a) for a in (None, Adapters(lora_rank=8))]
     assert again == profiles
-    assert tracer.traced_profile(shape, B, S, config=LLAMA, adapters=Adapters()) == profiles[0]
+    assert _traced(shape, B, S, config=LLAMA, adapters=Adapters()) == profiles[0]
 
 
 # -- the closed form
@@ -229,7 +235,7 @@ def test_closed_form_lora_within_5_percent_of_traced(name, adapters, fp32):
     for target in targets:
         lora = Adapters(lora_rank=adapters.lora_rank, lora_dropout=adapters.lora_dropout, lora_targets=target)
         for b, s in ((1, 512), (4, 2048)):
-            traced = tracer.traced_profile(shape, b, s, config=config, adapters=lora, adapters_fp32=fp32)
+            traced = _traced(shape, b, s, config=config, adapters=lora, adapters_fp32=fp32)
             closed = closed_form_profile(shape, b, s, "bf16", "sdpa", config, adapters=lora, adapters_fp32=fp32)
             assert closed.layer_saved_bytes == pytest.approx(traced.layer_saved_bytes, rel=0.05)
             for prop in _PROPERTIES:

@@ -15,7 +15,6 @@ import functools
 import logging
 import time
 
-from zeroest.estimator.core.adapters import Adapters
 from zeroest.estimator.core.hf_config import hf_config
 from zeroest.estimator.core.profile import ActivationProfile, check_kind
 from zeroest.estimator.core.shape import ModelShape
@@ -41,7 +40,7 @@ def _regime_seq(config: dict, attn: str, seq_len: int) -> int | None:
 
 
 def trace_polys(config: dict, dtype: str, attn: str, *, target: str = "cuda",
-                seq_len: int = BASE_SEQ, adapters: Adapters | None = None, frozen: frozenset[str] = frozenset(),
+                seq_len: int = BASE_SEQ, adapters=None, frozen: frozenset[str] = frozenset(),
                 input_grads: bool = False, adapters_fp32: bool = False) -> dict:
     """Trace both modes (plain, checkpointed) at three shapes on meta; fit per-storage monomials; analyze.
 
@@ -125,15 +124,16 @@ def _entry(key_payload: dict, name: str, trace, use_cache: bool) -> dict:
 
 def traced_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str = "bf16",
                    attn: str = "sdpa", *, target: str = "cuda", config: dict | None = None,
-                   use_cache: bool = True, adapters: Adapters | None = None,
+                   use_cache: bool = True, adapters=None, kinds: list | None = None,
                    adapters_fp32: bool = False) -> ActivationProfile:
     """The ``ActivationProfile`` of ``shape`` traced on the meta device (see the module docstring).
 
     ``config`` is the HF config.json dict (default ``hf_config(shape)``); ``target`` the device whose kernels
     are mimicked ("cuda" or "cpu"). Traces are cached on disk (``trace.cache``) keyed by config, dtype,
     attention, target and library versions, as polynomials in (micro_batch, seq_len), so other shapes need no
-    new trace; a cached profile is read without importing torch. ``adapters`` (LoRA, frozen weights) traces
-    the model as peft and the freeze patterns leave it, one trace per kind of layer (``trace.trained``); its
+    new trace; a cached profile is read without importing torch. ``adapters`` (``core.adapters.Adapters``: LoRA,
+    frozen weights) traces the model as peft and the freeze patterns leave it, one trace per kind of layer
+    (``kinds``: ``core.adapters.layer_kinds(shape, adapters)``, combined by ``trace.trained``); its
     key adds the adapters, the frozen names and peft's version, so LoRA and full profiles never mix.
     ``adapters_fp32``: the adapters stay in peft's fp32 (a model built under zero.Init; ``trace.model``).
     """
@@ -147,7 +147,9 @@ def traced_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str
         entry = _entry(payload, f"{shape.name} ({dtype}, {attn})",
                        lambda: trace_polys(config, dtype, attn, target=target, seq_len=seq_len), use_cache)
         return polys.profile_from_polys(entry, micro_batch, seq_len, shape.num_layers)
-    kinds = trained.layer_kinds(shape, adapters)
+    if not kinds:
+        raise ValueError("a traced LoRA or frozen-weight profile needs its layer kinds: pass "
+                         "kinds=core.adapters.layer_kinds(shape, adapters)")
     lora = {f: getattr(adapters, f) for f in ("lora_rank", "lora_dropout", "lora_targets", "modules_to_save")}
     profiles = []
     for kind in kinds:
