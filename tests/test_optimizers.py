@@ -27,8 +27,8 @@ from zeroest.estimator.core.setup import Optimizer, Parallelism, TrainingSetup, 
 LLAMA = dict(model_type="llama", vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
 """validate/dsprobe.py ``build_model("llama")``: 2 layers, h = 256, untied."""
-H, V, I, KV = 256, 1024, 688, 128  # hidden, vocabulary, MLP width, k/v projection width (2 kv heads x 64)
-MATRICES = [(H, H), (KV, H), (KV, H), (H, H), (I, H), (I, H), (H, I)]  # q k v o gate up down, per layer
+H, V, FF, KV = 256, 1024, 688, 128  # hidden, vocabulary, MLP width, k/v projection width (2 kv heads x 64)
+MATRICES = [(H, H), (KV, H), (KV, H), (H, H), (FF, H), (FF, H), (H, FF)]  # q k v o gate up down, per layer
 VECTORS = 2 * H  # input and post-attention norms, per layer
 
 
@@ -209,7 +209,7 @@ def test_muon_split_matches_deepspeed():
 
 
 def test_muon_newton_schulz_temporaries():
-    m, k = I, H  # the largest Muon matrix: 688 x 256, r = 256
+    m, k = FF, H  # the largest Muon matrix: 688 x 256, r = 256
     assert muon_ns_temp_bytes(m, k, 2) == (2 + 2 + 2) * m * k + 4 * 2 * k * k
 
 

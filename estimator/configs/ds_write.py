@@ -85,7 +85,15 @@ def _zero_section(setup: TrainingSetup, nvme_path: str | None) -> dict:
         section["offload_optimizer"] = _offload(zero.offload_optimizer, zero.pin_memory, nvme_path)
     if zero.offload_params != "none":
         section["offload_param"] = _offload(zero.offload_params, zero.pin_memory, nvme_path)
+    if muon_needs_no_reduce_scatter(int(zero.stage), setup.optimizer.name):
+        section["reduce_scatter"] = False
     return section
+
+
+def muon_needs_no_reduce_scatter(stage: int, optimizer: str) -> bool:
+    """Stage 3 refuses Muon with ``reduce_scatter`` on, its default (stage3.py ``DeepSpeedZeroOptimizer_Stage3``:
+    "Muon and reduce scatter cannot be used together")."""
+    return stage == 3 and optimizer == OptimizerName.MUON
 
 
 def ds_config(setup: TrainingSetup, *, nvme_path: str | None = None) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from zeroest.estimator.configs.accelerate import accelerate_ds_config, accelerate_world, read_accelerate
 from zeroest.estimator.configs.checks import unmodelled_warnings
-from zeroest.estimator.configs.ds_write import ZERO_TESTED
+from zeroest.estimator.configs.ds_write import ZERO_TESTED, muon_needs_no_reduce_scatter
 from zeroest.estimator.configs.files import read_json, unknown_key_warnings, whole_number
 from zeroest.estimator.configs.keys import DS_KEYS, OFFLOAD_KEYS, ZERO_KEYS
 from zeroest.estimator.core.setup import Optimizer, TrainingSetup, Workload, ZeroConfig
@@ -296,6 +296,10 @@ def _check_untested(config: dict, zero: ZeroConfig, name: str, where: str) -> No
     if zero.stage >= 1 and name not in ZERO_TESTED and not config.get("zero_allow_untested_optimizer", False):
         raise ValueError(f"{where}: ZeRO stage {int(zero.stage)} with {name} needs "
                          "\"zero_allow_untested_optimizer\": true (deepspeed.initialize asserts otherwise); add it")
+    scatter = (config.get("zero_optimization") or {}).get("reduce_scatter", True)
+    if muon_needs_no_reduce_scatter(int(zero.stage), name) and scatter is not False:
+        raise ValueError(f"{where}: ZeRO-3 refuses Muon with reduce_scatter on (its default): set "
+                         "zero_optimization.reduce_scatter to false")
 
 
 def setup_from_configs(

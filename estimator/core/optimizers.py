@@ -93,18 +93,19 @@ def bnb_8bit_bytes(numel: int) -> int:
 
 
 def _muon_split(setup: TrainingSetup) -> tuple[tuple[int, ...], tuple[int, ...], tuple[tuple[int, int], ...]]:
-    """(Muon numels, Adam numels, Muon matrix shapes), in ``named_parameters`` order (``set_optimizer_flags``:
-    Muon for >= 2-D parameters whose name holds neither "embed" nor "lm_head")."""
+    """(Muon numels, Adam numels, Muon matrix shapes) in the order of their flat groups (``set_optimizer_flags``:
+    Muon for >= 2-D parameters whose name holds neither "embed" nor "lm_head"; the Muon group sorted by shape,
+    descending; the Adam group in ``named_parameters`` order)."""
     h = setup.model.hidden_size
-    muon, adam, shapes = [], [], []
+    shapes, adam = [], []
     for t in param_tensors(setup.model):
         shape = matrix_shape(t, h)
         if shape and not any(word in t.name.lower() for word in MUON_EXCLUDED):
-            muon.append(t.numel)
             shapes.append(shape)
         else:
             adam.append(t.numel)
-    return tuple(muon), tuple(adam), tuple(shapes)
+    shapes = sorted(shapes, reverse=True)  # original_muon.py ``MuonWithAuxAdam.__init__``: by ``size()``, descending
+    return tuple(m * k for m, k in shapes), tuple(adam), tuple(shapes)
 
 
 def _whole_overlap(numels: tuple[int, ...], world: int) -> int:
