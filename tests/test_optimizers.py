@@ -152,6 +152,7 @@ def test_bnb_flat_partition_one_tensor():
     assert state_bytes(s, part) == 2 * part + 8 * -(-part // 256) + BNB_QMAP_BYTES
 
 
+@pytest.mark.slow  # imports bitsandbytes (~8 s the first time)
 @pytest.mark.parametrize("numel", [10_000, 4_095])
 def test_real_adamw8bit_on_a_flat_tensor(numel):
     torch = pytest.importorskip("torch")
@@ -269,6 +270,7 @@ def test_config_refusals(tmp_path, section, words):
         setup_from_configs(path, None, {"model": shape_from_config(LLAMA, "probe-llama"), "gpus_per_node": 4})
 
 
+@pytest.mark.slow  # imports bitsandbytes (~8 s the first time)
 def test_client_optimizer():
     pytest.importorskip("bitsandbytes")
     torch = pytest.importorskip("torch")

@@ -283,9 +283,12 @@ def _finish(job: Job, failure: str | None) -> list[dict]:
 
 
 def ops_to_build(runs: list[Run]) -> list[str]:
-    """DeepSpeed op builders the runs need: FusedAdam for impl fused, CPUAdam for impl cpu."""
-    impls = {run.setup["optimizer_impl"] for run in runs}
-    return [b for impl, b in (("fused", "FusedAdamBuilder"), ("cpu", "CPUAdamBuilder")) if impl in impls]
+    """DeepSpeed op builders the runs need: FusedAdam for impl fused (Adam/AdamW, Muon's auxiliary Adam), FusedLion
+    for Lion, CPUAdam / CPULion for impl cpu (engine.py ``_configure_basic_optimizer``)."""
+    table = {("fused", False): "FusedAdamBuilder", ("cpu", False): "CPUAdamBuilder",
+             ("fused", True): "FusedLionBuilder", ("cpu", True): "CPULionBuilder"}
+    wanted = {table.get((run.setup["optimizer_impl"], run.setup.get("optimizer") == "lion")) for run in runs}
+    return [name for name in table.values() if name in wanted]
 
 
 def build_ops(names: list[str], opts: ValidateOptions, base_env: dict, capability) -> dict[str, bool]:

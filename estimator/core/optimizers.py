@@ -183,3 +183,22 @@ def muon_temp_bytes(setup: TrainingSetup) -> int:
         ns += b * min(sum(muon), max(max(muon), setup.zero.reduce_bucket_size))
     return ns
 
+
+
+def optimizer_notes(setup: TrainingSetup) -> list[str]:
+    """What the printed assumptions say about the optimizer's states, where they are not plain fp32 per element."""
+    name, zero = setup.optimizer.name, setup.stage >= ZeroStage.OPTIMIZER_STATES
+    notes = []
+    if name == OptimizerName.ADAFACTOR:
+        notes.append("Adafactor sees ZeRO's 1-D flat partitions: a full fp32 second moment (4 bytes per parameter), "
+                     "not factored" if zero else "Adafactor: factored row and column moments on matrices")
+    if name in EIGHT_BIT:
+        notes.append("bitsandbytes 8-bit AdamW passed as a client optimizer (zero_allow_untested_optimizer): uint8 "
+                     "states and an fp32 absmax per 256 elements" + (", on one flat partition" if zero else ""))
+    if name == OptimizerName.PAGED_ADAMW_8BIT:
+        notes.append("paged states (tensors >= 1e5 elements) live in CUDA managed memory, counted on the GPU (the "
+                     "larger case); torch's allocator does not report them")
+    if name == OptimizerName.MUON:
+        notes.append("Muon: momentum for the hidden matrices, Adam for embeddings, lm_head and vectors; its "
+                     "Newton-Schulz temporaries are the eager upper bound, unvalidated on a GPU")
+    return notes

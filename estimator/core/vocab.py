@@ -84,6 +84,16 @@ class OptimizerImpl(StrEnum):
     BNB = "bnb"
 
 
+class BaseQuant(StrEnum):
+    """Storage of the frozen base weights under LoRA: as trained (none), or bitsandbytes 4-bit NF4 (QLoRA,
+    ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")``), with double quantisation of the
+    block constants (``bnb_4bit_use_double_quant=True``) or without."""
+
+    NONE = "none"
+    NF4 = "nf4"
+    NF4_DQ = "nf4-dq"
+
+
 class OffloadDevice(StrEnum):
     """Where offloaded states live (``offload_optimizer.device`` / ``offload_param.device``)."""
 
