@@ -283,12 +283,9 @@ def _finish(job: Job, failure: str | None) -> list[dict]:
 
 
 def ops_to_build(runs: list[Run]) -> list[str]:
-    """DeepSpeed op builders the runs need: FusedAdam for impl fused (Adam/AdamW, Muon's auxiliary Adam), FusedLion
-    for Lion, CPUAdam / CPULion for impl cpu (engine.py ``_configure_basic_optimizer``)."""
-    table = {("fused", False): "FusedAdamBuilder", ("cpu", False): "CPUAdamBuilder",
-             ("fused", True): "FusedLionBuilder", ("cpu", True): "CPULionBuilder"}
-    wanted = {table.get((run.setup["optimizer_impl"], run.setup.get("optimizer") == "lion")) for run in runs}
-    return [name for name in table.values() if name in wanted]
+    """DeepSpeed op builders the runs need: Fused/CPU Adam or Lion for impl fused/cpu (Muon's aux Adam is Adam)."""
+    wanted = {(r.setup["optimizer_impl"], "Lion" if r.setup.get("optimizer") == "lion" else "Adam") for r in runs}
+    return [f"{'Fused' if i == 'fused' else 'CPU'}{k}Builder" for i, k in sorted(wanted) if i in ("fused", "cpu")]
 
 
 def build_ops(names: list[str], opts: ValidateOptions, base_env: dict, capability) -> dict[str, bool]:
