@@ -4,7 +4,8 @@ Rank 0 of a 4-rank job on torch's fake process group (``validate.fakepg``) build
 (``validate.dsprobe.build_model``), runs ``deepspeed.initialize`` with the ds_config ``configs.ds_write`` writes
 (and the client optimizer ``validate.client_optimizers`` builds), trains two steps, and sums the bytes of every
 tensor in the basic optimizer's ``state`` (plus Muon's staged momentum at stages 1-2). Under ZeRO the optimizer
-sees 1-D flat partitions: Adafactor keeps a full variance, bitsandbytes one absmax per 256 elements of the flat.
+sees 1-D flat partitions: Adafactor keeps a full variance, bitsandbytes one absmax per 256 elements of the flat;
+at stage 0 in bf16 ``FP16_UnfusedOptimizer`` hands it fp32 copies with their shapes (Adafactor factors them).
 """
 
 from __future__ import annotations
@@ -57,14 +58,14 @@ def _measured_state_bytes(setup: TrainingSetup) -> int:
     return total
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 @pytest.mark.parametrize("name", ["adafactor", "adamw-8bit", "muon"])
 def test_states_equal_deepspeed(name, stage):
     if name == "adamw-8bit":
         pytest.importorskip("bitsandbytes")
     setup = _setup(name, stage)
-    held = flat_group_numel(total_params(), WORLD) // WORLD if stage < 3 else \
-        sum(partition_numel(t.numel, WORLD) for t in _tensors(setup))
+    held = {0: total_params(), 2: flat_group_numel(total_params(), WORLD) // WORLD,
+            3: sum(partition_numel(t.numel, WORLD) for t in _tensors(setup))}[stage]
     assert _measured_state_bytes(setup) == state_bytes(setup, held)
 
 
