@@ -279,3 +279,36 @@ def test_client_optimizer():
     params = [torch.nn.Parameter(torch.zeros(8))]
     assert type(client_optimizer({"setup": {"optimizer": "paged-adamw-8bit"}}, params)).__name__ == "PagedAdamW8bit"
     assert client_optimizer({"setup": {"optimizer": "adamw"}}, params) is None
+
+
+# ---- update temporaries, measured on the CPU ----------------------------------------------------------------------
+
+
+def _step_temporaries(optimizer, params) -> int:
+    """Peak bytes an optimizer step allocates beyond the parameters, gradients and states it starts with."""
+    import torch
+    from zeroest.validate.memtrack import LiveBytes
+
+    tracker = LiveBytes(device="cpu")
+    states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    tracker.adopt([*params, *(p.grad for p in params), *states])
+    with tracker, tracker.phase("step") as phase:
+        optimizer.step()
+    return phase.peak_bytes - phase.start_bytes
+
+
+@pytest.mark.parametrize("maker", ["torch", pytest.param("transformers", marks=pytest.mark.slow)])
+def test_adafactor_temporaries_on_a_flat_partition(maker):
+    """A ZeRO partition is one 1-D tensor: ``grad * grad`` and ``variance.clone()`` (torch), or ``grad**2 + eps``
+    and ``rsqrt()`` (transformers) live at once: 8 bytes per element, ``optimizer_temp_bytes``."""
+    torch = pytest.importorskip("torch")
+    from zeroest.estimator.core.model_states import optimizer_temp_bytes
+
+    cls = torch.optim.Adafactor if maker == "torch" else pytest.importorskip("transformers.optimization").Adafactor
+    numel = 100_000
+    p = torch.nn.Parameter(torch.zeros(numel))
+    opt = cls([p])
+    _step(opt, [p])  # states exist, as from the second step on
+    expected = optimizer_temp_bytes(setup("adafactor", stage=2), (numel,), "cuda")
+    assert expected == 8 * numel
+    assert _step_temporaries(opt, [p]) == pytest.approx(expected, abs=64)  # plus 0-d scalars (the step count)
