@@ -312,3 +312,21 @@ def test_adafactor_temporaries_on_a_flat_partition(maker):
     expected = optimizer_temp_bytes(setup("adafactor", stage=2), (numel,), "cuda")
     assert expected == 8 * numel
     assert _step_temporaries(opt, [p]) == pytest.approx(expected, abs=64)  # plus 0-d scalars (the step count)
+
+
+def test_optimizers_grid_builds_what_deepspeed_takes():
+    """Every row of data/grids/optimizers.yaml is a setup, and its ds_config names DeepSpeed's optimizer (none for
+    the bitsandbytes client optimizers) with the flags DeepSpeed asks for."""
+    from zeroest.estimator.configs.flat import setup_from_dict
+    from zeroest.validate.grid import load_grid
+
+    names = set()
+    for entry in load_grid("optimizers").entries:
+        s = setup_from_dict(dict(entry.setup))
+        config = ds_config(s)
+        names.add(s.optimizer.name)
+        assert ("optimizer" in config) is (s.optimizer.impl != "bnb"), entry.where
+        assert config.get("zero_allow_untested_optimizer", False) is (s.optimizer.name not in ("lion", "muon"))
+        assert config["zero_optimization"].get("reduce_scatter", True) is not (s.optimizer.name == "muon"
+                                                                                and s.stage == 3)
+    assert names == {"adafactor", "lion", "muon", "sgd-momentum", "adamw-8bit", "paged-adamw-8bit"}
