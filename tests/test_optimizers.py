@@ -330,3 +330,17 @@ def test_optimizers_grid_builds_what_deepspeed_takes():
         assert config["zero_optimization"].get("reduce_scatter", True) is not (s.optimizer.name == "muon"
                                                                                 and s.stage == 3)
     assert names == {"adafactor", "lion", "muon", "sgd-momentum", "adamw-8bit", "paged-adamw-8bit"}
+
+
+@pytest.mark.parametrize(("cls", "expected"), [
+    ("FusedLion", ("lion", "fused")), ("DeepSpeedCPULion", ("lion", "cpu")), ("AdamW8bit", ("adamw-8bit", "bnb")),
+    ("PagedAdamW8bit", ("paged-adamw-8bit", "bnb")), ("MuonWithAuxAdam", ("muon", "fused")),
+])
+def test_live_engine_optimizer_read(cls, expected):
+    """``zeroest.watch`` reads the optimizer off the engine by the basic optimizer's class name."""
+    from types import SimpleNamespace
+
+    from zeroest.integrations.engine import optimizer_of
+
+    optimizer = type(cls, (), {"param_groups": [{}], "aux_optimizer": None})()
+    assert optimizer_of(SimpleNamespace(basic_optimizer=optimizer)) == expected
