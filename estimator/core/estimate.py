@@ -17,7 +17,7 @@ from zeroest.estimator.core.paper import paper_states
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
 from zeroest.estimator.core.stage3 import stage3_states
 from zeroest.estimator.core.timeline import COMPONENTS, Phase, peak_phase, timeline
-from zeroest.estimator.core.vocab import LOOP_RULE, ZERO_INIT_RULE, Loop
+from zeroest.estimator.core.vocab import LOOP_RULE, PARAM_GROUPS_RULE, ZERO_INIT_RULE, Loop
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,6 +127,9 @@ def _assumptions(setup: TrainingSetup, source: str) -> tuple[str, ...]:
         f"activations: {source}",
         _loop_note(setup),
     ]
+    if setup.stage in (ZeroStage.OPTIMIZER_STATES, ZeroStage.GRADIENTS) and setup.zero.offload_optimizer == "none":
+        notes.append(f"{setup.optimizer.param_groups} optimizer parameter group(s): with more than one the 16-bit "
+                     f"gradients live through the step ({PARAM_GROUPS_RULE}; --param-groups changes it)")
     if setup.stage == ZeroStage.PARAMETERS:
         notes.append("model built under zero.Init (never whole on one GPU)" if setup.zero.zero_init else
                      f"model built whole on the host, then partitioned (no zero.Init; {ZERO_INIT_RULE}; "

@@ -18,6 +18,7 @@ from functools import lru_cache
 from itertools import accumulate
 from typing import Literal
 
+from zeroest.estimator.core.adapters import trainable_split
 from zeroest.estimator.core.architecture import param_tensors
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
 from zeroest.estimator.core.shape import ModelShape
@@ -169,6 +170,38 @@ def _largest_slice_numel(numels: tuple[int, ...], world_size: int, rank: int) ->
     return max((min(end, hi) - max(start, lo) for start, end in zip(starts[:-1], starts[1:], strict=True)), default=0)
 
 
+def shared_grads_through_step(setup: TrainingSetup) -> bool:
+    """Stages 1-2 (no offload) with several parameter groups: the 16-bit gradient partition lives through the
+    optimizer step of every group but the last.
+
+    stage_1_and_2.py ``step`` walks the groups one by one: ``free_grad_in_param_list(self.params_in_partition[i])``,
+    the fp32 copy of group i's gradients, ``_optimizer_step(i)``. The gradients are views of buffers that span the
+    groups: at stage 2 ``copy_grads_in_partition`` makes one ``grads_in_partition`` buffer for the parameters in
+    partition of every group (``_release_ipg_buffers`` drops the optimizer's own reference at the end of backward,
+    so the storage lives while any view does); at stage 1 ``independent_gradient_partition_epilogue`` builds each
+    group's ``averaged_gradients`` from ``all_grad_tensors``, the reduced gradients in the shared ipg buffers. So
+    while a later group still holds its views, the whole gradient partition (``step_grads_bytes``) stays under
+    group i's step: with G >= 2 groups under every step but the last, the small no-decay group in the usual
+    grouping. Measured on the CPU against real DeepSpeed through the probe (tests/test_timeline_cpu.py, llama,
+    N_d = 2, two groups): the step's peak is b p above the one-group formula at stages 1 and 2; and with torch
+    AdamW as a client optimizer (llama, 3.2M parameters, N_d = 1, stage 2): 12 Psi above the step's start with
+    two groups, 10 Psi with one.
+    """
+    return (setup.stage in (ZeroStage.OPTIMIZER_STATES, ZeroStage.GRADIENTS)
+            and setup.zero.offload_optimizer == "none" and setup.optimizer.param_groups > 1
+            and _no_decay_group_trains(setup))
+
+
+def _no_decay_group_trains(setup: TrainingSetup) -> bool:
+    """The second group (no weight decay: biases and norm weights, trainer.py ``get_decay_parameter_names``) holds
+    a trainable tensor. LoRA adapters (peft's bias "none") have neither, so a Trainer's LoRA job passes an empty
+    second group and steps its one real group with nothing left to hold the gradients."""
+    if setup.adapters.full:
+        return True  # every causal LM has norm weights
+    return any(t.component == "norms" or t.name.endswith("bias")
+               for t in trainable_split(setup.model, setup.adapters).trainable)
+
+
 def stage0_states(setup: TrainingSetup, numel: int, device: Device = "cuda") -> ModelStates:
     """Stage 0: every rank holds every state (engine.py ``_do_optimizer_sanity_check`` picks the wrapper).
 
@@ -246,7 +279,10 @@ def stage12_states(setup: TrainingSetup, numel: int, device: Device = "cuda", *,
         carry = grads if accum else 0  # the buckets stay too: estimator.timeline adds them at stage 1
     temps = optimizer_temp_bytes(setup, (part,), device)
     # step: flatten the partition (bp) and convert it (4p) while the gradients live; then free them and update.
-    step_temp = 0 if offload else max(b * part + FP32 * part, FP32 * part + temps - step_grads)
+    # At stage 2 every group's gradients are views of one ``grads_in_partition`` buffer, so with several groups
+    # it outlives the steps of all groups but the last (``shared_grads_through_step``).
+    freed = 0 if shared_grads_through_step(setup) else step_grads
+    step_temp = 0 if offload else max(b * part + FP32 * part, FP32 * part + temps - freed)
     return ModelStates(
         params_bytes=b * padded,
         master_weights_bytes=0 if offload else master,
