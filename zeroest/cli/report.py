@@ -126,6 +126,6 @@ def report(
     _print_text(a, written)
     from zeroest.report.verdicts import verdict_table, verdicts
 
-    cards = verdicts(r.row for r in a.records if r.row.data["setup"].get("gpu_memory_bytes"))
+    cards = verdicts(r for r in a.records if r.row.data["setup"].get("gpu_memory_bytes"))
     for line in verdict_table(cards) if cards else []:
         out.print(line, markup=False, soft_wrap=True)
