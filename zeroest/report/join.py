@@ -201,8 +201,10 @@ def predict(setup: TrainingSetup, overheads: Overheads, *, simulated: bool = Fal
         estimate(setup, overheads, device="cpu" if cpu else "cuda", simulated=simulated).to_dict())
 
 
-def join_row(row: RunRow) -> Record:
-    """The record of one row; ValueError (or FileNotFoundError) when its setup cannot be rebuilt."""
+def join_row(row: RunRow, calibration: Overheads | None = None) -> Record:
+    """The record of one row; ValueError (or FileNotFoundError) when its setup cannot be rebuilt.
+    ``calibration``: overheads for ``current`` in place of the group's file (a calibration held against rows
+    it was not fitted on)."""
     from zeroest.estimator.catalog.models import load_model
     from zeroest.estimator.configs.flat import setup_from_row
     from zeroest.estimator.core.estimate import estimate
@@ -231,17 +233,17 @@ def join_row(row: RunRow) -> Record:
         measured_phases=measured_phase_peaks(m.get("phases") or {}),
         measured_peak_phase=_measured_peak_phase(m.get("phases") or {}),
         notes=(why,) if why else (), sample=sample,
-        current=predict(setup, overheads_for(env, simulated), simulated=simulated, cpu=cpu_row),
+        current=predict(setup, overheads_for(env, simulated, calibration), simulated=simulated, cpu=cpu_row),
     )
 
 
-def join_rows(rows: list[RunRow]) -> tuple[list[Record], list[Skipped]]:
+def join_rows(rows: list[RunRow], calibration: Overheads | None = None) -> tuple[list[Record], list[Skipped]]:
     """Records of every row the estimator can rebuild; the others as ``Skipped`` with the reason."""
     records: list[Record] = []
     skipped: list[Skipped] = []
     for row in rows:
         try:
-            records.append(join_row(row))
+            records.append(join_row(row, calibration))
         except ImportError:
             raise
         except Exception as exc:  # noqa: BLE001 - one row the estimator chokes on must not end the report
