@@ -52,6 +52,15 @@ def _print_text(a, written: list[Path]) -> None:
         out.print(f"  {TITLES[q]:<20} n={s.n:<4} median |err| {pct(s.median_abs_error):>7}  max |err| "
                   f"{pct(s.max_abs_error):>7}  under-predicted {pct(s.under_prediction_rate):>7}  "
                   f"(runs of {LARGE_RUN_BYTES / 2**30:g} GiB reserved and more)", soft_wrap=True)
+    from zeroest.report.host import host_rows, host_stats
+
+    hosts = host_rows(a.records)
+    for name, keep in (("host RSS", None), ("  with offload", True)):
+        s = host_stats(hosts, keep)
+        if s.n:
+            out.print(f"  {name:<20} n={s.n:<4} median |err| {pct(s.median_abs_error):>7}  max |err| "
+                      f"{pct(s.max_abs_error):>7}  under-predicted {pct(s.under_prediction_rate):>7}  "
+                      "(current estimator, per rank, from init on)", soft_wrap=True)
     for s in a.skipped[:10]:
         out.print(f"  skipped {s.where}: {s.reason}", markup=False, soft_wrap=True)
     if len(a.skipped) > 10:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -96,6 +96,8 @@ class Prediction:
     components: dict[str, int]
     peak_phase: str
     overheads_source: str
+    host: dict[str, int] = field(default_factory=dict)
+    """Host RAM of one rank by term (``Estimate.host.components()``); empty for predictions stored before it."""
 
 
 def prediction_from_dict(est: dict) -> Prediction:
@@ -106,6 +108,7 @@ def prediction_from_dict(est: dict) -> Prediction:
         phases={name: int(p["peak_bytes"]) for name, p in (est.get("phases") or {}).items()},
         components=dict(est.get("components") or {}), peak_phase=str(est.get("peak_phase")),
         overheads_source=str(est.get("overheads_source")),
+        host={k: int(v) for k, v in (est.get("host_components") or {}).items()},
     )
 
 
