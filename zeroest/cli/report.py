@@ -76,6 +76,16 @@ def _print_text(a, written: list[Path]) -> None:
             out.print(f"  conservative bound on {g.group} (no row under-predicted): reserved_fraction_of_peak "
                       f"{b.reserved_fraction_of_peak:.3f} (set by {by[0]}), cuda_context_bytes "
                       f"{b.cuda_context_bytes / 2**20:.0f} MiB (set by {by[1]})", markup=False, soft_wrap=True)
+    if len(a.fits) > 1:
+        from zeroest.estimator.core.overheads import Overheads
+        from zeroest.report.bounds import conservative_overheads
+
+        bound = conservative_overheads([r.sample for r in a.records if not r.cpu], Overheads())
+        b = bound.overheads
+        out.print(f"  conservative bound over every GPU group (defaults otherwise): reserved_fraction_of_peak "
+                  f"{b.reserved_fraction_of_peak:.3f} (set by {bound.reserved_key or 'the defaults'}), "
+                  f"cuda_context_bytes {b.cuda_context_bytes / 2**20:.0f} MiB (set by "
+                  f"{bound.device_key or 'the defaults'})", markup=False, soft_wrap=True)
     for path in written:
         out.print(f"  wrote {path}", markup=False, soft_wrap=True)
 
