@@ -93,3 +93,20 @@ def test_host_stats_split_by_offload():
     assert host_stats(rows, offload=True).median_abs_error == pytest.approx(0.05)      # 19 / 20 - 1
     assert host_stats(rows, offload=False).median_abs_error == pytest.approx(205 / 2048)
     assert host_stats(rows).n == 2 and rows[0].per_node_bytes == 2 * (2 * GiB + 205 * MiB + GiB)
+
+
+def test_measured_pinned_bytes_are_summarized_and_shown():
+    from zeroest.validate.measure import summarize
+
+    phases = {"build": {"pinned_bytes": 64 * GiB}, "init": {"pinned_bytes": 8 * GiB, "rss_bytes": 12 * GiB},
+              "step0.step": {"pinned_bytes": 10 * GiB, "rss_bytes": 18 * GiB}}
+    got = summarize(phases)
+    assert got["host_pinned_bytes"] == 10 * GiB and got["host_rss_bytes"] == 18 * GiB   # build left out
+    from zeroest.report.host import host_section
+    from zeroest.report.markdown import pct
+
+    row = HostRow(label="x", simulated=True, ranks_per_node=2, measured_rss_bytes=18 * GiB, build_rss_bytes=None,
+                  measured_pinned_bytes=10 * GiB,
+                  terms={"process": 2 * GiB, "pinned": 10 * GiB, "pageable": 6 * GiB, "model_load": GiB})
+    (line,) = [ln for ln in host_section([row], pct) if ln.startswith("| x |")]
+    assert line.split(" | ")[1:7] == ["2.00", "10.00", "10.00", "6.00", "18.00", "18.00"]

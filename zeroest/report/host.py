@@ -5,8 +5,9 @@ The measured RSS after ``deepspeed.initialize`` is compared with ``held`` = proc
 full-model copy a rank loads is gone by then (its RSS shows in the ``build`` phase, listed beside it). A simulated
 row is one process, rank 0 of N on a fake process group: it measures one rank (without a real communicator's
 host memory, which the prediction leaves out for it too); per node is the prediction times the ranks per node,
-which only a real multi-rank run could measure. Page-locked bytes are part of the RSS; the rows do not record
-them apart (torch.cuda.host_memory_stats is not read), so pinned memory is compared only inside the RSS.
+which only a real multi-rank run could measure. Page-locked bytes are part of the RSS; rows measured since
+validate/measure.py reads ``torch.cuda.host_memory_stats`` record them apart (``host_pinned_bytes``), shown
+beside the predicted pinned term; older rows compare them only inside the RSS.
 Runs that ran out of memory stop before the optimizer's states exist and are left out.
 """
 
@@ -32,6 +33,8 @@ class HostRow:
     """Predicted bytes of one rank by term (``HostTerms.components``)."""
     measured_rss_bytes: int
     build_rss_bytes: int | None
+    measured_pinned_bytes: int | None = None
+    """Page-locked host memory the row measured (``host_pinned_bytes``), None for rows from before it."""
 
     @property
     def offload(self) -> bool:
@@ -62,9 +65,11 @@ def host_rows(records: Sequence) -> list[HostRow]:
         if r.oom is not None or not rss or not r.current.host:
             continue
         build = ((measured.get("phases") or {}).get("build") or {}).get("rss_bytes")
+        pinned = measured.get("host_pinned_bytes")
         out.append(HostRow(label=run_label(r), simulated=r.simulated, ranks_per_node=r.setup.parallel.gpus_per_node,
                            terms=dict(r.current.host), measured_rss_bytes=int(rss),
-                           build_rss_bytes=int(build) if build else None))
+                           build_rss_bytes=int(build) if build else None,
+                           measured_pinned_bytes=int(pinned) if pinned is not None else None))
     return out
 
 
@@ -87,14 +92,15 @@ def host_section(rows: list[HostRow], pct) -> list[str]:
         s = host_stats(rows, keep)
         lines.append(f"| {name} | {s.n} | {pct(s.median_abs_error)} | {pct(s.max_abs_error)} | "
                      f"{pct(s.mean_error, signed=True)} | {pct(s.under_prediction_rate)} |")
-    lines += ["", "| run | process | pinned | pageable | predicted held | measured RSS | error | load copy | "
-              "build RSS | per node |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| run | process | pinned | measured pinned | pageable | predicted held | measured RSS | error | "
+              "load copy | build RSS | per node |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for h in rows:
         if not h.offload:
             continue
-        cells = [h.terms["process"], h.terms["pinned"], h.terms["pageable"], h.held_bytes, h.measured_rss_bytes]
+        cells = [h.terms["process"], h.terms["pinned"], h.measured_pinned_bytes, h.terms["pageable"], h.held_bytes,
+                 h.measured_rss_bytes]
         build = "-" if h.build_rss_bytes is None else f"{h.build_rss_bytes / GiB:.2f}"
-        lines.append(f"| {h.label} | " + " | ".join(f"{c / GiB:.2f}" for c in cells)
+        lines.append(f"| {h.label} | " + " | ".join("-" if c is None else f"{c / GiB:.2f}" for c in cells)
                      + f" | {pct(h.error, signed=True)} | {h.terms['model_load'] / GiB:.2f} | {build} | "
                      f"{h.per_node_bytes / GiB:.2f} |")
     return lines
