@@ -51,6 +51,9 @@ def test_stage2_offload_terms_per_rank_and_per_node():
     assert estimate(s, OH, simulated=True).host.process_bytes == OH.host_process_bytes
     assert estimate(s, OH).cpu_bytes_per_node == 2 * host.per_rank_bytes
     assert sum(host.components().values()) == host.per_rank_bytes
+    note = next(n for n in estimate(s, OH).assumptions if n.startswith("host RAM per node"))
+    assert note.startswith(f"host RAM per node: 2 ranks x ({host.process_bytes / GiB:.2f} GiB process + "
+                           f"{2 * numel / GiB:.2f} GiB model load + {host.pinned_bytes / GiB:.2f} GiB pinned")
     unpinned = estimate(replace(s, zero=replace(s.zero, pin_memory=False)), OH).host
     assert unpinned.pinned_bytes == 8 * part + 2 * part + 2 * n_max
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields, replace
 from zeroest.estimator.core.activations import activation_profile
 from zeroest.estimator.core.architecture import count_params
 from zeroest.estimator.core.capacity import flatten_decision, flatten_note
-from zeroest.estimator.core.host import HostTerms, host_terms
+from zeroest.estimator.core.host import HostTerms, host_note, host_terms
 from zeroest.estimator.core.model_states import Device, ModelStates, stage0_states, stage12_states
 from zeroest.estimator.core.overheads import Overheads, device_from, reserved_from
 from zeroest.estimator.core.paper import paper_states
@@ -207,5 +207,5 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
         activation_source=source,
         overheads=overheads,
         host=host,
-        assumptions=_assumptions(setup, source) + tuple(n for n in (flatten_note(flatten),) if n),
+        assumptions=_assumptions(setup, source) + tuple(n for n in (flatten_note(flatten), host_note(host)) if n),
     )

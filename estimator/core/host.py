@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from zeroest.estimator.core.model_states import ModelStates
 from zeroest.estimator.core.overheads import Overheads
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup
+from zeroest.estimator.units import format_gib
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,3 +71,12 @@ def host_terms(setup: TrainingSetup, numel: int, states: ModelStates, overheads:
         pageable_bytes=states.host_pageable_bytes,
         ranks_per_node=setup.parallel.gpus_per_node,
     )
+
+
+def host_note(host: HostTerms) -> str:
+    """The assumption behind host RAM per node, for ``Estimate.assumptions``."""
+    parts = [f"{format_gib(host.process_bytes, 2)} process", f"{format_gib(host.model_load_bytes, 2)} model load"]
+    if host.pinned_bytes or host.pageable_bytes:
+        parts += [f"{format_gib(host.pinned_bytes, 2)} pinned", f"{format_gib(host.pageable_bytes, 2)} pageable"]
+    return (f"host RAM per node: {host.ranks_per_node} ranks x ({' + '.join(parts)}); every rank's load copy counted "
+            "with its states (all ranks loading at once, the larger case)")
