@@ -58,6 +58,7 @@ def test_table_counts_and_rates():
     rows = verdict_rows(items)
     assert all(len(r) == len(VERDICT_HEADERS) for r in rows)
     assert [r[-1] for r in rows] == ["yes", "yes", "yes", "**no**"]
+    assert [r[-3] for r in rows] == ["+0.0%", "-", f"{100 * GiB / (EDGE + 1):+.1f}%", f"{-100 / (EDGE + 1):+.1f}%"]
 
 
 def test_rows_skipped_and_the_row_gpu_used_without_an_emulated_card():

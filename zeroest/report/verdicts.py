@@ -135,7 +135,8 @@ def verdict_table(items: list[Verdict], margin: float = FIT_MARGIN) -> list[str]
 
 def verdict_rows(items: list[Verdict]) -> list[list[str]]:
     """One table row per run: the run, card, usable, stored and current prediction and verdict, measured
-    device and outcome, right (GiB, 2**30 bytes)."""
+    device, the current device error (finished runs: an OOM run's device reading stops short), outcome, right
+    (GiB, 2**30 bytes)."""
     def gib(n: int | None) -> str:
         return "-" if n is None else f"{n / 2**30:.2f}"
 
@@ -146,11 +147,14 @@ def verdict_rows(items: list[Verdict]) -> list[list[str]]:
     for v in items:
         outcome = "OOM" if v.oom else "ok, over budget" if v.over_budget else "ok"
         mark = "yes" if v.right_at_margin else "**no**" if v.fits else "no (conservative)"
+        error = ("-" if not v.measured_device_bytes or v.oom else
+                 f"{100 * (v.predicted_device_bytes - v.measured_device_bytes) / v.measured_device_bytes:+.1f}%")
         rows.append([v.label, gib(v.card_bytes), gib(v.usable_bytes),
                      gib(v.stored_device_bytes), said(v.stored_fits), gib(v.predicted_device_bytes), said(v.fits),
-                     gib(v.measured_device_bytes), outcome, mark])
+                     gib(v.measured_device_bytes), error, outcome, mark])
     return rows
 
 
 VERDICT_HEADERS = ["run", "card GiB", "usable GiB", "stored device GiB", "stored verdict",
-                   "current device GiB", "current verdict", "measured device GiB", "outcome", "right at the margin"]
+                   "current device GiB", "current verdict", "measured device GiB", "device error", "outcome",
+                   "right at the margin"]
