@@ -10,7 +10,10 @@ What the optimizer is handed depends on DeepSpeed's wrapper (engine.py ``_do_opt
   ``fp32_groups_flat``); with any other optimizer ``FP16_UnfusedOptimizer``, an fp32 copy of each parameter with
   its shape (fp16/unfused_optimizer.py ``fp32_groups``: ``p.clone().float()``); in fp32, the model's parameters.
 
-So an optimizer that treats a >= 2-D tensor differently (Adafactor's factored moments, bitsandbytes'
+With several parameter groups (``Optimizer.param_groups``, the HF Trainer's decay / no-decay pair) ZeRO flattens
+each group apart, so the optimizer sees one more, small 1-D tensor (norms and biases): its own bitsandbytes blocks
+and ``min_8bit_size`` test change the states by at most 8 bytes per element of that group (kilobytes); the states
+are summed as over one group. So an optimizer that treats a >= 2-D tensor differently (Adafactor's factored moments, bitsandbytes'
 ``min_8bit_size``, Muon's Newton-Schulz) sees only 1-D tensors under ZeRO. Notation: n the elements of one tensor
 the optimizer sees, (m, k) a matrix's shape, r = min(m, k), b bytes of the training dtype.
 """
