@@ -13,8 +13,10 @@ from zeroest.estimator.core.architecture import count_params
 from zeroest.estimator.core.capacity import flatten_decision, flatten_note
 from zeroest.estimator.core.host import HostTerms, host_note, host_terms
 from zeroest.estimator.core.model_states import Device, ModelStates, stage0_states, stage12_states
+from zeroest.estimator.core.optimizers import optimizer_notes
 from zeroest.estimator.core.overheads import Overheads, device_from, reserved_from
 from zeroest.estimator.core.paper import paper_states
+from zeroest.estimator.core.qlora import qlora_note
 from zeroest.estimator.core.setup import TrainingSetup, ZeroStage
 from zeroest.estimator.core.stage3 import stage3_states
 from zeroest.estimator.core.timeline import COMPONENTS, Phase, peak_phase, timeline
@@ -139,6 +141,7 @@ def _assumptions(setup: TrainingSetup, source: str) -> tuple[str, ...]:
         notes.append("model built under zero.Init (never whole on one GPU)" if setup.zero.zero_init else
                      f"model built whole on the host, then partitioned (no zero.Init; {ZERO_INIT_RULE}; "
                      "--zero-init changes it)")
+    notes += optimizer_notes(setup) + qlora_note(setup)
     if not setup.adapters.full:
         notes.append("LoRA/frozen weights: model states and activations as a full fine-tune (an upper bound; "
                      "frozen-parameter states are not modelled yet)")

@@ -20,6 +20,7 @@ from typing import Literal
 
 from zeroest.estimator.core.adapters import trainable_split
 from zeroest.estimator.core.architecture import param_tensors
+from zeroest.estimator.core.optimizers import flat_at_stage0, muon_temp_bytes, state_bytes
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
 from zeroest.estimator.core.shape import ModelShape
 from zeroest.estimator.units import round_up
@@ -96,25 +97,36 @@ def flat_group_numel(numel: int, world_size: int) -> int:
 
 
 def optimizer_state_bytes(setup: TrainingSetup, numel: int) -> int:
-    """fp32 optimizer states for ``numel`` parameters: S * 4 * numel (torch/optim/adamw.py ``_init_group``,
-    deepspeed/ops/adam/fused_adam.py ``step``: exp_avg and exp_avg_sq as ``zeros_like`` of the fp32 partition).
-    Adafactor keeps factored row and column moments: charged as 1% of one state (approximation, not measured)."""
-    if setup.optimizer.name == "adafactor":
-        return -(-numel * FP32 // 100)
-    return setup.optimizer.states_per_param * FP32 * numel
+    """Optimizer states for ``numel`` parameters on the tensors the optimizer sees (``core.optimizers.state_bytes``):
+    S * 4 * numel for the element-wise ones (torch/optim/adamw.py ``_init_group``, deepspeed/ops/adam/fused_adam.py
+    ``step``: exp_avg and exp_avg_sq as ``zeros_like`` of the fp32 partition)."""
+    return state_bytes(setup, numel)
 
 
 def optimizer_temp_bytes(setup: TrainingSetup, tensor_numels: tuple[int, ...], device: Device) -> int:
     """Temporaries of the optimizer's update over tensors of these sizes.
 
-    FusedAdam (csrc/adam/multi_tensor_adam.cu) and DeepSpeedCPUAdam update in place: 0. torch's AdamW
-    (``torch_adam: true``) on CUDA takes the foreach path (torch/optim/adamw.py ``_multi_tensor_adamw``:
-    ``exp_avg_sq_sqrt = torch._foreach_sqrt(...)``, one fp32 value per parameter of the group at once); on the CPU
-    the single-tensor path (``_single_tensor_adamw``: ``exp_avg_sq.sqrt() / bias_correction2_sqrt``, two fp32
-    temporaries of the largest tensor). Measured on CPU: 8 * p at stages 1-2 (data/probe/llama_z1_bf16_n4_g1.json).
-    SGD with momentum: ``_foreach_add`` of grad and momentum, one value per parameter on CUDA.
+    FusedAdam (csrc/adam/multi_tensor_adam.cu), FusedLion, DeepSpeed's CPU optimizers and bitsandbytes' 8-bit
+    AdamW (functional.py ``optimizer_update_8bit_blockwise``, one CUDA kernel) update in place: 0. torch's AdamW
+    (``torch_adam: true``, or ``torch.optim.AdamW`` as a client optimizer: ``foreach=None`` resolves to foreach on
+    CUDA, torch/optim/optimizer.py ``_default_to_fused_or_foreach``, and fused is never the default) on CUDA takes
+    the foreach path (torch/optim/adamw.py ``_multi_tensor_adamw``: ``exp_avg_sq_sqrt = torch._foreach_sqrt(...)``,
+    one fp32 value per parameter of the group at once); on the CPU the single-tensor path
+    (``_single_tensor_adamw``: ``exp_avg_sq.sqrt() / bias_correction2_sqrt``, two fp32 temporaries of the largest
+    tensor). Measured on CPU: 8 * p at stages 1-2 (data/probe/llama_z1_bf16_n4_g1.json). SGD with momentum:
+    ``_foreach_add`` of grad and momentum, one value per parameter on CUDA. Adafactor (torch/optim/_adafactor.py
+    ``adafactor``: ``foreach=None`` is falsy, so ``_single_tensor_adafactor`` on every device): ``grad * grad`` and
+    ``variance.clone()`` of a 1-D tensor (8n; a matrix's ``row_var @ col_var`` is 4mk <= 8n), of the largest.
+    Muon: ``core.optimizers.muon_temp_bytes``.
     """
-    if setup.optimizer.impl != "torch" or setup.optimizer.name == "sgd" or not tensor_numels:
+    name = setup.optimizer.name
+    if not tensor_numels:
+        return 0
+    if name == "muon":
+        return muon_temp_bytes(setup)
+    if name == "adafactor":
+        return 2 * FP32 * max(tensor_numels)
+    if setup.optimizer.impl != "torch" or name == "sgd":
         return 0
     if device == "cpu":
         return 2 * FP32 * max(tensor_numels)
@@ -224,7 +236,8 @@ def stage0_states(setup: TrainingSetup, numel: int, device: Device = "cuda") -> 
       flat 16-bit buffer (2bP while flattening), a flat fp32 master (4P), states created at init by
       ``initialize_optimizer_states`` (a zero fp32 gradient 4P and one step); in ``step`` every 16-bit gradient is
       converted to fp32 and flattened (4P + 4P at once) while the 16-bit gradients (bP) still exist.
-    * bf16/fp16 with torch AdamW: runtime/fp16/unfused_optimizer.py ``FP16_UnfusedOptimizer``: the model's own
+    * bf16/fp16 with any other optimizer (torch AdamW, FusedLion, Muon, bitsandbytes, Adafactor):
+      runtime/fp16/unfused_optimizer.py ``FP16_UnfusedOptimizer``: the model's own
       params, an fp32 master per parameter (4P, ``clone().float()``), states at init (one step on zero
       gradients: bP + 4P zero grads), in ``step`` an fp32 copy of every gradient (4P).
     """
@@ -239,7 +252,7 @@ def stage0_states(setup: TrainingSetup, numel: int, device: Device = "cuda") -> 
         return ModelStates(params_bytes=b * numel, master_weights_bytes=0, optimizer_states_bytes=states,
                            states_at_init=False, step_temp_bytes=temps, init_peak_bytes=b * numel, **common)
     steady = b * numel + FP32 * numel + states
-    if setup.optimizer.impl == "fused":
+    if flat_at_stage0(setup):
         step_temp = 2 * FP32 * numel
         init_peak = max(2 * b * numel, steady + FP32 * numel)
     else:
