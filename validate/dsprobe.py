@@ -77,6 +77,21 @@ class ProbeConfig:
     """``sub_group_size`` (elements)."""
     zero_init: bool = False
     """Stage 3: build the model under ``deepspeed.zero.Init`` instead of partitioning it in ``initialize``."""
+    lora_rank: int | None = None
+    """peft LoRA rank (``validate.adapters.apply_adapters``); None: no adapters."""
+    lora_targets: str = "all-linear"
+    """``LoraConfig.target_modules``."""
+    modules_to_save: str = ""
+    """``LoraConfig.modules_to_save``, comma-separated."""
+    freeze: str = ""
+    """``--freeze`` patterns (``core.adapters``): base weights with ``requires_grad = False``."""
+
+    def adapters(self) -> Any:
+        """The ``core.adapters.Adapters`` this probe trains with."""
+        from zeroest.estimator.core.adapters import Adapters
+
+        return Adapters(lora_rank=self.lora_rank, lora_targets=self.lora_targets,
+                        modules_to_save=self.modules_to_save, freeze=self.freeze)
 
     def ds_config(self) -> dict[str, Any]:
         """The ds_config dict this probe passes to ``deepspeed.initialize``."""
@@ -120,6 +135,11 @@ class ProbeConfig:
             parts.append("nocg")
         if self.zero_init:
             parts.append("zinit")
+        if self.lora_rank:
+            parts.append(f"lora{self.lora_rank}")
+        for label, text in (("save", self.modules_to_save), ("freeze", self.freeze)):
+            if text:
+                parts.append(label + re.sub(r"[^A-Za-z0-9]+", "-", text))
         return "_".join(parts)
 
 
@@ -167,8 +187,11 @@ def _snapshot(engine: Any, model: Any, tracker: Any) -> dict[str, Any]:
 
 
 def _model_facts(model: Any) -> dict[str, Any]:
-    numels = [p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()]
-    return {"psi": int(sum(numels)), "n_tensors": len(numels), "numels": [int(n) for n in numels]}
+    params = list(model.parameters())
+    numels = [p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params]
+    trainable = [n for n, p in zip(numels, params, strict=True) if p.requires_grad]
+    return {"psi": int(sum(numels)), "n_tensors": len(numels), "numels": [int(n) for n in numels],
+            "trainable": int(sum(trainable)), "trainable_numels": [int(n) for n in trainable]}
 
 
 def probe(config: ProbeConfig) -> dict[str, Any]:
@@ -180,6 +203,7 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
     import deepspeed
     import torch
     import torch.distributed as dist
+    from zeroest.validate.adapters import apply_adapters
     from zeroest.validate.fakepg import init_fake_world
     from zeroest.validate.memtrack import LiveBytes
 
@@ -200,6 +224,7 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
                     model = build_model(config.model, config.dtype)
             else:
                 model = build_model(config.model, config.dtype)
+            model = apply_adapters(model, config.adapters())
         record["model"] = _model_facts(model)
         record["snapshots"]["model"] = {"live_bytes": tracker.live_bytes}
         if config.dtype == "fp16":
