@@ -120,6 +120,18 @@ def test_offload_host_bytes_cover_the_trainable_partition():
     assert model_states(s).host_bytes == (4 + 8 + 4 + 2) * part + 2 * n_max
 
 
+def test_stage12_flat_buffer_is_the_trainable_group():
+    """The capacity check compares free memory with the flat buffer, b P'_t; the card holds all of b P."""
+    from zeroest.estimator.core.capacity import flatten_decision
+    from zeroest.estimator.core.overheads import Overheads
+
+    s = setup(2, 8, **LORA)
+    split = trained(s)
+    decision = flatten_decision(s, split.total_numel, Overheads(), real_comm=False,
+                                trainable_numel=split.trainable_numel)
+    assert decision.flat_buffer_bytes == 2 * flat_group_numel(lora_numel(16), 8)
+
+
 def test_lora_estimate_is_far_below_full_and_says_what_it_models():
     full, lora = estimate(setup(2, 8)), estimate(setup(2, 8, **LORA))
     assert lora.components["optimizer_states"] * 100 < full.components["optimizer_states"]

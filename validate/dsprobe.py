@@ -322,6 +322,10 @@ def default_matrix() -> list[ProbeConfig]:
     out.append(ProbeConfig(stage=2, dtype="bf16", world_size=4, contiguous_gradients=False, **small))
     out.append(ProbeConfig(stage=1, dtype="bf16", world_size=4, steps=2))  # DeepSpeed's default 5e8 buckets
     out.append(ProbeConfig(stage=2, dtype="bf16", world_size=4, steps=2))
+    for stage in (0, 1, 2, 3):  # frozen parameters: peft LoRA on all linears, a --freeze, a modules_to_save copy
+        for adapters in ({"lora_rank": 8}, {"freeze": "embeddings,layers:1"},
+                         {"lora_rank": 8, "modules_to_save": "lm_head"}):
+            out.append(ProbeConfig(stage=stage, dtype="bf16", world_size=4, **adapters, **small))
     return out
 
 

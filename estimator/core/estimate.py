@@ -184,8 +184,9 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
                             nccl_communicator_bytes=0, reserved_block_bytes=1, reserved_fraction_of_peak=0.0,
                             reserved_fraction_of_transient=0.0, reserved_fixed_bytes=0)
     # on the CPU, available_memory() is the host's free RAM: the on-device branch (cpu_accelerator.py)
-    flatten = (flatten_decision(setup, numel, overheads, real_comm=not simulated,
-                                trainable_numel=trained(setup).trainable_numel) if device == "cuda" else None)
+    split = trained(setup)  # the model as trained: LoRA adapters added, frozen weights marked
+    flatten = (flatten_decision(setup, split.total_numel, overheads, real_comm=not simulated,
+                                trainable_numel=split.trainable_numel) if device == "cuda" else None)
     states = model_states(setup, device, flatten_on_gpu=flatten is None or flatten.on_gpu)
     w = setup.workload
     act, source = activation_profile(setup.model, w.micro_batch, w.seq_len, setup.dtype, w.attn, mode=w.activations,
@@ -200,7 +201,7 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
     peak = peak_phase(phases)
     reserved = reserved_bytes(peak, overheads)
     device = math.ceil(device_from(reserved, overheads, peers=setup.world_size - 1, real_comm=not simulated))
-    load_copy = DTYPE_BYTES[setup.dtype] * numel
+    load_copy = DTYPE_BYTES[setup.dtype] * split.total_numel  # the whole model, frozen weights and adapters
     return Estimate(
         setup=setup,
         n_params=numel,
