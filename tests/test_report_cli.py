@@ -111,7 +111,7 @@ def test_markdown_links_the_plots_and_lists_skipped_rows(fitted):
     assert "## Headline (fitted, held out by model)" in text
     assert "![predicted_vs_measured](plots/predicted_vs_measured.png)" in text
     assert "written by zeroest 0.0.1" in text
-    assert "gpt2-medium z0 N=2 mb64x512 bf16 | step0.forward0" in text
+    assert "gpt2-medium z0 N=2 mb64x512 bf16 adamw/fused | step0.forward0" in text
 
 
 def test_oom_and_skipped_rows_are_reported(fitted):

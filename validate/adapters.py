@@ -1,55 +1,84 @@
-"""The setup's LoRA adapters and frozen weights applied to a real Hugging Face model (probes and workers).
+"""The setup's adapters applied to the real model: peft LoRA, ``modules_to_save`` and frozen base weights.
 
-``apply_adapters(model, adapters)`` does what a user's script does before ``deepspeed.initialize``:
+What a user's LoRA job does before ``deepspeed.initialize``: build the HF model, enable (non-reentrant) gradient
+checkpointing on it, then ``peft.get_peft_model(model, LoraConfig(...))`` (peft 0.21 ``mapping_func.py``), which
+freezes every base weight (``LoraModel._mark_only_adapters_as_trainable``, bias "none") and adds ``lora_A``/
+``lora_B`` beside each targeted Linear. ``--freeze`` patterns are applied to the base model first, as
+``requires_grad_(False)`` on the parameters ``core.adapters.trainable_split`` names frozen.
 
-* ``--freeze``: ``requires_grad = False`` on the base weights the patterns name (the names
-  ``core.adapters.trainable_split`` lists as frozen for the model's shape);
-* ``--lora-rank``: peft's ``get_peft_model(model, LoraConfig(r, lora_alpha, lora_dropout, target_modules,
-  modules_to_save))``, which freezes the base model and adds the adapters (peft tuners/lora/model.py
-  ``LoraModel._create_and_replace``). peft casts bf16/fp16 adapter weights to fp32 (``autocast_adapter_dtype``);
-  DeepSpeed casts every parameter back to the training dtype in ``initialize`` (engine.py
-  ``_cast_module_mixed_precision``), so the states are the same either way.
-
-The caller then passes ``model.parameters()`` (frozen ones included, as accelerate does) to DeepSpeed.
+The counts of the wrapped model are recorded beside the measurement and must equal the estimator's
+(``trainable_split``): a run whose model is not the one the estimate assumed fails here instead of producing a row.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from zeroest.estimator.core.adapters import ALL_LINEAR, Adapters, trainable_split
-from zeroest.estimator.core.architecture import shape_from_config
-
 
 def _names(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+    return [part.strip() for part in str(text or "").split(",") if part.strip()]
 
 
-def apply_adapters(model: Any, adapters: Adapters) -> Any:
-    """The model as trained with ``adapters``: the same module with frozen weights, or a ``PeftModel``."""
-    if adapters.full:
-        return model
-    if adapters.freeze:
-        shape = shape_from_config(model.config.to_dict(), getattr(model.config, "name_or_path", "") or "model")
-        frozen = {t.name for t in trainable_split(shape, Adapters(freeze=adapters.freeze)).frozen}
+def wants_adapters(setup: dict) -> bool:
+    """True when the flat setup trains less than the whole model."""
+    return bool(setup.get("lora_rank")) or bool(_names(setup.get("freeze"))) or bool(
+        _names(setup.get("modules_to_save")))
+
+
+def expected_split(spec: dict):
+    """``core.adapters.trainable_split`` of the spec's model and adapters (the estimator's view)."""
+    from zeroest.estimator.configs.flat import setup_from_dict
+    from zeroest.estimator.core.adapters import trainable_split
+    from zeroest.estimator.core.architecture import shape_from_config
+
+    shape = shape_from_config(dict(spec["model_config"]), str(spec["setup"]["model"]))
+    setup = setup_from_dict(spec["setup"], model=shape, where="spec")
+    return trainable_split(setup.model, setup.adapters)
+
+
+def _counts(model) -> dict:
+    seen: set[int] = set()
+    trainable = frozen = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = int(getattr(p, "ds_numel", 0) or p.numel())  # under zero.Init a parameter's own numel is 0
+        if p.requires_grad:
+            trainable += n
+        else:
+            frozen += n
+    return {"trainable_params": trainable, "frozen_params": frozen}
+
+
+def apply_adapters(model, spec: dict):
+    """(model, counts): the spec's freeze patterns and LoRA applied to ``model``; ``model`` unchanged and ``{}``
+    for a full fine-tune. Raises RuntimeError when the counts differ from the estimator's."""
+    setup = spec["setup"]
+    if not wants_adapters(setup):
+        return model, {}
+    split = expected_split(spec)
+    frozen = {t.name for t in split.frozen}
+    if not setup.get("lora_rank"):
         for name, param in model.named_parameters():
             if name in frozen:
                 param.requires_grad_(False)
-    if not adapters.lora:
-        return model
-    import peft
+        saved = _names(setup.get("modules_to_save"))
+        if saved:
+            raise RuntimeError("modules_to_save without a LoRA rank is not a peft setup: add lora_rank")
+    else:
+        import peft
 
-    targets = adapters.lora_targets
-    config = peft.LoraConfig(
-        r=adapters.lora_rank,
-        lora_alpha=adapters.lora_alpha or 8,
-        lora_dropout=adapters.lora_dropout,
-        target_modules=targets if targets == ALL_LINEAR else _names(targets),
-        modules_to_save=_names(adapters.modules_to_save) or None,
-    )
-    return peft.get_peft_model(model, config)
-
-
-def trainable_numel(model: Any) -> int:
-    """Elements of the parameters that train (``requires_grad``), as peft's ``print_trainable_parameters``."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+        targets = _names(setup.get("lora_targets")) or ["all-linear"]
+        config = peft.LoraConfig(
+            r=int(setup["lora_rank"]),
+            lora_alpha=int(setup.get("lora_alpha") or 8),
+            lora_dropout=float(setup.get("lora_dropout") or 0.0),
+            target_modules="all-linear" if targets == ["all-linear"] else targets,
+            modules_to_save=_names(setup.get("modules_to_save")) or None,
+            task_type="CAUSAL_LM",
+        )
+        model = peft.get_peft_model(model, config)
+    counts = _counts(model)
+    want = {"trainable_params": split.trainable_numel, "frozen_params": split.frozen_numel}
+    if counts != want:
+        raise RuntimeError(f"the wrapped model has {counts} but the estimator assumed {want}: the adapters differ")
+    return model, counts

@@ -93,6 +93,12 @@ class ProbeConfig:
         return Adapters(lora_rank=self.lora_rank, lora_targets=self.lora_targets,
                         modules_to_save=self.modules_to_save, freeze=self.freeze)
 
+    def adapters_spec(self, model: Any) -> dict[str, Any]:
+        """The worker's spec (``validate.adapters.apply_adapters``) for this probe's adapters on ``model``."""
+        setup = {"model": f"probe-{self.model}", "lora_rank": self.lora_rank, "lora_targets": self.lora_targets,
+                 "modules_to_save": self.modules_to_save, "freeze": self.freeze}
+        return {"setup": setup, "model_config": model.config.to_dict()}
+
     def ds_config(self) -> dict[str, Any]:
         """The ds_config dict this probe passes to ``deepspeed.initialize``."""
         zero: dict[str, Any] = {"stage": self.stage}
@@ -224,7 +230,7 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
                     model = build_model(config.model, config.dtype)
             else:
                 model = build_model(config.model, config.dtype)
-            model = apply_adapters(model, config.adapters())
+            model, _ = apply_adapters(model, config.adapters_spec(model))
         record["model"] = _model_facts(model)
         record["snapshots"]["model"] = {"live_bytes": tracker.live_bytes}
         if config.dtype == "fp16":

@@ -230,6 +230,7 @@ def _train(spec: dict, meter, result: dict, rank_file: RankFile) -> None:
     import deepspeed
     import transformers  # noqa: F401 - imported here so that no phase counts import time
     from transformers import AutoModelForCausalLM  # noqa: F401
+    from zeroest.validate.adapters import apply_adapters
     from zeroest.validate.loops import train_steps
 
     result["measured"]["import_s"] = time.perf_counter() - start
@@ -242,7 +243,8 @@ def _train(spec: dict, meter, result: dict, rank_file: RankFile) -> None:
     _init_distributed(spec, world_size)
     hf_config = hf_deepspeed_config(spec)
     with meter.phase("build"):
-        model = build_model(spec)
+        model, counts = apply_adapters(build_model(spec), spec)
+    result["measured"].update(counts)
     result["measured"]["built_partitioned"] = partitioned(model)
     rank_file.write(result)
     with meter.phase("init"):
