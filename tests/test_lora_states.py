@@ -15,7 +15,7 @@ from zeroest.estimator.core.adapters import Adapters, trainable_split
 from zeroest.estimator.core.architecture import count_params, param_tensors
 from zeroest.estimator.core.estimate import estimate, model_states
 from zeroest.estimator.core.model_states import FP32, flat_group_numel, stage2_grad_numel, trained
-from zeroest.estimator.core.stage3 import gathered_numel, partition_numel
+from zeroest.estimator.core.stage3 import gathered_numel, partition_numel, recompute_gathered_numel
 from zeroest.estimator.core.timeline import _grads_at_backward_start
 
 LLAMA = load_model("llama-3-8b")
@@ -87,19 +87,24 @@ def test_stage3_partitions_every_parameter_and_optimizes_the_trainable(world):
 
 def test_stage3_recompute_keeps_a_layers_frozen_weights_gathered():
     """PR #8148: frozen params fetched by a checkpoint recompute stay gathered until the backward submodule ends,
-    whatever stage3_max_live_parameters: a layer's frozen weights (llama-2-7b: 202 M > its 131 M embedding)."""
+    whatever stage3_max_live_parameters: a layer's frozen weights (llama-2-7b: 202 M > its 131 M embedding), in
+    a layer's backward only."""
     model = load_model("llama-2-7b")
-    small = dict(max_live_parameters=1_000_000, prefetch_bucket_size=1_000_000, **LORA)
+    small = dict(world_size=8, stage=3, activations="closed-form", max_live_parameters=1_000_000,
+                 prefetch_bucket_size=1_000_000)
     layer = sum(t.numel for t in param_tensors(model) if ".layers.0." in t.name and t.numel >= 100_000)
     largest = max(t.numel for t in param_tensors(model))
     assert layer > largest
-    with_ckpt = setup_from_dict({"world_size": 8, "stage": 3, "grad_ckpt": True, **small}, model=model)
-    without = setup_from_dict({"world_size": 8, "stage": 3, "grad_ckpt": False, **small}, model=model)
-    assert gathered_numel(with_ckpt) == layer
-    assert gathered_numel(without) == largest
-    full = setup_from_dict({"world_size": 8, "stage": 3, "grad_ckpt": True, "max_live_parameters": 1_000_000,
-                            "prefetch_bucket_size": 1_000_000}, model=model)
-    assert gathered_numel(full) == largest  # nothing frozen: trainable params release module by module
+    with_ckpt = setup_from_dict({"grad_ckpt": True, **small, **LORA}, model=model)
+    assert gathered_numel(with_ckpt) == largest
+    assert recompute_gathered_numel(with_ckpt) == layer - largest
+    assert model_states(with_ckpt).recompute_gathered_bytes == 2 * (layer - largest)
+    for other in ({"grad_ckpt": False, **LORA}, {"grad_ckpt": True}):  # no recompute; nothing frozen
+        assert recompute_gathered_numel(setup_from_dict({**small, **other}, model=model)) == 0
+    est = estimate(setup_from_dict({"grad_ckpt": True, **small, **LORA, "seq_len": 256}, model=model))
+    backward = next(p for p in est.phases if p.name == "backward")
+    forward = next(p for p in est.phases if p.name == "forward")
+    assert backward.components["buffers"] - forward.components["buffers"] >= 2 * (layer - largest)
 
 
 @pytest.mark.parametrize(("adapters", "head"), [

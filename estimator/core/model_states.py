@@ -61,6 +61,9 @@ class ModelStates:
     the offload path's GPU staging buffer)."""
     gathered_params_bytes: int
     """Stage 3: parameters gathered at once during forward/backward (current module plus prefetch)."""
+    recompute_gathered_bytes: int = 0
+    """Stage 3 with gradient checkpointing and frozen parameters: gathered beyond ``gathered_params_bytes`` during a
+    layer's backward (the recompute's frozen weights, ``stage3.recompute_gathered_numel``)."""
     epilogue_bytes: int
     """Transient at the end of backward: the 16-bit partition stage 1 flattens from the full gradients; with
     offload, the fp32 copy of the largest in-partition gradient slice on its way to the host."""

@@ -61,13 +61,6 @@ def gathered_numel(setup: TrainingSetup) -> int:
     (data/runs/h100-default): pythia-1b N_d = 2 holds its whole 16-bit model gathered at the end of forward.
     Frozen parameters are gathered like trainable ones (a frozen Linear's weight is needed again in backward for
     the input's gradient), so the sum runs over every parameter, adapters included.
-
-    Gradient checkpointing with frozen parameters (DeepSpeed >= 0.19.3, PR #8148 "Z3: Support for activation ckpt
-    with frozen params"): ``fetch_sub_module`` attributes a frozen parameter fetched during a checkpoint recompute
-    (``torch._C._current_graph_task_id() != -1``) to the active backward submodule (``update_recompute_parameters``),
-    and ``release_sub_module`` skips it at the recompute's forward release; it is released with that submodule's
-    backward. So a recomputed layer's frozen parameters F_l stay gathered at once during its backward, whatever
-    ``stage3_max_live_parameters``: gathered >= max over layers of F_l (non-persistent frozen parameters).
     """
     if setup.world_size == 1 and setup.zero.offload_params == "none":
         return 0
@@ -76,10 +69,30 @@ def gathered_numel(setup: TrainingSetup) -> int:
     big = [t.numel for t in (*split.trainable, *split.frozen) if t.numel >= threshold]
     if not big:
         return 0
-    live = min(sum(big), max(max(big), setup.zero.max_live_parameters + setup.zero.prefetch_bucket_size))
-    if setup.workload.grad_ckpt and split.frozen:
-        return max(live, _layer_frozen_numel(split, threshold))
-    return live
+    return min(sum(big), max(max(big), setup.zero.max_live_parameters + setup.zero.prefetch_bucket_size))
+
+
+def recompute_gathered_numel(setup: TrainingSetup) -> int:
+    """Elements gathered during a layer's backward beyond ``gathered_numel``, with gradient checkpointing and frozen
+    parameters: max(0, F_l - gathered_numel), F_l the largest sum of one decoder layer's frozen, non-persistent
+    parameters.
+
+    DeepSpeed 0.19.8 (PR #8148 "Z3: Support for activation ckpt with frozen params"; before it such a recompute
+    failed with a CheckpointError, PR #8130): partitioned_param_coordinator.py ``fetch_sub_module`` attributes a
+    frozen parameter fetched during a checkpoint recompute (``torch._C._current_graph_task_id() != -1``) to the
+    active backward submodule (``update_recompute_parameters``), ``release_sub_module`` does not release it at the
+    recompute's forward release, and releases it with that submodule's backward. A recomputed layer's frozen weights
+    are therefore gathered together during its backward,
+    however small ``stage3_max_live_parameters`` is; the forward and the head's backward are unaffected. Measured on
+    the CPU (tests/test_lora_states_deepspeed.py): tiny llama + LoRA, N_d = 4, backward 528,384 elements gathered = its
+    three frozen MLP weights, forward 262,144 = its largest tensor.
+    """
+    if not setup.workload.grad_ckpt or (setup.world_size == 1 and setup.zero.offload_params == "none"):
+        return 0
+    split = trained(setup)
+    if not split.frozen:
+        return 0
+    return max(0, _layer_frozen_numel(split, setup.zero.param_persistence_threshold) - gathered_numel(setup))
 
 
 def stage3_states(setup: TrainingSetup, device: Device = "cuda") -> ModelStates:
@@ -140,6 +153,7 @@ def stage3_states(setup: TrainingSetup, device: Device = "cuda") -> ModelStates:
         buckets_bytes=0,
         resident_buffers_bytes=resident,
         gathered_params_bytes=b * gathered_numel(setup),
+        recompute_gathered_bytes=b * recompute_gathered_numel(setup),
         epilogue_bytes=0,
         step_grads_bytes=0,
         step_temp_bytes=step_temp,

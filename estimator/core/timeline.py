@@ -129,7 +129,8 @@ def timeline(setup: TrainingSetup, states: ModelStates, act: ActivationProfile) 
     head = _components(**held, grads=grads_start, buffers=gathered + carry_buckets,
                        activations=stack + act.head_saved_bytes + act.grad_logits_bytes
                        + act.backward_head_transient_bytes)
-    layer = _components(**held, grads=grads_start, buffers=gathered + states.buckets_bytes,
+    layer = _components(**held, grads=grads_start,
+                        buffers=gathered + states.buckets_bytes + states.recompute_gathered_bytes,
                         activations=stack + act.layer_backward_peak_bytes(ckpt))
     end = _components(**held, grads=max(states.grads_bytes, states.grads_carry_bytes),
                       buffers=resident + states.buckets_bytes,
