@@ -96,62 +96,15 @@ def test_frozen_states_equal_deepspeed(ds_probe, name, stage, world):
         assert after_step["grads_fp32"] == FP32 * sum(partition_numel(t.numel, world) for t in split.trainable)
 
 
-def _gathered_elements(grad_ckpt: bool, lora: bool) -> dict[str, int]:
-    """Most non-persistent parameter elements gathered (not NOT_AVAILABLE) at any module hook of the third forward
-    and backward: tiny llama, ZeRO-3 rank 0 of N_d = 4 (fake group), max_live and prefetch 1,000 elements, and
-    ``stage3_max_reuse_distance`` 1,000: with its default 1e9 DeepSpeed keeps every parameter whose next use lies
-    within 1e9 elements of the trace (``__params_to_release``), here all of them."""
-    import deepspeed
-    import torch
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-    from zeroest.validate.dsprobe import build_model
-    from zeroest.validate.fakepg import init_fake_world
-
-    init_fake_world(0, 4)
-    model = build_model("llama", "bf16")
-    if grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if lora:
-        import peft
-
-        model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules="all-linear"))
-    zero = {"stage": 3, "stage3_max_live_parameters": 1000, "stage3_prefetch_bucket_size": 1000,
-            "stage3_max_reuse_distance": 1000, "stage3_param_persistence_threshold": 100_000,
-            "reduce_bucket_size": 200_000}
-    config = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}, "zero_optimization": zero,
-              "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}}
-    engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
-    params = list(model.parameters())
-    peaks, phase = {}, ["forward"]
-
-    def sample(*_):
-        n = sum(p.ds_numel for p in params if p.ds_status != ZeroParamStatus.NOT_AVAILABLE and not p.ds_persist)
-        peaks[phase[0]] = max(peaks.get(phase[0], 0), n)
-
-    for module in model.modules():
-        module.register_forward_pre_hook(sample)
-        module.register_forward_hook(sample)
-        module.register_full_backward_pre_hook(sample)
-        module.register_full_backward_hook(sample)
-    ids = torch.randint(0, 1024, (1, 16), generator=torch.Generator().manual_seed(1))
-    for _ in range(3):  # the trace is complete from the second step on
-        peaks.clear()
-        phase[0] = "forward"
-        loss = engine(input_ids=ids, labels=ids).loss
-        phase[0] = "backward"
-        engine.backward(loss)
-        engine.step()
-    engine.destroy()
-    return peaks
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("grad_ckpt", [True, False])
 def test_recompute_gathers_a_layers_frozen_weights(grad_ckpt):
     """PR #8148 as modelled: forward gathers n_max (``gathered_numel``); a checkpointed layer's backward holds its
     frozen weights together (``recompute_gathered_numel``)."""
     pytest.importorskip("peft")
-    measured = _gathered_elements(grad_ckpt, lora=True)
+    from zeroest.validate.gathered import gathered_elements
+
+    measured = gathered_elements(grad_ckpt, lora=True)  # stage3_max_reuse_distance 1,000: released after use
     config = ProbeConfig(model="llama", stage=3, world_size=4, lora_rank=8)
     setup = setup_for(config)
     setup = TrainingSetup(**{**{f: getattr(setup, f) for f in ("model", "parallel", "dtype", "optimizer", "adapters")},
