@@ -14,7 +14,7 @@ from zeroest.estimator.configs.flat import setup_from_dict
 from zeroest.estimator.core.adapters import Adapters, trainable_split
 from zeroest.estimator.core.architecture import count_params, param_tensors
 from zeroest.estimator.core.estimate import estimate, model_states
-from zeroest.estimator.core.model_states import FP32, flat_group_numel, stage2_grad_numel, trained
+from zeroest.estimator.core.model_states import FP32, flat_group_numel, pinned_bytes, stage2_grad_numel, trained
 from zeroest.estimator.core.stage3 import gathered_numel, partition_numel, recompute_gathered_numel
 from zeroest.estimator.core.timeline import _grads_at_backward_start
 
@@ -118,11 +118,14 @@ def test_head_gradients_are_the_trainable_heads(adapters, head):
 
 
 def test_offload_host_bytes_cover_the_trainable_partition():
-    """Offload: master, states, fp32 grad and 16-bit copy of p_t, and a b * n_max_t staging buffer."""
+    """Offload: pinned master, fp32 grad and 16-bit copy of p_t, pageable states 8 p_t, and a pinned b * n_max_t
+    staging buffer (pinned buffers take the next power of two, ``model_states.pinned_bytes``)."""
     s = setup(2, 8, offload_optimizer="cpu", optimizer_impl="cpu", **LORA)
     part = flat_group_numel(lora_numel(16), 8) // 8
     n_max = max(t.numel for t in trained(s).trainable)
-    assert model_states(s).host_bytes == (4 + 8 + 4 + 2) * part + 2 * n_max
+    pin = [pinned_bytes(n, True) for n in (4 * part, 4 * part, 2 * part, 2 * n_max)]
+    assert model_states(s).host_bytes == sum(pin) + 8 * part
+    assert model_states(s, device="cpu").host_bytes == (4 + 8 + 4 + 2) * part + 2 * n_max  # nothing pinned on a CPU
 
 
 def test_stage12_flat_buffer_is_the_trainable_group():

@@ -2,9 +2,11 @@
 
 The probe's tiny llama (validate/dsprobe.py ``build_model``) is wrapped as a user would before
 ``deepspeed.initialize`` (``validate.adapters.apply_adapters``): peft ``get_peft_model(LoraConfig(r=8,
-target_modules="all-linear"))``, with ``modules_to_save=["lm_head"]``, or plain ``--freeze`` patterns; every parameter,
-frozen ones included, goes to DeepSpeed (``model_parameters=model.parameters()``, as accelerate passes them). Rank 0
-of N_d = 1 and 4 on the fake process group. Exact, except one named tolerance (``n1_persistent_bytes``).
+target_modules="all-linear"))``, with ``modules_to_save=["lm_head"]``, or plain ``--freeze`` patterns. The LoRA cases
+pass every parameter, frozen ones included (``model_parameters=model.parameters()``, as accelerate does); the freeze
+case passes the trainable ones (``validate.adapters.parameter_groups``, as the HF Trainer does): DeepSpeed keeps only
+``requires_grad`` parameters either way. Rank 0 of N_d = 1 and 4 on the fake process group. Exact, except one named
+tolerance (``n1_persistent_bytes``).
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from zeroest.validate.dsprobe import ProbeConfig
 pytestmark = [pytest.mark.deepspeed]
 
 ADAPTERS = {
-    "lora": dict(lora_rank=8),
+    "lora": dict(lora_rank=8, all_params=True),
     "freeze": dict(freeze="embeddings,layers:1"),
-    "lora-save": dict(lora_rank=8, modules_to_save="lm_head"),
+    "lora-save": dict(lora_rank=8, modules_to_save="lm_head", all_params=True),
 }
 FAST = {("lora", 2, 4), ("lora", 3, 4)}  # one ZeRO case per partitioning scheme in the fast lane
 CASES = [

@@ -6,6 +6,8 @@ freezes every base weight (``LoraModel._mark_only_adapters_as_trainable``, bias 
 ``lora_B`` beside each targeted Linear. ``--freeze`` patterns are applied to the base model first, as
 ``requires_grad_(False)`` on the parameters ``core.adapters.trainable_split`` names frozen.
 
+``parameter_groups`` hands DeepSpeed the trainable parameters as one list or in the two groups a Trainer makes.
+
 The counts of the wrapped model are recorded beside the measurement and must equal the estimator's
 (``trainable_split``): a run whose model is not the one the estimate assumed fails here instead of producing a row.
 """
@@ -82,3 +84,22 @@ def apply_adapters(model, spec: dict):
     if counts != want:
         raise RuntimeError(f"the wrapped model has {counts} but the estimator assumed {want}: the adapters differ")
     return model, counts
+
+
+def parameter_groups(model, groups: int) -> list:
+    """The trainable parameters as ``deepspeed.initialize``'s ``model_parameters``: one list (``groups`` 1), or the
+    HF Trainer's two groups, weight decay and none (transformers trainer.py ``create_optimizer`` with
+    ``get_decay_parameter_names``: no decay for biases and norm weights)."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if int(groups) <= 1:
+        return [p for _, p in named]
+    if int(groups) > 2:
+        raise ValueError(f"param_groups {groups}: the validator builds one group or the Trainer's two")
+    try:
+        from transformers import Trainer
+
+        decay = set(Trainer.get_decay_parameter_names(None, model))
+    except Exception:  # noqa: BLE001 - an older transformers: the same rule by name
+        decay = {name for name, _ in named if "bias" not in name and "norm" not in name.lower()}
+    return [{"params": [p for name, p in named if name in decay], "weight_decay": 0.01},
+            {"params": [p for name, p in named if name not in decay], "weight_decay": 0.0}]

@@ -85,6 +85,10 @@ class ProbeConfig:
     """``LoraConfig.modules_to_save``, comma-separated."""
     freeze: str = ""
     """``--freeze`` patterns (``core.adapters``): base weights with ``requires_grad = False``."""
+    param_groups: int = 1
+    """Parameter groups passed as ``model_parameters`` (2: the HF Trainer's weight decay and none)."""
+    all_params: bool = False
+    """Pass ``model.parameters()``, frozen ones included, as accelerate does (instead of the trainable groups)."""
 
     def adapters(self) -> Any:
         """The ``core.adapters.Adapters`` this probe trains with."""
@@ -146,6 +150,10 @@ class ProbeConfig:
         for label, text in (("save", self.modules_to_save), ("freeze", self.freeze)):
             if text:
                 parts.append(label + re.sub(r"[^A-Za-z0-9]+", "-", text))
+        if self.param_groups != 1:
+            parts.append(f"pg{self.param_groups}")
+        if self.all_params:
+            parts.append("all")
         return "_".join(parts)
 
 
@@ -209,7 +217,7 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
     import deepspeed
     import torch
     import torch.distributed as dist
-    from zeroest.validate.adapters import apply_adapters
+    from zeroest.validate.adapters import apply_adapters, parameter_groups
     from zeroest.validate.fakepg import init_fake_world
     from zeroest.validate.memtrack import LiveBytes
 
@@ -236,9 +244,8 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
         if config.dtype == "fp16":
             _allow_fp16_on_cpu()
         with tracker.phase("init"):
-            engine, optimizer, _, _ = deepspeed.initialize(
-                model=model, config=ds_config, model_parameters=model.parameters()
-            )
+            groups = model.parameters() if config.all_params else parameter_groups(model, config.param_groups)
+            engine, optimizer, _, _ = deepspeed.initialize(model=model, config=ds_config, model_parameters=groups)
         record["optimizer_class"] = type(optimizer).__name__
         record["base_optimizer_class"] = type(engine.basic_optimizer).__name__
         record["snapshots"]["init"] = _snapshot(engine, model, tracker)
@@ -329,8 +336,8 @@ def default_matrix() -> list[ProbeConfig]:
     out.append(ProbeConfig(stage=1, dtype="bf16", world_size=4, steps=2))  # DeepSpeed's default 5e8 buckets
     out.append(ProbeConfig(stage=2, dtype="bf16", world_size=4, steps=2))
     for stage in (0, 1, 2, 3):  # frozen parameters: peft LoRA on all linears, a --freeze, a modules_to_save copy
-        for adapters in ({"lora_rank": 8}, {"freeze": "embeddings,layers:1"},
-                         {"lora_rank": 8, "modules_to_save": "lm_head"}):
+        for adapters in ({"lora_rank": 8, "all_params": True}, {"freeze": "embeddings,layers:1"},
+                         {"lora_rank": 8, "modules_to_save": "lm_head", "all_params": True}):
             out.append(ProbeConfig(stage=stage, dtype="bf16", world_size=4, **adapters, **small))
     return out
 

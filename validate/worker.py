@@ -230,7 +230,7 @@ def _train(spec: dict, meter, result: dict, rank_file: RankFile) -> None:
     import deepspeed
     import transformers  # noqa: F401 - imported here so that no phase counts import time
     from transformers import AutoModelForCausalLM  # noqa: F401
-    from zeroest.validate.adapters import apply_adapters
+    from zeroest.validate.adapters import apply_adapters, parameter_groups
     from zeroest.validate.loops import train_steps
 
     result["measured"]["import_s"] = time.perf_counter() - start
@@ -250,7 +250,7 @@ def _train(spec: dict, meter, result: dict, rank_file: RankFile) -> None:
     with meter.phase("init"):
         engine, *_ = deepspeed.initialize(
             model=model,
-            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            model_parameters=parameter_groups(model, spec["setup"].get("param_groups") or 1),
             config=spec["ds_config"],
         )
     del model

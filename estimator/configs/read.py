@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import fields
 from pathlib import Path
 
 from zeroest.estimator.configs.accelerate import accelerate_ds_config, accelerate_world, read_accelerate
 from zeroest.estimator.configs.checks import unmodelled_warnings
 from zeroest.estimator.configs.files import read_json, unknown_key_warnings, whole_number
 from zeroest.estimator.configs.keys import DS_KEYS, OFFLOAD_KEYS, ZERO_KEYS
+from zeroest.estimator.core.adapters import Adapters
 from zeroest.estimator.core.setup import Optimizer, TrainingSetup, Workload, ZeroConfig
 from zeroest.estimator.core.vocab import (
     ZERO_KNOBS,
@@ -27,10 +29,15 @@ from zeroest.estimator.core.vocab import (
     default_optimizer_impl,
     hf_trainer_auto,
     loop_default,
+    param_groups_default,
     zero_init_default,
 )
 
 log = logging.getLogger(__name__)
+
+ADAPTER_FIELDS = {f.metadata["key"] or f.name: f for f in fields(Adapters) if "flag" in f.metadata}
+"""The adapters' flat keys (``core.adapters.Adapters``), by key."""
+ADAPTER_KEYS: tuple[str, ...] = tuple(ADAPTER_FIELDS)
 
 BASE_KEYS: tuple[str, ...] = (
     "model",
@@ -47,8 +54,11 @@ BASE_KEYS: tuple[str, ...] = (
     "max_grad_norm",
     "zero_init",
     "loop",
+    "param_groups",
+    *ADAPTER_KEYS,
 )
-"""Keys ``base`` may hold; ``model`` (a ModelShape) is required."""
+"""Keys ``base`` may hold; ``model`` (a ModelShape) is required. No config file holds the adapters (peft's
+LoraConfig is the script's): they come from the flags alone."""
 
 
 def _ds_key_warnings(config: dict, where: str) -> list[str]:
@@ -238,9 +248,11 @@ def _zero(config: dict, where: str, zero_init: bool) -> ZeroConfig:
     )
 
 
-def _optimizer(config: dict, zero: ZeroConfig, base: dict, warnings: list[str], where: str) -> Optimizer:
+def _optimizer(config: dict, zero: ZeroConfig, base: dict, warnings: list[str], where: str,
+               builder: Builder) -> Optimizer:
     section = config.get("optimizer")
     offload = zero.offload_optimizer != "none"
+    groups = base.get("param_groups") or param_groups_default(builder, isinstance(section, dict))
     if not isinstance(section, dict):
         name = base.get("optimizer", "adamw")
         impl = OptimizerImpl.CPU if offload else OptimizerImpl.TORCH
@@ -248,7 +260,7 @@ def _optimizer(config: dict, zero: ZeroConfig, base: dict, warnings: list[str], 
             f"{where}: no optimizer section: the training script's own optimizer runs (the HF Trainer's "
             f"torch {name}); estimated as {name} ({impl.value}), --optimizer changes it"
         )
-        return Optimizer(name=name, impl=impl)
+        return Optimizer(name=name, impl=impl, param_groups=groups)
     kind = str(section.get("type", "")).lower().replace("_", "")
     names = {"adam": "adam", "adamw": "adamw", "fusedadam": "adam", "cpuadam": "adam", "sgd": "sgd"}
     if kind not in names:
@@ -258,10 +270,10 @@ def _optimizer(config: dict, zero: ZeroConfig, base: dict, warnings: list[str], 
     name = names.get(kind, "adamw")
     if name == "sgd":
         momentum = (section.get("params") or {}).get("momentum", 0)
-        return Optimizer(name="sgd-momentum" if momentum else "sgd")
+        return Optimizer(name="sgd-momentum" if momentum else "sgd", param_groups=groups)
     torch_adam = bool((section.get("params") or {}).get("torch_adam", False))
     return Optimizer(name=name, impl=OptimizerImpl.TORCH if torch_adam and not offload else
-                     default_optimizer_impl(name, zero.offload_optimizer))
+                     default_optimizer_impl(name, zero.offload_optimizer), param_groups=groups)
 
 
 def setup_from_configs(
@@ -330,7 +342,7 @@ def setup_from_configs(
     zero_init = base["zero_init"] if base.get("zero_init") is not None else zero_init_default(
         stage, builder, zero3_flag)
     zero = _zero(resolved, where, zero_init)
-    optimizer = _optimizer(resolved, zero, base, warnings, where)
+    optimizer = _optimizer(resolved, zero, base, warnings, where, builder)
     workload = Workload(
         micro_batch=mb,
         grad_accum=ga,
@@ -340,9 +352,9 @@ def setup_from_configs(
         activations=base.get("activations", "auto"),
         loop=base["loop"] if base.get("loop") is not None else loop_default(builder),
     )
-    setup = TrainingSetup(
-        model=base["model"], parallel=parallel, dtype=dtype, optimizer=optimizer, zero=zero, workload=workload
-    )
+    adapters = Adapters(**{f.name: base[key] for key, f in ADAPTER_FIELDS.items() if base.get(key) is not None})
+    setup = TrainingSetup(model=base["model"], parallel=parallel, dtype=dtype, optimizer=optimizer, zero=zero,
+                          workload=workload, adapters=adapters)
     for line in warnings:
         log.debug(line)
     return setup, warnings

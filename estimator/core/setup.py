@@ -15,6 +15,7 @@ from zeroest.estimator.core.vocab import (
     DTYPE_BYTES,
     KNOB_BY_NAME,
     LOOP_RULE,
+    PARAM_GROUPS_RULE,
     ZERO_INIT_RULE,
     ActivationMode,
     Attention,
@@ -89,8 +90,14 @@ class Optimizer:
     """fused: DeepSpeed FusedAdam (multi-tensor kernel, no temporaries); torch: ``torch_adam: true`` (torch's
     foreach AdamW, which allocates temporaries the size of a parameter group); cpu: DeepSpeedCPUAdam (offload).
     None: ``vocab.default_optimizer_impl``, resolved by ``TrainingSetup``."""
+    param_groups: int = axis(2, "--param-groups", "Parameter groups of the optimizer (2: weight decay and none); "
+                             + PARAM_GROUPS_RULE + ".")
+    """Parameter groups DeepSpeed's ZeRO optimizer flattens one by one: at stage 2 every group's 16-bit gradients
+    share one buffer, alive through the step of every group but the last (``model_states.stage12_states``).
+    ``vocab.param_groups_default`` is the rule."""
 
     def __post_init__(self) -> None:
+        _positive("the number of parameter groups", self.param_groups, "--param-groups to 1 or more")
         _set(self, "name", choice(OptimizerName, self.name, "--optimizer"))
         if self.impl is not None:
             _set(self, "impl", choice(OptimizerImpl, self.impl, "--optimizer-impl"))

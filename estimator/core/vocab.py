@@ -188,9 +188,28 @@ LOOP_RULE = (
 )
 """The loop rule in words, for ``--help`` and the printed assumptions."""
 
-MEASURED_BEFORE_KEY: dict[str, object] = {"loop": Loop.TRAINER}
+def param_groups_default(builder: Builder | None, optimizer_section: bool) -> int:
+    """How many parameter groups the optimizer DeepSpeed wraps has, when ``--param-groups`` is not given.
+
+    transformers' Trainer builds its own optimizer (no ds_config optimizer section) with two groups, weight decay
+    and none (trainer.py ``create_optimizer``, ``get_decay_parameter_names``), and accelerate's examples group the
+    same way; with an optimizer section the Trainer passes one list of the trainable parameters
+    (integrations/deepspeed.py ``deepspeed_optim_sched``). Elsewhere the grouping is the script's: two, the larger
+    case at stage 2 (``model_states.stage12_states``).
+    """
+    return 1 if builder == Builder.HF_TRAINER and optimizer_section else 2
+
+
+PARAM_GROUPS_RULE = (
+    "default: 2 (weight decay and none, as the HF Trainer's own optimizer and accelerate's examples group them); 1 "
+    "for an HF Trainer ds_config with an optimizer section"
+)
+"""The parameter-group rule in words, for ``--help`` and the printed assumptions."""
+
+MEASURED_BEFORE_KEY: dict[str, object] = {"loop": Loop.TRAINER, "param_groups": 1}
 """What a runs.jsonl row written before a setup key existed was measured with: the validator's worker ran only
-the Trainer's loop (``loss = engine(...).loss``) before ``loop`` was a key. Not the user's default."""
+the Trainer's loop (``loss = engine(...).loss``) before ``loop`` was a key, and passed one list of parameters
+before ``param_groups`` was one. Not the user's default."""
 
 
 def check_offload(stage: int, offload_optimizer: str, offload_params: str, optimizer: str | None = None) -> None:

@@ -114,7 +114,8 @@ def flat_setup(engine, *, micro_batch: int, seq_len: int, zero_init: bool | None
     stage = int(engine.zero_optimization_stage())
     size, local = world()
     name, impl = optimizer_of(engine)
-    group = (getattr(getattr(engine, "basic_optimizer", None), "param_groups", None) or [{}])[0]
+    groups = getattr(getattr(engine, "basic_optimizer", None), "param_groups", None) or [{}]
+    group = groups[0]
     if impl == "torch" and group.get("fused"):
         notes.append(f"torch {name} with fused=True: estimated as torch's foreach/single-tensor path, whose step "
                      "temporaries the fused kernel does not allocate (the step estimate is high)")
@@ -135,7 +136,7 @@ def flat_setup(engine, *, micro_batch: int, seq_len: int, zero_init: bool | None
     data = {
         "world_size": size, "gpus_per_node": local, "nodes": size // local,
         "dtype": "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32",
-        "optimizer": name, "optimizer_impl": impl, "stage": stage,
+        "optimizer": name, "optimizer_impl": impl, "stage": stage, "param_groups": len(groups),
         "overlap_comm": bool(engine.zero_overlap_comm()),
         "contiguous_gradients": bool(engine.zero_contiguous_gradients()),
         "reduce_bucket_size": int(engine.zero_reduce_bucket_size()),
