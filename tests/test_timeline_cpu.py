@@ -3,10 +3,12 @@ over three training steps, rank 0 of an N-rank job on the fake process group.
 
 Init, forward and step peaks of stages 0-2 match within 2%. Two deviations are CPU-only and asserted as the named
 term they are: DeepSpeed's CPU engine flattens every gradient once more during a stage-0 backward (b Psi), which the
-H100 runs in data/runs do not show (stage 0 there: within 0.4%). Stages 1-2 on the CPU also keep extra gradient copies
-in backward (their reduce path), so there the prediction is only required not to exceed the measurement; on the H100
-their backward peaks are within 1%. Stage 3 on the CPU fake group gathers each parameter twice; its GPU phases are
-checked by the measured runs instead (docs/ACCURACY.md).
+H100 runs in data/runs do not show (stage 0 there: within 0.4%). Stage 2's backward (its bucket reductions,
+core.reductions) lies between rank 0's and the last rank's, 2% either side (gpt2, N_d = 8: the last rank holds 3%
+more than predicted, not explained yet). Stage 1 on the CPU also keeps extra gradient copies in backward (its reduce
+path), so there the prediction is only required not to exceed the measurement; on the H100 its backward peaks are
+within 1%. Stage 3 on the CPU fake group gathers each parameter twice; its GPU phases are checked by the measured
+runs instead (docs/ACCURACY.md).
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ CASES = [
     pytest.param(dict(model="llama", stage=2, dtype="bf16", world_size=4), marks=SLOW),
     pytest.param(dict(model="llama", stage=2, dtype="bf16", world_size=4, grad_accum=2), marks=SLOW),
     dict(model="gpt2", stage=2, dtype="bf16", world_size=8),
+    # the HF Trainer's two groups: the 16-bit gradient partition lives through the first group's step
+    dict(model="llama", stage=2, dtype="bf16", world_size=2, param_groups=2),
+    dict(model="llama", stage=1, dtype="bf16", world_size=2, param_groups=2),
 ]
 
 
@@ -59,5 +64,10 @@ def test_phase_peaks_match_real_deepspeed(ds_probe, case):
         # CPU-only: the engine's gradient all-reduce path flattens all 16-bit gradients once more
         flat = DTYPE_BYTES[setup.dtype] * count_params(setup.model).total
         assert measured["backward"] - predicted["backward"] == pytest.approx(flat, rel=0.02)
+    elif setup.stage == 2:
+        # the estimate is the rank that holds most: the last rank owns the head's partition, whose gradients
+        # arrive first, so its grads_in_partition exists through the reductions of backward (core.reductions)
+        last = measured_peaks(ds_probe(**case, **SMALL, rank=setup.world_size - 1))["backward"]
+        assert measured["backward"] * 0.98 <= predicted["backward"] <= max(measured["backward"], last) * 1.02
     else:
         assert predicted["backward"] <= measured["backward"] * 1.02

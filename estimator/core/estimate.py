@@ -11,13 +11,16 @@ from dataclasses import dataclass, field, fields, replace
 from zeroest.estimator.core.activations import activation_profile
 from zeroest.estimator.core.architecture import count_params
 from zeroest.estimator.core.capacity import flatten_decision, flatten_note
-from zeroest.estimator.core.model_states import Device, ModelStates, stage0_states, stage12_states
+from zeroest.estimator.core.host import HostTerms, host_note, host_terms
+from zeroest.estimator.core.model_states import Device, ModelStates, stage0_states, stage12_states, trained
+from zeroest.estimator.core.optimizers import optimizer_notes
 from zeroest.estimator.core.overheads import Overheads, device_from, reserved_from
 from zeroest.estimator.core.paper import paper_states
-from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
+from zeroest.estimator.core.qlora import qlora_note
+from zeroest.estimator.core.setup import TrainingSetup, ZeroStage
 from zeroest.estimator.core.stage3 import stage3_states
 from zeroest.estimator.core.timeline import COMPONENTS, Phase, peak_phase, timeline
-from zeroest.estimator.core.vocab import LOOP_RULE, ZERO_INIT_RULE, Loop
+from zeroest.estimator.core.vocab import LOOP_RULE, PARAM_GROUPS_RULE, ZERO_INIT_RULE, Loop
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,12 +43,15 @@ class Estimate:
     device_bytes: int
     """What nvidia-smi shows for the process: reserved + CUDA context + NCCL buffers."""
     cpu_bytes_per_node: int
-    """Host RAM per node: offloaded states and pinned buffers of its ranks, plus each rank's load-time model copy."""
+    """Host RAM per node: ``host.per_node_bytes`` (the process, each rank's load-time model copy, its offloaded
+    states and pinned buffers, times the ranks per node)."""
     nvme_bytes: int
     """Bytes per rank on NVMe (ZeRO-Infinity)."""
     activation_source: str
     """traced, closed-form, or none (paper mode)."""
     overheads: Overheads
+    host: HostTerms | None = None
+    """Host RAM of one rank by term (``core.host``); None in paper mode."""
     assumptions: tuple[str, ...] = field(default=())
 
     @property
@@ -71,6 +77,7 @@ class Estimate:
             "peak_phase": self.peak_phase,
             "phases": {p.name: {"peak_bytes": p.peak_bytes, "components": dict(p.components)} for p in self.phases},
             "cpu_bytes_per_node": self.cpu_bytes_per_node,
+            "host_components": self.host.components() if self.host else {},
             "nvme_bytes": self.nvme_bytes,
             "activation_source": self.activation_source,
             "overheads_source": self.overheads.source,
@@ -81,12 +88,14 @@ class Estimate:
 
 def model_states(setup: TrainingSetup, device: Device = "cuda", *, flatten_on_gpu: bool = True) -> ModelStates:
     """DeepSpeed-faithful model states of one rank for the setup's stage (``device`` picks torch's optimizer path;
-    ``flatten_on_gpu`` is stage 1-2's capacity branch, ``core.capacity``)."""
-    numel = count_params(setup.model).total
+    ``flatten_on_gpu`` is stage 1-2's capacity branch, ``core.capacity``). Frozen parameters (LoRA, ``--freeze``)
+    hold only their 16-bit weights; the optimizer side covers the trainable ones (``core.adapters.trainable_split``).
+    """
+    split = trained(setup)
     if setup.stage == ZeroStage.DISABLED:
-        return stage0_states(setup, numel, device)
+        return stage0_states(setup, split, device)
     if setup.stage <= ZeroStage.GRADIENTS:
-        return stage12_states(setup, numel, device, flatten_on_gpu=flatten_on_gpu)
+        return stage12_states(setup, split, device, flatten_on_gpu=flatten_on_gpu)
     return stage3_states(setup, device)
 
 
@@ -110,6 +119,25 @@ LOOP_NOTES = {
 }
 
 
+def _adapters_fp32(setup: TrainingSetup) -> bool:
+    """peft 0.21 upcasts 16-bit LoRA adapters to fp32 (peft_model.py ``_cast_adapter_dtype``); DeepSpeed 0.19.8
+    casts them back to the run's dtype (engine.py ``_cast_module_mixed_precision``) except for a model built
+    under zero.Init, whose new parameters stage 3 converts without a cast (partition_parameters.py
+    ``_convert_to_zero_parameters``)."""
+    return setup.adapters.lora and setup.zero.builds_partitioned and setup.dtype != "fp32"
+
+
+def _adapters_note(setup: TrainingSetup) -> str:
+    a = setup.adapters
+    if a.lora:
+        dtype = "fp32 (peft's upcast, kept under zero.Init)" if _adapters_fp32(setup) else setup.dtype
+        ckpt = ", checkpointing switched on before peft wraps the model" if setup.workload.grad_ckpt else ""
+        return (f"activations of LoRA r={a.lora_rank} on {a.lora_targets}, dropout {a.lora_dropout}: base "
+                f"weights frozen, adapters in {dtype}{ckpt}")
+    return ("activations with frozen weights: traced as frozen (the closed form keeps the full fine-tune's, an "
+            "upper bound)")
+
+
 def _loop_note(setup: TrainingSetup) -> str:
     loop = setup.workload.loop
     return f"training loop {loop}: {LOOP_NOTES[loop]} ({LOOP_RULE}; --loop changes it)"
@@ -127,16 +155,31 @@ def _assumptions(setup: TrainingSetup, source: str) -> tuple[str, ...]:
         f"activations: {source}",
         _loop_note(setup),
     ]
+    if setup.stage in (ZeroStage.OPTIMIZER_STATES, ZeroStage.GRADIENTS) and setup.zero.offload_optimizer == "none":
+        notes.append(f"{setup.optimizer.param_groups} optimizer parameter group(s): with more than one the 16-bit "
+                     f"gradients live through the step ({PARAM_GROUPS_RULE}; --param-groups changes it)")
     if setup.stage == ZeroStage.PARAMETERS:
         notes.append("model built under zero.Init (never whole on one GPU)" if setup.zero.zero_init else
                      f"model built whole on the host, then partitioned (no zero.Init; {ZERO_INIT_RULE}; "
                      "--zero-init changes it)")
+    notes += optimizer_notes(setup) + qlora_note(setup)
     if not setup.adapters.full:
-        notes.append("LoRA/frozen weights: model states and activations as a full fine-tune (an upper bound; "
-                     "frozen-parameter states are not modelled yet)")
+        notes.append(_frozen_note(setup))
+        notes.append(_adapters_note(setup))
     if setup.mode == "paper":
         notes.append("paper mode: ZeRO paper model states (2 + 2 + K) Psi with K = 12; no activations or buffers")
     return tuple(notes)
+
+
+def _frozen_note(setup: TrainingSetup) -> str:
+    """What the model states hold with LoRA or frozen weights."""
+    split = trained(setup)
+    total, trainable = split.total_numel, split.trainable_numel
+    where = ("partitioned over the ranks like the trainable ones (ZeRO-3)" if setup.stage == ZeroStage.PARAMETERS
+             else "whole on every rank as the model's own tensors")
+    return (f"LoRA/frozen weights: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%); "
+            f"the frozen ones hold only their {setup.dtype} weights, {where}; master weights, optimizer states and "
+            "gradients cover the trainable ones (DeepSpeed's is_optimized_parameter)")
 
 
 def _paper_estimate(setup: TrainingSetup, numel: int, overheads: Overheads) -> Estimate:
@@ -172,11 +215,13 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
                             nccl_communicator_bytes=0, reserved_block_bytes=1, reserved_fraction_of_peak=0.0,
                             reserved_fraction_of_transient=0.0, reserved_fixed_bytes=0)
     # on the CPU, available_memory() is the host's free RAM: the on-device branch (cpu_accelerator.py)
-    flatten = flatten_decision(setup, numel, overheads, real_comm=not simulated) if device == "cuda" else None
+    split = trained(setup)  # the model as trained: LoRA adapters added, frozen weights marked
+    flatten = (flatten_decision(setup, split.total_numel, overheads, real_comm=not simulated,
+                                trainable_numel=split.trainable_numel) if device == "cuda" else None)
     states = model_states(setup, device, flatten_on_gpu=flatten is None or flatten.on_gpu)
     w = setup.workload
     act, source = activation_profile(setup.model, w.micro_batch, w.seq_len, setup.dtype, w.attn, mode=w.activations,
-                                     target=device)
+                                     target=device, adapters=setup.adapters, adapters_fp32=_adapters_fp32(setup))
     phases = timeline(setup, states,
                       act if overheads.activation_scale == 1 else _scaled(act, overheads.activation_scale))
     phases = tuple(
@@ -187,7 +232,8 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
     peak = peak_phase(phases)
     reserved = reserved_bytes(peak, overheads)
     device = math.ceil(device_from(reserved, overheads, peers=setup.world_size - 1, real_comm=not simulated))
-    load_copy = DTYPE_BYTES[setup.dtype] * numel
+    # the load copy on the host: the whole model as trained, frozen weights and adapters
+    host = host_terms(setup, split.total_numel, states, overheads, real_comm=not simulated)
     return Estimate(
         setup=setup,
         n_params=numel,
@@ -197,9 +243,10 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
         phases=phases,
         peak_reserved_bytes=reserved,
         device_bytes=device,
-        cpu_bytes_per_node=setup.parallel.gpus_per_node * (states.host_bytes + load_copy),
+        cpu_bytes_per_node=host.per_node_bytes,
         nvme_bytes=states.nvme_bytes,
         activation_source=source,
         overheads=overheads,
-        assumptions=_assumptions(setup, source) + tuple(n for n in (flatten_note(flatten),) if n),
+        host=host,
+        assumptions=_assumptions(setup, source) + tuple(n for n in (flatten_note(flatten), host_note(host)) if n),
     )

@@ -21,8 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from zeroest.estimator.core.architecture import param_tensors
-from zeroest.estimator.core.model_states import flat_group_numel
+from zeroest.estimator.core.model_states import flat_group_numel, trained
 from zeroest.estimator.core.setup import TrainingSetup, ZeroStage
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -54,6 +53,21 @@ def _layer_of(name: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def _flat_layout(tensors: list, world_size: int, groups: int) -> tuple[dict[str, int], dict[str, int]]:
+    """Each tensor's offset in its group's flat buffer and that group's partition size. One group, or with two
+    or more the HF Trainer's pair (``get_decay_parameter_names``: biases and norm weights apart), each flattened
+    in ``named_parameters`` order and partitioned on its own (``flatten_dense_tensors_aligned`` per group)."""
+    def group_of(tensor) -> int:
+        return 1 if groups > 1 and (tensor.component == "norms" or tensor.name.endswith("bias")) else 0
+
+    starts, totals = {}, [0, 0]
+    for tensor in tensors:
+        g = group_of(tensor)
+        starts[tensor.name], totals[g] = totals[g], totals[g] + tensor.numel
+    part = [max(1, flat_group_numel(total, world_size) // world_size) for total in totals]
+    return starts, {tensor.name: part[group_of(tensor)] for tensor in tensors}
+
+
 def backward_reductions(setup: TrainingSetup) -> tuple[Reduction, ...]:
     """The bucket reductions of one ZeRO-2 backward, in order; none at other stages, with offload or without
     ``contiguous_gradients`` (their reduce paths differ)."""
@@ -62,7 +76,7 @@ def backward_reductions(setup: TrainingSetup) -> tuple[Reduction, ...]:
             or setup.world_size == 1):
         return ()
     num_layers, bucket = setup.model.num_layers, zero.reduce_bucket_size
-    tensors = list(param_tensors(setup.model))
+    tensors = list(trained(setup).trainable)  # frozen parameters have no hook and no place in the flat group
     layer_params = [t for t in tensors if _layer_of(t.name) is not None]
     head = [t for t in tensors if _layer_of(t.name) is None and t.component in ("lm_head", "norms")]
     rest = [t for t in tensors if _layer_of(t.name) is None and t not in head]
@@ -71,10 +85,7 @@ def backward_reductions(setup: TrainingSetup) -> tuple[Reduction, ...]:
     for tensor in layer_params:
         index = _layer_of(tensor.name)
         per_layer[index] = per_layer.get(index, 0) + tensor.numel
-    starts, offset = {}, 0
-    for tensor in tensors:  # the flat group is laid out in named_parameters order
-        starts[tensor.name], offset = offset, offset + tensor.numel
-    part = flat_group_numel(offset, setup.world_size) // setup.world_size
+    starts, parts = _flat_layout(tensors, setup.world_size, setup.optimizer.param_groups)
     out: list[Reduction] = []
     elements, arrived, current, touched = 0, 0, None, set()
     for tensor in order:
@@ -90,8 +101,8 @@ def backward_reductions(setup: TrainingSetup) -> tuple[Reduction, ...]:
             elements, touched = 0, set()
         elements += tensor.numel
         arrived += tensor.numel
-        first_rank = starts[tensor.name] // part
-        touched.update(range(first_rank, (starts[tensor.name] + tensor.numel - 1) // part + 1))
+        start, part = starts[tensor.name], parts[tensor.name]
+        touched.update(range(start // part, (start + tensor.numel - 1) // part + 1))
     if elements:
         out.append(Reduction(layers_done=num_layers, flattened_numel=elements if len(touched) > 1 else 0,
                              arriving_numel=0, first=not out))

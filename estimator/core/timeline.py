@@ -16,8 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zeroest.estimator.core.architecture import param_tensors
-from zeroest.estimator.core.model_states import ModelStates
+from zeroest.estimator.core.model_states import ModelStates, trained
 from zeroest.estimator.core.profile import ActivationProfile
 from zeroest.estimator.core.reductions import backward_reductions
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
@@ -46,10 +45,11 @@ def _components(**parts: int) -> dict[str, int]:
 
 
 def _head_param_numel(setup: TrainingSetup) -> int:
-    """Parameters whose gradients exist before the first decoder layer's backward: lm_head and the final norm."""
+    """Trainable parameters whose gradients exist before the first decoder layer's backward: lm_head and the final
+    norm (a frozen one gets no ``param.grad``; a ``modules_to_save`` copy of lm_head does)."""
     layer_marks = (".layers.", ".h.", ".layer.")
     return sum(
-        t.numel for t in param_tensors(setup.model)
+        t.numel for t in trained(setup).trainable
         if t.component in ("lm_head", "norms") and not any(mark in t.name for mark in layer_marks)
     )
 
@@ -75,9 +75,9 @@ def tied_head_grad_bytes(setup: TrainingSetup) -> int:
     model's dtype) is held at every stage and appears in no ``param.grad``. Measured on the CPU (validate
     --cpu, granite and qwen3 with tied embeddings, ZeRO-2 N_d 4): live in the first layer's backward.
     """
-    if not setup.model.tied_embeddings:
+    if not setup.model.tied_embeddings:  # a frozen embedding (core.adapters) makes no gradient: 0 below
         return 0
-    embed = sum(t.numel for t in param_tensors(setup.model) if t.component == "embeddings")
+    embed = sum(t.numel for t in trained(setup).trainable if t.component == "embeddings")
     return DTYPE_BYTES[setup.dtype] * embed
 
 
@@ -153,7 +153,8 @@ def timeline(setup: TrainingSetup, states: ModelStates, act: ActivationProfile) 
     tied = tied_head_grad_bytes(setup)
     late = _components(**held, grads=grads_start + tied, buffers=gathered + states.buckets_bytes,
                        activations=stack + act.head_after_grad_peak_bytes(ckpt))
-    layer = _components(**held, grads=grads_start + tied, buffers=gathered + states.buckets_bytes,
+    layer = _components(**held, grads=grads_start + tied,
+                        buffers=gathered + states.buckets_bytes + states.recompute_gathered_bytes,
                         activations=stack + act.layer_backward_peak_bytes(ckpt))
     end = _components(**held, grads=max(states.grads_bytes, states.grads_carry_bytes),
                       buffers=resident + states.buckets_bytes,
