@@ -8,10 +8,9 @@ This module is pure: no file is read here.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
-from zeroest.estimator.units import MiB, round_up
+from zeroest.estimator.units import MiB
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,14 +38,23 @@ class Overheads:
     reserved_block_bytes: int = 2 * MiB
     """Large-pool segment granularity of the caching allocator (c10/cuda/CUDACachingAllocator.cpp
     ``kRoundLarge``): reserved memory comes in multiples of it."""
-    reserved_fraction_of_peak: float = 0.152
-    """Fraction of the peak allocation the allocator keeps reserved on top of it (cached blocks split to fit
-    later requests, segments rounded up); fitted."""
-    reserved_fraction_of_transient: float = 0.053
-    """Fraction of the transient (activations and temporaries) at the peak that the allocator keeps reserved on top
-    of the peak allocation through fragmentation; fitted."""
+    reserved_fraction_of_peak: float = 0.056
+    """f_p of ``core.reserved``: reserved kept beyond the named terms, as a fraction of what they sum to (block
+    splitting the terms leave out); fitted."""
+    reserved_fraction_of_activations: float = 0.110
+    """f_a of ``core.reserved``: the fraction of the activations the cache keeps as free pieces too small for
+    later requests (many tensors of many sizes, freed in another order than made); fitted."""
+    reserved_reuse_fraction: float = 0.261
+    """r of ``core.reserved``: the fraction of the free cache after backward that the first step's flat fp32
+    buffers reuse, where one freed activation (the fp32 logits) is as large as such a buffer; fitted."""
+    reserved_fraction_of_offload_grads: float = 0.446
+    """f_o of ``core.reserved``: with optimizer offload, the fraction of the 16-bit gradients (b P) held in the
+    cache while their copies to the host run on another stream (``record_stream``); fitted."""
+    reserved_fraction_of_gathered: float = 0.792
+    """f_g of ``core.reserved``: at stage 3, the fraction of the gathered parameters' bytes the cache keeps
+    beyond them (all-gather blocks of every module's size); fitted."""
     reserved_fixed_bytes: int = 0
-    """Constant reserved beyond the peak allocation (small-pool segments, rounding); fitted."""
+    """c of ``core.reserved``: a constant reserved beyond the terms (small-pool segments); fitted, >= 0."""
     host_process_bytes: int = 1946 * MiB
     """Host RSS of a rank that holds no host states: the interpreter, torch and the CUDA libraries' host side,
     DeepSpeed, transformers and the model's Python objects (validate/measure.py ``rss_bytes`` from ``init`` on).
@@ -62,19 +70,6 @@ class Overheads:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def reserved_from(peak_bytes: float, transient_bytes: float, overheads: Overheads) -> float:
-    """Predicted peak reserved: the peak allocation rounded to the allocator's segment size, plus what the cache
-    keeps beyond it.
-
-    c10/cuda/CUDACachingAllocator.cpp rounds large requests up to 2 MiB segments (``kRoundLarge``) and keeps freed
-    blocks cached: a fitted fraction of the peak, a fitted fraction of the transient tensors of varying sizes
-    (activations, temporaries) that leave cached holes, and a fitted constant.
-    """
-    peak = math.ceil(peak_bytes)
-    return (round_up(peak, overheads.reserved_block_bytes) + overheads.reserved_fraction_of_peak * peak
-            + overheads.reserved_fraction_of_transient * transient_bytes + overheads.reserved_fixed_bytes)
 
 
 def device_from(reserved_bytes: float, overheads: Overheads, *, peers: int, real_comm: bool) -> float:
