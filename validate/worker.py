@@ -231,6 +231,7 @@ def _train(spec: dict, meter, result: dict, rank_file: RankFile) -> None:
     import transformers  # noqa: F401 - imported here so that no phase counts import time
     from transformers import AutoModelForCausalLM  # noqa: F401
     from zeroest.validate.adapters import apply_adapters, parameter_groups
+    from zeroest.validate.client_optimizers import client_optimizer
     from zeroest.validate.loops import train_steps
 
     result["measured"]["import_s"] = time.perf_counter() - start
@@ -248,11 +249,9 @@ def _train(spec: dict, meter, result: dict, rank_file: RankFile) -> None:
     result["measured"]["built_partitioned"] = partitioned(model)
     rank_file.write(result)
     with meter.phase("init"):
-        engine, *_ = deepspeed.initialize(
-            model=model,
-            model_parameters=parameter_groups(model, spec["setup"].get("param_groups") or 1),
-            config=spec["ds_config"],
-        )
+        params = parameter_groups(model, spec["setup"].get("param_groups") or 1)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=spec["ds_config"],
+                                          optimizer=client_optimizer(spec, params))
     del model
     rank_file.write(result)
     step_times = train_steps(spec, engine, meter, result, lambda: rank_file.write(result))

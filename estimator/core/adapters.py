@@ -23,9 +23,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from functools import lru_cache
 
 from zeroest.estimator.core.architecture import COMPONENTS, ParamTensor, param_tensors
 from zeroest.estimator.core.shape import ModelShape
+from zeroest.estimator.core.vocab import BaseQuant, choice
 
 ALL_LINEAR = "all-linear"
 """peft's ``target_modules="all-linear"``: every Linear/Conv1D but the output layer
@@ -65,6 +67,10 @@ class Adapters:
     freeze: str = _axis("", "--freeze", "Comma-separated frozen base weights: embeddings, lm_head, norms, "
                         "attention, mlp, layers:N (first N), layers:A-B, or a name glob.")
     """Freeze patterns, the language in this module's docstring."""
+    base_quant: BaseQuant = _axis(BaseQuant.NONE, "--base-quant", "QLoRA: the frozen base's Linear weights stored "
+                                  "as bitsandbytes 4-bit NF4 (nf4), with double quantisation (nf4-dq), or not "
+                                  "(none). Unvalidated.")
+    """``core.qlora``: bitsandbytes ``Linear4bit`` storage of the frozen base (QLoRA); needs LoRA."""
 
     def __post_init__(self) -> None:
         rank = self.lora_rank
@@ -78,6 +84,10 @@ class Adapters:
             raise ValueError("--lora-targets is empty: give all-linear or module names such as q_proj,v_proj")
         for pattern in _names(self.freeze):
             _layer_range(pattern)  # raises on a malformed layers: pattern
+        object.__setattr__(self, "base_quant", choice(BaseQuant, self.base_quant, "--base-quant"))
+        if self.base_quant != BaseQuant.NONE and self.lora_rank is None:
+            raise ValueError(f"--base-quant {self.base_quant} freezes the base in 4 bits, which trains only through "
+                             "adapters (QLoRA): set --lora-rank, or drop --base-quant")
 
     @property
     def lora(self) -> bool:
@@ -163,31 +173,29 @@ def _is_target(tensor: ParamTensor, adapters: Adapters) -> bool:
     return _matches(module, targets)
 
 
-def _saved_copies(model: ModelShape, tensors: tuple[ParamTensor, ...], saved: tuple[str, ...]) -> list[ParamTensor]:
-    """``ModulesToSaveWrapper``: ``modules_to_save.default`` is a deep copy of the module, all trainable. A tied
-    lm_head is not in ``named_parameters`` (its weight is the embedding's), but its copy is a new tensor."""
-    out = []
-    for t in tensors:
-        module = _module(t.name)
-        if _matches(module, saved):
-            out.append(ParamTensor(name=f"{module}.modules_to_save.default.{t.name.rsplit('.', 1)[1]}",
-                                   numel=t.numel, component=t.component))
-    if "lm_head" in saved and model.tied_embeddings:
+def _saved_copies(model: ModelShape, module: str, tensors: tuple[ParamTensor, ...]) -> list[ParamTensor]:
+    """``ModulesToSaveWrapper``: ``modules_to_save.default`` is a deep copy of the module, all trainable, registered
+    after ``original_module``, so its tensors follow the original's in ``named_parameters``. A tied lm_head is not in
+    ``named_parameters`` (its weight is the embedding's), but its copy is a new tensor."""
+    own = [t for t in tensors if _module(t.name) == module]
+    if not own and module == "lm_head" and model.tied_embeddings:
         embed = next(t for t in tensors if t.component == "embeddings")
-        out.append(ParamTensor(name="lm_head.modules_to_save.default.weight", numel=embed.numel,
-                               component="lm_head"))
-    return out
+        return [ParamTensor(name="lm_head.modules_to_save.default.weight", numel=embed.numel, component="lm_head")]
+    return [ParamTensor(name=f"{module}.modules_to_save.default.{t.name.rsplit('.', 1)[1]}", numel=t.numel,
+                        component=t.component) for t in own]
 
 
+@lru_cache(maxsize=1024)
 def trainable_split(model: ModelShape, adapters: Adapters) -> TrainableSplit:
-    """The model's parameters as peft (or a freeze) leaves them, with LoRA A/B after each wrapped weight."""
+    """The model's parameters as peft (or a freeze) leaves them, in ``named_parameters`` order: LoRA A/B after each
+    wrapped weight, a ``modules_to_save`` copy after its module's original tensors."""
     tensors = param_tensors(model)
     freeze = _names(adapters.freeze)
     saved = _names(adapters.modules_to_save)
     trainable: list[ParamTensor] = []
     frozen: list[ParamTensor] = []
     r = adapters.lora_rank
-    for t in tensors:
+    for i, t in enumerate(tensors):
         (frozen if adapters.lora or _frozen_by(t, freeze) else trainable).append(t)
         if adapters.lora and _is_target(t, adapters):
             out, n_in = t.linear_shape
@@ -196,8 +204,13 @@ def trainable_split(model: ModelShape, adapters: Adapters) -> TrainableSplit:
                                          component=t.component))
             trainable.append(ParamTensor(name=f"{module}.lora_B.default.weight", numel=out * r,
                                          component=t.component))
+        module = _module(t.name)
+        last_of_module = i + 1 == len(tensors) or _module(tensors[i + 1].name) != module
+        if last_of_module and _matches(module, saved):
+            trainable.extend(_saved_copies(model, module, tensors))
     if adapters.lora and not any(_is_target(t, adapters) for t in tensors):
         raise ValueError(f"--lora-targets {adapters.lora_targets!r} matches no Linear of {model.name}: use "
                          "all-linear or module names such as q_proj,v_proj")
-    trainable.extend(_saved_copies(model, tensors, saved))
+    if "lm_head" in saved and model.tied_embeddings and not any(_module(t.name) == "lm_head" for t in tensors):
+        trainable.extend(_saved_copies(model, "lm_head", tensors))
     return TrainableSplit(trainable=tuple(trainable), frozen=tuple(frozen))

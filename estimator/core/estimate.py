@@ -12,9 +12,11 @@ from zeroest.estimator.core.activations import activation_profile
 from zeroest.estimator.core.architecture import count_params
 from zeroest.estimator.core.capacity import flatten_decision, flatten_note
 from zeroest.estimator.core.host import HostTerms, host_note, host_terms
-from zeroest.estimator.core.model_states import Device, ModelStates, stage0_states, stage12_states
+from zeroest.estimator.core.model_states import Device, ModelStates, stage0_states, stage12_states, trained
+from zeroest.estimator.core.optimizers import optimizer_notes
 from zeroest.estimator.core.overheads import Overheads, device_from
 from zeroest.estimator.core.paper import paper_states
+from zeroest.estimator.core.qlora import qlora_note
 from zeroest.estimator.core.reserved import ReservedFacts, ReservedTerms, reserved_facts, reserved_terms
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
 from zeroest.estimator.core.stage3 import stage3_states
@@ -94,12 +96,14 @@ class Estimate:
 
 def model_states(setup: TrainingSetup, device: Device = "cuda", *, flatten_on_gpu: bool = True) -> ModelStates:
     """DeepSpeed-faithful model states of one rank for the setup's stage (``device`` picks torch's optimizer path;
-    ``flatten_on_gpu`` is stage 1-2's capacity branch, ``core.capacity``)."""
-    numel = count_params(setup.model).total
+    ``flatten_on_gpu`` is stage 1-2's capacity branch, ``core.capacity``). Frozen parameters (LoRA, ``--freeze``)
+    hold only their 16-bit weights; the optimizer side covers the trainable ones (``core.adapters.trainable_split``).
+    """
+    split = trained(setup)
     if setup.stage == ZeroStage.DISABLED:
-        return stage0_states(setup, numel, device)
+        return stage0_states(setup, split, device)
     if setup.stage <= ZeroStage.GRADIENTS:
-        return stage12_states(setup, numel, device, flatten_on_gpu=flatten_on_gpu)
+        return stage12_states(setup, split, device, flatten_on_gpu=flatten_on_gpu)
     return stage3_states(setup, device)
 
 
@@ -146,12 +150,23 @@ def _assumptions(setup: TrainingSetup, source: str) -> tuple[str, ...]:
         notes.append("model built under zero.Init (never whole on one GPU)" if setup.zero.zero_init else
                      f"model built whole on the host, then partitioned (no zero.Init; {ZERO_INIT_RULE}; "
                      "--zero-init changes it)")
+    notes += optimizer_notes(setup) + qlora_note(setup)
     if not setup.adapters.full:
-        notes.append("LoRA/frozen weights: model states and activations as a full fine-tune (an upper bound; "
-                     "frozen-parameter states are not modelled yet)")
+        notes.append(_frozen_note(setup))
     if setup.mode == "paper":
         notes.append("paper mode: ZeRO paper model states (2 + 2 + K) Psi with K = 12; no activations or buffers")
     return tuple(notes)
+
+
+def _frozen_note(setup: TrainingSetup) -> str:
+    """What the model states hold with LoRA or frozen weights."""
+    split = trained(setup)
+    total, trainable = split.total_numel, split.trainable_numel
+    where = ("partitioned over the ranks like the trainable ones (ZeRO-3)" if setup.stage == ZeroStage.PARAMETERS
+             else "whole on every rank as the model's own tensors")
+    return (f"LoRA/frozen weights: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%); "
+            f"the frozen ones hold only their {setup.dtype} weights, {where}; master weights, optimizer states and "
+            "gradients cover the trainable ones (DeepSpeed's is_optimized_parameter)")
 
 
 def _paper_estimate(setup: TrainingSetup, numel: int, overheads: Overheads) -> Estimate:
@@ -189,7 +204,9 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
                             reserved_fraction_of_offload_grads=0.0, reserved_fraction_of_gathered=0.0,
                             reserved_fixed_bytes=0)
     # on the CPU, available_memory() is the host's free RAM: the on-device branch (cpu_accelerator.py)
-    flatten = flatten_decision(setup, numel, overheads, real_comm=not simulated) if device == "cuda" else None
+    split = trained(setup)  # the model as trained: LoRA adapters added, frozen weights marked
+    flatten = (flatten_decision(setup, split.total_numel, overheads, real_comm=not simulated,
+                                trainable_numel=split.trainable_numel) if device == "cuda" else None)
     states = model_states(setup, device, flatten_on_gpu=flatten is None or flatten.on_gpu)
     w = setup.workload
     act, source = activation_profile(setup.model, w.micro_batch, w.seq_len, setup.dtype, w.attn, mode=w.activations,
@@ -202,13 +219,14 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
         for p in phases
     )
     peak = peak_phase(phases)
-    facts = reserved_facts(setup, states, act, numel, DTYPE_BYTES[setup.dtype])
+    facts = reserved_facts(setup, states, act, split.trainable_numel, DTYPE_BYTES[setup.dtype])
     if device == "cpu":  # no caching allocator: reserved is the peak allocation
         facts = replace(facts, contiguous_step=False)
     terms = reserved_bytes(phases, facts, overheads)
     reserved = terms.total_bytes
     device = math.ceil(device_from(reserved, overheads, peers=setup.world_size - 1, real_comm=not simulated))
-    host = host_terms(setup, numel, states, overheads, real_comm=not simulated)
+    # the load copy on the host: the whole model as trained, frozen weights and adapters
+    host = host_terms(setup, split.total_numel, states, overheads, real_comm=not simulated)
     return Estimate(
         setup=setup,
         n_params=numel,

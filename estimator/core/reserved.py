@@ -84,7 +84,8 @@ class ReservedFacts:
     before ``deepspeed.initialize`` flattened or partitioned it (all but stage 3 under zero.Init), its largest
     parameter tensor (b n_max), whichever is larger."""
     offload_grad_bytes: int
-    """G_o: the 16-bit gradients that leave through the host copy stream with optimizer offload, b P; else 0."""
+    """G_o: the 16-bit gradients that leave through the host copy stream with optimizer offload, b P (P the
+    trainable parameters); else 0."""
     gathered_bytes: int
     """W: stage 3's gathered parameters at the forward/backward peak (``ModelStates.gathered_params_bytes``);
     0 at stages 0-2."""
@@ -131,9 +132,10 @@ class ReservedTerms:
         return {name: round(getattr(self, name)) for name in RESERVED_TERMS}
 
 
-def reserved_facts(setup: TrainingSetup, states: ModelStates, act: ActivationProfile, n_params: int,
+def reserved_facts(setup: TrainingSetup, states: ModelStates, act: ActivationProfile, trainable_numel: int,
                    dtype_bytes: int) -> ReservedFacts:
-    """``ReservedFacts`` of a setup (stage 3's sub-group from ``zero.sub_group_size``; b = ``dtype_bytes``)."""
+    """``ReservedFacts`` of a setup (stage 3's sub-group from ``zero.sub_group_size``; b = ``dtype_bytes``; P =
+    ``trainable_numel``, the parameters that get gradients)."""
     stage = int(setup.stage)
     offload = setup.zero.offload_optimizer != "none"
     from zeroest.estimator.core.architecture import param_tensors
@@ -147,7 +149,7 @@ def reserved_facts(setup: TrainingSetup, states: ModelStates, act: ActivationPro
     return ReservedFacts(
         contiguous_step=stage >= 1 and not offload and block > 0, contiguous_block_bytes=block,
         largest_free_block_bytes=free,
-        offload_grad_bytes=dtype_bytes * n_params if offload else 0,
+        offload_grad_bytes=dtype_bytes * trainable_numel if offload else 0,
         gathered_bytes=states.gathered_params_bytes if stage == 3 else 0)
 
 
