@@ -214,3 +214,74 @@ def trainable_split(model: ModelShape, adapters: Adapters) -> TrainableSplit:
     if "lm_head" in saved and model.tied_embeddings and not any(_module(t.name) == "lm_head" for t in tensors):
         trainable.extend(_saved_copies(model, "lm_head", tensors))
     return TrainableSplit(trainable=tuple(trainable), frozen=tuple(frozen))
+
+
+def frozen_base_names(model: ModelShape, adapters: Adapters) -> frozenset[str]:
+    """HF names of the base weights that do not train: every one under LoRA (peft freezes the base model:
+    tuners_utils.py ``BaseTuner._mark_only_adapters_as_trainable``), else those the freeze patterns match."""
+    freeze = _names(adapters.freeze)
+    return frozenset(t.name for t in param_tensors(model) if adapters.lora or _frozen_by(t, freeze))
+
+
+_SLOT = "\0"
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """Layers that train alike, for the tracer (``trace.trained``): the frozen names of its 2-layer copy and
+    how many real layers are of this kind. LoRA and component freezes make one kind; a freeze by layer more.
+    In a plain run a layer's input needs a gradient only when something below it trains."""
+
+    frozen: frozenset[str]
+    """Frozen parameter names of the 2-layer traced copy (both layers of this kind)."""
+    input_grads: bool
+    """The traced copy's input embeddings get transformers' require-grad hook: some real layer of this kind
+    has a trainable layer below it that the copy lacks."""
+    count: int
+    """Real layers of this kind."""
+    deepest: bool
+    """The deepest layer is of this kind."""
+
+
+def _template(name: str) -> tuple[int | None, str]:
+    found = _LAYER.search(name)
+    if not found:
+        return None, name
+    return int(found.group(1)), name[:found.start(1)] + _SLOT + name[found.end(1):]
+
+
+def layer_kinds(shape: ModelShape, adapters: Adapters) -> list[LayerKind]:
+    """The kinds of layers of ``shape`` trained with ``adapters``, in the order their first layer comes; the
+    first kind holds layer 0 (its trace also gives the embeddings)."""
+    frozen = frozen_base_names(shape, adapters)
+    shared: set[str] = set()
+    layers: dict[int, set[str]] = {}
+    trains: dict[int, bool] = {}
+    embeddings_train = False
+    for tensor in param_tensors(shape):
+        index, template = _template(tensor.name)
+        if index is None:
+            if tensor.name in frozen:
+                shared.add(tensor.name)
+            elif tensor.component in ("embeddings", "position_embeddings"):
+                embeddings_train = True
+            continue
+        layers.setdefault(index, set())
+        if tensor.name in frozen:
+            layers[index].add(template)
+        trains[index] = trains.get(index, False) or adapters.lora or tensor.name not in frozen
+    order: list[frozenset[str]] = []
+    counts: dict[frozenset[str], int] = {}
+    needs_input: dict[frozenset[str], bool] = {}
+    below = embeddings_train
+    for index in sorted(layers):
+        sig = frozenset(layers[index])
+        if sig not in counts:
+            order.append(sig)
+        counts[sig] = counts.get(sig, 0) + 1
+        natural = embeddings_train or trains[index]
+        needs_input[sig] = needs_input.get(sig, False) or (index > 0 and below and not natural)
+        below = below or trains[index]
+    deepest = frozenset(layers[max(layers)])
+    return [LayerKind(frozen=frozenset(shared | {t.replace(_SLOT, str(j)) for t in sig for j in (0, 1)}),
+                      input_grads=needs_input[sig], count=counts[sig], deepest=sig == deepest) for sig in order]

@@ -126,6 +126,25 @@ LOOP_NOTES = {
 }
 
 
+def _adapters_fp32(setup: TrainingSetup) -> bool:
+    """peft 0.21 upcasts 16-bit LoRA adapters to fp32 (peft_model.py ``_cast_adapter_dtype``); DeepSpeed 0.19.8
+    casts them back to the run's dtype (engine.py ``_cast_module_mixed_precision``) except for a model built
+    under zero.Init, whose new parameters stage 3 converts without a cast (partition_parameters.py
+    ``_convert_to_zero_parameters``)."""
+    return setup.adapters.lora and setup.zero.builds_partitioned and setup.dtype != "fp32"
+
+
+def _adapters_note(setup: TrainingSetup) -> str:
+    a = setup.adapters
+    if a.lora:
+        dtype = "fp32 (peft's upcast, kept under zero.Init)" if _adapters_fp32(setup) else setup.dtype
+        ckpt = ", checkpointing switched on before peft wraps the model" if setup.workload.grad_ckpt else ""
+        return (f"activations of LoRA r={a.lora_rank} on {a.lora_targets}, dropout {a.lora_dropout}: base "
+                f"weights frozen, adapters in {dtype}{ckpt}")
+    return ("activations with frozen weights: traced as frozen (the closed form keeps the full fine-tune's, an "
+            "upper bound)")
+
+
 def _loop_note(setup: TrainingSetup) -> str:
     loop = setup.workload.loop
     return f"training loop {loop}: {LOOP_NOTES[loop]} ({LOOP_RULE}; --loop changes it)"
@@ -153,6 +172,7 @@ def _assumptions(setup: TrainingSetup, source: str) -> tuple[str, ...]:
     notes += optimizer_notes(setup) + qlora_note(setup)
     if not setup.adapters.full:
         notes.append(_frozen_note(setup))
+        notes.append(_adapters_note(setup))
     if setup.mode == "paper":
         notes.append("paper mode: ZeRO paper model states (2 + 2 + K) Psi with K = 12; no activations or buffers")
     return tuple(notes)
@@ -210,7 +230,7 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
     states = model_states(setup, device, flatten_on_gpu=flatten is None or flatten.on_gpu)
     w = setup.workload
     act, source = activation_profile(setup.model, w.micro_batch, w.seq_len, setup.dtype, w.attn, mode=w.activations,
-                                     target=device)
+                                     target=device, adapters=setup.adapters, adapters_fp32=_adapters_fp32(setup))
     phases = timeline(setup, states,
                       act if overheads.activation_scale == 1 else _scaled(act, overheads.activation_scale))
     phases = tuple(
