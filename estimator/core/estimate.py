@@ -14,10 +14,11 @@ from zeroest.estimator.core.capacity import flatten_decision, flatten_note
 from zeroest.estimator.core.host import HostTerms, host_note, host_terms
 from zeroest.estimator.core.model_states import Device, ModelStates, stage0_states, stage12_states, trained
 from zeroest.estimator.core.optimizers import optimizer_notes
-from zeroest.estimator.core.overheads import Overheads, device_from, reserved_from
+from zeroest.estimator.core.overheads import Overheads, device_from
 from zeroest.estimator.core.paper import paper_states
 from zeroest.estimator.core.qlora import qlora_note
-from zeroest.estimator.core.setup import TrainingSetup, ZeroStage
+from zeroest.estimator.core.reserved import ReservedFacts, ReservedTerms, reserved_facts, reserved_terms
+from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
 from zeroest.estimator.core.stage3 import stage3_states
 from zeroest.estimator.core.timeline import COMPONENTS, Phase, peak_phase, timeline
 from zeroest.estimator.core.vocab import LOOP_RULE, PARAM_GROUPS_RULE, ZERO_INIT_RULE, Loop
@@ -52,6 +53,10 @@ class Estimate:
     overheads: Overheads
     host: HostTerms | None = None
     """Host RAM of one rank by term (``core.host``); None in paper mode."""
+    reserved: ReservedTerms | None = None
+    """Peak reserved by caching-allocator term (``core.reserved``); None in paper mode."""
+    reserved_facts: ReservedFacts | None = None
+    """Block sizes the reserved terms use (``core.reserved``); None in paper mode."""
     assumptions: tuple[str, ...] = field(default=())
 
     @property
@@ -78,6 +83,9 @@ class Estimate:
             "phases": {p.name: {"peak_bytes": p.peak_bytes, "components": dict(p.components)} for p in self.phases},
             "cpu_bytes_per_node": self.cpu_bytes_per_node,
             "host_components": self.host.components() if self.host else {},
+            "reserved_components": self.reserved.components() if self.reserved else {},
+            "reserved_set_by": self.reserved.set_by if self.reserved else None,
+            "reserved_facts": self.reserved_facts.to_dict() if self.reserved_facts else {},
             "nvme_bytes": self.nvme_bytes,
             "activation_source": self.activation_source,
             "overheads_source": self.overheads.source,
@@ -99,10 +107,9 @@ def model_states(setup: TrainingSetup, device: Device = "cuda", *, flatten_on_gp
     return stage3_states(setup, device)
 
 
-def reserved_bytes(peak: Phase, overheads: Overheads) -> int:
-    """Predicted peak reserved for the peak phase (``overheads.reserved_from``)."""
-    transient = peak.components["activations"] + peak.components["temporaries"]
-    return math.ceil(reserved_from(peak.peak_bytes, transient, overheads))
+def reserved_bytes(phases: tuple[Phase, ...], facts: ReservedFacts, overheads: Overheads) -> ReservedTerms:
+    """Predicted peak reserved by term (``core.reserved.reserved_terms`` over the phases)."""
+    return reserved_terms({p.name: p.components for p in phases}, facts, overheads)
 
 
 def _scaled(act, factor: float):
@@ -213,7 +220,9 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
     if device == "cpu":
         overheads = replace(overheads, cublas_workspace_bytes=0, cuda_context_bytes=0, nccl_bytes_per_peer=0,
                             nccl_communicator_bytes=0, reserved_block_bytes=1, reserved_fraction_of_peak=0.0,
-                            reserved_fraction_of_transient=0.0, reserved_fixed_bytes=0)
+                            reserved_fraction_of_activations=0.0, reserved_reuse_fraction=0.0,
+                            reserved_fraction_of_offload_grads=0.0, reserved_fraction_of_gathered=0.0,
+                            reserved_fixed_bytes=0)
     # on the CPU, available_memory() is the host's free RAM: the on-device branch (cpu_accelerator.py)
     split = trained(setup)  # the model as trained: LoRA adapters added, frozen weights marked
     flatten = (flatten_decision(setup, split.total_numel, overheads, real_comm=not simulated,
@@ -230,7 +239,11 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
         for p in phases
     )
     peak = peak_phase(phases)
-    reserved = reserved_bytes(peak, overheads)
+    facts = reserved_facts(setup, states, act, split.trainable_numel, DTYPE_BYTES[setup.dtype])
+    if device == "cpu":  # no caching allocator: reserved is the peak allocation
+        facts = replace(facts, contiguous_step=False)
+    terms = reserved_bytes(phases, facts, overheads)
+    reserved = terms.total_bytes
     device = math.ceil(device_from(reserved, overheads, peers=setup.world_size - 1, real_comm=not simulated))
     # the load copy on the host: the whole model as trained, frozen weights and adapters
     host = host_terms(setup, split.total_numel, states, overheads, real_comm=not simulated)
@@ -248,5 +261,7 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
         activation_source=source,
         overheads=overheads,
         host=host,
+        reserved=terms,
+        reserved_facts=facts,
         assumptions=_assumptions(setup, source) + tuple(n for n in (flatten_note(flatten), host_note(host)) if n),
     )
