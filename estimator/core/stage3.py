@@ -7,9 +7,14 @@ elements keeps ``ceil(n / N)`` elements on each rank (partition_parameters.py ``
 
 from __future__ import annotations
 
-from zeroest.estimator.core.architecture import param_tensors
+import re
+from collections.abc import Sequence
+from itertools import accumulate
+
+from zeroest.estimator.core.architecture import ParamTensor, param_tensors
 from zeroest.estimator.core.model_states import FP32, Device, ModelStates, optimizer_state_bytes, optimizer_temp_bytes
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup
+from zeroest.estimator.core.vocab import MAX_REUSE_DISTANCE
 from zeroest.estimator.units import ceil_div
 
 
@@ -18,23 +23,115 @@ def partition_numel(numel: int, world_size: int) -> int:
     return ceil_div(numel, world_size)
 
 
+_LAYER = re.compile(r"\.(?:layers|h|layer|blocks)\.(\d+)\.")
+
+
+Trace = list[tuple[tuple[str, ...], int]]
+
+
+def _module_trace(tensors: Sequence[ParamTensor], *, tied: bool, grad_ckpt: bool) -> tuple[Trace, Trace]:
+    """The modules with parameters in the order stage 3's coordinator sees them in one forward, and in the backward
+    after it, each as (its parameters' names, their numel).
+
+    parameter_offload.py ``_register_deepspeed_module`` hooks every module; ``fetch_sub_module`` records each module
+    as its forward, then its backward, begins (``record_module``). A module is the parameter name's prefix, in
+    ``named_parameters`` order; a tied lm_head uses the token embedding's weight again after the last module.
+    Backward runs the blocks in reverse; with non-reentrant checkpointing a decoder layer's backward begins with
+    its recomputed forward (torch/utils/checkpoint.py ``_checkpoint_hook`` unpacks by re-running the layer, whose
+    forward hooks fetch again).
+    """
+    modules: dict[str, list[ParamTensor]] = {}
+    for t in tensors:
+        modules.setdefault(t.name.rsplit(".", 1)[0], []).append(t)
+    entries = [(tuple(t.name for t in ts), sum(t.numel for t in ts)) for ts in modules.values()]
+    layers = [_LAYER.search(name + ".") for name in modules]
+    keys = [m.group(1) if m else None for m in layers]
+    if tied:
+        embedding = next((t for t in tensors if t.component == "embeddings"), None)
+        if embedding is not None:
+            entries.append(((embedding.name,), embedding.numel))
+            keys.append(None)
+    blocks: list[tuple[str | None, Trace]] = []
+    for i, (entry, key) in enumerate(zip(entries, keys, strict=True)):
+        if key is None or i == 0 or key != keys[i - 1]:
+            blocks.append((key, []))
+        blocks[-1][1].append(entry)
+    backward = [e for key, block in reversed(blocks) for e in (block if grad_ckpt and key else []) + block[::-1]]
+    return entries, backward
+
+
+def reuse_retained_numel(tensors: Sequence[ParamTensor], *, tied: bool, grad_ckpt: bool,
+                         persistence_threshold: int, reuse_distance: int = MAX_REUSE_DISTANCE) -> int:
+    """Elements of non-persistent parameters still gathered when forward ends because their next use is near.
+
+    partitioned_param_coordinator.py ``release_sub_module`` (forward) frees only the parameters that
+    ``__params_to_release`` picks: walking the recorded module trace from the next module on, it keeps every
+    parameter met before the walked modules' parameters add up to ``stage3_max_reuse_distance`` R (1e9 by
+    default). A parameter used last in forward at trace position k and next at k' stays gathered when
+    sum_{k < j < k'} n_j < R (n_j: elements of module j's own parameters, persistent ones included). The lm_head
+    (last in forward, first in backward) always stays; without checkpointing a module's distance is about twice the
+    elements after it, so the last ~R/2 elements of the model stay gathered into backward. Nothing here caps them
+    at ``stage3_max_live_parameters``: that bounds only the prefetch.
+    """
+    forward, backward = _module_trace(tensors, tied=tied, grad_ckpt=grad_ckpt)
+    trace, n_forward = forward + backward, len(forward)
+    numel = {t.name: t.numel for t in tensors}
+    starts = [0, *accumulate(n for _, n in trace)]
+    last_forward: dict[str, int] = {}
+    for k, (names, _) in enumerate(trace[:n_forward]):
+        for name in names:
+            last_forward[name] = k
+    next_use: dict[str, int] = {}
+    for k in range(len(trace) - 1, n_forward - 1, -1):
+        for name in trace[k][0]:
+            next_use[name] = k
+    return sum(numel[name] for name, k in last_forward.items()
+               if numel[name] >= persistence_threshold and name in next_use
+               and starts[next_use[name]] - starts[k + 1] < reuse_distance)
+
+
 def gathered_numel(setup: TrainingSetup) -> int:
-    """Elements held gathered whole during a steady-state forward and into backward.
+    """Elements held gathered whole at the end of a steady-state forward and into backward.
 
     partitioned_param_coordinator.py: in the first step DeepSpeed records the module trace and releases each module's
-    parameters after use; from the second step on, ``release_sub_module`` keeps a parameter whose next use is within
-    ``stage3_max_reuse_distance`` (1e9 elements by default), and every forward use is followed by a backward use, so
-    parameters stay gathered from their forward until their backward, up to ``stage3_max_live_parameters`` (plus the
-    prefetch bucket in flight). Persistent parameters are whole anyway and not counted again. With N_d = 1 and no
-    parameter offload a "gathered" parameter is its own partition: nothing extra. Measured on an H100
-    (data/runs/h100-default): pythia-1b N_d = 2 holds its whole 16-bit model gathered at the end of forward.
+    parameters after use. From the second step on, ``fetch_sub_module`` prefetches ahead of use while fewer than
+    ``stage3_max_live_parameters`` L elements are gathered (``__n_available_params``), up to
+    ``stage3_prefetch_bucket_size`` B at a time, and a prefetched parameter is not released before its use: about
+    L + B elements stay gathered (at least the largest tensor). Independently, ``release_sub_module`` keeps the
+    parameters whose next use lies within ``stage3_max_reuse_distance`` (``reuse_retained_numel``), so with a
+    small L the end of forward holds those instead. Persistent parameters are whole anyway and not counted again.
+    With N_d = 1 and no parameter offload a "gathered" parameter is its own partition: nothing extra. Measured on
+    an H100 (data/runs/h100-default): pythia-1b N_d = 2 holds its whole 16-bit model gathered at the end of
+    forward; gpt2-large N_d = 4 with L = 1e8 holds 5.2e8 elements (1.04e9 bytes more in step 1's forward than in
+    step 0's, beyond the optimizer states; data/runs/h100-holdout).
     """
     if setup.world_size == 1 and setup.zero.offload_params == "none":
         return 0
-    big = [t.numel for t in param_tensors(setup.model) if t.numel >= setup.zero.param_persistence_threshold]
+    tensors = param_tensors(setup.model)
+    big = [t.numel for t in tensors if t.numel >= setup.zero.param_persistence_threshold]
     if not big:
         return 0
-    return min(sum(big), max(max(big), setup.zero.max_live_parameters + setup.zero.prefetch_bucket_size))
+    retained = reuse_retained_numel(tensors, tied=setup.model.tied_embeddings, grad_ckpt=setup.workload.grad_ckpt,
+                                    persistence_threshold=setup.zero.param_persistence_threshold)
+    return min(sum(big), max(max(big), setup.zero.max_live_parameters + setup.zero.prefetch_bucket_size, retained))
+
+
+def convert_peak_bytes(setup: TrainingSetup) -> int:
+    """Peak while stage 3 partitions a model that was built whole: b * P + b * ceil(n_0 / N).
+
+    parameter_offload.py ``_convert_to_zero_parameters`` runs partition_parameters.py ``Init(module=...)``, whose
+    ``_convert_to_zero_parameters`` partitions one parameter at a time (``_zero_init_param`` -> ``_partition_param``):
+    it allocates the rank's partition, ceil(n / N) elements (on the host with ``offload_param``), copies its slice
+    and frees the whole parameter (``free_param``) before the next. Live bytes fall with every parameter done, so
+    the peak is at the first one, n_0 (the token embedding): the whole 16-bit model plus its partition. The flat
+    buffer ``defragment`` builds afterwards (b P3 beside the partitions) is below this for N >= 2. Measured on an
+    H200 (data/runs/h200-zeroinit, no zero.Init, N_d = 64): llama-3-8b init 14.973 GiB against b * P = 14.958
+    (b * ceil(n_0 / N) = 0.015).
+    """
+    tensors = param_tensors(setup.model)
+    b = DTYPE_BYTES[setup.dtype]
+    first = 0 if setup.zero.offload_params != "none" else b * partition_numel(tensors[0].numel, setup.world_size)
+    return b * sum(t.numel for t in tensors) + first
 
 
 def stage3_states(setup: TrainingSetup, device: Device = "cuda") -> ModelStates:
@@ -79,7 +176,6 @@ def stage3_states(setup: TrainingSetup, device: Device = "cuda") -> ModelStates:
     params = b * persistent + (0 if offload_params else b * p3)
     step_temp = 0 if offload_opt else max((b + FP32) * group,
                                           FP32 * group + optimizer_temp_bytes(setup, (group,), device))
-    loaded = b * sum(t.numel for t in tensors)
     n_max = max(t.numel for t in tensors)
     return ModelStates(
         params_bytes=params,
@@ -94,9 +190,9 @@ def stage3_states(setup: TrainingSetup, device: Device = "cuda") -> ModelStates:
         epilogue_bytes=0,
         step_grads_bytes=0,
         step_temp_bytes=step_temp,
-        # init: the whole model while its partitions are made (not under zero.Init), or the steady buffers plus
-        # the largest parameter gathered whole once (measured: data/probe/llama_z3_bf16_n4_g1*.json)
-        init_peak_bytes=max(0 if setup.zero.builds_partitioned else loaded + b * p3,
+        # init: the whole model while its partitions are made (not under zero.Init; ``convert_peak_bytes``), or
+        # the steady buffers plus the largest parameter gathered whole once (data/probe/llama_z3_bf16_n4_g1*.json)
+        init_peak_bytes=max(0 if setup.zero.builds_partitioned else convert_peak_bytes(setup),
                             b * p3 + (0 if offload_opt else master) + resident + b * n_max),
         host_bytes=host,
         nvme_bytes=nvme,
