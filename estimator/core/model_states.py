@@ -128,6 +128,50 @@ def _overlap_numel(numels: tuple[int, ...], world_size: int, rank: int) -> int:
     return starts[last + 1] - starts[first] if first <= last else 0
 
 
+def stage1_partition_copy_bytes(setup: TrainingSetup) -> int:
+    """Stage 1 (``overlap_comm`` off): b * max over ranks of (P_ov - F), the part of ``grads_in_partition`` not
+    yet paid for by gradients freed when DeepSpeed allocates it at the end of backward.
+
+    stage_1_and_2.py: at stage 1 the gradient hooks reduce nothing; ``engine.backward`` ends with
+    ``reduce_gradients``, which walks the parameters in ``named_parameters`` order
+    (``reduce_independent_p_g_buckets_and_remove_grads``): each gradient is copied into the ipg bucket and its
+    ``param.grad`` re-pointed there (its own storage freed), except one larger than ``reduce_bucket_size`` B_r,
+    which is reduced alone. A full bucket is reduced (``reduce_ipg_grads``), and for each of its parameters in the
+    rank's partition ``copy_grads_in_partition`` copies the gradient into ``grads_in_partition``, allocated at the
+    first one: b * P_ov, the whole parameters overlapping the rank's slice (``stage2_grad_numel``). F is the
+    elements already moved into the bucket by then. The epilogue (``independent_gradient_partition_epilogue`` ->
+    ``get_flat_partition(..., return_tensor_list=True)``) takes views of it and flattens nothing. With
+    ``contiguous_gradients`` off nothing is copied: 0.
+    """
+    if not setup.zero.contiguous_gradients:
+        return 0
+    numels = tuple(t.numel for t in param_tensors(setup.model))
+    world = setup.world_size
+    return DTYPE_BYTES[setup.dtype] * max(
+        _partition_copy_excess(numels, world, setup.zero.reduce_bucket_size, r) for r in range(world))
+
+
+@lru_cache(maxsize=4096)
+def _partition_copy_excess(numels: tuple[int, ...], world_size: int, bucket: int, rank: int) -> int:
+    starts = [0, *accumulate(numels)]
+    part = flat_group_numel(starts[-1], world_size) // world_size
+    lo, hi = rank * part, (rank + 1) * part
+    overlap = _overlap_numel(numels, world_size, rank)
+    freed = filled = 0
+    waiting: list[int] = []
+    for i, n in enumerate([*numels, None]):
+        if n is None or filled + n > bucket:  # reduce_ipg_grads on the bucket so far (the last one at the end)
+            if any(starts[j] < hi and starts[j + 1] > lo for j in waiting):
+                return max(0, overlap - freed)
+            waiting, filled = [], 0
+        if n is None:
+            break
+        waiting.append(i)
+        filled += n
+        freed += n if n <= bucket else 0
+    return 0
+
+
 def stage1_offload_grads_bytes(setup: TrainingSetup, numel: int) -> int:
     """Stage 1 with optimizer offload and ``overlap_comm`` off: the model's ``param.grad`` (bP) live to the end of
     backward, as without offload; 0 at stage 2 or with ``overlap_comm``.
@@ -213,8 +257,9 @@ def stage12_states(setup: TrainingSetup, numel: int, device: Device = "cuda", *,
     * states: S * 4p, at the first step (``initialize_optimizer_states`` creates none).
     * buckets: ``setup_buckets`` allocates b * B_r whole (x2 with overlap_comm) at the first gradient hook of each
       backward, freed by ``_release_ipg_buffers`` at its end; stage 1 keeps them between micro-steps (G > 1).
-    * grads, stage 1: the model's ``param.grad`` (bP) until the end of backward, where
-      ``independent_gradient_partition_epilogue`` flattens this rank's partition (bp); stage 2:
+    * grads, stage 1: the model's ``param.grad`` (bP) until the end of backward, where ``reduce_gradients`` moves
+      them through the bucket into ``grads_in_partition`` (``stage1_partition_copy_bytes``; with ``overlap_comm``
+      still charged as the flattened partition, bp); stage 2:
       ``grads_in_partition``, b * (whole parameters overlapping the partition) (``copy_grads_in_partition``),
       reused across micro-steps.
     * step: the flat 16-bit partition is converted to an fp32 ``single_grad_partition`` (4p) and freed; then the
@@ -242,7 +287,8 @@ def stage12_states(setup: TrainingSetup, numel: int, device: Device = "cuda", *,
         grads = b * stage2_grad_numel(setup.model, world)
         carry, epilogue, step_grads = (grads if accum else 0), 0, grads
     else:
-        grads, epilogue, step_grads = b * numel, b * part, b * part
+        epilogue = b * part if setup.zero.overlap else stage1_partition_copy_bytes(setup)
+        grads, step_grads = b * numel, b * part
         carry = grads if accum else 0  # the buckets stay too: estimator.timeline adds them at stage 1
     temps = optimizer_temp_bytes(setup, (part,), device)
     # step: flatten the partition (bp) and convert it (4p) while the gradients live; then free them and update.
