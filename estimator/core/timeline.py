@@ -53,6 +53,27 @@ def _head_param_numel(setup: TrainingSetup) -> int:
     )
 
 
+def lm_head_grad_bytes(setup: TrainingSetup, act: ActivationProfile) -> tuple[int, int]:
+    """(activation bytes above the saved stack, weight-gradient bytes) when the lm_head's matmul runs backward.
+
+    autograd runs the loss's nodes first: ``log_softmax_backward`` consumes the fp32 log-softmax output that
+    cross-entropy saved (4 b s V, released once its node has run) and the cast back to the model's dtype leaves
+    the logits' gradient (``grad_logits_bytes``); then ``lm_head``'s ``MmBackward`` makes the hidden state's
+    gradient and the weight's, b V h in the model's dtype, whole, until the parameter's gradient hook takes it:
+    stage 3 (stage3.py ``reduce_partition_and_remove_grads``) and stage 2 (stage_1_and_2.py
+    ``reduce_independent_p_g_buckets_and_remove_grads``) copy it into the reduce bucket and drop it. A tied lm_head
+    is the token embedding's weight. Measured (data/runs/h200-zeroinit, stage 3, 1 x 512): llama-3-8b backward
+    peaks 0.860 GiB above the end of forward, qwen2.5-7b 0.874; this moment gives 0.86 and 0.87 (the loss's own
+    backward 0.49 and 0.57).
+    """
+    tensors = param_tensors(setup.model)
+    head = next((t for t in tensors if t.component == "lm_head"), None)
+    head = head or next((t for t in tensors if t.component == "embeddings"), None)
+    log_softmax = act.logits_bytes * 4 // DTYPE_BYTES[setup.dtype]
+    activations = max(0, act.head_saved_bytes - log_softmax) + act.grad_logits_bytes + act.grad_hidden_bytes
+    return activations, DTYPE_BYTES[setup.dtype] * (head.numel if head else 0)
+
+
 def _grads_at_backward_start(setup: TrainingSetup, states: ModelStates) -> int:
     """Gradient bytes when backward begins its first layer: the carry of earlier micro-steps, or, where the
     model's own ``param.grad`` hold gradients (stages 0-1), the head's."""
@@ -129,13 +150,18 @@ def timeline(setup: TrainingSetup, states: ModelStates, act: ActivationProfile) 
     head = _components(**held, grads=grads_start, buffers=gathered + carry_buckets,
                        activations=stack + act.head_saved_bytes + act.grad_logits_bytes
                        + act.backward_head_transient_bytes)
+    # stages 2-3: the lm_head's weight gradient, whole, once the loss's backward has freed its fp32 tensors (at
+    # stages 0-1 ``grads_start`` already holds it beside them)
+    lm_acts, lm_grad = lm_head_grad_bytes(setup, act) if setup.stage >= ZeroStage.GRADIENTS else (0, 0)
+    lm_head = _components(**held, grads=max(grads_start, lm_grad), buffers=gathered + carry_buckets,
+                          activations=stack + lm_acts)
     layer = _components(**held, grads=grads_start, buffers=gathered + states.buckets_bytes,
                         activations=stack + act.layer_backward_peak_bytes(ckpt))
     end = _components(**held, grads=max(states.grads_bytes, states.grads_carry_bytes),
                       buffers=resident + states.buckets_bytes,
                       activations=act.backward_live_after_layers(setup.model.num_layers, ckpt) + outputs,
                       temporaries=states.epilogue_bytes)
-    backward = Phase(name="backward", components=max(head, layer, end, key=lambda c: sum(c.values())))
+    backward = Phase(name="backward", components=max(head, lm_head, layer, end, key=lambda c: sum(c.values())))
     step = Phase(name="step", components=_components(
         **held, grads=states.step_grads_bytes, buffers=resident, temporaries=states.step_temp_bytes,
         activations=loop_outputs_bytes(setup, act, "step")))
