@@ -116,7 +116,8 @@ def test_setup_from_auto_ds_config(tmp_path):
     assert setup.zero.reduce_bucket_size == LLAMA.hidden_size**2
     assert setup.zero.prefetch_bucket_size == int(0.9 * LLAMA.hidden_size**2)
     assert setup.zero.param_persistence_threshold == 10 * LLAMA.hidden_size
-    assert setup.optimizer == Optimizer(name="adamw", impl="fused")
+    # the Trainer passes one list of parameters when the ds_config builds the optimizer
+    assert setup.optimizer == Optimizer(name="adamw", impl="fused", param_groups=1)
 
 
 def test_batch_conflict_is_flagged(tmp_path):
@@ -338,3 +339,25 @@ def test_accelerate_keys_match_cluster_config():
     import dataclasses
 
     assert {f.name for f in dataclasses.fields(config_args.ClusterConfig)} <= set(ACCELERATE_KEYS)
+
+
+@pytest.mark.parametrize("config, base, groups", [
+    (AUTO, {}, 1),  # the Trainer builds DeepSpeed's optimizer from one list of parameters
+    ({k: v for k, v in AUTO.items() if k != "optimizer"}, {}, 2),  # the Trainer's own: decay and no decay
+    ({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}, {}, 2),  # a script's grouping: the larger case
+    (AUTO, {"param_groups": 3}, 3),  # the flag wins
+])
+def test_parameter_groups_follow_who_builds_the_optimizer(tmp_path, config, base, groups):
+    path = _write(tmp_path, "ds.json", config)
+    setup, _ = setup_from_configs(path, None, {"model": LLAMA, **base})
+    assert setup.optimizer.param_groups == groups
+
+
+def test_adapters_come_from_the_flags(tmp_path):
+    """No config file holds peft's LoraConfig: the flags' adapters reach the setup, and are no conflict."""
+    from zeroest.api import predict_request
+
+    path = _write(tmp_path, "ds.json", {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}})
+    flags = {"lora_rank": 16, "lora_targets": "q_proj,v_proj", "activations": "closed-form"}
+    (by_file,) = predict_request(LLAMA, flags, ds_config=path).estimates
+    assert (by_file.setup.adapters.lora_rank, by_file.setup.adapters.lora_targets) == (16, "q_proj,v_proj")

@@ -49,7 +49,8 @@ def setup_for(case: dict) -> TrainingSetup:
         model=shape_from_config(PROBE_CONFIGS[case["model"]], f"probe-{case['model']}"),
         parallel=Parallelism(gpus_per_node=case["world_size"]),
         dtype=case["dtype"],
-        optimizer=Optimizer(name="adamw", impl="cpu" if offload else "torch"),
+        optimizer=Optimizer(name="adamw", impl="cpu" if offload else "torch",
+                            param_groups=case.get("param_groups", 1)),  # the probe's model_parameters
         zero=ZeroConfig(stage=case["stage"], offload_optimizer="cpu" if offload else "none", **SMALL),
         workload=Workload(micro_batch=1, seq_len=16, grad_accum=case.get("grad_accum", 1), activations="closed-form"),
     )

@@ -1,5 +1,7 @@
 """Scaling laws of the model states (hypothesis): sharded terms fall as 1/N_d, stages order, offload conserves."""
 
+from dataclasses import replace
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from zeroest.estimator.catalog.models import load_model, standard_shape
@@ -72,7 +74,18 @@ def test_offload_moves_bytes_without_changing_what_is_stored(shape, world, stage
     assert off.master_weights_bytes == 0 and off.optimizer_states_bytes == 0
     assert off.params_bytes == gpu.params_bytes
     # on the host: the same master weights and states, plus DeepSpeed's fp32 gradient partition (4p), the pinned
-    # 16-bit partition (2p) and the CPU gradient staging buffer of the largest parameter (2 n_max)
+    # 16-bit partition (2p) and the CPU gradient staging buffer of the largest parameter (2 n_max); every buffer
+    # DeepSpeed pins (master, gradient partition, 16-bit copy, staging) is a power of two (pin_memory: torch's
+    # host caching allocator), the states are pageable
     part = padded(count_params(shape).total, world) // world
     n_max = max(t.numel for t in param_tensors(shape))
-    assert off.host_bytes == moved + 4 * part + 2 * part + 2 * n_max
+
+    def pow2(n: int) -> int:
+        return 1 << (n - 1).bit_length()
+
+    states = gpu.optimizer_states_bytes
+    assert off.host_bytes == pow2(4 * part) + states + pow2(4 * part) + pow2(2 * part) + pow2(2 * n_max)
+    assert off.host_pageable_bytes == states and moved == 4 * part + states
+    offloaded = setup(shape, world, stage, offload="cpu", impl="cpu")
+    unpinned = model_states(replace(offloaded, zero=replace(offloaded.zero, pin_memory=False)))
+    assert offloaded.zero.pin_memory and unpinned.host_bytes == moved + 4 * part + 2 * part + 2 * n_max

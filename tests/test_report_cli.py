@@ -111,7 +111,7 @@ def test_markdown_links_the_plots_and_lists_skipped_rows(fitted):
     assert "## Headline (fitted, held out by model)" in text
     assert "![predicted_vs_measured](plots/predicted_vs_measured.png)" in text
     assert "written by zeroest 0.0.1" in text
-    assert "gpt2-medium z0 N=2 mb64x512 bf16 | step0.forward0" in text
+    assert "gpt2-medium z0 N=2 mb64x512 bf16 adamw/fused | step0.forward0" in text
 
 
 def test_oom_and_skipped_rows_are_reported(fitted):
@@ -254,3 +254,16 @@ def test_a_report_with_fit_changes_no_file_of_the_repository(tmp_path, monkeypat
     assert _tree(copy) == before_copy
     assert _tree(repo_data) == before_repo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_a_calibration_held_against_rows_predicts_every_row_with_it(runs_dir, tmp_path):
+    # the synthetic rows were measured with TRUE_OVERHEADS: held against them, that file leaves no error, while
+    # each group's own prediction (the defaults: no file for this group) does
+    path = tmp_path / "truth.json"
+    path.write_text(json.dumps({"overheads": {k: v for k, v in TRUE_OVERHEADS.to_dict().items() if k != "source"}}))
+    held = json.loads(CliRunner().invoke(app, ["report", str(runs_dir), "--calibration", str(path), "--json"]).stdout)
+    plain = json.loads(CliRunner().invoke(app, ["report", str(runs_dir), "--json"]).stdout)
+    for q in ("peak_allocated", "peak_reserved", "device"):
+        assert held["basis"] == "current" and held[q]["max_abs_error"] < 1e-4
+        assert plain[q]["median_abs_error"] > 0.01
+    assert "calibration" in _one_line_error(["report", str(runs_dir), "--calibration", str(tmp_path / "no.json")])

@@ -29,6 +29,9 @@ CASES = [
     pytest.param(dict(model="llama", stage=2, dtype="bf16", world_size=4), marks=SLOW),
     pytest.param(dict(model="llama", stage=2, dtype="bf16", world_size=4, grad_accum=2), marks=SLOW),
     dict(model="gpt2", stage=2, dtype="bf16", world_size=8),
+    # the HF Trainer's two groups: the 16-bit gradient partition lives through the first group's step
+    dict(model="llama", stage=2, dtype="bf16", world_size=2, param_groups=2),
+    dict(model="llama", stage=1, dtype="bf16", world_size=2, param_groups=2),
 ]
 
 

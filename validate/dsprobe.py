@@ -77,6 +77,8 @@ class ProbeConfig:
     """``sub_group_size`` (elements)."""
     zero_init: bool = False
     """Stage 3: build the model under ``deepspeed.zero.Init`` instead of partitioning it in ``initialize``."""
+    param_groups: int = 1
+    """Parameter groups passed as ``model_parameters`` (2: the HF Trainer's weight decay and none)."""
 
     def ds_config(self) -> dict[str, Any]:
         """The ds_config dict this probe passes to ``deepspeed.initialize``."""
@@ -120,6 +122,8 @@ class ProbeConfig:
             parts.append("nocg")
         if self.zero_init:
             parts.append("zinit")
+        if self.param_groups != 1:
+            parts.append(f"pg{self.param_groups}")
         return "_".join(parts)
 
 
@@ -180,6 +184,7 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
     import deepspeed
     import torch
     import torch.distributed as dist
+    from zeroest.validate.adapters import parameter_groups
     from zeroest.validate.fakepg import init_fake_world
     from zeroest.validate.memtrack import LiveBytes
 
@@ -206,7 +211,7 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
             _allow_fp16_on_cpu()
         with tracker.phase("init"):
             engine, optimizer, _, _ = deepspeed.initialize(
-                model=model, config=ds_config, model_parameters=model.parameters()
+                model=model, config=ds_config, model_parameters=parameter_groups(model, config.param_groups)
             )
         record["optimizer_class"] = type(optimizer).__name__
         record["base_optimizer_class"] = type(engine.basic_optimizer).__name__

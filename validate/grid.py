@@ -30,7 +30,6 @@ RUN_KEYS: tuple[str, ...] = ("simulate",)
 """Keys of a grid entry that are not setup keys."""
 ENTRY_KEYS: tuple[str, ...] = (*SETUP_KEYS, *RUN_KEYS)
 TOP_KEYS: tuple[str, ...] = ("models", "defaults", "runs")
-BUILTIN_GRIDS: tuple[str, ...] = ("quick", "default", "holdout", "zeroinit")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +59,11 @@ class Grid:
 def _grids_dir() -> Path:
     """``data/grids`` of the ``zeroest.data`` package."""
     return data_path("grids")
+
+
+def builtin_grids() -> list[str]:
+    """Names of the grids shipped in data/grids, sorted."""
+    return sorted(path.stem for path in _grids_dir().glob("*.yaml"))
 
 
 def _unknown(key: object, known: tuple[str, ...], where: str) -> ValueError:
@@ -133,10 +137,25 @@ def load_grid(name_or_path: str) -> Grid:
     path = Path(name_or_path).expanduser()
     if not path.is_file():
         raise ValueError(
-            f"grid {name_or_path!r} is neither a built-in grid ({', '.join(BUILTIN_GRIDS)}) nor a file: "
+            f"grid {name_or_path!r} is neither a built-in grid ({', '.join(builtin_grids())}) nor a file: "
             "pass --grid quick, --grid default or a YAML/JSON path"
         )
     return parse_grid(path.read_text(encoding="utf-8"), str(path))
+
+
+def load_grids(names: list[str]) -> Grid:
+    """Several grids (``--grid`` given more than once) as one: their entries in order, their models merged; a
+    model name two grids define differently is an error."""
+    grids = [load_grid(name) for name in names]
+    models: dict[str, dict] = {}
+    for grid in grids:
+        for name, config in grid.models.items():
+            if models.get(name, config) != config:
+                raise ValueError(f"model {name!r} is defined differently in {grid.source} and an earlier grid: "
+                                 "rename it in one of them")
+            models[name] = config
+    return Grid(entries=tuple(e for g in grids for e in g.entries), models=models,
+                source=" + ".join(g.source for g in grids))
 
 
 def parse_override(text: str) -> tuple[str, object]:

@@ -12,7 +12,10 @@ A ``Meter`` records phases. For each phase it resets the peaks first
 * ``nvml_bytes``: what nvidia-smi shows for this process (``nvmlDeviceGetComputeRunningProcesses``), or the
   device's whole used memory when the process is not listed (containers with their own pid namespace):
   ``nvml_scope`` says which;
-* ``rss_bytes``: host resident memory (psutil); ``time_s``: wall time of the phase.
+* ``rss_bytes``: host resident memory (psutil); ``time_s``: wall time of the phase;
+* ``pinned_bytes``: page-locked host memory torch's host caching allocator holds, blocks in use and cached, at
+  their power-of-two sizes (``torch.cuda.host_memory_stats()["allocated_bytes.current"]``; None on the CPU or
+  a torch without it). It is part of ``rss_bytes``.
 
 On the CPU there is no caching allocator: ``CpuMeter`` counts live tensor storages with
 ``validate.memtrack.LiveBytes`` (reserved and NVML fields are None).
@@ -33,6 +36,15 @@ log = logging.getLogger(__name__)
 INJECT_OOM_ENV = "ZEROEST_INJECT_OOM"
 """Test hook: a phase name (or prefix such as ``step0.backward``); entering it raises
 ``torch.OutOfMemoryError``."""
+
+
+def _pinned_bytes() -> int | None:
+    if not torch.cuda.is_available() or not hasattr(torch.cuda, "host_memory_stats"):
+        return None
+    try:
+        return int(torch.cuda.host_memory_stats().get("allocated_bytes.current", 0))
+    except Exception:  # an older torch without these keys, or no pinned allocator yet
+        return None
 
 
 def _rss_bytes() -> int | None:
@@ -135,6 +147,7 @@ class Meter:
             record["time_s"] = time.perf_counter() - start
             record.update(self._read())
             record["rss_bytes"] = _rss_bytes()
+            record["pinned_bytes"] = _pinned_bytes()
 
     def device_info(self) -> dict:
         """{"name", "memory_bytes", "capability"} of the device."""
@@ -200,8 +213,8 @@ a model built under ``deepspeed.zero.Init`` is built on the device exactly as in
 
 def summarize(phases: dict[str, dict], *, with_build: bool = False) -> dict:
     """Overall peaks over the phases from ``init`` on (from ``build`` on with ``with_build``, for models built
-    under zero.Init): the largest peak allocated / reserved, the largest NVML reading and the largest host
-    RSS."""
+    under zero.Init): the largest peak allocated / reserved, the largest NVML reading, the largest host RSS and
+    the largest page-locked host memory."""
     skip = () if with_build else SETUP_PHASES
     phases = {name: record for name, record in phases.items() if name not in skip}
 
@@ -214,4 +227,5 @@ def summarize(phases: dict[str, dict], *, with_build: bool = False) -> dict:
         "peak_reserved_bytes": most("peak_reserved_bytes"),
         "device_bytes": most("nvml_bytes"),
         "host_rss_bytes": most("rss_bytes"),
+        "host_pinned_bytes": most("pinned_bytes"),
     }

@@ -283,9 +283,9 @@ def _finish(job: Job, failure: str | None) -> list[dict]:
 
 
 def ops_to_build(runs: list[Run]) -> list[str]:
-    """DeepSpeed op builders the runs need: FusedAdam for impl fused, CPUAdam for impl cpu."""
-    impls = {run.setup["optimizer_impl"] for run in runs}
-    return [b for impl, b in (("fused", "FusedAdamBuilder"), ("cpu", "CPUAdamBuilder")) if impl in impls]
+    """DeepSpeed op builders the runs need: Fused/CPU Adam or Lion for impl fused/cpu (Muon's aux Adam is Adam)."""
+    wanted = {(r.setup["optimizer_impl"], "Lion" if r.setup.get("optimizer") == "lion" else "Adam") for r in runs}
+    return [f"{'Fused' if i == 'fused' else 'CPU'}{k}Builder" for i, k in sorted(wanted) if i in ("fused", "cpu")]
 
 
 def build_ops(names: list[str], opts: ValidateOptions, base_env: dict, capability) -> dict[str, bool]:

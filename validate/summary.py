@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from zeroest.estimator.units import GiB
 
+from zeroest.report.runs import run_label
+
 _SHAPE_KEYS = ("model", "world_size", "micro_batch", "seq_len", "grad_accum", "grad_ckpt", "dtype")
 
 
@@ -39,31 +41,6 @@ class SummaryRow:
         if self.status != "ok" or self.predicted_bytes is None or not self.allocated_bytes:
             return None
         return 100.0 * (self.predicted_bytes - self.allocated_bytes) / self.allocated_bytes
-
-
-def run_label(setup: dict, simulated: bool) -> str:
-    """``gpt2 z3 N=4(sim) mb2x1024 bf16 adamw/fused ckpt zinit off:opt``: a run at a glance."""
-    parts = [
-        str(setup["model"]).rsplit("/", 1)[-1].removesuffix(".json"),
-        f"z{setup['stage']}",
-        f"N={setup['world_size']}" + ("(sim)" if simulated else ""),
-        f"mb{setup['micro_batch']}x{setup['seq_len']}",
-    ]
-    if int(setup.get("grad_accum", 1)) > 1:
-        parts.append(f"ga{setup['grad_accum']}")
-    parts.append(f"{setup['dtype']} {setup['optimizer']}/{setup['optimizer_impl']}")
-    if setup.get("grad_ckpt"):
-        parts.append("ckpt")
-    if int(setup["stage"]) == 3 and setup.get("zero_init"):
-        parts.append("zinit")
-    offload = [
-        name
-        for name, key in (("opt", "offload_optimizer"), ("par", "offload_params"))
-        if setup.get(key, "none") != "none"
-    ]
-    if offload:
-        parts.append("off:" + "+".join(offload))
-    return " ".join(parts)
 
 
 def _worst_rank(rows: list[dict]) -> dict:

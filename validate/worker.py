@@ -230,6 +230,8 @@ def _train(spec: dict, meter, result: dict, rank_file: RankFile) -> None:
     import deepspeed
     import transformers  # noqa: F401 - imported here so that no phase counts import time
     from transformers import AutoModelForCausalLM  # noqa: F401
+    from zeroest.validate.adapters import apply_adapters, parameter_groups
+    from zeroest.validate.client_optimizers import client_optimizer
     from zeroest.validate.loops import train_steps
 
     result["measured"]["import_s"] = time.perf_counter() - start
@@ -242,15 +244,14 @@ def _train(spec: dict, meter, result: dict, rank_file: RankFile) -> None:
     _init_distributed(spec, world_size)
     hf_config = hf_deepspeed_config(spec)
     with meter.phase("build"):
-        model = build_model(spec)
+        model, counts = apply_adapters(build_model(spec), spec)
+    result["measured"].update(counts)
     result["measured"]["built_partitioned"] = partitioned(model)
     rank_file.write(result)
     with meter.phase("init"):
-        engine, *_ = deepspeed.initialize(
-            model=model,
-            model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=spec["ds_config"],
-        )
+        params = parameter_groups(model, spec["setup"].get("param_groups") or 1)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=spec["ds_config"],
+                                          optimizer=client_optimizer(spec, params))
     del model
     rank_file.write(result)
     step_times = train_steps(spec, engine, meter, result, lambda: rank_file.write(result))

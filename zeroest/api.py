@@ -216,7 +216,7 @@ def plan_request(shape: ModelShape, flags: dict, *, gpu: str, margin: float = FI
     at stage 3, so unless ``flags`` says ``zero_init`` the plan assumes the same (``vocab.zero_init_default``).
     """
     from zeroest.estimator.core.estimate import estimate as estimate_setup
-    from zeroest.estimator.core.vocab import Builder, loop_default, zero_init_default
+    from zeroest.estimator.core.vocab import Builder, loop_default, param_groups_default, zero_init_default
     from zeroest.estimator.plan.explain import explain as explain_lines
     from zeroest.estimator.plan.plan import PlanRequest, capacity_queries
     from zeroest.estimator.plan.plan import plan as run_plan
@@ -240,6 +240,8 @@ def plan_request(shape: ModelShape, flags: dict, *, gpu: str, margin: float = FI
         how = ("under zero.Init, as the HF Trainer does with the written ds_config" if flags["zero_init"]
                else "whole, without zero.Init, as a plain script does")
         notes.append(f"planned with stage 3 building the model {how} (--zero-init/--no-zero-init changes it)")
+    if write_ds_config is not None and "param_groups" not in flags:
+        flags["param_groups"] = param_groups_default(Builder(write_for), optimizer_section=True)
     if write_ds_config is not None and "loop" not in flags:
         flags["loop"] = loop_default(Builder(write_for))
         notes.append(f"planned with the {flags['loop']} training loop, as the written ds_config is read back "

@@ -11,13 +11,21 @@ Optimizer choice, as ``deepspeed/runtime/engine.py`` ``_configure_basic_optimize
 * impl ``torch``: ``"torch_adam": true`` gives ``torch.optim.AdamW`` (foreach by default).
 * impl ``cpu``: an offloaded optimizer makes DeepSpeed build ``DeepSpeedCPUAdam`` itself
   (``zero_use_cpu_optimizer``).
-* sgd / sgd-momentum / adafactor are not DeepSpeed names; DeepSpeed falls back to ``torch.optim.<type>``.
+* ``{"type": "Lion"}`` gives FusedLion (DeepSpeedCPULion offloaded); ``{"type": "Muon"}`` gives
+  ``MuonWithAuxAdam`` (Muon for the hidden matrices, FusedAdam for the rest).
+* sgd / sgd-momentum / adafactor are not DeepSpeed names; DeepSpeed falls back to ``torch.optim.<type>``, by
+  exact name (``getattr(torch.optim, "SGD")``, ``"Adafactor"``).
+* adamw-8bit / paged-adamw-8bit (bitsandbytes) are client optimizers: no optimizer section, the script passes
+  ``deepspeed.initialize(optimizer=...)`` (``validate.client_optimizers``).
+
+Every optimizer ZeRO does not list as tested (runtime/zero/utils.py ``ZERO_SUPPORTED_OPTIMIZERS``) needs
+``zero_allow_untested_optimizer: true`` (engine.py ``_do_optimizer_sanity_check`` asserts it).
 """
 
 from __future__ import annotations
 
 from zeroest.estimator.core.setup import TrainingSetup
-from zeroest.estimator.core.vocab import ADAM_FAMILY, ZERO_KNOBS
+from zeroest.estimator.core.vocab import EIGHT_BIT, ZERO_KNOBS, OptimizerName
 
 LEARNING_RATE = 1e-4
 """Learning rate of the synthetic runs; memory does not depend on it."""
@@ -30,18 +38,29 @@ FP16_INITIAL_SCALE_POWER = 8
 (a skipped step still allocates everything a real one does in ZeRO 1-3, whose optimizer states exist from
 init)."""
 
-_TORCH_OPTIMIZERS = {
+_NAMED_SECTIONS = {
     "sgd": ("SGD", {"momentum": 0.0}),
     "sgd-momentum": ("SGD", {"momentum": 0.9}),
     "adafactor": ("Adafactor", {}),
+    "lion": ("Lion", {"betas": [0.9, 0.99], "weight_decay": 0.01}),
+    "muon": ("Muon", {"momentum": 0.95, "weight_decay": 0.01}),
 }
+ZERO_TESTED: frozenset[str] = frozenset({OptimizerName.ADAM, OptimizerName.ADAMW, OptimizerName.LION,
+                                         OptimizerName.MUON})
+"""Optimizers of ours that ZeRO lists as tested (runtime/zero/utils.py ``is_zero_supported_optimizer``: torch and
+Fused Adam/AdamW, DeepSpeedCPUAdam, FusedLion, DeepSpeedCPULion, MuonWithAuxAdam)."""
 
 
-def _optimizer_section(setup: TrainingSetup) -> dict:
+def _optimizer_section(setup: TrainingSetup) -> dict | None:
     name, impl = setup.optimizer.name, setup.optimizer.impl
-    if name in _TORCH_OPTIMIZERS:
-        type_name, extra = _TORCH_OPTIMIZERS[name]
-        return {"type": type_name, "params": {"lr": LEARNING_RATE, **extra}}
+    if name in EIGHT_BIT:
+        return None
+    if name in _NAMED_SECTIONS:
+        type_name, extra = _NAMED_SECTIONS[name]
+        params = {"lr": LEARNING_RATE, **extra}
+        if name == "muon" and impl == "torch":
+            params["torch_adam"] = True
+        return {"type": type_name, "params": params}
     params: dict = {"lr": LEARNING_RATE, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
     if impl == "torch":
         params["torch_adam"] = True
@@ -66,7 +85,15 @@ def _zero_section(setup: TrainingSetup, nvme_path: str | None) -> dict:
         section["offload_optimizer"] = _offload(zero.offload_optimizer, zero.pin_memory, nvme_path)
     if zero.offload_params != "none":
         section["offload_param"] = _offload(zero.offload_params, zero.pin_memory, nvme_path)
+    if muon_needs_no_reduce_scatter(int(zero.stage), setup.optimizer.name):
+        section["reduce_scatter"] = False
     return section
+
+
+def muon_needs_no_reduce_scatter(stage: int, optimizer: str) -> bool:
+    """Stage 3 refuses Muon with ``reduce_scatter`` on, its default (stage3.py ``DeepSpeedZeroOptimizer_Stage3``:
+    "Muon and reduce scatter cannot be used together")."""
+    return stage == 3 and optimizer == OptimizerName.MUON
 
 
 def ds_config(setup: TrainingSetup, *, nvme_path: str | None = None) -> dict:
@@ -83,14 +110,16 @@ def ds_config(setup: TrainingSetup, *, nvme_path: str | None = None) -> dict:
         "bf16": {"enabled": setup.dtype == "bf16"},
         "fp16": {"enabled": setup.dtype == "fp16"},
         "zero_optimization": _zero_section(setup, nvme_path),
-        "optimizer": _optimizer_section(setup),
         "gradient_clipping": GRADIENT_CLIPPING,
         "steps_per_print": STEPS_PER_PRINT,
         "wall_clock_breakdown": False,
     }
+    section = _optimizer_section(setup)
+    if section is not None:
+        config["optimizer"] = section
     if setup.dtype == "fp16":
         config["fp16"].update({"loss_scale": 0, "initial_scale_power": FP16_INITIAL_SCALE_POWER})
-    if setup.optimizer.name not in ADAM_FAMILY:
+    if setup.optimizer.name not in ZERO_TESTED:
         config["zero_allow_untested_optimizer"] = True
     return config
 

@@ -13,24 +13,33 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import fields
 from pathlib import Path
 
 from zeroest.estimator.configs.accelerate import accelerate_ds_config, accelerate_world, read_accelerate
 from zeroest.estimator.configs.checks import unmodelled_warnings
+from zeroest.estimator.configs.ds_write import ZERO_TESTED, muon_needs_no_reduce_scatter
 from zeroest.estimator.configs.files import read_json, unknown_key_warnings, whole_number
 from zeroest.estimator.configs.keys import DS_KEYS, OFFLOAD_KEYS, ZERO_KEYS
+from zeroest.estimator.core.adapters import Adapters
 from zeroest.estimator.core.setup import Optimizer, TrainingSetup, Workload, ZeroConfig
 from zeroest.estimator.core.vocab import (
+    EIGHT_BIT,
     ZERO_KNOBS,
     Builder,
     OptimizerImpl,
     default_optimizer_impl,
     hf_trainer_auto,
     loop_default,
+    param_groups_default,
     zero_init_default,
 )
 
 log = logging.getLogger(__name__)
+
+ADAPTER_FIELDS = {f.metadata["key"] or f.name: f for f in fields(Adapters) if "flag" in f.metadata}
+"""The adapters' flat keys (``core.adapters.Adapters``), by key."""
+ADAPTER_KEYS: tuple[str, ...] = tuple(ADAPTER_FIELDS)
 
 BASE_KEYS: tuple[str, ...] = (
     "model",
@@ -47,8 +56,11 @@ BASE_KEYS: tuple[str, ...] = (
     "max_grad_norm",
     "zero_init",
     "loop",
+    "param_groups",
+    *ADAPTER_KEYS,
 )
-"""Keys ``base`` may hold; ``model`` (a ModelShape) is required."""
+"""Keys ``base`` may hold; ``model`` (a ModelShape) is required. No config file holds the adapters (peft's
+LoraConfig is the script's): they come from the flags alone."""
 
 
 def _ds_key_warnings(config: dict, where: str) -> list[str]:
@@ -238,30 +250,68 @@ def _zero(config: dict, where: str, zero_init: bool) -> ZeroConfig:
     )
 
 
-def _optimizer(config: dict, zero: ZeroConfig, base: dict, warnings: list[str], where: str) -> Optimizer:
+_DS_TYPES = {"adam": "adam", "adamw": "adamw", "fusedadam": "adam", "cpuadam": "adam", "lion": "lion", "muon": "muon"}
+"""ds_config optimizer types DeepSpeed builds itself, lower-cased (config.py ``DEEPSPEED_OPTIMIZERS`` is matched
+case-insensitively)."""
+_TORCH_TYPES = {"SGD": "sgd", "Adafactor": "adafactor"}
+"""Types DeepSpeed takes from ``torch.optim`` by exact name (engine.py ``_configure_basic_optimizer``:
+``getattr(torch.optim, self.optimizer_name())``)."""
+_CLIENT_TYPES = {"adamw8bit": "adamw-8bit", "pagedadamw8bit": "paged-adamw-8bit"}
+
+
+def _optimizer_type(section: dict, warnings: list[str], where: str) -> str:
+    """Our name for ``optimizer.type``; ValueError where DeepSpeed would fail to build it."""
+    raw = str(section.get("type", ""))
+    kind = raw.lower().replace("_", "")
+    if kind in _DS_TYPES:
+        return _DS_TYPES[kind]
+    if raw in _TORCH_TYPES:
+        return _TORCH_TYPES[raw]
+    exact = {name.lower(): name for name in _TORCH_TYPES}
+    if kind in exact:
+        raise ValueError(f"{where}: optimizer type {raw!r}: DeepSpeed looks up torch.optim.{raw} by exact name and "
+                         f"fails; write \"{exact[kind]}\"")
+    if kind in _CLIENT_TYPES:
+        raise ValueError(f"{where}: optimizer type {raw!r} is bitsandbytes', not DeepSpeed's: drop the optimizer "
+                         "section, pass the optimizer to deepspeed.initialize(optimizer=...) with "
+                         f"zero_allow_untested_optimizer true, and give --optimizer {_CLIENT_TYPES[kind]}")
+    warnings.append(f"{where}: optimizer type {raw!r} is not modelled; estimated as AdamW")
+    return "adamw"
+
+
+def _optimizer(config: dict, zero: ZeroConfig, base: dict, warnings: list[str], where: str,
+               builder: Builder) -> Optimizer:
     section = config.get("optimizer")
     offload = zero.offload_optimizer != "none"
+    groups = base.get("param_groups") or param_groups_default(builder, isinstance(section, dict))
     if not isinstance(section, dict):
         name = base.get("optimizer", "adamw")
-        impl = OptimizerImpl.CPU if offload else OptimizerImpl.TORCH
+        impl = OptimizerImpl.CPU if offload else OptimizerImpl.BNB if name in EIGHT_BIT else OptimizerImpl.TORCH
         warnings.append(
             f"{where}: no optimizer section: the training script's own optimizer runs (the HF Trainer's "
             f"torch {name}); estimated as {name} ({impl.value}), --optimizer changes it"
-        )
-        return Optimizer(name=name, impl=impl)
-    kind = str(section.get("type", "")).lower().replace("_", "")
-    names = {"adam": "adam", "adamw": "adamw", "fusedadam": "adam", "cpuadam": "adam", "sgd": "sgd"}
-    if kind not in names:
-        warnings.append(
-            f"{where}: optimizer type {section.get('type')!r} is not modelled; estimated as AdamW"
-        )
-    name = names.get(kind, "adamw")
+        )  # no ZeRO check: the HF Trainer sets zero_allow_untested_optimizer for its own optimizer
+        return Optimizer(name=name, impl=impl, param_groups=groups)
+    name = _optimizer_type(section, warnings, where)
+    _check_untested(config, zero, name, where)
+    params = section.get("params") or {}
     if name == "sgd":
-        momentum = (section.get("params") or {}).get("momentum", 0)
-        return Optimizer(name="sgd-momentum" if momentum else "sgd")
-    torch_adam = bool((section.get("params") or {}).get("torch_adam", False))
+        return Optimizer(name="sgd-momentum" if params.get("momentum", 0) else "sgd", param_groups=groups)
+    torch_adam = bool(params.get("torch_adam", False)) and name in ("adam", "adamw", "muon")
     return Optimizer(name=name, impl=OptimizerImpl.TORCH if torch_adam and not offload else
-                     default_optimizer_impl(name, zero.offload_optimizer))
+                     default_optimizer_impl(name, zero.offload_optimizer), param_groups=groups)
+
+
+def _check_untested(config: dict, zero: ZeroConfig, name: str, where: str) -> None:
+    """ValueError where ``deepspeed.initialize`` asserts: ZeRO with an optimizer it does not list as tested
+    (runtime/zero/utils.py ``is_zero_supported_optimizer``) needs ``zero_allow_untested_optimizer: true``."""
+    if zero.stage >= 1 and name not in ZERO_TESTED and not config.get("zero_allow_untested_optimizer", False):
+        raise ValueError(f"{where}: ZeRO stage {int(zero.stage)} with {name} needs "
+                         "\"zero_allow_untested_optimizer\": true (deepspeed.initialize asserts otherwise); add it")
+    scatter = (config.get("zero_optimization") or {}).get("reduce_scatter", True)
+    if muon_needs_no_reduce_scatter(int(zero.stage), name) and scatter is not False:
+        raise ValueError(f"{where}: ZeRO-3 refuses Muon with reduce_scatter on (its default): set "
+                         "zero_optimization.reduce_scatter to false")
 
 
 def setup_from_configs(
@@ -330,7 +380,7 @@ def setup_from_configs(
     zero_init = base["zero_init"] if base.get("zero_init") is not None else zero_init_default(
         stage, builder, zero3_flag)
     zero = _zero(resolved, where, zero_init)
-    optimizer = _optimizer(resolved, zero, base, warnings, where)
+    optimizer = _optimizer(resolved, zero, base, warnings, where, builder)
     workload = Workload(
         micro_batch=mb,
         grad_accum=ga,
@@ -340,9 +390,9 @@ def setup_from_configs(
         activations=base.get("activations", "auto"),
         loop=base["loop"] if base.get("loop") is not None else loop_default(builder),
     )
-    setup = TrainingSetup(
-        model=base["model"], parallel=parallel, dtype=dtype, optimizer=optimizer, zero=zero, workload=workload
-    )
+    adapters = Adapters(**{f.name: base[key] for key, f in ADAPTER_FIELDS.items() if base.get(key) is not None})
+    setup = TrainingSetup(model=base["model"], parallel=parallel, dtype=dtype, optimizer=optimizer, zero=zero,
+                          workload=workload, adapters=adapters)
     for line in warnings:
         log.debug(line)
     return setup, warnings

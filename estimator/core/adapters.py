@@ -26,6 +26,7 @@ from fnmatch import fnmatchcase
 
 from zeroest.estimator.core.architecture import COMPONENTS, ParamTensor, param_tensors
 from zeroest.estimator.core.shape import ModelShape
+from zeroest.estimator.core.vocab import BaseQuant, choice
 
 ALL_LINEAR = "all-linear"
 """peft's ``target_modules="all-linear"``: every Linear/Conv1D but the output layer
@@ -65,6 +66,10 @@ class Adapters:
     freeze: str = _axis("", "--freeze", "Comma-separated frozen base weights: embeddings, lm_head, norms, "
                         "attention, mlp, layers:N (first N), layers:A-B, or a name glob.")
     """Freeze patterns, the language in this module's docstring."""
+    base_quant: BaseQuant = _axis(BaseQuant.NONE, "--base-quant", "QLoRA: the frozen base's Linear weights stored "
+                                  "as bitsandbytes 4-bit NF4 (nf4), with double quantisation (nf4-dq), or not "
+                                  "(none). Unvalidated.")
+    """``core.qlora``: bitsandbytes ``Linear4bit`` storage of the frozen base (QLoRA); needs LoRA."""
 
     def __post_init__(self) -> None:
         rank = self.lora_rank
@@ -78,6 +83,10 @@ class Adapters:
             raise ValueError("--lora-targets is empty: give all-linear or module names such as q_proj,v_proj")
         for pattern in _names(self.freeze):
             _layer_range(pattern)  # raises on a malformed layers: pattern
+        object.__setattr__(self, "base_quant", choice(BaseQuant, self.base_quant, "--base-quant"))
+        if self.base_quant != BaseQuant.NONE and self.lora_rank is None:
+            raise ValueError(f"--base-quant {self.base_quant} freezes the base in 4 bits, which trains only through "
+                             "adapters (QLoRA): set --lora-rank, or drop --base-quant")
 
     @property
     def lora(self) -> bool:

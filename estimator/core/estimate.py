@@ -11,13 +11,16 @@ from dataclasses import dataclass, field, fields, replace
 from zeroest.estimator.core.activations import activation_profile
 from zeroest.estimator.core.architecture import count_params
 from zeroest.estimator.core.capacity import flatten_decision, flatten_note
+from zeroest.estimator.core.host import HostTerms, host_note, host_terms
 from zeroest.estimator.core.model_states import Device, ModelStates, stage0_states, stage12_states
+from zeroest.estimator.core.optimizers import optimizer_notes
 from zeroest.estimator.core.overheads import Overheads, device_from, reserved_from
 from zeroest.estimator.core.paper import paper_states
-from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
+from zeroest.estimator.core.qlora import qlora_note
+from zeroest.estimator.core.setup import TrainingSetup, ZeroStage
 from zeroest.estimator.core.stage3 import stage3_states
 from zeroest.estimator.core.timeline import COMPONENTS, Phase, peak_phase, timeline
-from zeroest.estimator.core.vocab import LOOP_RULE, ZERO_INIT_RULE, Loop
+from zeroest.estimator.core.vocab import LOOP_RULE, PARAM_GROUPS_RULE, ZERO_INIT_RULE, Loop
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,12 +43,15 @@ class Estimate:
     device_bytes: int
     """What nvidia-smi shows for the process: reserved + CUDA context + NCCL buffers."""
     cpu_bytes_per_node: int
-    """Host RAM per node: offloaded states and pinned buffers of its ranks, plus each rank's load-time model copy."""
+    """Host RAM per node: ``host.per_node_bytes`` (the process, each rank's load-time model copy, its offloaded
+    states and pinned buffers, times the ranks per node)."""
     nvme_bytes: int
     """Bytes per rank on NVMe (ZeRO-Infinity)."""
     activation_source: str
     """traced, closed-form, or none (paper mode)."""
     overheads: Overheads
+    host: HostTerms | None = None
+    """Host RAM of one rank by term (``core.host``); None in paper mode."""
     assumptions: tuple[str, ...] = field(default=())
 
     @property
@@ -71,6 +77,7 @@ class Estimate:
             "peak_phase": self.peak_phase,
             "phases": {p.name: {"peak_bytes": p.peak_bytes, "components": dict(p.components)} for p in self.phases},
             "cpu_bytes_per_node": self.cpu_bytes_per_node,
+            "host_components": self.host.components() if self.host else {},
             "nvme_bytes": self.nvme_bytes,
             "activation_source": self.activation_source,
             "overheads_source": self.overheads.source,
@@ -127,10 +134,14 @@ def _assumptions(setup: TrainingSetup, source: str) -> tuple[str, ...]:
         f"activations: {source}",
         _loop_note(setup),
     ]
+    if setup.stage in (ZeroStage.OPTIMIZER_STATES, ZeroStage.GRADIENTS) and setup.zero.offload_optimizer == "none":
+        notes.append(f"{setup.optimizer.param_groups} optimizer parameter group(s): with more than one the 16-bit "
+                     f"gradients live through the step ({PARAM_GROUPS_RULE}; --param-groups changes it)")
     if setup.stage == ZeroStage.PARAMETERS:
         notes.append("model built under zero.Init (never whole on one GPU)" if setup.zero.zero_init else
                      f"model built whole on the host, then partitioned (no zero.Init; {ZERO_INIT_RULE}; "
                      "--zero-init changes it)")
+    notes += optimizer_notes(setup) + qlora_note(setup)
     if not setup.adapters.full:
         notes.append("LoRA/frozen weights: model states and activations as a full fine-tune (an upper bound; "
                      "frozen-parameter states are not modelled yet)")
@@ -187,7 +198,7 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
     peak = peak_phase(phases)
     reserved = reserved_bytes(peak, overheads)
     device = math.ceil(device_from(reserved, overheads, peers=setup.world_size - 1, real_comm=not simulated))
-    load_copy = DTYPE_BYTES[setup.dtype] * numel
+    host = host_terms(setup, numel, states, overheads, real_comm=not simulated)
     return Estimate(
         setup=setup,
         n_params=numel,
@@ -197,9 +208,10 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
         phases=phases,
         peak_reserved_bytes=reserved,
         device_bytes=device,
-        cpu_bytes_per_node=setup.parallel.gpus_per_node * (states.host_bytes + load_copy),
+        cpu_bytes_per_node=host.per_node_bytes,
         nvme_bytes=states.nvme_bytes,
         activation_source=source,
         overheads=overheads,
-        assumptions=_assumptions(setup, source) + tuple(n for n in (flatten_note(flatten),) if n),
+        host=host,
+        assumptions=_assumptions(setup, source) + tuple(n for n in (flatten_note(flatten), host_note(host)) if n),
     )

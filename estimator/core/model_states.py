@@ -18,7 +18,9 @@ from functools import lru_cache
 from itertools import accumulate
 from typing import Literal
 
+from zeroest.estimator.core.adapters import trainable_split
 from zeroest.estimator.core.architecture import param_tensors
+from zeroest.estimator.core.optimizers import flat_at_stage0, muon_temp_bytes, state_bytes
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
 from zeroest.estimator.core.shape import ModelShape
 from zeroest.estimator.units import round_up
@@ -66,6 +68,9 @@ class ModelStates:
     """Peak of ``deepspeed.initialize`` with the model already on the GPU, all buffers included."""
     host_bytes: int
     """Host RAM per rank: offloaded master weights, optimizer states, pinned gradient and parameter buffers."""
+    host_pageable_bytes: int = 0
+    """Of ``host_bytes``, what is pageable (the CPU optimizer's states, stage 3's fp32 master); the rest are the
+    buffers DeepSpeed page-locks with ``pin_memory`` (``pinned_bytes``)."""
     nvme_bytes: int
     """Bytes per rank swapped to NVMe (ZeRO-Infinity)."""
 
@@ -75,31 +80,53 @@ class ModelStates:
         return self.params_bytes + self.master_weights_bytes + self.optimizer_states_bytes + self.resident_buffers_bytes
 
 
+def pinned_bytes(nbytes: int, pinned: bool) -> int:
+    """Host bytes one buffer of ``nbytes`` takes: page-locked, the next power of two; pageable, ``nbytes``.
+
+    DeepSpeed pins through ``tensor.pin_memory()`` (deepspeed/accelerator/abstract_accelerator.py ``pin_memory``,
+    the torch backend unless ``DS_PIN_MEMORY_BACKEND=native``), which allocates from torch's host caching allocator:
+    aten/src/ATen/core/CachingHostAllocator.h ``allocate`` asks ``cudaHostAlloc`` for
+    ``c10::llvm::PowerOf2Ceil(size)`` bytes, all resident. A 2.9 GiB fp32 partition takes 4 GiB of host RAM.
+    """
+    return 1 << (nbytes - 1).bit_length() if pinned and nbytes > 0 else nbytes
+
+
 def flat_group_numel(numel: int, world_size: int) -> int:
     """P': ``flatten_dense_tensors_aligned`` pads the group to ``nccl_start_alignment_factor * N`` elements."""
     return round_up(numel, NCCL_START_ALIGNMENT_FACTOR * world_size)
 
 
 def optimizer_state_bytes(setup: TrainingSetup, numel: int) -> int:
-    """fp32 optimizer states for ``numel`` parameters: S * 4 * numel (torch/optim/adamw.py ``_init_group``,
-    deepspeed/ops/adam/fused_adam.py ``step``: exp_avg and exp_avg_sq as ``zeros_like`` of the fp32 partition).
-    Adafactor keeps factored row and column moments: charged as 1% of one state (approximation, not measured)."""
-    if setup.optimizer.name == "adafactor":
-        return -(-numel * FP32 // 100)
-    return setup.optimizer.states_per_param * FP32 * numel
+    """Optimizer states for ``numel`` parameters on the tensors the optimizer sees (``core.optimizers.state_bytes``):
+    S * 4 * numel for the element-wise ones (torch/optim/adamw.py ``_init_group``, deepspeed/ops/adam/fused_adam.py
+    ``step``: exp_avg and exp_avg_sq as ``zeros_like`` of the fp32 partition)."""
+    return state_bytes(setup, numel)
 
 
 def optimizer_temp_bytes(setup: TrainingSetup, tensor_numels: tuple[int, ...], device: Device) -> int:
     """Temporaries of the optimizer's update over tensors of these sizes.
 
-    FusedAdam (csrc/adam/multi_tensor_adam.cu) and DeepSpeedCPUAdam update in place: 0. torch's AdamW
-    (``torch_adam: true``) on CUDA takes the foreach path (torch/optim/adamw.py ``_multi_tensor_adamw``:
-    ``exp_avg_sq_sqrt = torch._foreach_sqrt(...)``, one fp32 value per parameter of the group at once); on the CPU
-    the single-tensor path (``_single_tensor_adamw``: ``exp_avg_sq.sqrt() / bias_correction2_sqrt``, two fp32
-    temporaries of the largest tensor). Measured on CPU: 8 * p at stages 1-2 (data/probe/llama_z1_bf16_n4_g1.json).
-    SGD with momentum: ``_foreach_add`` of grad and momentum, one value per parameter on CUDA.
+    FusedAdam (csrc/adam/multi_tensor_adam.cu), FusedLion, DeepSpeed's CPU optimizers and bitsandbytes' 8-bit
+    AdamW (functional.py ``optimizer_update_8bit_blockwise``, one CUDA kernel) update in place: 0. torch's AdamW
+    (``torch_adam: true``, or ``torch.optim.AdamW`` as a client optimizer: ``foreach=None`` resolves to foreach on
+    CUDA, torch/optim/optimizer.py ``_default_to_fused_or_foreach``, and fused is never the default) on CUDA takes
+    the foreach path (torch/optim/adamw.py ``_multi_tensor_adamw``: ``exp_avg_sq_sqrt = torch._foreach_sqrt(...)``,
+    one fp32 value per parameter of the group at once); on the CPU the single-tensor path
+    (``_single_tensor_adamw``: ``exp_avg_sq.sqrt() / bias_correction2_sqrt``, two fp32 temporaries of the largest
+    tensor). Measured on CPU: 8 * p at stages 1-2 (data/probe/llama_z1_bf16_n4_g1.json). SGD with momentum:
+    ``_foreach_add`` of grad and momentum, one value per parameter on CUDA. Adafactor (torch/optim/_adafactor.py
+    ``adafactor``: ``foreach=None`` is falsy, so ``_single_tensor_adafactor`` on every device): ``grad * grad`` and
+    ``variance.clone()`` of a 1-D tensor (8n; a matrix's ``row_var @ col_var`` is 4mk <= 8n), of the largest.
+    Muon: ``core.optimizers.muon_temp_bytes``.
     """
-    if setup.optimizer.impl != "torch" or setup.optimizer.name == "sgd" or not tensor_numels:
+    name = setup.optimizer.name
+    if not tensor_numels:
+        return 0
+    if name == "muon":
+        return muon_temp_bytes(setup)
+    if name == "adafactor":
+        return 2 * FP32 * max(tensor_numels)
+    if setup.optimizer.impl != "torch" or name == "sgd":
         return 0
     if device == "cpu":
         return 2 * FP32 * max(tensor_numels)
@@ -213,6 +240,38 @@ def _largest_slice_numel(numels: tuple[int, ...], world_size: int, rank: int) ->
     return max((min(end, hi) - max(start, lo) for start, end in zip(starts[:-1], starts[1:], strict=True)), default=0)
 
 
+def shared_grads_through_step(setup: TrainingSetup) -> bool:
+    """Stages 1-2 (no offload) with several parameter groups: the 16-bit gradient partition lives through the
+    optimizer step of every group but the last.
+
+    stage_1_and_2.py ``step`` walks the groups one by one: ``free_grad_in_param_list(self.params_in_partition[i])``,
+    the fp32 copy of group i's gradients, ``_optimizer_step(i)``. The gradients are views of buffers that span the
+    groups: at stage 2 ``copy_grads_in_partition`` makes one ``grads_in_partition`` buffer for the parameters in
+    partition of every group (``_release_ipg_buffers`` drops the optimizer's own reference at the end of backward,
+    so the storage lives while any view does); at stage 1 ``independent_gradient_partition_epilogue`` builds each
+    group's ``averaged_gradients`` from ``all_grad_tensors``, the reduced gradients in the shared ipg buffers. So
+    while a later group still holds its views, the whole gradient partition (``step_grads_bytes``) stays under
+    group i's step: with G >= 2 groups under every step but the last, the small no-decay group in the usual
+    grouping. Measured on the CPU against real DeepSpeed through the probe (tests/test_timeline_cpu.py, llama,
+    N_d = 2, two groups): the step's peak is b p above the one-group formula at stages 1 and 2; and with torch
+    AdamW as a client optimizer (llama, 3.2M parameters, N_d = 1, stage 2): 12 Psi above the step's start with
+    two groups, 10 Psi with one.
+    """
+    return (setup.stage in (ZeroStage.OPTIMIZER_STATES, ZeroStage.GRADIENTS)
+            and setup.zero.offload_optimizer == "none" and setup.optimizer.param_groups > 1
+            and _no_decay_group_trains(setup))
+
+
+def _no_decay_group_trains(setup: TrainingSetup) -> bool:
+    """The second group (no weight decay: biases and norm weights, trainer.py ``get_decay_parameter_names``) holds
+    a trainable tensor. LoRA adapters (peft's bias "none") have neither, so a Trainer's LoRA job passes an empty
+    second group and steps its one real group with nothing left to hold the gradients."""
+    if setup.adapters.full:
+        return True  # every causal LM has norm weights
+    return any(t.component == "norms" or t.name.endswith("bias")
+               for t in trainable_split(setup.model, setup.adapters).trainable)
+
+
 def stage0_states(setup: TrainingSetup, numel: int, device: Device = "cuda") -> ModelStates:
     """Stage 0: every rank holds every state (engine.py ``_do_optimizer_sanity_check`` picks the wrapper).
 
@@ -221,7 +280,8 @@ def stage0_states(setup: TrainingSetup, numel: int, device: Device = "cuda") -> 
       flat 16-bit buffer (2bP while flattening), a flat fp32 master (4P), states created at init by
       ``initialize_optimizer_states`` (a zero fp32 gradient 4P and one step); in ``step`` every 16-bit gradient is
       converted to fp32 and flattened (4P + 4P at once) while the 16-bit gradients (bP) still exist.
-    * bf16/fp16 with torch AdamW: runtime/fp16/unfused_optimizer.py ``FP16_UnfusedOptimizer``: the model's own
+    * bf16/fp16 with any other optimizer (torch AdamW, FusedLion, Muon, bitsandbytes, Adafactor):
+      runtime/fp16/unfused_optimizer.py ``FP16_UnfusedOptimizer``: the model's own
       params, an fp32 master per parameter (4P, ``clone().float()``), states at init (one step on zero
       gradients: bP + 4P zero grads), in ``step`` an fp32 copy of every gradient (4P).
     """
@@ -236,7 +296,7 @@ def stage0_states(setup: TrainingSetup, numel: int, device: Device = "cuda") -> 
         return ModelStates(params_bytes=b * numel, master_weights_bytes=0, optimizer_states_bytes=states,
                            states_at_init=False, step_temp_bytes=temps, init_peak_bytes=b * numel, **common)
     steady = b * numel + FP32 * numel + states
-    if setup.optimizer.impl == "fused":
+    if flat_at_stage0(setup):
         step_temp = 2 * FP32 * numel
         init_peak = max(2 * b * numel, steady + FP32 * numel)
     else:
@@ -244,6 +304,44 @@ def stage0_states(setup: TrainingSetup, numel: int, device: Device = "cuda") -> 
         init_peak = steady + (b + FP32) * numel + temps
     return ModelStates(params_bytes=b * numel, master_weights_bytes=FP32 * numel, optimizer_states_bytes=states,
                        states_at_init=True, step_temp_bytes=step_temp, init_peak_bytes=init_peak, **common)
+
+
+def offload_host_bytes(setup: TrainingSetup, part: int, n_max: int, device: Device = "cuda") -> int:
+    """Host RAM of stage 1-2 optimizer offload per rank (runtime/zero/stage_1_and_2.py).
+
+    H = pin(4p) + S * 4p + pin(4p) + pin(bp) + pin(b n_max) + G_acc
+
+    * pin(4p): ``single_partition_of_fp32_groups`` (the master partition, ``get_accelerator().pin_memory``);
+    * S * 4p: DeepSpeedCPUAdam's exp_avg and exp_avg_sq (``torch.zeros_like`` on the host: pageable);
+    * pin(4p): its ``.grad``, ``single_grad_partition`` (``initialize_optimizer_states``);
+    * pin(bp): ``param_buffer_of_bit16_for_cpu_offload_groups``; pin(b n_max): ``temp_grad_buffer_for_cpu_offload``;
+    * G_acc, with gradient accumulation only: ``accumulated_grads_in_cpu``, one pinned b * n_i buffer per
+      parameter i of this rank's partition (``async_accumulate_grad_in_cpu_via_gpu``), sum of pin(b n_i).
+
+    ``pin`` is ``pinned_bytes``: a power of two with ``pin_memory`` on a GPU; on the CPU DeepSpeed pins nothing
+    (accelerator/cpu_accelerator.py ``pin_memory`` is a no-op).
+    """
+    b = DTYPE_BYTES[setup.dtype]
+    pinned = setup.zero.pin_memory and device == "cuda"
+    held = (pinned_bytes(FP32 * part, pinned) + optimizer_state_bytes(setup, part) + pinned_bytes(FP32 * part, pinned)
+            + pinned_bytes(b * part, pinned) + pinned_bytes(b * n_max, pinned))
+    if setup.workload.grad_accum > 1:
+        numels = tuple(t.numel for t in param_tensors(setup.model))
+        mine = _partition_params(numels, setup.world_size, 0)
+        held += sum(pinned_bytes(b * n, pinned) for n in mine)
+    return held
+
+
+def _partition_params(numels: tuple[int, ...], world_size: int, rank: int) -> tuple[int, ...]:
+    """Sizes of the parameters (in flat-group order) that overlap ``rank``'s partition of the padded group."""
+    part = flat_group_numel(sum(numels), world_size) // world_size
+    lo, hi = rank * part, (rank + 1) * part
+    out, start = [], 0
+    for n in numels:
+        if start < hi and start + n > lo:
+            out.append(n)
+        start += n
+    return tuple(out)
 
 
 def stage12_states(setup: TrainingSetup, numel: int, device: Device = "cuda", *,
@@ -264,7 +362,9 @@ def stage12_states(setup: TrainingSetup, numel: int, device: Device = "cuda", *,
       reused across micro-steps.
     * step: the flat 16-bit partition is converted to an fp32 ``single_grad_partition`` (4p) and freed; then the
       optimizer's temporaries.
-    * offload: master, states, an fp32 gradient partition (4p, from init) and a 16-bit copy (bp) on the host;
+    * offload: master, states, an fp32 gradient partition (4p, from init) and a 16-bit copy (bp) on the host
+      (master, gradient partition, 16-bit copy and the b * n_max gradient staging buffer page-locked with
+      ``pin_memory``, each rounded up to a power of two: ``pinned_bytes``; the states are pageable);
       ``temp_grad_buffer_for_gpu_offload`` (b * n_max) on the GPU; no ``grads_in_partition``; at stage 1 without
       ``overlap_comm`` the model's gradients (bP) stay to the end of backward (``stage1_offload_grads_bytes``).
     """
@@ -292,7 +392,10 @@ def stage12_states(setup: TrainingSetup, numel: int, device: Device = "cuda", *,
         carry = grads if accum else 0  # the buckets stay too: estimator.timeline adds them at stage 1
     temps = optimizer_temp_bytes(setup, (part,), device)
     # step: flatten the partition (bp) and convert it (4p) while the gradients live; then free them and update.
-    step_temp = 0 if offload else max(b * part + FP32 * part, FP32 * part + temps - step_grads)
+    # At stage 2 every group's gradients are views of one ``grads_in_partition`` buffer, so with several groups
+    # it outlives the steps of all groups but the last (``shared_grads_through_step``).
+    freed = 0 if shared_grads_through_step(setup) else step_grads
+    step_temp = 0 if offload else max(b * part + FP32 * part, FP32 * part + temps - freed)
     return ModelStates(
         params_bytes=b * padded,
         master_weights_bytes=0 if offload else master,
@@ -313,6 +416,7 @@ def stage12_states(setup: TrainingSetup, numel: int, device: Device = "cuda", *,
         # partition on the GPU, bp, before moving it to the host)
         init_peak_bytes=max(b * numel * flatten_on_gpu + b * padded,
                             b * padded + (b * part if offload else master + FP32 * part)),
-        host_bytes=master + states + FP32 * part + b * part + b * n_max if offload else 0,
+        host_bytes=offload_host_bytes(setup, part, n_max, device) if offload else 0,
+        host_pageable_bytes=states if offload else 0,
         nvme_bytes=0,
     )

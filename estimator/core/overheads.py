@@ -47,6 +47,14 @@ class Overheads:
     of the peak allocation through fragmentation; fitted."""
     reserved_fixed_bytes: int = 0
     """Constant reserved beyond the peak allocation (small-pool segments, rounding); fitted."""
+    host_process_bytes: int = 1946 * MiB
+    """Host RSS of a rank that holds no host states: the interpreter, torch and the CUDA libraries' host side,
+    DeepSpeed, transformers and the model's Python objects (validate/measure.py ``rss_bytes`` from ``init`` on).
+    Measured on the rows without offload in data/runs (torch 2.11, DeepSpeed 0.19.8): 1.66-2.08 GiB on ranks of a
+    fake process group (median 1.82 GiB); 1.9 GiB covers all but one."""
+    host_comm_bytes: int = 320 * MiB
+    """Host RSS a real NCCL process group adds to a rank (its host-side buffers and threads): real ranks without
+    offload measured 1.92-2.20 GiB (median 2.11 GiB), so B + C = 2.21 GiB covers them all; 0 on a fake group."""
     activation_scale: float = 1.0
     """Multiplier on modelled activations (1.0: the traced/closed-form bytes as they are); fitted per attention."""
     source: str = "defaults (fitted on H100 80GB, torch 2.11, DeepSpeed 0.19)"

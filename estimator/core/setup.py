@@ -11,10 +11,13 @@ from dataclasses import dataclass, field, replace
 from zeroest.estimator.core.adapters import Adapters, trainable_split
 from zeroest.estimator.core.shape import ModelShape
 from zeroest.estimator.core.vocab import (
-    ADAM_FAMILY,
+    CPU_OPTIMIZERS,
     DTYPE_BYTES,
+    EIGHT_BIT,
+    FUSED_KERNELS,
     KNOB_BY_NAME,
     LOOP_RULE,
+    PARAM_GROUPS_RULE,
     ZERO_INIT_RULE,
     ActivationMode,
     Attention,
@@ -80,17 +83,28 @@ class Parallelism:
 class Optimizer:
     """Which optimizer, and which implementation DeepSpeed runs."""
 
-    name: OptimizerName = axis(OptimizerName.ADAMW, "--optimizer", "Optimizer.", key="optimizer")
-    """adamw/adam: two fp32 states per parameter; sgd-momentum: one; sgd: none; adafactor: factored rows+cols."""
+    name: OptimizerName = axis(OptimizerName.ADAMW, "--optimizer", "Optimizer: adamw/adam (2 fp32 states), "
+                               "sgd-momentum and lion (1), sgd (0), adafactor (factored on matrices, full on ZeRO's "
+                               "1-D partitions), adamw-8bit and paged-adamw-8bit (bitsandbytes, uint8 states), muon "
+                               "(DeepSpeed's Muon with auxiliary Adam).", key="optimizer")
+    """The optimizer (``vocab.OptimizerName``); its states per stage are ``core.optimizers``'."""
     impl: OptimizerImpl | None = axis(
-        None, "--optimizer-impl", "fused: DeepSpeed FusedAdam; torch: torch_adam (foreach AdamW) or torch.optim; "
-        "cpu: DeepSpeedCPUAdam. Default: cpu with optimizer offload, fused for Adam/AdamW, torch otherwise.",
+        None, "--optimizer-impl", "fused: DeepSpeed's FusedAdam/FusedLion (Muon's auxiliary Adam); torch: torch_adam "
+        "(foreach AdamW) or torch.optim; cpu: DeepSpeedCPUAdam/CPULion; bnb: bitsandbytes. Default: cpu with "
+        "optimizer offload, bnb for the 8-bit ones, fused for Adam/AdamW/Lion/Muon, torch otherwise.",
         key="optimizer_impl")
-    """fused: DeepSpeed FusedAdam (multi-tensor kernel, no temporaries); torch: ``torch_adam: true`` (torch's
-    foreach AdamW, which allocates temporaries the size of a parameter group); cpu: DeepSpeedCPUAdam (offload).
+    """fused: DeepSpeed's fused kernels (FusedAdam, FusedLion; no temporaries); torch: ``torch_adam: true`` (torch's
+    foreach AdamW, which allocates temporaries the size of a parameter group) or a ``torch.optim`` optimizer; cpu:
+    DeepSpeedCPUAdam/DeepSpeedCPULion (offload); bnb: a bitsandbytes client optimizer.
     None: ``vocab.default_optimizer_impl``, resolved by ``TrainingSetup``."""
+    param_groups: int = axis(2, "--param-groups", "Parameter groups of the optimizer (2: weight decay and none); "
+                             + PARAM_GROUPS_RULE + ".")
+    """Parameter groups DeepSpeed's ZeRO optimizer flattens one by one: at stage 2 every group's 16-bit gradients
+    share one buffer, alive through the step of every group but the last (``model_states.stage12_states``).
+    ``vocab.param_groups_default`` is the rule."""
 
     def __post_init__(self) -> None:
+        _positive("the number of parameter groups", self.param_groups, "--param-groups to 1 or more")
         _set(self, "name", choice(OptimizerName, self.name, "--optimizer"))
         if self.impl is not None:
             _set(self, "impl", choice(OptimizerImpl, self.impl, "--optimizer-impl"))
@@ -100,9 +114,10 @@ class Optimizer:
         """fp32 optimizer-state values kept per parameter (K / 4 in the paper's terms, ignoring master weights).
 
         Adam/AdamW: exp_avg and exp_avg_sq (torch/optim/adamw.py, deepspeed/ops/adam/fused_adam.py ``step``);
-        SGD with momentum: momentum_buffer; plain SGD: none. Adafactor is factored and handled separately.
+        SGD with momentum and Lion: one; plain SGD: none; Muon: at most Adam's two. Adafactor and the 8-bit
+        optimizers keep less than one fp32 value per parameter (0 here): ``core.optimizers`` sizes every state.
         """
-        return {"adamw": 2, "adam": 2, "sgd-momentum": 1, "sgd": 0, "adafactor": 0}[self.name]
+        return {"adamw": 2, "adam": 2, "sgd-momentum": 1, "lion": 1, "muon": 2}.get(self.name, 0)
 
 
 def _knob(name: str, help: str):
@@ -208,6 +223,20 @@ class Workload:
         _set(self, "loop", choice(Loop, self.loop, "--loop"))
 
 
+def _check_impl(opt: Optimizer) -> None:
+    """ValueError unless ``opt.impl`` is an implementation DeepSpeed or the user can run for ``opt.name``."""
+    if opt.impl == OptimizerImpl.FUSED and opt.name not in FUSED_KERNELS:
+        raise ValueError(f"--optimizer-impl fused is DeepSpeed's FusedAdam/FusedLion; {opt.name} needs "
+                         f"--optimizer-impl {default_optimizer_impl(opt.name, OffloadDevice.NONE)} (or leave it out)")
+    if (opt.name in EIGHT_BIT) != (opt.impl == OptimizerImpl.BNB):
+        raise ValueError(f"--optimizer-impl bnb is bitsandbytes' 8-bit AdamW and nothing else: {opt.name} needs "
+                         f"--optimizer-impl {default_optimizer_impl(opt.name, OffloadDevice.NONE)} (or leave it out)")
+    if opt.impl == OptimizerImpl.TORCH and opt.name == OptimizerName.LION:
+        raise ValueError("torch.optim has no Lion: use --optimizer-impl fused (DeepSpeed's FusedLion) or leave it out")
+    if opt.impl == OptimizerImpl.CPU and opt.name not in CPU_OPTIMIZERS:
+        raise ValueError(f"--optimizer-impl cpu is DeepSpeedCPUAdam/DeepSpeedCPULion, not {opt.name}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainingSetup:
     """Everything the estimate depends on. Build it once, validate once, never mutate (use ``with_``)."""
@@ -254,9 +283,8 @@ class TrainingSetup:
         if offloaded and opt.impl != OptimizerImpl.CPU:
             raise ValueError("an offloaded optimizer runs DeepSpeedCPUAdam on the host: set --optimizer-impl cpu "
                              "or leave it out")
-        if opt.impl == OptimizerImpl.FUSED and opt.name not in ADAM_FAMILY:
-            raise ValueError(f"--optimizer-impl fused is FusedAdam; {opt.name} needs --optimizer-impl torch "
-                             "(or leave it out)")
+        _check_impl(opt)
+
 
     @property
     def world_size(self) -> int:

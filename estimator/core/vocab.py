@@ -37,25 +37,61 @@ DTYPE_BYTES: dict[str, int] = {Dtype.BF16: 2, Dtype.FP16: 2, Dtype.FP32: 4}
 
 
 class OptimizerName(StrEnum):
-    """adamw/adam: two fp32 states per parameter; sgd-momentum: one; sgd: none; adafactor: factored rows+cols."""
+    """The optimizer; ``core.optimizers`` holds the state each keeps and the tensors it sees at each stage."""
 
     ADAMW = "adamw"
+    """exp_avg and exp_avg_sq, fp32."""
     ADAM = "adam"
+    """As adamw (L2 instead of decoupled weight decay)."""
     SGD = "sgd"
+    """No state."""
     SGD_MOMENTUM = "sgd-momentum"
+    """momentum_buffer, fp32."""
     ADAFACTOR = "adafactor"
+    """``torch.optim.Adafactor`` (ds_config type "Adafactor") or transformers' Adafactor (beta1 None): row and
+    column second moments of a >= 2-D tensor, the full second moment of a 1-D one (every ZeRO partition)."""
+    ADAMW_8BIT = "adamw-8bit"
+    """bitsandbytes ``AdamW8bit``, a client optimizer: two uint8 states plus an fp32 absmax per 256-element block;
+    tensors under ``min_8bit_size`` keep fp32 states."""
+    PAGED_ADAMW_8BIT = "paged-adamw-8bit"
+    """bitsandbytes ``PagedAdamW8bit``: as adamw-8bit, states of tensors >= 1e5 elements in CUDA managed memory."""
+    LION = "lion"
+    """DeepSpeed's FusedLion (DeepSpeedCPULion offloaded): exp_avg, fp32."""
+    MUON = "muon"
+    """DeepSpeed's MuonWithAuxAdam (ds_config type "Muon"): a momentum buffer for the hidden matrices, Adam for
+    embeddings, lm_head and vectors."""
 
 
 ADAM_FAMILY: frozenset[str] = frozenset({OptimizerName.ADAM, OptimizerName.ADAMW})
 """The optimizers FusedAdam and DeepSpeedCPUAdam implement (deepspeed/ops/adam)."""
+EIGHT_BIT: frozenset[str] = frozenset({OptimizerName.ADAMW_8BIT, OptimizerName.PAGED_ADAMW_8BIT})
+"""bitsandbytes' 8-bit optimizers: client optimizers passed to ``deepspeed.initialize(optimizer=...)``."""
+FUSED_KERNELS: frozenset[str] = ADAM_FAMILY | {OptimizerName.LION, OptimizerName.MUON}
+"""Built by DeepSpeed from ds_config with a fused CUDA kernel (engine.py ``_configure_basic_optimizer``: FusedAdam,
+FusedLion, and MuonWithAuxAdam whose auxiliary Adam is FusedAdam)."""
+CPU_OPTIMIZERS: frozenset[str] = ADAM_FAMILY | {OptimizerName.LION}
+"""What DeepSpeed runs on an offloaded optimizer: DeepSpeedCPUAdam and DeepSpeedCPULion
+(``get_optimizer_configuration``, ``_configure_basic_optimizer``)."""
 
 
 class OptimizerImpl(StrEnum):
-    """fused: DeepSpeed FusedAdam; torch: ``torch_adam: true`` or a torch optimizer; cpu: DeepSpeedCPUAdam."""
+    """fused: DeepSpeed's fused kernel; torch: ``torch_adam: true`` or a torch optimizer; cpu: DeepSpeed's CPU
+    optimizer (offload); bnb: a bitsandbytes client optimizer."""
 
     FUSED = "fused"
     TORCH = "torch"
     CPU = "cpu"
+    BNB = "bnb"
+
+
+class BaseQuant(StrEnum):
+    """Storage of the frozen base weights under LoRA: as trained (none), or bitsandbytes 4-bit NF4 (QLoRA,
+    ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")``), with double quantisation of the
+    block constants (``bnb_4bit_use_double_quant=True``) or without."""
+
+    NONE = "none"
+    NF4 = "nf4"
+    NF4_DQ = "nf4-dq"
 
 
 class OffloadDevice(StrEnum):
@@ -138,12 +174,15 @@ def choice(kind: type[StrEnum], value, flag: str) -> StrEnum:
 def default_optimizer_impl(name: str, offload_optimizer: str) -> OptimizerImpl:
     """The implementation DeepSpeed runs for ``name`` (``deepspeed/runtime/engine.py`` ``_configure_basic_optimizer``).
 
-    With the optimizer offloaded DeepSpeed builds DeepSpeedCPUAdam itself (``zero_use_cpu_optimizer``); Adam and
-    AdamW otherwise run FusedAdam; any other optimizer is ``torch.optim``'s.
+    With the optimizer offloaded DeepSpeed builds DeepSpeedCPUAdam or DeepSpeedCPULion itself
+    (``zero_use_cpu_optimizer``); Adam, AdamW, Lion and Muon otherwise run a fused kernel (``FUSED_KERNELS``);
+    bitsandbytes' 8-bit AdamW is the user's client optimizer; any other optimizer is ``torch.optim``'s.
     """
     if offload_optimizer != OffloadDevice.NONE:
         return OptimizerImpl.CPU
-    return OptimizerImpl.FUSED if name in ADAM_FAMILY else OptimizerImpl.TORCH
+    if name in EIGHT_BIT:
+        return OptimizerImpl.BNB
+    return OptimizerImpl.FUSED if name in FUSED_KERNELS else OptimizerImpl.TORCH
 
 
 def zero_init_default(stage: int, builder: Builder, zero3_init_flag: bool | None = None) -> bool:
@@ -188,9 +227,28 @@ LOOP_RULE = (
 )
 """The loop rule in words, for ``--help`` and the printed assumptions."""
 
-MEASURED_BEFORE_KEY: dict[str, object] = {"loop": Loop.TRAINER}
+def param_groups_default(builder: Builder | None, optimizer_section: bool) -> int:
+    """How many parameter groups the optimizer DeepSpeed wraps has, when ``--param-groups`` is not given.
+
+    transformers' Trainer builds its own optimizer (no ds_config optimizer section) with two groups, weight decay
+    and none (trainer.py ``create_optimizer``, ``get_decay_parameter_names``), and accelerate's examples group the
+    same way; with an optimizer section the Trainer passes one list of the trainable parameters
+    (integrations/deepspeed.py ``deepspeed_optim_sched``). Elsewhere the grouping is the script's: two, the larger
+    case at stage 2 (``model_states.stage12_states``).
+    """
+    return 1 if builder == Builder.HF_TRAINER and optimizer_section else 2
+
+
+PARAM_GROUPS_RULE = (
+    "default: 2 (weight decay and none, as the HF Trainer's own optimizer and accelerate's examples group them); 1 "
+    "for an HF Trainer ds_config with an optimizer section"
+)
+"""The parameter-group rule in words, for ``--help`` and the printed assumptions."""
+
+MEASURED_BEFORE_KEY: dict[str, object] = {"loop": Loop.TRAINER, "param_groups": 1}
 """What a runs.jsonl row written before a setup key existed was measured with: the validator's worker ran only
-the Trainer's loop (``loss = engine(...).loss``) before ``loop`` was a key. Not the user's default."""
+the Trainer's loop (``loss = engine(...).loss``) before ``loop`` was a key, and passed one list of parameters
+before ``param_groups`` was one. Not the user's default."""
 
 
 def check_offload(stage: int, offload_optimizer: str, offload_params: str, optimizer: str | None = None) -> None:
@@ -211,9 +269,17 @@ def check_offload(stage: int, offload_optimizer: str, offload_params: str, optim
     if offload_optimizer == OffloadDevice.NONE and offload_params != OffloadDevice.NONE:
         raise ValueError("DeepSpeed offloads parameters only with the optimizer offloaded too: "
                          "set --offload-optimizer")
-    if optimizer is not None and offload_optimizer != OffloadDevice.NONE and optimizer not in ADAM_FAMILY:
-        raise ValueError(f"optimizer offload runs DeepSpeedCPUAdam, which is Adam or AdamW, not {optimizer}: "
-                         "use --optimizer adamw or drop --offload-optimizer")
+    if optimizer is None or offload_optimizer == OffloadDevice.NONE or optimizer in CPU_OPTIMIZERS:
+        return
+    if optimizer in EIGHT_BIT:
+        raise ValueError(f"DeepSpeed refuses a client optimizer ({optimizer}, bitsandbytes) with optimizer offload "
+                         "(engine.py _configure_optimizer raises ZeRORuntimeException): use --optimizer adamw or "
+                         "drop --offload-optimizer")
+    if optimizer == OptimizerName.MUON:
+        raise ValueError("Muon with optimizer offload is not modelled by zeroest: drop --offload-optimizer or use "
+                         "--optimizer adamw")
+    raise ValueError(f"optimizer offload runs DeepSpeedCPUAdam or DeepSpeedCPULion (Adam, AdamW or Lion), not "
+                     f"{optimizer}: use --optimizer adamw or lion, or drop --offload-optimizer")
 
 
 def offload_allowed(stage: int, offload_optimizer: str, offload_params: str, optimizer: str) -> bool:

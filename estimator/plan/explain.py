@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from zeroest.estimator.core.estimate import Estimate, estimate
 from zeroest.estimator.core.setup import TrainingSetup, ZeroStage
-from zeroest.estimator.core.vocab import Loop
+from zeroest.estimator.core.vocab import CPU_OPTIMIZERS, Loop
 from zeroest.estimator.units import format_gib
 
 LABELS = {
@@ -77,7 +77,7 @@ def knob_changes(setup: TrainingSetup) -> list[tuple[str, TrainingSetup]]:
     if world > 1:
         for stage in range(int(setup.stage) + 1, 4):
             changes.append((f"ZeRO-{stage}", setup.with_stage(stage)))
-    adam = setup.optimizer.name in ("adam", "adamw")
+    adam = setup.optimizer.name in CPU_OPTIMIZERS  # DeepSpeedCPUAdam or DeepSpeedCPULion runs it offloaded
     if adam and setup.stage >= ZeroStage.OPTIMIZER_STATES and zero.offload_optimizer == "none":
         changes.append(("optimizer offload to cpu", _offload(setup, params=False)))
     if adam and setup.stage == ZeroStage.PARAMETERS and zero.offload_params == "none":

@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 
 def _command_line(runs: list[Path], fit: bool, calibration: Path | None, plots: Path | None,
-                  markdown: Path | None) -> str:
+                  markdown: Path | None, held: Path | None = None) -> str:
     parts = ["zeroest report", *map(str, runs)]
+    parts += [f"--calibration {held}"] if held else []
     parts += ["--fit"] if fit else []
     parts += [f"--write-calibration {calibration}"] if calibration else []
     parts += [f"--plots {plots}"] if plots else []
@@ -43,6 +44,23 @@ def _print_text(a, written: list[Path]) -> None:
         out.print(f"  {TITLES[q]:<20} n={s.n:<4} median |err| {pct(s.median_abs_error):>7}  max |err| "
                   f"{pct(s.max_abs_error):>7}  under-predicted {pct(s.under_prediction_rate):>7}",
                   soft_wrap=True)
+    from zeroest.report.bounds import LARGE_RUN_BYTES, large_runs
+
+    big = large_runs(a.compared)
+    for q in ("peak_reserved", "device"):
+        s = a.stats(basis, q, big)
+        out.print(f"  {TITLES[q]:<20} n={s.n:<4} median |err| {pct(s.median_abs_error):>7}  max |err| "
+                  f"{pct(s.max_abs_error):>7}  under-predicted {pct(s.under_prediction_rate):>7}  "
+                  f"(runs of {LARGE_RUN_BYTES / 2**30:g} GiB reserved and more)", soft_wrap=True)
+    from zeroest.report.host import host_rows, host_stats
+
+    hosts = host_rows(a.records)
+    for name, keep in (("host RSS", None), ("  with offload", True)):
+        s = host_stats(hosts, keep)
+        if s.n:
+            out.print(f"  {name:<20} n={s.n:<4} median |err| {pct(s.median_abs_error):>7}  max |err| "
+                      f"{pct(s.max_abs_error):>7}  under-predicted {pct(s.under_prediction_rate):>7}  "
+                      "(current estimator, per rank, from init on)", soft_wrap=True)
     for s in a.skipped[:10]:
         out.print(f"  skipped {s.where}: {s.reason}", markup=False, soft_wrap=True)
     if len(a.skipped) > 10:
@@ -53,6 +71,21 @@ def _print_text(a, written: list[Path]) -> None:
         where = f" -> {g.path}" if g.path else ""
         fitted = ", ".join(g.result.fitted) or "nothing"
         out.print(f"  fitted {fitted} on {g.group}{where}{note}", markup=False, soft_wrap=True)
+        if g.bound is not None:
+            b, by = g.bound.overheads, (g.bound.reserved_key or "the fit", g.bound.device_key or "the fit")
+            out.print(f"  conservative bound on {g.group} (no row under-predicted): reserved_fraction_of_peak "
+                      f"{b.reserved_fraction_of_peak:.3f} (set by {by[0]}), cuda_context_bytes "
+                      f"{b.cuda_context_bytes / 2**20:.0f} MiB (set by {by[1]})", markup=False, soft_wrap=True)
+    if len(a.fits) > 1:
+        from zeroest.estimator.core.overheads import Overheads
+        from zeroest.report.bounds import conservative_overheads
+
+        bound = conservative_overheads([r.sample for r in a.records if not r.cpu], Overheads())
+        b = bound.overheads
+        out.print(f"  conservative bound over every GPU group (defaults otherwise): reserved_fraction_of_peak "
+                  f"{b.reserved_fraction_of_peak:.3f} (set by {bound.reserved_key or 'the defaults'}), "
+                  f"cuda_context_bytes {b.cuda_context_bytes / 2**20:.0f} MiB (set by "
+                  f"{bound.device_key or 'the defaults'})", markup=False, soft_wrap=True)
     for path in written:
         out.print(f"  wrote {path}", markup=False, soft_wrap=True)
 
@@ -76,6 +109,9 @@ def report(
         "--markdown", help="Write the report as Markdown to this file.")] = None,
     folds: Annotated[int, typer.Option(
         "--folds", help="Cross-validation folds (at most one per model).")] = 5,
+    calibration: Annotated[Path | None, typer.Option(
+        "--calibration", help="Predict every row with this calibration JSON instead of its group's file (hold "
+        "a calibration against runs it was not fitted on).", show_default=False)] = None,
 ) -> None:
     """Compare predictions with measured runs: errors, OOMs, measured claims; --fit calibrates the
     overheads."""
@@ -89,7 +125,12 @@ def report(
         fail(f"--write-calibration {write_calibration} needs --fit: there is nothing fitted to write")
     paths = runs or [default_runs_dir()]
     try:
-        a = analyze(paths, fit=fit, k=folds, version=zeroest.__version__)
+        held = None
+        if calibration is not None:
+            from zeroest.estimator.catalog.calibration import load_calibration
+
+            held = load_calibration(calibration)
+        a = analyze(paths, fit=fit, k=folds, version=zeroest.__version__, calibration=held)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     except ImportError as exc:  # the estimator itself is broken: say so in one line, not a traceback
@@ -111,7 +152,7 @@ def report(
             from zeroest.report.calibration import write_text
             from zeroest.report.markdown import render
 
-            command = _command_line(paths, fit, write_calibration, plots, markdown)
+            command = _command_line(paths, fit, write_calibration, plots, markdown, calibration)
             write_text(markdown, render(a, command=command, markdown_path=markdown, plots=plot_files))
             written.append(markdown)
     except ValueError as exc:
@@ -126,6 +167,6 @@ def report(
     _print_text(a, written)
     from zeroest.report.verdicts import verdict_table, verdicts
 
-    cards = verdicts(r.row for r in a.records if r.row.data["setup"].get("gpu_memory_bytes"))
+    cards = verdicts(r for r in a.records if r.row.data["setup"].get("gpu_memory_bytes"))
     for line in verdict_table(cards) if cards else []:
         out.print(line, markup=False, soft_wrap=True)

@@ -83,8 +83,9 @@ def _table(lines) -> Table:
 
 def validate(
     grid: Annotated[
-        str, typer.Option("--grid", help="quick, default, or a YAML/JSON file of setups.")
-    ] = "default",
+        list[str] | None, typer.Option("--grid", help="quick, default, any grid in data/grids, or a YAML/JSON file "
+                                       "of setups; repeat it to run several grids as one. Default: default.")
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option(
@@ -208,7 +209,8 @@ def validate(
             pretrained=pretrained,
             work_dir=work_dir,
         )
-        loaded = grid_mod.load_grid(grid)
+        grid = grid or ["default"]
+        loaded = grid_mod.load_grids(grid)
         entries = grid_mod.apply_overrides(loaded, [*(set_ or []), *_emulated(emulate_gpu, cpu)],
                                            _sizes(simulate_world_size))
         devices: list[dict] = []
@@ -279,6 +281,6 @@ def validate(
     lines = summary_rows(sorted(rows, key=lambda row: order[row["run_key"]]))  # grid order
     console.print(_table(lines))
     (out / "summary.md").write_text(
-        markdown(lines, title=f"zeroest validate --grid {grid}"), encoding="utf-8"
+        markdown(lines, title="zeroest validate " + " ".join(f"--grid {g}" for g in grid)), encoding="utf-8"
     )
     console.print(f"wrote {out}/runs.jsonl and {out}/summary.md")

@@ -11,7 +11,8 @@ Where each value comes from (DeepSpeed 0.19, deepspeed/runtime/engine.py ``DeepS
 * accumulation: ``gradient_accumulation_steps()``; the micro-batch and sequence length are the first forward's
   ``input_ids`` shape (``train_micro_batch_size_per_gpu()`` is checked against it);
 * the optimizer: the class of ``basic_optimizer`` (``_configure_basic_optimizer`` builds FusedAdam,
-  DeepSpeedCPUAdam or ``torch.optim``'s; a client optimizer is kept as given);
+  DeepSpeedCPUAdam, FusedLion, DeepSpeedCPULion, MuonWithAuxAdam or ``torch.optim``'s; a client optimizer, such as
+  bitsandbytes' AdamW8bit, is kept as given);
 * the model: ``engine.module.config`` (HF config, to ``core.architecture.shape_from_config``), gradient
   checkpointing from ``is_gradient_checkpointing`` (transformers modeling_utils.py), attention from
   ``config._attn_implementation``;
@@ -52,10 +53,16 @@ def optimizer_of(engine) -> tuple[str, str]:
         return kind.lower(), "torch"
     if kind == "SGD":
         return ("sgd-momentum" if group.get("momentum") else "sgd"), "torch"
-    if kind == "Adafactor":
+    if kind == "Adafactor":  # torch.optim's or transformers.optimization's: the same states by default
         return "adafactor", "torch"
-    raise ValueError(f"optimizer {kind} is not modelled (Adam, AdamW, SGD, Adafactor are): "
-                     "pass a ds_config optimizer section or a torch AdamW")
+    named = {"FusedLion": ("lion", "fused"), "DeepSpeedCPULion": ("lion", "cpu"), "AdamW8bit": ("adamw-8bit", "bnb"),
+             "PagedAdamW8bit": ("paged-adamw-8bit", "bnb"),
+             "MuonWithAuxAdam": ("muon", "torch" if type(getattr(opt, "aux_optimizer", None)).__name__ in
+                                 ("AdamW", "Adam") else "fused")}
+    if kind in named:
+        return named[kind]
+    raise ValueError(f"optimizer {kind} is not modelled (Adam, AdamW, SGD, Adafactor, Lion, Muon, bitsandbytes "
+                     "AdamW8bit are): pass a ds_config optimizer section or a torch AdamW")
 
 
 def _offload(section) -> tuple[str, bool | None]:
@@ -114,7 +121,8 @@ def flat_setup(engine, *, micro_batch: int, seq_len: int, zero_init: bool | None
     stage = int(engine.zero_optimization_stage())
     size, local = world()
     name, impl = optimizer_of(engine)
-    group = (getattr(getattr(engine, "basic_optimizer", None), "param_groups", None) or [{}])[0]
+    groups = getattr(getattr(engine, "basic_optimizer", None), "param_groups", None) or [{}]
+    group = groups[0]
     if impl == "torch" and group.get("fused"):
         notes.append(f"torch {name} with fused=True: estimated as torch's foreach/single-tensor path, whose step "
                      "temporaries the fused kernel does not allocate (the step estimate is high)")
@@ -135,7 +143,7 @@ def flat_setup(engine, *, micro_batch: int, seq_len: int, zero_init: bool | None
     data = {
         "world_size": size, "gpus_per_node": local, "nodes": size // local,
         "dtype": "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32",
-        "optimizer": name, "optimizer_impl": impl, "stage": stage,
+        "optimizer": name, "optimizer_impl": impl, "stage": stage, "param_groups": len(groups),
         "overlap_comm": bool(engine.zero_overlap_comm()),
         "contiguous_gradients": bool(engine.zero_contiguous_gradients()),
         "reduce_bucket_size": int(engine.zero_reduce_bucket_size()),

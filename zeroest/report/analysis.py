@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zeroest.estimator.core.overheads import Overheads
+from zeroest.report.bounds import Bound, conservative_overheads
 from zeroest.report.errors import ErrorStats, error_stats, grouped_stats
 from zeroest.report.fit import QUANTITIES, CrossValidation, FitResult, cross_validate, fit_overheads
 from zeroest.report.join import PHASES, Environment, Prediction, Record, join_rows, overheads_for, predict
@@ -43,6 +44,8 @@ class GroupFit:
     cv_note: str | None
     path: Path | None = None
     """The calibration file written (None for CPU groups, which predict never uses)."""
+    bound: Bound | None = None
+    """Overheads that never under-predict this group's rows (``report.bounds``), from its in-sample fit."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,15 +102,16 @@ def _fit_group(group: str, records: list[Record], k: int) -> GroupFit:
     samples = [r.sample for r in records]
     models = tuple(sorted({s.group for s in samples}))
     result = fit_overheads(samples, Overheads())
+    bound = conservative_overheads(samples, result.overheads) if records[0].env.gpu_name else None
     if len(models) < 2:
         note = (f"only one model ({models[0]}) was measured on {group}: cross-validation by model is "
                 "impossible, "
                 "so only in-sample errors are reported; measure a second model to see held-out errors")
         return GroupFit(group=group, env=records[0].env, models=models, rows=len(records), result=result,
-                        cv=None, cv_note=note)
+                        cv=None, cv_note=note, bound=bound)
     cv = cross_validate(samples, Overheads(), k)
     return GroupFit(group=group, env=records[0].env, models=models, rows=len(records), result=result, cv=cv,
-                    cv_note=None)
+                    cv_note=None, bound=bound)
 
 
 def _predict_all(records: Sequence[Record],
@@ -121,12 +125,13 @@ def _predict_all(records: Sequence[Record],
 
 
 def analyze(paths: Sequence[str | Path], *, fit: bool = False, k: int = 5,
-            version: str | None = None) -> Analysis:
-    """Load, join and (with ``fit``) fit; ValueError when nothing usable is left, with the first reasons."""
+            version: str | None = None, calibration: Overheads | None = None) -> Analysis:
+    """Load, join and (with ``fit``) fit; ValueError when nothing usable is left, with the first reasons.
+    ``calibration``: the current estimator's overheads for every row instead of each group's file."""
     loaded = load_runs(paths, version=version)
     if not loaded.files:
         raise ValueError(f"no .jsonl files under {', '.join(map(str, paths))}: run zeroest validate first")
-    records, unjoined = join_rows(list(loaded.rows))
+    records, unjoined = join_rows(list(loaded.rows), calibration)
     skipped = (*loaded.skipped, *unjoined)
     if not records:
         first = "; ".join(f"{s.where}: {s.reason}" for s in skipped[:2]) or "the files hold no rows"

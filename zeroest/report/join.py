@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -96,6 +96,8 @@ class Prediction:
     components: dict[str, int]
     peak_phase: str
     overheads_source: str
+    host: dict[str, int] = field(default_factory=dict)
+    """Host RAM of one rank by term (``Estimate.host.components()``); empty for predictions stored before it."""
 
 
 def prediction_from_dict(est: dict) -> Prediction:
@@ -106,6 +108,7 @@ def prediction_from_dict(est: dict) -> Prediction:
         phases={name: int(p["peak_bytes"]) for name, p in (est.get("phases") or {}).items()},
         components=dict(est.get("components") or {}), peak_phase=str(est.get("peak_phase")),
         overheads_source=str(est.get("overheads_source")),
+        host={k: int(v) for k, v in (est.get("host_components") or {}).items()},
     )
 
 
@@ -201,8 +204,10 @@ def predict(setup: TrainingSetup, overheads: Overheads, *, simulated: bool = Fal
         estimate(setup, overheads, device="cpu" if cpu else "cuda", simulated=simulated).to_dict())
 
 
-def join_row(row: RunRow) -> Record:
-    """The record of one row; ValueError (or FileNotFoundError) when its setup cannot be rebuilt."""
+def join_row(row: RunRow, calibration: Overheads | None = None) -> Record:
+    """The record of one row; ValueError (or FileNotFoundError) when its setup cannot be rebuilt.
+    ``calibration``: overheads for ``current`` in place of the group's file (a calibration held against rows
+    it was not fitted on)."""
     from zeroest.estimator.catalog.models import load_model
     from zeroest.estimator.configs.flat import setup_from_row
     from zeroest.estimator.core.estimate import estimate
@@ -231,17 +236,17 @@ def join_row(row: RunRow) -> Record:
         measured_phases=measured_phase_peaks(m.get("phases") or {}),
         measured_peak_phase=_measured_peak_phase(m.get("phases") or {}),
         notes=(why,) if why else (), sample=sample,
-        current=predict(setup, overheads_for(env, simulated), simulated=simulated, cpu=cpu_row),
+        current=predict(setup, overheads_for(env, simulated, calibration), simulated=simulated, cpu=cpu_row),
     )
 
 
-def join_rows(rows: list[RunRow]) -> tuple[list[Record], list[Skipped]]:
+def join_rows(rows: list[RunRow], calibration: Overheads | None = None) -> tuple[list[Record], list[Skipped]]:
     """Records of every row the estimator can rebuild; the others as ``Skipped`` with the reason."""
     records: list[Record] = []
     skipped: list[Skipped] = []
     for row in rows:
         try:
-            records.append(join_row(row))
+            records.append(join_row(row, calibration))
         except ImportError:
             raise
         except Exception as exc:  # noqa: BLE001 - one row the estimator chokes on must not end the report

@@ -195,6 +195,23 @@ def _fits(a: Analysis) -> list[str]:
     return out
 
 
+def _verdicts(a: Analysis) -> list[str]:
+    from zeroest.report.verdicts import VERDICT_HEADERS, verdict_rows, verdict_table, verdicts
+
+    cards = verdicts(r for r in a.records if r.row.data["setup"].get("gpu_memory_bytes"))
+    if not cards:
+        return []
+    return ["## Fit verdicts on emulated cards", "", *verdict_table(cards), "",
+            *_table(VERDICT_HEADERS, verdict_rows(cards)), ""]
+
+
+def _host(a: Analysis) -> list[str]:
+    from zeroest.report.host import host_rows, host_section
+
+    lines = host_section(host_rows(a.records), pct)
+    return [*lines, ""] if lines else []
+
+
 def _claims(a: Analysis) -> list[str]:
     points = claim_points(a)
     if not points:
@@ -252,6 +269,6 @@ def render(a: Analysis, *, command: str, markdown_path: Path, plots: list[Path] 
             f"Groups: {', '.join(groups)}.",
             ""]
     parts = [head, _headline(a), [""], _by_basis(a), [""], _phases(a), [""], _fits(a), _breakdowns(a),
-             _worst(a), [""], _drift_and_oom(a), [""], _claims(a), [""], _comparison(a),
+             _worst(a), [""], _drift_and_oom(a), [""], _verdicts(a), _host(a), _claims(a), [""], _comparison(a),
              _plots(plots or [], markdown_path), _skipped(a)]
     return "\n".join(line for part in parts for line in part).rstrip() + "\n"

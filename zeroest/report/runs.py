@@ -329,3 +329,30 @@ def make_rows(
             row["traceback"] = result["traceback"]
         rows.append(row)
     return rows
+
+
+def run_label(setup: dict, simulated: bool) -> str:
+    """``gpt2 z3 N=4(sim) mb2x1024 bf16 adamw/fused ckpt zinit off:opt lora:r8``: a run at a glance, from the flat
+    setup of a row (the one label of validate's summary and the report's tables)."""
+    parts = [
+        str(setup["model"]).rsplit("/", 1)[-1].removesuffix(".json"),
+        f"z{setup['stage']}",
+        f"N={setup['world_size']}" + ("(sim)" if simulated else ""),
+        f"mb{setup['micro_batch']}x{setup['seq_len']}",
+    ]
+    if int(setup.get("grad_accum", 1)) > 1:
+        parts.append(f"ga{setup['grad_accum']}")
+    parts.append(f"{setup['dtype']} {setup['optimizer']}/{setup['optimizer_impl']}")
+    if setup.get("grad_ckpt"):
+        parts.append("ckpt")
+    if int(setup["stage"]) == 3 and setup.get("zero_init"):
+        parts.append("zinit")
+    offload = [name for name, key in (("opt", "offload_optimizer"), ("par", "offload_params"))
+               if setup.get(key, "none") != "none"]
+    if offload:
+        parts.append("off:" + "+".join(offload))
+    if setup.get("lora_rank"):
+        parts.append(f"lora:r{setup['lora_rank']}")
+    if setup.get("freeze"):
+        parts.append(f"freeze:{setup['freeze']}")
+    return " ".join(parts)

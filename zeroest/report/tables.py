@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 
+from zeroest.estimator.configs.flat import setup_to_dict
 from zeroest.estimator.core.shape import ModelShape
+from zeroest.report import runs
 from zeroest.report.analysis import Analysis, drift, oom_cases, phase_stats
 from zeroest.report.fit import QUANTITIES
 from zeroest.report.join import Record, overheads_for, predict
@@ -13,20 +15,8 @@ from zeroest.report.load import reduction_points, shape_key, worst_ranks
 
 
 def run_label(r: Record) -> str:
-    """``gpt2 z3 N=4(sim) mb2x1024 bf16 ckpt off:opt``: a run at a glance."""
-    s = r.setup
-    parts = [r.model, f"z{int(s.stage)}", f"N={s.world_size}" + ("(sim)" if r.simulated else ""),
-             f"mb{s.workload.micro_batch}x{s.workload.seq_len}"]
-    if s.workload.grad_accum > 1:
-        parts.append(f"ga{s.workload.grad_accum}")
-    parts.append(s.dtype)
-    if s.workload.grad_ckpt:
-        parts.append("ckpt")
-    places = (("opt", s.zero.offload_optimizer), ("par", s.zero.offload_params))
-    offload = [n for n, v in places if v != "none"]
-    if offload:
-        parts.append("off:" + "+".join(offload))
-    return " ".join(parts)
+    """The run's label (``report.runs.run_label``) from the setup it is estimated as."""
+    return runs.run_label({**setup_to_dict(r.setup), "model": r.model}, r.simulated)
 
 
 @dataclass(frozen=True, kw_only=True)

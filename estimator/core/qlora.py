@@ -1,0 +1,65 @@
+"""QLoRA's frozen base in 4 bits: the storage bitsandbytes gives each quantised weight (unvalidated on a GPU).
+
+transformers' ``BitsAndBytesConfig(load_in_4bit=True)`` replaces every ``nn.Linear`` of the base but the output
+layer (integrations/bitsandbytes.py ``replace_with_bnb_linear``, skipping ``get_keys_to_not_convert``: lm_head)
+by ``bnb.nn.Linear4bit``, whose weight is quantised by bitsandbytes functional.py ``quantize_4bit`` (block size
+64, ``quant_storage`` uint8). Embeddings, norms and biases stay in the compute dtype. Per weight of n elements, with
+B = ceil(n / 64) blocks (read off ``quantize_4bit``'s ``QuantState`` on the CPU, bitsandbytes 0.50.2):
+
+* packed weights: (n + 1) // 2 bytes (two 4-bit codes a byte);
+* the NF4 code book: 16 fp32 (``QuantState.code``);
+* without double quantisation: one fp32 absmax per block, 4B;
+* with double quantisation (``compress_statistics``): the absmax quantised to uint8 (B bytes) by
+  ``quantize_blockwise`` with block size 256, its own fp32 absmax per 256 blocks (4 ceil(B / 256)), its 256-entry
+  fp32 code (``state2.code``) and the fp32 ``offset``.
+
+So about 0.5 + 4/64 = 0.5625 bytes per weight without, 0.5 + 1/64 + 4/16384 ~ 0.516 with double quantisation.
+"""
+
+from __future__ import annotations
+
+from zeroest.estimator.core.architecture import param_tensors
+from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup
+from zeroest.estimator.core.vocab import BaseQuant
+from zeroest.estimator.units import GiB, ceil_div
+
+FP32 = 4
+NF4_BLOCK = 64
+"""``quantize_4bit`` default ``blocksize`` (``Linear4bit`` / ``Params4bit``)."""
+NF4_CODE_BYTES = 16 * FP32
+"""The 16-value NF4 code book each ``QuantState`` holds."""
+DQ_BLOCK = 256
+"""``quantize_blockwise`` block size for the absmax of double quantisation (``Params4bit._quantize``)."""
+DQ_CODE_BYTES = 256 * FP32 + FP32
+"""Double quantisation's 256-entry dynamic code (``state2.code``) and its fp32 ``offset``, per weight."""
+
+
+def nf4_weight_bytes(numel: int, double_quant: bool) -> int:
+    """Bytes of one NF4-quantised weight of ``numel`` elements (module docstring's terms)."""
+    blocks = ceil_div(numel, NF4_BLOCK)
+    packed = (numel + 1) // 2 + NF4_CODE_BYTES
+    if not double_quant:
+        return packed + FP32 * blocks
+    return packed + blocks + FP32 * ceil_div(blocks, DQ_BLOCK) + DQ_CODE_BYTES
+
+
+def quantized_weights(setup: TrainingSetup) -> tuple[int, ...]:
+    """Elements of each weight ``Linear4bit`` replaces: every Linear of the base but lm_head."""
+    return tuple(t.numel for t in param_tensors(setup.model) if t.linear_shape and t.component != "lm_head")
+
+
+def base_bytes(setup: TrainingSetup) -> tuple[int, int]:
+    """(bytes of the quantised weights in 4 bits, the same weights in the training dtype)."""
+    numels = quantized_weights(setup)
+    dq = setup.adapters.base_quant == BaseQuant.NF4_DQ
+    return sum(nf4_weight_bytes(n, dq) for n in numels), DTYPE_BYTES[setup.dtype] * sum(numels)
+
+
+def qlora_note(setup: TrainingSetup) -> list[str]:
+    """The printed assumption for a 4-bit base: its size, and that model states are not reduced by it."""
+    if setup.adapters.base_quant == BaseQuant.NONE:
+        return []
+    quant, plain = base_bytes(setup)
+    return [f"QLoRA base {setup.adapters.base_quant}: its Linear weights take {quant / GiB:.2f} GiB in 4 bits "
+            f"against {plain / GiB:.2f} GiB in {setup.dtype} (bitsandbytes quantize_4bit layout; unvalidated); "
+            "the model states above are still those of a full fine-tune, an upper bound"]

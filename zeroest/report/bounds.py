@@ -1,0 +1,79 @@
+"""Reserved and device memory on the runs that matter for a fit verdict, and conservative overheads for GPUs
+with no calibration file.
+
+``LARGE_RUN_BYTES``: issue 12 holds reserved memory to its targets (median <= 3%, max <= 10%) on runs of 4 GiB
+and more, where a fraction of the peak is what the caching allocator adds; below that, fixed segments dominate.
+
+``conservative_overheads``: the reserved and device overheads that never under-predict any measured row given,
+with the simplest shape of ``overheads.reserved_from`` (one fraction of the peak, no transient fraction, no
+constant) and ``overheads.device_from`` (one CUDA context):
+
+    f   = max over rows of (R_m - round_up(P)) / P           (R_m measured peak reserved, P predicted peak)
+    ctx = max over rows of (D_m - round_up(P) - f * P - nccl) (D_m measured device memory, nccl the row's NCCL)
+
+They are bounds on the rows measured, not a promise for other setups; ``zeroest report --fit`` prints them per
+group so the documentation of uncalibrated GPUs can quote a command.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from zeroest.estimator.core.overheads import Overheads, device_from, reserved_from
+from zeroest.estimator.units import GiB, MiB
+from zeroest.report.fit import Sample, predict_sample
+
+LARGE_RUN_BYTES = 4 * GiB
+"""Measured peak reserved from which a run counts for the reserved targets."""
+
+
+def large_runs(records: Sequence) -> list:
+    """Records (``report.join.Record``, finished runs) whose measured peak reserved is at least
+    ``LARGE_RUN_BYTES``."""
+    return [r for r in records if (r.measured.get("peak_reserved") or 0) >= LARGE_RUN_BYTES]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Bound:
+    """Overheads that cover every given row, and the rows that set them."""
+
+    overheads: Overheads
+    reserved_rows: int
+    device_rows: int
+    reserved_key: str | None
+    """The row that sets ``reserved_fraction_of_peak`` (None when no row measured reserved memory)."""
+    device_key: str | None
+
+
+def conservative_overheads(samples: Sequence[Sample], base: Overheads) -> Bound:
+    """``base`` with ``reserved_fraction_of_peak`` and ``cuda_context_bytes`` raised to cover every sample
+    (fraction rounded up to 1e-3, context to a MiB; neither below ``base``'s), the transient fraction and the
+    reserved constant set to 0."""
+    flat = replace(base, reserved_fraction_of_peak=0.0, reserved_fraction_of_transient=0.0, reserved_fixed_bytes=0)
+    fraction, reserved_key, n_res = base.reserved_fraction_of_peak, None, 0
+    for s in samples:
+        measured = s.measured.get("peak_reserved")
+        if not measured:
+            continue
+        n_res += 1
+        peak = predict_sample(s, flat)["peak_allocated"]
+        need = (measured - reserved_from(peak, 0, flat)) / peak
+        if need > fraction:
+            fraction, reserved_key = need, s.key
+    wide = replace(flat, reserved_fraction_of_peak=math.ceil(fraction * 1000) / 1000, cuda_context_bytes=0)
+    context, device_key, n_dev = base.cuda_context_bytes, None, 0
+    for s in samples:
+        measured = s.measured.get("device")
+        if not measured:
+            continue
+        n_dev += 1
+        predicted = predict_sample(s, wide)
+        need = measured - device_from(predicted["peak_reserved"], wide, peers=s.peers, real_comm=s.real_comm)
+        if need > context:
+            context, device_key = need, s.key
+    overheads = replace(wide, cuda_context_bytes=math.ceil(context / MiB) * MiB,
+                        source="conservative bound: never under-predicts the rows it was taken on")
+    return Bound(overheads=overheads, reserved_rows=n_res, device_rows=n_dev, reserved_key=reserved_key,
+                 device_key=device_key)
