@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from zeroest.estimator.core.architecture import shape_from_config
-from zeroest.estimator.core.model_states import _partition_copy_excess, stage1_partition_copy_bytes
+from zeroest.estimator.core.flat_group import _partition_copy_excess, stage1_partition_copy_bytes
 from zeroest.estimator.core.setup import Optimizer, Parallelism, TrainingSetup, Workload, ZeroConfig
 
 

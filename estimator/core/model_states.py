@@ -12,7 +12,6 @@ combines these with activations per phase.
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import accumulate
@@ -20,14 +19,17 @@ from typing import Literal
 
 from zeroest.estimator.core.adapters import trainable_split
 from zeroest.estimator.core.architecture import param_tensors
+from zeroest.estimator.core.flat_group import (  # noqa: F401 - re-exported: capacity.py and tests import them from here
+    NCCL_START_ALIGNMENT_FACTOR,
+    _overlap_numel,
+    flat_group_numel,
+    stage1_partition_copy_bytes,
+)
 from zeroest.estimator.core.optimizers import flat_at_stage0, muon_temp_bytes, state_bytes
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
 from zeroest.estimator.core.shape import ModelShape
-from zeroest.estimator.units import round_up
 
 FP32 = 4
-NCCL_START_ALIGNMENT_FACTOR = 2
-"""stage_1_and_2.py ``DeepSpeedZeroOptimizer.__init__``: flat groups are padded to ``2 * N`` elements."""
 Device = Literal["cuda", "cpu"]
 
 
@@ -91,11 +93,6 @@ def pinned_bytes(nbytes: int, pinned: bool) -> int:
     return 1 << (nbytes - 1).bit_length() if pinned and nbytes > 0 else nbytes
 
 
-def flat_group_numel(numel: int, world_size: int) -> int:
-    """P': ``flatten_dense_tensors_aligned`` pads the group to ``nccl_start_alignment_factor * N`` elements."""
-    return round_up(numel, NCCL_START_ALIGNMENT_FACTOR * world_size)
-
-
 def optimizer_state_bytes(setup: TrainingSetup, numel: int) -> int:
     """Optimizer states for ``numel`` parameters on the tensors the optimizer sees (``core.optimizers.state_bytes``):
     S * 4 * numel for the element-wise ones (torch/optim/adamw.py ``_init_group``, deepspeed/ops/adam/fused_adam.py
@@ -143,60 +140,6 @@ def stage2_grad_numel(model: ModelShape, world_size: int, rank: int | None = Non
     numels = tuple(t.numel for t in param_tensors(model))
     ranks = range(world_size) if rank is None else (rank,)
     return max(_overlap_numel(numels, world_size, r) for r in ranks)
-
-
-@lru_cache(maxsize=65536)
-def _overlap_numel(numels: tuple[int, ...], world_size: int, rank: int) -> int:
-    starts = [0, *accumulate(numels)]
-    part = flat_group_numel(starts[-1], world_size) // world_size
-    lo, hi = rank * part, (rank + 1) * part
-    first = max(bisect.bisect_right(starts, lo) - 1, 0)
-    last = min(bisect.bisect_left(starts, hi) - 1, len(numels) - 1)
-    return starts[last + 1] - starts[first] if first <= last else 0
-
-
-def stage1_partition_copy_bytes(setup: TrainingSetup) -> int:
-    """Stage 1 (``overlap_comm`` off): b * max over ranks of (P_ov - F), the part of ``grads_in_partition`` not
-    yet paid for by gradients freed when DeepSpeed allocates it at the end of backward.
-
-    stage_1_and_2.py: at stage 1 the gradient hooks reduce nothing; ``engine.backward`` ends with
-    ``reduce_gradients``, which walks the parameters in ``named_parameters`` order
-    (``reduce_independent_p_g_buckets_and_remove_grads``): each gradient is copied into the ipg bucket and its
-    ``param.grad`` re-pointed there (its own storage freed), except one larger than ``reduce_bucket_size`` B_r,
-    which is reduced alone. A full bucket is reduced (``reduce_ipg_grads``), and for each of its parameters in the
-    rank's partition ``copy_grads_in_partition`` copies the gradient into ``grads_in_partition``, allocated at the
-    first one: b * P_ov, the whole parameters overlapping the rank's slice (``stage2_grad_numel``). F is the
-    elements already moved into the bucket by then. The epilogue (``independent_gradient_partition_epilogue`` ->
-    ``get_flat_partition(..., return_tensor_list=True)``) takes views of it and flattens nothing. With
-    ``contiguous_gradients`` off nothing is copied: 0.
-    """
-    if not setup.zero.contiguous_gradients:
-        return 0
-    numels = tuple(t.numel for t in param_tensors(setup.model))
-    world = setup.world_size
-    return DTYPE_BYTES[setup.dtype] * max(
-        _partition_copy_excess(numels, world, setup.zero.reduce_bucket_size, r) for r in range(world))
-
-
-@lru_cache(maxsize=4096)
-def _partition_copy_excess(numels: tuple[int, ...], world_size: int, bucket: int, rank: int) -> int:
-    starts = [0, *accumulate(numels)]
-    part = flat_group_numel(starts[-1], world_size) // world_size
-    lo, hi = rank * part, (rank + 1) * part
-    overlap = _overlap_numel(numels, world_size, rank)
-    freed = filled = 0
-    waiting: list[int] = []
-    for i, n in enumerate([*numels, None]):
-        if n is None or filled + n > bucket:  # reduce_ipg_grads on the bucket so far (the last one at the end)
-            if any(starts[j] < hi and starts[j + 1] > lo for j in waiting):
-                return max(0, overlap - freed)
-            waiting, filled = [], 0
-        if n is None:
-            break
-        waiting.append(i)
-        filled += n
-        freed += n if n <= bucket else 0
-    return 0
 
 
 def stage1_offload_grads_bytes(setup: TrainingSetup, numel: int) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from zeroest.estimator.core.architecture import param_tensors
+from zeroest.estimator.core.flat_group import stage2_grads_before_embedding_numel
 from zeroest.estimator.core.model_states import ModelStates
 from zeroest.estimator.core.profile import ActivationProfile
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
@@ -34,6 +35,10 @@ class Phase:
 
     name: str
     components: dict[str, int]
+    candidates: tuple[dict[str, int], ...] = ()
+    """Every candidate peak point of the phase, the chosen one included (backward's: the loss's backward, the
+    lm_head's, a layer's, the end); empty where the phase has one point. ``zeroest report --fit`` needs them all:
+    which one wins depends on the activation scale it fits."""
 
     @property
     def peak_bytes(self) -> int:
@@ -178,6 +183,11 @@ def timeline(setup: TrainingSetup, states: ModelStates, act: ActivationProfile) 
     emb_grad, tied = embedding_grad_bytes(setup)
     keeps_param_grads = setup.stage <= ZeroStage.OPTIMIZER_STATES and states.grads_bytes > 0
     emb_end = (3 if tied else 1) * emb_grad - (emb_grad if keeps_param_grads else 0)
+    if setup.stage == ZeroStage.GRADIENTS and states.grads_bytes and emb_grad:
+        # stage 2: ``grads_in_partition`` of a rank whose slice lies inside the embedding appears only after it
+        numels = tuple(t.numel for t in param_tensors(setup.model))
+        emb_end -= states.grads_bytes - DTYPE_BYTES[setup.dtype] * stage2_grads_before_embedding_numel(
+            numels, setup.world_size)
     emb_gathered = emb_grad if setup.stage == ZeroStage.PARAMETERS and states.gathered_params_bytes else 0
     layer = _components(**held, grads=grads_start + tied, buffers=gathered + states.buckets_bytes,
                         activations=stack + act.layer_backward_peak_bytes(ckpt))
@@ -185,7 +195,9 @@ def timeline(setup: TrainingSetup, states: ModelStates, act: ActivationProfile) 
                       buffers=resident + states.buckets_bytes + emb_gathered,
                       activations=act.backward_live_after_layers(setup.model.num_layers, ckpt) + outputs,
                       temporaries=max(states.epilogue_bytes, emb_end))
-    backward = Phase(name="backward", components=max(head, lm_head, layer, end, key=lambda c: sum(c.values())))
+    candidates = (head, lm_head, layer, end)
+    backward = Phase(name="backward", components=max(candidates, key=lambda c: sum(c.values())),
+                     candidates=candidates)
     step = Phase(name="step", components=_components(
         **held, grads=states.step_grads_bytes, buffers=resident, temporaries=states.step_temp_bytes,
         activations=loop_outputs_bytes(setup, act, "step")))
