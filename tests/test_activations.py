@@ -251,15 +251,17 @@ def _live_bytes_class():
     return EventBytes
 
 
-def _measure(config: dict, attn: str, grad_ckpt: bool) -> dict[str, int]:
+def _measure(config: dict, attn: str, grad_ckpt: bool, built=None) -> dict[str, int]:
     """Live bytes of a real CPU step (weights adopted first), replayed without the parameter gradients: at the
-    end of forward, the forward peak, and the backward peak after the output has been dropped."""
-    model, ids = _real_model(config, attn, grad_ckpt)
+    end of forward, the forward peak, and the backward peak after the output has been dropped. ``built``:
+    (model, ids) to run instead of the plain model."""
+    model, ids = built or _real_model(config, attn, grad_ckpt)
     meter = _live_bytes_class()(device="cpu")
     meter.adopt([*model.parameters(), *model.buffers()])
     grads: list = []
     for param in model.parameters():
-        param.register_hook(grads.append)
+        if param.requires_grad:
+            param.register_hook(grads.append)
     with meter:
         first = len(meter.sizes)
         meter.adopt([ids])

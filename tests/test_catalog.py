@@ -72,6 +72,18 @@ def test_calibration_value_that_is_not_a_number(tmp_path: Path) -> None:
         load_calibration(path)
 
 
+def test_calibration_of_the_retired_reserved_model_keeps_its_other_overheads(tmp_path: Path) -> None:
+    """A file fitted before core.reserved: its reserved fraction meant the old model's, so the defaults replace
+    all its reserved values; the rest of the file still holds."""
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"overheads": {"cuda_context_bytes": 5 * MiB, "reserved_fraction_of_peak": 0.152,
+                                              "reserved_fraction_of_transient": 0.053, "reserved_fixed_bytes": 7}}))
+    got = load_calibration(path)
+    assert got.cuda_context_bytes == 5 * MiB
+    assert (got.reserved_fraction_of_peak, got.reserved_fixed_bytes) == (Overheads().reserved_fraction_of_peak,
+                                                                        Overheads().reserved_fixed_bytes)
+
+
 def test_calibration_bare_mapping_overrides_only_what_it_names(tmp_path: Path) -> None:
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"cuda_context_bytes": 5 * MiB}))

@@ -302,7 +302,7 @@ def test_adafactor_temporaries_on_a_flat_partition(maker):
     """A ZeRO partition is one 1-D tensor: ``grad * grad`` and ``variance.clone()`` (torch), or ``grad**2 + eps``
     and ``rsqrt()`` (transformers) live at once: 8 bytes per element, ``optimizer_temp_bytes``."""
     torch = pytest.importorskip("torch")
-    from zeroest.estimator.core.model_states import optimizer_temp_bytes
+    from zeroest.estimator.core.optimizers import optimizer_temp_bytes
 
     cls = torch.optim.Adafactor if maker == "torch" else pytest.importorskip("transformers.optimization").Adafactor
     numel = 100_000

@@ -17,6 +17,7 @@ from test_report_support import (  # noqa: F401
     write_rows,
 )
 from typer.testing import CliRunner
+from zeroest.estimator.core.overheads import Overheads
 
 from zeroest.cli.report import report
 from zeroest.report.fit import FITTED_FOR
@@ -72,9 +73,11 @@ def test_json_schema_is_stable(fitted):
 def test_held_out_errors_vanish_when_the_overheads_are_recoverable(fitted):
     summary, _ = fitted
     assert summary["basis"] == "held_out"
-    for q in ("peak_allocated", "peak_reserved", "device"):
+    # reserved (and device, built on it) is rounded up to a 2 MiB segment, which the fit sees as half a segment
+    # on average: up to 1 MiB on rows of 1.5 GiB and more
+    for q, tolerance in (("peak_allocated", 1e-4), ("peak_reserved", 1e-3), ("device", 1e-3)):
         assert summary[q]["n"] == 55
-        assert summary[q]["max_abs_error"] < 1e-4
+        assert summary[q]["max_abs_error"] < tolerance
         # the defaults are not the truth, so the fit had something to do
         assert summary["bases"]["defaults"][q]["median_abs_error"] > 0.01
 
@@ -83,9 +86,13 @@ def test_calibration_file_holds_the_true_overheads(fitted):
     summary, out = fitted
     doc = json.loads((out / "calibration" / CALIBRATION).read_text())
     assert set(doc) == {"overheads", "fitted_on", "errors"}
-    for names in FITTED_FOR.values():
+    for quantity, names in FITTED_FOR.items():
+        rel = 1e-3 if quantity == "peak_allocated" else 5e-3  # reserved rounds to a segment (see above)
         for name in names:
-            assert doc["overheads"][name] == pytest.approx(getattr(TRUE_OVERHEADS, name), rel=1e-3), name
+            if name == "reserved_fraction_of_offload_grads":  # no offload on the grid: held at its default
+                assert doc["overheads"][name] == Overheads().reserved_fraction_of_offload_grads
+                continue
+            assert doc["overheads"][name] == pytest.approx(getattr(TRUE_OVERHEADS, name), rel=rel), name
     assert doc["fitted_on"]["gpu"] == "NVIDIA H100 80GB HBM3"
     assert doc["fitted_on"]["models"] == ["gpt2", "gpt2-medium", "opt-125m", "pythia-160m", "pythia-410m",
                                           "qwen2.5-0.5b"]
@@ -163,6 +170,9 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
     assert "no usable runs" in _one_line_error(["report", str(tmp_path)])
     assert "--folds" in _one_line_error(["report", str(tmp_path), "--folds", "1"])
     assert "needs --fit" in _one_line_error(["report", str(tmp_path), "--write-calibration", str(tmp_path / "c")])
+    assert "--pool needs --fit" in _one_line_error(["report", str(tmp_path), "--pool"])
+    assert "drop --write-calibration" in _one_line_error(["report", str(tmp_path), "--fit", "--pool",
+                                                          "--write-calibration", str(tmp_path / "c")])
     with open(path, "a") as handle:
         handle.write('{"zeroest_version": "0.1.0", "run_key"\n')
     assert f"{path}:2: not valid JSON" in _one_line_error(["report", str(tmp_path)])
@@ -223,6 +233,22 @@ def test_a_json_path_for_several_gpu_groups_is_refused(tmp_path):
     message = _one_line_error(["report", str(tmp_path), "--fit", "--write-calibration", str(target)])
     assert "2 GPU groups were fitted" in message and "pass a folder" in message
     assert not (tmp_path / "cal").exists()
+
+
+def test_pool_fits_every_gpu_group_as_one_cross_validated_by_model(tmp_path):
+    from zeroest.report.analysis import POOLED_PREFIX, analyze
+
+    a100 = {"name": "NVIDIA A100-SXM4-80GB", "memory_bytes": 80 * 2**30}
+    rows = synthetic_grid(models=("gpt2", "opt-125m")) + synthetic_grid(models=("pythia-160m",), gpu=a100)
+    write_rows(tmp_path / "runs.jsonl", rows)
+    a = analyze([tmp_path], fit=True, pool=True)
+    (fit,) = a.fits
+    assert fit.group.startswith(POOLED_PREFIX) and fit.rows == len(a.records)
+    assert fit.models == ("gpt2", "opt-125m", "pythia-160m")
+    # every row has a held-out prediction from a fold that never saw its model, whatever its GPU
+    assert set(a.predictions["held_out"]) == {r.key for r in a.records}
+    for models, _ in fit.cv.folds:
+        assert len(models) == 1
 
 
 def _tree(folder) -> dict[str, str]:

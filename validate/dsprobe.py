@@ -77,8 +77,31 @@ class ProbeConfig:
     """``sub_group_size`` (elements)."""
     zero_init: bool = False
     """Stage 3: build the model under ``deepspeed.zero.Init`` instead of partitioning it in ``initialize``."""
+    lora_rank: int | None = None
+    """peft LoRA rank (``validate.adapters.apply_adapters``); None: no adapters."""
+    lora_targets: str = "all-linear"
+    """``LoraConfig.target_modules``."""
+    modules_to_save: str = ""
+    """``LoraConfig.modules_to_save``, comma-separated."""
+    freeze: str = ""
+    """``--freeze`` patterns (``core.adapters``): base weights with ``requires_grad = False``."""
     param_groups: int = 1
     """Parameter groups passed as ``model_parameters`` (2: the HF Trainer's weight decay and none)."""
+    all_params: bool = False
+    """Pass ``model.parameters()``, frozen ones included, as accelerate does (instead of the trainable groups)."""
+
+    def adapters(self) -> Any:
+        """The ``core.adapters.Adapters`` this probe trains with."""
+        from zeroest.estimator.core.adapters import Adapters
+
+        return Adapters(lora_rank=self.lora_rank, lora_targets=self.lora_targets,
+                        modules_to_save=self.modules_to_save, freeze=self.freeze)
+
+    def adapters_spec(self, model: Any) -> dict[str, Any]:
+        """The worker's spec (``validate.adapters.apply_adapters``) for this probe's adapters on ``model``."""
+        setup = {"model": f"probe-{self.model}", "lora_rank": self.lora_rank, "lora_targets": self.lora_targets,
+                 "modules_to_save": self.modules_to_save, "freeze": self.freeze}
+        return {"setup": setup, "model_config": model.config.to_dict()}
 
     def ds_config(self) -> dict[str, Any]:
         """The ds_config dict this probe passes to ``deepspeed.initialize``."""
@@ -122,8 +145,15 @@ class ProbeConfig:
             parts.append("nocg")
         if self.zero_init:
             parts.append("zinit")
+        if self.lora_rank:
+            parts.append(f"lora{self.lora_rank}")
+        for label, text in (("save", self.modules_to_save), ("freeze", self.freeze)):
+            if text:
+                parts.append(label + re.sub(r"[^A-Za-z0-9]+", "-", text))
         if self.param_groups != 1:
             parts.append(f"pg{self.param_groups}")
+        if self.all_params:
+            parts.append("all")
         return "_".join(parts)
 
 
@@ -171,8 +201,11 @@ def _snapshot(engine: Any, model: Any, tracker: Any) -> dict[str, Any]:
 
 
 def _model_facts(model: Any) -> dict[str, Any]:
-    numels = [p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()]
-    return {"psi": int(sum(numels)), "n_tensors": len(numels), "numels": [int(n) for n in numels]}
+    params = list(model.parameters())
+    numels = [p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params]
+    trainable = [n for n, p in zip(numels, params, strict=True) if p.requires_grad]
+    return {"psi": int(sum(numels)), "n_tensors": len(numels), "numels": [int(n) for n in numels],
+            "trainable": int(sum(trainable)), "trainable_numels": [int(n) for n in trainable]}
 
 
 def probe(config: ProbeConfig) -> dict[str, Any]:
@@ -184,7 +217,7 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
     import deepspeed
     import torch
     import torch.distributed as dist
-    from zeroest.validate.adapters import parameter_groups
+    from zeroest.validate.adapters import apply_adapters, parameter_groups
     from zeroest.validate.fakepg import init_fake_world
     from zeroest.validate.memtrack import LiveBytes
 
@@ -205,14 +238,14 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
                     model = build_model(config.model, config.dtype)
             else:
                 model = build_model(config.model, config.dtype)
+            model, _ = apply_adapters(model, config.adapters_spec(model))
         record["model"] = _model_facts(model)
         record["snapshots"]["model"] = {"live_bytes": tracker.live_bytes}
         if config.dtype == "fp16":
             _allow_fp16_on_cpu()
         with tracker.phase("init"):
-            engine, optimizer, _, _ = deepspeed.initialize(
-                model=model, config=ds_config, model_parameters=parameter_groups(model, config.param_groups)
-            )
+            groups = model.parameters() if config.all_params else parameter_groups(model, config.param_groups)
+            engine, optimizer, _, _ = deepspeed.initialize(model=model, config=ds_config, model_parameters=groups)
         record["optimizer_class"] = type(optimizer).__name__
         record["base_optimizer_class"] = type(engine.basic_optimizer).__name__
         record["snapshots"]["init"] = _snapshot(engine, model, tracker)
@@ -302,6 +335,10 @@ def default_matrix() -> list[ProbeConfig]:
     out.append(ProbeConfig(stage=2, dtype="bf16", world_size=4, contiguous_gradients=False, **small))
     out.append(ProbeConfig(stage=1, dtype="bf16", world_size=4, steps=2))  # DeepSpeed's default 5e8 buckets
     out.append(ProbeConfig(stage=2, dtype="bf16", world_size=4, steps=2))
+    for stage in (0, 1, 2, 3):  # frozen parameters: peft LoRA on all linears, a --freeze, a modules_to_save copy
+        for adapters in ({"lora_rank": 8, "all_params": True}, {"freeze": "embeddings,layers:1"},
+                         {"lora_rank": 8, "modules_to_save": "lm_head", "all_params": True}):
+            out.append(ProbeConfig(stage=stage, dtype="bf16", world_size=4, **adapters, **small))
     return out
 
 

@@ -61,6 +61,9 @@ CATEGORY_OF: tuple[tuple[str, str], ...] = (
     (r"^param\.grad_accum$", "grads_fp32"),
     (r"^param\.grad$", "grads_16bit"),
     (r"^param\.(data|ds_tensor)$", "params_16bit"),
+    # a frozen parameter's stage-3 partition is its own storage (outside ``fp16_partitioned_groups_flat``), often
+    # first reached through the coordinator or ``persistent_parameters``
+    (r"\.ds_tensor$", "params_16bit"),
 )
 
 

@@ -24,13 +24,25 @@ def calibration_dir() -> Path:
     return data_path("calibration")
 
 
+RETIRED_RESERVED = ("reserved_fraction_of_transient",)
+"""Overheads of the reserved model before ``core.reserved`` (a fraction of the peak plus one of the transient). A
+file that holds one was fitted for that model: its reserved values are dropped for the defaults (its
+``reserved_fraction_of_peak`` meant something else), with a warning to fit the file again."""
+OLD_RESERVED = ("reserved_fraction_of_peak", "reserved_fixed_bytes", *RETIRED_RESERVED)
+
+
 def load_calibration(path: Path) -> Overheads:
     """Overheads from a calibration JSON (``{"overheads": {...}, "fitted_on": ..., "errors": ...}``, or the bare
-    mapping of overheads); an unknown name or a value that is not a number is a ValueError naming the file."""
+    mapping of overheads); an unknown name or a value that is not a number is a ValueError naming the file. A
+    file fitted for the retired reserved model (``RETIRED_RESERVED``) keeps its other overheads."""
     data = load_json(path, "calibration")
     values = data.get("overheads", data)
     if not isinstance(values, dict):
         raise ValueError(f"{path}: 'overheads' must be an object of named overheads; fix the file")
+    if any(name in values for name in RETIRED_RESERVED):
+        log.warning("calibration %s was fitted for the retired reserved model: its reserved overheads are "
+                    "replaced by the defaults; fit it again (zeroest report RUNS --fit --write-calibration)", path)
+        values = {k: v for k, v in values.items() if k not in OLD_RESERVED}
     known = {f.name for f in fields(Overheads)}
     unknown = set(values) - known
     if unknown:

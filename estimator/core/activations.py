@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from zeroest.estimator.core.adapters import Adapters, layer_kinds
 from zeroest.estimator.core.closed_form import closed_form_profile
 from zeroest.estimator.core.profile import ActivationProfile
 from zeroest.estimator.core.shape import ModelShape
@@ -17,38 +18,47 @@ from zeroest.estimator.core.shape import ModelShape
 log = logging.getLogger(__name__)
 
 
-def _tracer_available() -> bool:
+def _tracer_available(adapters: Adapters | None = None) -> bool:
     import importlib.util
 
-    return all(importlib.util.find_spec(name) is not None for name in ("torch", "transformers"))
+    names = ("torch", "transformers", *(("peft",) if adapters is not None and adapters.lora else ()))
+    return all(importlib.util.find_spec(name) is not None for name in names)
 
 
 def activation_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str = "bf16",
                        attn: str = "sdpa", mode: str = "auto",
-                       config: dict | None = None, target: str = "cuda") -> tuple[ActivationProfile, str]:
+                       config: dict | None = None, target: str = "cuda",
+                       adapters: Adapters | None = None,
+                       adapters_fp32: bool = False) -> tuple[ActivationProfile, str]:
     """The profile and where it came from ("traced", "closed-form", or "closed-form (trace failed: ...)").
 
     ``mode``: "traced" runs the HF model on the meta device (``trace.tracer``), "closed-form" uses the
     formulas, "auto" traces when torch and transformers can be imported. A model the tracer cannot run falls
     back to the closed form with a one-line warning. ``target`` ("cuda" or "cpu") is the device whose attention
-    kernels the trace mimics.
+    kernels the trace mimics. ``adapters`` (``core.adapters.Adapters``: LoRA, frozen weights) profiles the model
+    as it trains; None or a full fine-tune gives the full fine-tune's profile. ``adapters_fp32``: the LoRA
+    adapters stay in peft's fp32, as in a model built under zero.Init (``trace.model.build_trained``).
     """
     if mode not in ("auto", "traced", "closed-form"):
         raise ValueError(f"unknown activation mode {mode!r}: use auto, traced or closed-form")
-    if mode == "closed-form" or (mode == "auto" and not _tracer_available()):
-        return closed_form_profile(shape, micro_batch, seq_len, dtype, attn, config), "closed-form"
-    if not _tracer_available():
+    if mode == "closed-form" or (mode == "auto" and not _tracer_available(adapters)):
+        profile = closed_form_profile(shape, micro_batch, seq_len, dtype, attn, config, adapters=adapters,
+                                      adapters_fp32=adapters_fp32)
+        return profile, "closed-form"
+    if not _tracer_available(adapters):
         raise ValueError(
-            "traced activations need torch and transformers: install zeroest[validate], "
+            "traced activations need torch and transformers (and peft for LoRA): install zeroest[validate], "
             "or use --activations closed-form"
         )
     from zeroest.estimator.trace.tracer import traced_profile
 
+    kinds = None if adapters is None or adapters.full else layer_kinds(shape, adapters)
     try:
-        return traced_profile(shape, micro_batch, seq_len, dtype, attn, config=config, target=target), "traced"
+        return traced_profile(shape, micro_batch, seq_len, dtype, attn, config=config, target=target,
+                              adapters=adapters, kinds=kinds, adapters_fp32=adapters_fp32), "traced"
     except Exception as err:  # noqa: BLE001 (any failure of a third-party model falls back, with a warning)
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:160]
         log.warning(f"could not trace {shape.name} ({reason}); using the closed-form activation profile")
         return closed_form_profile(
-            shape, micro_batch, seq_len, dtype, attn, config
+            shape, micro_batch, seq_len, dtype, attn, config, adapters=adapters, adapters_fp32=adapters_fp32
         ), f"closed-form (trace failed: {reason})"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from functools import lru_cache
 
 from zeroest.estimator.core.architecture import COMPONENTS, ParamTensor, param_tensors
 from zeroest.estimator.core.shape import ModelShape
@@ -172,31 +173,29 @@ def _is_target(tensor: ParamTensor, adapters: Adapters) -> bool:
     return _matches(module, targets)
 
 
-def _saved_copies(model: ModelShape, tensors: tuple[ParamTensor, ...], saved: tuple[str, ...]) -> list[ParamTensor]:
-    """``ModulesToSaveWrapper``: ``modules_to_save.default`` is a deep copy of the module, all trainable. A tied
-    lm_head is not in ``named_parameters`` (its weight is the embedding's), but its copy is a new tensor."""
-    out = []
-    for t in tensors:
-        module = _module(t.name)
-        if _matches(module, saved):
-            out.append(ParamTensor(name=f"{module}.modules_to_save.default.{t.name.rsplit('.', 1)[1]}",
-                                   numel=t.numel, component=t.component))
-    if "lm_head" in saved and model.tied_embeddings:
+def _saved_copies(model: ModelShape, module: str, tensors: tuple[ParamTensor, ...]) -> list[ParamTensor]:
+    """``ModulesToSaveWrapper``: ``modules_to_save.default`` is a deep copy of the module, all trainable, registered
+    after ``original_module``, so its tensors follow the original's in ``named_parameters``. A tied lm_head is not in
+    ``named_parameters`` (its weight is the embedding's), but its copy is a new tensor."""
+    own = [t for t in tensors if _module(t.name) == module]
+    if not own and module == "lm_head" and model.tied_embeddings:
         embed = next(t for t in tensors if t.component == "embeddings")
-        out.append(ParamTensor(name="lm_head.modules_to_save.default.weight", numel=embed.numel,
-                               component="lm_head"))
-    return out
+        return [ParamTensor(name="lm_head.modules_to_save.default.weight", numel=embed.numel, component="lm_head")]
+    return [ParamTensor(name=f"{module}.modules_to_save.default.{t.name.rsplit('.', 1)[1]}", numel=t.numel,
+                        component=t.component) for t in own]
 
 
+@lru_cache(maxsize=1024)
 def trainable_split(model: ModelShape, adapters: Adapters) -> TrainableSplit:
-    """The model's parameters as peft (or a freeze) leaves them, with LoRA A/B after each wrapped weight."""
+    """The model's parameters as peft (or a freeze) leaves them, in ``named_parameters`` order: LoRA A/B after each
+    wrapped weight, a ``modules_to_save`` copy after its module's original tensors."""
     tensors = param_tensors(model)
     freeze = _names(adapters.freeze)
     saved = _names(adapters.modules_to_save)
     trainable: list[ParamTensor] = []
     frozen: list[ParamTensor] = []
     r = adapters.lora_rank
-    for t in tensors:
+    for i, t in enumerate(tensors):
         (frozen if adapters.lora or _frozen_by(t, freeze) else trainable).append(t)
         if adapters.lora and _is_target(t, adapters):
             out, n_in = t.linear_shape
@@ -205,8 +204,84 @@ def trainable_split(model: ModelShape, adapters: Adapters) -> TrainableSplit:
                                          component=t.component))
             trainable.append(ParamTensor(name=f"{module}.lora_B.default.weight", numel=out * r,
                                          component=t.component))
+        module = _module(t.name)
+        last_of_module = i + 1 == len(tensors) or _module(tensors[i + 1].name) != module
+        if last_of_module and _matches(module, saved):
+            trainable.extend(_saved_copies(model, module, tensors))
     if adapters.lora and not any(_is_target(t, adapters) for t in tensors):
         raise ValueError(f"--lora-targets {adapters.lora_targets!r} matches no Linear of {model.name}: use "
                          "all-linear or module names such as q_proj,v_proj")
-    trainable.extend(_saved_copies(model, tensors, saved))
+    if "lm_head" in saved and model.tied_embeddings and not any(_module(t.name) == "lm_head" for t in tensors):
+        trainable.extend(_saved_copies(model, "lm_head", tensors))
     return TrainableSplit(trainable=tuple(trainable), frozen=tuple(frozen))
+
+
+def frozen_base_names(model: ModelShape, adapters: Adapters) -> frozenset[str]:
+    """HF names of the base weights that do not train: every one under LoRA (peft freezes the base model:
+    tuners_utils.py ``BaseTuner._mark_only_adapters_as_trainable``), else those the freeze patterns match."""
+    freeze = _names(adapters.freeze)
+    return frozenset(t.name for t in param_tensors(model) if adapters.lora or _frozen_by(t, freeze))
+
+
+_SLOT = "\0"
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """Layers that train alike, for the tracer (``trace.trained``): the frozen names of its 2-layer copy and
+    how many real layers are of this kind. LoRA and component freezes make one kind; a freeze by layer more.
+    In a plain run a layer's input needs a gradient only when something below it trains."""
+
+    frozen: frozenset[str]
+    """Frozen parameter names of the 2-layer traced copy (both layers of this kind)."""
+    input_grads: bool
+    """The traced copy's input embeddings get transformers' require-grad hook: some real layer of this kind
+    has a trainable layer below it that the copy lacks."""
+    count: int
+    """Real layers of this kind."""
+    deepest: bool
+    """The deepest layer is of this kind."""
+
+
+def _template(name: str) -> tuple[int | None, str]:
+    found = _LAYER.search(name)
+    if not found:
+        return None, name
+    return int(found.group(1)), name[:found.start(1)] + _SLOT + name[found.end(1):]
+
+
+def layer_kinds(shape: ModelShape, adapters: Adapters) -> list[LayerKind]:
+    """The kinds of layers of ``shape`` trained with ``adapters``, in the order their first layer comes; the
+    first kind holds layer 0 (its trace also gives the embeddings)."""
+    frozen = frozen_base_names(shape, adapters)
+    shared: set[str] = set()
+    layers: dict[int, set[str]] = {}
+    trains: dict[int, bool] = {}
+    embeddings_train = False
+    for tensor in param_tensors(shape):
+        index, template = _template(tensor.name)
+        if index is None:
+            if tensor.name in frozen:
+                shared.add(tensor.name)
+            elif tensor.component in ("embeddings", "position_embeddings"):
+                embeddings_train = True
+            continue
+        layers.setdefault(index, set())
+        if tensor.name in frozen:
+            layers[index].add(template)
+        trains[index] = trains.get(index, False) or adapters.lora or tensor.name not in frozen
+    order: list[frozenset[str]] = []
+    counts: dict[frozenset[str], int] = {}
+    needs_input: dict[frozenset[str], bool] = {}
+    below = embeddings_train
+    for index in sorted(layers):
+        sig = frozenset(layers[index])
+        if sig not in counts:
+            order.append(sig)
+        counts[sig] = counts.get(sig, 0) + 1
+        natural = embeddings_train or trains[index]
+        needs_input[sig] = needs_input.get(sig, False) or (index > 0 and below and not natural)
+        below = below or trains[index]
+    deepest = frozenset(layers[max(layers)])
+    return [LayerKind(frozen=frozenset(shared | {t.replace(_SLOT, str(j)) for t in sig for j in (0, 1)}),
+                      input_grads=needs_input[sig], count=counts[sig], deepest=sig == deepest) for sig in order]

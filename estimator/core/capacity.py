@@ -65,12 +65,14 @@ def free_at_flatten_bytes(setup: TrainingSetup, numel: int, overheads: Overheads
     return card - overheads.cuda_context_bytes - nccl - held
 
 
-def flatten_decision(setup: TrainingSetup, numel: int, overheads: Overheads, *,
-                     real_comm: bool) -> FlattenDecision | None:
-    """DeepSpeed's flatten branch for a stage 1-2 setup (None at other stages and in paper mode)."""
+def flatten_decision(setup: TrainingSetup, numel: int, overheads: Overheads, *, real_comm: bool,
+                     trainable_numel: int | None = None) -> FlattenDecision | None:
+    """DeepSpeed's flatten branch for a stage 1-2 setup (None at other stages and in paper mode). The flat buffer
+    holds the trainable parameters (``trainable_numel``, default all ``numel``); the card holds all of them."""
     if setup.stage not in (ZeroStage.OPTIMIZER_STATES, ZeroStage.GRADIENTS) or setup.mode == "paper":
         return None
-    flat = DTYPE_BYTES[setup.dtype] * flat_group_numel(numel, setup.world_size)
+    trainable = numel if trainable_numel is None else trainable_numel
+    flat = DTYPE_BYTES[setup.dtype] * flat_group_numel(trainable, setup.world_size)
     free = free_at_flatten_bytes(setup, numel, overheads, real_comm=real_comm)
     return FlattenDecision(on_gpu=free is None or free >= flat, free_bytes=free, flat_buffer_bytes=flat)
 

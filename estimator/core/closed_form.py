@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zeroest.estimator.core.adapters import Adapters
+from zeroest.estimator.core.closed_form_lora import lora_profile
 from zeroest.estimator.core.hf_config import hf_config
 from zeroest.estimator.core.profile import DTYPE_BYTES, ActivationProfile, check_kind
 from zeroest.estimator.core.shape import ModelShape
@@ -267,7 +269,8 @@ def _eager_transients(d: _Dims) -> tuple[int, int, int]:
 
 
 def closed_form_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str = "bf16",
-                        attn: str = "sdpa", config: dict | None = None) -> ActivationProfile:
+                        attn: str = "sdpa", config: dict | None = None,
+                        adapters: Adapters | None = None, adapters_fp32: bool = False) -> ActivationProfile:
     """The ``ActivationProfile`` from formulas (Table 2 of arXiv 2205.05198 adapted to HF; see the helpers).
 
     ``config`` is the HF config.json dict when known (activation, dropout, rotary fraction, sliding window);
@@ -277,7 +280,8 @@ def closed_form_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype
     and the padded labels 8b(s + 1); the head's backward peak holds nll_loss's fp32 gradient and
     ``log_softmax_backward``'s output (8bsV) before their cast to p, the labels (8bs) freed. Transients of the
     layers are the traced op order's (estimator/trace/) in named tensors: grad_hidden p*bsh carried between
-    layers, RMSNorm's fp32 temporaries, the MLP's and eager attention's live intermediates.
+    layers, RMSNorm's fp32 temporaries, the MLP's and eager attention's live intermediates. ``adapters`` with
+    LoRA on: ``core.closed_form_lora.lora_profile`` of that profile (``adapters_fp32``: peft's fp32 adapters).
     """
     check_kind(dtype, attn)
     d = _dims(shape, micro_batch, seq_len, dtype, attn, config if config is not None else hf_config(shape))
@@ -289,7 +293,7 @@ def closed_form_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype
     quadratic = d.kernel in ("eager", "math")
     eager_fwd, eager_ckpt_fwd, eager_bwd = _eager_transients(d) if quadratic else (0, 0, 0)
     layer_bwd = grad_hidden + max(_mlp_backward_peak(d), eager_bwd)
-    return ActivationProfile(
+    profile = ActivationProfile(
         embedding_saved_bytes=_embedding_saved(d, attn, False),
         ckpt_embedding_saved_bytes=_embedding_saved(d, attn, True),
         layer_saved_bytes=layer,
@@ -307,3 +311,4 @@ def closed_form_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype
         layer_backward_transient_bytes=layer_bwd,
         ckpt_layer_backward_transient_bytes=layer_bwd - (p * T * h if d.norm_kind == "layernorm" else 0),
     )
+    return profile if adapters is None or adapters.full else lora_profile(profile, shape, adapters, d, adapters_fp32)

@@ -12,12 +12,13 @@ from zeroest.estimator.core.activations import activation_profile
 from zeroest.estimator.core.architecture import count_params
 from zeroest.estimator.core.capacity import flatten_decision, flatten_note
 from zeroest.estimator.core.host import HostTerms, host_note, host_terms
-from zeroest.estimator.core.model_states import Device, ModelStates, stage0_states, stage12_states
+from zeroest.estimator.core.model_states import Device, ModelStates, stage0_states, stage12_states, trained
 from zeroest.estimator.core.optimizers import optimizer_notes
-from zeroest.estimator.core.overheads import Overheads, device_from, reserved_from
+from zeroest.estimator.core.overheads import Overheads, device_from
 from zeroest.estimator.core.paper import paper_states
 from zeroest.estimator.core.qlora import qlora_note
-from zeroest.estimator.core.setup import TrainingSetup, ZeroStage
+from zeroest.estimator.core.reserved import ReservedFacts, ReservedTerms, reserved_facts, reserved_terms
+from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
 from zeroest.estimator.core.stage3 import stage3_states
 from zeroest.estimator.core.timeline import COMPONENTS, Phase, peak_phase, timeline
 from zeroest.estimator.core.vocab import LOOP_RULE, PARAM_GROUPS_RULE, ZERO_INIT_RULE, Loop
@@ -52,6 +53,10 @@ class Estimate:
     overheads: Overheads
     host: HostTerms | None = None
     """Host RAM of one rank by term (``core.host``); None in paper mode."""
+    reserved: ReservedTerms | None = None
+    """Peak reserved by caching-allocator term (``core.reserved``); None in paper mode."""
+    reserved_facts: ReservedFacts | None = None
+    """Block sizes the reserved terms use (``core.reserved``); None in paper mode."""
     assumptions: tuple[str, ...] = field(default=())
 
     @property
@@ -80,6 +85,9 @@ class Estimate:
                        for p in self.phases},
             "cpu_bytes_per_node": self.cpu_bytes_per_node,
             "host_components": self.host.components() if self.host else {},
+            "reserved_components": self.reserved.components() if self.reserved else {},
+            "reserved_set_by": self.reserved.set_by if self.reserved else None,
+            "reserved_facts": self.reserved_facts.to_dict() if self.reserved_facts else {},
             "nvme_bytes": self.nvme_bytes,
             "activation_source": self.activation_source,
             "overheads_source": self.overheads.source,
@@ -90,19 +98,20 @@ class Estimate:
 
 def model_states(setup: TrainingSetup, device: Device = "cuda", *, flatten_on_gpu: bool = True) -> ModelStates:
     """DeepSpeed-faithful model states of one rank for the setup's stage (``device`` picks torch's optimizer path;
-    ``flatten_on_gpu`` is stage 1-2's capacity branch, ``core.capacity``)."""
-    numel = count_params(setup.model).total
+    ``flatten_on_gpu`` is stage 1-2's capacity branch, ``core.capacity``). Frozen parameters (LoRA, ``--freeze``)
+    hold only their 16-bit weights; the optimizer side covers the trainable ones (``core.adapters.trainable_split``).
+    """
+    split = trained(setup)
     if setup.stage == ZeroStage.DISABLED:
-        return stage0_states(setup, numel, device)
+        return stage0_states(setup, split, device)
     if setup.stage <= ZeroStage.GRADIENTS:
-        return stage12_states(setup, numel, device, flatten_on_gpu=flatten_on_gpu)
+        return stage12_states(setup, split, device, flatten_on_gpu=flatten_on_gpu)
     return stage3_states(setup, device)
 
 
-def reserved_bytes(peak: Phase, overheads: Overheads) -> int:
-    """Predicted peak reserved for the peak phase (``overheads.reserved_from``)."""
-    transient = peak.components["activations"] + peak.components["temporaries"]
-    return math.ceil(reserved_from(peak.peak_bytes, transient, overheads))
+def reserved_bytes(phases: tuple[Phase, ...], facts: ReservedFacts, overheads: Overheads) -> ReservedTerms:
+    """Predicted peak reserved by term (``core.reserved.reserved_terms`` over the phases)."""
+    return reserved_terms({p.name: p.components for p in phases}, facts, overheads)
 
 
 def _scaled(act, factor: float):
@@ -117,6 +126,25 @@ LOOP_NOTES = {
                  "each micro-step)",
     Loop.CUSTOM_DEL: "the output object and its logits live through backward and step, then del outputs",
 }
+
+
+def _adapters_fp32(setup: TrainingSetup) -> bool:
+    """peft 0.21 upcasts 16-bit LoRA adapters to fp32 (peft_model.py ``_cast_adapter_dtype``); DeepSpeed 0.19.8
+    casts them back to the run's dtype (engine.py ``_cast_module_mixed_precision``) except for a model built
+    under zero.Init, whose new parameters stage 3 converts without a cast (partition_parameters.py
+    ``_convert_to_zero_parameters``)."""
+    return setup.adapters.lora and setup.zero.builds_partitioned and setup.dtype != "fp32"
+
+
+def _adapters_note(setup: TrainingSetup) -> str:
+    a = setup.adapters
+    if a.lora:
+        dtype = "fp32 (peft's upcast, kept under zero.Init)" if _adapters_fp32(setup) else setup.dtype
+        ckpt = ", checkpointing switched on before peft wraps the model" if setup.workload.grad_ckpt else ""
+        return (f"activations of LoRA r={a.lora_rank} on {a.lora_targets}, dropout {a.lora_dropout}: base "
+                f"weights frozen, adapters in {dtype}{ckpt}")
+    return ("activations with frozen weights: traced as frozen (the closed form keeps the full fine-tune's, an "
+            "upper bound)")
 
 
 def _loop_note(setup: TrainingSetup) -> str:
@@ -145,11 +173,22 @@ def _assumptions(setup: TrainingSetup, source: str) -> tuple[str, ...]:
                      "--zero-init changes it)")
     notes += optimizer_notes(setup) + qlora_note(setup)
     if not setup.adapters.full:
-        notes.append("LoRA/frozen weights: model states and activations as a full fine-tune (an upper bound; "
-                     "frozen-parameter states are not modelled yet)")
+        notes.append(_frozen_note(setup))
+        notes.append(_adapters_note(setup))
     if setup.mode == "paper":
         notes.append("paper mode: ZeRO paper model states (2 + 2 + K) Psi with K = 12; no activations or buffers")
     return tuple(notes)
+
+
+def _frozen_note(setup: TrainingSetup) -> str:
+    """What the model states hold with LoRA or frozen weights."""
+    split = trained(setup)
+    total, trainable = split.total_numel, split.trainable_numel
+    where = ("partitioned over the ranks like the trainable ones (ZeRO-3)" if setup.stage == ZeroStage.PARAMETERS
+             else "whole on every rank as the model's own tensors")
+    return (f"LoRA/frozen weights: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%); "
+            f"the frozen ones hold only their {setup.dtype} weights, {where}; master weights, optimizer states and "
+            "gradients cover the trainable ones (DeepSpeed's is_optimized_parameter)")
 
 
 def _paper_estimate(setup: TrainingSetup, numel: int, overheads: Overheads) -> Estimate:
@@ -183,13 +222,17 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
     if device == "cpu":
         overheads = replace(overheads, cublas_workspace_bytes=0, cuda_context_bytes=0, nccl_bytes_per_peer=0,
                             nccl_communicator_bytes=0, reserved_block_bytes=1, reserved_fraction_of_peak=0.0,
-                            reserved_fraction_of_transient=0.0, reserved_fixed_bytes=0)
+                            reserved_fraction_of_activations=0.0, reserved_reuse_fraction=0.0,
+                            reserved_fraction_of_offload_grads=0.0, reserved_fraction_of_gathered=0.0,
+                            reserved_fixed_bytes=0)
     # on the CPU, available_memory() is the host's free RAM: the on-device branch (cpu_accelerator.py)
-    flatten = flatten_decision(setup, numel, overheads, real_comm=not simulated) if device == "cuda" else None
+    split = trained(setup)  # the model as trained: LoRA adapters added, frozen weights marked
+    flatten = (flatten_decision(setup, split.total_numel, overheads, real_comm=not simulated,
+                                trainable_numel=split.trainable_numel) if device == "cuda" else None)
     states = model_states(setup, device, flatten_on_gpu=flatten is None or flatten.on_gpu)
     w = setup.workload
     act, source = activation_profile(setup.model, w.micro_batch, w.seq_len, setup.dtype, w.attn, mode=w.activations,
-                                     target=device)
+                                     target=device, adapters=setup.adapters, adapters_fp32=_adapters_fp32(setup))
     phases = timeline(setup, states,
                       act if overheads.activation_scale == 1 else _scaled(act, overheads.activation_scale))
     def with_workspace(c: dict[str, int]) -> dict[str, int]:
@@ -201,9 +244,14 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
         for p in phases
     )
     peak = peak_phase(phases)
-    reserved = reserved_bytes(peak, overheads)
+    facts = reserved_facts(setup, states, act, split.trainable_numel, DTYPE_BYTES[setup.dtype])
+    if device == "cpu":  # no caching allocator: reserved is the peak allocation
+        facts = replace(facts, contiguous_step=False)
+    terms = reserved_bytes(phases, facts, overheads)
+    reserved = terms.total_bytes
     device = math.ceil(device_from(reserved, overheads, peers=setup.world_size - 1, real_comm=not simulated))
-    host = host_terms(setup, numel, states, overheads, real_comm=not simulated)
+    # the load copy on the host: the whole model as trained, frozen weights and adapters
+    host = host_terms(setup, split.total_numel, states, overheads, real_comm=not simulated)
     return Estimate(
         setup=setup,
         n_params=numel,
@@ -218,5 +266,7 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
         activation_source=source,
         overheads=overheads,
         host=host,
+        reserved=terms,
+        reserved_facts=facts,
         assumptions=_assumptions(setup, source) + tuple(n for n in (flatten_note(flatten), host_note(host)) if n),
     )

@@ -32,7 +32,7 @@ def _overlap_numel(numels: tuple[int, ...], world_size: int, rank: int) -> int:
     return starts[last + 1] - starts[first] if first <= last else 0
 
 
-def stage1_partition_copy_bytes(setup: TrainingSetup) -> int:
+def stage1_partition_copy_bytes(setup: TrainingSetup, numels: tuple[int, ...] | None = None) -> int:
     """Stage 1 (``overlap_comm`` off): b * max over ranks of (P_ov - F), the part of ``grads_in_partition`` not
     yet paid for by gradients freed when DeepSpeed allocates it at the end of backward.
 
@@ -49,7 +49,7 @@ def stage1_partition_copy_bytes(setup: TrainingSetup) -> int:
     """
     if not setup.zero.contiguous_gradients:
         return 0
-    numels = tuple(t.numel for t in param_tensors(setup.model))
+    numels = numels or tuple(t.numel for t in param_tensors(setup.model))  # the flat group's: trainable ones
     world = setup.world_size
     return DTYPE_BYTES[setup.dtype] * max(
         _partition_copy_excess(numels, world, setup.zero.reduce_bucket_size, r) for r in range(world))

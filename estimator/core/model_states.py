@@ -2,9 +2,14 @@
 
 Notation inside formulas: P parameters, N = N_d ranks, b bytes of the training dtype (2, or 4 in fp32 training),
 P' the flat group padded to a multiple of 2N, p = P'/N the partition, B_r ``reduce_bucket_size``, n_max the largest
-parameter tensor, S fp32 optimizer states per parameter (2 for Adam). Every term names the DeepSpeed file and
-function that allocates it; docs/DEEPSPEED_ALLOCATIONS.md has the measured catalogue behind them (real DeepSpeed
-0.19.8 on CPU, every byte attributed).
+parameter tensor, S fp32 optimizer states per parameter (2 for Adam). With frozen parameters (LoRA, ``--freeze``,
+``core.adapters``) P = P_t + P_f: P_t trainable (``requires_grad``), P_f frozen; every optimizer-side term (flat
+group, master, states, gradients, P', p, n_max) counts P_t only, because every DeepSpeed wrapper keeps only
+``utils.py is_optimized_parameter`` parameters (``requires_grad`` and numel > 0) of the optimizer's param groups,
+frozen ones included by the user or not; a frozen parameter stays the model's own 16-bit tensor.
+
+Every term names the DeepSpeed file and function that allocates it; docs/DEEPSPEED_ALLOCATIONS.md has the measured
+catalogue behind them (real DeepSpeed 0.19.8 on CPU, every byte attributed).
 
 The result is split by *when* a buffer lives, because a sum of components is not a peak: ``estimator.timeline``
 combines these with activations per phase.
@@ -17,7 +22,7 @@ from functools import lru_cache
 from itertools import accumulate
 from typing import Literal
 
-from zeroest.estimator.core.adapters import trainable_split
+from zeroest.estimator.core.adapters import TrainableSplit, trainable_split
 from zeroest.estimator.core.architecture import param_tensors
 from zeroest.estimator.core.flat_group import (  # noqa: F401 - re-exported: capacity.py and tests import them from here
     NCCL_START_ALIGNMENT_FACTOR,
@@ -25,7 +30,7 @@ from zeroest.estimator.core.flat_group import (  # noqa: F401 - re-exported: cap
     flat_group_numel,
     stage1_partition_copy_bytes,
 )
-from zeroest.estimator.core.optimizers import flat_at_stage0, muon_temp_bytes, state_bytes
+from zeroest.estimator.core.optimizers import flat_at_stage0, optimizer_state_bytes, optimizer_temp_bytes
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
 from zeroest.estimator.core.shape import ModelShape
 
@@ -59,6 +64,9 @@ class ModelStates:
     the offload path's GPU staging buffer)."""
     gathered_params_bytes: int
     """Stage 3: parameters gathered at once during forward/backward (current module plus prefetch)."""
+    recompute_gathered_bytes: int = 0
+    """Stage 3 with gradient checkpointing and frozen parameters: gathered beyond ``gathered_params_bytes`` during a
+    layer's backward (the recompute's frozen weights, ``stage3.recompute_gathered_numel``)."""
     epilogue_bytes: int
     """Transient at the end of backward: the 16-bit partition stage 1 flattens from the full gradients; with
     offload, the fp32 copy of the largest in-partition gradient slice on its way to the host."""
@@ -93,57 +101,34 @@ def pinned_bytes(nbytes: int, pinned: bool) -> int:
     return 1 << (nbytes - 1).bit_length() if pinned and nbytes > 0 else nbytes
 
 
-def optimizer_state_bytes(setup: TrainingSetup, numel: int) -> int:
-    """Optimizer states for ``numel`` parameters on the tensors the optimizer sees (``core.optimizers.state_bytes``):
-    S * 4 * numel for the element-wise ones (torch/optim/adamw.py ``_init_group``, deepspeed/ops/adam/fused_adam.py
-    ``step``: exp_avg and exp_avg_sq as ``zeros_like`` of the fp32 partition)."""
-    return state_bytes(setup, numel)
+def trained(setup: TrainingSetup) -> TrainableSplit:
+    """The setup's parameters split into trainable and frozen (``core.adapters.trainable_split``); a full fine-tune
+    has every parameter trainable, in ``named_parameters`` order."""
+    return trainable_split(setup.model, setup.adapters)
 
 
-def optimizer_temp_bytes(setup: TrainingSetup, tensor_numels: tuple[int, ...], device: Device) -> int:
-    """Temporaries of the optimizer's update over tensors of these sizes.
-
-    FusedAdam (csrc/adam/multi_tensor_adam.cu), FusedLion, DeepSpeed's CPU optimizers and bitsandbytes' 8-bit
-    AdamW (functional.py ``optimizer_update_8bit_blockwise``, one CUDA kernel) update in place: 0. torch's AdamW
-    (``torch_adam: true``, or ``torch.optim.AdamW`` as a client optimizer: ``foreach=None`` resolves to foreach on
-    CUDA, torch/optim/optimizer.py ``_default_to_fused_or_foreach``, and fused is never the default) on CUDA takes
-    the foreach path (torch/optim/adamw.py ``_multi_tensor_adamw``: ``exp_avg_sq_sqrt = torch._foreach_sqrt(...)``,
-    one fp32 value per parameter of the group at once); on the CPU the single-tensor path
-    (``_single_tensor_adamw``: ``exp_avg_sq.sqrt() / bias_correction2_sqrt``, two fp32 temporaries of the largest
-    tensor). Measured on CPU: 8 * p at stages 1-2 (data/probe/llama_z1_bf16_n4_g1.json). SGD with momentum:
-    ``_foreach_add`` of grad and momentum, one value per parameter on CUDA. Adafactor (torch/optim/_adafactor.py
-    ``adafactor``: ``foreach=None`` is falsy, so ``_single_tensor_adafactor`` on every device): ``grad * grad`` and
-    ``variance.clone()`` of a 1-D tensor (8n; a matrix's ``row_var @ col_var`` is 4mk <= 8n), of the largest.
-    Muon: ``core.optimizers.muon_temp_bytes``.
-    """
-    name = setup.optimizer.name
-    if not tensor_numels:
-        return 0
-    if name == "muon":
-        return muon_temp_bytes(setup)
-    if name == "adafactor":
-        return 2 * FP32 * max(tensor_numels)
-    if setup.optimizer.impl != "torch" or name == "sgd":
-        return 0
-    if device == "cpu":
-        return 2 * FP32 * max(tensor_numels)
-    return FP32 * sum(tensor_numels)
+def _numels(model: ModelShape | TrainableSplit) -> tuple[int, ...]:
+    """Trainable tensor sizes in order: every parameter of a bare shape, the trainable ones of a split."""
+    if isinstance(model, TrainableSplit):
+        return tuple(t.numel for t in model.trainable)
+    return tuple(t.numel for t in param_tensors(model))
 
 
-def stage2_grad_numel(model: ModelShape, world_size: int, rank: int | None = None) -> int:
+def stage2_grad_numel(model: ModelShape | TrainableSplit, world_size: int, rank: int | None = None) -> int:
     """Elements of ``grads_in_partition`` on ``rank`` (None: the rank that holds most).
 
     stage_1_and_2.py ``copy_grads_in_partition`` sizes the buffer as the sum of ``numel`` of every parameter in
     ``params_in_partition`` (``get_partition_info``: any parameter that overlaps the rank's slice of the flat
-    group, counted whole). Rank r owns [r p, (r + 1) p) of the flat group, in ``named_parameters`` order.
+    group, counted whole). Rank r owns [r p, (r + 1) p) of the flat group, in ``named_parameters`` order. The flat
+    group holds the trainable parameters only (``bit16_groups``), so a split counts its trainable tensors.
     """
-    numels = tuple(t.numel for t in param_tensors(model))
+    numels = _numels(model)
     ranks = range(world_size) if rank is None else (rank,)
     return max(_overlap_numel(numels, world_size, r) for r in ranks)
 
 
 def stage1_offload_grads_bytes(setup: TrainingSetup, numel: int) -> int:
-    """Stage 1 with optimizer offload and ``overlap_comm`` off: the model's ``param.grad`` (bP) live to the end of
+    """Stage 1 with optimizer offload and ``overlap_comm`` off: the model's ``param.grad`` (bP_t) live to the end of
     backward, as without offload; 0 at stage 2 or with ``overlap_comm``.
 
     stage_1_and_2.py ``process_gradients`` (the gradient hook) reduces a gradient only
@@ -159,7 +144,7 @@ def stage1_offload_grads_bytes(setup: TrainingSetup, numel: int) -> int:
     return DTYPE_BYTES[setup.dtype] * numel
 
 
-def offload_copy_temp_bytes(model: ModelShape, world_size: int) -> int:
+def offload_copy_temp_bytes(model: ModelShape | TrainableSplit, world_size: int) -> int:
     """4 * n_slice: the fp32 copy on the GPU of one gradient's in-partition slice, on its way to the host.
 
     stage_1_and_2.py ``async_inplace_copy_grad_to_fp32_buffer_from_gpu`` (called per parameter from
@@ -169,9 +154,9 @@ def offload_copy_temp_bytes(model: ModelShape, world_size: int) -> int:
     is the largest overlap of one parameter with the rank's partition (the embedding, whole, on rank 0 of a
     small N_d). Measured: llama-3-8b, N_d = 2, ZeRO-2 + offload on a 24 GB card OOMs asking for 3.91 GiB
     (4 x 128256 x 4096); qwen2.5-1.5b ZeRO-1/2 + offload + checkpointing miss 0.87 GiB (4 x 151936 x 1536) at
-    the end of backward (data/runs/h200-cards).
+    the end of backward (data/runs/h200-cards). Trainable tensors only (the flat group's).
     """
-    numels = tuple(t.numel for t in param_tensors(model))
+    numels = _numels(model)
     return FP32 * max(_largest_slice_numel(numels, world_size, r) for r in range(world_size))
 
 
@@ -215,37 +200,41 @@ def _no_decay_group_trains(setup: TrainingSetup) -> bool:
                for t in trainable_split(setup.model, setup.adapters).trainable)
 
 
-def stage0_states(setup: TrainingSetup, numel: int, device: Device = "cuda") -> ModelStates:
+def stage0_states(setup: TrainingSetup, split: TrainableSplit, device: Device = "cuda") -> ModelStates:
     """Stage 0: every rank holds every state (engine.py ``_do_optimizer_sanity_check`` picks the wrapper).
 
-    * fp32: the bare optimizer; grads 4P (autograd) until ``zero_grad``; states 8P at the first step.
-    * bf16/fp16 with FusedAdam: runtime/fp16/fused_optimizer.py ``FP16_Optimizer``: the params re-pointed into a
-      flat 16-bit buffer (2bP while flattening), a flat fp32 master (4P), states created at init by
-      ``initialize_optimizer_states`` (a zero fp32 gradient 4P and one step); in ``step`` every 16-bit gradient is
-      converted to fp32 and flattened (4P + 4P at once) while the 16-bit gradients (bP) still exist.
+    * fp32: the bare optimizer; grads 4P_t (autograd fills ``param.grad`` of trainable parameters only) until
+      ``zero_grad``; states 8P_t at the first step (torch/optim/adamw.py ``_init_group`` skips parameters whose
+      ``grad`` is None, so frozen parameters in the param groups get no state).
+    * bf16/fp16 with FusedAdam: runtime/fp16/fused_optimizer.py ``FP16_Optimizer.__init__``: the trainable params
+      (``is_optimized_parameter``) re-pointed into a flat 16-bit buffer (bP_t, beside the model's bP while
+      flattening), a flat fp32 master (4P_t), states created at init by ``initialize_optimizer_states`` (a zero fp32
+      gradient 4P_t and one step); in ``step`` every 16-bit gradient is converted to fp32 and flattened
+      (4P_t + 4P_t at once) while the 16-bit gradients (bP_t) still exist.
     * bf16/fp16 with any other optimizer (torch AdamW, FusedLion, Muon, bitsandbytes, Adafactor):
-      runtime/fp16/unfused_optimizer.py ``FP16_UnfusedOptimizer``: the model's own
-      params, an fp32 master per parameter (4P, ``clone().float()``), states at init (one step on zero
-      gradients: bP + 4P zero grads), in ``step`` an fp32 copy of every gradient (4P).
+      runtime/fp16/unfused_optimizer.py ``FP16_UnfusedOptimizer.__init__``: the
+      model's own params, an fp32 master per trainable parameter (4P_t, ``clone().float()``), states at init (one
+      step on zero gradients: bP_t + 4P_t zero grads), in ``step`` an fp32 copy of every gradient (4P_t).
+    * frozen parameters: the model's own 16-bit tensors (bP_f), nothing else.
     """
     b = DTYPE_BYTES[setup.dtype]
-    numels = tuple(t.numel for t in param_tensors(setup.model))
-    states = optimizer_state_bytes(setup, numel)
-    temps = optimizer_temp_bytes(setup, numels, device)
-    common = dict(grads_bytes=b * numel, step_grads_bytes=b * numel, buckets_bytes=0, resident_buffers_bytes=0,
-                  gathered_params_bytes=0, epilogue_bytes=0, host_bytes=0, nvme_bytes=0,
-                  grads_carry_bytes=b * numel if setup.workload.grad_accum > 1 else 0)
+    numel, trainable = split.total_numel, split.trainable_numel
+    states = optimizer_state_bytes(setup, trainable)
+    temps = optimizer_temp_bytes(setup, _numels(split), device)
+    common = dict(grads_bytes=b * trainable, step_grads_bytes=b * trainable, buckets_bytes=0,
+                  resident_buffers_bytes=0, gathered_params_bytes=0, epilogue_bytes=0, host_bytes=0, nvme_bytes=0,
+                  grads_carry_bytes=b * trainable if setup.workload.grad_accum > 1 else 0)
     if setup.dtype == "fp32":
         return ModelStates(params_bytes=b * numel, master_weights_bytes=0, optimizer_states_bytes=states,
                            states_at_init=False, step_temp_bytes=temps, init_peak_bytes=b * numel, **common)
-    steady = b * numel + FP32 * numel + states
+    steady = b * numel + FP32 * trainable + states
     if flat_at_stage0(setup):
-        step_temp = 2 * FP32 * numel
-        init_peak = max(2 * b * numel, steady + FP32 * numel)
+        step_temp = 2 * FP32 * trainable
+        init_peak = max(b * numel + b * trainable, steady + FP32 * trainable)
     else:
-        step_temp = FP32 * numel + temps
-        init_peak = steady + (b + FP32) * numel + temps
-    return ModelStates(params_bytes=b * numel, master_weights_bytes=FP32 * numel, optimizer_states_bytes=states,
+        step_temp = FP32 * trainable + temps
+        init_peak = steady + (b + FP32) * trainable + temps
+    return ModelStates(params_bytes=b * numel, master_weights_bytes=FP32 * trainable, optimizer_states_bytes=states,
                        states_at_init=True, step_temp_bytes=step_temp, init_peak_bytes=init_peak, **common)
 
 
@@ -269,8 +258,7 @@ def offload_host_bytes(setup: TrainingSetup, part: int, n_max: int, device: Devi
     held = (pinned_bytes(FP32 * part, pinned) + optimizer_state_bytes(setup, part) + pinned_bytes(FP32 * part, pinned)
             + pinned_bytes(b * part, pinned) + pinned_bytes(b * n_max, pinned))
     if setup.workload.grad_accum > 1:
-        numels = tuple(t.numel for t in param_tensors(setup.model))
-        mine = _partition_params(numels, setup.world_size, 0)
+        mine = _partition_params(_numels(trained(setup)), setup.world_size, 0)  # trainable tensors: the flat group
         held += sum(pinned_bytes(b * n, pinned) for n in mine)
     return held
 
@@ -287,9 +275,12 @@ def _partition_params(numels: tuple[int, ...], world_size: int, rank: int) -> tu
     return tuple(out)
 
 
-def stage12_states(setup: TrainingSetup, numel: int, device: Device = "cuda", *,
+def stage12_states(setup: TrainingSetup, split: TrainableSplit, device: Device = "cuda", *,
                    flatten_on_gpu: bool = True) -> ModelStates:
-    """Stages 1 and 2: runtime/zero/stage_1_and_2.py ``DeepSpeedZeroOptimizer``.
+    """Stages 1 and 2: runtime/zero/stage_1_and_2.py ``DeepSpeedZeroOptimizer``. P, P', p, n_max below are the
+    trainable parameters' (P_t): ``__init__`` builds ``bit16_groups`` from the param groups' parameters that pass
+    ``is_optimized_parameter`` (``requires_grad``), and only those are flattened, partitioned, hooked and updated.
+    Frozen parameters stay the model's own 16-bit tensors, whole on every rank: params hold bP_f more.
 
     * params: ``bit16_groups_flat``, bP'; the model's parameters become views into it
       (``_update_model_bit16_weights``), so init peaks at bP + bP' while both exist, or at bP' when the card
@@ -313,24 +304,25 @@ def stage12_states(setup: TrainingSetup, numel: int, device: Device = "cuda", *,
     """
     b = DTYPE_BYTES[setup.dtype]
     world = setup.world_size
+    numel, frozen = split.trainable_numel, split.frozen_numel
     padded = flat_group_numel(numel, world)
     part = padded // world
     offload = setup.zero.offload_optimizer != "none"
     stage2 = setup.stage >= ZeroStage.GRADIENTS
     accum = setup.workload.grad_accum > 1
-    n_max = max(t.numel for t in param_tensors(setup.model))
+    n_max = max(_numels(split))
     n_buckets = 2 if setup.zero.overlap else 1
     buckets = n_buckets * b * setup.zero.reduce_bucket_size if setup.zero.contiguous_gradients else 0
     master = FP32 * part
     states = optimizer_state_bytes(setup, part)
     if offload:
         grads = stage1_offload_grads_bytes(setup, numel)
-        carry, epilogue, step_grads = (grads if accum else 0), offload_copy_temp_bytes(setup.model, world), 0
+        carry, epilogue, step_grads = (grads if accum else 0), offload_copy_temp_bytes(split, world), 0
     elif stage2:
-        grads = b * stage2_grad_numel(setup.model, world)
+        grads = b * stage2_grad_numel(split, world)
         carry, epilogue, step_grads = (grads if accum else 0), 0, grads
     else:
-        epilogue = b * part if setup.zero.overlap else stage1_partition_copy_bytes(setup)
+        epilogue = b * part if setup.zero.overlap else stage1_partition_copy_bytes(setup, _numels(split))
         grads, step_grads = b * numel, b * part
         carry = grads if accum else 0  # the buckets stay too: estimator.timeline adds them at stage 1
     temps = optimizer_temp_bytes(setup, (part,), device)
@@ -340,7 +332,7 @@ def stage12_states(setup: TrainingSetup, numel: int, device: Device = "cuda", *,
     freed = 0 if shared_grads_through_step(setup) else step_grads
     step_temp = 0 if offload else max(b * part + FP32 * part, FP32 * part + temps - freed)
     return ModelStates(
-        params_bytes=b * padded,
+        params_bytes=b * padded + b * frozen,
         master_weights_bytes=0 if offload else master,
         optimizer_states_bytes=0 if offload else states,
         states_at_init=False,
@@ -357,8 +349,9 @@ def stage12_states(setup: TrainingSetup, numel: int, device: Device = "cuda", *,
         # host buffers with offload.
         # (offload: ``weights_partition = ...[partition_id].detach().clone().to(self.device)`` clones the 16-bit
         # partition on the GPU, bp, before moving it to the host)
-        init_peak_bytes=max(b * numel * flatten_on_gpu + b * padded,
-                            b * padded + (b * part if offload else master + FP32 * part)),
+        # frozen parameters (bP_f) stay where they are through all of it.
+        init_peak_bytes=b * frozen + max(b * numel * flatten_on_gpu + b * padded,
+                                         b * padded + (b * part if offload else master + FP32 * part)),
         host_bytes=offload_host_bytes(setup, part, n_max, device) if offload else 0,
         host_pageable_bytes=states if offload else 0,
         nvme_bytes=0,

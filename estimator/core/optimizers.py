@@ -10,12 +10,13 @@ What the optimizer is handed depends on DeepSpeed's wrapper (engine.py ``_do_opt
   ``fp32_groups_flat``); with any other optimizer ``FP16_UnfusedOptimizer``, an fp32 copy of each parameter with
   its shape (fp16/unfused_optimizer.py ``fp32_groups``: ``p.clone().float()``); in fp32, the model's parameters.
 
-With several parameter groups (``Optimizer.param_groups``, the HF Trainer's decay / no-decay pair) ZeRO flattens
-each group apart, so the optimizer sees one more, small 1-D tensor (norms and biases): its own bitsandbytes blocks
-and ``min_8bit_size`` test change the states by at most 8 bytes per element of that group (kilobytes); the states
-are summed as over one group. So an optimizer that treats a >= 2-D tensor differently (Adafactor's factored moments, bitsandbytes'
-``min_8bit_size``, Muon's Newton-Schulz) sees only 1-D tensors under ZeRO. Notation: n the elements of one tensor
-the optimizer sees, (m, k) a matrix's shape, r = min(m, k), b bytes of the training dtype.
+So an optimizer that treats a >= 2-D tensor differently (Adafactor's factored moments, bitsandbytes'
+``min_8bit_size``, Muon's Newton-Schulz) sees only 1-D tensors under ZeRO. With several parameter groups
+(``Optimizer.param_groups``, the HF Trainer's decay / no-decay pair) ZeRO flattens each group apart, so the optimizer
+sees one more, small 1-D tensor (norms and biases): its own bitsandbytes blocks and ``min_8bit_size`` test change the
+states by at most 8 bytes per element of that group (kilobytes); the states are summed as over one group. Frozen
+parameters are in no group. Notation: n the elements of one tensor the optimizer sees, (m, k) a matrix's shape,
+r = min(m, k), b bytes of the training dtype.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import accumulate
 
-from zeroest.estimator.core.architecture import ParamTensor, param_tensors
+from zeroest.estimator.core.adapters import trainable_split
+from zeroest.estimator.core.architecture import ParamTensor
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup
 from zeroest.estimator.core.vocab import ADAM_FAMILY, EIGHT_BIT, OptimizerImpl, OptimizerName, ZeroStage
 from zeroest.estimator.units import ceil_div, round_up
@@ -72,7 +74,7 @@ def seen_tensors(setup: TrainingSetup, numel: int) -> tuple[Seen, ...]:
     1-D flats (one partition at stages 1-2; sub-groups of ``sub_group_size`` at stage 3)."""
     if setup.stage == ZeroStage.DISABLED and not flat_at_stage0(setup):
         h = setup.model.hidden_size
-        return tuple(Seen(t.numel, matrix_shape(t, h)) for t in param_tensors(setup.model))
+        return tuple(Seen(t.numel, matrix_shape(t, h)) for t in trainable_split(setup.model, setup.adapters).trainable)
     if setup.stage == ZeroStage.PARAMETERS and setup.zero.sub_group_size:
         size = setup.zero.sub_group_size
         return tuple(Seen(min(size, numel - start)) for start in range(0, numel, size))
@@ -101,7 +103,7 @@ def _muon_split(setup: TrainingSetup) -> tuple[tuple[int, ...], tuple[int, ...],
     descending; the Adam group in ``named_parameters`` order)."""
     h = setup.model.hidden_size
     shapes, adam = [], []
-    for t in param_tensors(setup.model):
+    for t in trainable_split(setup.model, setup.adapters).trainable:  # frozen weights are in no group
         shape = matrix_shape(t, h)
         if shape and not any(word in t.name.lower() for word in MUON_EXCLUDED):
             shapes.append(shape)
@@ -205,3 +207,40 @@ def optimizer_notes(setup: TrainingSetup) -> list[str]:
         notes.append("Muon: momentum for the hidden matrices, Adam for embeddings, lm_head and vectors; its "
                      "Newton-Schulz temporaries are the eager upper bound, unvalidated on a GPU")
     return notes
+
+
+def optimizer_state_bytes(setup: TrainingSetup, numel: int) -> int:
+    """Optimizer states for ``numel`` parameters on the tensors the optimizer sees (``core.optimizers.state_bytes``):
+    S * 4 * numel for the element-wise ones (torch/optim/adamw.py ``_init_group``, deepspeed/ops/adam/fused_adam.py
+    ``step``: exp_avg and exp_avg_sq as ``zeros_like`` of the fp32 partition)."""
+    return state_bytes(setup, numel)
+
+
+def optimizer_temp_bytes(setup: TrainingSetup, tensor_numels: tuple[int, ...], device: str) -> int:
+    """Temporaries of the optimizer's update over tensors of these sizes.
+
+    FusedAdam (csrc/adam/multi_tensor_adam.cu), FusedLion, DeepSpeed's CPU optimizers and bitsandbytes' 8-bit
+    AdamW (functional.py ``optimizer_update_8bit_blockwise``, one CUDA kernel) update in place: 0. torch's AdamW
+    (``torch_adam: true``, or ``torch.optim.AdamW`` as a client optimizer: ``foreach=None`` resolves to foreach on
+    CUDA, torch/optim/optimizer.py ``_default_to_fused_or_foreach``, and fused is never the default) on CUDA takes
+    the foreach path (torch/optim/adamw.py ``_multi_tensor_adamw``: ``exp_avg_sq_sqrt = torch._foreach_sqrt(...)``,
+    one fp32 value per parameter of the group at once); on the CPU the single-tensor path
+    (``_single_tensor_adamw``: ``exp_avg_sq.sqrt() / bias_correction2_sqrt``, two fp32 temporaries of the largest
+    tensor). Measured on CPU: 8 * p at stages 1-2 (data/probe/llama_z1_bf16_n4_g1.json). SGD with momentum:
+    ``_foreach_add`` of grad and momentum, one value per parameter on CUDA. Adafactor (torch/optim/_adafactor.py
+    ``adafactor``: ``foreach=None`` is falsy, so ``_single_tensor_adafactor`` on every device): ``grad * grad`` and
+    ``variance.clone()`` of a 1-D tensor (8n; a matrix's ``row_var @ col_var`` is 4mk <= 8n), of the largest.
+    Muon: ``core.optimizers.muon_temp_bytes``.
+    """
+    name = setup.optimizer.name
+    if not tensor_numels:
+        return 0
+    if name == "muon":
+        return muon_temp_bytes(setup)
+    if name == "adafactor":
+        return 2 * FP32 * max(tensor_numels)
+    if setup.optimizer.impl != "torch" or name == "sgd":
+        return 0
+    if device == "cpu":
+        return 2 * FP32 * max(tensor_numels)
+    return FP32 * sum(tensor_numels)

@@ -1,4 +1,5 @@
-"""Named overheads outside the model: CUDA context, NCCL, cuBLAS workspace, caching-allocator behaviour.
+"""Named overheads outside the model: CUDA context, NCCL, cuBLAS workspace, caching-allocator behaviour (the
+coefficients of the reserved-memory terms, ``core.reserved``).
 
 Each is a parameter with a documented default; ``zeroest report --fit`` fits them per GPU x torch x DeepSpeed
 version and, with ``--write-calibration data/calibration``, writes
@@ -8,10 +9,9 @@ This module is pure: no file is read here.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
-from zeroest.estimator.units import MiB, round_up
+from zeroest.estimator.units import MiB
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,7 +20,11 @@ class Overheads:
 
     Defaults are ``zeroest report --fit`` on data/runs (64 ranks, one H100 80GB HBM3, torch 2.11, DeepSpeed
     0.19.8: data/calibration/nvidia-h100-80gb-hbm3-torch2.11-ds0.19.json), rounded; other GPUs and versions get
-    their own calibration file when someone measures them.
+    their own calibration file when someone measures them. The reserved coefficients (``core.reserved``) are the
+    in-sample fit over both GPUs measured (127 ranks, H100 80GB HBM3 and H200, torch 2.11, DeepSpeed 0.19.8):
+    ``zeroest report data/runs/h100-default data/runs/h100-holdout data/runs/h100-launchers data/runs/h200-loops
+    data/runs/h200-zeroinit data/runs/h200-cards data/runs/h200-families --fit --pool``, rounded, so that a GPU
+    without its own file gets what carried over between these two.
     """
 
     cuda_context_bytes: int = 788 * MiB
@@ -39,14 +43,23 @@ class Overheads:
     reserved_block_bytes: int = 2 * MiB
     """Large-pool segment granularity of the caching allocator (c10/cuda/CUDACachingAllocator.cpp
     ``kRoundLarge``): reserved memory comes in multiples of it."""
-    reserved_fraction_of_peak: float = 0.152
-    """Fraction of the peak allocation the allocator keeps reserved on top of it (cached blocks split to fit
-    later requests, segments rounded up); fitted."""
-    reserved_fraction_of_transient: float = 0.053
-    """Fraction of the transient (activations and temporaries) at the peak that the allocator keeps reserved on top
-    of the peak allocation through fragmentation; fitted."""
+    reserved_fraction_of_peak: float = 0.046
+    """f_p of ``core.reserved``: reserved kept beyond the named terms, as a fraction of what they sum to (block
+    splitting the terms leave out); fitted."""
+    reserved_fraction_of_activations: float = 0.117
+    """f_a of ``core.reserved``: the fraction of the activations the cache keeps as free pieces too small for
+    later requests (many tensors of many sizes, freed in another order than made); fitted."""
+    reserved_reuse_fraction: float = 0.225
+    """r of ``core.reserved``: the fraction of the free cache after backward that the first step's flat fp32
+    buffers reuse, where one freed activation (the fp32 logits) is as large as such a buffer; fitted."""
+    reserved_fraction_of_offload_grads: float = 0.727
+    """f_o of ``core.reserved``: with optimizer offload, the fraction of the 16-bit gradients (b P) held in the
+    cache while their copies to the host run on another stream (``record_stream``); fitted."""
+    reserved_fraction_of_gathered: float = 0.692
+    """f_g of ``core.reserved``: at stage 3, the fraction of the gathered parameters' bytes the cache keeps
+    beyond them (all-gather blocks of every module's size); fitted."""
     reserved_fixed_bytes: int = 0
-    """Constant reserved beyond the peak allocation (small-pool segments, rounding); fitted."""
+    """c of ``core.reserved``: a constant reserved beyond the terms (small-pool segments); fitted, >= 0."""
     host_process_bytes: int = 1946 * MiB
     """Host RSS of a rank that holds no host states: the interpreter, torch and the CUDA libraries' host side,
     DeepSpeed, transformers and the model's Python objects (validate/measure.py ``rss_bytes`` from ``init`` on).
@@ -57,24 +70,11 @@ class Overheads:
     offload measured 1.92-2.20 GiB (median 2.11 GiB), so B + C = 2.21 GiB covers them all; 0 on a fake group."""
     activation_scale: float = 1.0
     """Multiplier on modelled activations (1.0: the traced/closed-form bytes as they are); fitted per attention."""
-    source: str = "defaults (fitted on H100 80GB, torch 2.11, DeepSpeed 0.19)"
+    source: str = "defaults (fitted on H100 80GB and H200, torch 2.11, DeepSpeed 0.19)"
     """Where these values come from: the defaults or a calibration file."""
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def reserved_from(peak_bytes: float, transient_bytes: float, overheads: Overheads) -> float:
-    """Predicted peak reserved: the peak allocation rounded to the allocator's segment size, plus what the cache
-    keeps beyond it.
-
-    c10/cuda/CUDACachingAllocator.cpp rounds large requests up to 2 MiB segments (``kRoundLarge``) and keeps freed
-    blocks cached: a fitted fraction of the peak, a fitted fraction of the transient tensors of varying sizes
-    (activations, temporaries) that leave cached holes, and a fitted constant.
-    """
-    peak = math.ceil(peak_bytes)
-    return (round_up(peak, overheads.reserved_block_bytes) + overheads.reserved_fraction_of_peak * peak
-            + overheads.reserved_fraction_of_transient * transient_bytes + overheads.reserved_fixed_bytes)
 
 
 def device_from(reserved_bytes: float, overheads: Overheads, *, peers: int, real_comm: bool) -> float:

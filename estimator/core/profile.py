@@ -133,6 +133,10 @@ class ActivationProfile:
         return self.stack_bytes(grad_ckpt) + max(head, self.layer_backward_peak_bytes(grad_ckpt))
 
     def backward_live_after_layers(self, k: int, grad_ckpt: bool) -> int:
-        """Activation bytes still live once the backward of the last ``k`` layers is done (head done too)."""
-        done = max(0, min(k, self.num_layers))
-        return self.stack_bytes(grad_ckpt) - done * self.per_layer_bytes(grad_ckpt) + self.grad_hidden_bytes
+        """Activation bytes still live once the backward of the last ``k`` layers is done (head done too).
+
+        The last layers are the deepest: ``per_layer_bytes`` each (the deepest layer's, which a profile of
+        partly frozen layers keeps), and never more than all the layers' bytes."""
+        layers = self.ckpt_all_layers_saved_bytes if grad_ckpt else self.all_layers_saved_bytes
+        done = min(max(0, k) * self.per_layer_bytes(grad_ckpt), layers)
+        return self.stack_bytes(grad_ckpt) - done + self.grad_hidden_bytes

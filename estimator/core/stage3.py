@@ -3,15 +3,23 @@
 Same notation as ``estimator.model_states``. Stage 3 partitions every parameter separately: a parameter of n
 elements keeps ``ceil(n / N)`` elements on each rank (partition_parameters.py ``_partition_param``, padding from
 ``_padding_size``), so P3 = sum over parameters of ceil(n / N).
+
+Frozen parameters (LoRA, ``--freeze``): every module parameter is partitioned, frozen ones too (``Init`` /
+``_convert_to_zero_parameters`` convert all of them), so the 16-bit partitions cover P3 over all parameters, and
+persistence (parameter_offload.py ``mark_persistent_parameters``) applies to all. The optimizer side covers the
+trainable ones only: ``DeepSpeedZeroOptimizer_Stage3.__init__`` builds ``trainable_param_groups`` with
+``_get_trainable_parameter_groups`` (``utils.py is_optimized_parameter``: ``requires_grad`` and numel > 0), and
+``fp16_groups``, ``fp16_partitioned_groups_flat``, ``fp32_partitioned_groups_flat``, ``grad_partitions_flat_buffer``
+and the optimizer states are built from those: P3_t = sum over trainable parameters of ceil(n / N). A frozen
+parameter's partition stays its own ``ds_tensor`` (b ceil(n / N)), outside the flat group.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from itertools import accumulate
 
-from zeroest.estimator.core.architecture import ParamTensor, param_tensors
+from zeroest.estimator.core.adapters import TrainableSplit
+from zeroest.estimator.core.architecture import param_tensors
 from zeroest.estimator.core.model_states import (
     FP32,
     Device,
@@ -19,10 +27,14 @@ from zeroest.estimator.core.model_states import (
     optimizer_state_bytes,
     optimizer_temp_bytes,
     pinned_bytes,
+    trained,
 )
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup
-from zeroest.estimator.core.vocab import MAX_REUSE_DISTANCE
+from zeroest.estimator.core.stage3_fetch import reuse_retained_numel
 from zeroest.estimator.units import ceil_div
+
+_LAYER = re.compile(r"\.(?:layers|h|layer)\.\d+\.")
+"""A decoder layer's place in an HF parameter name (``model.layers.3.``, ``transformer.h.3.``)."""
 
 
 def partition_numel(numel: int, world_size: int) -> int:
@@ -30,71 +42,14 @@ def partition_numel(numel: int, world_size: int) -> int:
     return ceil_div(numel, world_size)
 
 
-_LAYER = re.compile(r"\.(?:layers|h|layer|blocks)\.(\d+)\.")
-
-
-Trace = list[tuple[tuple[str, ...], int]]
-
-
-def _module_trace(tensors: Sequence[ParamTensor], *, tied: bool, grad_ckpt: bool) -> tuple[Trace, Trace]:
-    """The modules with parameters in the order stage 3's coordinator sees them in one forward, and in the backward
-    after it, each as (its parameters' names, their numel).
-
-    parameter_offload.py ``_register_deepspeed_module`` hooks every module; ``fetch_sub_module`` records each module
-    as its forward, then its backward, begins (``record_module``). A module is the parameter name's prefix, in
-    ``named_parameters`` order; a tied lm_head uses the token embedding's weight again after the last module.
-    Backward runs the blocks in reverse; with non-reentrant checkpointing a decoder layer's backward begins with
-    its recomputed forward (torch/utils/checkpoint.py ``_checkpoint_hook`` unpacks by re-running the layer, whose
-    forward hooks fetch again).
-    """
-    modules: dict[str, list[ParamTensor]] = {}
-    for t in tensors:
-        modules.setdefault(t.name.rsplit(".", 1)[0], []).append(t)
-    entries = [(tuple(t.name for t in ts), sum(t.numel for t in ts)) for ts in modules.values()]
-    layers = [_LAYER.search(name + ".") for name in modules]
-    keys = [m.group(1) if m else None for m in layers]
-    if tied:
-        embedding = next((t for t in tensors if t.component == "embeddings"), None)
-        if embedding is not None:
-            entries.append(((embedding.name,), embedding.numel))
-            keys.append(None)
-    blocks: list[tuple[str | None, Trace]] = []
-    for i, (entry, key) in enumerate(zip(entries, keys, strict=True)):
-        if key is None or i == 0 or key != keys[i - 1]:
-            blocks.append((key, []))
-        blocks[-1][1].append(entry)
-    backward = [e for key, block in reversed(blocks) for e in (block if grad_ckpt and key else []) + block[::-1]]
-    return entries, backward
-
-
-def reuse_retained_numel(tensors: Sequence[ParamTensor], *, tied: bool, grad_ckpt: bool,
-                         persistence_threshold: int, reuse_distance: int = MAX_REUSE_DISTANCE) -> int:
-    """Elements of non-persistent parameters still gathered when forward ends because their next use is near.
-
-    partitioned_param_coordinator.py ``release_sub_module`` (forward) frees only the parameters that
-    ``__params_to_release`` picks: walking the recorded module trace from the next module on, it keeps every
-    parameter met before the walked modules' parameters add up to ``stage3_max_reuse_distance`` R (1e9 by
-    default). A parameter used last in forward at trace position k and next at k' stays gathered when
-    sum_{k < j < k'} n_j < R (n_j: elements of module j's own parameters, persistent ones included). The lm_head
-    (last in forward, first in backward) always stays; without checkpointing a module's distance is about twice the
-    elements after it, so the last ~R/2 elements of the model stay gathered into backward. Nothing here caps them
-    at ``stage3_max_live_parameters``: that bounds only the prefetch.
-    """
-    forward, backward = _module_trace(tensors, tied=tied, grad_ckpt=grad_ckpt)
-    trace, n_forward = forward + backward, len(forward)
-    numel = {t.name: t.numel for t in tensors}
-    starts = [0, *accumulate(n for _, n in trace)]
-    last_forward: dict[str, int] = {}
-    for k, (names, _) in enumerate(trace[:n_forward]):
-        for name in names:
-            last_forward[name] = k
-    next_use: dict[str, int] = {}
-    for k in range(len(trace) - 1, n_forward - 1, -1):
-        for name in trace[k][0]:
-            next_use[name] = k
-    return sum(numel[name] for name, k in last_forward.items()
-               if numel[name] >= persistence_threshold and name in next_use
-               and starts[next_use[name]] - starts[k + 1] < reuse_distance)
+def _layer_frozen_numel(split: TrainableSplit, threshold: int) -> int:
+    """Largest sum over one decoder layer of its frozen, non-persistent parameters (elements)."""
+    per_layer: dict[str, int] = {}
+    for t in split.frozen:
+        match = _LAYER.search(t.name)
+        if match and t.numel >= threshold:
+            per_layer[match.group(0)] = per_layer.get(match.group(0), 0) + t.numel
+    return max(per_layer.values(), default=0)
 
 
 def gathered_numel(setup: TrainingSetup) -> int:
@@ -105,22 +60,48 @@ def gathered_numel(setup: TrainingSetup) -> int:
     ``stage3_max_live_parameters`` L elements are gathered (``__n_available_params``), up to
     ``stage3_prefetch_bucket_size`` B at a time, and a prefetched parameter is not released before its use: about
     L + B elements stay gathered (at least the largest tensor). Independently, ``release_sub_module`` keeps the
-    parameters whose next use lies within ``stage3_max_reuse_distance`` (``reuse_retained_numel``), so with a
-    small L the end of forward holds those instead. Persistent parameters are whole anyway and not counted again.
-    With N_d = 1 and no parameter offload a "gathered" parameter is its own partition: nothing extra. Measured on
-    an H100 (data/runs/h100-default): pythia-1b N_d = 2 holds its whole 16-bit model gathered at the end of
-    forward; gpt2-large N_d = 4 with L = 1e8 holds 5.2e8 elements (1.04e9 bytes more in step 1's forward than in
-    step 0's, beyond the optimizer states; data/runs/h100-holdout).
+    parameters whose next use lies within ``stage3_max_reuse_distance`` (``stage3_fetch.reuse_retained_numel``), so
+    with a small L the end of forward holds those instead. Persistent parameters are whole anyway and not counted
+    again. With N_d = 1 and no parameter offload a "gathered" parameter is its own partition: nothing extra.
+    Measured on an H100 (data/runs/h100-default): pythia-1b N_d = 2 holds its whole 16-bit model gathered at the
+    end of forward; gpt2-large N_d = 4 with L = 1e8 holds 5.2e8 elements (1.04e9 bytes more in step 1's forward
+    than in step 0's, beyond the optimizer states; data/runs/h100-holdout). Frozen parameters are gathered like
+    trainable ones (a frozen Linear's weight is needed again in backward for the input's gradient), so the sum runs
+    over every parameter, adapters included.
     """
     if setup.world_size == 1 and setup.zero.offload_params == "none":
         return 0
-    tensors = param_tensors(setup.model)
-    big = [t.numel for t in tensors if t.numel >= setup.zero.param_persistence_threshold]
+    split = trained(setup)
+    threshold = setup.zero.param_persistence_threshold
+    big = [t.numel for t in (*split.trainable, *split.frozen) if t.numel >= threshold]
     if not big:
         return 0
-    retained = reuse_retained_numel(tensors, tied=setup.model.tied_embeddings, grad_ckpt=setup.workload.grad_ckpt,
-                                    persistence_threshold=setup.zero.param_persistence_threshold)
+    retained = reuse_retained_numel(param_tensors(setup.model), tied=setup.model.tied_embeddings,
+                                    grad_ckpt=setup.workload.grad_ckpt, persistence_threshold=threshold)
     return min(sum(big), max(max(big), setup.zero.max_live_parameters + setup.zero.prefetch_bucket_size, retained))
+
+
+def recompute_gathered_numel(setup: TrainingSetup) -> int:
+    """Elements gathered during a layer's backward beyond ``gathered_numel``, with gradient checkpointing and frozen
+    parameters: max(0, F_l - gathered_numel), F_l the largest sum of one decoder layer's frozen, non-persistent
+    parameters.
+
+    DeepSpeed 0.19.8 (PR #8148 "Z3: Support for activation ckpt with frozen params"; before it such a recompute
+    failed with a CheckpointError, PR #8130): partitioned_param_coordinator.py ``fetch_sub_module`` attributes a
+    frozen parameter fetched during a checkpoint recompute (``torch._C._current_graph_task_id() != -1``) to the
+    active backward submodule (``update_recompute_parameters``), ``release_sub_module`` does not release it at the
+    recompute's forward release, and releases it with that submodule's backward. A recomputed layer's frozen weights
+    are therefore gathered together during its backward,
+    however small ``stage3_max_live_parameters`` is; the forward and the head's backward are unaffected. Measured on
+    the CPU (tests/test_lora_states_deepspeed.py): tiny llama + LoRA, N_d = 4, backward 528,384 elements gathered = its
+    three frozen MLP weights, forward 262,144 = its largest tensor.
+    """
+    if not setup.workload.grad_ckpt or (setup.world_size == 1 and setup.zero.offload_params == "none"):
+        return 0
+    split = trained(setup)
+    if not split.frozen:
+        return 0
+    return max(0, _layer_frozen_numel(split, setup.zero.param_persistence_threshold) - gathered_numel(setup))
 
 
 def convert_peak_bytes(setup: TrainingSetup) -> int:
@@ -135,31 +116,35 @@ def convert_peak_bytes(setup: TrainingSetup) -> int:
     H200 (data/runs/h200-zeroinit, no zero.Init, N_d = 64): llama-3-8b init 14.973 GiB against b * P = 14.958
     (b * ceil(n_0 / N) = 0.015).
     """
-    tensors = param_tensors(setup.model)
+    split = trained(setup)  # the whole model, adapters included; n_0 the first of ``named_parameters``
     b = DTYPE_BYTES[setup.dtype]
-    first = 0 if setup.zero.offload_params != "none" else b * partition_numel(tensors[0].numel, setup.world_size)
-    return b * sum(t.numel for t in tensors) + first
+    first = param_tensors(setup.model)[0].numel
+    first = 0 if setup.zero.offload_params != "none" else b * partition_numel(first, setup.world_size)
+    return b * sum(t.numel for t in (*split.trainable, *split.frozen)) + first
 
 
 def stage3_states(setup: TrainingSetup, device: Device = "cuda") -> ModelStates:
     """Stage 3, per rank.
 
-    * params: ``fp16_partitioned_groups_flat`` (b P3, ``_create_fp16_partitions_with_defragmentation``), plus the
+    * params: ``fp16_partitioned_groups_flat`` (b P3_t, ``_create_fp16_partitions_with_defragmentation``) and the
+      frozen parameters' own ``ds_tensor`` (b (P3 - P3_t)), plus the
       persistent parameters (numel < ``stage3_param_persistence_threshold``) held whole on every rank, padded:
       b * ceil(n/N) * N each (parameter_offload.py ``mark_persistent_parameters``). With ``offload_param`` the
       partitions live on the host; persistent parameters stay on the GPU.
-    * master: ``fp32_partitioned_groups_flat`` (``_create_fp32_partitions``), 4 P3.
-    * states: S * 4 P3, at the first step.
-    * resident: ``grad_partitions_flat_buffer`` (b P3, ``gradient_accumulation_dtype`` = the model dtype by
+    * master: ``fp32_partitioned_groups_flat`` (``_create_fp32_partitions``), 4 P3_t.
+    * states: S * 4 P3_t, at the first step.
+    * resident: ``grad_partitions_flat_buffer`` (b P3_t, ``gradient_accumulation_dtype`` = the model dtype by
       default) and one ipg bucket (b B_r, not doubled by overlap_comm), both allocated in
       ``_setup_for_real_optimizer`` at init and kept.
-    * step: per sub-group of g = min(P3, sub_group_size) elements, ``_prepare_fp32_grad_for_sub_group`` flattens
+    * step: per sub-group of g = min(P3_t, sub_group_size) elements, ``_prepare_fp32_grad_for_sub_group`` flattens
       the 16-bit gradients (bg) and converts them to fp32 (4g) at once, then the optimizer's temporaries.
-    * offload: master, its fp32 gradient (4 P3, from init: ``initialize_optimizer_states``), states and the
+    * offload: master, its fp32 gradient (4 P3_t, from init: ``initialize_optimizer_states``), states and the
       gradient buffer on the host; NVMe takes the optimizer side (``offload_optimizer.device: nvme``) and/or the
-      parameter partitions (``offload_param.device: nvme``). With ``pin_memory`` the fp32 gradient of each
-      sub-group (``subgroup_gradient_buffer``), ``grad_partitions_flat_buffer`` and the host parameter flat buffer
-      (``param_groups_fp16_flat_cpu_memory``) are page-locked, each rounded up to a power of two
+      parameter partitions (``offload_param.device: nvme``; all of them, b P3, frozen too:
+      partition_parameters.py ``_partition_param`` puts every ``ds_tensor`` on the remote device). With
+      ``pin_memory`` the fp32 gradient of each sub-group (``subgroup_gradient_buffer``), ``grad_partitions_flat_buffer``
+      and the host parameter flat buffer (``param_groups_fp16_flat_cpu_memory``, trainable partitions only) are
+      page-locked, each rounded up to a power of two
       (``model_states.pinned_bytes``); master and states are pageable (``_create_fp32_partitions``: ``.clone()``).
       With ``offload_param`` on the CPU each parameter's partition is first pinned on its own
       (partition_parameters.py ``_partition_param``: ``get_accelerator().pin_memory(partitioned_tensor)``), sum of
@@ -169,29 +154,33 @@ def stage3_states(setup: TrainingSetup, device: Device = "cuda") -> ModelStates:
     """
     b = DTYPE_BYTES[setup.dtype]
     world = setup.world_size
-    tensors = param_tensors(setup.model)
+    split = trained(setup)
+    tensors = (*split.trainable, *split.frozen)
     threshold = setup.zero.param_persistence_threshold
     p3 = sum(partition_numel(t.numel, world) for t in tensors)
+    p3_t = sum(partition_numel(t.numel, world) for t in split.trainable)
     persistent = sum(partition_numel(t.numel, world) * world for t in tensors if t.numel < threshold)
     offload_opt = setup.zero.offload_optimizer != "none"
     offload_params = setup.zero.offload_params != "none"
-    group = min(p3, setup.zero.sub_group_size) if setup.zero.sub_group_size else p3
-    master = FP32 * p3
-    states = optimizer_state_bytes(setup, p3)
+    group = min(p3_t, setup.zero.sub_group_size) if setup.zero.sub_group_size else p3_t
+    master = FP32 * p3_t
+    states = optimizer_state_bytes(setup, p3_t)
     bucket = b * setup.zero.reduce_bucket_size if setup.zero.contiguous_gradients else 0
-    grad_buffer = b * p3
+    grad_buffer = b * p3_t
     pinned = setup.zero.pin_memory and device == "cuda"
-    groups = [group] * (p3 // group) + ([p3 % group] if p3 % group else []) if group else []
+    groups = [group] * (p3_t // group) + ([p3_t % group] if p3_t % group else []) if group else []
     fp32_grads = sum(pinned_bytes(FP32 * g, pinned) for g in groups)
     optimizer_side = master + states + fp32_grads + pinned_bytes(grad_buffer, pinned)
     host = (optimizer_side if setup.zero.offload_optimizer == "cpu" else 0)
     if setup.zero.offload_params == "cpu":
-        host += pinned_bytes(b * p3, pinned)
-        host += sum(pinned_bytes(b * partition_numel(t.numel, world), pinned) for t in tensors) if pinned else 0
+        # the flat host buffer holds the trainable partitions; a frozen partition stays its own (pinned) ds_tensor
+        host += pinned_bytes(b * p3_t, pinned)
+        host += (sum(pinned_bytes(b * partition_numel(t.numel, world), pinned) for t in tensors) if pinned
+                 else b * (p3 - p3_t))
     nvme = (master + states if setup.zero.offload_optimizer == "nvme" else 0)
     nvme += b * p3 if setup.zero.offload_params == "nvme" else 0
     if setup.zero.offload_optimizer == "nvme":
-        host += FP32 * p3 + grad_buffer
+        host += FP32 * p3_t + grad_buffer
     resident = bucket + (0 if offload_opt else grad_buffer)
     params = b * persistent + (0 if offload_params else b * p3)
     step_temp = 0 if offload_opt else max((b + FP32) * group,
@@ -207,6 +196,7 @@ def stage3_states(setup: TrainingSetup, device: Device = "cuda") -> ModelStates:
         buckets_bytes=0,
         resident_buffers_bytes=resident,
         gathered_params_bytes=b * gathered_numel(setup),
+        recompute_gathered_bytes=b * recompute_gathered_numel(setup),
         epilogue_bytes=0,
         step_grads_bytes=0,
         step_temp_bytes=step_temp,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from zeroest.estimator.core.architecture import param_tensors
 from zeroest.estimator.core.flat_group import stage2_grads_before_embedding_numel
-from zeroest.estimator.core.model_states import ModelStates
+from zeroest.estimator.core.model_states import ModelStates, trained
 from zeroest.estimator.core.profile import ActivationProfile
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
 from zeroest.estimator.core.vocab import Loop
@@ -50,10 +50,11 @@ def _components(**parts: int) -> dict[str, int]:
 
 
 def _head_param_numel(setup: TrainingSetup) -> int:
-    """Parameters whose gradients exist before the first decoder layer's backward: lm_head and the final norm."""
+    """Trainable parameters whose gradients exist before the first decoder layer's backward: lm_head and the final
+    norm (a frozen one gets no ``param.grad``; a ``modules_to_save`` copy of lm_head does)."""
     layer_marks = (".layers.", ".h.", ".layer.")
     return sum(
-        t.numel for t in param_tensors(setup.model)
+        t.numel for t in trained(setup).trainable
         if t.component in ("lm_head", "norms") and not any(mark in t.name for mark in layer_marks)
     )
 
@@ -189,7 +190,8 @@ def timeline(setup: TrainingSetup, states: ModelStates, act: ActivationProfile) 
         emb_end -= states.grads_bytes - DTYPE_BYTES[setup.dtype] * stage2_grads_before_embedding_numel(
             numels, setup.world_size)
     emb_gathered = emb_grad if setup.stage == ZeroStage.PARAMETERS and states.gathered_params_bytes else 0
-    layer = _components(**held, grads=grads_start + tied, buffers=gathered + states.buckets_bytes,
+    layer = _components(**held, grads=grads_start + tied,
+                        buffers=gathered + states.buckets_bytes + states.recompute_gathered_bytes,
                         activations=stack + act.layer_backward_peak_bytes(ckpt))
     end = _components(**held, grads=max(states.grads_bytes, states.grads_carry_bytes),
                       buffers=resident + states.buckets_bytes + emb_gathered,

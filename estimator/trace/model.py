@@ -60,7 +60,7 @@ def set_checkpointing(model, on: bool) -> None:
 
 def decoder_layers(model) -> list:
     """The model's decoder layers, in order (``model.layers``, ``transformer.h`` or ``decoder.layers``)."""
-    base = model.base_model
+    base = model.get_base_model().base_model if hasattr(model, "get_base_model") else model.base_model
     for path in ("layers", "h", "decoder.layers"):
         obj = base
         for part in path.split("."):
@@ -68,3 +68,53 @@ def decoder_layers(model) -> list:
         if obj is not None:
             return list(obj)
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}: is it a supported family?")
+
+
+def build_trained(config: dict, dtype: str, attn: str, adapters, *, grad_ckpt: bool,
+                  frozen: frozenset[str] = frozenset(), input_grads: bool = False, device: str = "meta",
+                  num_layers: int | None = TRACE_LAYERS, adapters_fp32: bool = False):
+    """The model as the validator trains it with ``adapters`` (``core.adapters.Adapters``).
+
+    In the validator's order: non-reentrant checkpointing switched on the HF model first (transformers
+    modeling_utils.py ``_activation_checkpointing_enable`` then calls ``enable_input_require_grads``: a forward
+    hook that makes the input embeddings' output require grad), the base weights named in ``frozen``
+    ``requires_grad_(False)``, then peft's ``get_peft_model`` with ``LoraConfig(r, lora_alpha, lora_dropout,
+    target_modules, modules_to_save, task_type="CAUSAL_LM")`` when LoRA is on (peft 0.21 peft_model.py
+    ``PeftModel.__init__`` freezes every base weight, and calls ``enable_input_require_grads`` again when the
+    model checkpoints). ``input_grads`` adds that hook without checkpointing (the tracer's upper bound for
+    frozen layers whose real input needs a gradient).
+
+    peft 0.21 upcasts bf16/fp16 adapters to fp32 (``PeftModel.__init__`` ``_cast_adapter_dtype``), and
+    DeepSpeed 0.19.8 casts every parameter back to the run's dtype (runtime/engine.py
+    ``_configure_distributed_model`` -> ``_cast_module_mixed_precision``): so are the adapters here, and
+    ``lora.Linear.forward``'s ``_cast_input_dtype`` is a no-op. ``adapters_fp32`` keeps peft's fp32 adapters,
+    as a model built under zero.Init keeps them (the engine skips its cast for it, and stage 3's
+    ``_convert_to_zero_parameters`` moves the new parameters without one): each wrapped Linear then casts its
+    input to fp32.
+    """
+    model = build_model(config, dtype, attn, device, num_layers)
+    set_checkpointing(model, grad_ckpt)
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+    if input_grads:
+        model.enable_input_require_grads()
+    if not adapters.lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = [t.strip() for t in adapters.lora_targets.split(",") if t.strip()]
+    saved = [m.strip() for m in adapters.modules_to_save.split(",") if m.strip()] or None
+    lora = LoraConfig(r=adapters.lora_rank, lora_alpha=adapters.lora_alpha or 8, lora_dropout=adapters.lora_dropout,
+                      target_modules=targets[0] if targets == ["all-linear"] else targets, modules_to_save=saved,
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora).train()
+    if adapters_fp32:
+        return model
+    import torch
+
+    run_dtype = getattr(torch, TORCH_DTYPES[dtype])
+    for param in model.parameters():
+        if param.dtype != run_dtype:
+            param.data = param.data.to(run_dtype)
+    return model

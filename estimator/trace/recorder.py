@@ -207,7 +207,8 @@ def run_trace(model, input_ids, *, grad_ckpt: bool, target: str = "cuda",
             rec.mark(f"layer{i}_fwd_end")
             region[0] = "head"
             out = output[0] if isinstance(output, tuple) else output
-            out.register_hook(lambda grad: rec.mark(f"layer{i}_bwd_start"))
+            if out.requires_grad:  # a frozen layer above frozen ones has no backward
+                out.register_hook(lambda grad: rec.mark(f"layer{i}_bwd_start"))
 
         return hook
 
@@ -223,7 +224,8 @@ def run_trace(model, input_ids, *, grad_ckpt: bool, target: str = "cuda",
         handles.append(layer.register_forward_pre_hook(layer_pre(i), with_kwargs=True))
         handles.append(layer.register_forward_hook(layer_post(i), with_kwargs=True))
     for param in model.parameters():
-        handles.append(param.register_hook(lambda grad: excluded.add(rec.serial(grad))))
+        if param.requires_grad:
+            handles.append(param.register_hook(lambda grad: excluded.add(rec.serial(grad))))
     checks = _no_data_checks() if device == "meta" else contextlib.nullcontext()
     try:
         with rec, _kernels(target, force_flash), checks:
@@ -240,6 +242,11 @@ def run_trace(model, input_ids, *, grad_ckpt: bool, target: str = "cuda",
             rec.mark("bwd_start")
             state["backward"] = True
             loss.backward()
+            seen = {name for _, name in rec.marks}
+            for i in range(len(decoder_layers(model))):  # layers without a backward: empty windows at the end
+                for name in (f"layer{i}_bwd_start", f"layer{i}_bwd_end"):
+                    if name not in seen:
+                        rec.mark(name)
             rec.mark("bwd_end")
     finally:
         for handle in handles:

@@ -18,8 +18,8 @@ import time
 from zeroest.estimator.core.hf_config import hf_config
 from zeroest.estimator.core.profile import ActivationProfile, check_kind
 from zeroest.estimator.core.shape import ModelShape
-from zeroest.estimator.trace import cache, polys
-from zeroest.estimator.trace.model import build_model
+from zeroest.estimator.trace import cache, polys, trained
+from zeroest.estimator.trace.model import build_model, build_trained
 from zeroest.estimator.trace.recorder import run_trace
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,14 @@ def _regime_seq(config: dict, attn: str, seq_len: int) -> int | None:
 
 
 def trace_polys(config: dict, dtype: str, attn: str, *, target: str = "cuda",
-                seq_len: int = BASE_SEQ) -> dict:
-    """Trace both modes (plain, checkpointed) at three shapes on meta; fit per-storage monomials; analyze."""
+                seq_len: int = BASE_SEQ, adapters=None, frozen: frozenset[str] = frozenset(),
+                input_grads: bool = False, adapters_fp32: bool = False) -> dict:
+    """Trace both modes (plain, checkpointed) at three shapes on meta; fit per-storage monomials; analyze.
+
+    With ``adapters`` (``core.adapters.Adapters``, not a full fine-tune) each mode traces its own model built
+    as the validator trains it (``trace.model.build_trained``: checkpointing before peft, ``frozen`` names
+    frozen, ``input_grads`` for the input-embedding hook, ``adapters_fp32`` for peft's fp32 adapters).
+    """
     import torch
 
     config = dict(config)
@@ -51,9 +57,13 @@ def trace_polys(config: dict, dtype: str, attn: str, *, target: str = "cuda",
     below = min(BASE_SEQ, max(2, (window - 1) // 2)) if window else BASE_SEQ  # 2 * s0 stays under the window
     s0 = _regime_seq(config, attn, seq_len) or below
     b0 = BASE_BATCH
-    model = build_model(config, dtype, attn)
+    wrapped = adapters is not None and not adapters.full
+    model = None if wrapped else build_model(config, dtype, attn)
     entry: dict = {"b0": b0, "s0": s0}
     for mode, ckpt in (("plain", False), ("ckpt", True)):
+        if wrapped:
+            model = build_trained(config, dtype, attn, adapters, grad_ckpt=ckpt, frozen=frozen,
+                                  input_grads=input_grads, adapters_fp32=adapters_fp32)
         traces = [
             run_trace(model, torch.zeros((b, s), dtype=torch.long, device="meta"), grad_ckpt=ckpt,
                       target=target, force_flash=attn == "flash")
@@ -91,29 +101,65 @@ def _library_versions() -> dict[str, str]:
     return versions
 
 
+def _peft_version() -> str:
+    from importlib.metadata import version
+
+    return version("peft")
+
+
+def _entry(key_payload: dict, name: str, trace, use_cache: bool) -> dict:
+    """The cached (memory, then disk) entry for ``key_payload``, or ``trace()``'s, stored."""
+    key = cache.cache_key(key_payload)
+    entry = (_MEMO.get(key) or cache.load(key)) if use_cache else None
+    if entry is None:
+        start = time.perf_counter()
+        entry = trace()
+        log.info(f"traced {name} in {time.perf_counter() - start:.2f} s")
+        if use_cache:
+            cache.store(key, entry)
+            entry = cache.decode(cache.encode(entry))
+    _MEMO[key] = entry
+    return entry
+
+
 def traced_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str = "bf16",
                    attn: str = "sdpa", *, target: str = "cuda", config: dict | None = None,
-                   use_cache: bool = True) -> ActivationProfile:
+                   use_cache: bool = True, adapters=None, kinds: list | None = None,
+                   adapters_fp32: bool = False) -> ActivationProfile:
     """The ``ActivationProfile`` of ``shape`` traced on the meta device (see the module docstring).
 
     ``config`` is the HF config.json dict (default ``hf_config(shape)``); ``target`` the device whose kernels
     are mimicked ("cuda" or "cpu"). Traces are cached on disk (``trace.cache``) keyed by config, dtype,
     attention, target and library versions, as polynomials in (micro_batch, seq_len), so other shapes need no
-    new trace; a cached profile is read without importing torch.
+    new trace; a cached profile is read without importing torch. ``adapters`` (``core.adapters.Adapters``: LoRA,
+    frozen weights) traces the model as peft and the freeze patterns leave it, one trace per kind of layer
+    (``kinds``: ``core.adapters.layer_kinds(shape, adapters)``, combined by ``trace.trained``); its
+    key adds the adapters, the frozen names and peft's version, so LoRA and full profiles never mix.
+    ``adapters_fp32``: the adapters stay in peft's fp32 (a model built under zero.Init; ``trace.model``).
     """
     check_kind(dtype, attn)
     config = dict(config or hf_config(shape))
     regime = _regime_seq(config, attn, seq_len)
     depth = ("n_layer", "num_hidden_layers")
-    key = cache.cache_key({"config": {k: v for k, v in config.items() if k not in depth}, "dtype": dtype,
-                        "attn": attn, "target": target, "regime": regime, **_library_versions()})
-    entry = (_MEMO.get(key) or cache.load(key)) if use_cache else None
-    if entry is None:
-        start = time.perf_counter()
-        entry = trace_polys(config, dtype, attn, target=target, seq_len=seq_len)
-        log.info(f"traced {shape.name} ({dtype}, {attn}) in {time.perf_counter() - start:.2f} s")
-        if use_cache:
-            cache.store(key, entry)
-            entry = cache.decode(cache.encode(entry))
-    _MEMO[key] = entry
-    return polys.profile_from_polys(entry, micro_batch, seq_len, shape.num_layers)
+    payload = {"config": {k: v for k, v in config.items() if k not in depth}, "dtype": dtype,
+               "attn": attn, "target": target, "regime": regime, **_library_versions()}
+    if adapters is None or adapters.full:
+        entry = _entry(payload, f"{shape.name} ({dtype}, {attn})",
+                       lambda: trace_polys(config, dtype, attn, target=target, seq_len=seq_len), use_cache)
+        return polys.profile_from_polys(entry, micro_batch, seq_len, shape.num_layers)
+    if not kinds:
+        raise ValueError("a traced LoRA or frozen-weight profile needs its layer kinds: pass "
+                         "kinds=core.adapters.layer_kinds(shape, adapters)")
+    lora = {f: getattr(adapters, f) for f in ("lora_rank", "lora_dropout", "lora_targets", "modules_to_save")}
+    profiles = []
+    for kind in kinds:
+        entry = _entry(
+            {**payload, "peft": _peft_version(), "lora": lora,
+             "frozen": sorted(kind.frozen), "input_grads": kind.input_grads,
+             **({"adapters_fp32": True} if adapters_fp32 and adapters.lora else {})},
+            f"{shape.name} ({dtype}, {attn}, trained)",
+            lambda kind=kind: trace_polys(config, dtype, attn, target=target, seq_len=seq_len, adapters=adapters,
+                                          frozen=kind.frozen, input_grads=kind.input_grads,
+                                          adapters_fp32=adapters_fp32), use_cache)
+        profiles.append(polys.profile_from_polys(entry, micro_batch, seq_len, 1))
+    return trained.combine(kinds, profiles)

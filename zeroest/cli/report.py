@@ -22,10 +22,11 @@ log = logging.getLogger(__name__)
 
 
 def _command_line(runs: list[Path], fit: bool, calibration: Path | None, plots: Path | None,
-                  markdown: Path | None, held: Path | None = None) -> str:
+                  markdown: Path | None, held: Path | None = None, pool: bool = False) -> str:
     parts = ["zeroest report", *map(str, runs)]
     parts += [f"--calibration {held}"] if held else []
     parts += ["--fit"] if fit else []
+    parts += ["--pool"] if pool else []
     parts += [f"--write-calibration {calibration}"] if calibration else []
     parts += [f"--plots {plots}"] if plots else []
     parts += [f"--markdown {markdown}"] if markdown else []
@@ -109,6 +110,9 @@ def report(
         "--markdown", help="Write the report as Markdown to this file.")] = None,
     folds: Annotated[int, typer.Option(
         "--folds", help="Cross-validation folds (at most one per model).")] = 5,
+    pool: Annotated[bool, typer.Option(
+        "--pool", help="With --fit, fit every GPU group's rows as one group, cross-validated by model across "
+        "them (do the overheads carry over between GPUs?); cannot be written as a calibration.")] = False,
     calibration: Annotated[Path | None, typer.Option(
         "--calibration", help="Predict every row with this calibration JSON instead of its group's file (hold "
         "a calibration against runs it was not fitted on).", show_default=False)] = None,
@@ -123,6 +127,11 @@ def report(
         fail(f"--folds must be 2 or more, got {folds}")
     if write_calibration and not fit:
         fail(f"--write-calibration {write_calibration} needs --fit: there is nothing fitted to write")
+    if pool and not fit:
+        fail("--pool needs --fit: it pools the rows of the fit")
+    if pool and write_calibration:
+        fail("--pool fits several GPUs at once, which is no one GPU's calibration: drop --write-calibration "
+             "or --pool")
     paths = runs or [default_runs_dir()]
     try:
         held = None
@@ -130,7 +139,7 @@ def report(
             from zeroest.estimator.catalog.calibration import load_calibration
 
             held = load_calibration(calibration)
-        a = analyze(paths, fit=fit, k=folds, version=zeroest.__version__, calibration=held)
+        a = analyze(paths, fit=fit, k=folds, version=zeroest.__version__, calibration=held, pool=pool)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     except ImportError as exc:  # the estimator itself is broken: say so in one line, not a traceback
@@ -152,7 +161,7 @@ def report(
             from zeroest.report.calibration import write_text
             from zeroest.report.markdown import render
 
-            command = _command_line(paths, fit, write_calibration, plots, markdown, calibration)
+            command = _command_line(paths, fit, write_calibration, plots, markdown, calibration, pool)
             write_text(markdown, render(a, command=command, markdown_path=markdown, plots=plot_files))
             written.append(markdown)
     except ValueError as exc:

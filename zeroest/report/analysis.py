@@ -124,10 +124,16 @@ def _predict_all(records: Sequence[Record],
     return out
 
 
+POOLED_PREFIX = "pooled: "
+"""The name of the one fit group of ``analyze(..., pool=True)`` begins with it (then the groups it holds)."""
+
+
 def analyze(paths: Sequence[str | Path], *, fit: bool = False, k: int = 5,
-            version: str | None = None, calibration: Overheads | None = None) -> Analysis:
+            version: str | None = None, calibration: Overheads | None = None, pool: bool = False) -> Analysis:
     """Load, join and (with ``fit``) fit; ValueError when nothing usable is left, with the first reasons.
-    ``calibration``: the current estimator's overheads for every row instead of each group's file."""
+    ``calibration``: the current estimator's overheads for every row instead of each group's file. ``pool``:
+    fit the rows of every GPU group as one group, cross-validated by model across them (a check that the
+    overheads carry over between GPUs of one torch x DeepSpeed version; nothing to write as a calibration)."""
     loaded = load_runs(paths, version=version)
     if not loaded.files:
         raise ValueError(f"no .jsonl files under {', '.join(map(str, paths))}: run zeroest validate first")
@@ -143,17 +149,22 @@ def analyze(paths: Sequence[str | Path], *, fit: bool = False, k: int = 5,
     }
     fits: list[GroupFit] = []
     if fit:
+        pooled = POOLED_PREFIX + ", ".join(sorted({r.env.group for r in records}))
+
+        def group_of(r: Record) -> str:
+            return pooled if pool else r.env.group
+
         groups: dict[str, list[Record]] = {}
         for r in records:
-            groups.setdefault(r.env.group, []).append(r)
+            groups.setdefault(group_of(r), []).append(r)
         for name, members in sorted(groups.items()):
             fits.append(_fit_group(name, members, k))
         by_group = {g.group: g for g in fits}
         predictions["defaults"] = _predict_all(records, lambda r: Overheads())
-        predictions["in_sample"] = _predict_all(records, lambda r: by_group[r.env.group].result.overheads)
+        predictions["in_sample"] = _predict_all(records, lambda r: by_group[group_of(r)].result.overheads)
 
         def held(r: Record) -> Overheads | None:
-            cv = by_group[r.env.group].cv
+            cv = by_group[group_of(r)].cv
             return cv.held_out.get(r.key) if cv else None
 
         predictions["held_out"] = _predict_all(records, held)

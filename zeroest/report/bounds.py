@@ -4,12 +4,13 @@ with no calibration file.
 ``LARGE_RUN_BYTES``: issue 12 holds reserved memory to its targets (median <= 3%, max <= 10%) on runs of 4 GiB
 and more, where a fraction of the peak is what the caching allocator adds; below that, fixed segments dominate.
 
-``conservative_overheads``: the reserved and device overheads that never under-predict any measured row given,
-with the simplest shape of ``overheads.reserved_from`` (one fraction of the peak, no transient fraction, no
-constant) and ``overheads.device_from`` (one CUDA context):
+``conservative_overheads``: the reserved and device overheads that never under-predict any measured row given:
+the named allocator terms of ``estimator.core.reserved`` as fitted, no constant, and the fraction f_p on top of
+them raised until it covers every row; then one CUDA context (``overheads.device_from``):
 
-    f   = max over rows of (R_m - round_up(P)) / P           (R_m measured peak reserved, P predicted peak)
-    ctx = max over rows of (D_m - round_up(P) - f * P - nccl) (D_m measured device memory, nccl the row's NCCL)
+    f   = max over rows of the least f_p with R(f_p) >= R_m    (R_m measured peak reserved, R the predicted one;
+                                                                R grows with f_p, so a bisection finds it)
+    ctx = max over rows of (D_m - R(f) - nccl)                (D_m measured device memory, nccl the row's NCCL)
 
 They are bounds on the rows measured, not a promise for other setups; ``zeroest report --fit`` prints them per
 group so the documentation of uncalibrated GPUs can quote a command.
@@ -21,7 +22,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from zeroest.estimator.core.overheads import Overheads, device_from, reserved_from
+from zeroest.estimator.core.overheads import Overheads, device_from
 from zeroest.estimator.units import GiB, MiB
 from zeroest.report.fit import Sample, predict_sample
 
@@ -47,19 +48,37 @@ class Bound:
     device_key: str | None
 
 
+FRACTION_CEILING = 2.0
+"""The largest ``reserved_fraction_of_peak`` the bound searches (``report.fit.BOUNDS``)."""
+
+
+def _least_fraction(sample: Sample, flat: Overheads, measured: int) -> float:
+    """The least f_p (to 1e-4, at most ``FRACTION_CEILING``) at which ``sample``'s predicted reserved covers
+    ``measured``."""
+    def covers(f: float) -> bool:
+        return predict_sample(sample, replace(flat, reserved_fraction_of_peak=f))["peak_reserved"] >= measured
+
+    if covers(0.0):
+        return 0.0
+    lo, hi = 0.0, FRACTION_CEILING
+    while hi - lo > 1e-4:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if covers(mid) else (mid, hi)
+    return hi
+
+
 def conservative_overheads(samples: Sequence[Sample], base: Overheads) -> Bound:
     """``base`` with ``reserved_fraction_of_peak`` and ``cuda_context_bytes`` raised to cover every sample
-    (fraction rounded up to 1e-3, context to a MiB; neither below ``base``'s), the transient fraction and the
-    reserved constant set to 0."""
-    flat = replace(base, reserved_fraction_of_peak=0.0, reserved_fraction_of_transient=0.0, reserved_fixed_bytes=0)
+    (fraction rounded up to 1e-3, context to a MiB; neither below ``base``'s), the reserved constant set to 0
+    and the other reserved terms as ``base`` has them."""
+    flat = replace(base, reserved_fraction_of_peak=0.0, reserved_fixed_bytes=0)
     fraction, reserved_key, n_res = base.reserved_fraction_of_peak, None, 0
     for s in samples:
         measured = s.measured.get("peak_reserved")
         if not measured:
             continue
         n_res += 1
-        peak = predict_sample(s, flat)["peak_allocated"]
-        need = (measured - reserved_from(peak, 0, flat)) / peak
+        need = _least_fraction(s, flat, measured)
         if need > fraction:
             fraction, reserved_key = need, s.key
     wide = replace(flat, reserved_fraction_of_peak=math.ceil(fraction * 1000) / 1000, cuda_context_bytes=0)

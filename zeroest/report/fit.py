@@ -3,7 +3,7 @@
 Only declared parameters are fitted, each against the measured quantity it shapes (``FITTED_FOR``):
 
 * peak allocated <- ``cublas_workspace_bytes``, ``activation_scale``;
-* peak reserved <- ``reserved_fraction_of_transient``, ``reserved_fixed_bytes``;
+* peak reserved <- the coefficients of ``estimator.core.reserved`` (``RESERVED_PARAMETERS``);
 * device (nvidia-smi) <- ``cuda_context_bytes``, ``nccl_bytes_per_peer``.
 
 The three are fitted in that order, each by ``scipy.optimize.least_squares`` on relative errors ``(predicted -
@@ -23,30 +23,54 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from zeroest.estimator.core.overheads import Overheads, device_from, reserved_from
+from zeroest.estimator.core.overheads import Overheads, device_from
+from zeroest.estimator.core.reserved import NO_BLOCKS, ReservedFacts, reserved_terms
 from zeroest.estimator.units import GiB
 
 QUANTITIES: tuple[str, ...] = ("peak_allocated", "peak_reserved", "device")
+RESERVED_PARAMETERS: tuple[str, ...] = (
+    "reserved_fraction_of_activations", "reserved_reuse_fraction", "reserved_fraction_of_offload_grads",
+    "reserved_fraction_of_gathered", "reserved_fraction_of_peak",
+)
+"""The coefficients of ``estimator.core.reserved`` the fit sets (f_a, r, f_o, f_g, f_p). The constant c
+(``reserved_fixed_bytes``) stays at its default: free, it took up to 1.6 GiB in folds that held out the small
+models, where a constant is what a relative error cannot pin down."""
+RESERVED_NEEDS = {
+    "reserved_reuse_fraction": lambda f: f.contiguous_step and f.contiguous_block_bytes <= f.largest_free_block_bytes,
+    "reserved_fraction_of_offload_grads": lambda f: f.offload_grad_bytes > 0,
+    "reserved_fraction_of_gathered": lambda f: f.gathered_bytes > 0,
+}
+"""What a row must have for a reserved coefficient to act on it (``core.reserved.ReservedFacts``)."""
+RESERVED_NEEDS_TEXT = {
+    "reserved_reuse_fraction": "a flat step buffer that fits a freed block",
+    "reserved_fraction_of_offload_grads": "optimizer offload",
+    "reserved_fraction_of_gathered": "stage-3 gathered parameters",
+}
 FITTED_FOR: dict[str, tuple[str, ...]] = {
     "peak_allocated": ("cublas_workspace_bytes", "activation_scale"),
-    "peak_reserved": ("reserved_fraction_of_peak", "reserved_fraction_of_transient", "reserved_fixed_bytes"),
+    "peak_reserved": RESERVED_PARAMETERS,
     "device": ("cuda_context_bytes", "nccl_communicator_bytes", "nccl_bytes_per_peer"),
 }
 BOUNDS: dict[str, tuple[float, float]] = {
     "cublas_workspace_bytes": (0.0, 4.0 * GiB),
     "activation_scale": (0.25, 4.0),
     "reserved_fraction_of_peak": (0.0, 2.0),
-    "reserved_fraction_of_transient": (0.0, 4.0),
+    "reserved_fraction_of_activations": (0.0, 4.0),
+    "reserved_reuse_fraction": (0.0, 1.0),
+    "reserved_fraction_of_offload_grads": (0.0, 4.0),
+    "reserved_fraction_of_gathered": (0.0, 4.0),
     "nccl_communicator_bytes": (0.0, 8.0 * GiB),
     "reserved_fixed_bytes": (0.0, 16.0 * GiB),
     "cuda_context_bytes": (0.0, 16.0 * GiB),
     "nccl_bytes_per_peer": (0.0, 4.0 * GiB),
 }
-"""Physical ranges: no overhead is negative, and none is larger than a GPU."""
+"""Physical ranges: no overhead is negative, none is larger than a GPU, and no more than the whole free cache is
+reused."""
 PRIOR_WEIGHT = 1e-3
 """Residual weight of a parameter's distance from its start (per GiB for bytes, per unit for fractions)."""
 NEUTRAL = Overheads(cuda_context_bytes=0, cublas_workspace_bytes=0, nccl_bytes_per_peer=0, nccl_communicator_bytes=0,
-                    reserved_fraction_of_peak=0.0, reserved_fraction_of_transient=0.0, reserved_fixed_bytes=0,
+                    reserved_fraction_of_peak=0.0, reserved_fraction_of_activations=0.0, reserved_reuse_fraction=0.0,
+                    reserved_fraction_of_offload_grads=0.0, reserved_fraction_of_gathered=0.0, reserved_fixed_bytes=0,
                     activation_scale=1.0,
                     source="neutral (fit basis)")
 """Overheads that add nothing: the estimates ``Sample`` is built from."""
@@ -68,7 +92,9 @@ class PhaseTerms:
     activation_bytes: int
     """Activations at the phase peak, unscaled (``activation_scale`` 1)."""
     temporaries_bytes: int
-    """Temporaries at the phase peak (transient, like activations, for the reserved model)."""
+    """Temporaries at the phase peak."""
+    components: dict[str, int] = field(default_factory=dict)
+    """The phase's components with activations unscaled (what ``core.reserved`` reads)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +113,8 @@ class Sample:
     """The rank had a real NCCL process group (False on a fake one: simulated rows, CPU rows)."""
     measured: dict[str, int | None] = field(default_factory=dict)
     """Measured bytes by quantity (``QUANTITIES``); None where not measured."""
+    facts: ReservedFacts | None = None
+    """Block sizes of the reserved model (``Estimate.reserved_facts``); None: ``core.reserved.NO_BLOCKS``."""
 
 
 def terms_from_phases(phases: dict[str, dict], activation_scale: float = 1.0) -> tuple[PhaseTerms, ...]:
@@ -96,10 +124,17 @@ def terms_from_phases(phases: dict[str, dict], activation_scale: float = 1.0) ->
     for name, phase in phases.items():
         for comps in phase.get("candidates") or [phase["components"]]:  # every candidate point, where listed
             act = int(comps.get("activations", 0))
-            out.append(PhaseTerms(name=name, other_bytes=int(sum(comps.values())) - act,
-                                  activation_bytes=round(act / activation_scale),
-                                  temporaries_bytes=int(comps.get("temporaries", 0))))
+            unscaled = round(act / activation_scale)
+            out.append(PhaseTerms(name=name, other_bytes=int(sum(comps.values())) - act, activation_bytes=unscaled,
+                                  temporaries_bytes=int(comps.get("temporaries", 0)),
+                                  components={**{k: int(v) for k, v in comps.items()}, "activations": unscaled}))
     return tuple(out)
+
+
+def facts_from_estimate(est: dict) -> ReservedFacts | None:
+    """``ReservedFacts`` from ``Estimate.to_dict()`` (None for an estimate without them: paper mode)."""
+    facts = est.get("reserved_facts")
+    return ReservedFacts(**facts) if facts else None
 
 
 def terms_from_estimates(by_scale: dict[float, dict[str, dict]]) -> tuple[PhaseTerms, ...]:
@@ -129,15 +164,31 @@ def _peak(sample: Sample, oh: Overheads) -> tuple[float, PhaseTerms]:
     return best
 
 
-def predict_sample(sample: Sample, oh: Overheads) -> dict[str, float]:
-    """Predicted bytes of each quantity, as ``estimate(setup, oh)`` computes them (floats, terms not rounded).
+def _phases_under(sample: Sample, oh: Overheads) -> dict[str, dict[str, float]]:
+    """Each phase's components under ``oh`` (activations scaled, the workspace in ``buffers`` but at init), at the
+    candidate point with the largest total, as ``estimate`` builds them."""
+    out: dict[str, dict[str, float]] = {}
+    for p in sample.phases:
+        comps = {k: float(v) for k, v in p.components.items()} or {
+            "params": float(p.other_bytes - p.temporaries_bytes), "temporaries": float(p.temporaries_bytes)}
+        comps["activations"] = oh.activation_scale * p.activation_bytes
+        comps["buffers"] = comps.get("buffers", 0.0) + (oh.cublas_workspace_bytes if p.name != "init" else 0)
+        if p.name not in out or sum(comps.values()) > sum(out[p.name].values()):
+            out[p.name] = comps
+    return out
 
-    peak = max over phases of (other + s * activations + workspace); reserved and device by the same formulas
-    estimate() uses (``overheads.reserved_from``, ``overheads.device_from``).
+
+def predict_sample(sample: Sample, oh: Overheads, *, smooth: bool = False) -> dict[str, float]:
+    """Predicted bytes of each quantity, as ``estimate(setup, oh)`` computes them (floats, terms not rounded;
+    ``smooth``: reserved rounded up to a segment on average, +half a segment, not to the next one).
+
+    peak = max over phases of (other + s * activations + workspace); reserved by ``core.reserved.reserved_terms``
+    over the phases (``NO_BLOCKS`` where the sample has no ``facts``), device by ``overheads.device_from``.
     """
-    peak, phase = _peak(sample, oh)
-    transient = oh.activation_scale * phase.activation_bytes + phase.temporaries_bytes
-    reserved = reserved_from(peak, transient, oh)
+    peak, _ = _peak(sample, oh)
+    terms = reserved_terms(_phases_under(sample, oh), sample.facts or NO_BLOCKS, oh)
+    # smooth: the rounding to a segment by its mean, half a segment, so the fit sees a continuous function
+    reserved = terms.unrounded_bytes + oh.reserved_block_bytes / 2 if smooth else float(terms.total_bytes)
     device = device_from(reserved, oh, peers=sample.peers, real_comm=sample.real_comm)
     return {"peak_allocated": peak, "peak_reserved": reserved, "device": device}
 
@@ -173,6 +224,8 @@ def _free_parameters(quantity: str, samples: list[Sample], start: Overheads) -> 
                          "told apart from cuda_context_bytes")
         elif name == "activation_scale" and not any(_peak(s, start)[1].activation_bytes for s in samples):
             notes.append("activation_scale held: no measured row has activations at its predicted peak")
+        elif name in RESERVED_NEEDS and not any(s.facts and RESERVED_NEEDS[name](s.facts) for s in samples):
+            notes.append(f"{name} held at {getattr(start, name)}: no measured row has {RESERVED_NEEDS_TEXT[name]}")
         else:
             free.append(name)
     return free, notes
@@ -196,7 +249,8 @@ def _fit_quantity(quantity: str, samples: list[Sample], start: Overheads, names:
 
     def residuals(x: Sequence[float]) -> list[float]:
         oh = overheads_at(x)
-        errs = [(predict_sample(s, oh)[quantity] - m) / m for s, m in zip(samples, measured, strict=True)]
+        errs = [(predict_sample(s, oh, smooth=True)[quantity] - m) / m
+                for s, m in zip(samples, measured, strict=True)]
         return errs + [PRIOR_WEIGHT * (v - v0) for v, v0 in zip(x, x0, strict=True)]
 
     solution = least_squares(residuals, inside, bounds=(lower, upper), method="trf")

@@ -18,7 +18,7 @@ from zeroest.estimator.catalog.calibration import calibration_name, find_calibra
 from zeroest.estimator.core.overheads import Overheads
 from zeroest.estimator.core.setup import TrainingSetup
 from zeroest.report.errors import relative_error
-from zeroest.report.fit import BASIS_SCALES, NEUTRAL, QUANTITIES, Sample, terms_from_estimates
+from zeroest.report.fit import BASIS_SCALES, NEUTRAL, QUANTITIES, Sample, facts_from_estimate, terms_from_estimates
 from zeroest.report.load import RunRow, Skipped, is_oom
 
 log = logging.getLogger(__name__)
@@ -224,13 +224,15 @@ def join_row(row: RunRow, calibration: Overheads | None = None) -> Record:
     m = row.data["measured"]
     measured = {"peak_allocated": m.get("peak_allocated_bytes") or None,
                 "peak_reserved": m.get("peak_reserved_bytes") or None, "device": device}
-    basis = {s: estimate(setup, replace(NEUTRAL, activation_scale=s), device="cpu" if cpu_row else "cuda",
-                         simulated=simulated).to_dict()["phases"]
-             for s in BASIS_SCALES}
+    dicts = {s: estimate(setup, replace(NEUTRAL, activation_scale=s), device="cpu" if cpu_row else "cuda",
+                         simulated=simulated).to_dict() for s in BASIS_SCALES}
+    basis = {s: d["phases"] for s, d in dicts.items()}
+    facts = facts_from_estimate(dicts[1.0])
     sample = Sample(key=row.where, group=Path(str(data.get("model"))).name.removesuffix(".json"),
                     phases=terms_from_estimates(basis),
                     peers=0 if simulated else setup.world_size - 1, real_comm=not simulated and not cpu_row,
-                    measured=dict(measured) if not is_oom(row) else {})
+                    measured=dict(measured) if not is_oom(row) else {},
+                    facts=facts)
     return Record(
         row=row, setup=setup, env=env, measured=measured,
         measured_phases=measured_phase_peaks(m.get("phases") or {}),

@@ -1,0 +1,200 @@
+"""Peak reserved memory (``torch.cuda.max_memory_reserved()``) by named caching-allocator terms, phase by phase.
+
+What the allocator does (c10/cuda/CUDACachingAllocator.cpp, torch 2.11, ``expandable_segments`` off, the default):
+
+* a request over 1 MiB (``kSmallSize``) is served from the large pool: ``get_free_block`` takes the smallest cached
+  free block at least as large as the request (best fit), splitting it; only when no cached block is large enough
+  does ``alloc_block`` cudaMalloc a new segment (requests under 10 MiB get a 20 MiB ``kLargeBuffer`` segment,
+  larger ones their size rounded up to 2 MiB, ``kRoundLarge``);
+* ``free`` returns a block to the cache and merges it with free neighbours of the same segment
+  (``try_merge_blocks``); segments are given back to the driver only on ``empty_cache`` or when a cudaMalloc
+  fails (``release_cached_blocks``, counted in ``num_alloc_retries``).
+
+So reserved memory only grows, and it grows whenever a phase asks for a block larger than every free block the
+earlier phases left. A training run goes init -> first micro-step (forward, backward) -> first ``engine.step()``
+-> steady steps. The terms, in bytes (symbols used below):
+
+* ``R_init = I``: the init peak (``deepspeed.initialize``; the model's own tensors it frees stay cached, in
+  pieces the later activations reuse).
+* ``R_first = max(R_init, F + f_a A_F + f_o G_o + f_g W)``: the first micro-step, before the optimizer states
+  exist (F = the larger of the forward and backward peaks less the states the first step creates lazily, A_F its
+  activations). Activations are many tensors of many sizes, freed in another order than made: the cache keeps a
+  fraction ``f_a`` of them as free pieces too small for the next request (``reserved_fraction_of_activations``).
+  With optimizer offload, each 16-bit gradient (G_o = b P bytes over backward) is copied to the host on another
+  stream (stage_1_and_2.py ``copy_grads_in_partition``, ``_record_gradient_stream``), so its block is not reused
+  until that copy ends (``record_stream``): ``f_o`` (``reserved_fraction_of_offload_grads``). Stage 3 gathers
+  each module's parameters into blocks of their own sizes (W = gathered bytes): ``f_g``
+  (``reserved_fraction_of_gathered``).
+* ``R_step = R_first + max(0, C - r U)`` (R_first without R_init here; see R below): the first
+  ``engine.step()`` allocates large flat buffers (C): the
+  optimizer states torch creates at the first step (torch/optim/adam.py ``_init_group``:
+  ``torch.zeros_like(p)`` on the flat fp32 partition), the fp32 gradient partition (stage_1_and_2.py ``step``
+  ``single_partition_of_fp32_groups[i].grad``; stage3.py ``_prepare_fp32_grad_for_sub_group``) and the
+  optimizer's temporaries. Each is one contiguous block of the partition's size (B_c). The free cache after
+  backward (U = R_first - what lives after backward) is the pieces earlier phases freed: they can hold such a
+  block only when a single freed piece is at least as large (B_L: the fp32 logits, ``ForCausalLMLoss``'s
+  ``logits.float()`` and the saved log-softmax, 4 bytes x batch x sequence x vocabulary each; or the model's
+  largest parameter tensor, freed when init flattened or partitioned a model that sat whole on the GPU); then
+  a fraction ``r`` of U is reused (``reserved_reuse_fraction``), else none. Stage 0 and optimizer offload
+  allocate no such block on the GPU.
+* ``R_steady = P + f_a A_P + f_o G_o + f_g W``: the steady phases with every state in place (P the largest peak
+  of forward, backward and step, A_P its activations; init is ``R_init``'s).
+
+``R = max(R_init + C', (1 + f_p) max(R_step, R_steady) + c)``, rounded up to the 2 MiB segment granularity, with
+``f_p`` (``reserved_fraction_of_peak``) and ``c`` (``reserved_fixed_bytes``) for what the terms leave out; C' is
+the first step's unreused buffers where the init reserve is what they stack on (init's segments are the model's
+own tensors, no fragmentation beyond them), else 0.
+Every coefficient is an ``Overheads`` parameter, fitted by ``zeroest report --fit``. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+from zeroest.estimator.units import round_up
+
+if TYPE_CHECKING:
+    from zeroest.estimator.core.model_states import ModelStates
+    from zeroest.estimator.core.overheads import Overheads
+    from zeroest.estimator.core.profile import ActivationProfile
+    from zeroest.estimator.core.setup import TrainingSetup
+
+FP32 = 4
+
+RESERVED_TERMS: tuple[str, ...] = ("peak", "activation_cache", "offload_grad_cache", "gathered_cache",
+                                   "first_step_buffers", "fraction_of_peak", "fixed", "rounding")
+"""The named terms of the predicted peak reserved; they sum to it (``ReservedTerms.total_bytes``)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReservedFacts:
+    """What the reserved model needs beyond the phases' components: sizes of single blocks, and bytes that pass
+    through the allocator without being in any phase's peak."""
+
+    contiguous_step: bool
+    """The first ``engine.step()`` allocates flat fp32 partitions on the GPU (ZeRO stages 1-3 without optimizer
+    offload); False at stage 0 (per-tensor states) and with optimizer offload (the step runs on the host)."""
+    contiguous_block_bytes: int
+    """B_c: one flat fp32 block of the step: the rank's fp32 partition 4p (stages 1-2), or one sub-group
+    ``4 * min(p, sub_group_size)`` (stage 3)."""
+    largest_free_block_bytes: int
+    """B_L: the largest single block free in the cache when the first step begins: the fp32 logits backward
+    frees (4 bytes per element of ``ActivationProfile.logits_bytes``), or, where the model sat whole on the GPU
+    before ``deepspeed.initialize`` flattened or partitioned it (all but stage 3 under zero.Init), its largest
+    parameter tensor (b n_max), whichever is larger."""
+    offload_grad_bytes: int
+    """G_o: the 16-bit gradients that leave through the host copy stream with optimizer offload, b P (P the
+    trainable parameters); else 0."""
+    gathered_bytes: int
+    """W: stage 3's gathered parameters at the forward/backward peak (``ModelStates.gathered_params_bytes``);
+    0 at stages 0-2."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+NO_BLOCKS = ReservedFacts(contiguous_step=False, contiguous_block_bytes=0, largest_free_block_bytes=0,
+                          offload_grad_bytes=0, gathered_bytes=0)
+"""Facts of a setup with no flat step buffers, offload or gathering: reserved is the largest phase peak with the
+activation cache, the fraction and the constant."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReservedTerms:
+    """Predicted peak reserved by term (bytes, floats before rounding); ``total_bytes`` is their sum."""
+
+    peak: float
+    """The allocation the reserved memory is built on: the largest phase peak (steady) or the first step's base
+    (first micro-step peak), whichever sets the reserved peak."""
+    activation_cache: float
+    offload_grad_cache: float
+    gathered_cache: float
+    first_step_buffers: float
+    """Flat step buffers that found no cached block large enough: max(0, C - r U)."""
+    fraction_of_peak: float
+    fixed: float
+    rounding: float
+    """Up to the next 2 MiB segment (``Overheads.reserved_block_bytes``)."""
+    set_by: str
+    """Which candidate sets the peak: init, first step, or steady."""
+
+    @property
+    def total_bytes(self) -> int:
+        return round(sum(getattr(self, name) for name in RESERVED_TERMS))
+
+    @property
+    def unrounded_bytes(self) -> float:
+        """The sum without ``rounding`` (continuous in the coefficients: what the fit works on)."""
+        return sum(getattr(self, name) for name in RESERVED_TERMS if name != "rounding")
+
+    def components(self) -> dict[str, int]:
+        return {name: round(getattr(self, name)) for name in RESERVED_TERMS}
+
+
+def reserved_facts(setup: TrainingSetup, states: ModelStates, act: ActivationProfile, trainable_numel: int,
+                   dtype_bytes: int) -> ReservedFacts:
+    """``ReservedFacts`` of a setup (stage 3's sub-group from ``zero.sub_group_size``; b = ``dtype_bytes``; P =
+    ``trainable_numel``, the parameters that get gradients)."""
+    stage = int(setup.stage)
+    offload = setup.zero.offload_optimizer != "none"
+    from zeroest.estimator.core.architecture import param_tensors
+
+    block = states.master_weights_bytes
+    if stage == 3:
+        block = min(block, FP32 * setup.zero.sub_group_size)
+    free = FP32 * act.logits_bytes // dtype_bytes
+    if not (stage == 3 and setup.zero.zero_init):
+        free = max(free, dtype_bytes * max(t.numel for t in param_tensors(setup.model)))
+    return ReservedFacts(
+        contiguous_step=stage >= 1 and not offload and block > 0, contiguous_block_bytes=block,
+        largest_free_block_bytes=free,
+        offload_grad_bytes=dtype_bytes * trainable_numel if offload else 0,
+        gathered_bytes=states.gathered_params_bytes if stage == 3 else 0)
+
+
+def _total(components: dict[str, float]) -> float:
+    return float(sum(components.values()))
+
+
+def reserved_terms(phases: dict[str, dict[str, float]], facts: ReservedFacts, oh: Overheads) -> ReservedTerms:
+    """The terms of the module docstring from the phases' components (``init``, ``forward``, ``backward``,
+    ``step``: name -> component -> bytes, activations already scaled, the cuBLAS workspace in ``buffers``; a
+    phase or component left out counts 0)."""
+    empty: dict[str, float] = {}
+    init, step = phases.get("init", empty), phases.get("step", empty)
+    fwd, bwd = phases.get("forward", empty), phases.get("backward", empty)
+    totals = {name: _total(c) for name, c in (("init", init), ("forward", fwd), ("backward", bwd), ("step", step))}
+    lazy = step.get("optimizer_states", 0.0) if init.get("optimizer_states", 0.0) == 0 else 0.0
+    first_name = "forward" if totals["forward"] > totals["backward"] else "backward"
+    peak_name = max(("forward", "backward", "step"), key=lambda n: totals[n])
+    acts = {"forward": fwd.get("activations", 0.0), "backward": bwd.get("activations", 0.0),
+            "step": step.get("activations", 0.0)}
+    r_init = totals["init"]
+    caches = (oh.reserved_fraction_of_offload_grads * facts.offload_grad_bytes,
+              oh.reserved_fraction_of_gathered * facts.gathered_bytes)
+    act_first = oh.reserved_fraction_of_activations * acts[first_name]
+    first_base = totals[first_name] - lazy
+    r_first = max(r_init, first_base + act_first + sum(caches))
+    new = 0.0
+    if facts.contiguous_step:
+        temporaries = step.get("temporaries", 0.0)
+        new = temporaries + lazy + max(0.0, step.get("grads", 0.0) - bwd.get("grads", 0.0))
+        live_after_backward = totals["step"] - temporaries - lazy
+        if facts.contiguous_block_bytes <= facts.largest_free_block_bytes:
+            new = max(0.0, new - oh.reserved_reuse_fraction * max(0.0, r_first - live_after_backward))
+    act_peak = oh.reserved_fraction_of_activations * acts[peak_name]
+    f_p, fixed = oh.reserved_fraction_of_peak, float(oh.reserved_fixed_bytes)
+    candidates = [  # (total, set_by, base, activation cache, caches, first-step buffers, fraction, fixed)
+        ((1 + f_p) * (totals[peak_name] + act_peak + sum(caches)) + fixed, "steady", totals[peak_name], act_peak,
+         caches, 0.0, f_p * (totals[peak_name] + act_peak + sum(caches)), fixed),
+        ((1 + f_p) * (first_base + act_first + sum(caches) + new) + fixed, "first step", first_base, act_first,
+         caches, new, f_p * (first_base + act_first + sum(caches) + new), fixed),
+        (r_init + (new if r_first == r_init else 0.0), "init", r_init, 0.0, (0.0, 0.0),
+         new if r_first == r_init else 0.0, 0.0, 0.0),
+    ]
+    total, set_by, base, act, caches, new, fraction, fixed = max(candidates, key=lambda c: c[0])
+    rounding = round_up(max(0, int(-(-total // 1))), max(1, oh.reserved_block_bytes)) - total
+    return ReservedTerms(peak=base, activation_cache=act, offload_grad_cache=caches[0], gathered_cache=caches[1],
+                         first_step_buffers=new, fraction_of_peak=fraction, fixed=fixed, rounding=rounding,
+                         set_by=set_by)

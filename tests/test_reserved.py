@@ -1,0 +1,119 @@
+"""The reserved-memory model by caching-allocator terms (estimator/core/reserved.py): every expectation is the
+module docstring's formula worked by hand on named byte counts."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from test_report_support import closed_form  # noqa: F401
+from zeroest.estimator.core.overheads import Overheads
+from zeroest.estimator.core.reserved import NO_BLOCKS, RESERVED_TERMS, ReservedFacts, reserved_terms
+from zeroest.estimator.units import GiB, MiB, round_up
+
+OH = Overheads(reserved_fraction_of_peak=0.05, reserved_fraction_of_activations=0.1, reserved_reuse_fraction=0.5,
+               reserved_fraction_of_offload_grads=0.5, reserved_fraction_of_gathered=0.25, reserved_fixed_bytes=0)
+
+
+def _phases(init_temporaries_gib: float = 2.0) -> dict[str, dict[str, float]]:
+    """A ZeRO-1-like step in GiB: 16-bit params 2, fp32 master 4, Adam states 8 created by the first step (none at
+    init), activations 6 (forward) and 7 (backward), the step's 1 GiB of gradients and 4 GiB of temporaries."""
+    held = {"params": 2 * GiB, "master_weights": 4 * GiB}
+    return {
+        "init": {**held, "temporaries": init_temporaries_gib * GiB},
+        "forward": {**held, "optimizer_states": 8 * GiB, "activations": 6 * GiB},
+        "backward": {**held, "optimizer_states": 8 * GiB, "activations": 7 * GiB},
+        "step": {**held, "optimizer_states": 8 * GiB, "grads": 1 * GiB, "temporaries": 4 * GiB},
+    }
+
+
+FLAT = ReservedFacts(contiguous_step=True, contiguous_block_bytes=4 * GiB, largest_free_block_bytes=1 * GiB,
+                     offload_grad_bytes=0, gathered_bytes=0)
+"""Flat 4 GiB step buffers and no freed block that large: nothing of the first step is reused."""
+
+
+def test_terms_sum_to_the_total_rounded_to_a_segment():
+    terms = reserved_terms(_phases(), FLAT, OH)
+    assert sum(terms.components().values()) == pytest.approx(terms.total_bytes, abs=len(RESERVED_TERMS))
+    assert terms.total_bytes % OH.reserved_block_bytes == 0
+    assert 0 <= terms.rounding < OH.reserved_block_bytes
+
+
+def test_the_first_step_stacks_its_flat_buffers_on_the_first_micro_step():
+    # first micro-step: backward (21 GiB) less the 8 GiB of states the first step creates = 13, + 0.1 * 7 GiB
+    # first step: temporaries 4 + lazily created states 8 + gradients that appear in the step 1 = 13, no reuse
+    terms = reserved_terms(_phases(), FLAT, OH)
+    assert terms.set_by == "first step"
+    assert terms.peak == 13 * GiB
+    assert terms.activation_cache == pytest.approx(0.7 * GiB)
+    assert terms.first_step_buffers == 13 * GiB
+    body = 13 * GiB + 0.7 * GiB + 13 * GiB
+    assert terms.fraction_of_peak == pytest.approx(0.05 * body)
+    assert terms.total_bytes == round_up(int(1.05 * body) + 1, 2 * MiB)
+
+
+def test_a_freed_block_as_large_as_the_flat_buffer_lets_the_step_reuse_the_cache():
+    # U = R_first - live after backward = 13.7 - (19 - 4 - 8) = 6.7 GiB; r U = 3.35 GiB reused
+    fits = replace(FLAT, largest_free_block_bytes=4 * GiB)
+    terms = reserved_terms(_phases(), fits, OH)
+    assert terms.first_step_buffers == pytest.approx((13 - 0.5 * 6.7) * GiB)
+
+
+def test_steady_state_sets_the_peak_when_the_step_allocates_nothing_flat():
+    # stage 0 / offload: no flat step buffers; the steady backward (21 GiB) + 0.1 * 7 GiB
+    terms = reserved_terms(_phases(), NO_BLOCKS, OH)
+    assert terms.set_by == "steady" and terms.first_step_buffers == 0
+    assert terms.peak == 21 * GiB and terms.activation_cache == pytest.approx(0.7 * GiB)
+    assert terms.total_bytes == round_up(int(1.05 * 21.7 * GiB) + 1, 2 * MiB)
+
+
+def test_an_init_reserve_larger_than_the_first_micro_step_carries_into_the_first_step():
+    # init 6 + 14 GiB = 20 GiB > 13.7: the first step's 13 GiB stack on the init reserve, with no fraction (init's
+    # segments are the model's own tensors): 33 GiB > 1.05 * (13.7 + 13)
+    terms = reserved_terms(_phases(init_temporaries_gib=14.0), FLAT, OH)
+    assert terms.set_by == "init" and terms.peak == 20 * GiB and terms.activation_cache == 0
+    assert terms.first_step_buffers == 13 * GiB and terms.fraction_of_peak == 0
+    assert terms.total_bytes == 33 * GiB
+
+
+def test_init_alone_sets_the_peak_when_nothing_later_reaches_it():
+    terms = reserved_terms(_phases(init_temporaries_gib=60.0), NO_BLOCKS, OH)
+    assert terms.set_by == "init" and terms.peak == 66 * GiB and terms.fraction_of_peak == 0
+    assert terms.total_bytes == 66 * GiB
+
+
+@pytest.mark.parametrize(("offload_gib", "gathered_gib"), [(3.0, 0.0), (0.0, 2.0)])
+def test_offload_gradients_and_gathered_parameters_add_their_fractions(offload_gib, gathered_gib):
+    facts = replace(NO_BLOCKS, offload_grad_bytes=int(offload_gib * GiB), gathered_bytes=int(gathered_gib * GiB))
+    terms = reserved_terms(_phases(), facts, OH)
+    assert terms.offload_grad_cache == pytest.approx(0.5 * offload_gib * GiB)
+    assert terms.gathered_cache == pytest.approx(0.25 * gathered_gib * GiB)
+    base = reserved_terms(_phases(), NO_BLOCKS, OH)
+    assert terms.unrounded_bytes == pytest.approx(base.unrounded_bytes + 1.05 * (0.5 * offload_gib
+                                                                                + 0.25 * gathered_gib) * GiB)
+
+
+@pytest.mark.usefixtures("closed_form")
+def test_estimate_reports_the_terms_and_the_block_sizes():
+    from test_report_support import make_setup
+    from zeroest.estimator.core.estimate import estimate
+
+    setup = make_setup("gpt2", 2, 4)  # micro-batch 2 x 512 tokens, bf16
+    e = estimate(setup)
+    assert e.peak_reserved_bytes == e.reserved.total_bytes >= e.peak_allocated_bytes
+    assert e.to_dict()["reserved_components"] == e.reserved.components()
+    facts = e.reserved_facts
+    vocab, hidden = setup.model.vocab_size, setup.model.hidden_size
+    # the fp32 logits, 4 * b * s * V bytes, outgrow the largest parameter (the embedding, 2 * V * h bytes)
+    assert facts.largest_free_block_bytes == 4 * 2 * 512 * vocab > 2 * vocab * hidden
+    assert facts.contiguous_step and facts.contiguous_block_bytes == e.components["master_weights"]
+    assert facts.offload_grad_bytes == 0 and facts.gathered_bytes == 0
+
+
+@pytest.mark.usefixtures("closed_form")
+def test_a_cpu_estimate_reserves_its_peak():
+    from test_report_support import make_setup
+    from zeroest.estimator.core.estimate import estimate
+
+    e = estimate(make_setup("gpt2", 1, 2), device="cpu")
+    assert e.peak_reserved_bytes == e.peak_allocated_bytes
