@@ -87,9 +87,10 @@ def test_stage3_partitions_every_parameter_and_optimizes_the_trainable(world):
 
 def test_stage3_recompute_keeps_a_layers_frozen_weights_gathered():
     """PR #8148: frozen params fetched by a checkpoint recompute stay gathered until the backward submodule ends,
-    whatever stage3_max_live_parameters: a layer's frozen weights (llama-2-7b: 202 M > its 131 M embedding), in
-    a layer's backward only."""
-    model = load_model("llama-2-7b")
+    whatever stage3_max_live_parameters: a layer's frozen weights (llama-2-70b: 856 M > its 262 M embedding), in
+    a layer's backward only. (llama-2-7b's last layer and lm_head, 333 M, stay gathered from forward anyway: their
+    next use is within stage3_max_reuse_distance, ``stage3_fetch.reuse_retained_numel``; 70b's last layer is not.)"""
+    model = load_model("llama-2-70b")
     small = dict(world_size=8, stage=3, activations="closed-form", max_live_parameters=1_000_000,
                  prefetch_bucket_size=1_000_000)
     layer = sum(t.numel for t in param_tensors(model) if ".layers.0." in t.name and t.numel >= 100_000)

@@ -194,7 +194,7 @@ GRANITE = (
 def test_zero2_backward_with_reductions_and_a_tied_head(tmp_path):
     """ZeRO-2 with a bucket of 5e5 elements and 1.46e6 parameters reduces during backward: the first reduction
     that spans two ranks' partitions flattens its bucket (b E), then allocates ``grads_in_partition``, while the
-    tied head's gradient waits in autograd (core.reductions, timeline.tied_head_grad_bytes). The estimate is the
+    tied head's gradient waits in autograd (core.reductions, timeline.embedding_grad_bytes). The estimate is the
     rank that holds most. N_d = 4: rank 0 is that rank, backward within 0.1% of its live bytes. N_d = 2 with
     checkpointing: rank 1 owns the last layers, so its ``grads_in_partition`` exists before the second
     reduction's flatten (b E = 2 * 475648 bytes), which rank 0 never holds with it (the worker re-run as rank 1

@@ -80,7 +80,9 @@ class Estimate:
             "peak_reserved_bytes": self.peak_reserved_bytes,
             "device_bytes": self.device_bytes,
             "peak_phase": self.peak_phase,
-            "phases": {p.name: {"peak_bytes": p.peak_bytes, "components": dict(p.components)} for p in self.phases},
+            "phases": {p.name: {"peak_bytes": p.peak_bytes, "components": dict(p.components),
+                                **({"candidates": [dict(c) for c in p.candidates]} if p.candidates else {})}
+                       for p in self.phases},
             "cpu_bytes_per_node": self.cpu_bytes_per_node,
             "host_components": self.host.components() if self.host else {},
             "reserved_components": self.reserved.components() if self.reserved else {},
@@ -233,9 +235,12 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
                                      target=device, adapters=setup.adapters, adapters_fp32=_adapters_fp32(setup))
     phases = timeline(setup, states,
                       act if overheads.activation_scale == 1 else _scaled(act, overheads.activation_scale))
+    def with_workspace(c: dict[str, int]) -> dict[str, int]:
+        return {**c, "buffers": c["buffers"] + overheads.cublas_workspace_bytes}
+
     phases = tuple(
-        p if p.name == "init" else Phase(name=p.name, components={
-            **p.components, "buffers": p.components["buffers"] + overheads.cublas_workspace_bytes})
+        p if p.name == "init" else Phase(name=p.name, components=with_workspace(p.components),
+                                         candidates=tuple(with_workspace(c) for c in p.candidates))
         for p in phases
     )
     peak = peak_phase(phases)

@@ -17,7 +17,6 @@ combines these with activations per phase.
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import accumulate
@@ -25,14 +24,17 @@ from typing import Literal
 
 from zeroest.estimator.core.adapters import TrainableSplit, trainable_split
 from zeroest.estimator.core.architecture import param_tensors
+from zeroest.estimator.core.flat_group import (  # noqa: F401 - re-exported: capacity.py and tests import them from here
+    NCCL_START_ALIGNMENT_FACTOR,
+    _overlap_numel,
+    flat_group_numel,
+    stage1_partition_copy_bytes,
+)
 from zeroest.estimator.core.optimizers import flat_at_stage0, optimizer_state_bytes, optimizer_temp_bytes
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
 from zeroest.estimator.core.shape import ModelShape
-from zeroest.estimator.units import round_up
 
 FP32 = 4
-NCCL_START_ALIGNMENT_FACTOR = 2
-"""stage_1_and_2.py ``DeepSpeedZeroOptimizer.__init__``: flat groups are padded to ``2 * N`` elements."""
 Device = Literal["cuda", "cpu"]
 
 
@@ -99,11 +101,6 @@ def pinned_bytes(nbytes: int, pinned: bool) -> int:
     return 1 << (nbytes - 1).bit_length() if pinned and nbytes > 0 else nbytes
 
 
-def flat_group_numel(numel: int, world_size: int) -> int:
-    """P': ``flatten_dense_tensors_aligned`` pads the group to ``nccl_start_alignment_factor * N`` elements."""
-    return round_up(numel, NCCL_START_ALIGNMENT_FACTOR * world_size)
-
-
 def trained(setup: TrainingSetup) -> TrainableSplit:
     """The setup's parameters split into trainable and frozen (``core.adapters.trainable_split``); a full fine-tune
     has every parameter trainable, in ``named_parameters`` order."""
@@ -128,16 +125,6 @@ def stage2_grad_numel(model: ModelShape | TrainableSplit, world_size: int, rank:
     numels = _numels(model)
     ranks = range(world_size) if rank is None else (rank,)
     return max(_overlap_numel(numels, world_size, r) for r in ranks)
-
-
-@lru_cache(maxsize=65536)
-def _overlap_numel(numels: tuple[int, ...], world_size: int, rank: int) -> int:
-    starts = [0, *accumulate(numels)]
-    part = flat_group_numel(starts[-1], world_size) // world_size
-    lo, hi = rank * part, (rank + 1) * part
-    first = max(bisect.bisect_right(starts, lo) - 1, 0)
-    last = min(bisect.bisect_left(starts, hi) - 1, len(numels) - 1)
-    return starts[last + 1] - starts[first] if first <= last else 0
 
 
 def stage1_offload_grads_bytes(setup: TrainingSetup, numel: int) -> int:
@@ -302,8 +289,9 @@ def stage12_states(setup: TrainingSetup, split: TrainableSplit, device: Device =
     * states: S * 4p, at the first step (``initialize_optimizer_states`` creates none).
     * buckets: ``setup_buckets`` allocates b * B_r whole (x2 with overlap_comm) at the first gradient hook of each
       backward, freed by ``_release_ipg_buffers`` at its end; stage 1 keeps them between micro-steps (G > 1).
-    * grads, stage 1: the model's ``param.grad`` (bP) until the end of backward, where
-      ``independent_gradient_partition_epilogue`` flattens this rank's partition (bp); stage 2:
+    * grads, stage 1: the model's ``param.grad`` (bP) until the end of backward, where ``reduce_gradients`` moves
+      them through the bucket into ``grads_in_partition`` (``stage1_partition_copy_bytes``; with ``overlap_comm``
+      still charged as the flattened partition, bp); stage 2:
       ``grads_in_partition``, b * (whole parameters overlapping the partition) (``copy_grads_in_partition``),
       reused across micro-steps.
     * step: the flat 16-bit partition is converted to an fp32 ``single_grad_partition`` (4p) and freed; then the
@@ -334,7 +322,8 @@ def stage12_states(setup: TrainingSetup, split: TrainableSplit, device: Device =
         grads = b * stage2_grad_numel(split, world)
         carry, epilogue, step_grads = (grads if accum else 0), 0, grads
     else:
-        grads, epilogue, step_grads = b * numel, b * part, b * part
+        epilogue = b * part if setup.zero.overlap else stage1_partition_copy_bytes(setup, _numels(split))
+        grads, step_grads = b * numel, b * part
         carry = grads if accum else 0  # the buckets stay too: estimator.timeline adds them at stage 1
     temps = optimizer_temp_bytes(setup, (part,), device)
     # step: flatten the partition (bp) and convert it (4p) while the gradients live; then free them and update.

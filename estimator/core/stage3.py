@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 
 from zeroest.estimator.core.adapters import TrainableSplit
+from zeroest.estimator.core.architecture import param_tensors
 from zeroest.estimator.core.model_states import (
     FP32,
     Device,
@@ -29,6 +30,7 @@ from zeroest.estimator.core.model_states import (
     trained,
 )
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup
+from zeroest.estimator.core.stage3_fetch import reuse_retained_numel
 from zeroest.estimator.units import ceil_div
 
 _LAYER = re.compile(r"\.(?:layers|h|layer)\.\d+\.")
@@ -51,17 +53,21 @@ def _layer_frozen_numel(split: TrainableSplit, threshold: int) -> int:
 
 
 def gathered_numel(setup: TrainingSetup) -> int:
-    """Elements held gathered whole during a steady-state forward and into backward.
+    """Elements held gathered whole at the end of a steady-state forward and into backward.
 
     partitioned_param_coordinator.py: in the first step DeepSpeed records the module trace and releases each module's
-    parameters after use; from the second step on, ``release_sub_module`` keeps a parameter whose next use is within
-    ``stage3_max_reuse_distance`` (1e9 elements by default), and every forward use is followed by a backward use, so
-    parameters stay gathered from their forward until their backward, up to ``stage3_max_live_parameters`` (plus the
-    prefetch bucket in flight). Persistent parameters are whole anyway and not counted again. With N_d = 1 and no
-    parameter offload a "gathered" parameter is its own partition: nothing extra. Measured on an H100
-    (data/runs/h100-default): pythia-1b N_d = 2 holds its whole 16-bit model gathered at the end of forward.
-    Frozen parameters are gathered like trainable ones (a frozen Linear's weight is needed again in backward for
-    the input's gradient), so the sum runs over every parameter, adapters included.
+    parameters after use. From the second step on, ``fetch_sub_module`` prefetches ahead of use while fewer than
+    ``stage3_max_live_parameters`` L elements are gathered (``__n_available_params``), up to
+    ``stage3_prefetch_bucket_size`` B at a time, and a prefetched parameter is not released before its use: about
+    L + B elements stay gathered (at least the largest tensor). Independently, ``release_sub_module`` keeps the
+    parameters whose next use lies within ``stage3_max_reuse_distance`` (``stage3_fetch.reuse_retained_numel``), so
+    with a small L the end of forward holds those instead. Persistent parameters are whole anyway and not counted
+    again. With N_d = 1 and no parameter offload a "gathered" parameter is its own partition: nothing extra.
+    Measured on an H100 (data/runs/h100-default): pythia-1b N_d = 2 holds its whole 16-bit model gathered at the
+    end of forward; gpt2-large N_d = 4 with L = 1e8 holds 5.2e8 elements (1.04e9 bytes more in step 1's forward
+    than in step 0's, beyond the optimizer states; data/runs/h100-holdout). Frozen parameters are gathered like
+    trainable ones (a frozen Linear's weight is needed again in backward for the input's gradient), so the sum runs
+    over every parameter, adapters included.
     """
     if setup.world_size == 1 and setup.zero.offload_params == "none":
         return 0
@@ -70,7 +76,9 @@ def gathered_numel(setup: TrainingSetup) -> int:
     big = [t.numel for t in (*split.trainable, *split.frozen) if t.numel >= threshold]
     if not big:
         return 0
-    return min(sum(big), max(max(big), setup.zero.max_live_parameters + setup.zero.prefetch_bucket_size))
+    retained = reuse_retained_numel(param_tensors(setup.model), tied=setup.model.tied_embeddings,
+                                    grad_ckpt=setup.workload.grad_ckpt, persistence_threshold=threshold)
+    return min(sum(big), max(max(big), setup.zero.max_live_parameters + setup.zero.prefetch_bucket_size, retained))
 
 
 def recompute_gathered_numel(setup: TrainingSetup) -> int:
@@ -94,6 +102,25 @@ def recompute_gathered_numel(setup: TrainingSetup) -> int:
     if not split.frozen:
         return 0
     return max(0, _layer_frozen_numel(split, setup.zero.param_persistence_threshold) - gathered_numel(setup))
+
+
+def convert_peak_bytes(setup: TrainingSetup) -> int:
+    """Peak while stage 3 partitions a model that was built whole: b * P + b * ceil(n_0 / N).
+
+    parameter_offload.py ``_convert_to_zero_parameters`` runs partition_parameters.py ``Init(module=...)``, whose
+    ``_convert_to_zero_parameters`` partitions one parameter at a time (``_zero_init_param`` -> ``_partition_param``):
+    it allocates the rank's partition, ceil(n / N) elements (on the host with ``offload_param``), copies its slice
+    and frees the whole parameter (``free_param``) before the next. Live bytes fall with every parameter done, so
+    the peak is at the first one, n_0 (the token embedding): the whole 16-bit model plus its partition. The flat
+    buffer ``defragment`` builds afterwards (b P3 beside the partitions) is below this for N >= 2. Measured on an
+    H200 (data/runs/h200-zeroinit, no zero.Init, N_d = 64): llama-3-8b init 14.973 GiB against b * P = 14.958
+    (b * ceil(n_0 / N) = 0.015).
+    """
+    split = trained(setup)  # the whole model, adapters included; n_0 the first of ``named_parameters``
+    b = DTYPE_BYTES[setup.dtype]
+    first = param_tensors(setup.model)[0].numel
+    first = 0 if setup.zero.offload_params != "none" else b * partition_numel(first, setup.world_size)
+    return b * sum(t.numel for t in (*split.trainable, *split.frozen)) + first
 
 
 def stage3_states(setup: TrainingSetup, device: Device = "cuda") -> ModelStates:
@@ -158,7 +185,6 @@ def stage3_states(setup: TrainingSetup, device: Device = "cuda") -> ModelStates:
     params = b * persistent + (0 if offload_params else b * p3)
     step_temp = 0 if offload_opt else max((b + FP32) * group,
                                           FP32 * group + optimizer_temp_bytes(setup, (group,), device))
-    loaded = b * sum(t.numel for t in tensors)
     n_max = max(t.numel for t in tensors)
     return ModelStates(
         params_bytes=params,
@@ -174,9 +200,9 @@ def stage3_states(setup: TrainingSetup, device: Device = "cuda") -> ModelStates:
         epilogue_bytes=0,
         step_grads_bytes=0,
         step_temp_bytes=step_temp,
-        # init: the whole model while its partitions are made (not under zero.Init), or the steady buffers plus
-        # the largest parameter gathered whole once (measured: data/probe/llama_z3_bf16_n4_g1*.json)
-        init_peak_bytes=max(0 if setup.zero.builds_partitioned else loaded + b * p3,
+        # init: the whole model while its partitions are made (not under zero.Init; ``convert_peak_bytes``), or
+        # the steady buffers plus the largest parameter gathered whole once (data/probe/llama_z3_bf16_n4_g1*.json)
+        init_peak_bytes=max(0 if setup.zero.builds_partitioned else convert_peak_bytes(setup),
                             b * p3 + (0 if offload_opt else master) + resident + b * n_max),
         host_bytes=host,
         host_pageable_bytes=master + states if setup.zero.offload_optimizer == "cpu" else 0,

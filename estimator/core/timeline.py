@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zeroest.estimator.core.architecture import param_tensors
+from zeroest.estimator.core.flat_group import stage2_grads_before_embedding_numel
 from zeroest.estimator.core.model_states import ModelStates, trained
 from zeroest.estimator.core.profile import ActivationProfile
 from zeroest.estimator.core.reductions import backward_reductions
@@ -34,6 +36,10 @@ class Phase:
 
     name: str
     components: dict[str, int]
+    candidates: tuple[dict[str, int], ...] = ()
+    """Every candidate peak point of the phase, the chosen one included (backward's: the loss's backward, the
+    lm_head's, a layer's, the end); empty where the phase has one point. ``zeroest report --fit`` needs them all:
+    which one wins depends on the activation scale it fits."""
 
     @property
     def peak_bytes(self) -> int:
@@ -54,6 +60,44 @@ def _head_param_numel(setup: TrainingSetup) -> int:
     )
 
 
+def lm_head_grad_bytes(setup: TrainingSetup, act: ActivationProfile) -> tuple[int, int]:
+    """(activation bytes above the saved stack, weight-gradient bytes) when the lm_head's matmul runs backward.
+
+    autograd runs the loss's nodes first: ``log_softmax_backward`` consumes the fp32 log-softmax output that
+    cross-entropy saved (4 b s V, released once its node has run) and the cast back to the model's dtype leaves
+    the logits' gradient (``grad_logits_bytes``); then ``lm_head``'s ``MmBackward`` makes the hidden state's
+    gradient and the weight's, b V h in the model's dtype, whole, until the parameter's gradient hook takes it:
+    stage 3 (stage3.py ``reduce_partition_and_remove_grads``) and stage 2 (stage_1_and_2.py
+    ``reduce_independent_p_g_buckets_and_remove_grads``) copy it into the reduce bucket and drop it. A tied lm_head
+    is the token embedding's weight. Measured (data/runs/h200-zeroinit, stage 3, 1 x 512): llama-3-8b backward
+    peaks 0.860 GiB above the end of forward, qwen2.5-7b 0.874; this moment gives 0.86 and 0.87 (the loss's own
+    backward 0.49 and 0.57).
+    """
+    tensors = param_tensors(setup.model)
+    head = next((t for t in tensors if t.component == "lm_head"), None)
+    head = head or next((t for t in tensors if t.component == "embeddings"), None)
+    log_softmax = act.logits_bytes * 4 // DTYPE_BYTES[setup.dtype]
+    activations = max(0, act.head_saved_bytes - log_softmax) + act.grad_logits_bytes + act.grad_hidden_bytes
+    return activations, DTYPE_BYTES[setup.dtype] * (head.numel if head else 0)
+
+
+def embedding_grad_bytes(setup: TrainingSetup) -> tuple[int, int]:
+    """(b n_e, b n_e if the lm_head is tied else 0): the token embedding's gradient, made last in backward, and a
+    tied lm_head's, which waits for it.
+
+    ``embedding_dense_backward`` makes the embedding's gradient whole (n_e = V h elements) at the very end of
+    backward. A leaf used twice gets one ``AccumulateGrad`` node whose input buffer sums the contributions
+    (torch/csrc/autograd/input_buffer.cpp ``InputBuffer::accumulate``), and the node, with it the ZeRO gradient
+    hook, runs once the last arrives: a tied lm_head's contribution (b n_e) is made first and waits through every
+    layer, and the embedding's is added to it out of place (a third b n_e). Measured with real DeepSpeed stage 3
+    on the CPU (tied 32000 x 2048 head, 1 x 64 tokens): live bytes rise 3 b n_e at that ``add`` over what the
+    layers leave, with the embedding's weight gathered for its backward (tests/test_lm_head_backward.py).
+    """
+    embedding = next((t for t in param_tensors(setup.model) if t.component == "embeddings"), None)
+    grad = DTYPE_BYTES[setup.dtype] * (embedding.numel if embedding else 0)
+    return grad, grad if setup.model.tied_embeddings else 0
+
+
 def _grads_at_backward_start(setup: TrainingSetup, states: ModelStates) -> int:
     """Gradient bytes when backward begins its first layer: the carry of earlier micro-steps, or, where the
     model's own ``param.grad`` hold gradients (stages 0-1), the head's."""
@@ -62,23 +106,6 @@ def _grads_at_backward_start(setup: TrainingSetup, states: ModelStates) -> int:
     if setup.stage <= ZeroStage.OPTIMIZER_STATES and (setup.zero.offload_optimizer == "none" or states.grads_bytes):
         return DTYPE_BYTES[setup.dtype] * _head_param_numel(setup)
     return 0
-
-
-def tied_head_grad_bytes(setup: TrainingSetup) -> int:
-    """b * V * h when lm_head shares the token embedding's weight, else 0: the head's part of that weight's
-    gradient, waiting in autograd's input buffer from the head's backward to the embedding's.
-
-    One leaf used twice has one ``AccumulateGrad`` node; autograd sums the gradients of both uses in the node's
-    input buffer (torch/csrc/autograd/input_buffer.cpp ``InputBuffer::add``) and calls the node, so DeepSpeed's
-    gradient hook (and, at stages 0-1, ``param.grad``), only after the embedding's backward, at the end. Until
-    then the lm_head matmul's weight gradient (``mm`` of grad_logits^T and the final hidden state, V x h in the
-    model's dtype) is held at every stage and appears in no ``param.grad``. Measured on the CPU (validate
-    --cpu, granite and qwen3 with tied embeddings, ZeRO-2 N_d 4): live in the first layer's backward.
-    """
-    if not setup.model.tied_embeddings:  # a frozen embedding (core.adapters) makes no gradient: 0 below
-        return 0
-    embed = sum(t.numel for t in trained(setup).trainable if t.component == "embeddings")
-    return DTYPE_BYTES[setup.dtype] * embed
 
 
 def loop_outputs_bytes(setup: TrainingSetup, act: ActivationProfile, phase: str) -> int:
@@ -144,26 +171,42 @@ def timeline(setup: TrainingSetup, states: ModelStates, act: ActivationProfile) 
     grads_start = _grads_at_backward_start(setup, states)
     outputs = loop_outputs_bytes(setup, act, "backward")  # the loop's output object, beside the saved stack
     stack = act.stack_bytes(ckpt) + outputs
-    # From the head's first parameter gradient on (the final norm's), the first hook has allocated the buckets
-    # while the head's last transients live; the tied head gradient (``tied_head_grad_bytes``) waits until the
-    # embedding's backward, through every layer's.
     head = _components(**held, grads=grads_start, buffers=gathered + carry_buckets,
                        activations=stack + act.head_saved_bytes + act.grad_logits_bytes
                        + act.backward_head_transient_bytes)
-    tied = tied_head_grad_bytes(setup)
+    # stages 2-3: the lm_head's weight gradient, whole, once the loss's backward has freed its fp32 tensors (at
+    # stages 0-1 ``grads_start`` already holds it beside them)
+    lm_acts, lm_grad = lm_head_grad_bytes(setup, act) if setup.stage >= ZeroStage.GRADIENTS else (0, 0)
+    lm_head = _components(**held, grads=max(grads_start, lm_grad), buffers=gathered + carry_buckets,
+                          activations=stack + lm_acts)
+    # the embedding's gradient is made last; a tied lm_head's waits for it in autograd's input buffer through the
+    # layers and is summed with it out of place (stages 0-1 count one of them in the model's ``param.grad``); stage 3
+    # gathers the embedding's weight for its backward
+    emb_grad, tied = embedding_grad_bytes(setup)
+    keeps_param_grads = setup.stage <= ZeroStage.OPTIMIZER_STATES and states.grads_bytes > 0
+    emb_end = (3 if tied else 1) * emb_grad - (emb_grad if keeps_param_grads else 0)
+    if setup.stage == ZeroStage.GRADIENTS and states.grads_bytes and emb_grad:
+        # stage 2: ``grads_in_partition`` of a rank whose slice lies inside the embedding appears only after it
+        numels = tuple(t.numel for t in param_tensors(setup.model))
+        emb_end -= states.grads_bytes - DTYPE_BYTES[setup.dtype] * stage2_grads_before_embedding_numel(
+            numels, setup.world_size)
+    emb_gathered = emb_grad if setup.stage == ZeroStage.PARAMETERS and states.gathered_params_bytes else 0
+    # from the head's first parameter gradient on (the final norm's) the first hook has allocated the buckets while
+    # the head's last transients live
     late = _components(**held, grads=grads_start + tied, buffers=gathered + states.buckets_bytes,
                        activations=stack + act.head_after_grad_peak_bytes(ckpt))
     layer = _components(**held, grads=grads_start + tied,
                         buffers=gathered + states.buckets_bytes + states.recompute_gathered_bytes,
                         activations=stack + act.layer_backward_peak_bytes(ckpt))
     end = _components(**held, grads=max(states.grads_bytes, states.grads_carry_bytes),
-                      buffers=resident + states.buckets_bytes,
+                      buffers=resident + states.buckets_bytes + emb_gathered,
                       activations=act.backward_live_after_layers(setup.model.num_layers, ckpt) + outputs,
-                      temporaries=states.epilogue_bytes)
+                      temporaries=max(states.epilogue_bytes, emb_end))
     during = _reduction_candidates(setup, states, act, held, grads_start + tied, resident + states.buckets_bytes,
                                    outputs)
-    backward = Phase(name="backward", components=max(head, late, layer, end, *during,
-                                                     key=lambda c: sum(c.values())))
+    candidates = (head, lm_head, late, layer, end, *during)
+    backward = Phase(name="backward", components=max(candidates, key=lambda c: sum(c.values())),
+                     candidates=candidates)
     step = Phase(name="step", components=_components(
         **held, grads=states.step_grads_bytes, buffers=resident, temporaries=states.step_temp_bytes,
         activations=loop_outputs_bytes(setup, act, "step")))

@@ -122,12 +122,12 @@ def terms_from_phases(phases: dict[str, dict], activation_scale: float = 1.0) ->
     ``activation_scale`` (activations are divided by it back to unscaled bytes)."""
     out = []
     for name, phase in phases.items():
-        comps = phase["components"]
-        act = int(comps.get("activations", 0))
-        unscaled = round(act / activation_scale)
-        out.append(PhaseTerms(name=name, other_bytes=int(sum(comps.values())) - act, activation_bytes=unscaled,
-                              temporaries_bytes=int(comps.get("temporaries", 0)),
-                              components={**{k: int(v) for k, v in comps.items()}, "activations": unscaled}))
+        for comps in phase.get("candidates") or [phase["components"]]:  # every candidate point, where listed
+            act = int(comps.get("activations", 0))
+            unscaled = round(act / activation_scale)
+            out.append(PhaseTerms(name=name, other_bytes=int(sum(comps.values())) - act, activation_bytes=unscaled,
+                                  temporaries_bytes=int(comps.get("temporaries", 0)),
+                                  components={**{k: int(v) for k, v in comps.items()}, "activations": unscaled}))
     return tuple(out)
 
 

@@ -1,0 +1,86 @@
+"""The flat 16-bit group of ZeRO stages 1-2 and each rank's slice of it (runtime/zero/stage_1_and_2.py).
+
+Notation as in ``estimator.model_states``: P parameters, N = N_d ranks, P' the flat group padded to a multiple of
+2N, p = P'/N the slice rank r owns, [r p, (r + 1) p), in ``named_parameters`` order.
+"""
+
+from __future__ import annotations
+
+import bisect
+from functools import lru_cache
+from itertools import accumulate
+
+from zeroest.estimator.core.architecture import param_tensors
+from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup
+from zeroest.estimator.units import round_up
+
+NCCL_START_ALIGNMENT_FACTOR = 2
+"""stage_1_and_2.py ``DeepSpeedZeroOptimizer.__init__``: flat groups are padded to ``2 * N`` elements."""
+
+def flat_group_numel(numel: int, world_size: int) -> int:
+    """P': ``flatten_dense_tensors_aligned`` pads the group to ``nccl_start_alignment_factor * N`` elements."""
+    return round_up(numel, NCCL_START_ALIGNMENT_FACTOR * world_size)
+
+
+@lru_cache(maxsize=65536)
+def _overlap_numel(numels: tuple[int, ...], world_size: int, rank: int) -> int:
+    starts = [0, *accumulate(numels)]
+    part = flat_group_numel(starts[-1], world_size) // world_size
+    lo, hi = rank * part, (rank + 1) * part
+    first = max(bisect.bisect_right(starts, lo) - 1, 0)
+    last = min(bisect.bisect_left(starts, hi) - 1, len(numels) - 1)
+    return starts[last + 1] - starts[first] if first <= last else 0
+
+
+def stage1_partition_copy_bytes(setup: TrainingSetup, numels: tuple[int, ...] | None = None) -> int:
+    """Stage 1 (``overlap_comm`` off): b * max over ranks of (P_ov - F), the part of ``grads_in_partition`` not
+    yet paid for by gradients freed when DeepSpeed allocates it at the end of backward.
+
+    stage_1_and_2.py: at stage 1 the gradient hooks reduce nothing; ``engine.backward`` ends with
+    ``reduce_gradients``, which walks the parameters in ``named_parameters`` order
+    (``reduce_independent_p_g_buckets_and_remove_grads``): each gradient is copied into the ipg bucket and its
+    ``param.grad`` re-pointed there (its own storage freed), except one larger than ``reduce_bucket_size`` B_r,
+    which is reduced alone. A full bucket is reduced (``reduce_ipg_grads``), and for each of its parameters in the
+    rank's partition ``copy_grads_in_partition`` copies the gradient into ``grads_in_partition``, allocated at the
+    first one: b * P_ov, the whole parameters overlapping the rank's slice (``stage2_grad_numel``). F is the
+    elements already moved into the bucket by then. The epilogue (``independent_gradient_partition_epilogue`` ->
+    ``get_flat_partition(..., return_tensor_list=True)``) takes views of it and flattens nothing. With
+    ``contiguous_gradients`` off nothing is copied: 0.
+    """
+    if not setup.zero.contiguous_gradients:
+        return 0
+    numels = numels or tuple(t.numel for t in param_tensors(setup.model))  # the flat group's: trainable ones
+    world = setup.world_size
+    return DTYPE_BYTES[setup.dtype] * max(
+        _partition_copy_excess(numels, world, setup.zero.reduce_bucket_size, r) for r in range(world))
+
+
+@lru_cache(maxsize=4096)
+def _partition_copy_excess(numels: tuple[int, ...], world_size: int, bucket: int, rank: int) -> int:
+    starts = [0, *accumulate(numels)]
+    part = flat_group_numel(starts[-1], world_size) // world_size
+    lo, hi = rank * part, (rank + 1) * part
+    overlap = _overlap_numel(numels, world_size, rank)
+    freed = filled = 0
+    waiting: list[int] = []
+    for i, n in enumerate([*numels, None]):
+        if n is None or filled + n > bucket:  # reduce_ipg_grads on the bucket so far (the last one at the end)
+            if any(starts[j] < hi and starts[j + 1] > lo for j in waiting):
+                return max(0, overlap - freed)
+            waiting, filled = [], 0
+        if n is None:
+            break
+        waiting.append(i)
+        filled += n
+        freed += n if n <= bucket else 0
+    return 0
+
+
+def stage2_grads_before_embedding_numel(numels: tuple[int, ...], world_size: int) -> int:
+    """Elements of ``grads_in_partition`` already allocated when the token embedding's gradient is made, the last
+    of backward: the largest over the ranks whose slice reaches past the embedding (numels[0], first in
+    ``named_parameters``); a rank whose slice lies inside the embedding allocates it only when that gradient is
+    reduced (stage_1_and_2.py ``copy_grads_in_partition``, at the first in-partition reduction)."""
+    part = flat_group_numel(sum(numels), world_size) // world_size
+    return max((_overlap_numel(numels, world_size, r) for r in range(world_size) if (r + 1) * part > numels[0]),
+               default=0)
