@@ -89,7 +89,9 @@ def test_fit_recovers_known_overheads(samples):
             if name == no_offload:
                 continue
             expected = getattr(TRUE_OVERHEADS, name)
-            assert getattr(result.overheads, name) == pytest.approx(expected, rel=1e-3), name
+            # reserved is rounded to 2 MiB (core.reserved): a fraction set by one sample's reuse is found to 0.5%
+            rel = 5e-3 if name in RESERVED_PARAMETERS else 1e-3
+            assert getattr(result.overheads, name) == pytest.approx(expected, rel=rel), name
     n = len(samples)
     assert result.rows == {"peak_allocated": n, "peak_reserved": n, "device": n}
 

@@ -84,3 +84,15 @@ def stage2_grads_before_embedding_numel(numels: tuple[int, ...], world_size: int
     part = flat_group_numel(sum(numels), world_size) // world_size
     return max((_overlap_numel(numels, world_size, r) for r in range(world_size) if (r + 1) * part > numels[0]),
                default=0)
+
+
+def stage2_grads_at_head_numel(numels: tuple[int, ...], head: int, world_size: int) -> int:
+    """Elements of ``grads_in_partition`` allocated when the gradient hook of tensor ``head`` (the lm_head, whose
+    gradient is the first of backward) runs: ``copy_grads_in_partition`` allocates the rank's whole buffer at its
+    first in-partition reduction, so on a rank whose slice overlaps the head it is there from that hook on; the
+    largest over those ranks, 0 where none overlaps."""
+    starts = [0, *accumulate(numels)]
+    part = flat_group_numel(starts[-1], world_size) // world_size
+    lo, hi = starts[head], starts[head + 1]
+    return max((_overlap_numel(numels, world_size, r) for r in range(world_size)
+                if r * part < hi and (r + 1) * part > lo), default=0)

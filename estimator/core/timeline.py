@@ -16,8 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zeroest.estimator.core.architecture import param_tensors
-from zeroest.estimator.core.flat_group import stage2_grads_before_embedding_numel
+from zeroest.estimator.core.flat_group import stage2_grads_at_head_numel, stage2_grads_before_embedding_numel
 from zeroest.estimator.core.model_states import ModelStates, trained
 from zeroest.estimator.core.profile import ActivationProfile
 from zeroest.estimator.core.reductions import backward_reductions
@@ -73,9 +72,10 @@ def lm_head_grad_bytes(setup: TrainingSetup, act: ActivationProfile) -> tuple[in
     peaks 0.860 GiB above the end of forward, qwen2.5-7b 0.874; this moment gives 0.86 and 0.87 (the loss's own
     backward 0.49 and 0.57).
     """
-    tensors = param_tensors(setup.model)
+    tensors = trained(setup).trainable  # a frozen lm_head (LoRA) makes no weight gradient
     head = next((t for t in tensors if t.component == "lm_head"), None)
-    head = head or next((t for t in tensors if t.component == "embeddings"), None)
+    if head is None and setup.model.tied_embeddings:
+        head = next((t for t in tensors if t.component == "embeddings"), None)
     log_softmax = act.logits_bytes * 4 // DTYPE_BYTES[setup.dtype]
     activations = max(0, act.head_saved_bytes - log_softmax) + act.grad_logits_bytes + act.grad_hidden_bytes
     return activations, DTYPE_BYTES[setup.dtype] * (head.numel if head else 0)
@@ -93,9 +93,30 @@ def embedding_grad_bytes(setup: TrainingSetup) -> tuple[int, int]:
     on the CPU (tied 32000 x 2048 head, 1 x 64 tokens): live bytes rise 3 b n_e at that ``add`` over what the
     layers leave, with the embedding's weight gathered for its backward (tests/test_lm_head_backward.py).
     """
-    embedding = next((t for t in param_tensors(setup.model) if t.component == "embeddings"), None)
+    embedding = next((t for t in trained(setup).trainable if t.component == "embeddings"), None)  # frozen: none
     grad = DTYPE_BYTES[setup.dtype] * (embedding.numel if embedding else 0)
     return grad, grad if setup.model.tied_embeddings else 0
+
+
+def _stage2_at_head_hook(setup: TrainingSetup, states: ModelStates) -> tuple[int, int]:
+    """(gradient-partition bytes, bucket bytes) a stage-2 rank holds beside the lm_head's weight gradient while its
+    hook runs (no offload). The hook is the first of backward, so ``setup_buckets`` allocates the reduce buckets
+    there, and the gradient is copied into one before it is dropped. A gradient larger than the bucket
+    (``reduce_bucket_size``) skips it: ``reduce_independent_p_g_buckets_and_remove_grads`` sends it to
+    ``extra_large_param_to_reduce`` and reduces it at once, and ``copy_grads_in_partition`` then allocates the whole
+    ``grads_in_partition`` on a rank whose slice overlaps it (``flat_group.stage2_grads_at_head_numel``) while the
+    gradient still exists. Measured: qwen2.5-7b LoRA with its 545M-element lm_head in modules_to_save, N_d 2,
+    backward 22.09 GiB = the steady 18.55 + the copy's gradient 1.02 + a bucket 0.93 + the partition 1.02 + the
+    activations then (data/runs/h200-lora)."""
+    if setup.stage != ZeroStage.GRADIENTS or setup.zero.offload_optimizer != "none" or not states.grads_bytes:
+        return 0, 0
+    tensors = trained(setup).trainable
+    head = next((i for i, t in enumerate(tensors) if t.component == "lm_head"), None)
+    if head is None or tensors[head].numel <= setup.zero.reduce_bucket_size:
+        return 0, 0
+    numels = tuple(t.numel for t in tensors)
+    at_head = DTYPE_BYTES[setup.dtype] * stage2_grads_at_head_numel(numels, head, setup.world_size)
+    return min(at_head, states.grads_bytes), states.buckets_bytes
 
 
 def _grads_at_backward_start(setup: TrainingSetup, states: ModelStates) -> int:
@@ -163,7 +184,7 @@ def timeline(setup: TrainingSetup, states: ModelStates, act: ActivationProfile) 
     forward = Phase(name="forward", components=_components(
         **held, grads=states.grads_carry_bytes, buffers=resident + states.gathered_params_bytes + carry_buckets,
         activations=act.forward_peak_bytes(ckpt) + loop_outputs_bytes(setup, act, "forward")))
-    # Backward, four candidate peaks. The head's backward (logits gradient, fp32 log-softmax gradient) runs before
+    # Backward, several candidate peaks. The head's backward (logits gradient, fp32 log-softmax gradient) runs before
     # any gradient hook fires, so the reduce buckets (``setup_buckets`` in the first hook) are not there yet; the
     # first layer's backward has them; the end has every gradient and, at stage 1, the flattened partition, while
     # stage 3 has released its gathered parameters after their backward use.
@@ -177,8 +198,9 @@ def timeline(setup: TrainingSetup, states: ModelStates, act: ActivationProfile) 
     # stages 2-3: the lm_head's weight gradient, whole, once the loss's backward has freed its fp32 tensors (at
     # stages 0-1 ``grads_start`` already holds it beside them)
     lm_acts, lm_grad = lm_head_grad_bytes(setup, act) if setup.stage >= ZeroStage.GRADIENTS else (0, 0)
-    lm_head = _components(**held, grads=max(grads_start, lm_grad), buffers=gathered + carry_buckets,
-                          activations=stack + lm_acts)
+    lm_partition, lm_buckets = _stage2_at_head_hook(setup, states) if lm_grad else (0, 0)
+    lm_head = _components(**held, grads=max(grads_start, lm_grad + lm_partition),
+                          buffers=gathered + carry_buckets + lm_buckets, activations=stack + lm_acts)
     # the embedding's gradient is made last; a tied lm_head's waits for it in autograd's input buffer through the
     # layers and is summed with it out of place (stages 0-1 count one of them in the model's ``param.grad``); stage 3
     # gathers the embedding's weight for its backward
@@ -187,7 +209,7 @@ def timeline(setup: TrainingSetup, states: ModelStates, act: ActivationProfile) 
     emb_end = (3 if tied else 1) * emb_grad - (emb_grad if keeps_param_grads else 0)
     if setup.stage == ZeroStage.GRADIENTS and states.grads_bytes and emb_grad:
         # stage 2: ``grads_in_partition`` of a rank whose slice lies inside the embedding appears only after it
-        numels = tuple(t.numel for t in param_tensors(setup.model))
+        numels = tuple(t.numel for t in trained(setup).trainable)  # the flat group's order
         emb_end -= states.grads_bytes - DTYPE_BYTES[setup.dtype] * stage2_grads_before_embedding_numel(
             numels, setup.world_size)
     emb_gathered = emb_grad if setup.stage == ZeroStage.PARAMETERS and states.gathered_params_bytes else 0
