@@ -29,6 +29,12 @@ NEW = {
                         n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
                         n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
                         qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=256),
+    "deepseek_v2": dict(model_type="deepseek_v2", hidden_size=64, intermediate_size=160, moe_intermediate_size=32,
+                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, vocab_size=300,
+                        n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+                        n_group=2, topk_group=1, topk_method="group_limited_greedy", q_lora_rank=None,
+                        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                        max_position_embeddings=256),
 }
 
 
@@ -153,10 +159,13 @@ def test_unknown_model_type_is_one_line():
 
 
 @pytest.mark.parametrize("grad_ckpt", [False, True], ids=["plain", "ckpt"])
-@pytest.mark.parametrize("family", ["qwen3", "mixtral", "olmo2"])
+@pytest.mark.parametrize("family", ["qwen3", "mixtral", "olmo2", *(pytest.param(f, marks=pytest.mark.slow)
+                                                                  for f in ("deepseek_v3", "deepseek_v2"))])
 def test_traced_profile_matches_live_bytes_of_a_real_cpu_step(family, grad_ckpt):
     """The tracer, unchanged, on new families: forward_end, forward_peak and backward_peak within 2% of a real
-    3-layer CPU step (the measurement of tests/test_activations.py)."""
+    3-layer CPU step (the measurement of tests/test_activations.py). deepseek: latent attention (v narrower
+    than q/k, so the CPU takes sdpa's math path), one dense layer then routed and shared experts; layer 0 of
+    the traced pair is the dense one, which the embedding term carries."""
     _torch()
     from test_activations import B, S, _measure
     from zeroest.estimator.trace import polys, tracer
@@ -165,3 +174,14 @@ def test_traced_profile_matches_live_bytes_of_a_real_cpu_step(family, grad_ckpt)
     profile = polys.profile_from_polys(tracer.trace_polys(config, "bf16", "sdpa", target="cpu"), B, S, 3)
     for name, value in _measure(config, "sdpa", grad_ckpt).items():
         assert getattr(profile, f"{name}_bytes")(grad_ckpt) == pytest.approx(value, rel=0.02), name
+
+
+def test_trace_model_parameters_in_the_training_dtype():
+    """DeepSpeed casts every parameter to bf16 (engine.py ``_cast_module_mixed_precision``), also the router
+    weight transformers may keep in fp32 (``_keep_in_fp32_modules_strict``): the traced model does the same."""
+    torch = _torch()
+    from zeroest.estimator.trace.model import build_model
+
+    model = build_model(NEW["deepseek_v3"], "bf16", "sdpa", device="meta", num_layers=None)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert len(list(model.parameters())) == len(param_tensors(shape_from_config(NEW["deepseek_v3"], "ds")))

@@ -50,7 +50,16 @@ def test_measured_tied_backward(folder, line):
     path = resources.files("zeroest.data") / "runs" / folder / "runs.jsonl"
     data = json.loads(path.read_text().splitlines()[line - 1])
     record = join_row(RunRow(source=Path(str(path)), line=line, data=data))
-    assert record.current.phases["backward"] == pytest.approx(record.measured_phases["backward"], rel=2e-3)
+    predicted, measured = record.current.phases["backward"], record.measured_phases["backward"]
+    # the row is rank 0 of a simulated N_d = 2; the estimate is the rank that holds most: at stage 2 rank 1 owns
+    # the last layers, reduced first, so it holds grads_in_partition through the second bucket's flatten (b E,
+    # core.reductions), which rank 0 makes before its own grads_in_partition exists
+    from zeroest.estimator.configs.flat import setup_from_row
+    from zeroest.estimator.core.reductions import backward_reductions
+
+    setup = setup_from_row(data["setup"])
+    flatten = 2 * max((r.flattened_numel for r in backward_reductions(setup)), default=0)
+    assert measured * (1 - 2e-3) <= predicted <= measured * (1 + 2e-3) + flatten
 
 
 @pytest.mark.parametrize("line", [1, 2])

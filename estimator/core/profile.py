@@ -82,6 +82,12 @@ class ActivationProfile:
     ckpt_layer_backward_transient_bytes: int
     """Extra live at the peak of one layer's backward under checkpointing, over the checkpointed stack plus
     ``recompute_bytes``."""
+    head_after_grad_bytes: int = 0
+    """Live over the stack at the peak of the head's backward from its first parameter gradient on (the final
+    norm's backward, say): the first gradient hook has allocated DeepSpeed's reduce buckets by then
+    (stage_1_and_2.py ``setup_buckets``), so this peak counts with them. Traced only; 0 in closed forms."""
+    ckpt_head_after_grad_bytes: int = 0
+    """The same under checkpointing."""
 
     # -- combinations
     # -----------------------------------------------------------------------------------------------
@@ -118,6 +124,10 @@ class ActivationProfile:
     def backward_start_bytes(self, grad_ckpt: bool) -> int:
         """Live when backward begins, once the output (and its logits) has been dropped."""
         return self.stack_bytes(grad_ckpt) + self.head_saved_bytes
+
+    def head_after_grad_peak_bytes(self, grad_ckpt: bool) -> int:
+        """Live over the stack after the head's first parameter gradient (``head_after_grad_bytes``)."""
+        return self.ckpt_head_after_grad_bytes if grad_ckpt else self.head_after_grad_bytes
 
     def layer_backward_peak_bytes(self, grad_ckpt: bool) -> int:
         """Extra over the stack at the peak of the first (deepest-stacked) layer's backward."""

@@ -168,7 +168,11 @@ def reserved_terms(phases: dict[str, dict[str, float]], facts: ReservedFacts, oh
     lazy = step.get("optimizer_states", 0.0) if init.get("optimizer_states", 0.0) == 0 else 0.0
     first_name = "forward" if totals["forward"] > totals["backward"] else "backward"
     peak_name = max(("forward", "backward", "step"), key=lambda n: totals[n])
-    acts = {"forward": fwd.get("activations", 0.0), "backward": bwd.get("activations", 0.0),
+    # backward's cached activation blocks are the forward's, freed into the cache as backward walks down: at a
+    # backward peak with fewer activations live (a ZeRO-2 reduction deep in backward, core.reductions) they are
+    # still reserved
+    acts = {"forward": fwd.get("activations", 0.0),
+            "backward": max(bwd.get("activations", 0.0), fwd.get("activations", 0.0)),
             "step": step.get("activations", 0.0)}
     r_init = totals["init"]
     caches = (oh.reserved_fraction_of_offload_grads * facts.offload_grad_bytes,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from zeroest.estimator.core.flat_group import stage2_grads_at_head_numel, stage2_grads_before_embedding_numel
 from zeroest.estimator.core.model_states import ModelStates, trained
 from zeroest.estimator.core.profile import ActivationProfile
+from zeroest.estimator.core.reductions import backward_reductions
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
 from zeroest.estimator.core.vocab import Loop
 
@@ -183,7 +184,7 @@ def timeline(setup: TrainingSetup, states: ModelStates, act: ActivationProfile) 
     forward = Phase(name="forward", components=_components(
         **held, grads=states.grads_carry_bytes, buffers=resident + states.gathered_params_bytes + carry_buckets,
         activations=act.forward_peak_bytes(ckpt) + loop_outputs_bytes(setup, act, "forward")))
-    # Backward, three candidate peaks. The head's backward (logits gradient, fp32 log-softmax gradient) runs before
+    # Backward, several candidate peaks. The head's backward (logits gradient, fp32 log-softmax gradient) runs before
     # any gradient hook fires, so the reduce buckets (``setup_buckets`` in the first hook) are not there yet; the
     # first layer's backward has them; the end has every gradient and, at stage 1, the flattened partition, while
     # stage 3 has released its gathered parameters after their backward use.
@@ -212,6 +213,10 @@ def timeline(setup: TrainingSetup, states: ModelStates, act: ActivationProfile) 
         emb_end -= states.grads_bytes - DTYPE_BYTES[setup.dtype] * stage2_grads_before_embedding_numel(
             numels, setup.world_size)
     emb_gathered = emb_grad if setup.stage == ZeroStage.PARAMETERS and states.gathered_params_bytes else 0
+    # from the head's first parameter gradient on (the final norm's) the first hook has allocated the buckets while
+    # the head's last transients live
+    late = _components(**held, grads=grads_start + tied, buffers=gathered + states.buckets_bytes,
+                       activations=stack + act.head_after_grad_peak_bytes(ckpt))
     layer = _components(**held, grads=grads_start + tied,
                         buffers=gathered + states.buckets_bytes + states.recompute_gathered_bytes,
                         activations=stack + act.layer_backward_peak_bytes(ckpt))
@@ -219,13 +224,40 @@ def timeline(setup: TrainingSetup, states: ModelStates, act: ActivationProfile) 
                       buffers=resident + states.buckets_bytes + emb_gathered,
                       activations=act.backward_live_after_layers(setup.model.num_layers, ckpt) + outputs,
                       temporaries=max(states.epilogue_bytes, emb_end))
-    candidates = (head, lm_head, layer, end)
+    during = _reduction_candidates(setup, states, act, held, grads_start + tied, resident + states.buckets_bytes,
+                                   outputs)
+    candidates = (head, lm_head, late, layer, end, *during)
     backward = Phase(name="backward", components=max(candidates, key=lambda c: sum(c.values())),
                      candidates=candidates)
     step = Phase(name="step", components=_components(
         **held, grads=states.step_grads_bytes, buffers=resident, temporaries=states.step_temp_bytes,
         activations=loop_outputs_bytes(setup, act, "step")))
     return (init, forward, backward, step)
+
+
+def _reduction_candidates(setup: TrainingSetup, states: ModelStates, act: ActivationProfile, held: dict,
+                          grads_before: int, buffers: int, outputs: int) -> list[dict[str, int]]:
+    """Backward's live bytes at each ZeRO-2 bucket reduction (``core.reductions``): the activations of the layers
+    not yet done, of the layer in progress its share not yet walked through (``Reduction.layer_left``; under
+    checkpointing that share of its recomputed intermediates), the tied head gradient until the embeddings'
+    backward, the arriving gradient (b n), and either the flatten copy (b E, before the first reduction's
+    ``grads_in_partition`` exists) or ``grads_in_partition`` (after it). Measured: granite-small ZeRO-2 N_d 4
+    on an H200 peaks at the first reduction's flatten (data/runs/h200-families), and so does a CPU run
+    (validate --cpu)."""
+    b, ckpt, num_layers = DTYPE_BYTES[setup.dtype], setup.workload.grad_ckpt, setup.model.num_layers
+    out = []
+    for red in backward_reductions(setup):
+        inside = red.layers_done < num_layers
+        live = act.backward_live_after_layers(red.layers_done, ckpt) + outputs
+        if red.in_layer:  # the layer in progress: the share not yet walked through
+            live -= round((1 - red.layer_left) * act.per_layer_bytes(ckpt))
+            live += round(red.layer_left * act.recompute_bytes) if ckpt else 0
+        waiting = (grads_before if inside else 0) + b * red.arriving_numel
+        flatten_grads = waiting + (0 if red.first else states.grads_bytes)
+        out.append(_components(**held, grads=flatten_grads, buffers=buffers, activations=live,
+                               temporaries=b * red.flattened_numel))
+        out.append(_components(**held, grads=waiting + states.grads_bytes, buffers=buffers, activations=live))
+    return out
 
 
 def peak_phase(phases: tuple[Phase, ...]) -> Phase:

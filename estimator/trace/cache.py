@@ -19,7 +19,7 @@ from zeroest.estimator.trace.polys import profile_from_polys
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 """Bumped whenever what a trace records changes, so that old files are not read."""
 
 

@@ -40,7 +40,18 @@ def build_model(config: dict, dtype: str, attn: str, device: str = "meta",
         model = AutoModelForCausalLM.from_config(hf, dtype=getattr(torch, TORCH_DTYPES[dtype]),
                                                  attn_implementation=impl)
     model.config.use_cache = False
+    _cast_params(model, getattr(torch, TORCH_DTYPES[dtype]))
     return model.train()
+
+
+def _cast_params(model, dtype) -> None:
+    """Every floating parameter in the training dtype, as DeepSpeed casts them (engine.py
+    ``_cast_module_mixed_precision``: parameters only, buffers stay): a weight transformers keeps in fp32
+    (``_keep_in_fp32_modules_strict``, e.g. a router's) trains in the run's dtype, and a module that upcasts it
+    (``weight.type(torch.float32)``) makes an fp32 copy that the trace must see."""
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def set_checkpointing(model, on: bool) -> None:

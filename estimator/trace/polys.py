@@ -94,6 +94,7 @@ _WINDOWS = {
     "layer_fwd": ("layer1_fwd_start", "layer1_fwd_end"),
     "head_fwd": ("layer1_fwd_end", "fwd_end"),
     "head_bwd": ("bwd_start", "layer1_bwd_start"),
+    "head_bwd_late": ("first_grad", "layer1_bwd_start"),
     "layer_bwd": ("layer1_bwd_start", "layer1_bwd_end"),
 }
 _SNAPSHOTS = ("fwd_end", "layer1_bwd_end")
@@ -188,6 +189,8 @@ def profile_from_polys(entry: dict, micro_batch: int, seq_len: int, num_layers: 
         ckpt_layer_forward_transient_bytes=max(0, c["layer_fwd"] - c["stack2"]),
         grad_logits_bytes=grad_logits,
         backward_head_transient_bytes=max(0, p["head_bwd"] - p["stack2"] - head - grad_logits),
+        head_after_grad_bytes=max(0, p["head_bwd_late"] - p["stack2"]),
+        ckpt_head_after_grad_bytes=max(0, c["head_bwd_late"] - c["stack2"]),
         grad_hidden_bytes=max(0, p["after_layer"] - p["e_l0"]),
         layer_backward_transient_bytes=max(0, p["layer_bwd"] - p["stack2"]),
         ckpt_layer_backward_transient_bytes=max(0, c["layer_bwd"] - c["stack2"] - p["layer"]),

@@ -6,9 +6,11 @@ that numbers every tensor storage created and sees it freed, and under
 data pointer, so storages are told apart by the address of their ``StorageImpl``
 (``untyped_storage()._cdata``), unique while the storage lives. Module hooks mark where the embeddings, each
 layer, the head and the loss begin and end, in forward and (through tensor hooks on each layer's output and
-input) in backward. Parameter gradients (also the transposed weight gradients that ``AccumulateGrad`` copies
-into ``.grad``, and a tied weight's partial gradients waiting in autograd's input buffer) are left out: the
-timeline counts them as gradients.
+input) in backward, and where the first parameter gradient reaches its ``AccumulateGrad`` (where DeepSpeed's
+first gradient hook allocates its reduce buckets; the node that made the gradient has freed its inputs).
+Parameter gradients (also the transposed weight gradients that ``AccumulateGrad`` copies into ``.grad``, and a
+tied weight's partial gradients waiting in autograd's input buffer) are left out: the timeline counts them as
+gradients.
 
 Kernels: on meta, ``F.scaled_dot_product_attention`` would take the math path (fp32 probabilities), so it is
 replaced by the kernel the target device runs (``_kernels``). ``target="cuda"`` follows what torch 2.11 picked
@@ -17,10 +19,11 @@ runs cuDNN (``_scaled_dot_product_cudnn_attention``: saves q, k, v, the output a
 without repeating k/v, dropout as an RNG state), the same bytes as FlashAttention-2; fp32 runs the
 memory-efficient kernel for multi-head attention and the math path for GQA; ``F.dropout`` becomes
 ``native_dropout`` with a 1-byte mask. ``target="cpu"`` mimics the CPU's choices
-(``_scaled_dot_product_flash_attention_for_cpu`` without dropout, math with it; dropout noise in the input
-dtype), so a trace can be checked byte for byte against a real CPU run. ``attn="flash"`` (flash_attention_2,
-not runnable off-GPU) is traced as sdpa with the cuDNN kernel forced: flash-attn's ``FlashAttnFunc`` saves the
-same q, k, v, output and fp32 softmax_lse (b, a, s).
+(``_scaled_dot_product_flash_attention_for_cpu`` without dropout and with one head size for q, k and v, math
+otherwise, e.g. latent attention's v narrower than q/k; dropout noise in the input dtype), so a trace can be
+checked byte for byte against a real CPU run. ``attn="flash"`` (flash_attention_2, not runnable off-GPU) is
+traced as sdpa with the cuDNN kernel forced: flash-attn's ``FlashAttnFunc`` saves the same q, k, v, output and
+fp32 softmax_lse (b, a, s).
 """
 
 from __future__ import annotations
@@ -124,7 +127,8 @@ def _kernels(target: str, force_flash: bool):
             bias = additive(attn_mask, query.dtype)
             return aten._scaled_dot_product_efficient_attention(*args, bias, True, dropout_p, is_causal,
                                                                scale=scale)[0]
-        if query.device.type == "meta" and target == "cpu" and dropout_p == 0.0:
+        same_dims = query.size(-1) == key.size(-1) == value.size(-1)  # sdp_utils_cpp.cpp check_head_dim_size_cpp
+        if query.device.type == "meta" and target == "cpu" and dropout_p == 0.0 and same_dims:
             bias = additive(attn_mask, query.dtype)
             return aten._scaled_dot_product_flash_attention_for_cpu(*args, 0.0, is_causal, attn_mask=bias,
                                                                     scale=scale)[0]
@@ -223,9 +227,18 @@ def run_trace(model, input_ids, *, grad_ckpt: bool, target: str = "cuda",
     for i, layer in enumerate(decoder_layers(model)):
         handles.append(layer.register_forward_pre_hook(layer_pre(i), with_kwargs=True))
         handles.append(layer.register_forward_hook(layer_post(i), with_kwargs=True))
+    def on_grad(grad) -> None:
+        excluded.add(rec.serial(grad))
+
+    def on_accumulate(grad) -> None:  # AccumulateGrad's pre-hook: the producing node has dropped its inputs
+        on_grad(grad)
+        if state["backward"] and not state.get("first_grad"):
+            state["first_grad"] = True
+            rec.mark("first_grad")
+
     for param in model.parameters():
         if param.requires_grad:
-            handles.append(param.register_hook(lambda grad: excluded.add(rec.serial(grad))))
+            handles.append(param.register_hook(on_accumulate))
     checks = _no_data_checks() if device == "meta" else contextlib.nullcontext()
     try:
         with rec, _kernels(target, force_flash), checks:
@@ -236,7 +249,7 @@ def run_trace(model, input_ids, *, grad_ckpt: bool, target: str = "cuda",
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
                 out = model(input_ids=input_ids, labels=input_ids, use_cache=False)
             rec.mark("fwd_end")
-            handles += param_grad_hooks(out.loss, lambda grad: excluded.add(rec.serial(grad)))
+            handles += param_grad_hooks(out.loss, on_grad)
             loss = out.loss
             del out
             rec.mark("bwd_start")
@@ -255,6 +268,8 @@ def run_trace(model, input_ids, *, grad_ckpt: bool, target: str = "cuda",
     for param in model.parameters():
         param.grad = None
     marks = {name: at for at, name in rec.marks}
+    if "layer1_bwd_start" in marks:  # a model whose first gradient comes inside the layers: an empty window
+        marks["first_grad"] = min(marks.get("first_grad", marks["layer1_bwd_start"]), marks["layer1_bwd_start"])
     return Trace(sizes=list(rec.sizes), events=list(rec.events), marks=marks, saved=saved,
                     logits=special["logits"], grad_logits=special["grad_logits"], excluded=excluded - {None})
 

@@ -62,6 +62,7 @@ def _print_text(a, written: list[Path]) -> None:
             out.print(f"  {name:<20} n={s.n:<4} median |err| {pct(s.median_abs_error):>7}  max |err| "
                       f"{pct(s.max_abs_error):>7}  under-predicted {pct(s.under_prediction_rate):>7}  "
                       "(current estimator, per rank, from init on)", soft_wrap=True)
+    _print_by_family(a, basis)
     for s in a.skipped[:10]:
         out.print(f"  skipped {s.where}: {s.reason}", markup=False, soft_wrap=True)
     if len(a.skipped) > 10:
@@ -89,6 +90,20 @@ def _print_text(a, written: list[Path]) -> None:
                   f"{bound.device_key or 'the defaults'})", markup=False, soft_wrap=True)
     for path in written:
         out.print(f"  wrote {path}", markup=False, soft_wrap=True)
+
+
+def _print_by_family(a, basis: str) -> None:
+    """Peak allocated per model family (closed-form and traced families apart), when the runs hold several."""
+    from zeroest.report.analysis import DIMENSIONS
+    from zeroest.report.errors import grouped_stats
+    from zeroest.report.markdown import pct
+
+    per = grouped_stats(a.compared, DIMENSIONS["family"], lambda r: a.error(r, basis, "peak_allocated"))
+    if len(per) < 2:
+        return
+    parts = [f"{family} n={s.n} median {pct(s.median_abs_error)} max {pct(s.max_abs_error)}"
+             for family, s in per.items()]
+    out.print(f"  peak allocated by family: {'; '.join(parts)}", markup=False, soft_wrap=True)
 
 
 def report(
