@@ -48,3 +48,24 @@ def test_lm_head_and_embeddings_stay():
 def test_needs_lora():
     with pytest.raises(ValueError, match="--lora-rank"):
         Adapters(base_quant="nf4")
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_model_states_hold_the_4bit_base_below_stage_3(stage):
+    """Stages 0-2: the frozen Linear weights are the model's own Linear4bit tensors, so the 16-bit params and the
+    init peak shrink by (training-dtype bytes - 4-bit bytes) of those weights; stage 3 keeps the 16-bit base."""
+    from zeroest.estimator.catalog.models import load_model
+    from zeroest.estimator.core.estimate import model_states
+    from zeroest.estimator.core.qlora import base_bytes
+
+    from zeroest.api import build_setup
+
+    flags = {"lora_rank": 16, "world_size": 2, "activations": "closed-form"}
+    plain = build_setup(load_model("llama-3-8b"), flags, stage=stage)
+    quant = build_setup(load_model("llama-3-8b"), {**flags, "base_quant": "nf4-dq"}, stage=stage)
+    four_bit, sixteen_bit = base_bytes(quant)
+    saved = 0 if stage == 3 else sixteen_bit - four_bit
+    a, b = model_states(plain), model_states(quant)
+    assert a.params_bytes - b.params_bytes == saved
+    assert a.init_peak_bytes - b.init_peak_bytes == saved
+    assert a.master_weights_bytes == b.master_weights_bytes

@@ -16,7 +16,7 @@ from zeroest.estimator.core.model_states import Device, ModelStates, stage0_stat
 from zeroest.estimator.core.optimizers import optimizer_notes
 from zeroest.estimator.core.overheads import Overheads, device_from
 from zeroest.estimator.core.paper import paper_states
-from zeroest.estimator.core.qlora import qlora_note
+from zeroest.estimator.core.qlora import qlora_note, with_4bit_base
 from zeroest.estimator.core.reserved import ReservedFacts, ReservedTerms, reserved_facts, reserved_terms
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
 from zeroest.estimator.core.stage3 import stage3_states
@@ -103,9 +103,9 @@ def model_states(setup: TrainingSetup, device: Device = "cuda", *, flatten_on_gp
     """
     split = trained(setup)
     if setup.stage == ZeroStage.DISABLED:
-        return stage0_states(setup, split, device)
+        return with_4bit_base(setup, stage0_states(setup, split, device))
     if setup.stage <= ZeroStage.GRADIENTS:
-        return stage12_states(setup, split, device, flatten_on_gpu=flatten_on_gpu)
+        return with_4bit_base(setup, stage12_states(setup, split, device, flatten_on_gpu=flatten_on_gpu))
     return stage3_states(setup, device)
 
 

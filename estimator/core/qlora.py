@@ -18,9 +18,11 @@ So about 0.5 + 4/64 = 0.5625 bytes per weight without, 0.5 + 1/64 + 4/16384 ~ 0.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from zeroest.estimator.core.architecture import param_tensors
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup
-from zeroest.estimator.core.vocab import BaseQuant
+from zeroest.estimator.core.vocab import BaseQuant, ZeroStage
 from zeroest.estimator.units import GiB, ceil_div
 
 FP32 = 4
@@ -55,11 +57,27 @@ def base_bytes(setup: TrainingSetup) -> tuple[int, int]:
     return sum(nf4_weight_bytes(n, dq) for n in numels), DTYPE_BYTES[setup.dtype] * sum(numels)
 
 
+def with_4bit_base(setup: TrainingSetup, states):
+    """Stages 0-2 with a 4-bit base: the frozen Linear weights stay the model's own ``Linear4bit`` tensors (no ZeRO
+    wrapper flattens a frozen parameter, ``core.model_states``), so the 16-bit params and the init peak hold
+    ``base_bytes``' 4-bit size instead of the training dtype's. Stage 3 partitions every parameter; how it treats
+    ``Params4bit`` is not modelled, so it keeps the 16-bit base (an upper bound)."""
+    if setup.adapters.base_quant == BaseQuant.NONE or setup.stage == ZeroStage.PARAMETERS:
+        return states
+    quant, plain = base_bytes(setup)
+    saved = plain - quant
+    return replace(states, params_bytes=states.params_bytes - saved, init_peak_bytes=states.init_peak_bytes - saved)
+
+
 def qlora_note(setup: TrainingSetup) -> list[str]:
-    """The printed assumption for a 4-bit base: its size, and that model states are not reduced by it."""
+    """The printed assumption for a 4-bit base: its size, and where model states count it (unvalidated)."""
     if setup.adapters.base_quant == BaseQuant.NONE:
         return []
     quant, plain = base_bytes(setup)
+    where = ("the model states count it at stages 0-2; stage 3 keeps the 16-bit base, an upper bound"
+             if setup.stage != ZeroStage.PARAMETERS else "stage 3 keeps the 16-bit base in the model states, an "
+             "upper bound")
     return [f"QLoRA base {setup.adapters.base_quant}: its Linear weights take {quant / GiB:.2f} GiB in 4 bits "
-            f"against {plain / GiB:.2f} GiB in {setup.dtype} (bitsandbytes quantize_4bit layout; unvalidated); "
-            "the model states above are still those of a full fine-tune, an upper bound"]
+            f"against {plain / GiB:.2f} GiB in {setup.dtype} (bitsandbytes quantize_4bit layout; unvalidated on a "
+            f"GPU: bitsandbytes is not on the validation machine); {where}; the backward's dequantised weight "
+            "(one at a time) is not counted"]
