@@ -32,6 +32,21 @@ def session_profile_cache(tmp_path_factory):
         yield
 
 
+@pytest.fixture(autouse=True)
+def _torch_linear_as_it_was():
+    """DeepSpeed's ZeRO-3 replaces ``torch.nn.functional.linear`` by ``zero3_linear_wrap`` for the rest of the process
+    ("This will persist unless manually reset", partition_parameters.py ``_enable_mem_efficient_linear``); a test
+    that ran ZeRO-3 puts it back, so later tests trace and measure torch's own Linear."""
+    import sys
+
+    functional = sys.modules.get("torch.nn.functional")
+    linear = getattr(functional, "linear", None)
+    yield
+    functional = functional or sys.modules.get("torch.nn.functional")
+    if functional is not None and linear is not None and functional.linear is not linear:
+        functional.linear = linear
+
+
 @pytest.fixture(scope="session")
 def ds_probe():
     """``ds_probe(**ProbeConfig fields) -> record``: run (or reuse) one DeepSpeed probe on the fake process

@@ -104,13 +104,14 @@ def test_recompute_gathers_a_layers_frozen_weights(grad_ckpt):
     """PR #8148 as modelled: forward gathers n_max (``gathered_numel``); a checkpointed layer's backward holds its
     frozen weights together (``recompute_gathered_numel``)."""
     pytest.importorskip("peft")
-    from zeroest.validate.gathered import gathered_elements
+    from zeroest.validate.gathered import REUSE_DISTANCE, gathered_elements
 
     measured = gathered_elements(grad_ckpt, lora=True)  # stage3_max_reuse_distance 1,000: released after use
     config = ProbeConfig(model="llama", stage=3, world_size=4, lora_rank=8)
     setup = setup_for(config)
     setup = TrainingSetup(**{**{f: getattr(setup, f) for f in ("model", "parallel", "dtype", "optimizer", "adapters")},
-                             "zero": ZeroConfig(stage=3, max_live_parameters=1000, prefetch_bucket_size=1000, **SMALL),
+                             "zero": ZeroConfig(stage=3, max_live_parameters=1000, prefetch_bucket_size=1000,
+                                                max_reuse_distance=REUSE_DISTANCE, **SMALL),
                              "workload": Workload(micro_batch=1, seq_len=16, grad_ckpt=grad_ckpt,
                                                   activations="closed-form")})
     from zeroest.estimator.core.stage3 import gathered_numel, recompute_gathered_numel

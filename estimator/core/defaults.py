@@ -7,9 +7,6 @@ DeepSpeed so drift is caught.
 
 from __future__ import annotations
 
-from zeroest.estimator.core.vocab import MAX_REUSE_DISTANCE, ZERO_KNOBS
+from zeroest.estimator.core.vocab import ZERO_KNOBS
 
-DEEPSPEED_ZERO_DEFAULTS: dict[str, int | bool | None] = {
-    **{knob.name: knob.default for knob in ZERO_KNOBS},
-    "max_reuse_distance": MAX_REUSE_DISTANCE,
-}
+DEEPSPEED_ZERO_DEFAULTS: dict[str, int | bool | None] = {knob.name: knob.default for knob in ZERO_KNOBS}

@@ -149,6 +149,10 @@ class ZeroConfig:
     max_live_parameters: int = _knob("max_live_parameters", "Most gathered parameters stage 3 keeps "
                                      "(stage3_max_live_parameters).")
     """Most gathered parameters stage 3 keeps at once (``stage3_max_live_parameters``)."""
+    max_reuse_distance: int = _knob("max_reuse_distance", "Stage 3 keeps a gathered parameter whose next use is "
+                                    "this close (stage3_max_reuse_distance).")
+    """Stage 3 keeps a parameter gathered when its next use is within this many elements of fetches
+    (``stage3_max_reuse_distance``; ``stage3_fetch.reuse_retained_numel``)."""
     param_persistence_threshold: int = _knob("param_persistence_threshold", "Stage 3 keeps smaller parameters "
                                              "whole on every rank (stage3_param_persistence_threshold).")
     """Stage 3 keeps parameters with fewer elements than this whole on every rank."""
@@ -174,7 +178,8 @@ class ZeroConfig:
         _set(self, "stage", ZeroStage(int(self.stage)))
         for name in ("reduce_bucket_size", "allgather_bucket_size"):
             _positive(name.replace("_", " "), getattr(self, name), f"--{name.replace('_', '-')}")
-        for name in ("prefetch_bucket_size", "max_live_parameters", "param_persistence_threshold", "sub_group_size"):
+        for name in ("prefetch_bucket_size", "max_live_parameters", "max_reuse_distance", "param_persistence_threshold",
+                     "sub_group_size"):
             _non_negative(name.replace("_", " "), getattr(self, name), f"--{name.replace('_', '-')}")
         for name in ("offload_optimizer", "offload_params"):
             _set(self, name, choice(OffloadDevice, getattr(self, name), f"--{name.replace('_', '-')}"))

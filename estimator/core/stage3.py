@@ -77,7 +77,8 @@ def gathered_numel(setup: TrainingSetup) -> int:
     if not big:
         return 0
     retained = reuse_retained_numel(param_tensors(setup.model), tied=setup.model.tied_embeddings,
-                                    grad_ckpt=setup.workload.grad_ckpt, persistence_threshold=threshold)
+                                    grad_ckpt=setup.workload.grad_ckpt, persistence_threshold=threshold,
+                                    reuse_distance=setup.zero.max_reuse_distance)
     return min(sum(big), max(max(big), setup.zero.max_live_parameters + setup.zero.prefetch_bucket_size, retained))
 
 

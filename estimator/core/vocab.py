@@ -343,11 +343,12 @@ ZERO_KNOBS: tuple[ZeroKnob, ...] = (
     ZeroKnob("allgather_bucket_size", "allgather_bucket_size", 500_000_000),
     ZeroKnob("prefetch_bucket_size", "stage3_prefetch_bucket_size", 50_000_000, min_stage=3),
     ZeroKnob("max_live_parameters", "stage3_max_live_parameters", 1_000_000_000, min_stage=3),
+    ZeroKnob("max_reuse_distance", "stage3_max_reuse_distance", 1_000_000_000, min_stage=3),
     ZeroKnob("param_persistence_threshold", "stage3_param_persistence_threshold", 100_000, min_stage=3),
     ZeroKnob("sub_group_size", "sub_group_size", 1_000_000_000, min_stage=3),
 )
 """``overlap_comm`` is None in DeepSpeed and resolved by ``overlap_comm_valid``: True for stage 3 only."""
 
 KNOB_BY_NAME: dict[str, ZeroKnob] = {knob.name: knob for knob in ZERO_KNOBS}
-MAX_REUSE_DISTANCE = 1_000_000_000
-"""``stage3_max_reuse_distance``'s default; not modelled, only compared with DeepSpeed's (tests/test_defaults.py)."""
+MAX_REUSE_DISTANCE = KNOB_BY_NAME["max_reuse_distance"].default
+"""``stage3_max_reuse_distance``'s default (DeepSpeed's, tests/test_defaults.py)."""
