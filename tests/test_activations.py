@@ -182,10 +182,10 @@ def _real_model(config: dict, attn: str, grad_ckpt: bool = False):
     return model, torch.randint(0, config["vocab_size"], (B, S))
 
 
-def _real_saved_bytes(config: dict, attn: str) -> int:
-    """Bytes of the distinct storages autograd saves in a real CPU forward (weights and buffers left out)."""
+def saved_bytes_of_forward(model, ids) -> int:
+    """Bytes of the distinct storages autograd saves in one real forward of ``model`` (weights and buffers left
+    out)."""
     torch = _torch()
-    model, ids = _real_model(config, attn)
     weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     saved: dict[int, int] = {}
 
@@ -198,6 +198,11 @@ def _real_saved_bytes(config: dict, attn: str) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         model(input_ids=ids, labels=ids, use_cache=False)
     return sum(saved.values())
+
+
+def _real_saved_bytes(config: dict, attn: str) -> int:
+    """Bytes autograd saves in a real CPU forward of the config's model."""
+    return saved_bytes_of_forward(*_real_model(config, attn))
 
 
 @pytest.mark.parametrize("family", lane(list(TINY), 2, ids=list(TINY)))

@@ -12,7 +12,7 @@ import json
 import os
 
 import pytest
-from test_activations import TINY, B, S, _measure, _torch
+from test_activations import TINY, B, S, _measure, _torch, saved_bytes_of_forward
 from zeroest.estimator.core.activations import activation_profile
 from zeroest.estimator.core.adapters import Adapters, frozen_base_names, layer_kinds
 from zeroest.estimator.core.architecture import shape_from_config
@@ -82,20 +82,8 @@ def _real(adapters: Adapters, grad_ckpt: bool, config: dict = LLAMA):
 
 def _real_saved_bytes(adapters: Adapters) -> int:
     """Bytes of the distinct storages autograd saves in a real CPU forward, weights and buffers left out."""
-    torch = _peft()
-    model, ids = _real(adapters, grad_ckpt=False)
-    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    saved: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(input_ids=ids, labels=ids, use_cache=False)
-    return sum(saved.values())
+    _peft()
+    return saved_bytes_of_forward(*_real(adapters, grad_ckpt=False))
 
 
 LORA = [Adapters(lora_rank=8), Adapters(lora_rank=64), Adapters(lora_rank=8, lora_dropout=0.1),
