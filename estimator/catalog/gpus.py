@@ -12,7 +12,6 @@ is a ``ValueError`` of one line that says what to type instead:
 
 from __future__ import annotations
 
-import difflib
 import functools
 import re
 from dataclasses import dataclass
@@ -156,6 +155,7 @@ def _near(key: str, catalog: GpuCatalog) -> list[str]:
     """Up to three preset keys nearest ``key``: those within 0.15 of the best similarity (difflib's ratio, at
     least 0.6), less any that a better-scoring key extends (so that a near miss of ``l40s`` never lists ``l4``,
     the card of half its memory)."""
+    import difflib  # for suggestions only: kept off start-up
     scores: dict[str, float] = {}
     for spelling, preset in catalog.spellings.items():
         ratio = difflib.SequenceMatcher(None, key, spelling).ratio()

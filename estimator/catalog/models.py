@@ -7,7 +7,6 @@ model table.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 import os
@@ -60,6 +59,8 @@ def load_config(name_or_path: str) -> tuple[str, dict]:
         return str(path), load_json(path, "an HF config.json")
     if _HUB_ID.fullmatch(name_or_path.strip()):
         return _hub_config(name_or_path.strip())
+    import difflib  # for the suggestion only: kept off start-up
+
     close = difflib.get_close_matches(key, presets, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ValueError(

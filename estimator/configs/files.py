@@ -3,7 +3,6 @@ nearest known key. Shared by ``config_read`` (ds_config.json) and ``config_accel
 
 from __future__ import annotations
 
-import difflib
 import json
 from pathlib import Path
 
@@ -47,6 +46,7 @@ def read_yaml(path: str | Path) -> dict:
 
 def unknown_key_warnings(data: dict, known: tuple[str, ...], where: str, consequence: str) -> list[str]:
     """One warning per key of ``data`` not in ``known``, with the nearest known key."""
+    import difflib  # for suggestions only: kept off start-up
     out = []
     for key in data:
         if key in known:

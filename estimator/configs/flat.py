@@ -8,7 +8,6 @@ key list is read off the dataclasses, so a new field is a new key with no change
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import fields
 from enum import Enum
 
@@ -56,6 +55,8 @@ def check_keys(data: dict, where: str = "setup") -> None:
     """Raise ValueError for the first unknown key, naming the nearest known one."""
     for key in data:
         if key not in SETUP_KEYS:
+            import difflib  # for the suggestion only: kept off start-up
+
             near = difflib.get_close_matches(str(key), SETUP_KEYS, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(SETUP_KEYS)}"
             raise ValueError(f"unknown key {key!r} in {where}{hint}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from zeroest.estimator.core.adapters import Adapters
-from zeroest.estimator.core.closed_form_lora import lora_profile
 from zeroest.estimator.core.hf_config import hf_config
 from zeroest.estimator.core.profile import DTYPE_BYTES, ActivationProfile, check_kind
 from zeroest.estimator.core.shape import ModelShape
@@ -311,4 +310,8 @@ def closed_form_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype
         layer_backward_transient_bytes=layer_bwd,
         ckpt_layer_backward_transient_bytes=layer_bwd - (p * T * h if d.norm_kind == "layernorm" else 0),
     )
-    return profile if adapters is None or adapters.full else lora_profile(profile, shape, adapters, d, adapters_fp32)
+    if adapters is None or adapters.full:
+        return profile
+    from zeroest.estimator.core.closed_form_lora import lora_profile  # LoRA only: kept off predict's start-up
+
+    return lora_profile(profile, shape, adapters, d, adapters_fp32)

@@ -16,7 +16,6 @@ from typing import Annotated
 import typer
 
 from zeroest.cli.common import fail, out
-from zeroest.report.fit import QUANTITIES
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +34,7 @@ def _command_line(runs: list[Path], fit: bool, calibration: Path | None, plots: 
 
 def _print_text(a, written: list[Path]) -> None:
     from zeroest.report.analysis import BASIS_TITLES
+    from zeroest.report.fit import QUANTITIES
     from zeroest.report.markdown import TITLES, pct
 
     basis = a.primary

@@ -12,15 +12,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
 
 from zeroest.cli.common import err, fail
 from zeroest.estimator.core.vocab import Launcher
@@ -70,7 +61,9 @@ def _line(index: int, total: int, run, rows: list[dict]) -> str:
     )
 
 
-def _table(lines) -> Table:
+def _table(lines):
+    from rich.table import Table
+
     from zeroest.validate.summary import HEADERS, cells
 
     table = Table(title="predicted vs measured, per GPU (GiB)")
@@ -251,6 +244,15 @@ def validate(
         start = time.monotonic()
         runner.build_ops(names, opts, dict(os.environ), capability)
         console.print(f"  done in {time.monotonic() - start:.0f} s")
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
