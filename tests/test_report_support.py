@@ -94,3 +94,18 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 
+
+
+@pytest.mark.parametrize("adapters, training", [
+    ({}, "full"), ({"lora_rank": 8}, "lora"), ({"freeze": "embeddings"}, "freeze"),
+    ({"lora_rank": 8, "base_quant": "nf4"}, "qlora"),
+])
+def test_errors_are_broken_down_by_way_of_training(adapters, training):
+    from types import SimpleNamespace
+
+    from zeroest.estimator.core.adapters import Adapters
+
+    from zeroest.report.analysis import DIMENSIONS
+
+    record = SimpleNamespace(setup=SimpleNamespace(adapters=Adapters(**adapters)))
+    assert DIMENSIONS["training"](record) == training

@@ -93,17 +93,19 @@ def _print_text(a, written: list[Path]) -> None:
 
 
 def _print_by_family(a, basis: str) -> None:
-    """Peak allocated per model family (closed-form and traced families apart), when the runs hold several."""
+    """Peak allocated per model family (closed-form and traced families apart) and per way of training (full, LoRA,
+    freeze), each when the runs hold several."""
     from zeroest.report.analysis import DIMENSIONS
     from zeroest.report.errors import grouped_stats
     from zeroest.report.markdown import pct
 
-    per = grouped_stats(a.compared, DIMENSIONS["family"], lambda r: a.error(r, basis, "peak_allocated"))
-    if len(per) < 2:
-        return
-    parts = [f"{family} n={s.n} median {pct(s.median_abs_error)} max {pct(s.max_abs_error)}"
-             for family, s in per.items()]
-    out.print(f"  peak allocated by family: {'; '.join(parts)}", markup=False, soft_wrap=True)
+    for dimension in ("family", "training"):
+        per = grouped_stats(a.compared, DIMENSIONS[dimension], lambda r: a.error(r, basis, "peak_allocated"))
+        if len(per) < 2:
+            continue
+        parts = [f"{value} n={s.n} median {pct(s.median_abs_error)} max {pct(s.max_abs_error)}"
+                 for value, s in per.items()]
+        out.print(f"  peak allocated by {dimension}: {'; '.join(parts)}", markup=False, soft_wrap=True)
 
 
 def report(

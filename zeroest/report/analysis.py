@@ -179,6 +179,14 @@ def _offload(r: Record) -> str:
     return "+".join(parts) or "none"
 
 
+def _training(adapters) -> str:
+    """full (every parameter trains), lora (peft adapters; qlora with a 4-bit base) or freeze (frozen base
+    weights, no adapters)."""
+    if adapters.lora:
+        return "lora" if adapters.base_quant == "none" else "qlora"
+    return "full" if adapters.full else "freeze"
+
+
 DIMENSIONS: dict[str, Callable[[Record], object]] = {
     "stage": lambda r: int(r.setup.stage),
     "N_d": lambda r: r.setup.world_size,
@@ -189,6 +197,7 @@ DIMENSIONS: dict[str, Callable[[Record], object]] = {
     "dtype": lambda r: r.setup.dtype,
     "run": lambda r: "simulated" if r.simulated else "real",
     "loop": lambda r: r.setup.workload.loop,  # rows without the key: the worker's old loop (flat.setup_from_row)
+    "training": lambda r: _training(r.setup.adapters),
     "gpu": lambda r: r.env.group,
 }
 """Breakdowns of the errors: each maps a record to its value in that dimension."""
