@@ -15,25 +15,15 @@ The counts of the wrapped model are recorded beside the measurement and must equ
 from __future__ import annotations
 
 
-def _names(text: str) -> list[str]:
-    return [part.strip() for part in str(text or "").split(",") if part.strip()]
-
-
-def wants_adapters(setup: dict) -> bool:
-    """True when the flat setup trains less than the whole model."""
-    return bool(setup.get("lora_rank")) or bool(_names(setup.get("freeze"))) or bool(
-        _names(setup.get("modules_to_save")))
-
-
-def expected_split(spec: dict):
-    """``core.adapters.trainable_split`` of the spec's model and adapters (the estimator's view)."""
+def expected_adapters(spec: dict):
+    """(the setup's ``core.adapters.Adapters``, its ``trainable_split``): the estimator's view of the spec."""
     from zeroest.estimator.configs.flat import setup_from_dict
     from zeroest.estimator.core.adapters import trainable_split
     from zeroest.estimator.core.architecture import shape_from_config
 
     shape = shape_from_config(dict(spec["model_config"]), str(spec["setup"]["model"]))
     setup = setup_from_dict(spec["setup"], model=shape, where="spec")
-    return trainable_split(setup.model, setup.adapters)
+    return setup.adapters, trainable_split(setup.model, setup.adapters)
 
 
 def _counts(model) -> dict:
@@ -54,28 +44,28 @@ def _counts(model) -> dict:
 def apply_adapters(model, spec: dict):
     """(model, counts): the spec's freeze patterns and LoRA applied to ``model``; ``model`` unchanged and ``{}``
     for a full fine-tune. Raises RuntimeError when the counts differ from the estimator's."""
-    setup = spec["setup"]
-    if not wants_adapters(setup):
+    from zeroest.estimator.core.adapters import ALL_LINEAR, name_list
+
+    adapters, split = expected_adapters(spec)
+    if adapters.full:
         return model, {}
-    split = expected_split(spec)
-    frozen = {t.name for t in split.frozen}
-    if not setup.get("lora_rank"):
+    if not adapters.lora:
+        if name_list(adapters.modules_to_save):
+            raise RuntimeError("modules_to_save without a LoRA rank is not a peft setup: add lora_rank")
+        frozen = {t.name for t in split.frozen}
         for name, param in model.named_parameters():
             if name in frozen:
                 param.requires_grad_(False)
-        saved = _names(setup.get("modules_to_save"))
-        if saved:
-            raise RuntimeError("modules_to_save without a LoRA rank is not a peft setup: add lora_rank")
     else:
         import peft
 
-        targets = _names(setup.get("lora_targets")) or ["all-linear"]
+        targets = name_list(adapters.lora_targets)
         config = peft.LoraConfig(
-            r=int(setup["lora_rank"]),
-            lora_alpha=int(setup.get("lora_alpha") or 8),
-            lora_dropout=float(setup.get("lora_dropout") or 0.0),
-            target_modules="all-linear" if targets == ["all-linear"] else targets,
-            modules_to_save=_names(setup.get("modules_to_save")) or None,
+            r=adapters.lora_rank,
+            lora_alpha=adapters.lora_alpha or 8,
+            lora_dropout=float(adapters.lora_dropout),
+            target_modules=ALL_LINEAR if targets == (ALL_LINEAR,) else list(targets),
+            modules_to_save=list(name_list(adapters.modules_to_save)) or None,
             task_type="CAUSAL_LM",
         )
         model = peft.get_peft_model(model, config)

@@ -42,7 +42,8 @@ def _axis(default, flag: str, help: str):
     return field(default=default, metadata={"flag": flag, "help": help, "key": None, "count": False})
 
 
-def _names(text: str) -> tuple[str, ...]:
+def name_list(text: str) -> tuple[str, ...]:
+    """The names of a comma-separated option (``--lora-targets``, ``--modules-to-save``, ``--freeze``)."""
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
@@ -80,9 +81,9 @@ class Adapters:
             object.__setattr__(self, "lora_rank", None)
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r} (set --lora-dropout)")
-        if not _names(self.lora_targets):
+        if not name_list(self.lora_targets):
             raise ValueError("--lora-targets is empty: give all-linear or module names such as q_proj,v_proj")
-        for pattern in _names(self.freeze):
+        for pattern in name_list(self.freeze):
             _layer_range(pattern)  # raises on a malformed layers: pattern
         object.__setattr__(self, "base_quant", choice(BaseQuant, self.base_quant, "--base-quant"))
         if self.base_quant != BaseQuant.NONE and self.lora_rank is None:
@@ -97,7 +98,7 @@ class Adapters:
     @property
     def full(self) -> bool:
         """A plain full fine-tune: nothing frozen, no adapters."""
-        return not self.lora and not _names(self.freeze) and not _names(self.modules_to_save)
+        return not self.lora and not name_list(self.freeze) and not name_list(self.modules_to_save)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,7 +168,7 @@ def _is_target(tensor: ParamTensor, adapters: Adapters) -> bool:
     if tensor.linear_shape is None:
         return False
     module = _module(tensor.name)
-    targets = _names(adapters.lora_targets)
+    targets = name_list(adapters.lora_targets)
     if targets == (ALL_LINEAR,):
         return tensor.component != "lm_head"
     return _matches(module, targets)
@@ -190,8 +191,8 @@ def trainable_split(model: ModelShape, adapters: Adapters) -> TrainableSplit:
     """The model's parameters as peft (or a freeze) leaves them, in ``named_parameters`` order: LoRA A/B after each
     wrapped weight, a ``modules_to_save`` copy after its module's original tensors."""
     tensors = param_tensors(model)
-    freeze = _names(adapters.freeze)
-    saved = _names(adapters.modules_to_save)
+    freeze = name_list(adapters.freeze)
+    saved = name_list(adapters.modules_to_save)
     trainable: list[ParamTensor] = []
     frozen: list[ParamTensor] = []
     r = adapters.lora_rank
@@ -219,7 +220,7 @@ def trainable_split(model: ModelShape, adapters: Adapters) -> TrainableSplit:
 def frozen_base_names(model: ModelShape, adapters: Adapters) -> frozenset[str]:
     """HF names of the base weights that do not train: every one under LoRA (peft freezes the base model:
     tuners_utils.py ``BaseTuner._mark_only_adapters_as_trainable``), else those the freeze patterns match."""
-    freeze = _names(adapters.freeze)
+    freeze = name_list(adapters.freeze)
     return frozenset(t.name for t in param_tensors(model) if adapters.lora or _frozen_by(t, freeze))
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from zeroest.estimator.core.adapters import Adapters, _is_target, _names
+from zeroest.estimator.core.adapters import Adapters, _is_target, name_list
 from zeroest.estimator.core.architecture import param_tensors
 from zeroest.estimator.core.profile import ActivationProfile
 from zeroest.estimator.core.shape import ModelShape
@@ -155,7 +155,7 @@ def lora_profile(full: ActivationProfile, shape: ModelShape, adapters: Adapters,
     masks = sum(T * n for m, n in wrapped.items() if reads.get(m) in first_reads) if dropout else 0
     if d.parallel and "mlp.dense_h_to_4h" not in wrapped:  # layer 0's MLP has no gradient: gelu keeps nothing
         masks += d.act_extra * p * T * d.i
-    saved = _names(adapters.modules_to_save)
+    saved = name_list(adapters.modules_to_save)
     ids = 0 if "embed_tokens" in saved else 8 * T
     positions = {"gpt2": 8 * d.s, "opt": 8 * T}.get(d.family, 0)
     embedding = full.embedding_saved_bytes - ids - positions - first_norm - masks - (T * h if d.embd_mask else 0)

@@ -30,7 +30,7 @@ from zeroest.estimator.core.flat_group import (  # noqa: F401 - re-exported: cap
     flat_group_numel,
     stage1_partition_copy_bytes,
 )
-from zeroest.estimator.core.optimizers import flat_at_stage0, optimizer_state_bytes, optimizer_temp_bytes
+from zeroest.estimator.core.optimizers import flat_at_stage0, optimizer_temp_bytes, state_bytes
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
 from zeroest.estimator.core.shape import ModelShape
 
@@ -197,7 +197,7 @@ def _no_decay_group_trains(setup: TrainingSetup) -> bool:
     if setup.adapters.full:
         return True  # every causal LM has norm weights
     return any(t.component == "norms" or t.name.endswith("bias")
-               for t in trainable_split(setup.model, setup.adapters).trainable)
+               for t in trained(setup).trainable)
 
 
 def stage0_states(setup: TrainingSetup, split: TrainableSplit, device: Device = "cuda") -> ModelStates:
@@ -219,7 +219,7 @@ def stage0_states(setup: TrainingSetup, split: TrainableSplit, device: Device = 
     """
     b = DTYPE_BYTES[setup.dtype]
     numel, trainable = split.total_numel, split.trainable_numel
-    states = optimizer_state_bytes(setup, trainable)
+    states = state_bytes(setup, trainable)
     temps = optimizer_temp_bytes(setup, _numels(split), device)
     common = dict(grads_bytes=b * trainable, step_grads_bytes=b * trainable, buckets_bytes=0,
                   resident_buffers_bytes=0, gathered_params_bytes=0, epilogue_bytes=0, host_bytes=0, nvme_bytes=0,
@@ -255,7 +255,7 @@ def offload_host_bytes(setup: TrainingSetup, part: int, n_max: int, device: Devi
     """
     b = DTYPE_BYTES[setup.dtype]
     pinned = setup.zero.pin_memory and device == "cuda"
-    held = (pinned_bytes(FP32 * part, pinned) + optimizer_state_bytes(setup, part) + pinned_bytes(FP32 * part, pinned)
+    held = (pinned_bytes(FP32 * part, pinned) + state_bytes(setup, part) + pinned_bytes(FP32 * part, pinned)
             + pinned_bytes(b * part, pinned) + pinned_bytes(b * n_max, pinned))
     if setup.workload.grad_accum > 1:
         mine = _partition_params(_numels(trained(setup)), setup.world_size, 0)  # trainable tensors: the flat group
@@ -314,7 +314,7 @@ def stage12_states(setup: TrainingSetup, split: TrainableSplit, device: Device =
     n_buckets = 2 if setup.zero.overlap else 1
     buckets = n_buckets * b * setup.zero.reduce_bucket_size if setup.zero.contiguous_gradients else 0
     master = FP32 * part
-    states = optimizer_state_bytes(setup, part)
+    states = state_bytes(setup, part)
     if offload:
         grads = stage1_offload_grads_bytes(setup, numel)
         carry, epilogue, step_grads = (grads if accum else 0), offload_copy_temp_bytes(split, world), 0

@@ -209,13 +209,6 @@ def optimizer_notes(setup: TrainingSetup) -> list[str]:
     return notes
 
 
-def optimizer_state_bytes(setup: TrainingSetup, numel: int) -> int:
-    """Optimizer states for ``numel`` parameters on the tensors the optimizer sees (``core.optimizers.state_bytes``):
-    S * 4 * numel for the element-wise ones (torch/optim/adamw.py ``_init_group``, deepspeed/ops/adam/fused_adam.py
-    ``step``: exp_avg and exp_avg_sq as ``zeros_like`` of the fp32 partition)."""
-    return state_bytes(setup, numel)
-
-
 def optimizer_temp_bytes(setup: TrainingSetup, tensor_numels: tuple[int, ...], device: str) -> int:
     """Temporaries of the optimizer's update over tensors of these sizes.
 

@@ -24,9 +24,9 @@ from zeroest.estimator.core.model_states import (
     FP32,
     Device,
     ModelStates,
-    optimizer_state_bytes,
     optimizer_temp_bytes,
     pinned_bytes,
+    state_bytes,
     trained,
 )
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup
@@ -165,7 +165,7 @@ def stage3_states(setup: TrainingSetup, device: Device = "cuda") -> ModelStates:
     offload_params = setup.zero.offload_params != "none"
     group = min(p3_t, setup.zero.sub_group_size) if setup.zero.sub_group_size else p3_t
     master = FP32 * p3_t
-    states = optimizer_state_bytes(setup, p3_t)
+    states = state_bytes(setup, p3_t)
     bucket = b * setup.zero.reduce_bucket_size if setup.zero.contiguous_gradients else 0
     grad_buffer = b * p3_t
     pinned = setup.zero.pin_memory and device == "cuda"
