@@ -13,7 +13,9 @@ rank's partition) and keeps it. The last bucket is reduced the same way at the e
 
 Gradients arrive in backward order: the head's parameters (lm_head, the final norm), then the decoder layers from
 the last to the first, then the embeddings (a tied lm_head's gradient arrives with them): the reverse of
-``named_parameters``, to the layer. A gradient of more than B_r elements goes alone (``extra_large_param_to_reduce``).
+``named_parameters``, to the layer. A gradient of more than B_r elements goes alone (``extra_large_param_to_reduce``):
+this walk counts it in the bucket like any other; the one case measured, an lm_head larger than the bucket reduced
+at the first hook, is ``timeline._stage2_at_head_hook``.
 """
 
 from __future__ import annotations
