@@ -88,7 +88,8 @@ def _check(profile, full: dict[str, int], grad_ckpt: bool) -> None:
     assert profile.stack_bytes(grad_ckpt) == full["stack"]
     assert profile.forward_end_bytes(grad_ckpt) == full["forward_end"]
     assert profile.backward_peak_bytes(grad_ckpt) == full["backward_peak"]
-    # 12 bytes: three fp32 scalars of the loss, missed by the forward peak of alike layers' models too
+    # a few bytes at the loss: the (b, s + 1) padded labels fitted as b*s (benchmarks/cuda_check_activations.py),
+    # the same for a model of alike layers
     assert 0 <= full["forward_peak"] - profile.forward_peak_bytes(grad_ckpt) <= 12
 
 
@@ -115,9 +116,9 @@ def test_moe_with_adapters_equals_the_full_depth_trace(adapters, grad_ckpt):
     frozen bottom: the kinds of structure and of training combine."""
     pytest.importorskip("peft")
     shape = shape_from_config(DEEPSEEK, "x")
-    profile = tracer.traced_profile(shape, B, S, target="cpu", config=DEEPSEEK, adapters=adapters)
-    model = build_trained(DEEPSEEK, "bf16", "sdpa", adapters, grad_ckpt=grad_ckpt,
-                          frozen=frozen_base_names(shape, adapters), num_layers=None)
+    frozen = frozen_base_names(shape, adapters)
+    profile = tracer.traced_profile(shape, B, S, target="cpu", config=DEEPSEEK, adapters=adapters, frozen=frozen)
+    model = build_trained(DEEPSEEK, "bf16", "sdpa", adapters, grad_ckpt=grad_ckpt, frozen=frozen, num_layers=None)
     _check(profile, _full_depth(model, grad_ckpt), grad_ckpt)
 
 

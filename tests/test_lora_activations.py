@@ -24,8 +24,9 @@ MODELS = os.path.join(os.path.dirname(__file__), "..", "data", "models")
 
 
 def _traced(shape, b: int, s: int, adapters: Adapters | None = None, **kwargs):
-    """``tracer.traced_profile`` as ``activation_profile`` calls it."""
-    return tracer.traced_profile(shape, b, s, adapters=adapters, **kwargs)
+    """``tracer.traced_profile`` with the frozen names ``activation_profile`` passes."""
+    frozen = frozen_base_names(shape, adapters) if adapters is not None and not adapters.full else None
+    return tracer.traced_profile(shape, b, s, adapters=adapters, frozen=frozen, **kwargs)
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from zeroest.estimator.core.adapters import Adapters
+from zeroest.estimator.core.adapters import Adapters, frozen_base_names
 from zeroest.estimator.core.closed_form import closed_form_profile
 from zeroest.estimator.core.profile import ActivationProfile
 from zeroest.estimator.core.shape import ModelShape
@@ -52,9 +52,10 @@ def activation_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype:
         )
     from zeroest.estimator.trace.tracer import traced_profile
 
+    frozen = None if adapters is None or adapters.full else frozen_base_names(shape, adapters)
     try:
         return traced_profile(shape, micro_batch, seq_len, dtype, attn, config=config, target=target,
-                              adapters=adapters, adapters_fp32=adapters_fp32), "traced"
+                              adapters=adapters, frozen=frozen, adapters_fp32=adapters_fp32), "traced"
     except Exception as err:  # noqa: BLE001 (any failure of a third-party model falls back, with a warning)
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:160]
         log.warning(f"could not trace {shape.name} ({reason}); using the closed-form activation profile")

@@ -20,7 +20,6 @@ import functools
 import logging
 import time
 
-from zeroest.estimator.core.adapters import frozen_base_names
 from zeroest.estimator.core.hf_config import hf_config, layers_key
 from zeroest.estimator.core.profile import ActivationProfile, check_kind
 from zeroest.estimator.core.shape import ModelShape
@@ -137,7 +136,8 @@ def _entry(key_payload: dict, name: str, trace, use_cache: bool) -> dict:
 
 def traced_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str = "bf16",
                    attn: str = "sdpa", *, target: str = "cuda", config: dict | None = None,
-                   use_cache: bool = True, adapters=None, adapters_fp32: bool = False) -> ActivationProfile:
+                   use_cache: bool = True, adapters=None, frozen: frozenset[str] | None = None,
+                   adapters_fp32: bool = False) -> ActivationProfile:
     """The ``ActivationProfile`` of ``shape`` traced on the meta device (see the module docstring).
 
     ``config`` is the HF config.json dict (default ``hf_config(shape)``; its depth is the shape's); ``target``
@@ -145,9 +145,10 @@ def traced_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str
     by config (depth included: it decides how many layers each kind has), dtype, attention, target and library
     versions, as polynomials in (micro_batch, seq_len) with the layout of the layers, so other shapes need no
     new trace; a cached profile is read without importing torch. ``adapters`` (``core.adapters.Adapters``:
-    LoRA, frozen weights) traces the model as peft and the freeze patterns leave it, the kinds of layer it makes
-    with them (``trace.kinds``); its key adds the adapters, the frozen names and peft's version, so LoRA and
-    full profiles never mix. ``adapters_fp32``: the adapters stay in peft's fp32 (a model built under zero.Init;
+    LoRA, frozen weights) traces the model as peft and the freeze patterns leave it (``frozen``: the base weights'
+    names at full depth, ``core.adapters.frozen_base_names(shape, adapters)``), with the kinds of layer it makes
+    (``trace.kinds``); its key adds the adapters, the frozen names and peft's version, so LoRA and full profiles
+    never mix. ``adapters_fp32``: the adapters stay in peft's fp32 (a model built under zero.Init;
     ``trace.model``).
     """
     check_kind(dtype, attn)
@@ -161,7 +162,9 @@ def traced_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str
         entry = _entry(payload, name, lambda: trace_polys(config, dtype, attn, target=target, seq_len=seq_len),
                        use_cache)
         return polys.profile_from_polys(entry, micro_batch, seq_len)
-    frozen = frozen_base_names(shape, adapters)
+    if frozen is None:
+        raise ValueError("a traced LoRA or frozen-weight profile needs the frozen names: pass "
+                         "frozen=core.adapters.frozen_base_names(shape, adapters)")
     lora = {f: getattr(adapters, f) for f in ("lora_rank", "lora_dropout", "lora_targets", "modules_to_save")}
     key = {**payload, "peft": _peft_version(), "lora": lora,
            "frozen": "all (peft)" if adapters.lora else sorted(frozen),  # peft freezes every base weight
