@@ -50,6 +50,24 @@ def test_kinds_read_off_the_full_depth_model(config, attn, want):
         assert list(model.config.layer_types) == [config_types(config)[i] for i in want["picks"]]
 
 
+_SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+              max_position_embeddings=256, num_hidden_layers=4)
+
+
+@pytest.mark.parametrize(("config", "want"), [
+    (dict(model_type="llama4_text", head_dim=16, intermediate_size_mlp=128, num_local_experts=4,
+          interleave_moe_layer_step=2, **_SMALL), [0, 1, 0, 2]),
+    (dict(model_type="smollm3", no_rope_layer_interval=2, pad_token_id=0, **_SMALL), [0, 1, 0, 1]),
+    (dict(model_type="qwen2_moe", num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+          decoder_sparse_step=2, **_SMALL), [0, 1, 0, 1]),
+], ids=["llama4_text", "smollm3", "qwen2_moe"])
+def test_interleaved_layers(config, want):
+    """Llama4's interleaved MoE layers (``interleave_moe_layer_step``) and rope-less layers (``no_rope_layers``:
+    every 4th by default, here layer 3), SmolLM3's ``no_rope_layers``, Qwen2-MoE's ``decoder_sparse_step``."""
+    _torch()
+    assert kinds.layout(build_model(config, "bf16", "eager", num_layers=None))["kinds"] == want
+
+
 def config_types(config: dict) -> list[str]:
     from transformers import AutoConfig
 

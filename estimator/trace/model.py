@@ -73,14 +73,15 @@ def set_checkpointing(model, on: bool) -> None:
 def layer_owner(model) -> tuple:
     """The module holding the decoder layers' ``ModuleList`` and its attribute name (``model.layers``,
     ``transformer.h`` or ``decoder.layers``), under a peft wrapper too."""
-    base = model.get_base_model().base_model if hasattr(model, "get_base_model") else model.base_model
-    for path in ("layers", "h", "decoder.layers"):
-        *parents, name = path.split(".")
-        obj = base
-        for part in parents:
-            obj = getattr(obj, part, None)
-        if obj is not None and getattr(obj, name, None) is not None:
-            return obj, name
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for base in (hf.base_model, getattr(hf, "model", None)):  # Llama4ForCausalLM: a base_model_prefix it lacks
+        for path in ("layers", "h", "decoder.layers"):
+            *parents, name = path.split(".")
+            obj = base
+            for part in parents:
+                obj = getattr(obj, part, None)
+            if obj is not None and getattr(obj, name, None) is not None:
+                return obj, name
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}: is it a supported family?")
 
 
