@@ -1,0 +1,174 @@
+"""Closed-form activations of qwen3 (q/k norms), and of mixtral's and qwen3_moe's routed experts.
+
+``core.closed_form`` builds the llama-like profile of these families (their attention, norms, embeddings and head
+are llama's) and hands it here with its dense candidates (``Dense``); ``moe_profile`` adds qwen3's q/k norms and
+puts the sparse block in place of the dense MLP, term by term as transformers 5.24 runs it (checked storage by
+storage against the traced profile, estimator/trace/).
+
+Routing: the experts run transformers' default ``experts_implementation``, ``grouped_mm``
+(integrations/moe.py ``grouped_mm_experts_forward``: every token's k (token, expert) rows are gathered, sorted by
+expert and multiplied by one grouped matmul, ``F.grouped_mm`` or ``torch._grouped_mm``, over all E experts at
+once, rows past each expert's offset skipped). Every tensor then has T*k rows whatever the router picks, so the
+bytes below hold for any routing, the tracer's meta-device run (no real routing at all) included. The eager
+per-expert loop (``experts_implementation="eager"``) is not modelled.
+
+Symbols: T = b*s tokens, h width, E experts, k experts per token, i_e an expert's width, p the run's dtype
+bytes, w the routing weights' bytes (mixtral keeps the fp32 softmax values, ``MixtralTopKRouter``; qwen3_moe
+casts them to p, ``Qwen3MoeTopKRouter``), q the weighted expert output's bytes (p times w promotes to fp32 in
+mixtral: q = 4; q = p in qwen3_moe).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from zeroest.estimator.core.profile import ActivationProfile
+from zeroest.estimator.core.shape import ModelShape
+
+
+@dataclass(frozen=True)
+class Dense:
+    """The llama-like layer's candidates that ``core.closed_form`` computed, in bytes: its dense MLP's saved
+    bytes, and the candidates of each transient's max (the norm's or the MLP's, and eager attention's)."""
+
+    mlp_saved: int
+    fwd: int
+    ckpt_fwd: int
+    bwd: int
+    eager: tuple[int, int, int] | None
+    """Eager (or math-kernel) attention's forward, checkpointed-forward and backward transients, or None."""
+    mask: int
+    """The attention mask that lives through a layer's forward (masking_utils): eager's additive p*b*s^2; a
+    sliding window's bool s^2 under sdpa (one (s, s) storage expanded over the batch); else 0."""
+
+
+@dataclass(frozen=True)
+class _Moe:
+    T: int
+    s: int
+    h: int
+    p: int
+    E: int
+    k: int
+    ie: int
+    w: int
+    q: int
+    norm_topk: bool
+
+
+def window_config(shape: ModelShape, config: dict) -> dict:
+    """The config as ``closed_form._dims`` reads its sliding window: qwen3 and qwen3_moe default
+    ``use_sliding_window`` to False (configuration_qwen3.py ``__post_init__`` then drops ``sliding_window``);
+    qwen3 slides only in layers from ``max_window_layers`` (28) on, taken as all layers when any does (the
+    larger case)."""
+    if shape.family == "mixtral":
+        return config
+    slides = bool(config.get("use_sliding_window", False))
+    if shape.family == "qwen3":
+        slides = slides and config.get("max_window_layers", 28) < shape.num_layers
+    return {**config, "use_sliding_window": slides}
+
+
+def qk_norm_saved(shape: ModelShape, T: int, p: int) -> int:
+    """qwen3's ``q_norm`` and ``k_norm`` (``Qwen3RMSNorm`` over head_dim, per head, before rotary): each saves
+    its fp32 input 4*T*width, fp32 rstd 4*T*heads and the input-dtype cast p*T*width that the weight multiplies:
+    (4 + p) * T * (a*d + kv*d) + 4 * T * (a + kv)."""
+    width = shape.q_hidden_size + shape.kv_hidden_size
+    return (4 + p) * T * width + 4 * T * (shape.num_heads + shape.num_kv_heads)
+
+
+def _moe_saved(m: _Moe) -> int:
+    """One sparse block's saved bytes (its input norm's output is the norm's).
+
+    Router (``*TopKRouter.forward``): ``softmax(logits.float())`` saves its fp32 output 4TE; ``topk`` its int64
+    indices 8Tk; mixtral's (and qwen3_moe's with ``norm_topk_prob``) in-place renormalisation
+    ``/= sum`` saves the sum 4T and a copy of the values 4Tk. Experts (``grouped_mm_experts_forward``): the
+    sort permutation and its ``// k`` (int64 8Tk each, the gathers' indices), the gathered hidden states p*Tk*h
+    and weights w*Tk, the int32 offsets 4E, the fused gate/up output 2p*Tk*i_e (kept by the activation and, as
+    ``up``, by the product), the activation's output and the product p*Tk*i_e each, the down projection's
+    output p*Tk*h (the weights' multiplication keeps it) and the inverse permutation 8Tk:
+    4TE + 32Tk + w*Tk + 4E + p*Tk*(2h + 4 i_e) (+ 4T + 4Tk renormalised).
+    """
+    T, k = m.T, m.k
+    norm = 4 * T + 4 * T * k if m.norm_topk else 0
+    return 4 * T * m.E + 32 * T * k + m.w * T * k + 4 * m.E + m.p * T * k * (2 * m.h + 4 * m.ie) + norm
+
+
+def _moe_forward(m: _Moe) -> int:
+    """Live over the stack at the sparse block's forward peak, no checkpointing: the embedding output, the
+    layer input and the residual (3p*Th), int64 position ids 8s, the router logits p*TE, the routing weights w*Tk,
+    the sorted expert ids 8Tk, the ids ``histc`` counts (int32 4Tk) and its counts 4E, and then either the
+    weighted output and its gather back to token order (2q*Tkh) or the gather, its sum over k (q*Th) and the
+    cast back to p (mixtral)."""
+    T, k, h, p, q = m.T, m.k, m.h, m.p, m.q
+    base = 3 * p * T * h + 8 * m.s + p * T * m.E + m.w * T * k + 12 * T * k + 4 * m.E
+    return base + max(2 * q * T * k * h, q * T * k * h + q * T * h + (p * T * h if q != p else 0))
+
+
+def _moe_ckpt_forward(m: _Moe) -> int:
+    """The same under checkpointing (nothing saved): the residual and the norm's output 2p*Th, the router's
+    logits p*TE, weights w*Tk and indices 8Tk, the sorted ids and the permutation 16Tk, the gathered states p*Tkh
+    and weights w*Tk, histc's int32 input 4Tk, counts and offsets 8E; then either the fused gate/up output, the
+    activation and the product (4p*Tk*i_e), or the down output p*Tkh and the inverse permutation 8Tk with the
+    weighted output and its gather (2q*Tkh) or the gather, its sum and mixtral's cast, as in ``_moe_forward``."""
+    T, k, h, p, q = m.T, m.k, m.h, m.p, m.q
+    base = 2 * p * T * h + p * T * m.E + 2 * m.w * T * k + 28 * T * k + p * T * k * h + 8 * m.E
+    weighted = max(2 * q * T * k * h, q * T * k * h + q * T * h + (p * T * h if q != p else 0))
+    return base + max(4 * p * T * k * m.ie, p * T * k * h + 8 * T * k + weighted)
+
+
+def _moe_backward(m: _Moe, grad_hidden: int, ckpt: bool) -> int:
+    """Extra over the stack at the sparse block's backward peak: the incoming gradient, and the gradients of the
+    weighted output's sum (its expansion, the zeros it is scattered into and the scatter: 3q*Tkh). Without
+    checkpointing mixtral's fp32 gradient of the experts' output is cast back to p (p*Tkh) once the inverse
+    permutation (8Tk) has been freed. Under checkpointing the recompute (which stops at the inverse permutation)
+    runs while the expansion q*Tkh lives: the weighted output q*Tkh, the residual p*Th, the router's logits, the
+    weights, the sorted ids, histc's input and counts, and the permutation's ``arange`` 8Tk."""
+    T, k, h, p, q = m.T, m.k, m.h, m.p, m.q
+    grads = 3 * q * T * k * h
+    if not ckpt:
+        return grad_hidden + grads + (p * T * k * h - 8 * T * k if q != p else 0)
+    recompute = 2 * q * T * k * h + p * T * h + p * T * m.E + m.w * T * k + 20 * T * k + 4 * m.E
+    return grad_hidden + max(grads, recompute)
+
+
+def _moe(shape: ModelShape, config: dict, b: int, s: int, p: int) -> _Moe:
+    x = shape.extra
+    mixtral = shape.family == "mixtral"
+    return _Moe(T=b * s, s=s, h=shape.hidden_size, p=p, E=x["num_experts"], k=x["top_k"], ie=x["expert_size"],
+                w=4 if mixtral else p, q=4 if mixtral else p,
+                norm_topk=mixtral or bool(config.get("norm_topk_prob", False)))
+
+
+def moe_profile(dense: ActivationProfile, parts: Dense, shape: ModelShape, config: dict, b: int, s: int,
+                p: int) -> ActivationProfile:
+    """``dense`` (the llama-like closed form of ``shape``) with qwen3's q/k norms and the sparse blocks.
+
+    A model with dense and sparse layers (qwen3_moe's ``mlp_only_layers``, ``decoder_sparse_step`` > 1) gets
+    the larger layer for every layer, and every transient's larger candidate (the traced profile instead takes
+    its second layer as every layer's). Eager attention's transients, taken once the MLP's saved bytes are
+    freed, count the sparse block's saved bytes instead of the dense MLP's.
+    """
+    T = b * s
+    qk = qk_norm_saved(shape, T, p) if shape.family != "mixtral" else 0
+    sparse = bool(shape.extra.get("sparse_layers"))
+    if not sparse:
+        layer = dense.layer_saved_bytes + qk
+        return replace(dense, layer_saved_bytes=layer, all_layers_saved_bytes=shape.num_layers * layer)
+    m = _moe(shape, config, b, s, p)
+    moe = _moe_saved(m)
+    dense_layer = dense.layer_saved_bytes + qk
+    moe_layer = dense_layer - parts.mlp_saved + moe
+    mixed = len(shape.extra["sparse_layers"]) < shape.num_layers
+    layer = max(moe_layer, dense_layer) if mixed else moe_layer
+    drop = moe - parts.mlp_saved  # eager's transients: the sparse block's saved bytes are freed, not the MLP's
+    eager_fwd, eager_ckpt, eager_bwd = parts.eager or (0, 0, 0)
+    gh = dense.grad_hidden_bytes
+    fwd = max(parts.fwd, eager_fwd - (drop if parts.eager else 0), _moe_forward(m) + parts.mask)
+    ckpt_fwd = max(eager_ckpt, _moe_ckpt_forward(m), parts.ckpt_fwd if mixed else 0)
+    bwd_eager = gh + eager_bwd - drop if parts.eager else 0
+    bwd = max(bwd_eager, _moe_backward(m, gh, False), parts.bwd if mixed else 0)
+    ckpt_bwd = max(bwd_eager, _moe_backward(m, gh, True), parts.bwd if mixed else 0)
+    return replace(dense, layer_saved_bytes=layer, all_layers_saved_bytes=shape.num_layers * layer,
+                   layer_forward_transient_bytes=fwd, ckpt_layer_forward_transient_bytes=ckpt_fwd,
+                   layer_backward_transient_bytes=bwd, ckpt_layer_backward_transient_bytes=ckpt_bwd)
