@@ -169,6 +169,32 @@ def moe_profile(dense: ActivationProfile, parts: Dense, shape: ModelShape, confi
     bwd_eager = gh + eager_bwd - drop if parts.eager else 0
     bwd = max(bwd_eager, _moe_backward(m, gh, False), parts.bwd if mixed else 0)
     ckpt_bwd = max(bwd_eager, _moe_backward(m, gh, True), parts.bwd if mixed else 0)
-    return replace(dense, layer_saved_bytes=layer, all_layers_saved_bytes=shape.num_layers * layer,
-                   layer_forward_transient_bytes=fwd, ckpt_layer_forward_transient_bytes=ckpt_fwd,
-                   layer_backward_transient_bytes=bwd, ckpt_layer_backward_transient_bytes=ckpt_bwd)
+    profile = replace(dense, layer_saved_bytes=layer, all_layers_saved_bytes=shape.num_layers * layer,
+                      layer_forward_transient_bytes=fwd, ckpt_layer_forward_transient_bytes=ckpt_fwd,
+                      layer_backward_transient_bytes=bwd, ckpt_layer_backward_transient_bytes=ckpt_bwd)
+    if not config.get("output_router_logits", False):
+        return profile
+    return _aux_loss(profile, m, len(shape.extra["sparse_layers"]))
+
+
+def _aux_loss(profile: ActivationProfile, m: _Moe, n: int) -> ActivationProfile:
+    """``output_router_logits``: the load-balancing loss over the n sparse layers' router logits
+    (modeling_<family>.py ``load_balancing_loss_func``, added to the loss by ``*ForCausalLM.forward``).
+
+    Every layer's logits p*TE stay alive from its router to the end of forward (``OutputRecorder``), and the
+    loss's ``softmax`` over each saves its output p*TE; its fp32 sums are 4E + 4 bytes. Head: + 2n*p*TE + 4E + 4.
+    A layer's forward sees the n - 1 earlier layers' logits; in backward the loss has already sent every layer's
+    logits their gradient (p*TE each), which waits for that layer: n - 1 over the hidden gradient between layers,
+    n at a layer's backward. The cross-entropy's peak and the head's backward peak come before the aux loss's
+    tensors (n*p*TE + 4E + 4 less over the head's saved bytes; 8 bytes of its own more at the loss's peak)."""
+    logits = m.p * m.T * m.E
+    scalars = 4 * m.E + 4
+    return replace(
+        profile, head_saved_bytes=profile.head_saved_bytes + 2 * n * logits + scalars,
+        loss_transient_bytes=profile.loss_transient_bytes - n * logits - scalars + 8,
+        backward_head_transient_bytes=profile.backward_head_transient_bytes - n * logits - scalars,
+        layer_forward_transient_bytes=profile.layer_forward_transient_bytes + (n - 1) * logits,
+        ckpt_layer_forward_transient_bytes=profile.ckpt_layer_forward_transient_bytes + (n - 1) * logits,
+        grad_hidden_bytes=profile.grad_hidden_bytes + (n - 1) * logits,
+        layer_backward_transient_bytes=profile.layer_backward_transient_bytes + n * logits,
+        ckpt_layer_backward_transient_bytes=profile.ckpt_layer_backward_transient_bytes + n * logits)
