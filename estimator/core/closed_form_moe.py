@@ -123,13 +123,29 @@ def _moe_backward(m: _Moe, grad_hidden: int, ckpt: bool) -> int:
     checkpointing mixtral's fp32 gradient of the experts' output is cast back to p (p*Tkh) once the inverse
     permutation (8Tk) has been freed. Under checkpointing the recompute (which stops at the inverse permutation)
     runs while the expansion q*Tkh lives: the weighted output q*Tkh, the residual p*Th, the router's logits, the
-    weights, the sorted ids, histc's input and counts, and the permutation's ``arange`` 8Tk."""
+    weights, the sorted ids, histc's input and counts, and the permutation's ``arange`` 8Tk. With narrow experts
+    and k <= 2 the block's input norm tops both, once the block's saved bytes and the norm's output and cast are
+    freed: ``LlamaRMSNorm``'s backward holds five fp32 tensors of T*h (the gradient through the rstd product and
+    the mean's, pow's and the product's), 20Th - saved - 2p*Th - 4T (its rstd)."""
     T, k, h, p, q = m.T, m.k, m.h, m.p, m.q
     grads = 3 * q * T * k * h
+    norm = 20 * T * h - _moe_saved(m) - 2 * p * T * h - 4 * T
     if not ckpt:
-        return grad_hidden + grads + (p * T * k * h - 8 * T * k if q != p else 0)
+        return grad_hidden + max(grads + (p * T * k * h - 8 * T * k if q != p else 0), norm)
     recompute = 2 * q * T * k * h + p * T * h + p * T * m.E + m.w * T * k + 20 * T * k + 4 * m.E
-    return grad_hidden + max(grads, recompute)
+    return grad_hidden + max(grads, recompute, norm)
+
+
+def _attention_peak(shape: ModelShape, T: int, p: int) -> int:
+    """Live at the attention's own forward peak under checkpointing, which can top the MLP's or the sparse
+    block's (narrow experts; qwen3's q wider than h). At ``apply_rotary_pos_emb`` of q: the norm's output p*Th, q,
+    k and v, and ``q * cos``, ``rotate_half(q)`` and its product with sin: p*T*(h + 4 a*d + 2 kv*d). qwen3's
+    ``q_norm`` before it: the norm's output, q, its fp32 copy and the fp32 product with the rstd, and the fp32
+    mean and rstd per head: p*Th + (p + 8)*T*a*d + 8*T*a."""
+    h, qd = shape.hidden_size, shape.q_hidden_size
+    rotary = p * T * (h + 4 * qd + 2 * shape.kv_hidden_size)
+    q_norm = p * T * h + (p + 8) * T * qd + 8 * T * shape.num_heads if shape.family != "mixtral" else 0
+    return max(rotary, q_norm)
 
 
 def _moe(shape: ModelShape, config: dict, b: int, s: int, p: int) -> _Moe:
@@ -154,7 +170,9 @@ def moe_profile(dense: ActivationProfile, parts: Dense, shape: ModelShape, confi
     sparse = bool(shape.extra.get("sparse_layers"))
     if not sparse:
         layer = dense.layer_saved_bytes + qk
-        return replace(dense, layer_saved_bytes=layer, all_layers_saved_bytes=shape.num_layers * layer)
+        ckpt_fwd = max(dense.ckpt_layer_forward_transient_bytes, _attention_peak(shape, T, p))
+        return replace(dense, layer_saved_bytes=layer, all_layers_saved_bytes=shape.num_layers * layer,
+                       ckpt_layer_forward_transient_bytes=ckpt_fwd)
     m = _moe(shape, config, b, s, p)
     moe = _moe_saved(m)
     dense_layer = dense.layer_saved_bytes + qk
@@ -165,7 +183,7 @@ def moe_profile(dense: ActivationProfile, parts: Dense, shape: ModelShape, confi
     eager_fwd, eager_ckpt, eager_bwd = parts.eager or (0, 0, 0)
     gh = dense.grad_hidden_bytes
     fwd = max(parts.fwd, eager_fwd - (drop if parts.eager else 0), _moe_forward(m) + parts.mask)
-    ckpt_fwd = max(eager_ckpt, _moe_ckpt_forward(m), parts.ckpt_fwd if mixed else 0)
+    ckpt_fwd = max(eager_ckpt, _moe_ckpt_forward(m), parts.ckpt_fwd if mixed else 0, _attention_peak(shape, T, p))
     bwd_eager = gh + eager_bwd - drop if parts.eager else 0
     bwd = max(bwd_eager, _moe_backward(m, gh, False), parts.bwd if mixed else 0)
     ckpt_bwd = max(bwd_eager, _moe_backward(m, gh, True), parts.bwd if mixed else 0)
