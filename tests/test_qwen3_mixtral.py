@@ -118,7 +118,8 @@ def test_narrow_experts_never_under_predicted():
     assert all(got > want for want, got in differ.values())
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "qwen3"])
+@pytest.mark.parametrize("name", ["mixtral", *(pytest.param(n, marks=pytest.mark.slow) for n in ("qwen3_moe",
+                                                                                                 "qwen3"))])
 def test_eager_attention_as_llama_s(name):
     """Eager: the fields equal the trace but the loss's rounding and what llama's own closed form misses by the
     same bytes on this config (its eager candidates: the checkpointed forward transient, -2.2%, and for the
