@@ -1,7 +1,7 @@
 """The shape of a decoder-only transformer: what the estimator needs to know about a model.
 
 One frozen ``ModelShape`` describes any of the supported HF families (llama, mistral, qwen2, gpt2, gpt_neox, opt,
-phi3, gemma; qwen3, qwen3_moe and mixtral through ``core.arch_qwen3_mixtral``). ``estimator.architecture`` builds it from a config.json and lists its parameter tensors exactly as
+phi3, gemma). ``estimator.architecture`` builds it from a config.json and lists its parameter tensors exactly as
 HF's ``named_parameters()`` does; ``estimator.presets`` builds it from a preset name or a bare parameter count.
 """
 
