@@ -14,8 +14,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from zeroest.estimator.catalog.models import load_model
 from zeroest.estimator.core.architecture import count_params, param_tensors, shape_from_config
 from zeroest.estimator.core.closed_form import closed_form_profile
+from zeroest.estimator.core.estimate import estimate
+
+from zeroest.api import build_setup
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU_MODELS = ROOT / "data" / "runs" / "h200-families" / "models"
@@ -204,11 +208,6 @@ print(json.dumps({{"out": out, "heavy": heavy}}))
 def test_core_install_predicts_qwen3_and_mixtral_without_torch():
     """In a fresh interpreter where torch and transformers cannot be imported, qwen3, mixtral and qwen3_moe configs
     predict (closed-form activations), with the same figures as this interpreter's closed-form prediction."""
-    from zeroest.estimator.catalog.models import load_model
-    from zeroest.estimator.core.estimate import estimate
-
-    from zeroest.api import build_setup
-
     paths = [str(GPU_MODELS / f"{n}.json") for n in ("qwen3-small", "mixtral-small", "qwen3-moe-small")]
     done = subprocess.run([sys.executable, "-c", _NO_TORCH.format(paths=paths)], capture_output=True, text=True,
                           timeout=120, check=True)
@@ -218,3 +217,12 @@ def test_core_install_predicts_qwen3_and_mixtral_without_torch():
         flags = {"stage": 3, "world_size": 2, "micro_batch": 2, "seq_len": 512, "activations": "closed-form"}
         here = estimate(build_setup(load_model(path), flags))
         assert result["out"][path] == [here.peak_allocated_bytes, "closed-form", here.n_params]
+
+
+def test_the_experts_assumption_is_printed():
+    """A model with routed experts names them and the grouped_mm routing assumption among the assumptions."""
+    flags = {"stage": 2, "world_size": 2, "activations": "closed-form"}
+    notes = estimate(build_setup(load_model(str(GPU_MODELS / "mixtral-small.json")), flags)).assumptions
+    assert any(n.startswith("8 experts of width 2816, top 2, in 8 of 8 layers") and "grouped_mm" in n for n in notes)
+    dense = estimate(build_setup(load_model(str(GPU_MODELS / "qwen3-small.json")), flags)).assumptions
+    assert not any("experts" in n for n in dense)
