@@ -180,6 +180,8 @@ def moe_profile(dense: ActivationProfile, parts: Dense, shape: ModelShape, confi
     mixed = len(shape.extra["sparse_layers"]) < shape.num_layers
     layer = max(moe_layer, dense_layer) if mixed else moe_layer
     drop = moe - parts.mlp_saved  # eager's transients: the sparse block's saved bytes are freed, not the MLP's
+    if mixed:  # a dense layer frees the MLP's: the larger of the two
+        drop = min(drop, 0)
     eager_fwd, eager_ckpt, eager_bwd = parts.eager or (0, 0, 0)
     gh = dense.grad_hidden_bytes
     fwd = max(parts.fwd, eager_fwd - (drop if parts.eager else 0), _moe_forward(m) + parts.mask)
