@@ -226,3 +226,21 @@ def test_the_experts_assumption_is_printed():
     assert any(n.startswith("8 experts of width 2816, top 2, in 8 of 8 layers") and "grouped_mm" in n for n in notes)
     dense = estimate(build_setup(load_model(str(GPU_MODELS / "qwen3-small.json")), flags)).assumptions
     assert not any("experts" in n for n in dense)
+
+
+def test_dense_and_sparse_layers_take_the_larger_layer():
+    """qwen3_moe with every other layer dense (decoder_sparse_step 2): the closed form gives every layer the larger
+    of the two layers' bytes, so each phase peak is at least the trace's (which takes its second, sparse, layer
+    for every layer and its first, dense, one for the embeddings), and within 1% of it."""
+    _torch()
+    from zeroest.estimator.trace import tracer
+
+    config = dict(CONFIGS["qwen3_moe"], decoder_sparse_step=2)
+    shape = shape_from_config(config, "mixed")
+    assert shape.extra["sparse_layers"] == (1,)
+    traced = tracer.traced_profile(shape, B, S, "bf16", "sdpa", config=config, use_cache=False)
+    closed = closed_form_profile(shape, B, S, "bf16", "sdpa", config)
+    for prop in ("forward_end_bytes", "forward_peak_bytes", "backward_peak_bytes"):
+        for ckpt in (False, True):
+            want, got = getattr(traced, prop)(ckpt), getattr(closed, prop)(ckpt)
+            assert want - _ROUNDING <= got <= 1.01 * want, (prop, ckpt)
