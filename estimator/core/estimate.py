@@ -164,6 +164,10 @@ def _assumptions(setup: TrainingSetup, source: str) -> tuple[str, ...]:
         f"activations: {source}",
         _loop_note(setup),
     ]
+    if m.extra.get("sparse_layers"):  # core.closed_form_moe
+        notes.insert(1, f"{m.extra['num_experts']} experts of width {m.extra['expert_size']}, top "
+                        f"{m.extra['top_k']}, in {len(m.extra['sparse_layers'])} of {m.num_layers} layers, run as "
+                        "transformers' default grouped_mm (every token's k rows, whatever the routing)")
     if setup.stage in (ZeroStage.OPTIMIZER_STATES, ZeroStage.GRADIENTS) and setup.zero.offload_optimizer == "none":
         notes.append(f"{setup.optimizer.param_groups} optimizer parameter group(s): with more than one the 16-bit "
                      f"gradients live through the step ({PARAM_GROUPS_RULE}; --param-groups changes it)")
