@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from zeroest.estimator.core.adapters import Adapters
+from zeroest.estimator.core.closed_form_gemma import GEMMA_FAMILIES, gemma_profile
 from zeroest.estimator.core.hf_config import hf_config
 from zeroest.estimator.core.profile import DTYPE_BYTES, ActivationProfile, check_kind
 from zeroest.estimator.core.shape import ModelShape
@@ -283,7 +284,10 @@ def closed_form_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype
     LoRA on: ``core.closed_form_lora.lora_profile`` of that profile (``adapters_fp32``: peft's fp32 adapters).
     """
     check_kind(dtype, attn)
-    d = _dims(shape, micro_batch, seq_len, dtype, attn, config if config is not None else hf_config(shape))
+    config = config if config is not None else hf_config(shape)
+    if shape.family in GEMMA_FAMILIES and (adapters is None or adapters.full):  # core.closed_form_gemma
+        return gemma_profile(shape, micro_batch, seq_len, dtype, attn, config, closed_form_profile)
+    d = _dims(shape, micro_batch, seq_len, dtype, attn, config)
     T, h, p, V, L = d.T, d.h, d.p, d.V, shape.num_layers
     layer = _layer_saved(d, attn)
     ckpt_layer = p * T * h
