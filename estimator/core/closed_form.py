@@ -285,8 +285,8 @@ def closed_form_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype
     """
     check_kind(dtype, attn)
     config = config if config is not None else hf_config(shape)
-    if shape.family in GEMMA_FAMILIES and (adapters is None or adapters.full):  # core.closed_form_gemma
-        return gemma_profile(shape, micro_batch, seq_len, dtype, attn, config, closed_form_profile)
+    if shape.family in GEMMA_FAMILIES:  # gemma2, gemma3_text: core.closed_form_gemma (no LoRA terms there)
+        return gemma_profile(shape, micro_batch, seq_len, dtype, attn, config, closed_form_profile, adapters)
     d = _dims(shape, micro_batch, seq_len, dtype, attn, config)
     T, h, p, V, L = d.T, d.h, d.p, d.V, shape.num_layers
     layer = _layer_saved(d, attn)

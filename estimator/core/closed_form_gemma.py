@@ -52,20 +52,26 @@ def layer_types(family: str, config: dict, num_layers: int) -> list[str]:
     return ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(num_layers)]
 
 
-def _check(shape: ModelShape, attn: str, config: dict) -> None:
+def _check(shape: ModelShape, attn: str, config: dict, adapters) -> None:
+    """One-line errors for what is not a causal LM, not buildable, or not written out here."""
     if config.get("use_bidirectional_attention"):
         raise ValueError(f"model {shape.name!r} has use_bidirectional_attention=true (an encoder, not a causal "
                          "LM): only causal attention is modelled")
     if shape.family == "gemma2" and attn == "sdpa":
         raise ValueError(f"model {shape.name!r} is gemma2, which has no sdpa attention in transformers 5.24 "
                          "(Gemma2PreTrainedModel._supports_sdpa is False: softcapping): use --attn eager or flash")
+    if adapters is not None and adapters.lora:
+        raise ValueError(f"model {shape.name!r} ({shape.family}) with LoRA has no closed-form activations: install "
+                         "zeroest[validate] for the traced profile (--activations traced)")
 
 
 def gemma_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str, attn: str, config: dict,
-                  base: Callable[..., ActivationProfile]) -> ActivationProfile:
+                  base: Callable[..., ActivationProfile], adapters=None) -> ActivationProfile:
     """The ``ActivationProfile`` of a gemma2 / gemma3_text model (see the module docstring); ``base`` is
-    ``core.closed_form.closed_form_profile``, called with the shape as gemma and one layer type's config."""
-    _check(shape, attn, config)
+    ``core.closed_form.closed_form_profile``, called with the shape as gemma and one layer type's config.
+    ``adapters``: frozen weights keep the full fine-tune's profile (an upper bound, as for the other families);
+    LoRA is refused in one line (its terms are traced only)."""
+    _check(shape, attn, config, adapters)
     b, s, p = micro_batch, seq_len, DTYPE_BYTES[dtype]
     T, h, V, d, L = b * s, shape.hidden_size, shape.vocab_size, shape.head_dim, shape.num_layers  # noqa: N806
     attn_cap, final_cap = _SOFTCAP_DEFAULT[shape.family]
@@ -93,7 +99,7 @@ def gemma_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str,
     tables = len(per_type) if shape.family == "gemma3_text" else 1
     masks = len(per_type) * p * b * s * s if attn == "eager" else 0
     if attn == "sdpa" and window and s >= window and "sliding_attention" in per_type:
-        masks = b * s * s
+        masks = s * s  # sdpa_mask's boolean (1, 1, s, s), expanded over the batch
     head = first.head_saved_bytes + (p * T * V if final_cap is not None else 0)
     live_masks = p * b * s * s if attn == "eager" and len(per_type) > 1 else 0
     norm_bwd = first.grad_hidden_bytes + 16 * T * h - 4 * T - 4 * h
