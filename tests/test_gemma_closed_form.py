@@ -112,10 +112,23 @@ ACTS = [  # (family config, b, s, attention)
                                 sliding_window=32), 2, 64, "sdpa"),
     ("gemma3-flash", dict(_TINY, model_type="gemma3_text", num_key_value_heads=2, head_dim=32, sliding_window=16,
                           sliding_window_pattern=2), 2, 32, "flash"),
+    ("gemma3-mqa-sdpa-masked", dict(_TINY, model_type="gemma3_text", num_key_value_heads=1, head_dim=32,
+                                    sliding_window=32, sliding_window_pattern=2), 2, 64, "sdpa"),
+]
+_REAL = dict(head_dim=256, query_pre_attn_scalar=256, hidden_activation="gelu_pytorch_tanh")
+REAL_WIDTHS = [  # the published widths and vocabularies, fewer layers
+    ("gemma-2-2b", dict(_REAL, model_type="gemma2", hidden_size=2304, intermediate_size=9216, num_hidden_layers=3,
+                        num_attention_heads=8, num_key_value_heads=4, vocab_size=256000, sliding_window=4096,
+                        final_logit_softcapping=30.0, attn_logit_softcapping=50.0), 2, 512, "eager"),
+    ("gemma-3-1b", dict(_REAL, model_type="gemma3_text", hidden_size=1152, intermediate_size=6912,
+                        num_hidden_layers=7, num_attention_heads=4, num_key_value_heads=1, vocab_size=262144,
+                        sliding_window=512, sliding_window_pattern=6), 2, 1024, "sdpa"),
 ]
 
 
-@pytest.mark.parametrize(("config", "b", "s", "attn"), [pytest.param(*a[1:], id=a[0]) for a in ACTS])
+@pytest.mark.parametrize(("config", "b", "s", "attn"), [
+    *(pytest.param(*a[1:], id=a[0]) for a in ACTS),
+    *(pytest.param(*a[1:], id=a[0], marks=pytest.mark.slow) for a in REAL_WIDTHS)])
 def test_closed_form_equals_a_full_depth_trace(config, b, s, attn):
     """Forward's end equals the whole model's live bytes (within the 8 bytes of the padded labels' row);
     the peaks are never under it and at most 2% over (the per-layer terms are the larger layer type's)."""

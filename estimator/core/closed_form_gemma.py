@@ -20,8 +20,10 @@ terms of transformers 5.24 ``modeling_gemma2.py`` / ``modeling_gemma3.py`` that 
   sliding mask (s >= window; a full layer's sdpa mask is None, causal in the kernel).
 
 Layers of a type differ only where their attention does: sdpa with s >= window gives the sliding layers an
-explicit mask (k and v repeated to all heads, the additive bias saved); the profile sums the layers over their
-types, and its per-layer and transient terms are the larger type's.
+explicit mask (k and v repeated to all heads, the additive bias saved; with one kv head, as gemma-3-1b has,
+``repeat_kv``'s expand and reshape is a view and the kernel keeps the unrepeated k and v, 2p*T*(q_w - kv_w) less
+than repeated ones); the profile sums the layers over their types, and its per-layer and transient terms are the
+larger type's.
 """
 
 from __future__ import annotations
@@ -94,11 +96,14 @@ def gemma_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str,
     if attn == "eager" and attn_cap is not None:
         extra += p * bas2
     layers = {t: prof.layer_saved_bytes + extra for t, prof in per_type.items()}
+    masked = attn == "sdpa" and bool(window) and s >= window
+    if masked and "sliding_attention" in layers and shape.num_kv_heads == 1:  # repeat_kv of one head: a view
+        layers["sliding_attention"] -= 2 * p * T * (shape.q_hidden_size - shape.kv_hidden_size)
     first = per_type[types[0]]
     rotary = 2 * p * s * d
     tables = len(per_type) if shape.family == "gemma3_text" else 1
     masks = len(per_type) * p * b * s * s if attn == "eager" else 0
-    if attn == "sdpa" and window and s >= window and "sliding_attention" in per_type:
+    if masked and "sliding_attention" in per_type:
         masks = s * s  # sdpa_mask's boolean (1, 1, s, s), expanded over the batch
     head = first.head_saved_bytes + (p * T * V if final_cap is not None else 0)
     live_masks = p * b * s * s if attn == "eager" and len(per_type) > 1 else 0
