@@ -246,3 +246,15 @@ def test_core_install_predicts_gemma2_and_gemma3_without_torch(tmp_path):
         shape = load_model(path)
         est = estimate(build_setup(shape, {"stage": 3, "world_size": 4, "attn": "eager", "seq_len": 512}))
         assert result[shape.family] == [est.peak_allocated_bytes, "closed-form"]
+
+
+def test_explain_offers_no_sdpa_to_gemma2():
+    """gemma2 runs eager or flash only: --explain re-estimates no sdpa knob for it (an eager gemma3 gets one),
+    and each knob it offers estimates."""
+    from zeroest.estimator.plan.explain import knob_changes, knobs
+
+    for family, offered in (("gemma2", False), ("gemma3_text", True)):
+        shape = shape_from_config(dict(_TINY, model_type=family, num_key_value_heads=2, head_dim=32), family)
+        est = estimate(build_setup(shape, {"stage": 2, "world_size": 2, "attn": "eager", "seq_len": 256}))
+        assert ("sdpa attention" in {name for name, _ in knob_changes(est.setup)}) is offered
+        assert len(knobs(est)) == len(knob_changes(est.setup))
