@@ -67,6 +67,41 @@ def _check(shape: ModelShape, attn: str, config: dict, adapters) -> None:
                          "zeroest[validate] for the traced profile (--activations traced)")
 
 
+def _layer_extra(shape: ModelShape, T: int, p: int, bas2: int, softcap: bool) -> int:  # noqa: N803
+    """Saved bytes a gemma2/3 layer adds to a gemma layer of the same widths (module docstring): the two post
+    norms 2(8T*h + 4T + 4h), gemma3's q/k norms, eager gemma2's softcap ``tanh`` output p*b*a*s^2."""
+    h, d = shape.hidden_size, shape.head_dim
+    extra = 2 * (8 * T * h + 4 * T + 4 * h)
+    if shape.family == "gemma3_text":
+        extra += 8 * T * shape.q_hidden_size + 4 * T * shape.num_heads + 4 * d
+        extra += 8 * T * shape.kv_hidden_size + 4 * T * shape.num_kv_heads + 4 * d
+    return extra + (p * bas2 if softcap else 0)
+
+
+def _transients(per_type: dict[str, ActivationProfile], T: int, h: int, p: int,  # noqa: N803
+                live_masks: int) -> dict[str, int]:
+    """The layers' transients over gemma's (the larger layer type's), fitted to the traced op order
+    (estimator/trace/, full depth: tests/test_gemma_closed_form.py) and bounding it from above.
+
+    Forward: the post-attention norm's fp32 temporaries beside the residual, 4T*h more, and eager's second mask
+    (both ``causal_mask_mapping`` entries live through the model's forward), p*b*s^2; checkpointed, the residual
+    branch's p*T*h. Backward: the post-feedforward norm's backward first (``Gemma2RMSNorm``'s fp32 chain:
+    grad_hidden plus four fp32 T*h tensors, less the freed rstd 4T and ``1 + weight`` 4h), or gemma's peaks with
+    the residual branch's gradient p*T*h and the fp32 weight-gradient row 4h beside them.
+    """
+    def top(name: str) -> int:
+        return max(getattr(t, name) for t in per_type.values())
+
+    norm_bwd = top("grad_hidden_bytes") + 16 * T * h - 4 * T - 4 * h
+    return {
+        "layer_forward_transient_bytes": top("layer_forward_transient_bytes") + 4 * T * h + live_masks,
+        "ckpt_layer_forward_transient_bytes": top("ckpt_layer_forward_transient_bytes") + p * T * h,
+        "layer_backward_transient_bytes": max(norm_bwd, top("layer_backward_transient_bytes") + p * T * h + 4 * h),
+        "ckpt_layer_backward_transient_bytes": max(
+            norm_bwd, top("ckpt_layer_backward_transient_bytes") + p * T * h + 4 * h),
+    }
+
+
 def gemma_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str, attn: str, config: dict,
                   base: Callable[..., ActivationProfile], adapters=None) -> ActivationProfile:
     """The ``ActivationProfile`` of a gemma2 / gemma3_text model (see the module docstring); ``base`` is
@@ -88,39 +123,23 @@ def gemma_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str,
         t: base(gemma, b, s, dtype, attn, {**common, "sliding_window": window if t == "sliding_attention" else None})
         for t in dict.fromkeys(types)
     }
-    bas2 = b * shape.num_heads * s * s
-    extra = 2 * (8 * T * h + 4 * T + 4 * h)
-    if shape.family == "gemma3_text":
-        extra += 8 * T * shape.q_hidden_size + 4 * T * shape.num_heads + 4 * d
-        extra += 8 * T * shape.kv_hidden_size + 4 * T * shape.num_kv_heads + 4 * d
-    if attn == "eager" and attn_cap is not None:
-        extra += p * bas2
+    extra = _layer_extra(shape, T, p, b * shape.num_heads * s * s, attn == "eager" and attn_cap is not None)
     layers = {t: prof.layer_saved_bytes + extra for t, prof in per_type.items()}
     masked = attn == "sdpa" and bool(window) and s >= window
     if masked and "sliding_attention" in layers and shape.num_kv_heads == 1:  # repeat_kv of one head: a view
         layers["sliding_attention"] -= 2 * p * T * (shape.q_hidden_size - shape.kv_hidden_size)
     first = per_type[types[0]]
-    rotary = 2 * p * s * d
-    tables = len(per_type) if shape.family == "gemma3_text" else 1
+    rotary = (len(per_type) - 1) * 2 * p * s * d if shape.family == "gemma3_text" else 0  # the second table
     masks = len(per_type) * p * b * s * s if attn == "eager" else 0
     if masked and "sliding_attention" in per_type:
         masks = s * s  # sdpa_mask's boolean (1, 1, s, s), expanded over the batch
-    head = first.head_saved_bytes + (p * T * V if final_cap is not None else 0)
     live_masks = p * b * s * s if attn == "eager" and len(per_type) > 1 else 0
-    norm_bwd = first.grad_hidden_bytes + 16 * T * h - 4 * T - 4 * h
     return replace(
         first,
-        layer_forward_transient_bytes=max(t.layer_forward_transient_bytes for t in per_type.values())
-        + 4 * T * h + live_masks,
-        ckpt_layer_forward_transient_bytes=max(t.ckpt_layer_forward_transient_bytes for t in per_type.values())
-        + p * T * h,
-        layer_backward_transient_bytes=max(norm_bwd, max(
-            t.layer_backward_transient_bytes for t in per_type.values()) + p * T * h + 4 * h),
-        ckpt_layer_backward_transient_bytes=max(norm_bwd, max(
-            t.ckpt_layer_backward_transient_bytes for t in per_type.values()) + p * T * h + 4 * h),
-        embedding_saved_bytes=first.embedding_saved_bytes + (tables - 1) * rotary,
-        ckpt_embedding_saved_bytes=first.embedding_saved_bytes + (tables - 1) * rotary + 8 * s + masks,
+        **_transients(per_type, T, h, p, live_masks),
+        embedding_saved_bytes=first.embedding_saved_bytes + rotary,
+        ckpt_embedding_saved_bytes=first.embedding_saved_bytes + rotary + 8 * s + masks,
         layer_saved_bytes=max(layers.values()),
         all_layers_saved_bytes=sum(layers[t] for t in types),
-        head_saved_bytes=head,
+        head_saved_bytes=first.head_saved_bytes + (p * T * V if final_cap is not None else 0),
     )
