@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Literal
 
+from zeroest.estimator.core.arch_gemma import MODEL_TYPES, gemma2_layer, gemma_reader_config, gemma_shape
 from zeroest.estimator.core.arch_qwen3_mixtral import MOE_FAMILIES, moe_shape, moe_tensors
 from zeroest.estimator.core.shape import FAMILIES, ModelShape
 
@@ -122,6 +123,8 @@ def shape_from_config(config: dict, name: str) -> ModelShape:
         raise ValueError(f"config {name!r} has no 'model_type': is it an HF config.json? ({supported})")
     if family in MOE_FAMILIES:  # qwen3, qwen3_moe, mixtral: written out in core.arch_qwen3_mixtral
         return moe_shape(config, name)
+    if family in MODEL_TYPES:  # gemma2, gemma3_text: gemma's reader with their defaults (core.arch_gemma)
+        return gemma_shape(shape_from_config(gemma_reader_config(config, name), name), config)
     if family not in FAMILIES:  # any other causal LM: read from transformers (needs the full install)
         from zeroest.estimator.trace.generic import generic_shape
 
@@ -296,6 +299,7 @@ def _opt_decoder(s: ModelShape, emit: _Emit) -> None:
 _LAYER = {
     "llama": _llama_like_layer, "mistral": _llama_like_layer, "qwen2": _llama_like_layer,
     "gemma": _llama_like_layer, "phi3": _phi3_layer, "gpt2": _gpt2_layer, "gpt_neox": _gpt_neox_layer,
+    "gemma2": gemma2_layer, "gemma3_text": gemma2_layer,
 }
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from zeroest.estimator.core.adapters import Adapters
 from zeroest.estimator.core.arch_qwen3_mixtral import MOE_FAMILIES
+from zeroest.estimator.core.closed_form_gemma import GEMMA_FAMILIES, gemma_profile
 from zeroest.estimator.core.hf_config import hf_config
 from zeroest.estimator.core.profile import DTYPE_BYTES, ActivationProfile, check_kind
 from zeroest.estimator.core.shape import ModelShape
@@ -290,6 +291,8 @@ def closed_form_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype
         from zeroest.estimator.core import closed_form_moe as moe
 
         config = moe.window_config(shape, config)
+    if shape.family in GEMMA_FAMILIES:  # gemma2, gemma3_text: core.closed_form_gemma (no LoRA terms there)
+        return gemma_profile(shape, micro_batch, seq_len, dtype, attn, config, closed_form_profile, adapters)
     d = _dims(shape, micro_batch, seq_len, dtype, attn, config)
     T, h, p, V, L = d.T, d.h, d.p, d.V, shape.num_layers
     layer = _layer_saved(d, attn)
