@@ -117,3 +117,23 @@ def test_a_cpu_estimate_reserves_its_peak():
 
     e = estimate(make_setup("gpt2", 1, 2), device="cpu")
     assert e.peak_reserved_bytes == e.peak_allocated_bytes
+
+
+@pytest.mark.parametrize(("comm_peers", "outside_mib"), [(None, 788), (3, 788 + 462)])
+def test_a_named_card_caps_the_reserve_at_what_it_leaves_the_allocator(comm_peers, outside_mib):
+    # uncapped: 1.05 * 26.7 GiB ~ 28 GiB; a 26 GiB card leaves the allocator 26 GiB - C (- N_c with real NCCL),
+    # floored to a 2 MiB segment; the peak allocation (backward, 21 GiB) fits under it, so the run retries there
+    card = replace(FLAT, card_bytes=26 * GiB, comm_peers=comm_peers)
+    terms = reserved_terms(_phases(), card, OH)
+    limit = (26 * 1024 - outside_mib) * MiB
+    assert terms.total_bytes == limit
+    assert terms.card_limit == pytest.approx(limit - reserved_terms(_phases(), FLAT, OH).total_bytes)
+    assert sum(terms.components().values()) == pytest.approx(terms.total_bytes, abs=len(RESERVED_TERMS))
+
+
+@pytest.mark.parametrize("card_gib", [20, 40])
+def test_a_card_caps_nothing_below_the_peak_allocation_or_above_the_reserve(card_gib):
+    # 20 GiB < the 21 GiB backward peak: the run runs out of memory, the reserve stays the demand; 40 GiB: room
+    terms = reserved_terms(_phases(), replace(FLAT, card_bytes=card_gib * GiB), OH)
+    assert terms.card_limit == 0
+    assert terms.total_bytes == reserved_terms(_phases(), FLAT, OH).total_bytes
