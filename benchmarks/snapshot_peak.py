@@ -94,6 +94,10 @@ def main() -> None:
     from zeroest.validate import worker
 
     worker._environment(spec)
+    from zeroest.validate.emulate import emulate_card
+
+    emulated: dict = {}
+    emulate_card(spec["setup"], emulated)  # a row on an emulated card runs capped, as the worker runs it
     world = int(spec["setup"]["world_size"])
     import deepspeed
 
@@ -135,7 +139,7 @@ def main() -> None:
         phase(f"step{step}.step", engine.step)
     predicted = (prediction or {}).get("phases", {}).get(args.phase, {})
     result = {
-        "grid": args.grid, "row": args.row, "setup": setup,
+        "grid": args.grid, "row": args.row, "setup": setup, "emulated": emulated.get("emulated"),
         "max_allocated_gib": peaks,
         "predicted_phase_gib": {"peak": predicted.get("peak_bytes", 0) / GiB,
                                 "components": {k: v / GiB for k, v in predicted.get("components", {}).items()}},
