@@ -17,7 +17,13 @@ from zeroest.estimator.core.optimizers import optimizer_notes
 from zeroest.estimator.core.overheads import Overheads, device_from
 from zeroest.estimator.core.paper import paper_states
 from zeroest.estimator.core.qlora import qlora_note, with_4bit_base
-from zeroest.estimator.core.reserved import ReservedFacts, ReservedTerms, reserved_facts, reserved_terms
+from zeroest.estimator.core.reserved import (
+    ReservedFacts,
+    ReservedTerms,
+    card_limit_note,
+    reserved_facts,
+    reserved_terms,
+)
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
 from zeroest.estimator.core.stage3 import stage3_states
 from zeroest.estimator.core.timeline import COMPONENTS, Phase, peak_phase, timeline
@@ -248,7 +254,8 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
         for p in phases
     )
     peak = peak_phase(phases)
-    facts = reserved_facts(setup, states, act, split.trainable_numel, DTYPE_BYTES[setup.dtype])
+    facts = reserved_facts(setup, states, act, split.trainable_numel, DTYPE_BYTES[setup.dtype],
+                           real_comm=not simulated)
     if device == "cpu":  # no caching allocator: reserved is the peak allocation
         facts = replace(facts, contiguous_step=False)
     terms = reserved_bytes(phases, facts, overheads)
@@ -272,5 +279,6 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
         host=host,
         reserved=terms,
         reserved_facts=facts,
-        assumptions=_assumptions(setup, source) + tuple(n for n in (flatten_note(flatten), host_note(host)) if n),
+        assumptions=_assumptions(setup, source) + tuple(n for n in (flatten_note(flatten), host_note(host),
+                                                                 card_limit_note(terms)) if n),
     )
