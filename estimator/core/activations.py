@@ -12,6 +12,7 @@ import logging
 
 from zeroest.estimator.core.adapters import Adapters, frozen_base_names
 from zeroest.estimator.core.closed_form import closed_form_profile
+from zeroest.estimator.core.closed_form_gemma import GEMMA_FAMILIES
 from zeroest.estimator.core.profile import ActivationProfile
 from zeroest.estimator.core.shape import ModelShape
 
@@ -33,7 +34,9 @@ def activation_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype:
     """The profile and where it came from ("traced", "closed-form", or "closed-form (trace failed: ...)").
 
     ``mode``: "traced" runs the HF model on the meta device (``trace.tracer``), "closed-form" uses the
-    formulas, "auto" traces when torch and transformers can be imported. A model the tracer cannot run falls
+    formulas, "auto" traces when torch and transformers can be imported, but for a full fine-tune of gemma2 or
+    gemma3_text, whose closed form sums the layers over their types where the trace repeats one layer (and
+    equals a full-depth trace: tests/test_gemma_closed_form.py). A model the tracer cannot run falls
     back to the closed form with a one-line warning. ``target`` ("cuda" or "cpu") is the device whose attention
     kernels the trace mimics. ``adapters`` (``core.adapters.Adapters``: LoRA, frozen weights) profiles the model
     as it trains; None or a full fine-tune gives the full fine-tune's profile. ``adapters_fp32``: the LoRA
@@ -41,7 +44,8 @@ def activation_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype:
     """
     if mode not in ("auto", "traced", "closed-form"):
         raise ValueError(f"unknown activation mode {mode!r}: use auto, traced or closed-form")
-    if mode == "closed-form" or (mode == "auto" and not _tracer_available(adapters)):
+    exact = shape.family in GEMMA_FAMILIES and (adapters is None or adapters.full)  # its layer types summed
+    if mode == "closed-form" or (mode == "auto" and (exact or not _tracer_available(adapters))):
         profile = closed_form_profile(shape, micro_batch, seq_len, dtype, attn, config, adapters=adapters,
                                       adapters_fp32=adapters_fp32)
         return profile, "closed-form"

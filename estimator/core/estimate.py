@@ -17,7 +17,13 @@ from zeroest.estimator.core.optimizers import optimizer_notes
 from zeroest.estimator.core.overheads import Overheads, device_from
 from zeroest.estimator.core.paper import paper_states
 from zeroest.estimator.core.qlora import qlora_note, with_4bit_base
-from zeroest.estimator.core.reserved import ReservedFacts, ReservedTerms, reserved_facts, reserved_terms
+from zeroest.estimator.core.reserved import (
+    ReservedFacts,
+    ReservedTerms,
+    card_limit_note,
+    reserved_facts,
+    reserved_terms,
+)
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
 from zeroest.estimator.core.stage3 import stage3_states
 from zeroest.estimator.core.timeline import COMPONENTS, Phase, peak_phase, timeline
@@ -164,6 +170,10 @@ def _assumptions(setup: TrainingSetup, source: str) -> tuple[str, ...]:
         f"activations: {source}",
         _loop_note(setup),
     ]
+    if m.extra.get("sparse_layers"):  # core.closed_form_moe
+        notes.insert(1, f"{m.extra['num_experts']} experts of width {m.extra['expert_size']}, top "
+                        f"{m.extra['top_k']}, in {len(m.extra['sparse_layers'])} of {m.num_layers} layers, run as "
+                        "transformers' default grouped_mm (every token's k rows, whatever the routing)")
     if setup.stage in (ZeroStage.OPTIMIZER_STATES, ZeroStage.GRADIENTS) and setup.zero.offload_optimizer == "none":
         notes.append(f"{setup.optimizer.param_groups} optimizer parameter group(s): with more than one the 16-bit "
                      f"gradients live through the step ({PARAM_GROUPS_RULE}; --param-groups changes it)")
@@ -244,7 +254,8 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
         for p in phases
     )
     peak = peak_phase(phases)
-    facts = reserved_facts(setup, states, act, split.trainable_numel, DTYPE_BYTES[setup.dtype])
+    facts = reserved_facts(setup, states, act, split.trainable_numel, DTYPE_BYTES[setup.dtype],
+                           real_comm=not simulated)
     if device == "cpu":  # no caching allocator: reserved is the peak allocation
         facts = replace(facts, contiguous_step=False)
     terms = reserved_bytes(phases, facts, overheads)
@@ -268,5 +279,6 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
         host=host,
         reserved=terms,
         reserved_facts=facts,
-        assumptions=_assumptions(setup, source) + tuple(n for n in (flatten_note(flatten), host_note(host)) if n),
+        assumptions=_assumptions(setup, source) + tuple(n for n in (flatten_note(flatten), host_note(host),
+                                                                 card_limit_note(terms)) if n),
     )

@@ -20,9 +20,10 @@ from zeroest.estimator.trace.polys import profile_from_polys
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 5
-"""Bumped whenever what a trace records changes, so that old files are not read (5: the key holds the depth,
-the entry the layout of the kinds of layer, ``trace.kinds``)."""
+CACHE_VERSION = 6
+"""Bumped whenever what a trace records changes, so that old files are not read (5: a layer checkpointed at
+``__call__`` keeps its input as its own; 6: the key holds the depth, the entry the layout of the kinds of layer,
+``trace.kinds``)."""
 
 
 def cache_dir() -> Path:
