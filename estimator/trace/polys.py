@@ -178,7 +178,8 @@ def _mode_bytes(mode: dict, plan: dict, b: int, s: int) -> dict:
     """One traced mode evaluated at (b, s) and laid out over the real layers (``trace.kinds``): the embeddings
     with each kind's first-layer extra, every kind's steady bytes, the real layers' total, and per kind the
     forward and backward peaks of its steady copy layer over the copy's stack through it, less what the real
-    layers above the deepest layer of that kind keep (their bytes are not live yet, or freed already)."""
+    layers above the deepest layer of that kind keep (their bytes are not live yet, or freed already; a layer
+    that is the first of its kind keeps its first copy's bytes)."""
 
     def ev(poly: Poly) -> int:
         return evaluate(poly, b, s)
@@ -189,10 +190,11 @@ def _mode_bytes(mode: dict, plan: dict, b: int, s: int) -> dict:
     steady = [copy[t] for t in plan["steady"]]
     through = [embed + sum(copy[: t + 1]) for t in range(len(copy))]
     kinds = plan["kinds"]
+    real = [copy[plan["first"][k]] if k not in kinds[:i] else steady[k] for i, k in enumerate(kinds)]
     above = []
     for kind in range(len(steady)):
         deepest = max(i for i, k in enumerate(kinds) if k == kind)
-        above.append(sum(steady[k] for k in kinds[deepest + 1:]))
+        above.append(sum(real[deepest + 1:]))
     return {
         "embedding": embed + sum(copy[f] - copy[t] for f, t in zip(plan["first"], plan["steady"], strict=True)),
         "deepest": steady[kinds[-1]],
