@@ -46,15 +46,17 @@ def _regime_seq(config: dict, attn: str, seq_len: int) -> int | None:
 
 def trace_polys(config: dict, dtype: str, attn: str, *, target: str = "cuda",
                 seq_len: int = BASE_SEQ, adapters=None, frozen: frozenset[str] = frozenset(),
-                adapters_fp32: bool = False) -> dict:
+                adapters_fp32: bool = False, zero3_linear: bool = False) -> dict:
     """Trace both modes (plain, checkpointed) of the copy that covers every kind of layer, at three shapes on
     meta; fit per-storage monomials; analyze. The entry holds the copy's ``layout`` (``trace.kinds``).
 
     With ``adapters`` (``core.adapters.Adapters``, not a full fine-tune) each mode traces its own model built
     as the validator trains it (``trace.model.build_trained``: checkpointing before peft, ``frozen`` names
     frozen at full depth, ``adapters_fp32`` for peft's fp32 adapters).
+    ``zero3_linear``: traced with stage 3's ``torch.nn.functional.linear`` (``trace.zero3_linear``).
     """
     import torch
+    from zeroest.estimator.trace.zero3_linear import zero3_linear as stage3_linear
 
     config = dict(config)
     if attn == "flash":  # flash-attn handles sliding windows inside the kernel, with no mask tensor
@@ -75,11 +77,12 @@ def trace_polys(config: dict, dtype: str, attn: str, *, target: str = "cuda",
                                   adapters_fp32=adapters_fp32)
             plan = plan or kinds.layout(model)  # the same kinds in both modes: hooks change no requires_grad
             kinds.cut(model, plan)
-        traces = [
-            run_trace(model, torch.zeros((b, s), dtype=torch.long, device="meta"), grad_ckpt=ckpt,
-                      target=target, force_flash=attn == "flash")
-            for b, s in ((b0, s0), (2 * b0, s0), (b0, 2 * s0))
-        ]
+        with stage3_linear(zero3_linear):
+            traces = [
+                run_trace(model, torch.zeros((b, s), dtype=torch.long, device="meta"), grad_ckpt=ckpt,
+                          target=target, force_flash=attn == "flash")
+                for b, s in ((b0, s0), (2 * b0, s0), (b0, 2 * s0))
+            ]
         if len({len(t.sizes) for t in traces}) != 1:
             raise RuntimeError("traces of different shapes made different numbers of storages: cannot scale")
         terms = polys.fit_terms(traces[0].sizes, traces[1].sizes, traces[2].sizes, b0, s0)
@@ -137,7 +140,7 @@ def _entry(key_payload: dict, name: str, trace, use_cache: bool) -> dict:
 def traced_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str = "bf16",
                    attn: str = "sdpa", *, target: str = "cuda", config: dict | None = None,
                    use_cache: bool = True, adapters=None, frozen: frozenset[str] | None = None,
-                   adapters_fp32: bool = False) -> ActivationProfile:
+                   adapters_fp32: bool = False, zero3_linear: bool = False) -> ActivationProfile:
     """The ``ActivationProfile`` of ``shape`` traced on the meta device (see the module docstring).
 
     ``config`` is the HF config.json dict (default ``hf_config(shape)``; its depth is the shape's); ``target``
@@ -149,7 +152,9 @@ def traced_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str
     names at full depth, ``core.adapters.frozen_base_names(shape, adapters)``), with the kinds of layer it makes
     (``trace.kinds``); its key adds the adapters, the frozen names and peft's version, so LoRA and full profiles
     never mix. ``adapters_fp32``: the adapters stay in peft's fp32 (a model built under zero.Init;
-    ``trace.model``).
+    ``trace.model``). ``zero3_linear``: stage 3's linear, which keeps every Linear's input
+    (``trace.zero3_linear``); keyed apart, and only for adapters or frozen weights (a full fine-tune's Linears keep
+    their inputs either way).
     """
     check_kind(dtype, attn)
     config = dict(config or hf_config(shape))
@@ -168,8 +173,10 @@ def traced_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str
     lora = {f: getattr(adapters, f) for f in ("lora_rank", "lora_dropout", "lora_targets", "modules_to_save")}
     key = {**payload, "peft": _peft_version(), "lora": lora,
            "frozen": "all (peft)" if adapters.lora else sorted(frozen),  # peft freezes every base weight
-           **({"adapters_fp32": True} if adapters_fp32 and adapters.lora else {})}
+           **({"adapters_fp32": True} if adapters_fp32 and adapters.lora else {}),
+           **({"zero3_linear": True} if zero3_linear else {})}
     entry = _entry(key, f"{name[:-1]}, trained)",
                    lambda: trace_polys(config, dtype, attn, target=target, seq_len=seq_len, adapters=adapters,
-                                       frozen=frozen, adapters_fp32=adapters_fp32), use_cache)
+                                       frozen=frozen, adapters_fp32=adapters_fp32, zero3_linear=zero3_linear),
+                   use_cache)
     return polys.profile_from_polys(entry, micro_batch, seq_len)
