@@ -32,6 +32,8 @@ _TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_att
 GENERIC = {"olmo2": dict(model_type="olmo2", **_TINY), "granite": dict(model_type="granite", **_TINY)}
 """Dense families without a closed form, read off the meta model."""
 QKVO = "q_proj,k_proj,v_proj,o_proj"
+MLA = "q_a_proj,q_b_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj"
+"""deepseek_v3's attention Linears (multi-head latent attention)."""
 
 
 def _config(name: str) -> dict:
@@ -60,6 +62,7 @@ def test_linear_shapes_are_the_real_modules(name):
 @pytest.mark.parametrize(("name", "targets"), [
     ("qwen3-small", "all-linear"), ("olmo2-small", "all-linear"), ("granite-small", "all-linear"),
     ("qwen3-small", "q_proj,v_proj"), ("mixtral-small", QKVO), ("qwen3-moe-small", QKVO),
+    ("deepseek-v3-small", MLA),
 ])
 def test_trainable_counts_equal_peft_on_meta(name, targets):
     """r = 16: the trainable and total elements equal those of ``get_peft_model`` on the full-depth meta model
@@ -87,19 +90,22 @@ def test_qwen3_small_all_linear_from_named_terms():
     assert split.trainable_numel == 16 * layer == 5_767_168
 
 
-@pytest.mark.parametrize(("name", "targets", "hit"), [
-    ("mixtral-small", "all-linear", "gate, w1, w2, w3"), ("qwen3-moe-small", "all-linear", "down_proj, gate"),
-    ("mixtral-small", "q_proj,w2", "w2"), ("qwen3-moe-small", "up_proj", "up_proj"),
+@pytest.mark.parametrize(("name", "targets", "hit", "use"), [
+    ("mixtral-small", "all-linear", "gate, w1, w2, w3", QKVO), ("qwen3-moe-small", "all-linear", "down_proj, gate",
+                                                                QKVO),
+    ("mixtral-small", "q_proj,w2", "w2", QKVO), ("qwen3-moe-small", "up_proj", "up_proj", QKVO),
+    ("deepseek-v3-small", "all-linear", "gate_proj, up_proj", MLA),
 ])
-def test_lora_on_routed_experts_is_one_clear_line(name, targets, hit):
+def test_lora_on_routed_experts_is_one_clear_line(name, targets, hit, use):
     """peft 0.21 rewrites these targets into LoRA on the router and the fused experts (lora.ParamWrapper): the
-    CLI refuses in one line naming what is wrapped and q/k/v/o as the working alternative, exit 2."""
+    CLI refuses in one line naming what is wrapped and the model's attention Linears as the working
+    alternative, exit 2."""
     result = CliRunner().invoke(app, ["predict", "--model", str(GPU_MODELS / f"{name}.json"), "--gpus", "2",
                                       "--lora-rank", "16", "--lora-targets", targets])
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("zeroest: error:"), result.output
-    assert hit in lines[0] and "--lora-targets q_proj,k_proj,v_proj,o_proj" in lines[0]
+    assert hit in lines[0] and lines[0].endswith(f"--lora-targets {use}")
 
 
 def test_the_moe_table_is_peft_s():

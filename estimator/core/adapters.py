@@ -212,9 +212,12 @@ def _check_moe_targets(model: ModelShape, adapters: Adapters) -> None:
         return
     hit = sorted(n for n in names if targets == (ALL_LINEAR,) or any(t == n or t.endswith(f".{n}") for t in targets))
     if hit:
+        attention = dict.fromkeys(_module(t.name).rsplit(".", 1)[-1] for t in param_tensors(model)
+                                  if t.linear_shape and t.component == "attention")
         raise ValueError(f"--lora-targets {adapters.lora_targets!r} on {model.family} model {model.name}: peft 0.21 "
                          f"wraps the router and the fused 3-D experts ({', '.join(hit)}) as parameters "
-                         "(lora.ParamWrapper), which is not modelled: use --lora-targets q_proj,k_proj,v_proj,o_proj")
+                         "(lora.ParamWrapper), which is not modelled: use --lora-targets "
+                         f"{','.join(attention) or 'q_proj,k_proj,v_proj,o_proj'}")
 
 
 @lru_cache(maxsize=1024)
