@@ -222,3 +222,20 @@ def test_core_install_predicts_qwen3_lora():
                           text=True, timeout=120, check=True)
     here = estimate(build_setup(load_model(path), {**flags, "activations": "closed-form"}))
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [here.peak_allocated_bytes, "closed-form"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
+def test_meta_reading_agrees_with_the_written_families(family):
+    """``trace.generic.meta_param_tensors`` on families that also have written tensors: gpt2's ``Conv1D``
+    weights (stored (in, out)) read as (out, in), gpt_neox's ``embed_out`` as the output layer (``lm_head``,
+    which peft's all-linear leaves out): names, components and Linear shapes equal the written ones."""
+    pytest.importorskip("transformers")
+    import dataclasses
+
+    from test_activations import TINY
+    from zeroest.estimator.trace.generic import meta_param_tensors
+
+    config = TINY[family]
+    shape = shape_from_config(config, family)
+    meta = meta_param_tensors(dataclasses.replace(shape, extra={**shape.extra, "config": config}))
+    assert meta == [(t.name, t.numel, t.component, t.linear_shape) for t in param_tensors(shape)]
