@@ -165,3 +165,19 @@ def test_stage0_fused_adam_caches_three_16bit_copies_at_init(impl, cached):
     assert facts.init_cached_bytes == (3 * 2 * e.n_params if cached else 0)
     assert facts.step_new_bytes == (4 * e.n_params if cached else 0)
     assert facts.contiguous_step is cached
+
+
+@pytest.mark.usefixtures("closed_form")
+@pytest.mark.parametrize(("stage", "world"), [(2, 4), (3, 4), (3, 8)])
+def test_offloaded_gradients_through_the_copy_stream_are_whole_at_stage2_a_partition_at_stage3(stage, world):
+    # stage_1_and_2 copies every rank's whole 16-bit gradients (b P); stage3.partition_grads only the rank's
+    # reduce-scattered partition (b P / N_d)
+    from test_report_support import make_setup
+    from zeroest.estimator.core.estimate import estimate
+    from zeroest.estimator.core.setup import Optimizer, ZeroConfig
+
+    setup = replace(make_setup("gpt2", stage, world), zero=ZeroConfig(stage=stage, offload_optimizer="cpu"),
+                    optimizer=Optimizer(impl="cpu"))
+    e = estimate(setup)
+    whole = 2 * e.n_params
+    assert e.reserved_facts.offload_grad_bytes == (whole // world if stage == 3 else whole)

@@ -31,7 +31,8 @@ earlier phases left. A training run goes init -> first micro-step (forward, back
   fraction ``f_a`` of them as free pieces too small for the next request (``reserved_fraction_of_activations``).
   With optimizer offload, each 16-bit gradient (G_o = b P bytes over backward) is copied to the host on another
   stream (stage_1_and_2.py ``copy_grads_in_partition``, ``_record_gradient_stream``), so its block is not reused
-  until that copy ends (``record_stream``): ``f_o`` (``reserved_fraction_of_offload_grads``). Stage 3 gathers
+  until that copy ends (``record_stream``): ``f_o`` (``reserved_fraction_of_offload_grads``); at stage 3 only
+  the rank's partition, G_o = b P / N_d, goes that way (stage3.py ``partition_grads``). Stage 3 gathers
   each module's parameters into blocks of their own sizes (W = gathered bytes): ``f_g``
   (``reserved_fraction_of_gathered``).
 * ``R_step = R_first + max(0, C - r U)`` (R_first without R_init here; see R below): the first
@@ -108,7 +109,9 @@ class ReservedFacts:
     parameter tensor (b n_max), whichever is larger."""
     offload_grad_bytes: int
     """G_o: the 16-bit gradients that leave through the host copy stream with optimizer offload, b P (P the
-    trainable parameters); else 0."""
+    trainable parameters) at stages 1-2, where every rank holds whole gradients until their bucket is reduced;
+    b P / N_d at stage 3, where only the rank's reduce-scattered partition is copied (stage3.py
+    ``partition_grads``: ``grad_buffer.to(device)`` of each partition, ``param.grad.record_stream``); else 0."""
     gathered_bytes: int
     """W: stage 3's gathered parameters at the forward/backward peak (``ModelStates.gathered_params_bytes``);
     0 at stages 0-2."""
@@ -192,7 +195,7 @@ def reserved_facts(setup: TrainingSetup, states: ModelStates, act: ActivationPro
         contiguous_step=(stage >= 1 and not offload and block > 0) or flat0, contiguous_block_bytes=block,
         init_cached_bytes=3 * dtype_bytes * trainable_numel if flat0 else 0, step_new_bytes=block if flat0 else 0,
         largest_free_block_bytes=free,
-        offload_grad_bytes=dtype_bytes * trainable_numel if offload else 0,
+        offload_grad_bytes=dtype_bytes * trainable_numel // (setup.world_size if stage == 3 else 1) if offload else 0,
         gathered_bytes=states.gathered_params_bytes if stage == 3 else 0,
         card_bytes=setup.gpu_memory_bytes or 0, comm_peers=setup.world_size - 1 if real_comm else None)
 
