@@ -272,7 +272,8 @@ def _eager_transients(d: _Dims) -> tuple[int, int, int]:
 
 def closed_form_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str = "bf16",
                         attn: str = "sdpa", config: dict | None = None,
-                        adapters: Adapters | None = None, adapters_fp32: bool = False) -> ActivationProfile:
+                        adapters: Adapters | None = None, adapters_fp32: bool = False,
+                        zero3_linear: bool = False) -> ActivationProfile:
     """The ``ActivationProfile`` from formulas (Table 2 of arXiv 2205.05198 adapted to HF; see the helpers).
 
     ``config`` is the HF config.json dict when known (activation, dropout, rotary fraction, sliding window);
@@ -283,7 +284,8 @@ def closed_form_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype
     ``log_softmax_backward``'s output (8bsV) before their cast to p, the labels (8bs) freed. Transients of the
     layers are the traced op order's (estimator/trace/) in named tensors: grad_hidden p*bsh carried between
     layers, RMSNorm's fp32 temporaries, the MLP's and eager attention's live intermediates. ``adapters`` with
-    LoRA on: ``core.closed_form_lora.lora_profile`` of that profile (``adapters_fp32``: peft's fp32 adapters).
+    LoRA on: ``core.closed_form_lora.lora_profile`` of that profile (``adapters_fp32``: peft's fp32 adapters;
+    ``zero3_linear``: stage 3's linear keeps the frozen Linears' inputs).
     """
     check_kind(dtype, attn)
     config = config if config is not None else hf_config(shape)
@@ -329,4 +331,4 @@ def closed_form_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype
         return profile
     from zeroest.estimator.core.closed_form_lora import lora_profile  # LoRA only: kept off predict's start-up
 
-    return lora_profile(profile, shape, adapters, d, adapters_fp32)
+    return lora_profile(profile, shape, adapters, d, adapters_fp32, zero3_linear)

@@ -148,9 +148,17 @@ def _adapters_note(setup: TrainingSetup) -> str:
         dtype = "fp32 (peft's upcast, kept under zero.Init)" if _adapters_fp32(setup) else setup.dtype
         ckpt = ", checkpointing switched on before peft wraps the model" if setup.workload.grad_ckpt else ""
         return (f"activations of LoRA r={a.lora_rank} on {a.lora_targets}, dropout {a.lora_dropout}: base "
-                f"weights frozen, adapters in {dtype}{ckpt}")
+                f"weights frozen, adapters in {dtype}{ckpt}{_zero3_linear_note(setup)}")
     return ("activations with frozen weights: traced as frozen (the closed form keeps the full fine-tune's, an "
-            "upper bound)")
+            f"upper bound){_zero3_linear_note(setup)}")
+
+
+def _zero3_linear_note(setup: TrainingSetup) -> str:
+    """Stage 3 replaces torch.nn.functional.linear (zero_optimization.memory_efficient_linear, on by default)."""
+    if setup.stage != ZeroStage.PARAMETERS:
+        return ""
+    return ("; ZeRO-3's linear keeps every frozen Linear's input (DeepSpeed's default memory_efficient_linear; "
+            "false would save less)")
 
 
 def _loop_note(setup: TrainingSetup) -> str:
@@ -242,7 +250,8 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
     states = model_states(setup, device, flatten_on_gpu=flatten is None or flatten.on_gpu)
     w = setup.workload
     act, source = activation_profile(setup.model, w.micro_batch, w.seq_len, setup.dtype, w.attn, mode=w.activations,
-                                     target=device, adapters=setup.adapters, adapters_fp32=_adapters_fp32(setup))
+                                     target=device, adapters=setup.adapters, adapters_fp32=_adapters_fp32(setup),
+                                     zero3_linear=setup.stage == ZeroStage.PARAMETERS)
     phases = timeline(setup, states,
                       act if overheads.activation_scale == 1 else _scaled(act, overheads.activation_scale))
     def with_workspace(c: dict[str, int]) -> dict[str, int]:
