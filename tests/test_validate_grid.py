@@ -286,3 +286,16 @@ def test_zeroinit_grid_builds_stage_3_under_zero_init_with_controls():
     assert len(zero_init) >= 6 and len(controls) >= 2
     assert controls <= zero_init  # each control is the same setup as a zero_init row, built whole
     assert len({s.model.name for s in setups}) >= 4 and len({s.world_size for s in setups}) >= 3
+
+
+def test_a_qlora_entry_is_refused_not_run_in_16_bits(tmp_path):
+    """The worker builds the base from its config in 16 bits; a base_quant entry would measure something other
+    than what it predicts, so plan refuses it in one line naming the entry."""
+    from pathlib import Path
+
+    from zeroest.validate.runner import ValidateOptions, plan
+
+    grid = parse_grid("defaults: {simulate: true, world_size: 2}\nruns:\n"
+                      "  - {model: tinyllama-1.1b, stage: 2, lora_rank: 8, base_quant: nf4}\n", "qlora.yaml")
+    with pytest.raises(ValueError, match=r"qlora\.yaml:3: base_quant nf4 \(QLoRA\) cannot be validated"):
+        plan(apply_overrides(grid, [], []), grid.models, ValidateOptions(out=Path(tmp_path)), visible_gpus=1)

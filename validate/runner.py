@@ -148,6 +148,10 @@ def plan(entries: list[GridEntry], models: dict[str, dict], opts: ValidateOption
             raise ValueError(f"{entry.where}: the entry names no model: add model: <preset> (or under defaults:)")
         data["model"], config = _model_config(str(data["model"]), models, opts.out)
         setup = setup_from_dict(data, where=entry.where)
+        if setup.adapters.base_quant != "none":  # a measured row must run what the estimate assumed
+            raise ValueError(f"{entry.where}: base_quant {setup.adapters.base_quant} (QLoRA) cannot be validated: the "
+                             "worker builds the base from its config in 16 bits (4-bit loading needs trained weights "
+                             "through from_pretrained); drop base_quant from the entry, or estimate it with predict")
         flat = setup_to_dict(setup)
         if not entry.simulate:
             _check_real(setup, opts, visible_gpus, entry.where)
