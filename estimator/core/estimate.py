@@ -15,7 +15,6 @@ from zeroest.estimator.core.host import HostTerms, host_note, host_terms
 from zeroest.estimator.core.model_states import Device, ModelStates, stage0_states, stage12_states, trained
 from zeroest.estimator.core.optimizers import optimizer_notes
 from zeroest.estimator.core.overheads import Overheads, device_from
-from zeroest.estimator.core.paper import paper_states
 from zeroest.estimator.core.qlora import qlora_note, with_4bit_base
 from zeroest.estimator.core.reserved import ReservedFacts, ReservedTerms, reserved_facts, reserved_terms
 from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
@@ -192,6 +191,8 @@ def _frozen_note(setup: TrainingSetup) -> str:
 
 
 def _paper_estimate(setup: TrainingSetup, numel: int, overheads: Overheads) -> Estimate:
+    from zeroest.estimator.core.paper import paper_states
+
     numel = setup.model.nominal_params or numel
     states = paper_states(numel, setup.world_size, int(setup.stage))
     comps = {name: 0 for name in COMPONENTS}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -68,6 +67,8 @@ def predict(
     if explain:
         from zeroest.estimator.plan.explain import explain as explain_lines
     if as_json:
+        import json
+
         docs = [e.to_dict() for e in result.estimates]
         for i, (doc, est) in enumerate(zip(docs, result.estimates, strict=True)):
             if explain:
