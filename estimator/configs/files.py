@@ -65,3 +65,20 @@ def whole_number(value, what: str, where: str) -> int:
     if number != int(number):
         raise ValueError(f"{where}: {what} must be a whole number, got {value!r}")
     return int(number)
+
+
+_TRUE = ("1", "on", "t", "true", "y", "yes")
+_FALSE = ("0", "off", "f", "false", "n", "no")
+
+
+def ds_bool(value, what: str, where: str) -> bool:
+    """A ds_config boolean read as DeepSpeed's pydantic config models read it (lax mode): true/false, 0/1, or one
+    of the strings pydantic takes ("yes", "off", ...), any case. ValueError naming the key for anything else
+    (DeepSpeed stops at init), rather than Python's truthiness, which reads "false" as true."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"{where}: {what} must be true or false, got {value!r} (DeepSpeed stops at init); fix the file")

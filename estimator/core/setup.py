@@ -56,6 +56,11 @@ def _non_negative(name: str, value: int, flag: str) -> None:
         raise ValueError(f"{name} must be a whole number >= 0, got {value!r} (set {flag})")
 
 
+MAX_WORLD_SIZE = 100_000
+"""The most data-parallel ranks zeroest estimates: beyond any published training job, and past it the walk over
+each rank's slice of the stage 1-2 flat group (``flat_group.stage1_partition_copy_bytes``) takes minutes."""
+
+
 def _set(obj, name: str, value) -> None:
     object.__setattr__(obj, name, value)
 
@@ -72,6 +77,9 @@ class Parallelism:
     def __post_init__(self) -> None:
         _positive("the number of GPUs per node", self.gpus_per_node, "--gpus to 1 or more")
         _positive("the number of nodes", self.nodes, "--nodes to 1 or more")
+        if self.world_size > MAX_WORLD_SIZE:
+            raise ValueError(f"{self.gpus_per_node} GPUs per node x {self.nodes} nodes = {self.world_size:,} ranks is "
+                             f"beyond what zeroest estimates (at most {MAX_WORLD_SIZE:,}): lower --gpus or --nodes")
 
     @property
     def world_size(self) -> int:
