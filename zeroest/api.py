@@ -90,6 +90,20 @@ def _paper_warnings(setups: list[TrainingSetup]) -> list[str]:
             "is ignored; drop --paper to estimate the offload"]
 
 
+def _lora_warnings(flags: dict) -> list[str]:
+    """LoRA's own options given without a LoRA rank: a full fine-tune is estimated and they change nothing.
+    (``--modules-to-save`` without a rank is an error instead, in ``core.adapters.Adapters``: it would train a
+    copy that no peft setup makes.)"""
+    if flags.get("lora_rank"):
+        return []
+    given = [f"--{key.replace('_', '-')} {flags[key]}" for key in ("lora_alpha", "lora_dropout", "lora_targets")
+             if key in flags]
+    if not given:
+        return []
+    return [f"{', '.join(given)} ignored: LoRA is off without --lora-rank (a full fine-tune is estimated); set "
+            "--lora-rank to train LoRA adapters"]
+
+
 def build_setup(shape: ModelShape, flags: dict, *, from_params: bool = False, **fixed) -> TrainingSetup:
     """The setup of the given ``flags`` (flat setup keys, plus ``fixed`` keys a command sets itself); what was not
     given takes the setup's defaults and the vocabulary's rules, exactly as a grid or runs.jsonl row does.
@@ -126,7 +140,7 @@ def predict_request(shape: ModelShape, flags: dict, *, stage: int | None = None,
         setups = [build_setup(shape, flags, from_params=from_params, stage=s) for s in stages]
     if target is not None and "gpu_memory_bytes" not in flags:  # the card decides DeepSpeed's init branch
         setups = [s.with_(gpu_memory_bytes=target.memory_bytes) for s in setups]
-    warnings += _paper_warnings(setups)
+    warnings += _paper_warnings(setups) + _lora_warnings(flags)
     overheads = calibration_for(target)
     estimates = [estimate(s, overheads) for s in setups]
     fits = [fit_verdict(e.device_bytes, target, margin) for e in estimates] if target is not None else []
@@ -234,7 +248,7 @@ def plan_request(shape: ModelShape, flags: dict, *, gpu: str, margin: float = FI
     _check_target(write_accelerate_config, "--write-accelerate-config")
     flags = dict(flags)
     grad_ckpt = flags.pop("grad_ckpt", None)
-    notes = []
+    notes = _lora_warnings(flags)
     if write_ds_config is not None and "zero_init" not in flags:
         flags["zero_init"] = zero_init_default(3, Builder(write_for))
         how = ("under zero.Init, as the HF Trainer does with the written ds_config" if flags["zero_init"]
