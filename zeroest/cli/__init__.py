@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 from collections.abc import Iterator, Mapping
 
 import typer
@@ -48,6 +49,29 @@ class _LazyGroup(TyperGroup):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.commands = _Commands()
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        """Run as click does, except that a usage error (a value not among the choices, a missing value, an
+        unknown option or command) is one ``zeroest: error:`` line naming the command's --help, like every other
+        bad input, instead of typer's boxed panel."""
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError
+
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except NoArgsIsHelpError as exc:  # the help is printed already
+            sys.exit(exc.exit_code)
+        except ClickException as exc:
+            from zeroest.cli.common import err
+
+            ctx = getattr(exc, "ctx", None)
+            where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            err.print(f"zeroest: error: {exc.format_message().rstrip('.')}{where}", markup=False)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 coerce.install()
