@@ -71,10 +71,15 @@ def read_accelerate(acc_path: Path, ds_path: Path | None, warnings: list[str]) -
         ds, ACCELERATE_DS_KEYS, f"{where} deepspeed_config", "accelerate ignores it"
     )
     kind = acc.get("distributed_type", "DEEPSPEED")
+    kind = "NO" if kind is False else str(kind)  # YAML 1.1 reads a bare NO as false
     if kind != "DEEPSPEED":
-        raise ValueError(f"{where}: distributed_type is {kind}, which launches no DeepSpeed (MULTI_GPU is plain "
-                         "torch DDP) and zeroest models DeepSpeed ZeRO only: set distributed_type: DEEPSPEED, or "
-                         "estimate DDP's nearest case with zeroest predict --stage 0 --gpus N")
+        if kind == "NO" or kind.startswith("MULTI_"):  # one process, or torch DDP over some device
+            raise ValueError(f"{where}: distributed_type is {kind}: {'one process' if kind == 'NO' else 'torch DDP'}"
+                             ", no DeepSpeed, and zeroest models DeepSpeed ZeRO only: set distributed_type: "
+                             "DEEPSPEED, or estimate the nearest case, stage 0, with zeroest predict --stage 0 --gpus "
+                             f"{'1' if kind == 'NO' else 'N'}")
+        raise ValueError(f"{where}: distributed_type is {kind}, which zeroest does not model (DeepSpeed ZeRO only): "
+                         "set distributed_type: DEEPSPEED to estimate the DeepSpeed run instead")
     file = ds.get("deepspeed_config_file")
     if file and file != "none":
         ignored = [k for k in IGNORED_WITH_DS_FILE if k in ds or (k == "mixed_precision" and acc.get(k))]
