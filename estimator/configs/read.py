@@ -220,7 +220,7 @@ def _zero(config: dict, where: str, zero_init: bool) -> ZeroConfig:
         if value in (None, "auto"):
             continue
         what = f"zero_optimization.{knob.ds_key}"
-        knobs[knob.name] = ds_bool(value, what, where) if knob.kind is bool else whole_number(value, what, where)
+        knobs[knob.name] = ds_bool(value, what, where) if knob.kind is bool else whole_number(value, what, where, 0)
     pinned = [pin for dev, pin in ((opt_dev, opt_pin), (par_dev, par_pin)) if dev != "none"]
     stage = _stage(zero.get("stage", 0), where)
     return ZeroConfig(

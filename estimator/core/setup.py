@@ -56,6 +56,9 @@ def _non_negative(name: str, value: int, flag: str) -> None:
         raise ValueError(f"{name} must be a whole number >= 0, got {value!r} (set {flag})")
 
 
+MAX_TOKENS = 10**12
+"""The most tokens in one rank's micro-batch (micro-batch x sequence length) zeroest estimates: petabytes of
+activations, far past any card; beyond it the byte counts overflow floats."""
 MAX_WORLD_SIZE = 100_000
 """The most data-parallel ranks zeroest estimates: beyond any published training job, and past it the walk over
 each rank's slice of the stage 1-2 flat group (``flat_group.stage1_partition_copy_bytes``) takes minutes."""
@@ -231,6 +234,11 @@ class Workload:
         _positive("the micro-batch", self.micro_batch, "--micro-batch")
         _positive("the sequence length", self.seq_len, "--seq-len")
         _positive("gradient accumulation", self.grad_accum, "--grad-accum")
+        if self.micro_batch * self.seq_len > MAX_TOKENS:
+            short = [str(n) if n < 10**15 else f"{n:.3g}" for n in (self.micro_batch, self.seq_len)]
+            raise ValueError(f"micro-batch {short[0]} x sequence length {short[1]} is beyond the "
+                             f"{MAX_TOKENS:.0e} tokens per micro-batch zeroest estimates: lower --micro-batch or "
+                             "--seq-len")
         _set(self, "attn", choice(Attention, self.attn, "--attn"))
         _set(self, "activations", choice(ActivationMode, self.activations, "--activations"))
         _set(self, "loop", choice(Loop, self.loop, "--loop"))

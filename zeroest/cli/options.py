@@ -87,7 +87,7 @@ def setup_options(*, exclude: tuple[str, ...] = ()):
                     continue
                 if name in counts:
                     try:
-                        value = parse_count(value)
+                        value = parse_count(value, what="number of elements", minimum=0)
                     except ValueError as exc:
                         from zeroest.cli.common import fail
 
