@@ -24,6 +24,10 @@ from zeroest.estimator.core.setup import TrainingSetup
 from zeroest.estimator.core.shape import ModelShape
 from zeroest.estimator.core.vocab import OffloadDevice, default_stages
 
+MAX_GLOBAL_BATCH = 10**6
+"""The largest ``plan --global-batch``, in sequences per optimizer step: hundreds of times the published ones (a few
+thousand sequences, some millions of tokens), and small enough that walking its divisors stays quick."""
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -239,8 +243,9 @@ def plan_request(shape: ModelShape, flags: dict, *, gpu: str, margin: float = FI
     queries = list(queries or [])
     if top < 1:
         raise ValueError(f"--top {top}: show at least one setup (--top 1 or more)")
-    if global_batch is not None and global_batch < 1:
-        raise ValueError(f"--global-batch {global_batch}: give 1 or more sequences per optimizer step")
+    if global_batch is not None and not 1 <= global_batch <= MAX_GLOBAL_BATCH:
+        raise ValueError(f"--global-batch {global_batch}: give 1 to {MAX_GLOBAL_BATCH:,} sequences per optimizer "
+                         "step (the search walks every micro-batch that divides it)")
     if queries and (write_ds_config or write_accelerate_config):
         raise ValueError(f"--{queries[0].replace('_', '-')} answers a question and chooses no setup, so there is "
                          "nothing to write: drop --write-ds-config / --write-accelerate-config, or the query")

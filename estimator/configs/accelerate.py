@@ -54,8 +54,8 @@ def accelerate_world(acc: dict | None, base: dict, warnings: list[str], where: s
     ``--gpus``/``--nodes`` that disagrees with the YAML is a conflict, ``configs.checks.flag_conflicts``)."""
     gpus, nodes = base.get("gpus_per_node", 1), base.get("nodes", 1)
     if acc and acc.get("num_processes") not in (None, -1):
-        machines = whole_number(acc.get("num_machines", 1), "num_machines", where)
-        total = whole_number(acc["num_processes"], "num_processes", where)
+        machines = whole_number(acc.get("num_machines", 1), "num_machines", where, 1)
+        total = whole_number(acc["num_processes"], "num_processes", where, 1)
         if total % machines:
             raise ValueError(f"{where}: num_processes {total} is not a multiple of num_machines {machines}")
         gpus, nodes = total // machines, machines

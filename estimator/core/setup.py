@@ -33,7 +33,8 @@ from zeroest.estimator.core.vocab import (
     default_optimizer_impl,
 )
 
-__all__ = ["DTYPE_BYTES", "Optimizer", "Parallelism", "TrainingSetup", "Workload", "ZeroConfig", "ZeroStage"]
+__all__ = ["DTYPE_BYTES", "MAX_PARAMS", "Optimizer", "Parallelism", "TrainingSetup", "Workload", "ZeroConfig",
+           "ZeroStage"]
 
 
 def axis(default, flag: str, help: str, *, key: str | None = None, count: bool = False):
@@ -56,6 +57,10 @@ def _non_negative(name: str, value: int, flag: str) -> None:
         raise ValueError(f"{name} must be a whole number >= 0, got {value!r} (set {flag})")
 
 
+MAX_PARAMS = 10**15
+"""The most parameters (as trained: the model's own, LoRA's and modules_to_save copies) zeroest estimates, a
+thousand times GPT-3's largest; past it a standard shape's layer count and width run far outside GPT-3's table, and
+per-group lists (``stage3.stage3_states``'s sub-groups) no longer fit in memory."""
 MAX_TOKENS = 10**12
 """The most tokens in one rank's micro-batch (micro-batch x sequence length) zeroest estimates: petabytes of
 activations, far past any card; beyond it the byte counts overflow floats."""

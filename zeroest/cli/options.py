@@ -18,13 +18,10 @@ from typing import Annotated
 import typer
 
 from zeroest.estimator.configs.flat import PARTS, axes
-from zeroest.estimator.core.setup import TrainingSetup
+from zeroest.estimator.core.setup import MAX_PARAMS, TrainingSetup
 from zeroest.estimator.core.shape import ModelShape
 from zeroest.estimator.units import parse_count
 
-MAX_PARAMS = 10**15
-"""The largest ``--params``: past it the standard shape's layer count and width run far outside GPT-3's table, and
-shaping it takes minutes."""
 ParamsOpt = Annotated[str | None, typer.Option("--params", help="Model size, e.g. 1.3B or 350M: a standard "
                                                "llama-style decoder of that size.")]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="A preset (zeroest models lists them) or a path to an "
