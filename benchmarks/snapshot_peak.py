@@ -54,8 +54,10 @@ def _replay(snapshot: dict, baseline: int) -> dict:
     unknown_freed = 0
     total = best = baseline
     best_live: list[dict] = []
-    best_unknown = 0
-    for event in snapshot["device_traces"][0]:
+    best_unknown = best_at = 0
+    events = snapshot["device_traces"][0]
+    for at, event in enumerate(events):
+        event["at"] = at
         if event["action"] == "alloc":
             live[event["addr"]] = event
             total += event["size"]
@@ -65,7 +67,7 @@ def _replay(snapshot: dict, baseline: int) -> dict:
                 unknown_freed += event["size"]
             total -= event["size"]
         if total > best:
-            best, best_live, best_unknown = total, list(live.values()), unknown_freed
+            best, best_live, best_unknown, best_at = total, list(live.values()), unknown_freed, at
     groups: dict[str, int] = defaultdict(int)
     for event in best_live:
         frames = _frames(event)
@@ -74,7 +76,13 @@ def _replay(snapshot: dict, baseline: int) -> dict:
     return {
         "history_peak_gib": best / GiB,
         "before_phase_still_live_gib": (baseline - best_unknown) / GiB,
-        "largest_at_peak": [{"gib": e["size"] / GiB, "stack": _frames(e)[:8]} for e in largest],
+        "peak_event": best_at,
+        "largest_at_peak": [{"gib": e["size"] / GiB, "at": e["at"], "stack": _frames(e)[:8]} for e in largest],
+        # the order of the large allocations and frees up to the peak: enough to read it without stacks
+        "large_events_before_peak": [
+            {"at": e["at"], "action": e["action"], "mib": round(e["size"] / 2**20, 1), "stack": _frames(e)[:2]}
+            for e in events[:best_at + 1] if e["size"] >= 2**20 and e["action"] in ("alloc", "free_completed")
+        ][-60:],
         "groups_at_peak_gib": {k: v / GiB for k, v in sorted(groups.items(), key=lambda kv: -kv[1])[:25]},
     }
 
@@ -85,6 +93,9 @@ def main() -> None:
     parser.add_argument("--row", type=int, required=True)
     parser.add_argument("--phase", choices=("init", "forward", "backward", "step"), default="backward")
     parser.add_argument("--step", type=int, default=1, help="0-based step whose phase is recorded (1: steady)")
+    parser.add_argument("--stacks", choices=("python", "all", "none"), default="python",
+                        help="stacks the history records (none: sizes and order only, where recording Python "
+                             "frames breaks an autograd Function, as ZeRO-3's linear did once under torch 2.11)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -94,6 +105,10 @@ def main() -> None:
     from zeroest.validate import worker
 
     worker._environment(spec)
+    from zeroest.validate.emulate import emulate_card
+
+    emulated: dict = {}
+    emulate_card(spec["setup"], emulated)  # a row on an emulated card runs capped, as the worker runs it
     world = int(spec["setup"]["world_size"])
     import deepspeed
 
@@ -109,7 +124,10 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
         if want:
-            torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+            if args.stacks == "none":
+                torch.cuda.memory._record_memory_history(max_entries=2_000_000, context=None)
+            else:
+                torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks=args.stacks)
         out = fn()
         torch.cuda.synchronize()
         peaks[name] = torch.cuda.max_memory_allocated() / GiB
@@ -135,7 +153,7 @@ def main() -> None:
         phase(f"step{step}.step", engine.step)
     predicted = (prediction or {}).get("phases", {}).get(args.phase, {})
     result = {
-        "grid": args.grid, "row": args.row, "setup": setup,
+        "grid": args.grid, "row": args.row, "setup": setup, "emulated": emulated.get("emulated"),
         "max_allocated_gib": peaks,
         "predicted_phase_gib": {"peak": predicted.get("peak_bytes", 0) / GiB,
                                 "components": {k: v / GiB for k, v in predicted.get("components", {}).items()}},

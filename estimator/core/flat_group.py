@@ -55,25 +55,74 @@ def stage1_partition_copy_bytes(setup: TrainingSetup, numels: tuple[int, ...] | 
         _partition_copy_excess(numels, world, setup.zero.reduce_bucket_size, r) for r in range(world))
 
 
-@lru_cache(maxsize=4096)
-def _partition_copy_excess(numels: tuple[int, ...], world_size: int, bucket: int, rank: int) -> int:
-    starts = [0, *accumulate(numels)]
-    part = flat_group_numel(starts[-1], world_size) // world_size
-    lo, hi = rank * part, (rank + 1) * part
-    overlap = _overlap_numel(numels, world_size, rank)
+def _bucket_reductions(numels: tuple[int, ...], bucket: int):
+    """The stage-1 boundary walk (``reduce_gradients``): for each ``reduce_ipg_grads``, the tensors it reduces and
+    the elements whose own gradient storage is freed by then (moved into a bucket: all but those larger than the
+    bucket, which are reduced alone)."""
     freed = filled = 0
     waiting: list[int] = []
     for i, n in enumerate([*numels, None]):
         if n is None or filled + n > bucket:  # reduce_ipg_grads on the bucket so far (the last one at the end)
-            if any(starts[j] < hi and starts[j + 1] > lo for j in waiting):
-                return max(0, overlap - freed)
+            if waiting:
+                yield waiting, freed
             waiting, filled = [], 0
         if n is None:
             break
         waiting.append(i)
         filled += n
         freed += n if n <= bucket else 0
+
+
+def _slice_bounds(numels: tuple[int, ...], world_size: int, rank: int) -> tuple[list[int], int, int]:
+    starts = [0, *accumulate(numels)]
+    part = flat_group_numel(starts[-1], world_size) // world_size
+    return starts, rank * part, (rank + 1) * part
+
+
+@lru_cache(maxsize=4096)
+def _partition_copy_excess(numels: tuple[int, ...], world_size: int, bucket: int, rank: int) -> int:
+    starts, lo, hi = _slice_bounds(numels, world_size, rank)
+    overlap = _overlap_numel(numels, world_size, rank)
+    for waiting, freed in _bucket_reductions(numels, bucket):
+        if any(starts[j] < hi and starts[j + 1] > lo for j in waiting):
+            return max(0, overlap - freed)
     return 0
+
+
+def stage1_offload_norm_excess_bytes(setup: TrainingSetup, numels: tuple[int, ...], norm_bytes: int) -> int:
+    """Stage 1 with optimizer offload, ``overlap_comm`` off: max over ranks and boundary reductions of
+    (``norm_bytes`` x n_slice - b F), what the per-parameter norm copy adds above the gradients still held.
+
+    The same walk as ``stage1_partition_copy_bytes``: every ``param.grad`` (bP) is held to the end of backward,
+    then ``reduce_gradients`` moves them into the ipg bucket (freeing their own storage: F elements by then), and
+    each full bucket's in-partition parameters go through ``copy_grads_in_partition``, where the offload path
+    copies one in-partition slice at a time (``norm_bytes`` an element: ``model_states.offload_copy_temp_bytes``).
+    Measured on the H200 (data/runs/h200-cards, h200-edge, N_d = 2, 24 GB card): qwen2.5-1.5b backward 8.06 GiB,
+    qwen2.5-3b 14.84; n_slice is the tied embedding, F its bucket's elements.
+    """
+    if not setup.zero.contiguous_gradients:
+        return norm_bytes * max(largest_slice_numel(numels, setup.world_size, r) for r in range(setup.world_size))
+    b = DTYPE_BYTES[setup.dtype]
+    return max(_offload_norm_excess(numels, setup.world_size, setup.zero.reduce_bucket_size, r, norm_bytes, b)
+               for r in range(setup.world_size))
+
+
+@lru_cache(maxsize=4096)
+def _offload_norm_excess(numels: tuple[int, ...], world_size: int, bucket: int, rank: int, norm_bytes: int,
+                         b: int) -> int:
+    starts, lo, hi = _slice_bounds(numels, world_size, rank)
+    worst = 0
+    for waiting, freed in _bucket_reductions(numels, bucket):
+        slices = [min(starts[j + 1], hi) - max(starts[j], lo) for j in waiting]
+        worst = max(worst, norm_bytes * max(slices) - b * freed)
+    return worst
+
+
+@lru_cache(maxsize=4096)
+def largest_slice_numel(numels: tuple[int, ...], world_size: int, rank: int) -> int:
+    """The largest overlap of one tensor with rank ``rank``'s slice of the flat group."""
+    starts, lo, hi = _slice_bounds(numels, world_size, rank)
+    return max((min(end, hi) - max(start, lo) for start, end in zip(starts[:-1], starts[1:], strict=True)), default=0)
 
 
 def stage2_grads_before_embedding_numel(numels: tuple[int, ...], world_size: int) -> int:

@@ -18,8 +18,6 @@ combines these with activations per phase.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
-from itertools import accumulate
 from typing import Literal
 
 from zeroest.estimator.core.adapters import TrainableSplit, trainable_split
@@ -28,6 +26,8 @@ from zeroest.estimator.core.flat_group import (  # noqa: F401 - re-exported: cap
     NCCL_START_ALIGNMENT_FACTOR,
     _overlap_numel,
     flat_group_numel,
+    largest_slice_numel,
+    stage1_offload_norm_excess_bytes,
     stage1_partition_copy_bytes,
 )
 from zeroest.estimator.core.optimizers import flat_at_stage0, optimizer_temp_bytes, state_bytes
@@ -35,6 +35,7 @@ from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
 from zeroest.estimator.core.shape import ModelShape
 
 FP32 = 4
+FP64 = 8
 Device = Literal["cuda", "cpu"]
 
 
@@ -145,27 +146,23 @@ def stage1_offload_grads_bytes(setup: TrainingSetup, numel: int) -> int:
 
 
 def offload_copy_temp_bytes(model: ModelShape | TrainableSplit, world_size: int) -> int:
-    """4 * n_slice: the fp32 copy on the GPU of one gradient's in-partition slice, on its way to the host.
+    """8 * n_slice: the fp64 copy on the GPU of one gradient's in-partition slice, made for its norm on the way to
+    the host.
 
-    stage_1_and_2.py ``async_inplace_copy_grad_to_fp32_buffer_from_gpu`` (called per parameter from
-    ``copy_grads_in_partition`` when it is reduced) converts on the GPU before the copy:
-    ``src_tensor = grad_accum.view(-1).narrow(0, source_offset, num_elements)``, then
-    ``src_tensor.to(self.master_weights_and_grads_dtype)`` (fp32), then ``dest_tensor.copy_(src_tensor)``. n_slice
-    is the largest overlap of one parameter with the rank's partition (the embedding, whole, on rank 0 of a
-    small N_d). Measured: llama-3-8b, N_d = 2, ZeRO-2 + offload on a 24 GB card OOMs asking for 3.91 GiB
-    (4 x 128256 x 4096); qwen2.5-1.5b ZeRO-1/2 + offload + checkpointing miss 0.87 GiB (4 x 151936 x 1536) at
-    the end of backward (data/runs/h200-cards). Trainable tensors only (the flat group's).
+    stage_1_and_2.py ``copy_grads_in_partition`` with ``cpu_offload``, per parameter at the accumulation boundary:
+    ``set_norm_for_param_grad_in_gpu`` takes ``grad.view(-1).narrow(0, source_offset, num_elements)`` and computes
+    ``.to(get_norm_dtype()).norm(2)``, where ``zero/utils.py get_norm_dtype`` is ``torch.double`` on every device
+    with fp64 (8 bytes an element); that copy is freed before ``async_inplace_copy_grad_to_fp32_buffer_from_gpu``
+    converts the same slice to fp32 (4 n_slice) for ``dest_tensor.copy_``; ``update_offload_overflow_tracker``
+    reduces without a copy (runtime/utils.py ``has_inf_or_nan``). n_slice is the largest overlap of one parameter
+    with the rank's partition (the embedding, whole, on rank 0 of a small N_d). Measured on the H200: qwen2.5-1.5b,
+    N_d = 2, ZeRO-2 + offload + checkpointing, the allocator's history at the backward peak holds one 1780.5 MiB
+    block allocated in ``set_norm_for_param_grad_in_gpu`` (8 x 151936 x 1536) beside the reduce bucket and the
+    states (data/runs/h200-snapshots/cards13-backward.json); llama-3-8b, N_d = 2, ZeRO-2 + offload on a 24 GB card
+    OOMs asking for 3.91 GiB (8 x 128256 x 4096, data/runs/h200-cards). Trainable tensors only (the flat group's).
     """
     numels = _numels(model)
-    return FP32 * max(_largest_slice_numel(numels, world_size, r) for r in range(world_size))
-
-
-@lru_cache(maxsize=4096)
-def _largest_slice_numel(numels: tuple[int, ...], world_size: int, rank: int) -> int:
-    starts = [0, *accumulate(numels)]
-    part = flat_group_numel(starts[-1], world_size) // world_size
-    lo, hi = rank * part, (rank + 1) * part
-    return max((min(end, hi) - max(start, lo) for start, end in zip(starts[:-1], starts[1:], strict=True)), default=0)
+    return FP64 * max(largest_slice_numel(numels, world_size, r) for r in range(world_size))
 
 
 def shared_grads_through_step(setup: TrainingSetup) -> bool:
@@ -317,7 +314,10 @@ def stage12_states(setup: TrainingSetup, split: TrainableSplit, device: Device =
     states = state_bytes(setup, part)
     if offload:
         grads = stage1_offload_grads_bytes(setup, numel)
-        carry, epilogue, step_grads = (grads if accum else 0), offload_copy_temp_bytes(split, world), 0
+        # the norm copy at the boundary; at stage 1 without overlap the held gradients move into the bucket first
+        epilogue = (stage1_offload_norm_excess_bytes(setup, _numels(split), FP64) if grads
+                    else offload_copy_temp_bytes(split, world))
+        carry, step_grads = (grads if accum else 0), 0
     elif stage2:
         grads = b * stage2_grad_numel(split, world)
         carry, epilogue, step_grads = (grads if accum else 0), 0, grads

@@ -19,7 +19,7 @@ from zeroest.estimator.trace.polys import profile_from_polys
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 """Bumped whenever what a trace records changes, so that old files are not read."""
 
 

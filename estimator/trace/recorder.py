@@ -194,10 +194,14 @@ def run_trace(model, input_ids, *, grad_ckpt: bool, target: str = "cuda",
                 return
             region[0] = f"layer{i}"
             rec.mark(f"layer{i}_fwd_start")
-            if grad_ckpt:  # non-reentrant checkpointing keeps the layer call's tensor arguments
+            if grad_ckpt:  # non-reentrant checkpointing keeps the layer call's tensor arguments: the layer's
+                # bytes. Where HF checkpoints ``__call__`` (transformers before 5.2x) this hook runs inside the
+                # checkpoint, whose machinery has already saved them under the gap before the layer ("embed" or
+                # the previous layer's "head"); one that an earlier layer keeps (rotary cos/sin) stays its
                 for leaf in tree_leaves((args, kwargs)):
-                    if isinstance(leaf, torch.Tensor):
-                        note(leaf, region[0])
+                    serial = rec.serial(leaf) if isinstance(leaf, torch.Tensor) else None
+                    if serial is not None and saved.get(serial, "head") in ("embed", "head"):
+                        saved[serial] = region[0]
             hidden = args[0] if args else kwargs["hidden_states"]
             if hidden.requires_grad:
                 hidden.register_hook(lambda grad: rec.mark(f"layer{i}_bwd_end"))
