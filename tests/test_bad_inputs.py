@@ -151,6 +151,17 @@ def test_accelerate_config_names_what_it_cannot_estimate(tmp_path, text, words):
     _error(_run("predict", "--params", "125M", "--accelerate-config", str(path)), str(path), *words)
 
 
+def test_accelerate_fp8_trains_deepspeed_in_bf16(tmp_path):
+    from zeroest.estimator.catalog.models import standard_shape
+    from zeroest.estimator.configs.read import setup_from_configs
+
+    path = tmp_path / "acc.yaml"
+    path.write_text("distributed_type: DEEPSPEED\nnum_processes: 2\nmixed_precision: fp8\n"
+                    "deepspeed_config:\n  zero_stage: 2\n")
+    setup, warnings = setup_from_configs(None, path, {"model": standard_shape(125 * 10**6)})
+    assert setup.dtype == "bf16" and any("fp8" in line for line in warnings)  # it was fp32, silently
+
+
 @pytest.mark.parametrize(("args", "word"), [
     (("--gpus", "0"), "--gpus"),
     (("--master-port", "99999"), "--master-port"),

@@ -330,6 +330,10 @@ def setup_from_configs(
     parallel = accelerate_world(acc, base, warnings, str(accelerate_path or where))
     dtype = base.get("dtype", "bf16")
     mp = (acc or {}).get("mixed_precision")
+    if mp == "fp8":  # accelerate's DeepSpeedPlugin.set_mixed_precision enables bf16 for it
+        warnings.append(f"{accelerate_path}: mixed_precision fp8 runs DeepSpeed in bf16 (DeepSpeedPlugin."
+                        "set_mixed_precision); estimated as bf16, the fp8 matmuls' own buffers are not modelled")
+        mp = "bf16"
     if mp in ("fp16", "bf16", "no"):
         file_dtype = _precision(raw, where)
         other = {"fp16": "bf16", "bf16": "fp16"}.get(mp)
