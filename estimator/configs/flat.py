@@ -62,7 +62,8 @@ def check_keys(data: dict, where: str = "setup") -> None:
             raise ValueError(f"unknown key {key!r} in {where}{hint}")
 
 
-_COUNT_FLAGS = {"nodes": "--nodes", "gpus_per_node": "--gpus", "world_size": "world_size"}
+_COUNTS = {"nodes": ("the number of nodes", "--nodes"), "gpus_per_node": ("the number of GPUs per node", "--gpus"),
+           "world_size": ("the world size", "world_size")}
 
 
 def _count(data: dict, key: str, default: int, where: str) -> int:
@@ -70,8 +71,9 @@ def _count(data: dict, key: str, default: int, where: str) -> int:
     value = data.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip().isdigit() or \
             int(value) < 1:
-        raise ValueError(f"{where + ': ' if where else ''}{key} must be a positive whole number, got {value!r} "
-                         f"(set {_COUNT_FLAGS[key]} to 1 or more)")
+        name, flag = _COUNTS[key]
+        raise ValueError(f"{where + ': ' if where else ''}{name} must be a positive whole number, got {value!r} "
+                         f"(set {flag} to 1 or more)")
     return int(value)
 
 
