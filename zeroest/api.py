@@ -16,13 +16,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from zeroest.estimator.catalog.fit import FIT_MARGIN, Fit, fit_verdict
-from zeroest.estimator.catalog.gpus import Gpu, parse_gpu
 from zeroest.estimator.core.estimate import Estimate, estimate
 from zeroest.estimator.core.setup import TrainingSetup
 from zeroest.estimator.core.shape import ModelShape
 from zeroest.estimator.core.vocab import OffloadDevice, default_stages
+
+if TYPE_CHECKING:
+    from zeroest.estimator.catalog.gpus import Gpu
 
 MAX_GLOBAL_BATCH = 10**6
 """The largest ``plan --global-batch``, in sequences per optimizer step: hundreds of times the published ones (a few
@@ -130,7 +133,11 @@ def predict_request(shape: ModelShape, flags: dict, *, stage: int | None = None,
     asked for is estimated. ``gpu`` is a preset name, a size, or a ``Gpu``; its memory becomes the setups'
     ``gpu_memory_bytes`` (DeepSpeed's capacity branches, ``core.capacity``).
     """
-    target = parse_gpu(gpu) if isinstance(gpu, str) else gpu
+    if isinstance(gpu, str):
+        from zeroest.estimator.catalog.gpus import parse_gpu
+
+        gpu = parse_gpu(gpu)
+    target = gpu
     warnings: list[str] = []
     if ds_config is not None or accelerate_config is not None:
         setup, warnings = _config_setup(shape, flags, ds_config, accelerate_config, from_params)
@@ -265,6 +272,8 @@ def plan_request(shape: ModelShape, flags: dict, *, gpu: str, margin: float = FI
         flags["loop"] = loop_default(Builder(write_for))
         notes.append(f"planned with the {flags['loop']} training loop, as the written ds_config is read back "
                      "(--loop changes it)")
+    from zeroest.estimator.catalog.gpus import parse_gpu
+
     card = parse_gpu(gpu)
     flags.setdefault("gpu_memory_bytes", card.memory_bytes)  # the card decides DeepSpeed's init branch
     base = build_setup(shape, flags, from_params=from_params, stage=0)
