@@ -122,6 +122,10 @@ def test_lora_options_without_a_rank():
     assert result.exit_code == 0 and "--lora-alpha 32 ignored" in result.output
 
 
+def test_flash_attention_in_fp32_is_refused():  # estimated silently before; flash-attn stops at the first forward
+    _error(_run("predict", "--params", "125M", "--attn", "flash", "--dtype", "fp32"), "--attn flash", "fp32")
+
+
 @pytest.mark.parametrize("pattern", ["nosuch", "["])
 def test_freeze_pattern_matching_nothing(pattern):
     _error(_run("predict", "--params", "125M", "--freeze", pattern), "--freeze", repr(pattern))
@@ -144,6 +148,7 @@ def test_output_paths_of_the_wrong_kind(tmp_path):
     ("distributed_type: NO\nnum_processes: 1\n", ("distributed_type is NO", "--stage 0")),  # YAML's false
     ("distributed_type: FSDP\nnum_processes: 2\n", ("FSDP", "does not model")),
     ("distributed_type: DEEPSPEED\nnum_processes: 2\nnum_machines: 0\n", ("num_machines",)),
+    ("deepspeed_config:\n  zero_stage: 3\n  zero3_init_flag: maybe\n", ("zero3_init_flag",)),  # read as false before
 ])
 def test_accelerate_config_names_what_it_cannot_estimate(tmp_path, text, words):
     path = tmp_path / "acc.yaml"

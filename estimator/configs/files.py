@@ -81,7 +81,7 @@ _TRUE = ("1", "on", "t", "true", "y", "yes")
 _FALSE = ("0", "off", "f", "false", "n", "no")
 
 
-def ds_bool(value, what: str, where: str) -> bool:
+def ds_bool(value, what: str, where: str, refusal: str = "DeepSpeed stops at init") -> bool:
     """A ds_config boolean read as DeepSpeed's pydantic config models read it (lax mode): true/false, 0/1, or one
     of the strings pydantic takes ("yes", "off", ...), any case. ValueError naming the key for anything else
     (DeepSpeed stops at init), rather than Python's truthiness, which reads "false" as true."""
@@ -91,4 +91,4 @@ def ds_bool(value, what: str, where: str) -> bool:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
         return value.strip().lower() in _TRUE
-    raise ValueError(f"{where}: {what} must be true or false, got {value!r} (DeepSpeed stops at init); fix the file")
+    raise ValueError(f"{where}: {what} must be true or false, got {value!r} ({refusal}); fix the file")

@@ -194,11 +194,12 @@ def has_auto(config) -> bool:
     return config == "auto"
 
 
-def builder_of(raw: dict, acc: dict | None) -> tuple[Builder, bool | None]:
+def builder_of(raw: dict, acc: dict | None, where: str = "the accelerate config") -> tuple[Builder, bool | None]:
     """Who builds the model, and accelerate's ``zero3_init_flag`` if set (``vocab.zero_init_default``)."""
     if acc is not None:
         flag = (acc.get("deepspeed_config") or {}).get("zero3_init_flag")
-        return Builder.ACCELERATE, None if flag is None else str(flag).lower() == "true"
+        return Builder.ACCELERATE, None if flag is None else ds_bool(
+            flag, "deepspeed_config.zero3_init_flag", where, "accelerate's str_to_bool refuses it")
     return (Builder.HF_TRAINER if has_auto(raw) else Builder.SCRIPT), None
 
 
@@ -364,7 +365,7 @@ def setup_from_configs(
     dtype = _precision(resolved, where)
     if dtype == "fp32" and not any(k in resolved for k in ("fp16", "bf16", "bfloat16")):
         warnings.append(f"{where}: enables neither bf16 nor fp16, so DeepSpeed trains in fp32")
-    builder, zero3_flag = builder_of(raw, acc)
+    builder, zero3_flag = builder_of(raw, acc, str(accelerate_path))
     stage = _stage((resolved.get("zero_optimization") or {}).get("stage", 0), where)
     zero_init = base["zero_init"] if base.get("zero_init") is not None else zero_init_default(
         stage, builder, zero3_flag)

@@ -296,8 +296,11 @@ class TrainingSetup:
             _positive("the card's memory", self.gpu_memory_bytes, "--gpu to a preset or a size such as 24GB")
         _set(self, "dtype", choice(Dtype, self.dtype, "--dtype"))
         _set(self, "mode", choice(Mode, self.mode, "--mode"))
-        if self.adapters.lora:
-            trainable_split(self.model, self.adapters)  # raises when --lora-targets matches no Linear
+        if not self.adapters.full:
+            trainable_split(self.model, self.adapters)  # raises when --lora-targets or --freeze match nothing
+        if self.workload.attn == Attention.FLASH and self.dtype == Dtype.FP32:
+            raise ValueError("--attn flash runs in fp16 or bf16 only (flash-attn stops at the first forward in "
+                             "fp32): use --attn sdpa, or --dtype bf16")
         opt, zero = self.optimizer, self.zero
         check_offload(zero.stage, zero.offload_optimizer, zero.offload_params, opt.name)
         if opt.impl is None:
