@@ -117,3 +117,51 @@ def test_a_cpu_estimate_reserves_its_peak():
 
     e = estimate(make_setup("gpt2", 1, 2), device="cpu")
     assert e.peak_reserved_bytes == e.peak_allocated_bytes
+
+
+@pytest.mark.parametrize(("comm_peers", "outside_mib"), [(None, 788), (3, 788 + 462)])
+def test_a_named_card_caps_the_reserve_at_what_it_leaves_the_allocator(comm_peers, outside_mib):
+    # uncapped: 1.05 * 26.7 GiB ~ 28 GiB; a 26 GiB card leaves the allocator 26 GiB - C (- N_c with real NCCL),
+    # floored to a 2 MiB segment; the peak allocation (backward, 21 GiB) fits under it, so the run retries there
+    card = replace(FLAT, card_bytes=26 * GiB, comm_peers=comm_peers)
+    terms = reserved_terms(_phases(), card, OH)
+    limit = (26 * 1024 - outside_mib) * MiB
+    assert terms.total_bytes == limit
+    assert terms.card_limit == pytest.approx(limit - reserved_terms(_phases(), FLAT, OH).total_bytes)
+    assert sum(terms.components().values()) == pytest.approx(terms.total_bytes, abs=len(RESERVED_TERMS))
+
+
+@pytest.mark.parametrize("card_gib", [20, 40])
+def test_a_card_caps_nothing_below_the_peak_allocation_or_above_the_reserve(card_gib):
+    # 20 GiB < the 21 GiB backward peak: the run runs out of memory, the reserve stays the demand; 40 GiB: room
+    terms = reserved_terms(_phases(), replace(FLAT, card_bytes=card_gib * GiB), OH)
+    assert terms.card_limit == 0
+    assert terms.total_bytes == reserved_terms(_phases(), FLAT, OH).total_bytes
+
+
+def test_the_init_cache_lifts_the_init_reserve_and_the_first_step_stacks_only_its_own_block():
+    # init 6 + 14 GiB = 20 GiB peak, K = 3 GiB cached beside it: R_init = 23 GiB > 13.7 (first micro-step); the
+    # first step's only new block is step_new_bytes = 4 GiB (no freed block that large, B_L 1 GiB): 27 GiB >
+    # 1.05 * 21.7 (steady) and 1.05 * (13.7 + 4) (first step)
+    facts = replace(FLAT, init_cached_bytes=3 * GiB, step_new_bytes=4 * GiB)
+    terms = reserved_terms(_phases(init_temporaries_gib=14.0), facts, OH)
+    assert terms.set_by == "init" and terms.peak == 20 * GiB and terms.init_cache == 3 * GiB
+    assert terms.first_step_buffers == 4 * GiB
+    assert terms.total_bytes == 27 * GiB
+
+
+@pytest.mark.usefixtures("closed_form")
+@pytest.mark.parametrize(("impl", "cached"), [("fused", True), ("torch", False)])
+def test_stage0_fused_adam_caches_three_16bit_copies_at_init(impl, cached):
+    # FP16_Optimizer (FusedAdam, bf16): K = 3 b P_t (clones, the model's own tensors, the master's clone) and one
+    # flat fp32 gradient of 4 P_t in the step; FP16_UnfusedOptimizer (torch AdamW): neither
+    from test_report_support import make_setup
+    from zeroest.estimator.core.estimate import estimate
+    from zeroest.estimator.core.setup import Optimizer
+
+    setup = replace(make_setup("gpt2", 0, 1), optimizer=Optimizer(impl=impl))
+    e = estimate(setup)
+    facts = e.reserved_facts
+    assert facts.init_cached_bytes == (3 * 2 * e.n_params if cached else 0)
+    assert facts.step_new_bytes == (4 * e.n_params if cached else 0)
+    assert facts.contiguous_step is cached

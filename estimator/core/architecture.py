@@ -23,6 +23,8 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Literal
 
+from zeroest.estimator.core.arch_gemma import MODEL_TYPES, gemma2_layer, gemma_reader_config, gemma_shape
+from zeroest.estimator.core.arch_qwen3_mixtral import MOE_FAMILIES, moe_shape, moe_tensors
 from zeroest.estimator.core.shape import FAMILIES, ModelShape
 
 Component = Literal["embeddings", "position_embeddings", "attention", "mlp", "norms", "lm_head"]
@@ -119,6 +121,10 @@ def shape_from_config(config: dict, name: str) -> ModelShape:
     supported = ", ".join(FAMILIES)
     if family is None:
         raise ValueError(f"config {name!r} has no 'model_type': is it an HF config.json? ({supported})")
+    if family in MOE_FAMILIES:  # qwen3, qwen3_moe, mixtral: written out in core.arch_qwen3_mixtral
+        return moe_shape(config, name)
+    if family in MODEL_TYPES:  # gemma2, gemma3_text: gemma's reader with their defaults (core.arch_gemma)
+        return gemma_shape(shape_from_config(gemma_reader_config(config, name), name), config)
     if family not in FAMILIES:  # any other causal LM: read from transformers (needs the full install)
         from zeroest.estimator.trace.generic import generic_shape
 
@@ -293,6 +299,7 @@ def _opt_decoder(s: ModelShape, emit: _Emit) -> None:
 _LAYER = {
     "llama": _llama_like_layer, "mistral": _llama_like_layer, "qwen2": _llama_like_layer,
     "gemma": _llama_like_layer, "phi3": _phi3_layer, "gpt2": _gpt2_layer, "gpt_neox": _gpt_neox_layer,
+    "gemma2": gemma2_layer, "gemma3_text": gemma2_layer,
 }
 
 
@@ -329,10 +336,13 @@ def _tensors(s: ModelShape) -> tuple[ParamTensor, ...]:
 def param_tensors(shape: ModelShape) -> tuple[ParamTensor, ...]:
     """The tensors of ``AutoModelForCausalLM.from_config(cfg).named_parameters()``, in order.
 
-    Names, order and ``numel`` match transformers 5.24 for every family in ``FAMILIES``; a tied lm_head is
+    Names, order and ``numel`` match transformers 5.24 for every family in ``FAMILIES`` and in
+    ``arch_qwen3_mixtral.MOE_FAMILIES`` (qwen3, qwen3_moe, mixtral: their rows); a tied lm_head is
     left out, as ``named_parameters`` (``remove_duplicate=True``) leaves it out. Any other family is read off
     the model built on the meta device (``trace.generic.meta_param_tensors``, torch imported there).
     """
+    if shape.family in MOE_FAMILIES:
+        return tuple(ParamTensor(name=n, numel=k, component=c) for n, k, c in moe_tensors(shape))
     if shape.family not in FAMILIES:
         if not isinstance(shape.extra.get("config"), dict):
             raise ValueError(f"model {shape.name!r} has family {shape.family!r} and no config.json to build it from")

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from zeroest.estimator.core.adapters import Adapters
+from zeroest.estimator.core.arch_qwen3_mixtral import MOE_FAMILIES
+from zeroest.estimator.core.closed_form_gemma import GEMMA_FAMILIES, gemma_profile
 from zeroest.estimator.core.hf_config import hf_config
 from zeroest.estimator.core.profile import DTYPE_BYTES, ActivationProfile, check_kind
 from zeroest.estimator.core.shape import ModelShape
@@ -30,6 +32,7 @@ from zeroest.estimator.core.shape import ModelShape
 # fp32 norms.
 
 _LLAMA_LIKE = ("llama", "mistral", "qwen2", "phi3", "gemma")
+_LLAMA_LIKE += MOE_FAMILIES  # qwen3, qwen3_moe, mixtral: llama's layer, and core.closed_form_moe's terms
 _ACT_EXTRA = {"gelu_new": 4, "gelu_fast": 4, "gelu_python_tanh": 4, "gelu_accurate": 4, "relu": 0}
 """Tensors of b*s*i an MLP activation saves besides its output: F.silu/F.gelu save their input (1, the
 default); relu saves only its output (0); HF's Python tanh-GELUs (``NewGELUActivation``:
@@ -269,7 +272,8 @@ def _eager_transients(d: _Dims) -> tuple[int, int, int]:
 
 def closed_form_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str = "bf16",
                         attn: str = "sdpa", config: dict | None = None,
-                        adapters: Adapters | None = None, adapters_fp32: bool = False) -> ActivationProfile:
+                        adapters: Adapters | None = None, adapters_fp32: bool = False,
+                        zero3_linear: bool = False) -> ActivationProfile:
     """The ``ActivationProfile`` from formulas (Table 2 of arXiv 2205.05198 adapted to HF; see the helpers).
 
     ``config`` is the HF config.json dict when known (activation, dropout, rotary fraction, sliding window);
@@ -280,10 +284,18 @@ def closed_form_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype
     ``log_softmax_backward``'s output (8bsV) before their cast to p, the labels (8bs) freed. Transients of the
     layers are the traced op order's (estimator/trace/) in named tensors: grad_hidden p*bsh carried between
     layers, RMSNorm's fp32 temporaries, the MLP's and eager attention's live intermediates. ``adapters`` with
-    LoRA on: ``core.closed_form_lora.lora_profile`` of that profile (``adapters_fp32``: peft's fp32 adapters).
+    LoRA on: ``core.closed_form_lora.lora_profile`` of that profile (``adapters_fp32``: peft's fp32 adapters;
+    ``zero3_linear``: stage 3's linear keeps the frozen Linears' inputs).
     """
     check_kind(dtype, attn)
-    d = _dims(shape, micro_batch, seq_len, dtype, attn, config if config is not None else hf_config(shape))
+    config = config if config is not None else hf_config(shape)
+    if shape.family in MOE_FAMILIES:
+        from zeroest.estimator.core import closed_form_moe as moe
+
+        config = moe.window_config(shape, config)
+    if shape.family in GEMMA_FAMILIES:  # gemma2, gemma3_text: core.closed_form_gemma (no LoRA terms there)
+        return gemma_profile(shape, micro_batch, seq_len, dtype, attn, config, closed_form_profile, adapters)
+    d = _dims(shape, micro_batch, seq_len, dtype, attn, config)
     T, h, p, V, L = d.T, d.h, d.p, d.V, shape.num_layers
     layer = _layer_saved(d, attn)
     ckpt_layer = p * T * h
@@ -310,8 +322,13 @@ def closed_form_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype
         layer_backward_transient_bytes=layer_bwd,
         ckpt_layer_backward_transient_bytes=layer_bwd - (p * T * h if d.norm_kind == "layernorm" else 0),
     )
+    if shape.family in MOE_FAMILIES:
+        parts = moe.Dense(mlp_saved=_mlp_saved(d), fwd=norm_temp + p * T * h, ckpt_fwd=_mlp_forward_peak(d),
+                          bwd=grad_hidden + _mlp_backward_peak(d), eager=_eager_transients(d) if quadratic else None,
+                          mask=p * d.b * d.s * d.s if attn == "eager" else d.s * d.s * int(d.masked))
+        profile = moe.moe_profile(profile, parts, shape, config, micro_batch, seq_len, p)
     if adapters is None or adapters.full:
         return profile
     from zeroest.estimator.core.closed_form_lora import lora_profile  # LoRA only: kept off predict's start-up
 
-    return lora_profile(profile, shape, adapters, d, adapters_fp32)
+    return lora_profile(profile, shape, adapters, d, adapters_fp32, zero3_linear)

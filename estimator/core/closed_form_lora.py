@@ -125,12 +125,14 @@ def _widths(d) -> dict[str, int]:
 
 
 def lora_profile(full: ActivationProfile, shape: ModelShape, adapters: Adapters, d,
-                 adapters_fp32: bool = False) -> ActivationProfile:
+                 adapters_fp32: bool = False, zero3_linear: bool = False) -> ActivationProfile:
     """LoRA's profile from the full fine-tune's ``full`` (see the module docstring); ``d`` is the closed form's
     symbols (``core.closed_form._Dims``). A freeze without LoRA keeps ``full``: frozen weights only save less
     (an upper bound). ``adapters_fp32``: peft's fp32 adapters (a model built under zero.Init): each wrapped
     Linear saves its own fp32 cast of x, 4T*n (or the cast's dropped copy, 4T*n, and mask), and lora_B an
-    fp32 4T*r."""
+    fp32 4T*r. ``zero3_linear``: stage 3's ``torch.nn.functional.linear`` (runtime/zero/linear.py
+    ``LinearFunctionForZeroStage3`` saves every call's input, ``trace.zero3_linear``): the frozen base Linears
+    keep what the full fine-tune's Linears keep, inside the layers and at lm_head."""
     if not adapters.lora:
         return full
     T, p, h = d.T, d.p, d.h  # noqa: N806 (the formulas' symbols)
@@ -142,7 +144,8 @@ def lora_profile(full: ActivationProfile, shape: ModelShape, adapters: Adapters,
     layer = full.layer_saved_bytes + sum(a * T * r + copies * T * n for n in wrapped.values())
     read_by_lora = {reads[m] for m in wrapped if m in reads and not dropout and a == p}
     for read, width in _widths(d).items():
-        if read in set(reads.values()) and not _kept_elsewhere(d, read) and read not in read_by_lora:
+        if (read in set(reads.values()) and not _kept_elsewhere(d, read) and read not in read_by_lora
+                and not zero3_linear):
             layer -= p * T * width
     rms = d.norm_kind == "rmsnorm"
     cast = (4 if d.family == "gemma" else p) * T * h if rms else 0
@@ -159,13 +162,14 @@ def lora_profile(full: ActivationProfile, shape: ModelShape, adapters: Adapters,
     ids = 0 if "embed_tokens" in saved else 8 * T
     positions = {"gpt2": 8 * d.s, "opt": 8 * T}.get(d.family, 0)
     embedding = full.embedding_saved_bytes - ids - positions - first_norm - masks - (T * h if d.embd_mask else 0)
-    head = ids - cast - (0 if "lm_head" in saved else p * T * d.proj)
+    lm_head_input = "lm_head" in saved or zero3_linear  # a trained lm_head, or stage 3's linear, keeps it
+    head = ids - cast - (0 if lm_head_input else p * T * d.proj)
     L = full.num_layers  # noqa: N806 (the formulas' symbol)
     transients = _transients(full, d, a, dropout) if d.family in _SEPARATE else _bound_transients(
         full, shape, adapters, T, p, a)
-    lm_head = "lm_head" in saved  # the final norm's output is a transient when no trained lm_head keeps it
+    # the final norm's output is a transient when no trained lm_head (or stage 3's linear) keeps it
     return replace(full, **transients, layer_saved_bytes=layer, all_layers_saved_bytes=L * layer,
-                   loss_transient_bytes=full.loss_transient_bytes + (0 if lm_head else p * T * d.proj),
+                   loss_transient_bytes=full.loss_transient_bytes + (0 if lm_head_input else p * T * d.proj),
                    grad_hidden_bytes=full.grad_hidden_bytes + ids,
                    embedding_saved_bytes=embedding, ckpt_embedding_saved_bytes=full.ckpt_embedding_saved_bytes - ids - (
                        positions if d.family == "opt" else 0),

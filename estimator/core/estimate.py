@@ -16,7 +16,13 @@ from zeroest.estimator.core.model_states import Device, ModelStates, stage0_stat
 from zeroest.estimator.core.optimizers import optimizer_notes
 from zeroest.estimator.core.overheads import Overheads, device_from
 from zeroest.estimator.core.qlora import qlora_note, with_4bit_base
-from zeroest.estimator.core.reserved import ReservedFacts, ReservedTerms, reserved_facts, reserved_terms
+from zeroest.estimator.core.reserved import (
+    ReservedFacts,
+    ReservedTerms,
+    card_limit_note,
+    reserved_facts,
+    reserved_terms,
+)
 from zeroest.estimator.core.setup import DTYPE_BYTES, MAX_PARAMS, TrainingSetup, ZeroStage
 from zeroest.estimator.core.stage3 import stage3_states
 from zeroest.estimator.core.timeline import COMPONENTS, Phase, peak_phase, timeline
@@ -141,9 +147,17 @@ def _adapters_note(setup: TrainingSetup) -> str:
         dtype = "fp32 (peft's upcast, kept under zero.Init)" if _adapters_fp32(setup) else setup.dtype
         ckpt = ", checkpointing switched on before peft wraps the model" if setup.workload.grad_ckpt else ""
         return (f"activations of LoRA r={a.lora_rank} on {a.lora_targets}, dropout {a.lora_dropout}: base "
-                f"weights frozen, adapters in {dtype}{ckpt}")
+                f"weights frozen, adapters in {dtype}{ckpt}{_zero3_linear_note(setup)}")
     return ("activations with frozen weights: traced as frozen (the closed form keeps the full fine-tune's, an "
-            "upper bound)")
+            f"upper bound){_zero3_linear_note(setup)}")
+
+
+def _zero3_linear_note(setup: TrainingSetup) -> str:
+    """Stage 3 replaces torch.nn.functional.linear (zero_optimization.memory_efficient_linear, on by default)."""
+    if setup.stage != ZeroStage.PARAMETERS:
+        return ""
+    return ("; ZeRO-3's linear keeps every frozen Linear's input (DeepSpeed's default memory_efficient_linear; "
+            "false would save less)")
 
 
 def _loop_note(setup: TrainingSetup) -> str:
@@ -163,6 +177,10 @@ def _assumptions(setup: TrainingSetup, source: str) -> tuple[str, ...]:
         f"activations: {source}",
         _loop_note(setup),
     ]
+    if m.extra.get("sparse_layers"):  # core.closed_form_moe
+        notes.insert(1, f"{m.extra['num_experts']} experts of width {m.extra['expert_size']}, top "
+                        f"{m.extra['top_k']}, in {len(m.extra['sparse_layers'])} of {m.num_layers} layers, run as "
+                        "transformers' default grouped_mm (every token's k rows, whatever the routing)")
     if setup.stage in (ZeroStage.OPTIMIZER_STATES, ZeroStage.GRADIENTS) and setup.zero.offload_optimizer == "none":
         notes.append(f"{setup.optimizer.param_groups} optimizer parameter group(s): with more than one the 16-bit "
                      f"gradients live through the step ({PARAM_GROUPS_RULE}; --param-groups changes it)")
@@ -237,7 +255,8 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
     states = model_states(setup, device, flatten_on_gpu=flatten is None or flatten.on_gpu)
     w = setup.workload
     act, source = activation_profile(setup.model, w.micro_batch, w.seq_len, setup.dtype, w.attn, mode=w.activations,
-                                     target=device, adapters=setup.adapters, adapters_fp32=_adapters_fp32(setup))
+                                     target=device, adapters=setup.adapters, adapters_fp32=_adapters_fp32(setup),
+                                     zero3_linear=setup.stage == ZeroStage.PARAMETERS)
     phases = timeline(setup, states,
                       act if overheads.activation_scale == 1 else _scaled(act, overheads.activation_scale))
     def with_workspace(c: dict[str, int]) -> dict[str, int]:
@@ -249,7 +268,8 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
         for p in phases
     )
     peak = peak_phase(phases)
-    facts = reserved_facts(setup, states, act, split.trainable_numel, DTYPE_BYTES[setup.dtype])
+    facts = reserved_facts(setup, states, act, split.trainable_numel, DTYPE_BYTES[setup.dtype],
+                           real_comm=not simulated)
     if device == "cpu":  # no caching allocator: reserved is the peak allocation
         facts = replace(facts, contiguous_step=False)
     terms = reserved_bytes(phases, facts, overheads)
@@ -273,5 +293,6 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
         host=host,
         reserved=terms,
         reserved_facts=facts,
-        assumptions=_assumptions(setup, source) + tuple(n for n in (flatten_note(flatten), host_note(host)) if n),
+        assumptions=_assumptions(setup, source) + tuple(n for n in (flatten_note(flatten), host_note(host),
+                                                                 card_limit_note(terms)) if n),
     )

@@ -16,6 +16,18 @@ the last to the first, then the embeddings (a tied lm_head's gradient arrives wi
 ``named_parameters``, to the layer. A gradient of more than B_r elements goes alone (``extra_large_param_to_reduce``):
 this walk counts it in the bucket like any other; the one case measured, an lm_head larger than the bucket reduced
 at the first hook, is ``timeline._stage2_at_head_hook``.
+
+Stage 3 (runtime/zero/stage3.py) walks the same order: ``reduce_independent_p_g_buckets_and_remove_grads`` reduces
+the ipg bucket (``__reduce_and_partition_ipg_grads``) when the arriving gradient would pass B_r; with the default
+``reduce_scatter`` it goes through ``__avg_scatter_grads`` -> comm/coalesced_collectives.py
+``reduce_scatter_coalesced``, whose ``torch.cat`` of every tensor's rank chunks (each padded to ceil(n / N)) is a
+copy of about b E bytes (none for one tensor that N divides); ``partition_grads`` copies this rank's chunks out and
+the copy is freed. Measured on the H200: llama2-2.7b ZeRO-3 N_d 8 with checkpointing peaks in backward at a
+946.3 MiB allocation, a bucket's concatenation (benchmarks/snapshot_peak.py without stacks, docs/DEVICE_RUNS.md),
+while the gathered parameters (``stage3.gathered_numel``) are live as in the layers' backward: checkpointing
+re-gathers each layer for its recompute. Without checkpointing the gathered parameters of the layers already done
+are released, and the measured rows (tinyllama, qwen2.5-3b and a small Mixtral at ZeRO-3, data/runs/h200-zeroinit,
+h200-families) peak at or below the head's candidate: stage 3 counts these reductions only under checkpointing.
 """
 
 from __future__ import annotations
@@ -71,11 +83,13 @@ def _flat_layout(tensors: list, world_size: int, groups: int) -> tuple[dict[str,
 
 
 def backward_reductions(setup: TrainingSetup) -> tuple[Reduction, ...]:
-    """The bucket reductions of one ZeRO-2 backward, in order; none at other stages, with offload or without
-    ``contiguous_gradients`` (their reduce paths differ)."""
+    """The bucket reductions of one ZeRO-2 or ZeRO-3 backward, in order; none at other stages, at N_d 1, at stage 2
+    with offload or without ``contiguous_gradients`` (their reduce paths differ), and at stage 3 without
+    checkpointing (see the module's docstring)."""
     zero = setup.zero
-    if (setup.stage != ZeroStage.GRADIENTS or zero.offload_optimizer != "none" or not zero.contiguous_gradients
-            or setup.world_size == 1):
+    stage3 = setup.stage == ZeroStage.PARAMETERS
+    if setup.world_size == 1 or not (stage3 and setup.workload.grad_ckpt or setup.stage == ZeroStage.GRADIENTS
+                                     and zero.offload_optimizer == "none" and zero.contiguous_gradients):
         return ()
     num_layers, bucket = setup.model.num_layers, zero.reduce_bucket_size
     tensors = list(trained(setup).trainable)  # frozen parameters have no hook and no place in the flat group
@@ -89,7 +103,15 @@ def backward_reductions(setup: TrainingSetup) -> tuple[Reduction, ...]:
         per_layer[index] = per_layer.get(index, 0) + tensor.numel
     starts, parts = _flat_layout(tensors, setup.world_size, setup.optimizer.param_groups)
     out: list[Reduction] = []
-    elements, arrived, current, touched = 0, 0, None, set()
+    elements, arrived, current, touched, bucketed = 0, 0, None, set(), []
+
+    def copied() -> int:  # stage 2: the flatten, when the bucket spans partitions; stage 3: the concatenation
+        if stage3:
+            world = setup.world_size
+            single = len(bucketed) == 1 and bucketed[0] % world == 0
+            return 0 if single else sum(-(-n // world) * world for n in bucketed)
+        return elements if len(touched) > 1 else 0
+
     for tensor in order:
         layer = _layer_of(tensor.name) if tensor not in head else None
         if layer != current:
@@ -97,15 +119,14 @@ def backward_reductions(setup: TrainingSetup) -> tuple[Reduction, ...]:
         done = 0 if tensor in head else (num_layers if layer is None else num_layers - 1 - layer)
         if elements and elements + tensor.numel > bucket:
             left = 1 - arrived / per_layer[layer] if layer is not None else 1.0
-            out.append(Reduction(layers_done=done, flattened_numel=elements if len(touched) > 1 else 0,
-                                 arriving_numel=tensor.numel, first=not out, in_layer=layer is not None,
-                                 layer_left=left))
-            elements, touched = 0, set()
+            out.append(Reduction(layers_done=done, flattened_numel=copied(), arriving_numel=tensor.numel,
+                                 first=not out, in_layer=layer is not None, layer_left=left))
+            elements, touched, bucketed = 0, set(), []
         elements += tensor.numel
+        bucketed.append(tensor.numel)
         arrived += tensor.numel
         start, part = starts[tensor.name], parts[tensor.name]
         touched.update(range(start // part, (start + tensor.numel - 1) // part + 1))
     if elements:
-        out.append(Reduction(layers_done=num_layers, flattened_numel=elements if len(touched) > 1 else 0,
-                             arriving_numel=0, first=not out))
+        out.append(Reduction(layers_done=num_layers, flattened_numel=copied(), arriving_numel=0, first=not out))
     return tuple(out)

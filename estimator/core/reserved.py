@@ -14,8 +14,17 @@ So reserved memory only grows, and it grows whenever a phase asks for a block la
 earlier phases left. A training run goes init -> first micro-step (forward, backward) -> first ``engine.step()``
 -> steady steps. The terms, in bytes (symbols used below):
 
-* ``R_init = I``: the init peak (``deepspeed.initialize``; the model's own tensors it frees stay cached, in
-  pieces the later activations reuse).
+* ``R_init = I + K``: the init peak (``deepspeed.initialize``; the model's own tensors it frees stay cached, in
+  pieces the later activations reuse) and K (``init_cache``), blocks the init frees before its peak that are too
+  small for every later request of the init, so that the init's later blocks are new segments beside them.
+  Modelled where the sequence is fixed, stage 0 in 16 bits with FusedAdam (runtime/fp16/fused_optimizer.py
+  ``FP16_Optimizer.__init__``; P_t the trainable parameters): ``[p.clone() for p in group]`` (b P_t, one block
+  per tensor) is concatenated by ``_flatten_dense_tensors`` and dropped, the model's own tensors (b P_t, per
+  tensor) are re-pointed into the flat copy, and ``fp16_groups_flat[i].clone().float()`` drops its b P_t clone;
+  the requests that follow are 4 P_t each (the ``.float()`` master, ``initialize_optimizer_states``'s zero
+  gradient, FusedAdam's ``exp_avg`` and ``exp_avg_sq``), larger than any of those blocks: K = 3 b P_t.
+  Measured on the 9 such rows of data/runs/h100-default and h100-holdout: init reserved - init peak allocated =
+  3.04-3.18 b P_t. Elsewhere K = 0.
 * ``R_first = max(R_init, F + f_a A_F + f_o G_o + f_g W)``: the first micro-step, before the optimizer states
   exist (F = the larger of the forward and backward peaks less the states the first step creates lazily, A_F its
   activations). Activations are many tensors of many sizes, freed in another order than made: the cache keeps a
@@ -36,7 +45,9 @@ earlier phases left. A training run goes init -> first micro-step (forward, back
   ``logits.float()`` and the saved log-softmax, 4 bytes x batch x sequence x vocabulary each; or the model's
   largest parameter tensor, freed when init flattened or partitioned a model that sat whole on the GPU); then
   a fraction ``r`` of U is reused (``reserved_reuse_fraction``), else none. Stage 0 and optimizer offload
-  allocate no such block on the GPU.
+  allocate no such block on the GPU, except stage 0 with FusedAdam in 16 bits: ``FP16_Optimizer.step`` converts
+  each gradient to fp32 (4 n per tensor, pieces the init's cached blocks hold) and ``_flatten_dense_tensors``
+  them into one block of B_c = 4 P_t, the only new block of that step (``step_new_bytes``, in place of C).
 * ``R_steady = P + f_a A_P + f_o G_o + f_g W``: the steady phases with every state in place (P the largest peak
   of forward, backward and step, A_P its activations; init is ``R_init``'s).
 
@@ -44,6 +55,16 @@ earlier phases left. A training run goes init -> first micro-step (forward, back
 ``f_p`` (``reserved_fraction_of_peak``) and ``c`` (``reserved_fixed_bytes``) for what the terms leave out; C' is
 the first step's unreused buffers where the init reserve is what they stack on (init's segments are the model's
 own tensors, no fragmentation beyond them), else 0.
+
+The card caps it (``card_limit``): where the setup names the card (M bytes), the allocator can hold at most
+``L = M - C - N_c`` (C the CUDA context, N_c the NCCL communicator and buffers, ``overheads.device_from``; on an
+emulated card ``torch.cuda.set_per_process_memory_fraction`` sets the same L). ``alloc_block`` fails a cudaMalloc
+that would pass L (``allowed_memory_maximum`` under a fraction, the driver's own OOM on a real card); ``malloc``
+then calls ``release_available_cached_blocks`` and, failing that, ``release_cached_blocks`` (every free cached
+segment back to the driver, ``num_alloc_retries`` += 1) and tries again. So a run that finishes never reserves more
+than L: ``R_card = min(R, floor(L / s) s)`` (s the 2 MiB segment), applied only where the predicted peak allocation
+itself fits under L (above it the run runs out of memory, and R stays the demand that says so). Measured on the
+emulated cards of data/runs/h200-cards: every finished run that retried peaked at 0.89-1.00 L, none above.
 Every coefficient is an ``Overheads`` parameter, fitted by ``zeroest report --fit``. Pure: no I/O.
 """
 
@@ -52,7 +73,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from zeroest.estimator.units import round_up
+from zeroest.estimator.core.overheads import device_from
+from zeroest.estimator.units import GiB, round_up
 
 if TYPE_CHECKING:
     from zeroest.estimator.core.model_states import ModelStates
@@ -62,8 +84,8 @@ if TYPE_CHECKING:
 
 FP32 = 4
 
-RESERVED_TERMS: tuple[str, ...] = ("peak", "activation_cache", "offload_grad_cache", "gathered_cache",
-                                   "first_step_buffers", "fraction_of_peak", "fixed", "rounding")
+RESERVED_TERMS: tuple[str, ...] = ("peak", "init_cache", "activation_cache", "offload_grad_cache", "gathered_cache",
+                                   "first_step_buffers", "fraction_of_peak", "fixed", "rounding", "card_limit")
 """The named terms of the predicted peak reserved; they sum to it (``ReservedTerms.total_bytes``)."""
 
 
@@ -73,8 +95,9 @@ class ReservedFacts:
     through the allocator without being in any phase's peak."""
 
     contiguous_step: bool
-    """The first ``engine.step()`` allocates flat fp32 partitions on the GPU (ZeRO stages 1-3 without optimizer
-    offload); False at stage 0 (per-tensor states) and with optimizer offload (the step runs on the host)."""
+    """The first ``engine.step()`` allocates flat fp32 blocks on the GPU (ZeRO stages 1-3 without optimizer
+    offload, and stage 0's ``FP16_Optimizer`` with FusedAdam in 16 bits); False at stage 0 otherwise (per-tensor
+    states) and with optimizer offload (the step runs on the host)."""
     contiguous_block_bytes: int
     """B_c: one flat fp32 block of the step: the rank's fp32 partition 4p (stages 1-2), or one sub-group
     ``4 * min(p, sub_group_size)`` (stage 3)."""
@@ -89,6 +112,18 @@ class ReservedFacts:
     gathered_bytes: int
     """W: stage 3's gathered parameters at the forward/backward peak (``ModelStates.gathered_params_bytes``);
     0 at stages 0-2."""
+    init_cached_bytes: int = 0
+    """K: blocks the init frees that stay cached, each smaller than every later request of the init (module
+    docstring); 0 where not modelled."""
+    step_new_bytes: int = 0
+    """Where set (> 0), the bytes of the first step that need a block of their own, in place of C (module
+    docstring: stage 0's flat fp32 gradient, B_c)."""
+    card_bytes: int = 0
+    """M: the card's total memory where the setup names it (``TrainingSetup.gpu_memory_bytes``); 0: unknown, no
+    cap."""
+    comm_peers: int | None = None
+    """NCCL peers of a real process group (N_d - 1), whose communicator sits outside the allocator beside the
+    CUDA context; None on a fake process group."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,6 +142,8 @@ class ReservedTerms:
     peak: float
     """The allocation the reserved memory is built on: the largest phase peak (steady) or the first step's base
     (first micro-step peak), whichever sets the reserved peak."""
+    init_cache: float
+    """K, where the init reserve is what the first step stacks on (else 0)."""
     activation_cache: float
     offload_grad_cache: float
     gathered_cache: float
@@ -116,6 +153,9 @@ class ReservedTerms:
     fixed: float
     rounding: float
     """Up to the next 2 MiB segment (``Overheads.reserved_block_bytes``)."""
+    card_limit: float = 0.0
+    """<= 0: down to the allocator's limit on the named card where the sum passes it (module docstring,
+    ``R_card``); 0 without a card or below its limit."""
     set_by: str
     """Which candidate sets the peak: init, first step, or steady."""
 
@@ -133,12 +173,13 @@ class ReservedTerms:
 
 
 def reserved_facts(setup: TrainingSetup, states: ModelStates, act: ActivationProfile, trainable_numel: int,
-                   dtype_bytes: int) -> ReservedFacts:
+                   dtype_bytes: int, *, real_comm: bool = True) -> ReservedFacts:
     """``ReservedFacts`` of a setup (stage 3's sub-group from ``zero.sub_group_size``; b = ``dtype_bytes``; P =
-    ``trainable_numel``, the parameters that get gradients)."""
+    ``trainable_numel``, the parameters that get gradients; ``real_comm``: a real NCCL process group)."""
     stage = int(setup.stage)
     offload = setup.zero.offload_optimizer != "none"
     from zeroest.estimator.core.architecture import param_tensors
+    from zeroest.estimator.core.optimizers import flat_at_stage0
 
     block = states.master_weights_bytes
     if stage == 3:
@@ -146,11 +187,14 @@ def reserved_facts(setup: TrainingSetup, states: ModelStates, act: ActivationPro
     free = FP32 * act.logits_bytes // dtype_bytes
     if not (stage == 3 and setup.zero.zero_init):
         free = max(free, dtype_bytes * max(t.numel for t in param_tensors(setup.model)))
+    flat0 = stage == 0 and flat_at_stage0(setup) and block > 0
     return ReservedFacts(
-        contiguous_step=stage >= 1 and not offload and block > 0, contiguous_block_bytes=block,
+        contiguous_step=(stage >= 1 and not offload and block > 0) or flat0, contiguous_block_bytes=block,
+        init_cached_bytes=3 * dtype_bytes * trainable_numel if flat0 else 0, step_new_bytes=block if flat0 else 0,
         largest_free_block_bytes=free,
         offload_grad_bytes=dtype_bytes * trainable_numel if offload else 0,
-        gathered_bytes=states.gathered_params_bytes if stage == 3 else 0)
+        gathered_bytes=states.gathered_params_bytes if stage == 3 else 0,
+        card_bytes=setup.gpu_memory_bytes or 0, comm_peers=setup.world_size - 1 if real_comm else None)
 
 
 def _total(components: dict[str, float]) -> float:
@@ -174,7 +218,7 @@ def reserved_terms(phases: dict[str, dict[str, float]], facts: ReservedFacts, oh
     acts = {"forward": fwd.get("activations", 0.0),
             "backward": max(bwd.get("activations", 0.0), fwd.get("activations", 0.0)),
             "step": step.get("activations", 0.0)}
-    r_init = totals["init"]
+    r_init = totals["init"] + facts.init_cached_bytes
     caches = (oh.reserved_fraction_of_offload_grads * facts.offload_grad_bytes,
               oh.reserved_fraction_of_gathered * facts.gathered_bytes)
     act_first = oh.reserved_fraction_of_activations * acts[first_name]
@@ -183,22 +227,44 @@ def reserved_terms(phases: dict[str, dict[str, float]], facts: ReservedFacts, oh
     new = 0.0
     if facts.contiguous_step:
         temporaries = step.get("temporaries", 0.0)
-        new = temporaries + lazy + max(0.0, step.get("grads", 0.0) - bwd.get("grads", 0.0))
+        new = facts.step_new_bytes or temporaries + lazy + max(0.0, step.get("grads", 0.0) - bwd.get("grads", 0.0))
         live_after_backward = totals["step"] - temporaries - lazy
         if facts.contiguous_block_bytes <= facts.largest_free_block_bytes:
             new = max(0.0, new - oh.reserved_reuse_fraction * max(0.0, r_first - live_after_backward))
     act_peak = oh.reserved_fraction_of_activations * acts[peak_name]
     f_p, fixed = oh.reserved_fraction_of_peak, float(oh.reserved_fixed_bytes)
-    candidates = [  # (total, set_by, base, activation cache, caches, first-step buffers, fraction, fixed)
-        ((1 + f_p) * (totals[peak_name] + act_peak + sum(caches)) + fixed, "steady", totals[peak_name], act_peak,
-         caches, 0.0, f_p * (totals[peak_name] + act_peak + sum(caches)), fixed),
-        ((1 + f_p) * (first_base + act_first + sum(caches) + new) + fixed, "first step", first_base, act_first,
-         caches, new, f_p * (first_base + act_first + sum(caches) + new), fixed),
-        (r_init + (new if r_first == r_init else 0.0), "init", r_init, 0.0, (0.0, 0.0),
-         new if r_first == r_init else 0.0, 0.0, 0.0),
+    candidates = [  # (total, set_by, base, init cache, activation cache, caches, first-step buffers, fraction, fixed)
+        ((1 + f_p) * (totals[peak_name] + act_peak + sum(caches)) + fixed, "steady", totals[peak_name], 0.0,
+         act_peak, caches, 0.0, f_p * (totals[peak_name] + act_peak + sum(caches)), fixed),
+        ((1 + f_p) * (first_base + act_first + sum(caches) + new) + fixed, "first step", first_base, 0.0,
+         act_first, caches, new, f_p * (first_base + act_first + sum(caches) + new), fixed),
+        (r_init + (new if r_first == r_init else 0.0), "init", totals["init"], float(facts.init_cached_bytes), 0.0,
+         (0.0, 0.0), new if r_first == r_init else 0.0, 0.0, 0.0),
     ]
-    total, set_by, base, act, caches, new, fraction, fixed = max(candidates, key=lambda c: c[0])
-    rounding = round_up(max(0, int(-(-total // 1))), max(1, oh.reserved_block_bytes)) - total
-    return ReservedTerms(peak=base, activation_cache=act, offload_grad_cache=caches[0], gathered_cache=caches[1],
-                         first_step_buffers=new, fraction_of_peak=fraction, fixed=fixed, rounding=rounding,
-                         set_by=set_by)
+    total, set_by, base, init_cache, act, caches, new, fraction, fixed = max(candidates, key=lambda c: c[0])
+    block = max(1, oh.reserved_block_bytes)
+    rounded = round_up(max(0, int(-(-total // 1))), block)
+    return ReservedTerms(peak=base, init_cache=init_cache, activation_cache=act, offload_grad_cache=caches[0],
+                         gathered_cache=caches[1],
+                         first_step_buffers=new, fraction_of_peak=fraction, fixed=fixed, rounding=rounded - total,
+                         card_limit=_card_limit(rounded, max(totals.values()), facts, oh), set_by=set_by)
+
+
+def _card_limit(rounded: int, peak_allocated: float, facts: ReservedFacts, oh: Overheads) -> float:
+    """``R_card - R`` of the module docstring (<= 0): floor(L / s) s - R where R passes it and the peak
+    allocation P fits under it, L = M - C - N_c; else 0."""
+    if not facts.card_bytes:
+        return 0.0
+    outside = device_from(0, oh, peers=facts.comm_peers or 0, real_comm=facts.comm_peers is not None)
+    block = max(1, oh.reserved_block_bytes)
+    limit = (facts.card_bytes - outside) // block * block
+    return float(limit - rounded) if peak_allocated <= limit < rounded else 0.0
+
+
+def card_limit_note(terms: ReservedTerms) -> str | None:
+    """The assumption line where the card caps the reserve (``card_limit`` < 0), else None."""
+    if terms.card_limit >= 0:
+        return None
+    return (f"the caching allocator would reserve {(terms.total_bytes - terms.card_limit) / GiB:.2f} GiB, more "
+            f"than the card leaves it: it frees its cache and retries at {terms.total_bytes / GiB:.2f} GiB "
+            "(num_alloc_retries; slower steps), so that is the reserved peak given")

@@ -1,8 +1,10 @@
 """The shape of a decoder-only transformer: what the estimator needs to know about a model.
 
-One frozen ``ModelShape`` describes any of the supported HF families (llama, mistral, qwen2, gpt2, gpt_neox, opt,
-phi3, gemma). ``estimator.architecture`` builds it from a config.json and lists its parameter tensors exactly as
-HF's ``named_parameters()`` does; ``estimator.presets`` builds it from a preset name or a bare parameter count.
+One frozen ``ModelShape`` describes any HF causal LM: the families written out here (llama, mistral, qwen2, gpt2,
+gpt_neox, opt, phi3, gemma, gemma2, gemma3_text; qwen3, qwen3_moe and mixtral in ``core.arch_qwen3_mixtral``) or any
+other read off the model on the meta device (``trace.generic``). ``core.architecture`` builds it from a
+config.json and lists its parameter tensors exactly as HF's ``named_parameters()`` does; ``catalog.models`` builds
+it from a preset name or a bare parameter count.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
-Family = Literal["llama", "mistral", "qwen2", "gpt2", "gpt_neox", "opt", "phi3", "gemma"]
-FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox", "opt", "phi3", "gemma")
+Family = Literal["llama", "mistral", "qwen2", "gpt2", "gpt_neox", "opt", "phi3", "gemma", "gemma2", "gemma3_text"]
+FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox", "opt", "phi3", "gemma", "gemma2",
+                             "gemma3_text")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -224,7 +224,10 @@ def timeline(setup: TrainingSetup, states: ModelStates, act: ActivationProfile) 
                       buffers=resident + states.buckets_bytes + emb_gathered,
                       activations=act.backward_live_after_layers(setup.model.num_layers, ckpt) + outputs,
                       temporaries=max(states.epilogue_bytes, emb_end))
-    during = _reduction_candidates(setup, states, act, held, grads_start + tied, resident + states.buckets_bytes,
+    # stage 3's buckets are resident; its gathered parameters live through the layers' backward as in ``layer``
+    reducing = (gathered + states.recompute_gathered_bytes if setup.stage == ZeroStage.PARAMETERS
+                else resident + states.buckets_bytes)
+    during = _reduction_candidates(setup, states, act, held, grads_start + tied, reducing,
                                    outputs)
     candidates = (head, lm_head, late, layer, end, *during)
     backward = Phase(name="backward", components=max(candidates, key=lambda c: sum(c.values())),

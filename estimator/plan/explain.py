@@ -85,7 +85,7 @@ def knob_changes(setup: TrainingSetup) -> list[tuple[str, TrainingSetup]]:
     if setup.stage >= ZeroStage.OPTIMIZER_STATES:
         doubled = replace(setup.parallel, nodes=setup.parallel.nodes * 2)
         changes.append((f"twice the GPUs (N_d = {2 * world})", replace(setup, parallel=doubled)))
-    if w.attn == "eager":
+    if w.attn == "eager" and setup.model.family != "gemma2":  # gemma2 has no sdpa (core.closed_form_gemma)
         changes.append(("sdpa attention", _workload(setup, attn="sdpa")))
     if w.loop != Loop.TRAINER:
         changes.append((LOOP_FIX, _workload(setup, loop=Loop.TRAINER)))

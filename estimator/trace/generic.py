@@ -1,6 +1,7 @@
 """Any HF causal LM: its ``ModelShape`` and exact parameter tensors from the model built on the meta device.
 
-The families ``core.architecture`` writes out (``core.shape.FAMILIES``) keep their closed forms. Every other
+The families ``core.architecture`` writes out (``core.shape.FAMILIES``, and ``core.arch_qwen3_mixtral``'s qwen3,
+qwen3_moe and mixtral) keep their closed forms. Every other
 ``model_type`` that ``AutoModelForCausalLM.from_config`` builds goes through here: ``generic_shape`` reads the
 shape's fields from the HF config class (transformers ``AutoConfig.for_model``, so that the class defaults of
 fields left out of config.json apply), and ``meta_param_tensors`` lists ``model.named_parameters()`` of the

@@ -33,6 +33,8 @@ def build_model(config: dict, dtype: str, attn: str, device: str = "meta",
     family = cfg.pop("model_type")
     if num_layers is not None:
         cfg[layers_key(family)] = num_layers
+        if isinstance(cfg.get("layer_types"), list):  # the config classes require one type per layer
+            cfg["layer_types"] = cfg["layer_types"][:num_layers]
     hf = AutoConfig.for_model(family, **cfg)
     hf.use_cache = False
     impl = HF_ATTENTION[attn]

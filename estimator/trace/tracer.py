@@ -41,14 +41,16 @@ def _regime_seq(config: dict, attn: str, seq_len: int) -> int | None:
 
 def trace_polys(config: dict, dtype: str, attn: str, *, target: str = "cuda",
                 seq_len: int = BASE_SEQ, adapters=None, frozen: frozenset[str] = frozenset(),
-                input_grads: bool = False, adapters_fp32: bool = False) -> dict:
+                input_grads: bool = False, adapters_fp32: bool = False, zero3_linear: bool = False) -> dict:
     """Trace both modes (plain, checkpointed) at three shapes on meta; fit per-storage monomials; analyze.
 
     With ``adapters`` (``core.adapters.Adapters``, not a full fine-tune) each mode traces its own model built
     as the validator trains it (``trace.model.build_trained``: checkpointing before peft, ``frozen`` names
     frozen, ``input_grads`` for the input-embedding hook, ``adapters_fp32`` for peft's fp32 adapters).
+    ``zero3_linear``: traced with stage 3's ``torch.nn.functional.linear`` (``trace.zero3_linear``).
     """
     import torch
+    from zeroest.estimator.trace.zero3_linear import zero3_linear as stage3_linear
 
     config = dict(config)
     if attn == "flash":  # flash-attn handles sliding windows inside the kernel, with no mask tensor
@@ -64,11 +66,12 @@ def trace_polys(config: dict, dtype: str, attn: str, *, target: str = "cuda",
         if wrapped:
             model = build_trained(config, dtype, attn, adapters, grad_ckpt=ckpt, frozen=frozen,
                                   input_grads=input_grads, adapters_fp32=adapters_fp32)
-        traces = [
-            run_trace(model, torch.zeros((b, s), dtype=torch.long, device="meta"), grad_ckpt=ckpt,
-                      target=target, force_flash=attn == "flash")
-            for b, s in ((b0, s0), (2 * b0, s0), (b0, 2 * s0))
-        ]
+        with stage3_linear(zero3_linear):
+            traces = [
+                run_trace(model, torch.zeros((b, s), dtype=torch.long, device="meta"), grad_ckpt=ckpt,
+                          target=target, force_flash=attn == "flash")
+                for b, s in ((b0, s0), (2 * b0, s0), (b0, 2 * s0))
+            ]
         if len({len(t.sizes) for t in traces}) != 1:
             raise RuntimeError("traces of different shapes made different numbers of storages: cannot scale")
         terms = polys.fit_terms(traces[0].sizes, traces[1].sizes, traces[2].sizes, b0, s0)
@@ -125,7 +128,7 @@ def _entry(key_payload: dict, name: str, trace, use_cache: bool) -> dict:
 def traced_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str = "bf16",
                    attn: str = "sdpa", *, target: str = "cuda", config: dict | None = None,
                    use_cache: bool = True, adapters=None, kinds: list | None = None,
-                   adapters_fp32: bool = False) -> ActivationProfile:
+                   adapters_fp32: bool = False, zero3_linear: bool = False) -> ActivationProfile:
     """The ``ActivationProfile`` of ``shape`` traced on the meta device (see the module docstring).
 
     ``config`` is the HF config.json dict (default ``hf_config(shape)``); ``target`` the device whose kernels
@@ -136,6 +139,8 @@ def traced_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str
     (``kinds``: ``core.adapters.layer_kinds(shape, adapters)``, combined by ``trace.trained``); its
     key adds the adapters, the frozen names and peft's version, so LoRA and full profiles never mix.
     ``adapters_fp32``: the adapters stay in peft's fp32 (a model built under zero.Init; ``trace.model``).
+    ``zero3_linear``: stage 3's linear, which keeps every Linear's input (``trace.zero3_linear``); keyed apart, and
+    only for adapters or frozen weights (a full fine-tune's Linears keep their inputs either way).
     """
     check_kind(dtype, attn)
     config = dict(config or hf_config(shape))
@@ -156,10 +161,11 @@ def traced_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str
         entry = _entry(
             {**payload, "peft": _peft_version(), "lora": lora,
              "frozen": sorted(kind.frozen), "input_grads": kind.input_grads,
-             **({"adapters_fp32": True} if adapters_fp32 and adapters.lora else {})},
+             **({"adapters_fp32": True} if adapters_fp32 and adapters.lora else {}),
+             **({"zero3_linear": True} if zero3_linear else {})},
             f"{shape.name} ({dtype}, {attn}, trained)",
             lambda kind=kind: trace_polys(config, dtype, attn, target=target, seq_len=seq_len, adapters=adapters,
                                           frozen=kind.frozen, input_grads=kind.input_grads,
-                                          adapters_fp32=adapters_fp32), use_cache)
+                                          adapters_fp32=adapters_fp32, zero3_linear=zero3_linear), use_cache)
         profiles.append(polys.profile_from_polys(entry, micro_batch, seq_len, 1))
     return trained.combine(kinds, profiles)

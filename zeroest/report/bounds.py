@@ -54,7 +54,12 @@ FRACTION_CEILING = 2.0
 
 def _least_fraction(sample: Sample, flat: Overheads, measured: int) -> float:
     """The least f_p (to 1e-4, at most ``FRACTION_CEILING``) at which ``sample``'s predicted reserved covers
-    ``measured``."""
+    ``measured``, before the card's cap (``core.reserved`` ``card_limit``): no fraction lifts a reserve the card
+    caps, and an emulated card's cap (``validate.emulate``, the default CUDA context) lies up to the difference
+    of the two contexts above the cap computed with a fitted one."""
+    if sample.facts is not None and sample.facts.card_bytes:
+        sample = replace(sample, facts=replace(sample.facts, card_bytes=0))
+
     def covers(f: float) -> bool:
         return predict_sample(sample, replace(flat, reserved_fraction_of_peak=f))["peak_reserved"] >= measured
 
