@@ -165,3 +165,55 @@ def test_stage0_fused_adam_caches_three_16bit_copies_at_init(impl, cached):
     assert facts.init_cached_bytes == (3 * 2 * e.n_params if cached else 0)
     assert facts.step_new_bytes == (4 * e.n_params if cached else 0)
     assert facts.contiguous_step is cached
+
+
+@pytest.mark.usefixtures("closed_form")
+@pytest.mark.parametrize(("stage", "world"), [(2, 4), (3, 4), (3, 8)])
+def test_offloaded_gradients_through_the_copy_stream_are_whole_at_stage2_a_partition_at_stage3(stage, world):
+    # stage_1_and_2 copies every rank's whole 16-bit gradients (b P); stage3.partition_grads only the rank's
+    # reduce-scattered partition (b P / N_d)
+    from test_report_support import make_setup
+    from zeroest.estimator.core.estimate import estimate
+    from zeroest.estimator.core.setup import Optimizer, ZeroConfig
+
+    setup = replace(make_setup("gpt2", stage, world), zero=ZeroConfig(stage=stage, offload_optimizer="cpu"),
+                    optimizer=Optimizer(impl="cpu"))
+    e = estimate(setup)
+    whole = 2 * e.n_params
+    assert e.reserved_facts.offload_grad_bytes == (whole // world if stage == 3 else whole)
+
+
+@pytest.mark.parametrize(("world", "offload", "expected"), [
+    (1, False, 2 * 10**9 + 2 * 10**9),  # the clone b P_t + the whole freed model (X = 8 P_t passes b P_t)
+    (2, False, 10**9 + 2 * 10**9),  # (1 + 1/N_d) b P_t
+    (8, False, 250_000_000 + 10**9),  # X = 8 P_t / 8 = b P_t / 2 reuses half the freed model: 0.625 b P_t
+    (16, False, 500_000_000),  # the clone (1.25e8) fits the freed largest tensor (2e8); X = 5e8 does not
+    (2, True, 10**9),  # offload: master and gradient on the host, only the clone b P_t / N_d
+])
+def test_stage12_init_cache_is_the_freed_model_and_clone_that_the_later_requests_pass(world, offload, expected):
+    from zeroest.estimator.core.reserved import stage12_init_cache
+
+    assert stage12_init_cache(10**9, world, 2, 2 * 10**8, offload=offload) == expected
+
+
+@pytest.mark.usefixtures("closed_form")
+@pytest.mark.parametrize(("groups", "cached"), [(1, True), (2, False)])
+def test_stage12_init_cache_only_with_one_parameter_group(groups, cached):
+    # DeepSpeed's empty_cache() before each group's flattening hands the earlier groups' freed blocks back
+    from test_report_support import make_setup
+    from zeroest.estimator.core.estimate import estimate
+    from zeroest.estimator.core.setup import Optimizer
+
+    setup = replace(make_setup("gpt2", 2, 2), optimizer=Optimizer(param_groups=groups))
+    facts = estimate(setup).reserved_facts
+    assert (facts.init_cached_bytes > 0) is cached
+    assert facts.init_freed_block_bytes == facts.contiguous_block_bytes > 0
+
+
+def test_the_first_step_stacked_on_the_init_takes_the_init_s_freed_flat_block_first():
+    # as above, but the init also frees one 4 GiB flat block (ZeRO-1/2's zero gradient): the step's 4 GiB block
+    # takes it, nothing new: 23 GiB (init) > 1.05 * 21.7 (steady)
+    facts = replace(FLAT, init_cached_bytes=3 * GiB, step_new_bytes=4 * GiB, init_freed_block_bytes=4 * GiB)
+    terms = reserved_terms(_phases(init_temporaries_gib=14.0), facts, OH)
+    assert terms.set_by == "init" and terms.first_step_buffers == 0
+    assert terms.total_bytes == 23 * GiB

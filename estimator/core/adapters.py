@@ -35,6 +35,22 @@ ALL_LINEAR = "all-linear"
 PEFT_PREFIX = "base_model.model."
 """``PeftModel`` names every parameter under ``base_model.model.``."""
 _LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
+_MIXTRAL_NAMES = ("gate", "w1", "w2", "w3")
+_QWEN2_MOE_NAMES = ("gate", "gate_proj", "up_proj", "down_proj")
+PEFT_MOE_CONVERTED: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("mixtral", "minimax", "minimax_m2"), _MIXTRAL_NAMES),
+    **dict.fromkeys(("qwen3_moe", "qwen3_next", "qwen3_omni_moe", "qwen3_omni_moe_text", "qwen3_omni_moe_thinker",
+                     "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "ernie4_5_moe", "glm4_moe",
+                     "glm4_moe_lite", "glm_moe_dsa", "glm4v_moe", "longcat_flash", "solar_open", "mellum", "beam",
+                     "hunyuan_v1_moe", "flex_olmo", "olmoe", "sarvam_mla", "exaone_moe", "cohere2_moe", "afmoe"),
+                    _QWEN2_MOE_NAMES),
+}
+"""Families whose LoRA targets peft 0.21 rewrites for transformers v5's fused experts, and the v4 module names it
+rewrites (utils/transformers_weight_conversion.py ``_convert_peft_config_moe``, run by tuners_utils.py
+``BaseTuner.inject_adapter`` for every model_type transformers' ``_MODEL_TO_CONVERSION_PATTERN`` maps to mixtral or
+qwen2_moe, ``_MOE_TARGET_MODULE_MAPPING``): ``all-linear`` resolves to the Linears' names plus all of these, and
+each such name becomes a ``target_parameters`` entry (``gate.weight``, ``gate_up_proj`` at rank 2r,
+``down_proj``), wrapped by ``lora.ParamWrapper``; the dense Linears of the same names then get no adapter."""
 
 
 def _axis(default, flag: str, help: str):
@@ -190,10 +206,29 @@ def _saved_copies(model: ModelShape, module: str, tensors: tuple[ParamTensor, ..
                         component=t.component) for t in own]
 
 
+def _check_moe_targets(model: ModelShape, adapters: Adapters) -> None:
+    """A ValueError (one line) when peft would put LoRA on the router or the fused experts (``PEFT_MOE_CONVERTED``):
+    ``lora.ParamWrapper`` (peft 0.21 tuners/lora/layer.py) registers ``W + B A`` as a parametrization of the
+    expert tensor, so each forward materialises a (E, out, in) weight per wrapped tensor, not modelled here."""
+    names = PEFT_MOE_CONVERTED.get(model.family)
+    targets = name_list(adapters.lora_targets)
+    if not adapters.lora or names is None:
+        return
+    hit = sorted(n for n in names if targets == (ALL_LINEAR,) or any(t == n or t.endswith(f".{n}") for t in targets))
+    if hit:
+        attention = dict.fromkeys(_module(t.name).rsplit(".", 1)[-1] for t in param_tensors(model)
+                                  if t.linear_shape and t.component == "attention")
+        raise ValueError(f"--lora-targets {adapters.lora_targets!r} on {model.family} model {model.name}: peft 0.21 "
+                         f"wraps the router and the fused 3-D experts ({', '.join(hit)}) as parameters "
+                         "(lora.ParamWrapper), which is not modelled: use --lora-targets "
+                         f"{','.join(attention) or 'q_proj,k_proj,v_proj,o_proj'}")
+
+
 @lru_cache(maxsize=1024)
 def trainable_split(model: ModelShape, adapters: Adapters) -> TrainableSplit:
     """The model's parameters as peft (or a freeze) leaves them, in ``named_parameters`` order: LoRA A/B after each
     wrapped weight, a ``modules_to_save`` copy after its module's original tensors."""
+    _check_moe_targets(model, adapters)
     tensors = param_tensors(model)
     freeze = name_list(adapters.freeze)
     saved = name_list(adapters.modules_to_save)

@@ -4,9 +4,10 @@
 tracer and ``core.closed_form_moe`` read it); ``moe_tensors`` lists ``AutoModelForCausalLM.from_config(cfg)
 .named_parameters()`` as (name, numel, component) rows, in order; ``core.architecture`` wraps them. Components
 follow ``trace.generic.component_of`` (``q_norm``/``k_norm`` are norms, the router ``gate`` and the experts are
-mlp), so the traced and the closed-form paths split a model alike. As on the traced path, no row carries a
-Linear's shape: LoRA and QLoRA on these families stay unmodelled (peft 0.21's ``all-linear`` also wraps
-mixtral's 3-D experts), and the optimizers treat every tensor but the embedding as 1-D (the larger case).
+mlp), so the traced and the closed-form paths split a model alike. The weight of each ``nn.Linear`` (q, k, v, o,
+the dense MLP's gate/up/down, lm_head) carries its (out, in): what peft's ``all-linear`` wraps and QLoRA
+quantises. The routers (``MixtralTopKRouter``, ``Qwen3MoeTopKRouter``: a bare ``weight`` Parameter) and the fused
+3-D experts are no ``nn.Linear`` and carry none (``core.adapters`` says what peft does with them).
 
 Sources, transformers 5.24:
 - qwen3/modeling_qwen3.py: ``Qwen3Attention.__init__`` registers q, k, v, o (all with ``attention_bias``, o
@@ -44,7 +45,8 @@ _DEFAULTS = {
 out. Width, depth, heads, vocabulary and MLP width have none here, as in ``core.architecture``, but for
 qwen3_moe's dense ``intermediate_size`` (6144), which a model of sparse layers only never uses."""
 
-Row = tuple[str, int, str]
+Row = tuple[str, int, str, tuple[int, int] | None]
+"""(name, numel, component, the (out, in) of an ``nn.Linear``'s weight or None)."""
 
 
 def _int(config: dict, name: str, key: str, family: str, *, zero: bool = False) -> int:
@@ -112,9 +114,9 @@ def moe_shape(config: dict, name: str) -> ModelShape:
 
 
 def _linear(rows: list[Row], name: str, n_in: int, n_out: int, bias: bool, component: str) -> None:
-    rows.append((f"{name}.weight", n_in * n_out, component))
+    rows.append((f"{name}.weight", n_in * n_out, component, (n_out, n_in)))
     if bias:
-        rows.append((f"{name}.bias", n_out, component))
+        rows.append((f"{name}.bias", n_out, component, None))
 
 
 def _layer(s: ModelShape, rows: list[Row], i: int) -> None:
@@ -124,29 +126,29 @@ def _layer(s: ModelShape, rows: list[Row], i: int) -> None:
                               ("v_proj", h, s.kv_hidden_size), ("o_proj", s.q_hidden_size, h)):
         _linear(rows, f"{p}.self_attn.{proj}", n_in, n_out, s.attention_bias, "attention")
     if s.family != "mixtral":
-        rows.append((f"{p}.self_attn.q_norm.weight", s.head_dim, "norms"))
-        rows.append((f"{p}.self_attn.k_norm.weight", s.head_dim, "norms"))
+        rows.append((f"{p}.self_attn.q_norm.weight", s.head_dim, "norms", None))
+        rows.append((f"{p}.self_attn.k_norm.weight", s.head_dim, "norms", None))
     if i in x.get("sparse_layers", ()):
         e, ie = x["num_experts"], x["expert_size"]
-        router = [(f"{p}.mlp.gate.weight", e * h, "mlp")]
-        experts = [(f"{p}.mlp.experts.gate_up_proj", e * 2 * ie * h, "mlp"),
-                   (f"{p}.mlp.experts.down_proj", e * h * ie, "mlp")]
+        router = [(f"{p}.mlp.gate.weight", e * h, "mlp", None)]
+        experts = [(f"{p}.mlp.experts.gate_up_proj", e * 2 * ie * h, "mlp", None),
+                   (f"{p}.mlp.experts.down_proj", e * h * ie, "mlp", None)]
         rows.extend(router + experts if s.family == "mixtral" else experts + router)
     else:
         for proj, n_in, n_out in (("gate_proj", h, s.intermediate_size), ("up_proj", h, s.intermediate_size),
                                   ("down_proj", s.intermediate_size, h)):
             _linear(rows, f"{p}.mlp.{proj}", n_in, n_out, False, "mlp")
-    rows.append((f"{p}.input_layernorm.weight", h, "norms"))
-    rows.append((f"{p}.post_attention_layernorm.weight", h, "norms"))
+    rows.append((f"{p}.input_layernorm.weight", h, "norms", None))
+    rows.append((f"{p}.post_attention_layernorm.weight", h, "norms", None))
 
 
 def moe_tensors(s: ModelShape) -> list[Row]:
-    """(name, numel, component) of every ``named_parameters()`` entry of ``s``'s model; a tied
+    """(name, numel, component, Linear shape) of every ``named_parameters()`` entry of ``s``'s model; a tied
     lm_head is left out, as ``named_parameters(remove_duplicate=True)`` leaves it out."""
-    rows: list[Row] = [("model.embed_tokens.weight", s.vocab_size * s.hidden_size, "embeddings")]
+    rows: list[Row] = [("model.embed_tokens.weight", s.vocab_size * s.hidden_size, "embeddings", None)]
     for i in range(s.num_layers):
         _layer(s, rows, i)
-    rows.append(("model.norm.weight", s.hidden_size, "norms"))
+    rows.append(("model.norm.weight", s.hidden_size, "norms", None))
     if not s.tied_embeddings:
-        rows.append(("lm_head.weight", s.vocab_size * s.hidden_size, "lm_head"))
+        rows.append(("lm_head.weight", s.vocab_size * s.hidden_size, "lm_head", (s.vocab_size, s.hidden_size)))
     return rows

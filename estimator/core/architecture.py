@@ -342,13 +342,14 @@ def param_tensors(shape: ModelShape) -> tuple[ParamTensor, ...]:
     the model built on the meta device (``trace.generic.meta_param_tensors``, torch imported there).
     """
     if shape.family in MOE_FAMILIES:
-        return tuple(ParamTensor(name=n, numel=k, component=c) for n, k, c in moe_tensors(shape))
+        return tuple(ParamTensor(name=n, numel=k, component=c, linear_shape=ls) for n, k, c, ls in moe_tensors(shape))
     if shape.family not in FAMILIES:
         if not isinstance(shape.extra.get("config"), dict):
             raise ValueError(f"model {shape.name!r} has family {shape.family!r} and no config.json to build it from")
         from zeroest.estimator.trace.generic import meta_param_tensors
 
-        return tuple(ParamTensor(name=n, numel=k, component=c) for n, k, c in meta_param_tensors(shape))
+        return tuple(ParamTensor(name=n, numel=k, component=c, linear_shape=ls)
+                     for n, k, c, ls in meta_param_tensors(shape))
     return _tensors(shape)
 
 

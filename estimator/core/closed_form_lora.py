@@ -14,7 +14,9 @@ A frozen Linear keeps no input: torch's generated autograd saves ``mm``/``addmm`
 (``_READS``: the norms' outputs, the attention output where it is a copy, the MLP's last input) stays only
 where another op keeps it (the attention kernel its output, relu its output) or a wrapped Linear without
 dropout reads it. A frozen RMSNorm weight keeps no normalized value (``weight * hidden``: p*T*h, gemma's
-fp32 4T*h); LayerNorm keeps its input, mean and rstd either way.
+fp32 4T*h), nor do qwen3's and qwen3_moe's frozen ``q_norm``/``k_norm`` (p*T*(a*d + kv*d)); LayerNorm keeps its
+input, mean and rstd either way. Frozen routed experts (mixtral, qwen3_moe; LoRA on their attention only) keep
+neither their gathered input nor down's (``_frozen_experts``), and the frozen router not its input.
 
 Outside the layers, in a plain run (no checkpointing) nothing below layer 0 trains, so its input needs no
 gradient: its input norm keeps nothing (RMSNorm 4T*h + 4T, gemma + 4h; LayerNorm p*T*h + 8T, neox's two
@@ -43,8 +45,10 @@ from zeroest.estimator.core.shape import ModelShape
 _LLAMA_READS = {"self_attn.q_proj": "norm1", "self_attn.k_proj": "norm1", "self_attn.v_proj": "norm1",
                 "self_attn.o_proj": "attn", "mlp.gate_proj": "norm2", "mlp.up_proj": "norm2",
                 "mlp.down_proj": "act"}
+_MOE_READS = {**{m: r for m, r in _LLAMA_READS.items() if m.startswith("self_attn.")}, "mlp.gate": "norm2"}
 _READS = {
     "llama": _LLAMA_READS, "mistral": _LLAMA_READS, "qwen2": _LLAMA_READS, "gemma": _LLAMA_READS,
+    "qwen3": _LLAMA_READS, "qwen3_moe": _MOE_READS, "mixtral": _MOE_READS,
     "phi3": {"self_attn.qkv_proj": "norm1", "self_attn.o_proj": "attn", "mlp.gate_up_proj": "norm2",
              "mlp.down_proj": "act"},
     "gpt2": {"attn.c_attn": "norm1", "attn.c_proj": "attn", "mlp.c_fc": "norm2", "mlp.c_proj": "act"},
@@ -54,10 +58,14 @@ _READS = {
             "self_attn.out_proj": "attn", "fc1": "norm2", "fc2": "act"},
 }
 """Per family: the Linear (module name within a layer) -> the tensor it reads: the first or second norm's
-output, the attention output, the MLP's last input (activation, or gated product)."""
+output, the attention output, the MLP's last input (activation, or gated product). mixtral's and qwen3_moe's
+routers and experts are no Linear (``core.adapters.PEFT_MOE_CONVERTED`` refuses LoRA on them): their
+attention's, and the router's ``F.linear`` of the second norm's output, frozen."""
+_QK_NORMS = ("qwen3", "qwen3_moe")
+"""Families whose attention normalises q and k per head (``Qwen3RMSNorm`` ``q_norm``/``k_norm``)."""
 
 
-_SEPARATE = ("llama", "mistral", "qwen2", "gemma")
+_SEPARATE = ("llama", "mistral", "qwen2", "gemma", "qwen3")
 """Families with separate q/k/v/o/gate/up/down projections, whose LoRA transients ``_transients`` counts."""
 
 
@@ -112,6 +120,19 @@ def wrapped_inputs(shape: ModelShape, adapters: Adapters) -> dict[str, int]:
     return out
 
 
+def _frozen_experts(shape: ModelShape, d) -> int:
+    """What frozen routed experts stop saving (``core.closed_form_moe._moe_saved``'s terms): ``grouped_mm`` with
+    a frozen weight keeps neither the gathered states (gate/up's input, p*T*k*h) nor the product (down's input,
+    p*T*k*i_e). A model with dense layers too (whose frozen down keeps no p*T*i) loses the smaller of the two,
+    as its closed form takes the larger layer for every layer."""
+    sparse = shape.extra.get("sparse_layers") if shape.family in ("mixtral", "qwen3_moe") else None
+    if not sparse:
+        return 0
+    x = shape.extra
+    experts = d.p * d.T * x["top_k"] * (d.h + x["expert_size"])
+    return experts if len(sparse) == shape.num_layers else min(experts, d.p * d.T * d.i)
+
+
 def _kept_elsewhere(d, read: str) -> bool:
     """The tensor is saved by a non-Linear op too: the attention kernel's output (not where o_proj reads a
     contiguous copy: eager, the math path, phi3's and neox's cuDNN output), relu's output (opt)."""
@@ -150,6 +171,9 @@ def lora_profile(full: ActivationProfile, shape: ModelShape, adapters: Adapters,
     rms = d.norm_kind == "rmsnorm"
     cast = (4 if d.family == "gemma" else p) * T * h if rms else 0
     layer -= 2 * cast
+    if d.family in _QK_NORMS:  # frozen q_norm/k_norm weights keep no cast either: p*T*(a*d + kv*d)
+        layer -= p * T * (shape.q_hidden_size + shape.kv_hidden_size)
+    layer -= _frozen_experts(shape, d)
     if rms:
         first_norm = 4 * T * h + 4 * T + (4 * h if d.family == "gemma" else 0)
     else:

@@ -55,7 +55,8 @@ class Seen:
 
 def matrix_shape(tensor: ParamTensor, hidden_size: int) -> tuple[int, int] | None:
     """(rows, columns) of a 2-D parameter: a Linear's (out, in), an embedding's (rows, h); None for a vector or a
-    tensor whose shape is not known (generic families: treated as 1-D, the larger case for every optimizer here)."""
+    tensor whose shape is not kept (a router's bare weight, fused 3-D experts: treated as 1-D, the larger case for every
+    optimizer here)."""
     if tensor.linear_shape is not None:
         return tensor.linear_shape
     if tensor.component in ("embeddings", "position_embeddings") and tensor.numel % hidden_size == 0:

@@ -24,14 +24,16 @@ earlier phases left. A training run goes init -> first micro-step (forward, back
   the requests that follow are 4 P_t each (the ``.float()`` master, ``initialize_optimizer_states``'s zero
   gradient, FusedAdam's ``exp_avg`` and ``exp_avg_sq``), larger than any of those blocks: K = 3 b P_t.
   Measured on the 9 such rows of data/runs/h100-default and h100-holdout: init reserved - init peak allocated =
-  3.04-3.18 b P_t. Elsewhere K = 0.
+  3.04-3.18 b P_t. ZeRO-1/2 with one parameter group: the model's own tensors and the 16-bit clone of the
+  partition, freed before the fp32 master and its gradient (``stage12_init_cache``). Elsewhere K = 0.
 * ``R_first = max(R_init, F + f_a A_F + f_o G_o + f_g W)``: the first micro-step, before the optimizer states
   exist (F = the larger of the forward and backward peaks less the states the first step creates lazily, A_F its
   activations). Activations are many tensors of many sizes, freed in another order than made: the cache keeps a
   fraction ``f_a`` of them as free pieces too small for the next request (``reserved_fraction_of_activations``).
   With optimizer offload, each 16-bit gradient (G_o = b P bytes over backward) is copied to the host on another
   stream (stage_1_and_2.py ``copy_grads_in_partition``, ``_record_gradient_stream``), so its block is not reused
-  until that copy ends (``record_stream``): ``f_o`` (``reserved_fraction_of_offload_grads``). Stage 3 gathers
+  until that copy ends (``record_stream``): ``f_o`` (``reserved_fraction_of_offload_grads``); at stage 3 only
+  the rank's partition, G_o = b P / N_d, goes that way (stage3.py ``partition_grads``). Stage 3 gathers
   each module's parameters into blocks of their own sizes (W = gathered bytes): ``f_g``
   (``reserved_fraction_of_gathered``).
 * ``R_step = R_first + max(0, C - r U)`` (R_first without R_init here; see R below): the first
@@ -54,7 +56,8 @@ earlier phases left. A training run goes init -> first micro-step (forward, back
 ``R = max(R_init + C', (1 + f_p) max(R_step, R_steady) + c)``, rounded up to the 2 MiB segment granularity, with
 ``f_p`` (``reserved_fraction_of_peak``) and ``c`` (``reserved_fixed_bytes``) for what the terms leave out; C' is
 the first step's unreused buffers where the init reserve is what they stack on (init's segments are the model's
-own tensors, no fragmentation beyond them), else 0.
+own tensors, no fragmentation beyond them), less a flat block the init freed at its end (ZeRO-1/2's zero fp32
+gradient, B_c, ``init_freed_block_bytes``), else 0.
 
 The card caps it (``card_limit``): where the setup names the card (M bytes), the allocator can hold at most
 ``L = M - C - N_c`` (C the CUDA context, N_c the NCCL communicator and buffers, ``overheads.device_from``; on an
@@ -108,13 +111,19 @@ class ReservedFacts:
     parameter tensor (b n_max), whichever is larger."""
     offload_grad_bytes: int
     """G_o: the 16-bit gradients that leave through the host copy stream with optimizer offload, b P (P the
-    trainable parameters); else 0."""
+    trainable parameters) at stages 1-2, where every rank holds whole gradients until their bucket is reduced;
+    b P / N_d at stage 3, where only the rank's reduce-scattered partition is copied (stage3.py
+    ``partition_grads``: ``grad_buffer.to(device)`` of each partition, ``param.grad.record_stream``); else 0."""
     gathered_bytes: int
     """W: stage 3's gathered parameters at the forward/backward peak (``ModelStates.gathered_params_bytes``);
     0 at stages 0-2."""
     init_cached_bytes: int = 0
     """K: blocks the init frees that stay cached, each smaller than every later request of the init (module
     docstring); 0 where not modelled."""
+    init_freed_block_bytes: int = 0
+    """A flat block the init frees at its end, that the first step's first flat request of that size takes
+    (stage_1_and_2.py ``initialize_optimizer_states``: the zero fp32 gradient of the partition, B_c, dropped by
+    ``group.grad = None`` without optimizer offload); 0 elsewhere."""
     step_new_bytes: int = 0
     """Where set (> 0), the bytes of the first step that need a block of their own, in place of C (module
     docstring: stage 0's flat fp32 gradient, B_c)."""
@@ -184,17 +193,45 @@ def reserved_facts(setup: TrainingSetup, states: ModelStates, act: ActivationPro
     block = states.master_weights_bytes
     if stage == 3:
         block = min(block, FP32 * setup.zero.sub_group_size)
+    largest_param = dtype_bytes * max(t.numel for t in param_tensors(setup.model))
     free = FP32 * act.logits_bytes // dtype_bytes
     if not (stage == 3 and setup.zero.zero_init):
-        free = max(free, dtype_bytes * max(t.numel for t in param_tensors(setup.model)))
+        free = max(free, largest_param)
     flat0 = stage == 0 and flat_at_stage0(setup) and block > 0
+    cached = 3 * dtype_bytes * trainable_numel if flat0 else 0
+    if stage in (1, 2) and setup.optimizer.param_groups == 1:
+        cached = stage12_init_cache(trainable_numel, setup.world_size, dtype_bytes, largest_param, offload=offload)
     return ReservedFacts(
         contiguous_step=(stage >= 1 and not offload and block > 0) or flat0, contiguous_block_bytes=block,
-        init_cached_bytes=3 * dtype_bytes * trainable_numel if flat0 else 0, step_new_bytes=block if flat0 else 0,
+        init_cached_bytes=cached, step_new_bytes=block if flat0 else 0,
+        init_freed_block_bytes=block if stage in (1, 2) and not offload else 0,
         largest_free_block_bytes=free,
-        offload_grad_bytes=dtype_bytes * trainable_numel if offload else 0,
+        offload_grad_bytes=dtype_bytes * trainable_numel // (setup.world_size if stage == 3 else 1) if offload else 0,
         gathered_bytes=states.gathered_params_bytes if stage == 3 else 0,
         card_bytes=setup.gpu_memory_bytes or 0, comm_peers=setup.world_size - 1 if real_comm else None)
+
+
+def stage12_init_cache(trainable_numel: int, world: int, dtype_bytes: int, largest_param_bytes: int, *,
+                       offload: bool) -> int:
+    """K at ZeRO-1/2 with one parameter group (stage_1_and_2.py ``DeepSpeedZeroOptimizer.__init__``; P_t the
+    trainable parameters, N_d ranks, b bytes each, n_max the largest parameter tensor):
+    ``flatten_dense_tensors_aligned`` copies the model into one flat block (b P_t) while the model's own tensors
+    are live (allocated peak 2 b P_t), ``_update_model_bit16_weights`` frees those tensors (b P_t, per-tensor
+    blocks), ``weights_partition = partition.clone().to(fp32)`` frees its 16-bit clone (b P_t / N_d), and
+    ``initialize_optimizer_states`` then allocates the fp32 master and its zero gradient, X = 2 * 4 P_t / N_d,
+    larger than any of those freed blocks, so in new segments (the states of Adam come lazily, at the first step).
+    The freed model is reused only as far as X passes it: K = b P_t / N_d + min(b P_t, X). With optimizer offload
+    the master and the gradient are on the host: K = b P_t / N_d. A freed block at least as large as a request
+    (b n_max >= the request) holds it instead: that piece then counts 0. With more parameter groups, DeepSpeed's
+    ``empty_cache()`` at the start of each group's flattening gives the earlier groups' freed blocks back, and
+    the last group (the HF Trainer's no-decay norms and biases) leaves almost none: K = 0 there.
+    Measured on data/runs (one group, H100 and H200): K / b P_t = 1.57 at N_d 2 (1.5), 1.25-1.33 at N_d 4 (1.25),
+    0.52-0.67 at N_d 8 (0.625); with offload 1.04-1.06 at N_d 1 (1), 0.54-0.57 at N_d 2 (0.5)."""
+    clone = dtype_bytes * trainable_numel // world
+    later = 0 if offload else 2 * FP32 * trainable_numel // world
+    clone = clone if clone > largest_param_bytes else 0
+    later = later if later // 2 > largest_param_bytes else 0
+    return clone + min(dtype_bytes * trainable_numel, later)
 
 
 def _total(components: dict[str, float]) -> float:
@@ -231,6 +268,7 @@ def reserved_terms(phases: dict[str, dict[str, float]], facts: ReservedFacts, oh
         live_after_backward = totals["step"] - temporaries - lazy
         if facts.contiguous_block_bytes <= facts.largest_free_block_bytes:
             new = max(0.0, new - oh.reserved_reuse_fraction * max(0.0, r_first - live_after_backward))
+    new_init = max(0.0, new - facts.init_freed_block_bytes)  # stacked on the init: its freed B_c is taken first
     act_peak = oh.reserved_fraction_of_activations * acts[peak_name]
     f_p, fixed = oh.reserved_fraction_of_peak, float(oh.reserved_fixed_bytes)
     candidates = [  # (total, set_by, base, init cache, activation cache, caches, first-step buffers, fraction, fixed)
@@ -238,8 +276,8 @@ def reserved_terms(phases: dict[str, dict[str, float]], facts: ReservedFacts, oh
          act_peak, caches, 0.0, f_p * (totals[peak_name] + act_peak + sum(caches)), fixed),
         ((1 + f_p) * (first_base + act_first + sum(caches) + new) + fixed, "first step", first_base, 0.0,
          act_first, caches, new, f_p * (first_base + act_first + sum(caches) + new), fixed),
-        (r_init + (new if r_first == r_init else 0.0), "init", totals["init"], float(facts.init_cached_bytes), 0.0,
-         (0.0, 0.0), new if r_first == r_init else 0.0, 0.0, 0.0),
+        (r_init + (new_init if r_first == r_init else 0.0), "init", totals["init"], float(facts.init_cached_bytes), 0.0,
+         (0.0, 0.0), new_init if r_first == r_init else 0.0, 0.0, 0.0),
     ]
     total, set_by, base, init_cache, act, caches, new, fraction, fixed = max(candidates, key=lambda c: c[0])
     block = max(1, oh.reserved_block_bytes)

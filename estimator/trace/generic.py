@@ -124,10 +124,36 @@ def meta_model(config: dict):
     return build_model(config, "fp32", "eager", device="meta", num_layers=None)
 
 
-def meta_param_tensors(shape: ModelShape) -> list[tuple[str, int, str]]:
-    """(name, numel, component) of every entry of ``named_parameters()`` of ``shape``'s model on meta."""
+def _linear_shapes(model) -> dict[str, tuple[int, int]]:
+    """Weight name -> (out, in) of every ``torch.nn.Linear`` and transformers ``Conv1D`` (weight (in, out),
+    ``nf`` outputs): the modules peft 0.21's ``all-linear`` selects (tuners_utils.py
+    ``_maybe_include_all_linear_layers``: ``isinstance(module, (torch.nn.Linear, Conv1D))``)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            out[f"{name}.weight"] = (module.out_features, module.in_features)
+        elif isinstance(module, Conv1D):
+            out[f"{name}.weight"] = (module.nf, module.weight.shape[0])
+    return out
+
+
+def _output_weight(model) -> str | None:
+    """The name of the output embedding's weight (``get_output_embeddings()``), which peft's ``all-linear``
+    leaves out and whose component is ``lm_head`` whatever the family calls it."""
+    head = model.get_output_embeddings()
+    return next((f"{name}.weight" for name, module in model.named_modules() if module is head), None)
+
+
+def meta_param_tensors(shape: ModelShape) -> list[tuple[str, int, str, tuple[int, int] | None]]:
+    """(name, numel, component, the (out, in) of a Linear's weight or None) of every entry of
+    ``named_parameters()`` of ``shape``'s model on meta."""
     start = time.perf_counter()
     model = meta_model(shape.extra["config"])
-    out = [(name, param.numel(), component_of(name)) for name, param in model.named_parameters()]
+    linear, head = _linear_shapes(model), _output_weight(model)
+    out = [(name, param.numel(), "lm_head" if name == head else component_of(name), linear.get(name))
+           for name, param in model.named_parameters()]
     log.info(f"read {len(out)} parameter tensors of {shape.name} on meta in {time.perf_counter() - start:.2f} s")
     return out
