@@ -33,8 +33,9 @@ _BYTE_SUFFIX = {
 _NUMBER = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
-def parse_count(text: str | int | float) -> int:
-    """Parse a parameter count such as ``"1.3B"``, ``"350M"``, ``"7e9"`` or ``125000000``.
+def parse_count(text: str | int | float, *, what: str = "parameter count", minimum: int = 1) -> int:
+    """Parse a parameter count such as ``"1.3B"``, ``"350M"``, ``"7e9"`` or ``125000000``; ``what`` names it in
+    errors, and ``minimum`` is the smallest count taken (0 for element counts where DeepSpeed takes 0).
 
     Raises ValueError with a message that says what was expected.
     """
@@ -44,15 +45,16 @@ def parse_count(text: str | int | float) -> int:
         match = _NUMBER.match(str(text))
         if not match or match.group(2).upper() not in _COUNT_SUFFIX:
             raise ValueError(
-                f"cannot read {text!r} as a parameter count: use a number with an optional K, M, B or T suffix, "
-                "e.g. 1.3B or 350M"
+                f"cannot read {text!r} as a {what}: use a number with an optional K, M, B or T suffix, "
+                f"e.g. {'1.3B or 350M' if what == 'parameter count' else '5e8 or 500M'}"
             )
         value, suffix = float(match.group(1)), match.group(2).upper()
     if not math.isfinite(value * _COUNT_SUFFIX[suffix]):
-        raise ValueError(f"parameter count {text!r} is too large to be a number; use e.g. 1.3B or 70B")
+        raise ValueError(f"{what} {text!r} is too large to be a number; use e.g. "
+                         f"{'1.3B or 70B' if what == 'parameter count' else '5e8 or 500M'}")
     count = round(value * _COUNT_SUFFIX[suffix])
-    if count <= 0:
-        raise ValueError(f"parameter count {text!r} must be positive")
+    if count < minimum:
+        raise ValueError(f"{what} {text!r} must be {'positive' if minimum == 1 else f'{minimum} or more'}")
     return count
 
 

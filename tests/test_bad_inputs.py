@@ -64,6 +64,123 @@ def test_claims_plot_without_matplotlib(monkeypatch, tmp_path):
     _error(_run("claims", "--plot", str(tmp_path / "c.png")), "--plot", "matplotlib", "pip install")
 
 
+# Found by the 2026-12-02 sweep: one class per test --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("args", "word"), [
+    (("predict", "--params", "1.3B", "--stage", "abc"), "'abc' is not a valid integer"),
+    (("predict", "--params", "1.3B", "--dtype", "fp8"), "bf16, fp16, fp32"),
+    (("plan", "--params", "1.3B"), "Missing option '--gpu'"),
+    (("models", "x"), "unexpected extra argument"),
+    (("predikt",), "Did you mean 'predict'"),
+])
+def test_usage_errors_are_one_line(args, word):
+    _error(_run(*args), word)
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (("--nodes", "0"), ("nodes", "--nodes")),  # ZeroDivisionError before
+    (("--gpus", str(10**9)), ("100,000", "--gpus")),  # hung walking 1e9 ranks
+    (("--micro-batch", str(10**13)), ("tokens per micro-batch", "--micro-batch")),
+    (("--lora-rank", str(10**15)), ("parameters as trained", "--lora-rank")),  # MemoryError before
+])
+def test_huge_or_zero_sizes_are_refused(args, words):
+    _error(_run("predict", "--params", "1.3B", *args), *words)
+
+
+@pytest.mark.parametrize(("config", "key"), [
+    ({"zero_optimization": [3]}, "zero_optimization must be a JSON object"),
+    ({"optimizer": {"type": "AdamW", "params": [1]}}, "optimizer.params must be a JSON object"),
+    ({"zero_optimization": {"stage": 3, "offload_optimizer": "cpu"}}, "offload_optimizer must be a JSON object"),
+    ({"bf16": True}, "bf16 must be a JSON object"),
+    ({"zero_optimization": {"stage": 2, "overlap_comm": "maybe"}}, "overlap_comm must be true or false"),
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": -5}}, "reduce_bucket_size must be 0 or more"),
+    ({"train_micro_batch_size_per_gpu": float("inf")}, "not a finite value"),
+])
+def test_ds_config_values_of_the_wrong_type_name_the_key(tmp_path, config, key):
+    path = _ds(tmp_path, config)
+    _error(_run("predict", "--params", "125M", "--ds-config", path), path, key)
+
+
+@pytest.mark.slow  # imports DeepSpeed (about 4 s)
+@pytest.mark.deepspeed
+@pytest.mark.parametrize("text", ["yes", "on", "1", "True", "false", "off", "0"])
+def test_ds_config_booleans_read_as_deepspeed_reads_them(tmp_path, text):
+    from zeroest.estimator.catalog.models import standard_shape
+    from zeroest.estimator.configs.read import setup_from_configs
+
+    precision = pytest.importorskip("deepspeed.runtime.precision_config")
+
+    path = _ds(tmp_path, {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": text}})
+    setup, _ = setup_from_configs(path, None, {"model": standard_shape(125 * 10**6)})
+    assert (setup.dtype == "bf16") is precision.DeepSpeedBF16Config(enabled=text).enabled
+
+
+def test_lora_options_without_a_rank():
+    _error(_run("predict", "--params", "125M", "--modules-to-save", "lm_head"), "--modules-to-save", "--lora-rank")
+    result = _run("predict", "--params", "125M", "--stage", "2", "--lora-alpha", "32")
+    assert result.exit_code == 0 and "--lora-alpha 32 ignored" in result.output
+
+
+def test_flash_attention_in_fp32_is_refused():  # estimated silently before; flash-attn stops at the first forward
+    _error(_run("predict", "--params", "125M", "--attn", "flash", "--dtype", "fp32"), "--attn flash", "fp32")
+
+
+@pytest.mark.parametrize("pattern", ["nosuch", "["])
+def test_freeze_pattern_matching_nothing(pattern):
+    _error(_run("predict", "--params", "125M", "--freeze", pattern), "--freeze", repr(pattern))
+
+
+def test_count_flags_take_zero_where_deepspeed_does():
+    assert _run("predict", "--params", "125M", "--stage", "3", "--param-persistence-threshold", "0").exit_code == 0
+    _error(_run("predict", "--params", "125M", "--reduce-bucket-size", "-5"), "--reduce-bucket-size", "elements")
+
+
+def test_output_paths_of_the_wrong_kind(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    _error(_run("claims", "--plot", str(tmp_path / "x.txt")), "--plot", ".png")  # matplotlib's traceback before
+    _error(_run("claims", "--plot", str(tmp_path)), "--plot", "folder")  # wrote <folder>.png silently before
+    _error(_run("report", "--markdown", str(tmp_path)), "--markdown", "folder")
+    _error(_run("report", "--plots", str(tmp_path / "file.txt")), "--plots", "is a file")
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("distributed_type: NO\nnum_processes: 1\n", ("distributed_type is NO", "--stage 0")),  # YAML's false
+    ("distributed_type: FSDP\nnum_processes: 2\n", ("FSDP", "does not model")),
+    ("distributed_type: DEEPSPEED\nnum_processes: 2\nnum_machines: 0\n", ("num_machines",)),
+    ("deepspeed_config:\n  zero_stage: 3\n  zero3_init_flag: maybe\n", ("zero3_init_flag",)),  # read as false before
+])
+def test_accelerate_config_names_what_it_cannot_estimate(tmp_path, text, words):
+    path = tmp_path / "acc.yaml"
+    path.write_text(text)
+    _error(_run("predict", "--params", "125M", "--accelerate-config", str(path)), str(path), *words)
+
+
+def test_accelerate_fp8_trains_deepspeed_in_bf16(tmp_path):
+    from zeroest.estimator.catalog.models import standard_shape
+    from zeroest.estimator.configs.read import setup_from_configs
+
+    path = tmp_path / "acc.yaml"
+    path.write_text("distributed_type: DEEPSPEED\nnum_processes: 2\nmixed_precision: fp8\n"
+                    "deepspeed_config:\n  zero_stage: 2\n")
+    setup, warnings = setup_from_configs(None, path, {"model": standard_shape(125 * 10**6)})
+    assert setup.dtype == "bf16" and any("fp8" in line for line in warnings)  # it was fp32, silently
+
+
+@pytest.mark.parametrize(("args", "word"), [
+    (("--gpus", "0"), "--gpus"),
+    (("--master-port", "99999"), "--master-port"),
+    (("--launcher", "deepspeed", "--hostfile", "/nonexistent/hosts"), "--hostfile"),
+    (("--nnodes", "2", "--node-rank", "3", "--master-port", "29500"), "--node-rank"),
+])
+def test_validate_options_checked_before_planning(tmp_path, args, word):
+    _error(_run("validate", "--dry-run", "--cpu", "--grid", "quick", "--out", str(tmp_path), *args), word)
+
+
+def test_plan_global_batch_is_bounded():
+    _error(_run("plan", "--gpu", "h100", "--params", "125M", "--global-batch", str(10**12)), "--global-batch")
+
+
 # Nonsense accepted silently ---------------------------------------------------------------------------------------
 
 

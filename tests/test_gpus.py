@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 from zeroest.estimator.catalog.files import data_path
-from zeroest.estimator.catalog.gpus import GPU_HELP, gpu_presets, load_gpu_catalog, normalise, parse_gpu
+from zeroest.estimator.catalog.gpus import gpu_presets, load_gpu_catalog, normalise, parse_gpu
 from zeroest.estimator.units import GB, GiB, MiB
+
+from zeroest.cli.options import GPU_HELP
 
 # (what a user types, preset key, MiB total as nvidia-smi / rocm-smi reports it)
 PRESETS = [

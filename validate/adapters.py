@@ -15,6 +15,16 @@ The counts of the wrapped model are recorded beside the measurement and must equ
 from __future__ import annotations
 
 
+def check_measurable(adapters, where: str) -> None:
+    """ValueError for adapters the worker cannot apply as the estimate assumes them: a QLoRA base (``base_quant``)
+    is built from its config in 16 bits here (4-bit loading goes through ``from_pretrained`` with trained
+    weights), so its row would measure a 16-bit LoRA run against a 4-bit prediction."""
+    if adapters.base_quant != "none":
+        raise ValueError(f"{where}: base_quant {adapters.base_quant} (QLoRA) cannot be validated: the worker builds "
+                         "the base from its config in 16 bits (4-bit loading needs trained weights through "
+                         "from_pretrained); drop base_quant from the entry, or estimate it with predict")
+
+
 def expected_adapters(spec: dict):
     """(the setup's ``core.adapters.Adapters``, its ``trainable_split``): the estimator's view of the spec."""
     from zeroest.estimator.configs.flat import setup_from_dict

@@ -144,6 +144,11 @@ class LaunchOptions:
     def __post_init__(self) -> None:
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"unknown launcher {self.launcher!r}: use --launcher torchrun, accelerate or deepspeed")
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--nnodes {self.nnodes} --node-rank {self.node_rank}: give 1 or more nodes and a node "
+                             "rank from 0 to nnodes - 1")
+        if self.master_port is not None and not 1 <= self.master_port <= 65535:
+            raise ValueError(f"--master-port {self.master_port} is not a TCP port: give one from 1 to 65535")
         if self.nnodes > 1 and self.master_port is None:
             raise ValueError("multi-node runs need one rendezvous port on every node: set --master-port")
         if self.hostfile is not None and self.launcher != "deepspeed":

@@ -25,15 +25,10 @@ from pathlib import Path
 from zeroest.estimator.configs.accelerate_write import accelerate_yaml
 from zeroest.estimator.configs.ds_write import ds_config
 from zeroest.estimator.configs.flat import setup_from_dict, setup_to_dict
+from zeroest.validate.adapters import check_measurable
 from zeroest.validate.grid import GridEntry
 from zeroest.validate.jobs import Job, Run, Slots, rough_need_bytes
-from zeroest.validate.launch import (
-    LaunchOptions,
-    child_env,
-    deepspeed_env_file,
-    free_port,
-    launch_command,
-)
+from zeroest.validate.launch import LaunchOptions, child_env, deepspeed_env_file, free_port, launch_command
 
 from zeroest.report.runs import RUNS_FILE, append_rows, check_version, done_keys, drop_runs, make_rows, read_rows
 
@@ -59,8 +54,7 @@ class ValidateOptions:
     cpu: bool = False
     """gloo ranks on the CPU; memory from ``validate.memtrack.LiveBytes``."""
     gpus: int | None = None
-    """Ranks per node of real runs whose grid entry names no world size (None: all visible GPUs; 2 on the
-    CPU)."""
+    """Ranks per node of real runs whose entry names no world size (None: all visible GPUs; 2 on the CPU)."""
     jobs: int = 1
     """Runs at once (one GPU shared where predicted memory fits)."""
     timeout_s: float = 600.0
@@ -148,10 +142,7 @@ def plan(entries: list[GridEntry], models: dict[str, dict], opts: ValidateOption
             raise ValueError(f"{entry.where}: the entry names no model: add model: <preset> (or under defaults:)")
         data["model"], config = _model_config(str(data["model"]), models, opts.out)
         setup = setup_from_dict(data, where=entry.where)
-        if setup.adapters.base_quant != "none":  # a measured row must run what the estimate assumed
-            raise ValueError(f"{entry.where}: base_quant {setup.adapters.base_quant} (QLoRA) cannot be validated: the "
-                             "worker builds the base from its config in 16 bits (4-bit loading needs trained weights "
-                             "through from_pretrained); drop base_quant from the entry, or estimate it with predict")
+        check_measurable(setup.adapters, entry.where)
         flat = setup_to_dict(setup)
         if not entry.simulate:
             _check_real(setup, opts, visible_gpus, entry.where)

@@ -16,13 +16,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from zeroest.estimator.catalog.fit import FIT_MARGIN, Fit, fit_verdict
-from zeroest.estimator.catalog.gpus import Gpu, parse_gpu
 from zeroest.estimator.core.estimate import Estimate, estimate
 from zeroest.estimator.core.setup import TrainingSetup
 from zeroest.estimator.core.shape import ModelShape
 from zeroest.estimator.core.vocab import OffloadDevice, default_stages
+
+if TYPE_CHECKING:
+    from zeroest.estimator.catalog.gpus import Gpu
+
+MAX_GLOBAL_BATCH = 10**6
+"""The largest ``plan --global-batch``, in sequences per optimizer step: hundreds of times the published ones (a few
+thousand sequences, some millions of tokens), and small enough that walking its divisors stays quick."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,20 @@ def _paper_warnings(setups: list[TrainingSetup]) -> list[str]:
             "is ignored; drop --paper to estimate the offload"]
 
 
+def _lora_warnings(flags: dict) -> list[str]:
+    """LoRA's own options given without a LoRA rank: a full fine-tune is estimated and they change nothing.
+    (``--modules-to-save`` without a rank is an error instead, in ``core.adapters.Adapters``: it would train a
+    copy that no peft setup makes.)"""
+    if flags.get("lora_rank"):
+        return []
+    given = [f"--{key.replace('_', '-')} {flags[key]}" for key in ("lora_alpha", "lora_dropout", "lora_targets")
+             if key in flags]
+    if not given:
+        return []
+    return [f"{', '.join(given)} ignored: LoRA is off without --lora-rank (a full fine-tune is estimated); set "
+            "--lora-rank to train LoRA adapters"]
+
+
 def build_setup(shape: ModelShape, flags: dict, *, from_params: bool = False, **fixed) -> TrainingSetup:
     """The setup of the given ``flags`` (flat setup keys, plus ``fixed`` keys a command sets itself); what was not
     given takes the setup's defaults and the vocabulary's rules, exactly as a grid or runs.jsonl row does.
@@ -112,7 +133,11 @@ def predict_request(shape: ModelShape, flags: dict, *, stage: int | None = None,
     asked for is estimated. ``gpu`` is a preset name, a size, or a ``Gpu``; its memory becomes the setups'
     ``gpu_memory_bytes`` (DeepSpeed's capacity branches, ``core.capacity``).
     """
-    target = parse_gpu(gpu) if isinstance(gpu, str) else gpu
+    if isinstance(gpu, str):
+        from zeroest.estimator.catalog.gpus import parse_gpu
+
+        gpu = parse_gpu(gpu)
+    target = gpu
     warnings: list[str] = []
     if ds_config is not None or accelerate_config is not None:
         setup, warnings = _config_setup(shape, flags, ds_config, accelerate_config, from_params)
@@ -126,7 +151,7 @@ def predict_request(shape: ModelShape, flags: dict, *, stage: int | None = None,
         setups = [build_setup(shape, flags, from_params=from_params, stage=s) for s in stages]
     if target is not None and "gpu_memory_bytes" not in flags:  # the card decides DeepSpeed's init branch
         setups = [s.with_(gpu_memory_bytes=target.memory_bytes) for s in setups]
-    warnings += _paper_warnings(setups)
+    warnings += _paper_warnings(setups) + _lora_warnings(flags)
     overheads = calibration_for(target)
     estimates = [estimate(s, overheads) for s in setups]
     fits = [fit_verdict(e.device_bytes, target, margin) for e in estimates] if target is not None else []
@@ -225,8 +250,9 @@ def plan_request(shape: ModelShape, flags: dict, *, gpu: str, margin: float = FI
     queries = list(queries or [])
     if top < 1:
         raise ValueError(f"--top {top}: show at least one setup (--top 1 or more)")
-    if global_batch is not None and global_batch < 1:
-        raise ValueError(f"--global-batch {global_batch}: give 1 or more sequences per optimizer step")
+    if global_batch is not None and not 1 <= global_batch <= MAX_GLOBAL_BATCH:
+        raise ValueError(f"--global-batch {global_batch}: give 1 to {MAX_GLOBAL_BATCH:,} sequences per optimizer "
+                         "step (the search walks every micro-batch that divides it)")
     if queries and (write_ds_config or write_accelerate_config):
         raise ValueError(f"--{queries[0].replace('_', '-')} answers a question and chooses no setup, so there is "
                          "nothing to write: drop --write-ds-config / --write-accelerate-config, or the query")
@@ -234,7 +260,7 @@ def plan_request(shape: ModelShape, flags: dict, *, gpu: str, margin: float = FI
     _check_target(write_accelerate_config, "--write-accelerate-config")
     flags = dict(flags)
     grad_ckpt = flags.pop("grad_ckpt", None)
-    notes = []
+    notes = _lora_warnings(flags)
     if write_ds_config is not None and "zero_init" not in flags:
         flags["zero_init"] = zero_init_default(3, Builder(write_for))
         how = ("under zero.Init, as the HF Trainer does with the written ds_config" if flags["zero_init"]
@@ -246,6 +272,8 @@ def plan_request(shape: ModelShape, flags: dict, *, gpu: str, margin: float = FI
         flags["loop"] = loop_default(Builder(write_for))
         notes.append(f"planned with the {flags['loop']} training loop, as the written ds_config is read back "
                      "(--loop changes it)")
+    from zeroest.estimator.catalog.gpus import parse_gpu
+
     card = parse_gpu(gpu)
     flags.setdefault("gpu_memory_bytes", card.memory_bytes)  # the card decides DeepSpeed's init branch
     base = build_setup(shape, flags, from_params=from_params, stage=0)

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from zeroest.estimator.catalog.gpus import Gpu
 from zeroest.estimator.units import format_gib
+
+if TYPE_CHECKING:  # annotations only: the --gpu parser is not imported for a prediction without --gpu
+    from zeroest.estimator.catalog.gpus import Gpu
 
 FIT_MARGIN = 0.1
 """Default fraction of the GPU's memory kept free (``--margin``). 10% covers what the estimate does not model:

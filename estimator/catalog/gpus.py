@@ -20,13 +20,6 @@ from pathlib import Path
 from zeroest.estimator.catalog.files import data_path, load_yaml
 from zeroest.estimator.units import GB, MB, TB, GiB, MiB, TiB, parse_bytes
 
-GPU_HELP = (
-    "GPU to check the fit against: a preset (4090, 3090, a6000, l40s, a100-40g, a100-80g, h100, h200, b200, "
-    "mi300x, ...; see data/gpus.yaml) or a size with its unit: 24GB (10**9 bytes) or 24GiB (2**30 bytes); "
-    "a bare number or a bare G is refused as ambiguous."
-)
-"""Help text of the ``--gpu`` option (predict and plan)."""
-
 SIZE_UNITS = {"gb": GB, "gib": GiB, "mb": MB, "mib": MiB, "tb": TB, "tib": TiB}
 """Units ``--gpu`` takes for a size (case-insensitive)."""
 _AMBIGUOUS_UNITS = {"g", "m", "t", "k", ""}

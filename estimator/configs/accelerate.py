@@ -54,8 +54,8 @@ def accelerate_world(acc: dict | None, base: dict, warnings: list[str], where: s
     ``--gpus``/``--nodes`` that disagrees with the YAML is a conflict, ``configs.checks.flag_conflicts``)."""
     gpus, nodes = base.get("gpus_per_node", 1), base.get("nodes", 1)
     if acc and acc.get("num_processes") not in (None, -1):
-        machines = whole_number(acc.get("num_machines", 1), "num_machines", where)
-        total = whole_number(acc["num_processes"], "num_processes", where)
+        machines = whole_number(acc.get("num_machines", 1), "num_machines", where, 1)
+        total = whole_number(acc["num_processes"], "num_processes", where, 1)
         if total % machines:
             raise ValueError(f"{where}: num_processes {total} is not a multiple of num_machines {machines}")
         gpus, nodes = total // machines, machines
@@ -71,10 +71,15 @@ def read_accelerate(acc_path: Path, ds_path: Path | None, warnings: list[str]) -
         ds, ACCELERATE_DS_KEYS, f"{where} deepspeed_config", "accelerate ignores it"
     )
     kind = acc.get("distributed_type", "DEEPSPEED")
+    kind = "NO" if kind is False else str(kind)  # YAML 1.1 reads a bare NO as false
     if kind != "DEEPSPEED":
-        raise ValueError(f"{where}: distributed_type is {kind}, which launches no DeepSpeed (MULTI_GPU is plain "
-                         "torch DDP) and zeroest models DeepSpeed ZeRO only: set distributed_type: DEEPSPEED, or "
-                         "estimate DDP's nearest case with zeroest predict --stage 0 --gpus N")
+        if kind == "NO" or kind.startswith("MULTI_"):  # one process, or torch DDP over some device
+            raise ValueError(f"{where}: distributed_type is {kind}: {'one process' if kind == 'NO' else 'torch DDP'}"
+                             ", no DeepSpeed, and zeroest models DeepSpeed ZeRO only: set distributed_type: "
+                             "DEEPSPEED, or estimate the nearest case, stage 0, with zeroest predict --stage 0 --gpus "
+                             f"{'1' if kind == 'NO' else 'N'}")
+        raise ValueError(f"{where}: distributed_type is {kind}, which zeroest does not model (DeepSpeed ZeRO only): "
+                         "set distributed_type: DEEPSPEED to estimate the DeepSpeed run instead")
     file = ds.get("deepspeed_config_file")
     if file and file != "none":
         ignored = [k for k in IGNORED_WITH_DS_FILE if k in ds or (k == "mixed_precision" and acc.get(k))]

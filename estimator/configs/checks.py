@@ -9,9 +9,12 @@ open to the trainer's arguments, the flag fills it.
 
 from __future__ import annotations
 
+import json
 from enum import Enum
 
+from zeroest.estimator.configs.files import unknown_key_warnings
 from zeroest.estimator.configs.flat import axes, setup_to_dict
+from zeroest.estimator.configs.keys import DS_KEYS, OFFLOAD_KEYS, ZERO_KEYS
 from zeroest.estimator.core.setup import TrainingSetup
 from zeroest.estimator.core.vocab import ZERO_KNOBS
 
@@ -116,3 +119,52 @@ def unmodelled_warnings(config: dict, where: str) -> list[str]:
         lines.append(f"{where}: {dotted} = {value!r} ({what}) is not modelled; the estimate ignores it, "
                      "so measured memory may differ")
     return lines
+
+
+SECTIONS: dict[str, tuple[bool, str]] = {
+    "zero_optimization": (False, '{"stage": 2}'),
+    "zero_optimization.offload_optimizer": (True, '{"device": "cpu"}'),
+    "zero_optimization.offload_param": (True, '{"device": "cpu"}'),
+    "optimizer": (False, '{"type": "AdamW", "params": {"lr": 1e-5}}'),
+    "optimizer.params": (False, '{"lr": 1e-5}'),
+    "scheduler": (False, '{"type": "WarmupLR", "params": {}}'),
+    "fp16": (False, '{"enabled": true}'),
+    "bf16": (False, '{"enabled": true}'),
+    "bfloat16": (False, '{"enabled": true}'),
+}
+"""ds_config sections DeepSpeed builds a config object from (runtime/config.py, ``zero/config.py``
+``DeepSpeedZeroConfig``, ``precision_config.py``): whether ``null`` is allowed (an ``Optional`` field), and an
+example. Anything but a JSON object there stops ``deepspeed.initialize``."""
+
+
+def check_sections(config: dict, where: str) -> None:
+    """ValueError naming the first section of ``SECTIONS`` that ``config`` holds as something other than a JSON
+    object (a list, a string, ``true``), instead of the section being misread or dropped."""
+    for dotted, (nullable, example) in SECTIONS.items():
+        *parents, key = dotted.split(".")
+        node = config
+        for name in parents:
+            node = node.get(name) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or key not in node:
+            continue
+        value = node[key]
+        if isinstance(value, dict) or (value is None and nullable):
+            continue
+        raise ValueError(f"{where}: {dotted} must be a JSON object such as {example}, got {json.dumps(value)} "
+                         "(DeepSpeed stops at init); fix the file")
+
+
+def ds_key_warnings(config: dict, where: str) -> list[str]:
+    """One warning per ds_config key that DeepSpeed does not know (top level, ``zero_optimization`` and its
+    offload sections), with the nearest known key."""
+    warnings = unknown_key_warnings(config, DS_KEYS, where, "DeepSpeed ignores unknown top-level keys")
+    zero = config.get("zero_optimization")
+    if isinstance(zero, dict):
+        warnings += unknown_key_warnings(
+            zero, ZERO_KEYS, f"{where} zero_optimization", "DeepSpeedZeroConfig rejects it at init"
+        )
+        for name in ("offload_optimizer", "offload_param"):
+            if isinstance(zero.get(name), dict):
+                warnings += unknown_key_warnings(zero[name], OFFLOAD_KEYS[name], f"{where} zero_optimization.{name}",
+                                                 "DeepSpeed rejects it at init")
+    return warnings

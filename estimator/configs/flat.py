@@ -62,17 +62,32 @@ def check_keys(data: dict, where: str = "setup") -> None:
             raise ValueError(f"unknown key {key!r} in {where}{hint}")
 
 
+_COUNTS = {"nodes": ("the number of nodes", "--nodes"), "gpus_per_node": ("the number of GPUs per node", "--gpus"),
+           "world_size": ("the world size", "world_size")}
+
+
+def _count(data: dict, key: str, default: int, where: str) -> int:
+    """A rank or node count of the flat dict as a positive int; ValueError naming the key, not ``int()``'s."""
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip().isdigit() or \
+            int(value) < 1:
+        name, flag = _COUNTS[key]
+        raise ValueError(f"{where + ': ' if where else ''}{name} must be a positive whole number, got {value!r} "
+                         f"(set {flag} to 1 or more)")
+    return int(value)
+
+
 def _layout(data: dict, where: str) -> tuple[int, int]:
-    nodes = int(data.get("nodes", 1))
-    gpus = data.get("gpus_per_node")
-    if gpus is None:
-        world = int(data.get("world_size", nodes))
+    nodes = _count(data, "nodes", 1, where)
+    if "gpus_per_node" not in data:
+        world = _count(data, "world_size", nodes, where)
         if world % nodes:
             raise ValueError(f"{where}: world_size {world} is not a multiple of nodes {nodes}")
         return world // nodes, nodes
-    if "world_size" in data and int(data["world_size"]) != int(gpus) * nodes:
+    gpus = _count(data, "gpus_per_node", 1, where)
+    if "world_size" in data and _count(data, "world_size", 1, where) != gpus * nodes:
         raise ValueError(f"{where}: world_size {data['world_size']} != gpus_per_node {gpus} x nodes {nodes}")
-    return int(gpus), nodes
+    return gpus, nodes
 
 
 def setup_from_dict(data: dict, model: ModelShape | None = None, where: str = "setup") -> TrainingSetup:

@@ -17,10 +17,9 @@ from dataclasses import fields
 from pathlib import Path
 
 from zeroest.estimator.configs.accelerate import accelerate_ds_config, accelerate_world, read_accelerate
-from zeroest.estimator.configs.checks import unmodelled_warnings
+from zeroest.estimator.configs.checks import check_sections, ds_key_warnings, unmodelled_warnings
 from zeroest.estimator.configs.ds_write import ZERO_TESTED, muon_needs_no_reduce_scatter
-from zeroest.estimator.configs.files import read_json, unknown_key_warnings, whole_number
-from zeroest.estimator.configs.keys import DS_KEYS, OFFLOAD_KEYS, ZERO_KEYS
+from zeroest.estimator.configs.files import ds_bool, read_json, whole_number
 from zeroest.estimator.core.adapters import Adapters
 from zeroest.estimator.core.setup import Optimizer, TrainingSetup, Workload, ZeroConfig
 from zeroest.estimator.core.vocab import (
@@ -61,24 +60,6 @@ BASE_KEYS: tuple[str, ...] = (
 )
 """Keys ``base`` may hold; ``model`` (a ModelShape) is required. No config file holds the adapters (peft's
 LoraConfig is the script's): they come from the flags alone."""
-
-
-def _ds_key_warnings(config: dict, where: str) -> list[str]:
-    warnings = unknown_key_warnings(config, DS_KEYS, where, "DeepSpeed ignores unknown top-level keys")
-    zero = config.get("zero_optimization")
-    if isinstance(zero, dict):
-        warnings += unknown_key_warnings(
-            zero, ZERO_KEYS, f"{where} zero_optimization", "DeepSpeedZeroConfig rejects it at init"
-        )
-        for name in ("offload_optimizer", "offload_param"):
-            if isinstance(zero.get(name), dict):
-                warnings += unknown_key_warnings(
-                    zero[name],
-                    OFFLOAD_KEYS[name],
-                    f"{where} zero_optimization.{name}",
-                    "DeepSpeed rejects it at init",
-                )
-    return warnings
 
 
 def _node(config: dict, dotted: str) -> tuple[dict | None, str]:
@@ -177,13 +158,15 @@ def _batch(config: dict, world: int, base: dict, where: str) -> tuple[int, int, 
     return mb, ga, warnings
 
 
-def _enabled(config: dict, name: str) -> bool:
+def _enabled(config: dict, name: str, where: str) -> bool:
     section = config.get(name)
-    return isinstance(section, dict) and str(section.get("enabled", False)).lower() == "true"
+    value = section.get("enabled", False) if isinstance(section, dict) else False
+    return value != "auto" and ds_bool(value, f"{name}.enabled", where)
 
 
 def _precision(config: dict, where: str) -> str:
-    fp16, bf16 = _enabled(config, "fp16"), _enabled(config, "bf16") or _enabled(config, "bfloat16")
+    fp16 = _enabled(config, "fp16", where)
+    bf16 = _enabled(config, "bf16", where) or _enabled(config, "bfloat16", where)
     if fp16 and bf16:
         raise ValueError(f"{where}: enables both fp16 and bf16; DeepSpeed accepts one, disable the other")
     return "fp16" if fp16 else "bf16" if bf16 else "fp32"
@@ -196,9 +179,9 @@ def _offload_device(zero: dict, name: str, legacy: str, where: str = "the ds_con
         if device not in ("none", "cpu", "nvme"):
             raise ValueError(f"{where}: zero_optimization.{name}.device is {section.get('device')!r}; DeepSpeed "
                              "takes none, cpu or nvme (\"auto\" is not filled by any trainer): set one of them")
-        return device, bool(section.get("pin_memory", False))
-    if zero.get(legacy):
-        return "cpu", bool(zero.get("cpu_offload_use_pin_memory", False))
+        return device, ds_bool(section.get("pin_memory", False), f"zero_optimization.{name}.pin_memory", where)
+    if ds_bool(zero.get(legacy, False), f"zero_optimization.{legacy}", where):
+        return "cpu", ds_bool(zero.get("cpu_offload_use_pin_memory", False), "cpu_offload_use_pin_memory", where)
     return "none", False
 
 
@@ -211,11 +194,12 @@ def has_auto(config) -> bool:
     return config == "auto"
 
 
-def builder_of(raw: dict, acc: dict | None) -> tuple[Builder, bool | None]:
+def builder_of(raw: dict, acc: dict | None, where: str = "the accelerate config") -> tuple[Builder, bool | None]:
     """Who builds the model, and accelerate's ``zero3_init_flag`` if set (``vocab.zero_init_default``)."""
     if acc is not None:
         flag = (acc.get("deepspeed_config") or {}).get("zero3_init_flag")
-        return Builder.ACCELERATE, None if flag is None else str(flag).lower() == "true"
+        return Builder.ACCELERATE, None if flag is None else ds_bool(
+            flag, "deepspeed_config.zero3_init_flag", where, "accelerate's str_to_bool refuses it")
     return (Builder.HF_TRAINER if has_auto(raw) else Builder.SCRIPT), None
 
 
@@ -236,8 +220,8 @@ def _zero(config: dict, where: str, zero_init: bool) -> ZeroConfig:
         value = zero.get(knob.ds_key)
         if value in (None, "auto"):
             continue
-        knobs[knob.name] = bool(value) if knob.kind is bool else whole_number(
-            value, f"zero_optimization.{knob.ds_key}", where)
+        what = f"zero_optimization.{knob.ds_key}"
+        knobs[knob.name] = ds_bool(value, what, where) if knob.kind is bool else whole_number(value, what, where, 0)
     pinned = [pin for dev, pin in ((opt_dev, opt_pin), (par_dev, par_pin)) if dev != "none"]
     stage = _stage(zero.get("stage", 0), where)
     return ZeroConfig(
@@ -297,7 +281,8 @@ def _optimizer(config: dict, zero: ZeroConfig, base: dict, warnings: list[str], 
     params = section.get("params") or {}
     if name == "sgd":
         return Optimizer(name="sgd-momentum" if params.get("momentum", 0) else "sgd", param_groups=groups)
-    torch_adam = bool(params.get("torch_adam", False)) and name in ("adam", "adamw", "muon")
+    torch_adam = name in ("adam", "adamw", "muon") and ds_bool(params.get("torch_adam", False),
+                                                                "optimizer.params.torch_adam", where)
     return Optimizer(name=name, impl=OptimizerImpl.TORCH if torch_adam and not offload else
                      default_optimizer_impl(name, zero.offload_optimizer), param_groups=groups)
 
@@ -339,16 +324,21 @@ def setup_from_configs(
     where = str(ds_path) if ds_path is not None else str(accelerate_path)
     if ds_path is not None:
         raw = read_json(ds_path)
-        warnings += _ds_key_warnings(raw, where) + unmodelled_warnings(raw, where)
+        check_sections(raw, where)
+        warnings += ds_key_warnings(raw, where) + unmodelled_warnings(raw, where)
     else:
         raw = accelerate_ds_config(acc, base)
     parallel = accelerate_world(acc, base, warnings, str(accelerate_path or where))
     dtype = base.get("dtype", "bf16")
     mp = (acc or {}).get("mixed_precision")
+    if mp == "fp8":  # accelerate's DeepSpeedPlugin.set_mixed_precision enables bf16 for it
+        warnings.append(f"{accelerate_path}: mixed_precision fp8 runs DeepSpeed in bf16 (DeepSpeedPlugin."
+                        "set_mixed_precision); estimated as bf16, the fp8 matmuls' own buffers are not modelled")
+        mp = "bf16"
     if mp in ("fp16", "bf16", "no"):
         file_dtype = _precision(raw, where)
         other = {"fp16": "bf16", "bf16": "fp16"}.get(mp)
-        if ds_path is not None and other and _enabled(raw, other):
+        if ds_path is not None and other and _enabled(raw, other, where):
             warnings.append(
                 f"{accelerate_path}: mixed_precision {mp} but {where} enables {other} (accelerate stops: "
                 f"DeepSpeedPlugin.set_mixed_precision); estimating {file_dtype}"
@@ -375,7 +365,7 @@ def setup_from_configs(
     dtype = _precision(resolved, where)
     if dtype == "fp32" and not any(k in resolved for k in ("fp16", "bf16", "bfloat16")):
         warnings.append(f"{where}: enables neither bf16 nor fp16, so DeepSpeed trains in fp32")
-    builder, zero3_flag = builder_of(raw, acc)
+    builder, zero3_flag = builder_of(raw, acc, str(accelerate_path))
     stage = _stage((resolved.get("zero_optimization") or {}).get("stage", 0), where)
     zero_init = base["zero_init"] if base.get("zero_init") is not None else zero_init_default(
         stage, builder, zero3_flag)

@@ -101,6 +101,10 @@ class Adapters:
             raise ValueError("--lora-targets is empty: give all-linear or module names such as q_proj,v_proj")
         for pattern in name_list(self.freeze):
             _layer_range(pattern)  # raises on a malformed layers: pattern
+        if name_list(self.modules_to_save) and self.lora_rank is None:
+            raise ValueError(f"--modules-to-save {self.modules_to_save} trains a whole copy of those modules next to "
+                             "LoRA adapters (peft's LoraConfig.modules_to_save), so it needs --lora-rank: set it, or "
+                             "drop --modules-to-save (--freeze trains chosen weights without LoRA)")
         object.__setattr__(self, "base_quant", choice(BaseQuant, self.base_quant, "--base-quant"))
         if self.base_quant != BaseQuant.NONE and self.lora_rank is None:
             raise ValueError(f"--base-quant {self.base_quant} freezes the base in 4 bits, which trains only through "
@@ -247,6 +251,12 @@ def trainable_split(model: ModelShape, adapters: Adapters) -> TrainableSplit:
     if adapters.lora and not any(_is_target(t, adapters) for t in tensors):
         raise ValueError(f"--lora-targets {adapters.lora_targets!r} matches no Linear of {model.name}: use "
                          "all-linear or module names such as q_proj,v_proj")
+    for pattern in freeze:
+        if not any(_frozen_by(t, (pattern,)) for t in tensors):
+            tied = " (its lm_head is tied to the embeddings: freeze embeddings)" if pattern == "lm_head" else ""
+            raise ValueError(f"--freeze {pattern!r} matches no parameter of {model.name}{tied}: use embeddings, "
+                             "lm_head, norms, attention, mlp, layers:N, layers:A-B or a glob over HF parameter "
+                             "names such as *.self_attn.*")
     if "lm_head" in saved and model.tied_embeddings and not any(_module(t.name) == "lm_head" for t in tensors):
         trainable.extend(_saved_copies(model, "lm_head", tensors))
     return TrainableSplit(trainable=tuple(trainable), frozen=tuple(frozen))

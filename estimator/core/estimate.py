@@ -15,7 +15,6 @@ from zeroest.estimator.core.host import HostTerms, host_note, host_terms
 from zeroest.estimator.core.model_states import Device, ModelStates, stage0_states, stage12_states, trained
 from zeroest.estimator.core.optimizers import optimizer_notes
 from zeroest.estimator.core.overheads import Overheads, device_from
-from zeroest.estimator.core.paper import paper_states
 from zeroest.estimator.core.qlora import qlora_note, with_4bit_base
 from zeroest.estimator.core.reserved import (
     ReservedFacts,
@@ -24,7 +23,7 @@ from zeroest.estimator.core.reserved import (
     reserved_facts,
     reserved_terms,
 )
-from zeroest.estimator.core.setup import DTYPE_BYTES, TrainingSetup, ZeroStage
+from zeroest.estimator.core.setup import DTYPE_BYTES, MAX_PARAMS, TrainingSetup, ZeroStage
 from zeroest.estimator.core.stage3 import stage3_states
 from zeroest.estimator.core.timeline import COMPONENTS, Phase, peak_phase, timeline
 from zeroest.estimator.core.vocab import LOOP_RULE, PARAM_GROUPS_RULE, ZERO_INIT_RULE, Loop
@@ -210,6 +209,8 @@ def _frozen_note(setup: TrainingSetup) -> str:
 
 
 def _paper_estimate(setup: TrainingSetup, numel: int, overheads: Overheads) -> Estimate:
+    from zeroest.estimator.core.paper import paper_states
+
     numel = setup.model.nominal_params or numel
     states = paper_states(numel, setup.world_size, int(setup.stage))
     comps = {name: 0 for name in COMPONENTS}
@@ -245,6 +246,10 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
                             reserved_fixed_bytes=0)
     # on the CPU, available_memory() is the host's free RAM: the on-device branch (cpu_accelerator.py)
     split = trained(setup)  # the model as trained: LoRA adapters added, frozen weights marked
+    if split.total_numel > MAX_PARAMS:
+        raise ValueError(f"{setup.model.name} holds {split.total_numel:.3g} parameters as trained "
+                         f"({split.trainable_numel:.3g} trainable), beyond the {MAX_PARAMS:.0e} zeroest estimates: "
+                         "check the model's config (hidden_size, layers) or --lora-rank")
     flatten = (flatten_decision(setup, split.total_numel, overheads, real_comm=not simulated,
                                 trainable_numel=split.trainable_numel) if device == "cuda" else None)
     states = model_states(setup, device, flatten_on_gpu=flatten is None or flatten.on_gpu)

@@ -33,7 +33,8 @@ from zeroest.estimator.core.vocab import (
     default_optimizer_impl,
 )
 
-__all__ = ["DTYPE_BYTES", "Optimizer", "Parallelism", "TrainingSetup", "Workload", "ZeroConfig", "ZeroStage"]
+__all__ = ["DTYPE_BYTES", "MAX_PARAMS", "Optimizer", "Parallelism", "TrainingSetup", "Workload", "ZeroConfig",
+           "ZeroStage"]
 
 
 def axis(default, flag: str, help: str, *, key: str | None = None, count: bool = False):
@@ -56,6 +57,18 @@ def _non_negative(name: str, value: int, flag: str) -> None:
         raise ValueError(f"{name} must be a whole number >= 0, got {value!r} (set {flag})")
 
 
+MAX_PARAMS = 10**15
+"""The most parameters (as trained: the model's own, LoRA's and modules_to_save copies) zeroest estimates, a
+thousand times GPT-3's largest; past it a standard shape's layer count and width run far outside GPT-3's table, and
+per-group lists (``stage3.stage3_states``'s sub-groups) no longer fit in memory."""
+MAX_TOKENS = 10**12
+"""The most tokens in one rank's micro-batch (micro-batch x sequence length) zeroest estimates: petabytes of
+activations, far past any card; beyond it the byte counts overflow floats."""
+MAX_WORLD_SIZE = 100_000
+"""The most data-parallel ranks zeroest estimates: beyond any published training job, and past it the walk over
+each rank's slice of the stage 1-2 flat group (``flat_group.stage1_partition_copy_bytes``) takes minutes."""
+
+
 def _set(obj, name: str, value) -> None:
     object.__setattr__(obj, name, value)
 
@@ -72,6 +85,9 @@ class Parallelism:
     def __post_init__(self) -> None:
         _positive("the number of GPUs per node", self.gpus_per_node, "--gpus to 1 or more")
         _positive("the number of nodes", self.nodes, "--nodes to 1 or more")
+        if self.world_size > MAX_WORLD_SIZE:
+            raise ValueError(f"{self.gpus_per_node} GPUs per node x {self.nodes} nodes = {self.world_size:,} ranks is "
+                             f"beyond what zeroest estimates (at most {MAX_WORLD_SIZE:,}): lower --gpus or --nodes")
 
     @property
     def world_size(self) -> int:
@@ -223,6 +239,11 @@ class Workload:
         _positive("the micro-batch", self.micro_batch, "--micro-batch")
         _positive("the sequence length", self.seq_len, "--seq-len")
         _positive("gradient accumulation", self.grad_accum, "--grad-accum")
+        if self.micro_batch * self.seq_len > MAX_TOKENS:
+            short = [str(n) if n < 10**15 else f"{n:.3g}" for n in (self.micro_batch, self.seq_len)]
+            raise ValueError(f"micro-batch {short[0]} x sequence length {short[1]} is beyond the "
+                             f"{MAX_TOKENS:.0e} tokens per micro-batch zeroest estimates: lower --micro-batch or "
+                             "--seq-len")
         _set(self, "attn", choice(Attention, self.attn, "--attn"))
         _set(self, "activations", choice(ActivationMode, self.activations, "--activations"))
         _set(self, "loop", choice(Loop, self.loop, "--loop"))
@@ -275,8 +296,11 @@ class TrainingSetup:
             _positive("the card's memory", self.gpu_memory_bytes, "--gpu to a preset or a size such as 24GB")
         _set(self, "dtype", choice(Dtype, self.dtype, "--dtype"))
         _set(self, "mode", choice(Mode, self.mode, "--mode"))
-        if self.adapters.lora:
-            trainable_split(self.model, self.adapters)  # raises when --lora-targets matches no Linear
+        if not self.adapters.full:
+            trainable_split(self.model, self.adapters)  # raises when --lora-targets or --freeze match nothing
+        if self.workload.attn == Attention.FLASH and self.dtype == Dtype.FP32:
+            raise ValueError("--attn flash runs in fp16 or bf16 only (flash-attn stops at the first forward in "
+                             "fp32): use --attn sdpa, or --dtype bf16")
         opt, zero = self.optimizer, self.zero
         check_offload(zero.stage, zero.offload_optimizer, zero.offload_params, opt.name)
         if opt.impl is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -22,6 +23,9 @@ def claims(
     from zeroest.cli.render_claims import print_claims, write_claims_plot
     from zeroest.estimator.core.claims import claims_table, verdicts
 
+    if plot and (Path(plot).is_dir() or not Path(plot).suffix):
+        fail(f"--plot {plot}: {'is a folder' if Path(plot).is_dir() else 'has no suffix'}; give a file name ending "
+             ".png or .svg")
     try:
         shape = o.resolve_model(params, model) if (params or model) else o.resolve_model("7.5B", None)
         table = claims_table(shape)
@@ -39,6 +43,8 @@ def claims(
             fail("--plot needs matplotlib, which is not installed: pip install matplotlib (or 'zeroest[validate]')")
         except OSError as exc:
             fail(f"--plot {plot}: cannot write it ({exc.strerror}); pick a path in a folder that exists")
+        except ValueError as exc:  # matplotlib's savefig on a suffix it has no writer for
+            fail(f"--plot {plot}: {str(exc).rstrip('.')}; name it .png or .svg")
     if as_json:
         out.print_json(json.dumps({"model": shape.name, "rows": [r.to_dict() for r in table],
                                    "verdicts": verdicts(table), "measured": measured}))

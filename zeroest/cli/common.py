@@ -5,8 +5,10 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, emoji=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+"""No ``:name:`` emoji codes read in what we print (a path or a model name may hold one), which also spares rich
+loading its emoji table at start-up."""
 
 
 def warn(message: str) -> None:

@@ -18,13 +18,17 @@ from typing import Annotated
 import typer
 
 from zeroest.estimator.configs.flat import PARTS, axes
-from zeroest.estimator.core.setup import TrainingSetup
+from zeroest.estimator.core.setup import MAX_PARAMS, TrainingSetup
 from zeroest.estimator.core.shape import ModelShape
 from zeroest.estimator.units import parse_count
 
-MAX_PARAMS = 10**15
-"""The largest ``--params``: past it the standard shape's layer count and width run far outside GPT-3's table, and
-shaping it takes minutes."""
+GPU_HELP = (
+    "GPU to check the fit against: a preset (4090, 3090, a6000, l40s, a100-40g, a100-80g, h100, h200, b200, "
+    "mi300x, ...; see data/gpus.yaml) or a size with its unit: 24GB (10**9 bytes) or 24GiB (2**30 bytes); "
+    "a bare number or a bare G is refused as ambiguous."
+)
+"""Help text of the ``--gpu`` option (predict and plan); ``catalog.gpus.parse_gpu`` reads the value, imported only
+when one is given."""
 ParamsOpt = Annotated[str | None, typer.Option("--params", help="Model size, e.g. 1.3B or 350M: a standard "
                                                "llama-style decoder of that size.")]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="A preset (zeroest models lists them) or a path to an "
@@ -87,7 +91,7 @@ def setup_options(*, exclude: tuple[str, ...] = ()):
                     continue
                 if name in counts:
                     try:
-                        value = parse_count(value)
+                        value = parse_count(value, what="number of elements", minimum=0)
                     except ValueError as exc:
                         from zeroest.cli.common import fail
 

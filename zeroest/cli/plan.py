@@ -15,10 +15,9 @@ import typer
 
 from zeroest.cli import options as o
 from zeroest.estimator.catalog.fit import FIT_MARGIN
-from zeroest.estimator.catalog.gpus import GPU_HELP
 from zeroest.estimator.core.vocab import Builder, OffloadDevice
 
-GpuOpt = Annotated[str, typer.Option("--gpu", help=f"The GPU: {GPU_HELP}")]
+GpuOpt = Annotated[str, typer.Option("--gpu", help=f"The GPU: {o.GPU_HELP}")]
 StageOpt = Annotated[
     list[int] | None, typer.Option("--stage", help="Only these ZeRO stages (repeat the flag); default: 0-3.")
 ]

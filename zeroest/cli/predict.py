@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -11,12 +10,11 @@ import typer
 from zeroest.cli import options as o
 from zeroest.cli.common import fail, out, warn
 from zeroest.estimator.catalog.fit import FIT_MARGIN
-from zeroest.estimator.catalog.gpus import GPU_HELP
 
 StageOpt = Annotated[int | None, typer.Option("--stage",
                                               help="One ZeRO stage (0-3). Default: every stage that accepts the "
                                               "offload asked for.")]
-GpuOpt = Annotated[str | None, typer.Option("--gpu", help=f"Check the fit: {GPU_HELP}")]
+GpuOpt = Annotated[str | None, typer.Option("--gpu", help=f"Check the fit: {o.GPU_HELP}")]
 MarginOpt = Annotated[float, typer.Option("--margin", help="Fraction of the GPU's memory kept free for the fit "
                                           "verdict (fragmentation, other processes, growth not modelled).")]
 DsConfigOpt = Annotated[Path | None, typer.Option(
@@ -68,6 +66,8 @@ def predict(
     if explain:
         from zeroest.estimator.plan.explain import explain as explain_lines
     if as_json:
+        import json
+
         docs = [e.to_dict() for e in result.estimates]
         for i, (doc, est) in enumerate(zip(docs, result.estimates, strict=True)):
             if explain:

@@ -108,6 +108,14 @@ def _print_by_family(a, basis: str) -> None:
         out.print(f"  peak allocated by {dimension}: {'; '.join(parts)}", markup=False, soft_wrap=True)
 
 
+def _check_outputs(markdown: Path | None, plots: Path | None) -> None:
+    """Refuse output paths of the wrong kind before the analysis runs, one line each."""
+    if markdown is not None and markdown.is_dir():
+        fail(f"--markdown {markdown} is a folder: give a file name in it, e.g. {markdown / 'report.md'}")
+    if plots is not None and plots.exists() and not plots.is_dir():
+        fail(f"--plots {plots} is a file: give a folder for the plots (made if missing)")
+
+
 def report(
     runs: Annotated[list[Path] | None, typer.Argument(
         help="runs.jsonl files or folders holding them (searched recursively). Default: data/runs/.",
@@ -149,6 +157,7 @@ def report(
     if pool and write_calibration:
         fail("--pool fits several GPUs at once, which is no one GPU's calibration: drop --write-calibration "
              "or --pool")
+    _check_outputs(markdown, plots)
     paths = runs or [default_runs_dir()]
     try:
         held = None

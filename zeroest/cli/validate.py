@@ -177,6 +177,12 @@ def validate(
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     if out.exists() and not out.is_dir():
         fail(f"--out {out} is a file; validate writes a folder (runs.jsonl, summary.md): give a folder path")
+    if work_dir is not None and work_dir.exists() and not work_dir.is_dir():
+        fail(f"--work-dir {work_dir} is a file; it holds a folder per run: give a folder path")
+    if gpus is not None and gpus < 1:
+        fail(f"--gpus must be 1 or more, got {gpus}")
+    if hostfile is not None and not Path(hostfile).is_file():
+        fail(f"--hostfile {hostfile} is not a file: give the path of the DeepSpeed hostfile")
     missing = runner.missing_packages()
     if missing and not dry_run:
         fail(f"validate runs real DeepSpeed trainings and needs {', '.join(missing)}, which is not installed: "
