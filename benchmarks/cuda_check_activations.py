@@ -49,20 +49,22 @@ def _fields(profile) -> dict:
 
 def check(name: str, config: dict, b: int, s: int, dtype: str, attn: str, device: str = "cuda") -> dict:
     import torch
+    from zeroest.estimator.core.hf_config import layers_key
     from zeroest.estimator.trace import polys as pc
     from zeroest.estimator.trace import recorder
     from zeroest.estimator.trace import tracer as tr
     from zeroest.estimator.trace.model import build_model
 
-    meta = pc.profile_from_polys(tr.trace_polys(config, dtype, attn, target=device, seq_len=s), b, s, 2)
+    entry = tr.trace_polys(config, dtype, attn, target=device, seq_len=s)  # 2 alike layers: the 2-layer copy
+    meta = pc.profile_from_polys(entry, b, s)
     torch.manual_seed(0)
     model = build_model(config, dtype, attn, device=device)
     ids = torch.randint(0, 1000, (b, s), device=device)
-    real = {}
+    real = {"layout": entry["layout"]}
     for mode, ckpt in (("plain", False), ("ckpt", True)):
         trace = recorder.run_trace(model, ids, grad_ckpt=ckpt, target=device, force_flash=attn == "flash")
         real[mode] = pc.analyze(trace, [{(0, 0): n} for n in trace.sizes])
-    real_profile = pc.profile_from_polys(real, b, s, 2)
+    real_profile = pc.profile_from_polys(real, b, s)
     real_fields = _fields(real_profile)
     diff = {k: (v, real_fields[k]) for k, v in _fields(meta).items() if v != real_fields[k]}
     del model
@@ -73,7 +75,8 @@ def check(name: str, config: dict, b: int, s: int, dtype: str, attn: str, device
         return result
     # the caching allocator, 3 layers, no checkpointing
     model = build_model(config, dtype, attn, device="cuda", num_layers=3)
-    three = pc.profile_from_polys(tr.trace_polys(config, dtype, attn, target="cuda", seq_len=s), b, s, 3)
+    deeper = dict(config, **{layers_key(config["model_type"]): 3})
+    three = pc.profile_from_polys(tr.trace_polys(deeper, dtype, attn, target="cuda", seq_len=s), b, s)
     for _ in range(2):  # warm up cuBLAS workspaces and the allocator
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         model.zero_grad(set_to_none=True)

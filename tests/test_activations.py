@@ -300,7 +300,7 @@ def test_profile_matches_live_bytes_of_a_real_cpu_step(family, grad_ckpt):
     3 extrapolated) against LiveBytes on a real 3-layer CPU step, parameter gradients excluded: within 2%."""
     _torch()
     config = TINY[family]
-    profile = polys.profile_from_polys(tracer.trace_polys(config, "bf16", "sdpa", target="cpu"), B, S, 3)
+    profile = polys.profile_from_polys(tracer.trace_polys(config, "bf16", "sdpa", target="cpu"), B, S)
     measured = _measure(config, "sdpa", grad_ckpt)
     for name, value in measured.items():
         assert getattr(profile, f"{name}_bytes")(grad_ckpt) == pytest.approx(value, rel=0.02), name
@@ -325,13 +325,14 @@ def test_scaled_profile_equals_a_second_trace(family, attn):
     (3, 40) measures (eager's s^2 terms included); labels padded to s + 1 are fitted as s: a few bytes."""
     torch = _torch()
     config, b, s = TINY[family], 3, 40
-    fitted = polys.profile_from_polys(tracer.trace_polys(config, "bf16", attn), b, s, 3)
+    entry = tracer.trace_polys(config, "bf16", attn)
+    fitted = polys.profile_from_polys(entry, b, s)
     model = build_model(config, "bf16", attn)
-    direct = {}
+    direct = {"layout": entry["layout"]}
     for mode, ckpt in (("plain", False), ("ckpt", True)):
         trace = recorder.run_trace(model, torch.zeros((b, s), dtype=torch.long, device="meta"), grad_ckpt=ckpt)
         direct[mode] = polys.analyze(trace, [{(0, 0): n} for n in trace.sizes])
-    direct_profile = polys.profile_from_polys(direct, b, s, 3)
+    direct_profile = polys.profile_from_polys(direct, b, s)
     for field in dataclasses.fields(fitted):
         want = getattr(direct_profile, field.name)
         assert getattr(fitted, field.name) == pytest.approx(want, abs=8 * b), field.name

@@ -171,7 +171,7 @@ def test_traced_profile_matches_live_bytes_of_a_real_cpu_step(family, grad_ckpt)
     from zeroest.estimator.trace import polys, tracer
 
     config = NEW[family]
-    profile = polys.profile_from_polys(tracer.trace_polys(config, "bf16", "sdpa", target="cpu"), B, S, 3)
+    profile = polys.profile_from_polys(tracer.trace_polys(config, "bf16", "sdpa", target="cpu"), B, S)
     for name, value in _measure(config, "sdpa", grad_ckpt).items():
         assert getattr(profile, f"{name}_bytes")(grad_ckpt) == pytest.approx(value, rel=0.02), name
 

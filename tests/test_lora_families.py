@@ -17,7 +17,7 @@ from test_lora_activations import _cache, _peft, _real_saved_bytes  # noqa: F401
 from test_qwen3_mixtral import CONFIGS
 from typer.testing import CliRunner
 from zeroest.estimator.catalog.models import load_model
-from zeroest.estimator.core.adapters import PEFT_MOE_CONVERTED, Adapters, layer_kinds, trainable_split
+from zeroest.estimator.core.adapters import PEFT_MOE_CONVERTED, Adapters, frozen_base_names, trainable_split
 from zeroest.estimator.core.architecture import param_tensors, shape_from_config
 from zeroest.estimator.core.closed_form import closed_form_profile
 from zeroest.estimator.core.estimate import estimate
@@ -164,7 +164,8 @@ def test_closed_form_lora_equals_the_trace(name, adapters, fp32, zero3):
     shape = shape_from_config(config, name)
     for b, s in ((1, 1024), (4, 2048)):
         traced = tracer.traced_profile(shape, b, s, "bf16", "sdpa", config=config, adapters=adapters,
-                                       kinds=layer_kinds(shape, adapters), adapters_fp32=fp32, zero3_linear=zero3)
+                                       frozen=frozen_base_names(shape, adapters), adapters_fp32=fp32,
+                                       zero3_linear=zero3)
         closed = closed_form_profile(shape, b, s, "bf16", "sdpa", config, adapters=adapters, adapters_fp32=fp32,
                                      zero3_linear=zero3)
         assert closed.layer_saved_bytes == traced.layer_saved_bytes

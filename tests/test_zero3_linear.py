@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from test_activations import TINY, B, S, saved_bytes_of_forward
 from test_lora_activations import _peft, _real
-from zeroest.estimator.core.adapters import Adapters, layer_kinds
+from zeroest.estimator.core.adapters import Adapters, frozen_base_names
 from zeroest.estimator.core.architecture import shape_from_config
 from zeroest.estimator.core.closed_form import closed_form_profile
 from zeroest.estimator.trace import polys, tracer
@@ -72,8 +72,8 @@ def test_closed_form_and_trace_agree_on_the_stage3_term():
     and in the closed form."""
     _peft()
     shape = shape_from_config(LLAMA, "tiny")
-    kinds = layer_kinds(shape, QV)
-    traced = {z: tracer.traced_profile(shape, B, S, config=LLAMA, adapters=QV, kinds=kinds, zero3_linear=z)
+    frozen = frozen_base_names(shape, QV)
+    traced = {z: tracer.traced_profile(shape, B, S, config=LLAMA, adapters=QV, frozen=frozen, zero3_linear=z)
               for z in (False, True)}
     closed = {z: closed_form_profile(shape, B, S, "bf16", "sdpa", LLAMA, adapters=QV, zero3_linear=z)
               for z in (False, True)}

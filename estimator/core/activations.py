@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from zeroest.estimator.core.adapters import Adapters, layer_kinds
+from zeroest.estimator.core.adapters import Adapters, frozen_base_names
 from zeroest.estimator.core.closed_form import closed_form_profile
 from zeroest.estimator.core.closed_form_gemma import GEMMA_FAMILIES
 from zeroest.estimator.core.profile import ActivationProfile
@@ -58,10 +58,10 @@ def activation_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype:
         )
     from zeroest.estimator.trace.tracer import traced_profile
 
-    kinds = None if adapters is None or adapters.full else layer_kinds(shape, adapters)
+    frozen = None if adapters is None or adapters.full else frozen_base_names(shape, adapters)
     try:
         return traced_profile(shape, micro_batch, seq_len, dtype, attn, config=config, target=target,
-                              adapters=adapters, kinds=kinds, adapters_fp32=adapters_fp32,
+                              adapters=adapters, frozen=frozen, adapters_fp32=adapters_fp32,
                               zero3_linear=zero3_linear), "traced"
     except Exception as err:  # noqa: BLE001 (any failure of a third-party model falls back, with a warning)
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:160]

@@ -28,7 +28,7 @@ cast) unless ``lm_head`` is in ``modules_to_save``. Under checkpointing transfor
 embeddings' output need a gradient: only the input ids (and opt's positions) go. Transients: the final
 norm's output lives through lm_head (p*T*h more at the loss), and the layers' are fitted to the traced op order
 for the llama-like families (``_transients``), bounded above for the others (``_bound_transients``). Checked
-against the traced profile (``trace.trained``) in tests/test_lora_activations.py: equal
+against the traced profile (``trace.tracer`` with adapters) in tests/test_lora_activations.py: equal
 saved bytes for all-linear and the q/k/v/o/gate/up/down names, but where no q/k/v is wrapped (the traced
 layers then count the rotary cos/sin, 2p*s*r_d, once more than the closed form).
 """
@@ -71,7 +71,7 @@ _SEPARATE = ("llama", "mistral", "qwen2", "gemma", "qwen3")
 
 def _transients(full: ActivationProfile, d, a: int, dropout: bool) -> dict[str, int]:
     """The layers' transients of LoRA on all 7 projections of a llama-like layer, fitted to the traced op order
-    (``trace.trained``, llama-3-8b, mistral-7b, qwen2.5-0.5b, gemma-2b, tinyllama-1.1b; exact but for a few
+    (``trace.tracer`` with adapters, llama-3-8b, mistral-7b, qwen2.5-0.5b, gemma-2b, tinyllama-1.1b; exact but for a few
     bytes a token, except gemma's fp32-adapter forward, 6T*h under): each wrapped Linear holds its base output,
     lora_B's scaled output and their sum at once (the widest, gate/up, p*T*i beyond the full fine-tune's),
     the fp32 casts and sums of fp32 adapters ``a = 4``, and the dropout copies' gradients in backward. Never

@@ -1,7 +1,8 @@
 """The on-disk cache of traced activation profiles: one JSON file of polynomials (``trace.polys``) per key.
 
-A key hashes the HF config, dtype, attention, kernel target and library versions (``trace.tracer``). The files
-live in the user's cache directory, never in the working tree: ``$ZEROEST_CACHE_DIR``, else
+A key hashes the HF config (depth included), dtype, attention, kernel target and library versions
+(``trace.tracer``); an entry holds the layout of the kinds of layer (``trace.kinds``). The files live in the
+user's cache directory, never in the working tree: ``$ZEROEST_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/zeroest/profiles`` (an absolute path, as the XDG spec asks), else
 ``~/.cache/zeroest/profiles``. A file that cannot be read or does not hold a traced entry is ignored with one
 warning, and traced again.
@@ -19,8 +20,10 @@ from zeroest.estimator.trace.polys import profile_from_polys
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 5
-"""Bumped whenever what a trace records changes, so that old files are not read."""
+CACHE_VERSION = 6
+"""Bumped whenever what a trace records changes, so that old files are not read (5: a layer checkpointed at
+``__call__`` keeps its input as its own; 6: the key holds the depth, the entry the layout of the kinds of layer,
+``trace.kinds``)."""
 
 
 def cache_dir() -> Path:
@@ -57,7 +60,7 @@ def load(key: str) -> dict | None:
             log.debug(f"skipping {path}: cache version {data.get('version')!r}, not {CACHE_VERSION}")
             return None
         entry = decode(data)
-        profile_from_polys(entry, 1, 1, 1)  # every region, snapshot and peak is there and numeric
+        profile_from_polys(entry, 1, 1)  # the layout and every region, snapshot and peak is there and numeric
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as err:

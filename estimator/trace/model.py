@@ -1,9 +1,9 @@
 """The HF model the tracer runs: built from a config.json dict, with checkpointing switched and layers found.
 
-``build_model`` makes a ``*ForCausalLM`` from the config (``core.hf_config``) with ``TRACE_LAYERS`` decoder
-layers, in the run's dtype, on the meta device by default (the tests and the CUDA check build it on real
-devices too); ``set_checkpointing`` and ``decoder_layers`` hide the differences between transformers versions
-and families.
+``build_model`` makes a ``*ForCausalLM`` from the config (``core.hf_config``), at full depth or with
+``num_layers`` decoder layers, in the run's dtype, on the meta device by default (the tests and the CUDA check
+build it on real devices too); ``set_checkpointing``, ``layer_owner`` and ``decoder_layers`` hide the
+differences between transformers versions and families.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from __future__ import annotations
 from zeroest.estimator.core.hf_config import layers_key
 
 TRACE_LAYERS = 2
-"""Decoder layers in the traced copy: layer 1 is the steady state, layer 0 also carries what layers share."""
+"""Decoder layers ``build_model`` keeps by default (tests and the CUDA check); the tracer builds every layer and
+cuts the model to one copy of each kind of layer (``trace.kinds``)."""
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 """The run's dtype as the name of the torch dtype."""
 HF_ATTENTION = {"sdpa": "sdpa", "flash": "sdpa", "eager": "eager"}
@@ -71,20 +72,29 @@ def set_checkpointing(model, on: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
-def decoder_layers(model) -> list:
-    """The model's decoder layers, in order (``model.layers``, ``transformer.h`` or ``decoder.layers``)."""
-    base = model.get_base_model().base_model if hasattr(model, "get_base_model") else model.base_model
-    for path in ("layers", "h", "decoder.layers"):
-        obj = base
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-        if obj is not None:
-            return list(obj)
+def layer_owner(model) -> tuple:
+    """The module holding the decoder layers' ``ModuleList`` and its attribute name (``model.layers``,
+    ``transformer.h`` or ``decoder.layers``), under a peft wrapper too."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for base in (hf.base_model, getattr(hf, "model", None)):  # Llama4ForCausalLM: a base_model_prefix it lacks
+        for path in ("layers", "h", "decoder.layers"):
+            *parents, name = path.split(".")
+            obj = base
+            for part in parents:
+                obj = getattr(obj, part, None)
+            if obj is not None and getattr(obj, name, None) is not None:
+                return obj, name
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}: is it a supported family?")
 
 
+def decoder_layers(model) -> list:
+    """The model's decoder layers, in order."""
+    owner, name = layer_owner(model)
+    return list(getattr(owner, name))
+
+
 def build_trained(config: dict, dtype: str, attn: str, adapters, *, grad_ckpt: bool,
-                  frozen: frozenset[str] = frozenset(), input_grads: bool = False, device: str = "meta",
+                  frozen: frozenset[str] = frozenset(), device: str = "meta",
                   num_layers: int | None = TRACE_LAYERS, adapters_fp32: bool = False):
     """The model as the validator trains it with ``adapters`` (``core.adapters.Adapters``).
 
@@ -94,8 +104,7 @@ def build_trained(config: dict, dtype: str, attn: str, adapters, *, grad_ckpt: b
     ``requires_grad_(False)``, then peft's ``get_peft_model`` with ``LoraConfig(r, lora_alpha, lora_dropout,
     target_modules, modules_to_save, task_type="CAUSAL_LM")`` when LoRA is on (peft 0.21 peft_model.py
     ``PeftModel.__init__`` freezes every base weight, and calls ``enable_input_require_grads`` again when the
-    model checkpoints). ``input_grads`` adds that hook without checkpointing (the tracer's upper bound for
-    frozen layers whose real input needs a gradient).
+    model checkpoints).
 
     peft 0.21 upcasts bf16/fp16 adapters to fp32 (``PeftModel.__init__`` ``_cast_adapter_dtype``), and
     DeepSpeed 0.19.8 casts every parameter back to the run's dtype (runtime/engine.py
@@ -110,8 +119,6 @@ def build_trained(config: dict, dtype: str, attn: str, adapters, *, grad_ckpt: b
     for name, param in model.named_parameters():
         if name in frozen:
             param.requires_grad_(False)
-    if input_grads:
-        model.enable_input_require_grads()
     if not adapters.lora:
         return model
     from peft import LoraConfig, get_peft_model

@@ -272,8 +272,9 @@ def run_trace(model, input_ids, *, grad_ckpt: bool, target: str = "cuda",
     for param in model.parameters():
         param.grad = None
     marks = {name: at for at, name in rec.marks}
-    if "layer1_bwd_start" in marks:  # a model whose first gradient comes inside the layers: an empty window
-        marks["first_grad"] = min(marks.get("first_grad", marks["layer1_bwd_start"]), marks["layer1_bwd_start"])
+    last = f"layer{len(decoder_layers(model)) - 1}_bwd_start"
+    if last in marks:  # a model whose first gradient comes inside the layers: an empty window
+        marks["first_grad"] = min(marks.get("first_grad", marks[last]), marks[last])
     return Trace(sizes=list(rec.sizes), events=list(rec.events), marks=marks, saved=saved,
                     logits=special["logits"], grad_logits=special["grad_logits"], excluded=excluded - {None})
 

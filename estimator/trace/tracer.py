@@ -1,12 +1,17 @@
 """The traced activation profile: run the real HF model on the meta device and count what autograd keeps.
 
-The model is built from its config.json with 2 decoder layers on ``torch.device("meta")`` in the run's dtype
-(``trace.model``), and one forward and backward is recorded storage by storage (``trace.recorder``, which
-also says which attention kernels are mimicked). Layer 1 of the 2 is the steady-state layer; what layer 0
-saves beyond it (rotary cos/sin shared by all layers) goes to the embeddings.
+The model is built from its config.json at full depth on ``torch.device("meta")`` in the run's dtype
+(``trace.model``; as peft and the freeze patterns leave it for LoRA or frozen weights), its decoder layers are
+grouped into kinds (``trace.kinds``: structure, per-layer config entries, whether the layer trains and its input
+needs a gradient), and it is cut to a copy holding the first two layers of each kind in the real order. One
+forward and backward of the copy is recorded storage by storage (``trace.recorder``, which also says which
+attention kernels are mimicked). The second layer of each kind is that kind's steady state, weighted by how
+many real layers are of that kind; what the first one saves beyond it (rotary cos/sin shared by all layers, a
+mask shared by a kind) goes to the embeddings. A model whose layers are all alike traces 2 layers, as before.
 
 The trace runs at three shapes so that every storage's size becomes a monomial in (micro_batch, seq_len)
-(``trace.polys``); the polynomials are cached on disk (``trace.cache``) and evaluated for any shape.
+(``trace.polys``); the polynomials and the layout are cached on disk (``trace.cache``) and evaluated for any
+shape.
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ import functools
 import logging
 import time
 
-from zeroest.estimator.core.hf_config import hf_config
+from zeroest.estimator.core.hf_config import hf_config, layers_key
 from zeroest.estimator.core.profile import ActivationProfile, check_kind
 from zeroest.estimator.core.shape import ModelShape
-from zeroest.estimator.trace import cache, polys, trained
+from zeroest.estimator.trace import cache, kinds, polys
 from zeroest.estimator.trace.model import build_model, build_trained
 from zeroest.estimator.trace.recorder import run_trace
 
@@ -41,12 +46,13 @@ def _regime_seq(config: dict, attn: str, seq_len: int) -> int | None:
 
 def trace_polys(config: dict, dtype: str, attn: str, *, target: str = "cuda",
                 seq_len: int = BASE_SEQ, adapters=None, frozen: frozenset[str] = frozenset(),
-                input_grads: bool = False, adapters_fp32: bool = False, zero3_linear: bool = False) -> dict:
-    """Trace both modes (plain, checkpointed) at three shapes on meta; fit per-storage monomials; analyze.
+                adapters_fp32: bool = False, zero3_linear: bool = False) -> dict:
+    """Trace both modes (plain, checkpointed) of the copy that covers every kind of layer, at three shapes on
+    meta; fit per-storage monomials; analyze. The entry holds the copy's ``layout`` (``trace.kinds``).
 
     With ``adapters`` (``core.adapters.Adapters``, not a full fine-tune) each mode traces its own model built
     as the validator trains it (``trace.model.build_trained``: checkpointing before peft, ``frozen`` names
-    frozen, ``input_grads`` for the input-embedding hook, ``adapters_fp32`` for peft's fp32 adapters).
+    frozen at full depth, ``adapters_fp32`` for peft's fp32 adapters).
     ``zero3_linear``: traced with stage 3's ``torch.nn.functional.linear`` (``trace.zero3_linear``).
     """
     import torch
@@ -60,12 +66,17 @@ def trace_polys(config: dict, dtype: str, attn: str, *, target: str = "cuda",
     s0 = _regime_seq(config, attn, seq_len) or below
     b0 = BASE_BATCH
     wrapped = adapters is not None and not adapters.full
-    model = None if wrapped else build_model(config, dtype, attn)
+    model = None if wrapped else build_model(config, dtype, attn, num_layers=None)
+    plan = None if wrapped else kinds.layout(model)
+    if model is not None:
+        kinds.cut(model, plan)
     entry: dict = {"b0": b0, "s0": s0}
     for mode, ckpt in (("plain", False), ("ckpt", True)):
         if wrapped:
-            model = build_trained(config, dtype, attn, adapters, grad_ckpt=ckpt, frozen=frozen,
-                                  input_grads=input_grads, adapters_fp32=adapters_fp32)
+            model = build_trained(config, dtype, attn, adapters, grad_ckpt=ckpt, frozen=frozen, num_layers=None,
+                                  adapters_fp32=adapters_fp32)
+            plan = plan or kinds.layout(model)  # the same kinds in both modes: hooks change no requires_grad
+            kinds.cut(model, plan)
         with stage3_linear(zero3_linear):
             traces = [
                 run_trace(model, torch.zeros((b, s), dtype=torch.long, device="meta"), grad_ckpt=ckpt,
@@ -76,6 +87,7 @@ def trace_polys(config: dict, dtype: str, attn: str, *, target: str = "cuda",
             raise RuntimeError("traces of different shapes made different numbers of storages: cannot scale")
         terms = polys.fit_terms(traces[0].sizes, traces[1].sizes, traces[2].sizes, b0, s0)
         entry[mode] = polys.analyze(traces[0], terms)
+    entry["layout"] = plan
     return entry
 
 
@@ -127,45 +139,44 @@ def _entry(key_payload: dict, name: str, trace, use_cache: bool) -> dict:
 
 def traced_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str = "bf16",
                    attn: str = "sdpa", *, target: str = "cuda", config: dict | None = None,
-                   use_cache: bool = True, adapters=None, kinds: list | None = None,
+                   use_cache: bool = True, adapters=None, frozen: frozenset[str] | None = None,
                    adapters_fp32: bool = False, zero3_linear: bool = False) -> ActivationProfile:
     """The ``ActivationProfile`` of ``shape`` traced on the meta device (see the module docstring).
 
-    ``config`` is the HF config.json dict (default ``hf_config(shape)``); ``target`` the device whose kernels
-    are mimicked ("cuda" or "cpu"). Traces are cached on disk (``trace.cache``) keyed by config, dtype,
-    attention, target and library versions, as polynomials in (micro_batch, seq_len), so other shapes need no
-    new trace; a cached profile is read without importing torch. ``adapters`` (``core.adapters.Adapters``: LoRA,
-    frozen weights) traces the model as peft and the freeze patterns leave it, one trace per kind of layer
-    (``kinds``: ``core.adapters.layer_kinds(shape, adapters)``, combined by ``trace.trained``); its
-    key adds the adapters, the frozen names and peft's version, so LoRA and full profiles never mix.
-    ``adapters_fp32``: the adapters stay in peft's fp32 (a model built under zero.Init; ``trace.model``).
-    ``zero3_linear``: stage 3's linear, which keeps every Linear's input (``trace.zero3_linear``); keyed apart, and
-    only for adapters or frozen weights (a full fine-tune's Linears keep their inputs either way).
+    ``config`` is the HF config.json dict (default ``hf_config(shape)``; its depth is the shape's); ``target``
+    the device whose kernels are mimicked ("cuda" or "cpu"). Traces are cached on disk (``trace.cache``) keyed
+    by config (depth included: it decides how many layers each kind has), dtype, attention, target and library
+    versions, as polynomials in (micro_batch, seq_len) with the layout of the layers, so other shapes need no
+    new trace; a cached profile is read without importing torch. ``adapters`` (``core.adapters.Adapters``:
+    LoRA, frozen weights) traces the model as peft and the freeze patterns leave it (``frozen``: the base weights'
+    names at full depth, ``core.adapters.frozen_base_names(shape, adapters)``), with the kinds of layer it makes
+    (``trace.kinds``); its key adds the adapters, the frozen names and peft's version, so LoRA and full profiles
+    never mix. ``adapters_fp32``: the adapters stay in peft's fp32 (a model built under zero.Init;
+    ``trace.model``). ``zero3_linear``: stage 3's linear, which keeps every Linear's input
+    (``trace.zero3_linear``); keyed apart, and only for adapters or frozen weights (a full fine-tune's Linears keep
+    their inputs either way).
     """
     check_kind(dtype, attn)
     config = dict(config or hf_config(shape))
+    config[layers_key(config["model_type"])] = shape.num_layers
     regime = _regime_seq(config, attn, seq_len)
-    depth = ("n_layer", "num_hidden_layers")
-    payload = {"config": {k: v for k, v in config.items() if k not in depth}, "dtype": dtype,
-               "attn": attn, "target": target, "regime": regime, **_library_versions()}
+    payload = {"config": config, "dtype": dtype, "attn": attn, "target": target, "regime": regime,
+               **_library_versions()}
+    name = f"{shape.name} ({dtype}, {attn})"
     if adapters is None or adapters.full:
-        entry = _entry(payload, f"{shape.name} ({dtype}, {attn})",
-                       lambda: trace_polys(config, dtype, attn, target=target, seq_len=seq_len), use_cache)
-        return polys.profile_from_polys(entry, micro_batch, seq_len, shape.num_layers)
-    if not kinds:
-        raise ValueError("a traced LoRA or frozen-weight profile needs its layer kinds: pass "
-                         "kinds=core.adapters.layer_kinds(shape, adapters)")
+        entry = _entry(payload, name, lambda: trace_polys(config, dtype, attn, target=target, seq_len=seq_len),
+                       use_cache)
+        return polys.profile_from_polys(entry, micro_batch, seq_len)
+    if frozen is None:
+        raise ValueError("a traced LoRA or frozen-weight profile needs the frozen names: pass "
+                         "frozen=core.adapters.frozen_base_names(shape, adapters)")
     lora = {f: getattr(adapters, f) for f in ("lora_rank", "lora_dropout", "lora_targets", "modules_to_save")}
-    profiles = []
-    for kind in kinds:
-        entry = _entry(
-            {**payload, "peft": _peft_version(), "lora": lora,
-             "frozen": sorted(kind.frozen), "input_grads": kind.input_grads,
-             **({"adapters_fp32": True} if adapters_fp32 and adapters.lora else {}),
-             **({"zero3_linear": True} if zero3_linear else {})},
-            f"{shape.name} ({dtype}, {attn}, trained)",
-            lambda kind=kind: trace_polys(config, dtype, attn, target=target, seq_len=seq_len, adapters=adapters,
-                                          frozen=kind.frozen, input_grads=kind.input_grads,
-                                          adapters_fp32=adapters_fp32, zero3_linear=zero3_linear), use_cache)
-        profiles.append(polys.profile_from_polys(entry, micro_batch, seq_len, 1))
-    return trained.combine(kinds, profiles)
+    key = {**payload, "peft": _peft_version(), "lora": lora,
+           "frozen": "all (peft)" if adapters.lora else sorted(frozen),  # peft freezes every base weight
+           **({"adapters_fp32": True} if adapters_fp32 and adapters.lora else {}),
+           **({"zero3_linear": True} if zero3_linear else {})}
+    entry = _entry(key, f"{name[:-1]}, trained)",
+                   lambda: trace_polys(config, dtype, attn, target=target, seq_len=seq_len, adapters=adapters,
+                                       frozen=frozen, adapters_fp32=adapters_fp32, zero3_linear=zero3_linear),
+                   use_cache)
+    return polys.profile_from_polys(entry, micro_batch, seq_len)
