@@ -35,27 +35,11 @@ def full_depth(config: dict) -> dict[str, int]:
     """Stack (embeddings and layers), forward end, forward peak and backward peak of the whole model traced."""
     import torch
     from zeroest.estimator.trace.model import build_model
-    from zeroest.estimator.trace.recorder import run_trace
+    from zeroest.estimator.trace.recorder import replay, run_trace
 
     model = build_model(config, "bf16", "sdpa", num_layers=None)
     trace = run_trace(model, torch.zeros((B, S), dtype=torch.long, device="meta"), grad_ckpt=False)
-    alive: set[int] = set()
-    live = peak = 0
-    out: dict[str, int] = {}
-    for index, event in enumerate(trace.events):
-        if index == trace.marks["fwd_end"]:
-            out["forward_end"], out["forward_peak"] = live, peak
-            out["stack"] = sum(trace.sizes[s] for s, region in trace.saved.items()
-                               if s in alive and s not in trace.excluded and region not in ("head", "loss"))
-        if index == trace.marks["bwd_start"]:
-            peak = live
-        serial = event if event >= 0 else ~event
-        size = 0 if serial in trace.excluded else trace.sizes[serial]
-        (alive.add if event >= 0 else alive.discard)(serial)
-        live += size if event >= 0 else -size
-        peak = max(peak, live)
-    out["backward_peak"] = peak
-    return out
+    return replay(trace)
 
 
 def main() -> int:

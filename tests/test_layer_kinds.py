@@ -82,24 +82,7 @@ def _full_depth(model, grad_ckpt: bool) -> dict[str, int]:
     torch = _torch()
     trace = recorder.run_trace(model, torch.zeros((B, S), dtype=torch.long, device="meta"), grad_ckpt=grad_ckpt,
                                target="cpu")
-    events, marks = trace.events, trace.marks
-    alive: set[int] = set()
-    live = peak = 0
-    out = {}
-    for index, event in enumerate(events):
-        if index == marks["fwd_end"]:
-            out["forward_end"], out["forward_peak"] = live, peak
-            out["stack"] = sum(trace.sizes[s] for s, region in trace.saved.items()
-                               if s in alive and s not in trace.excluded and region not in ("head", "loss"))
-        if index == marks["bwd_start"]:
-            peak = live
-        serial = event if event >= 0 else ~event
-        size = 0 if serial in trace.excluded else trace.sizes[serial]
-        (alive.add if event >= 0 else alive.discard)(serial)
-        live += size if event >= 0 else -size
-        peak = max(peak, live)
-    out["backward_peak"] = peak
-    return out
+    return recorder.replay(trace)
 
 
 def _check(profile, full: dict[str, int], grad_ckpt: bool) -> None:

@@ -302,3 +302,28 @@ def param_grad_hooks(loss, on_grad) -> list:
             handles.append(node.register_hook(hook))
         todo.extend(nxt for nxt, _ in node.next_functions)
     return handles
+
+
+def replay(trace: Trace) -> dict[str, int]:
+    """A recorded step replayed event by event, every storage counted where it is made and freed (parameter
+    gradients left out, as the profile leaves them): the saved bytes of the embeddings and layers still alive at
+    the end of forward (``stack``), the live bytes there (``forward_end``), at forward's peak and at backward's.
+    The reference the per-kind profile is checked against (tests/test_layer_kinds.py,
+    benchmarks/layer_kinds_check.py) when ``trace`` covers every layer."""
+    alive: set[int] = set()
+    live = peak = 0
+    out: dict[str, int] = {}
+    for index, event in enumerate(trace.events):
+        if index == trace.marks["fwd_end"]:
+            out["forward_end"], out["forward_peak"] = live, peak
+            out["stack"] = sum(trace.sizes[s] for s, region in trace.saved.items()
+                               if s in alive and s not in trace.excluded and region not in ("head", "loss"))
+        if index == trace.marks["bwd_start"]:
+            peak = live
+        serial = event if event >= 0 else ~event
+        size = 0 if serial in trace.excluded else trace.sizes[serial]
+        (alive.add if event >= 0 else alive.discard)(serial)
+        live += size if event >= 0 else -size
+        peak = max(peak, live)
+    out["backward_peak"] = peak
+    return out
