@@ -49,7 +49,8 @@ class Reduction:
     """Decoder layers whose backward had finished (the layer of the arriving gradient counts as not done)."""
     flattened_numel: int
     """E: the bucket's elements, copied once more by the flatten; 0 when the bucket lies in one rank's partition
-    (the flatten of one slice is a view)."""
+    (the flatten of one slice is a view). Stage 3: the concatenation's elements, each tensor padded to a multiple
+    of N_d; 0 for one tensor that N_d divides."""
     arriving_numel: int
     """n: the gradient whose arrival triggered the reduction, live in the hook meanwhile (0 at the end)."""
     first: bool

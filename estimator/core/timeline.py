@@ -240,7 +240,9 @@ def timeline(setup: TrainingSetup, states: ModelStates, act: ActivationProfile) 
 
 def _reduction_candidates(setup: TrainingSetup, states: ModelStates, act: ActivationProfile, held: dict,
                           grads_before: int, buffers: int, outputs: int) -> list[dict[str, int]]:
-    """Backward's live bytes at each ZeRO-2 bucket reduction (``core.reductions``): the activations of the layers
+    """Backward's live bytes at each ZeRO-2 (or, under checkpointing, ZeRO-3) bucket reduction
+    (``core.reductions``; at stage 3 the copy is the coalesced reduce-scatter's concatenation and there is no
+    ``grads_in_partition``): the activations of the layers
     not yet done, of the layer in progress its share not yet walked through (``Reduction.layer_left``; under
     checkpointing that share of its recomputed intermediates), the tied head gradient until the embeddings'
     backward, the arriving gradient (b n), and either the flatten copy (b E, before the first reduction's
