@@ -19,7 +19,7 @@ group so the documentation of uncalibrated GPUs can quote a command.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from zeroest.estimator.core.overheads import Overheads, device_from
@@ -77,27 +77,33 @@ def conservative_overheads(samples: Sequence[Sample], base: Overheads) -> Bound:
     (fraction rounded up to 1e-3, context to a MiB; neither below ``base``'s), the reserved constant set to 0
     and the other reserved terms as ``base`` has them."""
     flat = replace(base, reserved_fraction_of_peak=0.0, reserved_fixed_bytes=0)
-    fraction, reserved_key, n_res = base.reserved_fraction_of_peak, None, 0
-    for s in samples:
-        measured = s.measured.get("peak_reserved")
-        if not measured:
-            continue
-        n_res += 1
-        need = _least_fraction(s, flat, measured)
-        if need > fraction:
-            fraction, reserved_key = need, s.key
+    fraction, reserved_key, n_res = _largest_need(
+        samples, "peak_reserved", base.reserved_fraction_of_peak,
+        lambda s, measured: _least_fraction(s, flat, measured))
     wide = replace(flat, reserved_fraction_of_peak=math.ceil(fraction * 1000) / 1000, cuda_context_bytes=0)
-    context, device_key, n_dev = base.cuda_context_bytes, None, 0
-    for s in samples:
-        measured = s.measured.get("device")
-        if not measured:
-            continue
-        n_dev += 1
-        predicted = predict_sample(s, wide)
-        need = measured - device_from(predicted["peak_reserved"], wide, peers=s.peers, real_comm=s.real_comm)
-        if need > context:
-            context, device_key = need, s.key
+
+    def context_need(s: Sample, measured: int) -> float:
+        reserved = predict_sample(s, wide)["peak_reserved"]
+        return measured - device_from(reserved, wide, peers=s.peers, real_comm=s.real_comm)
+
+    context, device_key, n_dev = _largest_need(samples, "device", base.cuda_context_bytes, context_need)
     overheads = replace(wide, cuda_context_bytes=math.ceil(context / MiB) * MiB,
                         source="conservative bound: never under-predicts the rows it was taken on")
     return Bound(overheads=overheads, reserved_rows=n_res, device_rows=n_dev, reserved_key=reserved_key,
                  device_key=device_key)
+
+
+def _largest_need(samples: Sequence[Sample], quantity: str, floor: float,
+                  need: Callable[[Sample, int], float]) -> tuple[float, str | None, int]:
+    """(the largest ``need(sample, measured)`` over the samples that measured ``quantity``, not below ``floor``;
+    the key of the sample that set it, None where none rose above ``floor``; how many samples measured it)."""
+    largest, key, n = floor, None, 0
+    for s in samples:
+        measured = s.measured.get(quantity)
+        if not measured:
+            continue
+        n += 1
+        value = need(s, measured)
+        if value > largest:
+            largest, key = value, s.key
+    return largest, key, n
