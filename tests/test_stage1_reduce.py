@@ -61,21 +61,13 @@ def test_reduce_gradients_peak_matches_deepspeed(world, bucket, tied, grad_ckpt)
     pytest.importorskip("deepspeed")
     import deepspeed
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from test_stage3_fetch import tiny_ds_config, tiny_model
     from zeroest.validate.fakepg import close_world, init_fake_world
     from zeroest.validate.memtrack import LiveBytes
 
     init_fake_world(0, world)
-    cfg = {**TINY, "tie_word_embeddings": tied}
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg),
-                                             dtype=torch.bfloat16)
-    model.config.use_cache = False
-    if grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ds = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}, "steps_per_print": 10**9,
-          "zero_optimization": {"stage": 1, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket},
-          "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}}
+    model = tiny_model({**TINY, "tie_word_embeddings": tied}, grad_ckpt)
+    ds = tiny_ds_config({"stage": 1, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket})
     tracker, rises = LiveBytes(device="cpu"), []
     try:
         with tracker:

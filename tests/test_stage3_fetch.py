@@ -96,13 +96,11 @@ TINY_GPT2 = dict(model_type="gpt2", vocab_size=1000, n_embd=64, n_layer=12, n_he
                  bos_token_id=0, eos_token_id=0)
 
 
-def _engine(config: dict, zero: dict, grad_ckpt: bool):
-    import deepspeed
+def tiny_model(config: dict, grad_ckpt: bool):
+    """The bf16 HF model of ``config`` on the CPU, seeded, with non-reentrant checkpointing when asked."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-    from zeroest.validate.fakepg import init_fake_world
 
-    init_fake_world(0, 4)
     cfg = dict(config)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg),
@@ -110,9 +108,22 @@ def _engine(config: dict, zero: dict, grad_ckpt: bool):
     model.config.use_cache = False
     if grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ds = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}, "steps_per_print": 10**9,
-          "zero_optimization": {"stage": 3, **zero},
-          "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}}
+    return model
+
+
+def tiny_ds_config(zero: dict) -> dict:
+    """bf16, micro-batch 1, torch AdamW, the given ``zero_optimization`` section."""
+    return {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}, "steps_per_print": 10**9,
+            "zero_optimization": zero, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}}
+
+
+def _engine(config: dict, zero: dict, grad_ckpt: bool):
+    import deepspeed
+    from zeroest.validate.fakepg import init_fake_world
+
+    init_fake_world(0, 4)
+    model = tiny_model(config, grad_ckpt)
+    ds = tiny_ds_config({"stage": 3, **zero})
     return model, deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)[0]
 
 
