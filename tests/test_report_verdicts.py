@@ -52,8 +52,8 @@ def test_table_counts_and_rates():
     lines = verdict_table(items, 0.1)
     assert "| fits | 2 | 0 |" in lines and "| does not fit | 1 (1 over the usable budget) | 1 |" in lines
     rates = lines[-1]
-    assert "current 3 of 4 (75%), stored at run time 1 of 3 (33%)" in rates
-    assert "at the margin (a run over the usable budget did not fit): current 3 of 4 (75%)" in rates
+    assert "current 3 of 4 (75.0%), stored at run time 1 of 3 (33.3%)" in rates
+    assert "at the margin (a run over the usable budget did not fit): current 3 of 4 (75.0%)" in rates
     assert "'fits' but OOM: current 0, stored 1; 'fits' but over the budget: 1" in rates
     rows = verdict_rows(items)
     assert all(len(r) == len(VERDICT_HEADERS) for r in rows)

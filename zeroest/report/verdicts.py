@@ -106,7 +106,7 @@ def verdicts(records: Iterable, margin: float = FIT_MARGIN) -> list[Verdict]:
 
 
 def _rate(right: int, n: int) -> str:
-    return f"{right} of {n} ({right / n:.0%})" if n else "0 of 0"
+    return f"{right} of {n} ({right / n:.1%})" if n else "0 of 0"
 
 
 def verdict_table(items: list[Verdict], margin: float = FIT_MARGIN) -> list[str]:
