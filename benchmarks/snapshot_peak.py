@@ -8,8 +8,10 @@ worker does (the spec from ``validate.runner.plan``; ``worker.build_model``; the
 ``torch.cuda.memory._record_memory_history`` during ``--phase`` of step ``--step`` (init: ``deepspeed.initialize``)
 and replays the trace to the moment of most bytes allocated. Writes: every phase's ``max_memory_allocated``, the
 prediction's components of that phase, the bytes allocated before the phase and still live at its peak, the 30
-largest blocks live at the peak with their Python stacks (torch's own frames dropped), and the live bytes grouped
-by the first DeepSpeed/transformers/zeroest frame that allocated them. One 7B model at N_d 8 takes about 40 s.
+largest blocks live at the peak with their Python stacks (torch's own frames dropped), the live bytes grouped
+by the first DeepSpeed/transformers/zeroest frame that allocated them, every phase's ``max_memory_reserved``, and
+why the reserve grew in the phase: the segments cudaMalloc'd during it with the request that made each one, and
+the cache's segments and free blocks at its end. One 7B model at N_d 8 takes about 40 s.
 """
 
 from __future__ import annotations
@@ -84,6 +86,40 @@ def _replay(snapshot: dict, baseline: int) -> dict:
             for e in events[:best_at + 1] if e["size"] >= 2**20 and e["action"] in ("alloc", "free_completed")
         ][-60:],
         "groups_at_peak_gib": {k: v / GiB for k, v in sorted(groups.items(), key=lambda kv: -kv[1])[:25]},
+        **_segments(snapshot, events),
+    }
+
+
+def _segments(snapshot: dict, events: list[dict]) -> dict:
+    """Why the reserve grew in the phase: every segment cudaMalloc'd during it (``segment_alloc``, with the request
+    that made it: the ``alloc`` the allocator records right after), every segment given back (``segment_free``:
+    an ``empty_cache`` or a retry), and the cache at the phase's end: segments by size, and the free bytes in
+    them (``inactive`` blocks), the largest free block among them."""
+    grown, returned = [], []
+    for at, event in enumerate(events):
+        if event["action"] == "segment_alloc":
+            request = next((e for e in events[at + 1:at + 8] if e["action"] == "alloc"), None)
+            grown.append({"at": at, "mib": round(event["size"] / 2**20, 1),
+                          "request_mib": round(request["size"] / 2**20, 3) if request else None,
+                          "stack": _frames(request)[:3] if request else []})
+        elif event["action"] == "segment_free":
+            returned.append({"at": at, "mib": round(event["size"] / 2**20, 1)})
+    free_blocks = [b["size"] for seg in snapshot.get("segments", []) for b in seg.get("blocks", [])
+                   if b.get("state") == "inactive"]
+    by_size: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for seg in snapshot.get("segments", []):
+        key = f"{seg.get('segment_type', '?')} {'<=20 MiB' if seg['total_size'] <= 20 * 2**20 else '>20 MiB'}"
+        by_size[key][0] += 1
+        by_size[key][1] += seg["total_size"] / GiB
+    return {
+        "segments_grown": grown,
+        "segments_grown_gib": sum(g["mib"] for g in grown) / 1024,
+        "segments_returned": returned,
+        "segments_at_end": {k: {"count": v[0], "gib": v[1]} for k, v in sorted(by_size.items())},
+        "free_in_cache_at_end_gib": sum(free_blocks) / GiB,
+        "largest_free_block_at_end_mib": max(free_blocks, default=0) / 2**20,
+        "free_blocks_over_100_mib": sorted((round(b / 2**20, 1) for b in free_blocks if b > 100 * 2**20),
+                                           reverse=True)[:40],
     }
 
 
@@ -116,6 +152,7 @@ def main() -> None:
     hf_config = worker.hf_deepspeed_config(spec)  # noqa: F841 - alive while the model is built (zero.Init)
     built = {"model": worker.build_model(spec)}
     peaks: dict[str, float] = {}
+    reserved: dict[str, float] = {}
     record: dict = {}
 
     def phase(name: str, fn):
@@ -131,6 +168,7 @@ def main() -> None:
         out = fn()
         torch.cuda.synchronize()
         peaks[name] = torch.cuda.max_memory_allocated() / GiB
+        reserved[name] = torch.cuda.max_memory_reserved() / GiB
         if want:
             snapshot = torch.cuda.memory._snapshot()
             torch.cuda.memory._record_memory_history(enabled=None)
@@ -155,6 +193,7 @@ def main() -> None:
     result = {
         "grid": args.grid, "row": args.row, "setup": setup, "emulated": emulated.get("emulated"),
         "max_allocated_gib": peaks,
+        "max_reserved_gib": reserved,
         "predicted_phase_gib": {"peak": predicted.get("peak_bytes", 0) / GiB,
                                 "components": {k: v / GiB for k, v in predicted.get("components", {}).items()}},
         **record,
