@@ -17,6 +17,15 @@ A ``Meter`` records phases. For each phase it resets the peaks first
   their power-of-two sizes (``torch.cuda.host_memory_stats()["allocated_bytes.current"]``; None on the CPU or
   a torch without it). It is part of ``rss_bytes``.
 
+Peaks survive other code's resets. DeepSpeed resets the allocator's peaks inside ``deepspeed.initialize``:
+runtime/utils.py ``empty_cache`` calls ``reset_peak_memory_stats`` after ``empty_cache``, and stage_1_and_2.py
+``DeepSpeedZeroOptimizer.__init__`` calls it before each parameter group's flatten. Read as they are, the init's
+peaks would be those after the last group's reset: with the HF Trainer's two groups, the small no-decay group's
+flatten, not the first group's, where the model and its flat copy are both on the device. So while a phase runs,
+``torch.cuda.reset_peak_memory_stats`` (and ``torch.cuda.memory``'s, which torch's deprecated ``reset_max_*``
+call) first fold the current peaks into the phase's (``PeakFold``); the record's peaks are the larger of the folded
+ones and the counters at the phase's end, and ``peak_resets`` counts the resets folded.
+
 On the CPU there is no caching allocator: ``CpuMeter`` counts live tensor storages with
 ``validate.memtrack.LiveBytes`` (reserved and NVML fields are None).
 """
@@ -96,6 +105,55 @@ class _Nvml:
             return None
 
 
+PEAK_KEYS: tuple[str, ...] = ("allocated_bytes.all.peak", "reserved_bytes.all.peak")
+
+
+class PeakFold:
+    """The largest peaks (``PEAK_KEYS`` of ``torch.cuda.memory_stats``) seen before any reset within one phase."""
+
+    def __init__(self) -> None:
+        self.peaks: dict[str, int] = {}
+        self.resets = 0
+
+    def clear(self) -> None:
+        self.peaks, self.resets = {}, 0
+
+    def fold(self, stats: dict) -> None:
+        """Keep the larger of each folded peak and ``stats``' (called just before a reset)."""
+        for key in PEAK_KEYS:
+            self.peaks[key] = max(self.peaks.get(key, 0), int(stats.get(key, 0)))
+        self.resets += 1
+
+    def merged(self, stats: dict) -> dict:
+        """``stats`` with each peak raised to the folded one."""
+        return {**stats, **{key: max(int(stats.get(key, 0)), self.peaks.get(key, 0)) for key in PEAK_KEYS}}
+
+
+_FOLDS: list[tuple[PeakFold, torch.device]] = []
+"""The phase folds of this process's meters (one meter per worker process); the reset guard feeds them all."""
+
+
+def _guard_resets() -> None:
+    """Route ``torch.cuda.reset_peak_memory_stats`` (both names torch calls it by) through the folds, once per
+    process: each reset first folds the current peaks of every meter's device."""
+    import torch.cuda.memory as cuda_memory
+
+    original = cuda_memory.reset_peak_memory_stats
+    if getattr(original, "_zeroest_guard", False):
+        return
+
+    def reset_peak_memory_stats(device=None) -> None:
+        for fold, meter_device in _FOLDS:
+            with contextlib.suppress(Exception):
+                fold.fold(torch.cuda.memory_stats(meter_device))
+        original(device)
+
+    reset_peak_memory_stats._zeroest_guard = True
+    reset_peak_memory_stats._zeroest_original = original
+    cuda_memory.reset_peak_memory_stats = reset_peak_memory_stats
+    torch.cuda.reset_peak_memory_stats = reset_peak_memory_stats
+
+
 class Meter:
     """Per-phase memory and time on a CUDA device. ``phases`` maps each phase name to its record (a plain
     dict)."""
@@ -106,15 +164,20 @@ class Meter:
         self.current: str | None = None
         self.nvml = _Nvml(device)
         self._inject = os.environ.get(INJECT_OOM_ENV) or None
+        self.fold = PeakFold()
+        _guard_resets()
+        _FOLDS.append((self.fold, device))
 
     def _sync(self) -> None:
         torch.cuda.synchronize(self.device)
 
     def _reset(self) -> None:
-        torch.cuda.reset_peak_memory_stats(self.device)
+        reset = torch.cuda.reset_peak_memory_stats
+        getattr(reset, "_zeroest_original", reset)(self.device)  # the meter's own reset folds nothing
+        self.fold.clear()
 
     def _read(self) -> dict:
-        stats = torch.cuda.memory_stats(self.device)
+        stats = self.fold.merged(torch.cuda.memory_stats(self.device))
         nvml_bytes, scope = self.nvml.used()
         return {
             "allocated_bytes": int(stats.get("allocated_bytes.all.current", 0)),
@@ -123,6 +186,7 @@ class Meter:
             "peak_reserved_bytes": int(stats.get("reserved_bytes.all.peak", 0)),
             "num_alloc_retries": int(stats.get("num_alloc_retries", 0)),
             "num_ooms": int(stats.get("num_ooms", 0)),
+            "peak_resets": self.fold.resets,
             "nvml_bytes": nvml_bytes,
             "nvml_scope": scope,
         }
