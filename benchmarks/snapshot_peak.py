@@ -175,10 +175,16 @@ def main() -> None:
             record.update(_replay(snapshot, baseline), phase=name, baseline_gib=baseline / GiB)
         return out
 
-    def initialize():
+    from zeroest.validate.adapters import apply_adapters, parameter_groups
+    from zeroest.validate.client_optimizers import client_optimizer
+
+    built["model"] = apply_adapters(built["model"], spec)[0]
+
+    def initialize():  # as the worker's init: its parameter groups and client optimizer
         model = built.pop("model")  # the engine keeps the only reference, as the worker's ``del model`` does
-        return deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                    config=spec["ds_config"])[0]
+        params = parameter_groups(model, spec["setup"].get("param_groups") or 1)
+        return deepspeed.initialize(model=model, model_parameters=params, config=spec["ds_config"],
+                                    optimizer=client_optimizer(spec, params))[0]
 
     engine = phase("init", initialize)
     setup = spec["setup"]
