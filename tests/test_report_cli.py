@@ -180,7 +180,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
 
 def test_a_setup_the_estimator_cannot_rebuild_is_skipped_with_the_reason(tmp_path):
     good = synthetic_row(make_setup("gpt2", 0, 1))
-    bad = {**good, "setup": {**good["setup"], "model": "gpt-nonexistent"}}
+    bad = {**good, "run_key": "another-run", "setup": {**good["setup"], "model": "gpt-nonexistent"}}
     write_rows(tmp_path / "runs.jsonl", [good, bad])
     result = CliRunner().invoke(app, ["report", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output

@@ -39,6 +39,23 @@ def test_load_runs_keeps_good_rows_and_lists_the_rest(tmp_path):
     assert reasons[f"{path}:3"] == "run status error: RuntimeError: NCCL timeout"
 
 
+def test_a_run_measured_again_supersedes_the_older_row(tmp_path):
+    row = synthetic_row(make_setup("gpt2", 2, 2))
+    old = {**row, "finished_at": "2026-12-02T15:32:30+0000",
+           "measured": {**row["measured"], "peak_allocated_bytes": 1}}
+    again = {**row, "finished_at": "2026-12-02T18:45:28+0000"}
+    other_gpu = {**row, "finished_at": "2026-12-01T10:00:00+0000", "gpu": {**row["gpu"], "name": "NVIDIA H100"}}
+    write_rows(tmp_path / "first" / "runs.jsonl", [old, other_gpu])
+    write_rows(tmp_path / "second" / "runs.jsonl", [again])
+    loaded = load_runs([tmp_path])
+    kept = {(r.source.parent.name, r.line) for r in loaded.rows}
+    assert kept == {("first", 2), ("second", 1)}                 # the H100 row is another measurement
+    (skipped,) = loaded.skipped
+    assert skipped.where.endswith("first/runs.jsonl:1")
+    assert skipped.reason.startswith("superseded by ") and skipped.reason.endswith(
+        "second/runs.jsonl:1, the same run measured again at 2026-12-02T18:45:28+0000")
+
+
 def test_load_runs_stops_at_a_malformed_line(tmp_path):
     good = synthetic_row(make_setup("gpt2", 2, 2))
     write_rows(tmp_path / "a" / "runs.jsonl", [good])

@@ -76,9 +76,34 @@ def _unusable(row: dict, version: str | None) -> str | None:
     return None
 
 
+def _measured_as(row: RunRow) -> tuple:
+    """What makes two rows measurements of one thing: the run (its key: setup, simulated, launcher, device), the
+    rank, and the GPU it ran on (a run key does not name the GPU)."""
+    gpu = row.data.get("gpu") or {}
+    return row.run_key, row.data.get("rank"), gpu.get("name") if isinstance(gpu, dict) else None
+
+
+def _latest(rows: list[RunRow]) -> tuple[list[RunRow], list[Skipped]]:
+    """One row per measured thing (``_measured_as``): the one that finished last; the older are skipped, named
+    with the row that supersedes them (a run measured again: ``validate --redo``, or a re-measurement kept in
+    another folder)."""
+    newest: dict[tuple, RunRow] = {}
+    for row in rows:
+        key = _measured_as(row)
+        if key not in newest or str(row.data.get("finished_at") or "") >= str(newest[key].data.get(
+                "finished_at") or ""):
+            newest[key] = row
+    kept = [row for row in rows if newest[_measured_as(row)] is row]
+    skipped = [Skipped(where=row.where, reason=f"superseded by {newest[_measured_as(row)].where}, the same run "
+                       f"measured again at {newest[_measured_as(row)].data.get('finished_at')}")
+               for row in rows if newest[_measured_as(row)] is not row]
+    return kept, skipped
+
+
 def load_runs(paths: Sequence[str | Path], version: str | None = None) -> LoadedRuns:
     """Rows of every runs file under ``paths``; rows of another zeroest ``version`` (when given) and of runs
-    that did not finish are skipped. ValueError for a missing path, ``RunsFileError`` for a malformed line."""
+    that did not finish are skipped, and so is a row measured again later (``_latest``). ValueError for a missing
+    path, ``RunsFileError`` for a malformed line."""
     files = runs_files(paths)
     rows: list[RunRow] = []
     skipped: list[Skipped] = []
@@ -89,7 +114,8 @@ def load_runs(paths: Sequence[str | Path], version: str | None = None) -> Loaded
                 skipped.append(Skipped(where=f"{path}:{number}", reason=problem))
             else:
                 rows.append(RunRow(source=path, line=number, data=data))
-    return LoadedRuns(files=tuple(files), rows=tuple(rows), skipped=tuple(skipped))
+    rows, superseded = _latest(rows)
+    return LoadedRuns(files=tuple(files), rows=tuple(rows), skipped=(*skipped, *superseded))
 
 
 def is_oom(row: RunRow) -> bool:
