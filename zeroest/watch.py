@@ -22,8 +22,10 @@ OUT`` takes it. The loop kind (``trainer``, ``custom``, ``custom-del``) is seen 
 forward's output: dead at backward, alive at backward only, or alive at the next forward.
 
 Side effects while it watches: CUDA peak statistics are reset at each phase, and each phase ends with a device
-synchronize; on the CPU every tensor op runs under a ``TorchDispatchMode``. It never stops the job: a failure of
-its own bookkeeping is logged, not raised.
+synchronize; ``torch.cuda.reset_peak_memory_stats`` stays routed through the meter for the rest of the process
+(a reset by the job or DeepSpeed first folds the current peaks into the phase measured, then resets as asked);
+on the CPU every tensor op runs under a ``TorchDispatchMode``. It never stops the job: a failure of its own
+bookkeeping is logged, not raised.
 """
 
 from __future__ import annotations
