@@ -4,14 +4,15 @@ usage (GPU machine, zeroest and DeepSpeed installed as for ``zeroest validate``)
   python benchmarks/snapshot_peak.py --grid data/grids/misses.yaml --row 4 --phase backward --out $OUT/row4.json
 
 Runs grid row ``--row`` (1-based, simulated rows only: rank 0 on the fake process group) exactly as the validate
-worker does (the spec from ``validate.runner.plan``; ``worker.build_model``; the trainer loop), records
-``torch.cuda.memory._record_memory_history`` during ``--phase`` of step ``--step`` (init: ``deepspeed.initialize``)
-and replays the trace to the moment of most bytes allocated. Writes: every phase's ``max_memory_allocated``, the
-prediction's components of that phase, the bytes allocated before the phase and still live at its peak, the 30
-largest blocks live at the peak with their Python stacks (torch's own frames dropped), the live bytes grouped
-by the first DeepSpeed/transformers/zeroest frame that allocated them, every phase's ``max_memory_reserved``, and
-why the reserve grew in the phase: the segments cudaMalloc'd during it with the request that made each one, and
-the cache's segments and free blocks at its end. One 7B model at N_d 8 takes about 40 s.
+worker does (the spec from ``validate.runner.plan``; ``worker.build_model``; the row's loop as ``validate/loops.py``
+runs it, one micro-step a step: the custom loop keeps the outputs, logits included, through backward and step),
+records ``torch.cuda.memory._record_memory_history`` during ``--phase`` of step ``--step`` (init:
+``deepspeed.initialize``) and replays the trace to the moment of most bytes allocated. Writes: every phase's
+``max_memory_allocated``, the prediction's components of that phase, the bytes allocated before the phase and still
+live at its peak, the 30 largest blocks live at the peak with their Python stacks (torch's own frames dropped), the
+live bytes grouped by the first DeepSpeed/transformers/zeroest frame that allocated them, every phase's
+``max_memory_reserved``, and why the reserve grew in the phase: the segments cudaMalloc'd during it with the request
+that made each one, and the cache's segments and free blocks at its end. One 7B model at N_d 8 takes about 40 s.
 """
 
 from __future__ import annotations
@@ -189,12 +190,25 @@ def main() -> None:
     engine = phase("init", initialize)
     setup = spec["setup"]
     vocab = engine.module.config.vocab_size
+    from zeroest.estimator.core.vocab import MEASURED_BEFORE_KEY, Loop
+
+    loop = Loop(setup.get("loop") or MEASURED_BEFORE_KEY["loop"])
+    held: dict = {}
+
+    def forward(ids):  # as validate/loops.py runs the row's loop: what it keeps of the outputs, and how long
+        outputs = engine(input_ids=ids, labels=ids)
+        if loop != Loop.TRAINER:
+            held["outputs"] = outputs  # the previous micro-step's outputs die only now
+        return outputs.loss
+
     for step in range(args.step + 1):
         ids = torch.randint(0, vocab, (setup["micro_batch"], setup["seq_len"]), device=engine.device)
-        loss = phase(f"step{step}.forward", lambda ids=ids: engine(input_ids=ids, labels=ids).loss)
+        loss = phase(f"step{step}.forward", lambda ids=ids: forward(ids))
         phase(f"step{step}.backward", lambda loss=loss: engine.backward(loss))
         del loss
         phase(f"step{step}.step", engine.step)
+        if loop == Loop.CUSTOM_DEL:
+            held.pop("outputs", None)
     predicted = (prediction or {}).get("phases", {}).get(args.phase, {})
     result = {
         "grid": args.grid, "row": args.row, "setup": setup, "emulated": emulated.get("emulated"),
