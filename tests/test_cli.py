@@ -15,6 +15,16 @@ JSON_KEYS = {"stage", "world_size", "components", "peak_allocated_bytes", "peak_
              "peak_phase", "phases", "cpu_bytes_per_node", "nvme_bytes", "assumptions"}
 
 
+@pytest.fixture(autouse=True)
+def _wide_consoles(monkeypatch):
+    """200 columns for the CLI's consoles, whichever test built them first: rich reads COLUMNS once, when
+    ``zeroest.cli.common`` makes its consoles, so the env below reaches them only if this file imported it first."""
+    from zeroest.cli import common
+
+    for console in (common.out, common.err):
+        monkeypatch.setattr(console, "_width", 200)
+
+
 def run(*args):
     return runner.invoke(app, list(args), env={"COLUMNS": "200"})
 
