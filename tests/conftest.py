@@ -17,9 +17,15 @@ per ZeRO stage; a plain ``pytest`` runs everything.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers on two cores: one OpenMP thread each (and in the ranks they launch), set before torch is
+    # imported, so that two workers' thread pools and a test's rank processes do not contend for the same cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 _PROBE_CACHE: dict[Any, dict[str, Any]] = {}
 
