@@ -4,9 +4,9 @@ usage (GPU machine, zeroest and DeepSpeed installed as for ``zeroest validate``)
   python benchmarks/snapshot_peak.py --grid data/grids/misses.yaml --row 4 --phase backward --out $OUT/row4.json
 
 Runs grid row ``--row`` (1-based, simulated rows only: rank 0 on the fake process group) exactly as the validate
-worker does (the spec from ``validate.runner.plan``; ``worker.build_model``; the row's loop as ``validate/loops.py``
-runs it, one micro-step a step: the custom loop keeps the outputs, logits included, through backward and step),
-records ``torch.cuda.memory._record_memory_history`` during ``--phase`` of step ``--step`` (init:
+worker does (the spec from ``validate.runner.plan``; ``worker.build_model``; the row's loop, run by
+``validate.loops.train_steps`` itself: the custom loop keeps the outputs, logits included, through backward and
+step), records ``torch.cuda.memory._record_memory_history`` during ``--phase`` of step ``--step`` (init:
 ``deepspeed.initialize``) and replays the trace to the moment of most bytes allocated. Writes: every phase's
 ``max_memory_allocated``, the prediction's components of that phase, the bytes allocated before the phase and still
 live at its peak, the 30 largest blocks live at the peak with their Python stacks (torch's own frames dropped), the
@@ -18,9 +18,11 @@ that made each one, and the cache's segments and free blocks at its end. One 7B 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
+import types
 from collections import defaultdict
 from pathlib import Path
 
@@ -151,13 +153,17 @@ def main() -> None:
 
     worker._init_distributed(spec, world)
     hf_config = worker.hf_deepspeed_config(spec)  # noqa: F841 - alive while the model is built (zero.Init)
-    built = {"model": worker.build_model(spec)}
+    model = worker.build_model(spec)
     peaks: dict[str, float] = {}
     reserved: dict[str, float] = {}
     record: dict = {}
+    wanted = "init" if args.phase == "init" else f"step{args.step}.{args.phase}"
 
-    def phase(name: str, fn):
-        want = name == "init" and args.phase == "init" or name == f"step{args.step}.{args.phase}"
+    @contextlib.contextmanager
+    def phase(name: str):
+        """A phase as the worker's meter brackets it (``validate.loops.train_steps`` calls ``meter.phase``); the
+        memory history of the one asked for (micro-step 0 of an accumulated step)."""
+        want = name in (wanted, f"{wanted}0")
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
@@ -166,7 +172,7 @@ def main() -> None:
                 torch.cuda.memory._record_memory_history(max_entries=2_000_000, context=None)
             else:
                 torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks=args.stacks)
-        out = fn()
+        yield
         torch.cuda.synchronize()
         peaks[name] = torch.cuda.max_memory_allocated() / GiB
         reserved[name] = torch.cuda.max_memory_reserved() / GiB
@@ -174,41 +180,21 @@ def main() -> None:
             snapshot = torch.cuda.memory._snapshot()
             torch.cuda.memory._record_memory_history(enabled=None)
             record.update(_replay(snapshot, baseline), phase=name, baseline_gib=baseline / GiB)
-        return out
 
     from zeroest.validate.adapters import apply_adapters, parameter_groups
     from zeroest.validate.client_optimizers import client_optimizer
+    from zeroest.validate.loops import train_steps
 
-    built["model"] = apply_adapters(built["model"], spec)[0]
-
-    def initialize():  # as the worker's init: its parameter groups and client optimizer
-        model = built.pop("model")  # the engine keeps the only reference, as the worker's ``del model`` does
+    model = apply_adapters(model, spec)[0]
+    with phase("init"):  # as the worker's init: its parameter groups and client optimizer
         params = parameter_groups(model, spec["setup"].get("param_groups") or 1)
-        return deepspeed.initialize(model=model, model_parameters=params, config=spec["ds_config"],
-                                    optimizer=client_optimizer(spec, params))[0]
-
-    engine = phase("init", initialize)
+        engine = deepspeed.initialize(model=model, model_parameters=params, config=spec["ds_config"],
+                                      optimizer=client_optimizer(spec, params))[0]
+        del model, params  # the engine keeps the only reference, as the worker's ``del model`` does
     setup = spec["setup"]
-    vocab = engine.module.config.vocab_size
-    from zeroest.estimator.core.vocab import MEASURED_BEFORE_KEY, Loop
-
-    loop = Loop(setup.get("loop") or MEASURED_BEFORE_KEY["loop"])
-    held: dict = {}
-
-    def forward(ids):  # as validate/loops.py runs the row's loop: what it keeps of the outputs, and how long
-        outputs = engine(input_ids=ids, labels=ids)
-        if loop != Loop.TRAINER:
-            held["outputs"] = outputs  # the previous micro-step's outputs die only now
-        return outputs.loss
-
-    for step in range(args.step + 1):
-        ids = torch.randint(0, vocab, (setup["micro_batch"], setup["seq_len"]), device=engine.device)
-        loss = phase(f"step{step}.forward", lambda ids=ids: forward(ids))
-        phase(f"step{step}.backward", lambda loss=loss: engine.backward(loss))
-        del loss
-        phase(f"step{step}.step", engine.step)
-        if loop == Loop.CUSTOM_DEL:
-            held.pop("outputs", None)
+    # the row's loop as the worker runs it (what it keeps of the outputs, its inputs, its micro-steps)
+    train_steps({**spec, "steps": args.step + 1}, engine, types.SimpleNamespace(phase=phase), {"measured": {}},
+                lambda: None)
     predicted = (prediction or {}).get("phases", {}).get(args.phase, {})
     result = {
         "grid": args.grid, "row": args.row, "setup": setup, "emulated": emulated.get("emulated"),
