@@ -17,8 +17,9 @@ JSON_KEYS = {"stage", "world_size", "components", "peak_allocated_bytes", "peak_
 
 @pytest.fixture(autouse=True)
 def _wide_consoles(monkeypatch):
-    """200 columns for the CLI's consoles, whichever test built them first: rich reads COLUMNS once, when
-    ``zeroest.cli.common`` makes its consoles, so the env below reaches them only if this file imported it first."""
+    """200 columns for the CLI's consoles, whichever test built them: rich fixes a console's width from COLUMNS
+    where it is set when ``zeroest.cli.common`` makes them, and the table below needs more than 80 (on two
+    workers a console was 80 wide, and this test failed)."""
     from zeroest.cli import common
 
     for console in (common.out, common.err):
