@@ -56,6 +56,34 @@ def test_a_run_measured_again_supersedes_the_older_row(tmp_path):
         "second/runs.jsonl:1, the same run measured again at 2026-12-02T18:45:28+0000")
 
 
+
+def test_a_row_written_before_a_key_is_the_same_run_as_a_new_row_that_names_its_value(tmp_path):
+    """The run key a row stores hashes the setup keys of its day: an old row lacking ``loop``, ``param_groups``
+    and ``max_reuse_distance`` (then the Trainer's loop, one group, DeepSpeed's default distance) and a new row
+    naming those values are one run, and the newer supersedes; a new row with the custom loop is another run.
+    An inline model is known by its config, not by the path validate wrote it to."""
+    from zeroest.estimator.catalog.models import load_config
+
+    config = load_config("gpt2")[1]
+    new = synthetic_row(make_setup("gpt2", 2, 2))
+    new["setup"].update(loop="trainer", param_groups=1, max_reuse_distance=1_000_000_000)
+    old_setup = {k: v for k, v in new["setup"].items() if k not in ("loop", "param_groups", "max_reuse_distance")}
+    for folder in ("old", "new", "custom"):
+        (tmp_path / folder / "models").mkdir(parents=True)
+        (tmp_path / folder / "models" / "tiny.json").write_text(json.dumps(config))
+    old = {**new, "run_key": "old-key", "finished_at": "2026-12-01T10:00:00+0000",
+           "setup": {**old_setup, "model": "/elsewhere/out/models/tiny.json"}}
+    again = {**new, "run_key": "new-key", "finished_at": "2026-12-03T10:00:00+0000",
+             "setup": {**new["setup"], "model": "/tmp/out/models/tiny.json"}}
+    custom = {**again, "run_key": "custom-key", "setup": {**again["setup"], "loop": "custom"}}
+    write_rows(tmp_path / "old" / "runs.jsonl", [old])
+    write_rows(tmp_path / "new" / "runs.jsonl", [again])
+    write_rows(tmp_path / "custom" / "runs.jsonl", [custom])
+    loaded = load_runs([tmp_path])
+    assert {r.source.parent.name for r in loaded.rows} == {"new", "custom"}
+    (skipped,) = loaded.skipped
+    assert skipped.where.endswith("old/runs.jsonl:1") and "new/runs.jsonl:1" in skipped.reason
+
 def test_load_runs_stops_at_a_malformed_line(tmp_path):
     good = synthetic_row(make_setup("gpt2", 2, 2))
     write_rows(tmp_path / "a" / "runs.jsonl", [good])

@@ -19,7 +19,7 @@ from zeroest.estimator.core.overheads import Overheads
 from zeroest.estimator.core.setup import TrainingSetup
 from zeroest.report.errors import relative_error
 from zeroest.report.fit import BASIS_SCALES, NEUTRAL, QUANTITIES, Sample, facts_from_estimate, terms_from_estimates
-from zeroest.report.load import RunRow, Skipped, is_oom
+from zeroest.report.load import RunRow, Skipped, is_oom, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -171,21 +171,6 @@ class Record:
         return out
 
 
-def _resolve_model(name: str, source: Path) -> str:
-    """The model as written, or a config file next to the runs file (validate writes inline models to
-    models/)."""
-    from zeroest.estimator.catalog.models import list_presets
-
-    if name.strip().lower() in list_presets() or Path(name).expanduser().exists():
-        return name
-    base = Path(name).name
-    folder = source.parent
-    for candidate in (folder / name, folder / "models" / base, folder / "models" / f"{base}.json"):
-        if candidate.exists():
-            return str(candidate)
-    return name
-
-
 def overheads_for(env: Environment, simulated: bool, base: Overheads | None = None) -> Overheads:
     """``base``, else the group's calibration file, else the defaults; no NCCL buffers on a fake process
     group."""
@@ -215,7 +200,7 @@ def join_row(row: RunRow, calibration: Overheads | None = None) -> Record:
     data = dict(row.data["setup"])
     if data.get("mode", "deepspeed") != "deepspeed":
         raise ValueError(f"mode {data.get('mode')!r}: only DeepSpeed-faithful runs are compared")
-    model = load_model(_resolve_model(str(data.get("model", "")), row.source))
+    model = load_model(resolve_model(str(data.get("model", "")), row.source))
     setup = setup_from_row(data, model=model, where=row.where)
     env = environment(row.data)
     simulated = bool(row.data.get("simulated"))

@@ -2,12 +2,17 @@
 
 Rows are read by ``zeroest.report.runs`` (the schema; a malformed line is an error there). A well-formed row is
 still skipped here, with the reason, when it is of another zeroest version or its run did not finish (status
-error, timeout, crashed). Like ``runs``, this module needs no estimator, torch or numpy, so the claims command
-reads measured reductions cheaply (``measured_reductions``).
+error, timeout, crashed), or when a later row measured the same run again (``_latest``: the same setup as the
+current estimator reads it, ``setup_identity``). Like ``runs``, this module needs no torch or numpy (the estimator's
+setup and model readers only, imported where a row is identified), so the claims command reads measured
+reductions cheaply (``measured_reductions``).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -76,11 +81,62 @@ def _unusable(row: dict, version: str | None) -> str | None:
     return None
 
 
+def resolve_model(name: str, source: Path) -> str:
+    """The model as written, or a config file next to the runs file (validate writes inline models to
+    models/)."""
+    from zeroest.estimator.catalog.models import list_presets
+
+    if name.strip().lower() in list_presets() or Path(name).expanduser().exists():
+        return name
+    base = Path(name).name
+    folder = source.parent
+    for candidate in (folder / name, folder / "models" / base, folder / "models" / f"{base}.json"):
+        if candidate.exists():
+            return str(candidate)
+    return name
+
+
+@functools.lru_cache(maxsize=256)
+def _model_identity(path: str) -> tuple[str, object]:
+    """(name, what the model is): a preset by its name, a config file by its content (validate writes an inline
+    model to OUT/models/<name>.json, a path that differs between runs of the same model)."""
+    from zeroest.estimator.catalog.models import load_model
+
+    file = Path(path).expanduser()
+    if file.is_file():
+        return path, json.loads(file.read_text(encoding="utf-8"))
+    load_model(path)  # a name that is neither a preset nor a file raises here
+    return path, path.strip().lower()
+
+
+def setup_identity(row: RunRow) -> str:
+    """The run a row measured, as the current estimator reads its setup: the flat setup with every key filled
+    (a key the row was written before takes what it was measured with, ``configs.flat.setup_from_row``; the
+    rest their defaults), the model by what it is (``_model_identity``), the process group, the launcher and
+    the device. Two rows of one setup are then one run although the older was written before a key existed
+    (its stored ``run_key`` hashes the keys of its day). The stored ``run_key`` where the setup cannot be
+    rebuilt (the report skips such a row later, with the reason)."""
+    from zeroest.estimator.catalog.models import load_model
+    from zeroest.estimator.configs.flat import setup_from_row, setup_to_dict
+
+    data = row.data["setup"]
+    try:
+        path, what = _model_identity(resolve_model(str(data.get("model", "")), row.source))
+        flat = setup_to_dict(setup_from_row(data, model=load_model(path), where=row.where))
+    except (ValueError, OSError, KeyError, TypeError):
+        return row.run_key
+    flat["model"] = what
+    blob = json.dumps({"setup": flat, "simulated": bool(row.data.get("simulated")),
+                       "launcher": row.data.get("launcher"), "device": "cuda" if row.data.get("gpu") else "cpu"},
+                      sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
 def _measured_as(row: RunRow) -> tuple:
-    """What makes two rows measurements of one thing: the run (its key: setup, simulated, launcher, device), the
-    rank, and the GPU it ran on (a run key does not name the GPU)."""
+    """What makes two rows measurements of one thing: the run (``setup_identity``: setup, process group,
+    launcher, device), the rank, and the GPU it ran on (a run key does not name the GPU)."""
     gpu = row.data.get("gpu") or {}
-    return row.run_key, row.data.get("rank"), gpu.get("name") if isinstance(gpu, dict) else None
+    return setup_identity(row), row.data.get("rank"), gpu.get("name") if isinstance(gpu, dict) else None
 
 
 def _latest(rows: list[RunRow]) -> tuple[list[RunRow], list[Skipped]]:
@@ -88,15 +144,15 @@ def _latest(rows: list[RunRow]) -> tuple[list[RunRow], list[Skipped]]:
     with the row that supersedes them (a run measured again: ``validate --redo``, or a re-measurement kept in
     another folder)."""
     newest: dict[tuple, RunRow] = {}
-    for row in rows:
-        key = _measured_as(row)
+    keys = [_measured_as(row) for row in rows]
+    for row, key in zip(rows, keys, strict=True):
         if key not in newest or str(row.data.get("finished_at") or "") >= str(newest[key].data.get(
                 "finished_at") or ""):
             newest[key] = row
-    kept = [row for row in rows if newest[_measured_as(row)] is row]
-    skipped = [Skipped(where=row.where, reason=f"superseded by {newest[_measured_as(row)].where}, the same run "
-                       f"measured again at {newest[_measured_as(row)].data.get('finished_at')}")
-               for row in rows if newest[_measured_as(row)] is not row]
+    kept = [row for row, key in zip(rows, keys, strict=True) if newest[key] is row]
+    skipped = [Skipped(where=row.where, reason=f"superseded by {newest[key].where}, the same run "
+                       f"measured again at {newest[key].data.get('finished_at')}")
+               for row, key in zip(rows, keys, strict=True) if newest[key] is not row]
     return kept, skipped
 
 
