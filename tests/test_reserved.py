@@ -93,6 +93,48 @@ def test_offload_gradients_and_gathered_parameters_add_their_fractions(offload_g
                                                                                 + 0.25 * gathered_gib) * GiB)
 
 
+def test_the_loss_s_fp32_logits_block_adds_its_fraction_to_the_micro_step_and_steady_peaks():
+    # f_L 0.5 of a 1.5 GiB fp32 logits block: 0.75 GiB in the steady candidate (21 + 0.7 + 0.75 GiB) and in the
+    # first step's (13 + 0.7 + 0.75 + 13 GiB), each with f_p on top
+    oh = replace(OH, reserved_fraction_of_logits=0.5)
+    logits = int(1.5 * GiB)
+    steady = reserved_terms(_phases(), replace(NO_BLOCKS, logits_block_bytes=logits), oh)
+    assert steady.set_by == "steady" and steady.logits_cache == pytest.approx(0.75 * GiB)
+    assert steady.unrounded_bytes == pytest.approx(1.05 * (21 + 0.7 + 0.75) * GiB)
+    first = reserved_terms(_phases(), replace(FLAT, logits_block_bytes=logits), oh)
+    assert first.set_by == "first step" and first.logits_cache == pytest.approx(0.75 * GiB)
+    assert first.unrounded_bytes == pytest.approx(1.05 * (13 + 0.7 + 0.75 + 13) * GiB)
+
+
+@pytest.mark.parametrize("frozen_gib", [6.0, 30.0])
+def test_the_fraction_of_peak_leaves_out_the_frozen_weights_resident_from_the_load(frozen_gib):
+    # steady 21.7 GiB, of which F_r frozen: f_p acts on 21.7 - F_r, and on nothing once F_r passes the sum
+    facts = replace(NO_BLOCKS, frozen_resident_bytes=int(frozen_gib * GiB))
+    terms = reserved_terms(_phases(), facts, OH)
+    assert terms.fraction_of_peak == pytest.approx(0.05 * max(0.0, 21.7 - frozen_gib) * GiB)
+    assert terms.unrounded_bytes == pytest.approx((21.7 + 0.05 * max(0.0, 21.7 - frozen_gib)) * GiB)
+
+
+@pytest.mark.usefixtures("closed_form")
+@pytest.mark.parametrize(("stage", "world", "quant"), [(2, 2, "none"), (3, 4, "none"), (2, 2, "nf4")])
+def test_frozen_resident_bytes_are_the_base_weights_whole_at_stages_0_to_2_and_a_partition_at_stage_3(
+        stage, world, quant):
+    from test_report_support import make_setup
+    from zeroest.estimator.core.adapters import Adapters
+    from zeroest.estimator.core.model_states import trained
+    from zeroest.estimator.core.qlora import base_bytes
+    from zeroest.estimator.core.reserved import frozen_resident_bytes
+
+    setup = make_setup("gpt2", stage, world)
+    setup = replace(setup, adapters=Adapters(lora_rank=8, base_quant=quant))
+    frozen = 2 * trained(setup).frozen_numel  # bf16
+    quant_saved = (lambda q, plain: plain - q)(*base_bytes(setup)) if quant != "none" else 0
+    expected = frozen // world if stage == 3 else frozen - quant_saved
+    assert frozen_resident_bytes(setup, 2) == expected > 0
+    full = make_setup("gpt2", stage, world)
+    assert frozen_resident_bytes(full, 2) == 0
+
+
 @pytest.mark.usefixtures("closed_form")
 def test_estimate_reports_the_terms_and_the_block_sizes():
     from test_report_support import make_setup
@@ -108,6 +150,8 @@ def test_estimate_reports_the_terms_and_the_block_sizes():
     assert facts.largest_free_block_bytes == 4 * 2 * 512 * vocab > 2 * vocab * hidden
     assert facts.contiguous_step and facts.contiguous_block_bytes == e.components["master_weights"]
     assert facts.offload_grad_bytes == 0 and facts.gathered_bytes == 0
+    assert facts.logits_block_bytes == 4 * 2 * 512 * vocab and facts.frozen_resident_bytes == 0
+    assert e.reserved.logits_cache == pytest.approx(Overheads().reserved_fraction_of_logits * 4 * 2 * 512 * vocab)
 
 
 @pytest.mark.usefixtures("closed_form")

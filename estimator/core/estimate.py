@@ -243,7 +243,7 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
                             nccl_communicator_bytes=0, reserved_block_bytes=1, reserved_fraction_of_peak=0.0,
                             reserved_fraction_of_activations=0.0, reserved_reuse_fraction=0.0,
                             reserved_fraction_of_offload_grads=0.0, reserved_fraction_of_gathered=0.0,
-                            reserved_fixed_bytes=0)
+                            reserved_fraction_of_logits=0.0, reserved_fixed_bytes=0)
     # on the CPU, available_memory() is the host's free RAM: the on-device branch (cpu_accelerator.py)
     split = trained(setup)  # the model as trained: LoRA adapters added, frozen weights marked
     if split.total_numel > MAX_PARAMS:

@@ -21,7 +21,7 @@ class Overheads:
     Defaults are ``zeroest report --fit`` on data/runs (64 ranks, one H100 80GB HBM3, torch 2.11, DeepSpeed
     0.19.8: data/calibration/nvidia-h100-80gb-hbm3-torch2.11-ds0.19.json), rounded; other GPUs and versions get
     their own calibration file when someone measures them. The reserved coefficients (``core.reserved``) are the
-    in-sample fit over both GPUs measured (191 ranks, H100 80GB HBM3 and H200, torch 2.11, DeepSpeed 0.19.8):
+    in-sample fit over both GPUs measured (243 ranks, H100 80GB HBM3 and H200, torch 2.11, DeepSpeed 0.19.8):
     ``zeroest report data/runs/h100-default data/runs/h100-holdout data/runs/h100-launchers data/runs/h200-*
     --fit --pool``, rounded, so that a GPU
     without its own file gets what carried over between these two.
@@ -43,21 +43,25 @@ class Overheads:
     reserved_block_bytes: int = 2 * MiB
     """Large-pool segment granularity of the caching allocator (c10/cuda/CUDACachingAllocator.cpp
     ``kRoundLarge``): reserved memory comes in multiples of it."""
-    reserved_fraction_of_peak: float = 0.055
+    reserved_fraction_of_peak: float = 0.046
     """f_p of ``core.reserved``: reserved kept beyond the named terms, as a fraction of what they sum to (block
     splitting the terms leave out); fitted."""
-    reserved_fraction_of_activations: float = 0.110
+    reserved_fraction_of_activations: float = 0.0
     """f_a of ``core.reserved``: the fraction of the activations the cache keeps as free pieces too small for
-    later requests (many tensors of many sizes, freed in another order than made); fitted."""
-    reserved_reuse_fraction: float = 0.179
+    later requests (many tensors of many sizes, freed in another order than made); fitted: 0 over both GPUs
+    once the fp32 logits block has its own term (``reserved_fraction_of_logits``), 0.058 on the H100 alone."""
+    reserved_reuse_fraction: float = 0.218
     """r of ``core.reserved``: the fraction of the free cache after backward that the first step's flat fp32
     buffers reuse, where one freed activation (the fp32 logits) is as large as such a buffer; fitted."""
-    reserved_fraction_of_offload_grads: float = 0.557
+    reserved_fraction_of_offload_grads: float = 0.426
     """f_o of ``core.reserved``: with optimizer offload, the fraction of the 16-bit gradients (b P) held in the
     cache while their copies to the host run on another stream (``record_stream``); fitted."""
-    reserved_fraction_of_gathered: float = 0.836
+    reserved_fraction_of_gathered: float = 0.830
     """f_g of ``core.reserved``: at stage 3, the fraction of the gathered parameters' bytes the cache keeps
     beyond them (all-gather blocks of every module's size); fitted."""
+    reserved_fraction_of_logits: float = 0.854
+    """f_L of ``core.reserved``: the fraction of one fp32 logits block (4 bytes x batch x sequence x vocabulary)
+    the cache keeps reserved beside the blocks that reuse its segment; fitted."""
     reserved_fixed_bytes: int = 0
     """c of ``core.reserved``: a constant reserved beyond the terms (small-pool segments); fitted, >= 0."""
     host_process_bytes: int = 1946 * MiB

@@ -26,16 +26,24 @@ earlier phases left. A training run goes init -> first micro-step (forward, back
   Measured on the 9 such rows of data/runs/h100-default and h100-holdout: init reserved - init peak allocated =
   3.04-3.18 b P_t. ZeRO-1/2 with one parameter group: the model's own tensors and the 16-bit clone of the
   partition, freed before the fp32 master and its gradient (``stage12_init_cache``). Elsewhere K = 0.
-* ``R_first = max(R_init, F + f_a A_F + f_o G_o + f_g W)``: the first micro-step, before the optimizer states
-  exist (F = the larger of the forward and backward peaks less the states the first step creates lazily, A_F its
-  activations). Activations are many tensors of many sizes, freed in another order than made: the cache keeps a
-  fraction ``f_a`` of them as free pieces too small for the next request (``reserved_fraction_of_activations``).
+* ``R_first = max(R_init, F + f_a A_F + f_o G_o + f_g W + f_L B_log)``: the first micro-step, before the
+  optimizer states exist (F = the larger of the forward and backward peaks less the states the first step
+  creates lazily, A_F its activations). Activations are many tensors of many sizes, freed in another order
+  than made: the cache keeps a fraction ``f_a`` of them as free pieces too small for the next request
+  (``reserved_fraction_of_activations``).
   With optimizer offload, each 16-bit gradient (G_o = b P bytes over backward) is copied to the host on another
   stream (stage_1_and_2.py ``copy_grads_in_partition``, ``_record_gradient_stream``), so its block is not reused
   until that copy ends (``record_stream``): ``f_o`` (``reserved_fraction_of_offload_grads``); at stage 3 only
   the rank's partition, G_o = b P / N_d, goes that way (stage3.py ``partition_grads``). Stage 3 gathers
   each module's parameters into blocks of their own sizes (W = gathered bytes): ``f_g``
-  (``reserved_fraction_of_gathered``).
+  (``reserved_fraction_of_gathered``). The loss upcasts the logits (transformers loss/loss_utils.py
+  ``ForCausalLMLoss``: ``logits = logits.float()``) and cross-entropy's backward makes the fp32 gradient of the
+  same shape: blocks of B_log = 4 bytes x batch x sequence x vocabulary each, one tensor apiece, the largest
+  requests of the micro-step, made when most activations are live, so that the cache rarely has a free block that
+  large and the segment cut for one stays reserved, beside the smaller blocks that later reuse it: ``f_L``
+  (``reserved_fraction_of_logits``). Seen on the H200 (benchmarks/snapshot_peak.py, users2 row 5, qwen2.5-7b at
+  1 x 3072): a 1782 MiB segment, 4 x 3072 x 152064 bytes exactly, cut in step 1's backward; fitted f_L is about
+  one such block, and with it f_a goes to about 0 (the activations' many small pieces are reused).
 * ``R_step = R_first + max(0, C - r U)`` (R_first without R_init here; see R below): the first
   ``engine.step()`` allocates large flat buffers (C): the
   optimizer states torch creates at the first step (torch/optim/adam.py ``_init_group``:
@@ -50,11 +58,15 @@ earlier phases left. A training run goes init -> first micro-step (forward, back
   allocate no such block on the GPU, except stage 0 with FusedAdam in 16 bits: ``FP16_Optimizer.step`` converts
   each gradient to fp32 (4 n per tensor, pieces the init's cached blocks hold) and ``_flatten_dense_tensors``
   them into one block of B_c = 4 P_t, the only new block of that step (``step_new_bytes``, in place of C).
-* ``R_steady = P + f_a A_P + f_o G_o + f_g W``: the steady phases with every state in place (P the largest peak
-  of forward, backward and step, A_P its activations; init is ``R_init``'s).
+* ``R_steady = P + f_a A_P + f_o G_o + f_g W + f_L B_log``: the steady phases with every state in place (P the
+  largest peak of forward, backward and step, A_P its activations; init is ``R_init``'s).
 
-``R = max(R_init + C', (1 + f_p) max(R_step, R_steady) + c)``, rounded up to the 2 MiB segment granularity, with
-``f_p`` (``reserved_fraction_of_peak``) and ``c`` (``reserved_fixed_bytes``) for what the terms leave out; C' is
+``R = max(R_init + C', max(R_step, R_steady) + f_p (that - F_r) + c)``, rounded up to the 2 MiB segment
+granularity, with ``f_p`` (``reserved_fraction_of_peak``) and ``c`` (``reserved_fixed_bytes``) for what the terms
+leave out. F_r (``frozen_resident_bytes``) is the frozen weights the model loaded (LoRA's base): one tensor each,
+allocated before anything is freed and never freed, they leave no pieces, so ``f_p`` leaves them out (with f_p on
+them, LoRA rows without checkpointing were over by 4-9% on reserved, the activations' cache alone matching what
+they measured beyond the allocation). C' is
 the first step's unreused buffers where the init reserve is what they stack on (init's segments are the model's
 own tensors, no fragmentation beyond them), less a flat block the init freed at its end (ZeRO-1/2's zero fp32
 gradient, B_c, ``init_freed_block_bytes``), else 0.
@@ -88,7 +100,8 @@ if TYPE_CHECKING:
 FP32 = 4
 
 RESERVED_TERMS: tuple[str, ...] = ("peak", "init_cache", "activation_cache", "offload_grad_cache", "gathered_cache",
-                                   "first_step_buffers", "fraction_of_peak", "fixed", "rounding", "card_limit")
+                                   "logits_cache", "first_step_buffers", "fraction_of_peak", "fixed", "rounding",
+                                   "card_limit")
 """The named terms of the predicted peak reserved; they sum to it (``ReservedTerms.total_bytes``)."""
 
 
@@ -133,6 +146,11 @@ class ReservedFacts:
     comm_peers: int | None = None
     """NCCL peers of a real process group (N_d - 1), whose communicator sits outside the allocator beside the
     CUDA context; None on a fake process group."""
+    logits_block_bytes: int = 0
+    """B_log: one fp32 logits block of the loss, 4 bytes per element of ``ActivationProfile.logits_bytes``
+    (module docstring, ``f_L``)."""
+    frozen_resident_bytes: int = 0
+    """F_r: the frozen weights resident from the load (``frozen_resident_bytes``), left out of ``f_p``'s base."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -156,6 +174,8 @@ class ReservedTerms:
     activation_cache: float
     offload_grad_cache: float
     gathered_cache: float
+    logits_cache: float
+    """f_L B_log: the segment cut for an fp32 logits block, reserved beside what reuses it."""
     first_step_buffers: float
     """Flat step buffers that found no cached block large enough: max(0, C - r U)."""
     fraction_of_peak: float
@@ -208,7 +228,26 @@ def reserved_facts(setup: TrainingSetup, states: ModelStates, act: ActivationPro
         largest_free_block_bytes=free,
         offload_grad_bytes=dtype_bytes * trainable_numel // (setup.world_size if stage == 3 else 1) if offload else 0,
         gathered_bytes=states.gathered_params_bytes if stage == 3 else 0,
-        card_bytes=setup.gpu_memory_bytes or 0, comm_peers=setup.world_size - 1 if real_comm else None)
+        card_bytes=setup.gpu_memory_bytes or 0, comm_peers=setup.world_size - 1 if real_comm else None,
+        logits_block_bytes=FP32 * act.logits_bytes // dtype_bytes,
+        frozen_resident_bytes=frozen_resident_bytes(setup, dtype_bytes))
+
+
+def frozen_resident_bytes(setup: TrainingSetup, dtype_bytes: int) -> int:
+    """F_r: bytes of the frozen weights one rank holds from the load on (b P_f, P_f the frozen parameters of
+    ``core.adapters.trainable_split``): whole at stages 0-2 (no ZeRO wrapper flattens a frozen parameter), their
+    1/N_d partitions at stage 3; a 4-bit base at stages 0-2 in its NF4 storage (``core.qlora.base_bytes``)."""
+    from zeroest.estimator.core.model_states import trained
+    from zeroest.estimator.core.qlora import base_bytes
+    from zeroest.estimator.core.vocab import BaseQuant
+
+    frozen = dtype_bytes * trained(setup).frozen_numel
+    if int(setup.stage) == 3:
+        return frozen // setup.world_size
+    if setup.adapters.base_quant != BaseQuant.NONE:
+        quant, plain = base_bytes(setup)
+        frozen -= plain - quant
+    return max(0, frozen)
 
 
 def stage12_init_cache(trainable_numel: int, world: int, dtype_bytes: int, largest_param_bytes: int, *,
@@ -257,7 +296,8 @@ def reserved_terms(phases: dict[str, dict[str, float]], facts: ReservedFacts, oh
             "step": step.get("activations", 0.0)}
     r_init = totals["init"] + facts.init_cached_bytes
     caches = (oh.reserved_fraction_of_offload_grads * facts.offload_grad_bytes,
-              oh.reserved_fraction_of_gathered * facts.gathered_bytes)
+              oh.reserved_fraction_of_gathered * facts.gathered_bytes,
+              oh.reserved_fraction_of_logits * facts.logits_block_bytes)
     act_first = oh.reserved_fraction_of_activations * acts[first_name]
     first_base = totals[first_name] - lazy
     r_first = max(r_init, first_base + act_first + sum(caches))
@@ -271,19 +311,22 @@ def reserved_terms(phases: dict[str, dict[str, float]], facts: ReservedFacts, oh
     new_init = max(0.0, new - facts.init_freed_block_bytes)  # stacked on the init: its freed B_c is taken first
     act_peak = oh.reserved_fraction_of_activations * acts[peak_name]
     f_p, fixed = oh.reserved_fraction_of_peak, float(oh.reserved_fixed_bytes)
+    steady = totals[peak_name] + act_peak + sum(caches)
+    first = first_base + act_first + sum(caches) + new
+    frozen = float(facts.frozen_resident_bytes)
     candidates = [  # (total, set_by, base, init cache, activation cache, caches, first-step buffers, fraction, fixed)
-        ((1 + f_p) * (totals[peak_name] + act_peak + sum(caches)) + fixed, "steady", totals[peak_name], 0.0,
-         act_peak, caches, 0.0, f_p * (totals[peak_name] + act_peak + sum(caches)), fixed),
-        ((1 + f_p) * (first_base + act_first + sum(caches) + new) + fixed, "first step", first_base, 0.0,
-         act_first, caches, new, f_p * (first_base + act_first + sum(caches) + new), fixed),
+        (steady + f_p * max(0.0, steady - frozen) + fixed, "steady", totals[peak_name], 0.0, act_peak, caches, 0.0,
+         f_p * max(0.0, steady - frozen), fixed),
+        (first + f_p * max(0.0, first - frozen) + fixed, "first step", first_base, 0.0, act_first, caches, new,
+         f_p * max(0.0, first - frozen), fixed),
         (r_init + (new_init if r_first == r_init else 0.0), "init", totals["init"], float(facts.init_cached_bytes), 0.0,
-         (0.0, 0.0), new_init if r_first == r_init else 0.0, 0.0, 0.0),
+         (0.0, 0.0, 0.0), new_init if r_first == r_init else 0.0, 0.0, 0.0),
     ]
     total, set_by, base, init_cache, act, caches, new, fraction, fixed = max(candidates, key=lambda c: c[0])
     block = max(1, oh.reserved_block_bytes)
     rounded = round_up(max(0, int(-(-total // 1))), block)
     return ReservedTerms(peak=base, init_cache=init_cache, activation_cache=act, offload_grad_cache=caches[0],
-                         gathered_cache=caches[1],
+                         gathered_cache=caches[1], logits_cache=caches[2],
                          first_step_buffers=new, fraction_of_peak=fraction, fixed=fixed, rounding=rounded - total,
                          card_limit=_card_limit(rounded, max(totals.values()), facts, oh), set_by=set_by)
 
