@@ -50,16 +50,16 @@ class Overheads:
     """f_a of ``core.reserved``: the fraction of the activations the cache keeps as free pieces too small for
     later requests (many tensors of many sizes, freed in another order than made); fitted: 0 over both GPUs
     once the fp32 logits block has its own term (``reserved_fraction_of_logits``), 0.058 on the H100 alone."""
-    reserved_reuse_fraction: float = 0.218
+    reserved_reuse_fraction: float = 0.223
     """r of ``core.reserved``: the fraction of the free cache after backward that the first step's flat fp32
     buffers reuse, where one freed activation (the fp32 logits) is as large as such a buffer; fitted."""
-    reserved_fraction_of_offload_grads: float = 0.426
+    reserved_fraction_of_offload_grads: float = 0.424
     """f_o of ``core.reserved``: with optimizer offload, the fraction of the 16-bit gradients (b P) held in the
     cache while their copies to the host run on another stream (``record_stream``); fitted."""
-    reserved_fraction_of_gathered: float = 0.830
+    reserved_fraction_of_gathered: float = 0.833
     """f_g of ``core.reserved``: at stage 3, the fraction of the gathered parameters' bytes the cache keeps
     beyond them (all-gather blocks of every module's size); fitted."""
-    reserved_fraction_of_logits: float = 0.854
+    reserved_fraction_of_logits: float = 0.863
     """f_L of ``core.reserved``: the fraction of one fp32 logits block (4 bytes x batch x sequence x vocabulary)
     the cache keeps reserved beside the blocks that reuse its segment; fitted."""
     reserved_fixed_bytes: int = 0
