@@ -162,3 +162,19 @@ def test_find_calibration_reads_back_a_written_file(tmp_path):
     assert found.activation_scale == pytest.approx(TRUE_OVERHEADS.activation_scale)
     assert found.source == name
     assert find_calibration("NVIDIA H100 80GB HBM3", "2.6.0", "0.16.3", directory=tmp_path) is None
+
+
+def test_each_40_step_row_of_data_runs_supersedes_the_3_step_row_of_its_setup():
+    """data/grids/long.yaml runs eight measured setups again; each of its rows in data/runs/h200-long is the same
+    run as exactly one older row elsewhere in data/runs, which the report then skips."""
+    from pathlib import Path
+
+    runs = Path(__file__).resolve().parents[1] / "data" / "runs"
+    loaded = load_runs([runs])
+    by = {}
+    for s in loaded.skipped:
+        if "/h200-long/" in s.reason:
+            by.setdefault(s.reason.split("superseded by ")[1].split(",")[0], []).append(s.where)
+    assert len(by) == 8 and all(len(older) == 1 for older in by.values())
+    assert {Path(w[0]).parent.name for w in by.values()} == {"h200-families", "h200-neighbours", "h200-cards",
+                                                             "h200-users2"}
