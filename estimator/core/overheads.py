@@ -59,7 +59,7 @@ class Overheads:
     reserved_fraction_of_gathered: float = 0.833
     """f_g of ``core.reserved``: at stage 3, the fraction of the gathered parameters' bytes the cache keeps
     beyond them (all-gather blocks of every module's size); fitted."""
-    reserved_fraction_of_logits: float = 0.863
+    reserved_fraction_of_logits: float = 0.861
     """f_L of ``core.reserved``: the fraction of one fp32 logits block (4 bytes x batch x sequence x vocabulary)
     the cache keeps reserved beside the blocks that reuse its segment; fitted."""
     reserved_fixed_bytes: int = 0
