@@ -98,8 +98,9 @@ def resolve_model(name: str, source: Path) -> str:
 
 @functools.lru_cache(maxsize=256)
 def _model_identity(path: str) -> tuple[str, object]:
-    """(name, what the model is): a preset by its name, a config file by its content (validate writes an inline
-    model to OUT/models/<name>.json, a path that differs between runs of the same model)."""
+    """(what to load, what the model is): a preset by its name, a config file by its content (validate writes an
+    inline model to OUT/models/<name>.json, a path that differs between runs of the same model). ValueError (or
+    OSError) for a model that cannot be read."""
     from zeroest.estimator.catalog.models import load_model
 
     file = Path(path).expanduser()
