@@ -127,12 +127,13 @@ def test_frozen_resident_bytes_are_the_base_weights_whole_at_stages_0_to_2_and_a
 
     setup = make_setup("gpt2", stage, world)
     setup = replace(setup, adapters=Adapters(lora_rank=8, base_quant=quant))
-    frozen = 2 * trained(setup).frozen_numel  # bf16
+    numel = trained(setup).frozen_numel
+    frozen = 2 * numel  # bf16
     quant_saved = (lambda q, plain: plain - q)(*base_bytes(setup)) if quant != "none" else 0
     expected = frozen // world if stage == 3 else frozen - quant_saved
-    assert frozen_resident_bytes(setup, 2) == expected > 0
+    assert frozen_resident_bytes(setup, numel, 2) == expected > 0
     full = make_setup("gpt2", stage, world)
-    assert frozen_resident_bytes(full, 2) == 0
+    assert frozen_resident_bytes(full, trained(full).frozen_numel, 2) == 0
 
 
 @pytest.mark.usefixtures("closed_form")

@@ -269,7 +269,7 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
     )
     peak = peak_phase(phases)
     facts = reserved_facts(setup, states, act, split.trainable_numel, DTYPE_BYTES[setup.dtype],
-                           real_comm=not simulated)
+                           frozen_numel=split.frozen_numel, real_comm=not simulated)
     if device == "cpu":  # no caching allocator: reserved is the peak allocation
         facts = replace(facts, contiguous_step=False)
     terms = reserved_bytes(phases, facts, overheads)

@@ -62,11 +62,20 @@ def with_4bit_base(setup: TrainingSetup, states):
     wrapper flattens a frozen parameter, ``core.model_states``), so the 16-bit params and the init peak hold
     ``base_bytes``' 4-bit size instead of the training dtype's. Stage 3 partitions every parameter; how it treats
     ``Params4bit`` is not modelled, so it keeps the 16-bit base (an upper bound)."""
-    if setup.adapters.base_quant == BaseQuant.NONE or setup.stage == ZeroStage.PARAMETERS:
+    saved = base_saving_bytes(setup)
+    if not saved:
         return states
-    quant, plain = base_bytes(setup)
-    saved = plain - quant
     return replace(states, params_bytes=states.params_bytes - saved, init_peak_bytes=states.init_peak_bytes - saved)
+
+
+def base_saving_bytes(setup: TrainingSetup) -> int:
+    """Bytes a 4-bit base saves on the GPU against the same weights in the training dtype (``base_bytes``:
+    plain - quantised) at stages 0-2; 0 without a 4-bit base and at stage 3, which keeps the 16-bit base
+    (``with_4bit_base``)."""
+    if setup.adapters.base_quant == BaseQuant.NONE or setup.stage == ZeroStage.PARAMETERS:
+        return 0
+    quant, plain = base_bytes(setup)
+    return plain - quant
 
 
 def qlora_note(setup: TrainingSetup) -> list[str]:

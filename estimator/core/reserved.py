@@ -202,9 +202,10 @@ class ReservedTerms:
 
 
 def reserved_facts(setup: TrainingSetup, states: ModelStates, act: ActivationProfile, trainable_numel: int,
-                   dtype_bytes: int, *, real_comm: bool = True) -> ReservedFacts:
+                   dtype_bytes: int, *, frozen_numel: int, real_comm: bool = True) -> ReservedFacts:
     """``ReservedFacts`` of a setup (stage 3's sub-group from ``zero.sub_group_size``; b = ``dtype_bytes``; P =
-    ``trainable_numel``, the parameters that get gradients; ``real_comm``: a real NCCL process group)."""
+    ``trainable_numel``, the parameters that get gradients; P_f = ``frozen_numel``, the others; ``real_comm``: a
+    real NCCL process group)."""
     stage = int(setup.stage)
     offload = setup.zero.offload_optimizer != "none"
     from zeroest.estimator.core.architecture import param_tensors
@@ -230,24 +231,20 @@ def reserved_facts(setup: TrainingSetup, states: ModelStates, act: ActivationPro
         gathered_bytes=states.gathered_params_bytes if stage == 3 else 0,
         card_bytes=setup.gpu_memory_bytes or 0, comm_peers=setup.world_size - 1 if real_comm else None,
         logits_block_bytes=FP32 * act.logits_bytes // dtype_bytes,
-        frozen_resident_bytes=frozen_resident_bytes(setup, dtype_bytes))
+        frozen_resident_bytes=frozen_resident_bytes(setup, frozen_numel, dtype_bytes))
 
 
-def frozen_resident_bytes(setup: TrainingSetup, dtype_bytes: int) -> int:
-    """F_r: bytes of the frozen weights one rank holds from the load on (b P_f, P_f the frozen parameters of
-    ``core.adapters.trainable_split``): whole at stages 0-2 (no ZeRO wrapper flattens a frozen parameter), their
-    1/N_d partitions at stage 3; a 4-bit base at stages 0-2 in its NF4 storage (``core.qlora.base_bytes``)."""
-    from zeroest.estimator.core.model_states import trained
-    from zeroest.estimator.core.qlora import base_bytes
-    from zeroest.estimator.core.vocab import BaseQuant
+def frozen_resident_bytes(setup: TrainingSetup, frozen_numel: int, dtype_bytes: int) -> int:
+    """F_r: bytes of the frozen weights one rank holds from the load on (b P_f, P_f = ``frozen_numel``, the frozen
+    parameters of ``core.adapters.trainable_split``): whole at stages 0-2 (no ZeRO wrapper flattens a frozen
+    parameter), their 1/N_d partitions at stage 3; a 4-bit base at stages 0-2 in its NF4 storage
+    (``core.qlora.base_saving_bytes``)."""
+    from zeroest.estimator.core.qlora import base_saving_bytes
 
-    frozen = dtype_bytes * trained(setup).frozen_numel
+    frozen = dtype_bytes * frozen_numel
     if int(setup.stage) == 3:
         return frozen // setup.world_size
-    if setup.adapters.base_quant != BaseQuant.NONE:
-        quant, plain = base_bytes(setup)
-        frozen -= plain - quant
-    return max(0, frozen)
+    return max(0, frozen - base_saving_bytes(setup))
 
 
 def stage12_init_cache(trainable_numel: int, world: int, dtype_bytes: int, largest_param_bytes: int, *,
@@ -314,11 +311,13 @@ def reserved_terms(phases: dict[str, dict[str, float]], facts: ReservedFacts, oh
     steady = totals[peak_name] + act_peak + sum(caches)
     first = first_base + act_first + sum(caches) + new
     frozen = float(facts.frozen_resident_bytes)
+    steady_fraction = f_p * max(0.0, steady - frozen)
+    first_fraction = f_p * max(0.0, first - frozen)
     candidates = [  # (total, set_by, base, init cache, activation cache, caches, first-step buffers, fraction, fixed)
-        (steady + f_p * max(0.0, steady - frozen) + fixed, "steady", totals[peak_name], 0.0, act_peak, caches, 0.0,
-         f_p * max(0.0, steady - frozen), fixed),
-        (first + f_p * max(0.0, first - frozen) + fixed, "first step", first_base, 0.0, act_first, caches, new,
-         f_p * max(0.0, first - frozen), fixed),
+        (steady + steady_fraction + fixed, "steady", totals[peak_name], 0.0, act_peak, caches, 0.0, steady_fraction,
+         fixed),
+        (first + first_fraction + fixed, "first step", first_base, 0.0, act_first, caches, new, first_fraction,
+         fixed),
         (r_init + (new_init if r_first == r_init else 0.0), "init", totals["init"], float(facts.init_cached_bytes), 0.0,
          (0.0, 0.0, 0.0), new_init if r_first == r_init else 0.0, 0.0, 0.0),
     ]
