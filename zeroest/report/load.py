@@ -17,8 +17,12 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from zeroest.report.runs import read_numbered, row_problem, runs_files
+
+if TYPE_CHECKING:
+    from zeroest.estimator.core.shape import ModelShape
 
 log = logging.getLogger(__name__)
 
@@ -97,33 +101,30 @@ def resolve_model(name: str, source: Path) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def _model_identity(path: str) -> tuple[str, object]:
-    """(what to load, what the model is): a preset by its name, a config file by its content (validate writes an
-    inline model to OUT/models/<name>.json, a path that differs between runs of the same model). ValueError (or
-    OSError) for a model that cannot be read."""
-    from zeroest.estimator.catalog.models import load_model
+def _model_identity(name_or_path: str) -> tuple[ModelShape, str]:
+    """(the model's shape, what the model is: its config, ``catalog.models.load_config``), read once per model:
+    validate writes an inline model to OUT/models/<name>.json, a path that differs between runs of the same
+    model, so the config, not the path, names it. ValueError (or OSError) for a model that cannot be read."""
+    from zeroest.estimator.catalog.models import load_config
+    from zeroest.estimator.core.architecture import shape_from_config
 
-    file = Path(path).expanduser()
-    if file.is_file():
-        return path, json.loads(file.read_text(encoding="utf-8"))
-    load_model(path)  # a name that is neither a preset nor a file raises here
-    return path, path.strip().lower()
+    label, config = load_config(name_or_path)
+    return shape_from_config(config, label), json.dumps(config, sort_keys=True)
 
 
 def setup_identity(row: RunRow) -> str:
     """The run a row measured, as the current estimator reads its setup: the flat setup with every key filled
     (a key the row was written before takes what it was measured with, ``configs.flat.setup_from_row``; the
-    rest their defaults), the model by what it is (``_model_identity``), the process group, the launcher and
+    rest their defaults), the model by its config (``_model_identity``), the process group, the launcher and
     the device. Two rows of one setup are then one run although the older was written before a key existed
     (its stored ``run_key`` hashes the keys of its day). The stored ``run_key`` where the setup cannot be
     rebuilt (the report skips such a row later, with the reason)."""
-    from zeroest.estimator.catalog.models import load_model
     from zeroest.estimator.configs.flat import setup_from_row, setup_to_dict
 
     data = row.data["setup"]
     try:
-        path, what = _model_identity(resolve_model(str(data.get("model", "")), row.source))
-        flat = setup_to_dict(setup_from_row(data, model=load_model(path), where=row.where))
+        model, what = _model_identity(resolve_model(str(data.get("model", "")), row.source))
+        flat = setup_to_dict(setup_from_row(data, model=model, where=row.where))
     except (ValueError, OSError, KeyError, TypeError):
         return row.run_key
     flat["model"] = what
