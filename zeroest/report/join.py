@@ -19,7 +19,7 @@ from zeroest.estimator.core.overheads import Overheads
 from zeroest.estimator.core.setup import TrainingSetup
 from zeroest.report.errors import relative_error
 from zeroest.report.fit import BASIS_SCALES, NEUTRAL, QUANTITIES, Sample, facts_from_estimate, terms_from_estimates
-from zeroest.report.load import RunRow, Skipped, is_oom, resolve_model
+from zeroest.report.load import RunRow, Skipped, is_oom, read_model, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -193,14 +193,13 @@ def join_row(row: RunRow, calibration: Overheads | None = None) -> Record:
     """The record of one row; ValueError (or FileNotFoundError) when its setup cannot be rebuilt.
     ``calibration``: overheads for ``current`` in place of the group's file (a calibration held against rows
     it was not fitted on)."""
-    from zeroest.estimator.catalog.models import load_model
     from zeroest.estimator.configs.flat import setup_from_row
     from zeroest.estimator.core.estimate import estimate
 
     data = dict(row.data["setup"])
     if data.get("mode", "deepspeed") != "deepspeed":
         raise ValueError(f"mode {data.get('mode')!r}: only DeepSpeed-faithful runs are compared")
-    model = load_model(resolve_model(str(data.get("model", "")), row.source))
+    model = read_model(resolve_model(str(data.get("model", "")), row.source))[0]
     setup = setup_from_row(data, model=model, where=row.where)
     env = environment(row.data)
     simulated = bool(row.data.get("simulated"))

@@ -101,10 +101,11 @@ def resolve_model(name: str, source: Path) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def _model_identity(name_or_path: str) -> tuple[ModelShape, str]:
+def read_model(name_or_path: str) -> tuple[ModelShape, str]:
     """(the model's shape, what the model is: its config, ``catalog.models.load_config``), read once per model:
     validate writes an inline model to OUT/models/<name>.json, a path that differs between runs of the same
-    model, so the config, not the path, names it. ValueError (or OSError) for a model that cannot be read."""
+    model, so the config, not the path, names it; ``report.join`` takes the shape from here too. ValueError (or
+    OSError) for a model that cannot be read."""
     from zeroest.estimator.catalog.models import load_config
     from zeroest.estimator.core.architecture import shape_from_config
 
@@ -115,7 +116,7 @@ def _model_identity(name_or_path: str) -> tuple[ModelShape, str]:
 def setup_identity(row: RunRow) -> str:
     """The run a row measured, as the current estimator reads its setup: the flat setup with every key filled
     (a key the row was written before takes what it was measured with, ``configs.flat.setup_from_row``; the
-    rest their defaults), the model by its config (``_model_identity``), the process group, the launcher and
+    rest their defaults), the model by its config (``read_model``), the process group, the launcher and
     the device. Two rows of one setup are then one run although the older was written before a key existed
     (its stored ``run_key`` hashes the keys of its day). The stored ``run_key`` where the setup cannot be
     rebuilt (the report skips such a row later, with the reason)."""
@@ -123,7 +124,7 @@ def setup_identity(row: RunRow) -> str:
 
     data = row.data["setup"]
     try:
-        model, what = _model_identity(resolve_model(str(data.get("model", "")), row.source))
+        model, what = read_model(resolve_model(str(data.get("model", "")), row.source))
         flat = setup_to_dict(setup_from_row(data, model=model, where=row.where))
     except (ValueError, OSError, KeyError, TypeError):
         return row.run_key
