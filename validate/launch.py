@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from zeroest.estimator.configs import allocator
+
 log = logging.getLogger(__name__)
 
 Launcher = Literal["torchrun", "accelerate", "deepspeed"]
@@ -78,14 +80,21 @@ def child_env(
     capability: tuple[int, int] | None,
     gpus: str | None = None,
     threads: int | None = None,
+    expandable_segments: bool | None = None,
 ) -> dict[str, str]:
     """The environment of every process of a run: the user's (NCCL_* and PYTHONPATH included) plus our fixes.
 
     ``gpus``: CUDA_VISIBLE_DEVICES for the run (None keeps the user's). CPU runs hide the GPUs and make
     DeepSpeed pick its CPU accelerator (``DS_ACCELERATOR=cpu``). ``threads``: OMP_NUM_THREADS unless the user
     set it (concurrent runs share the cores; torchrun would otherwise give each rank all of them, or force 1).
+    ``expandable_segments``: the run's setup's (None keeps the user's allocator settings): written into both
+    variables torch reads its settings from, the user's other options kept, so that the run allocates as the
+    estimate assumed whichever variable the user had set.
     """
     env = dict(base)
+    if expandable_segments is not None:
+        conf = allocator.with_expandable(allocator.conf_text(env), expandable_segments)
+        env.update(dict.fromkeys(allocator.CONF_VARIABLES, conf))
     if threads is not None:
         env.setdefault("OMP_NUM_THREADS", str(max(1, threads)))
     for key, value in MULTICAST_OFF.items():
@@ -106,7 +115,8 @@ def child_env(
     return env
 
 
-FORWARDED_PREFIXES = ("NCCL_", "TORCH_CUDA_ARCH_LIST", "TORCH_SYMM_MEM_", "NVSHMEM_", "OMP_NUM_THREADS")
+FORWARDED_PREFIXES = ("NCCL_", "TORCH_CUDA_ARCH_LIST", "TORCH_SYMM_MEM_", "NVSHMEM_", "OMP_NUM_THREADS",
+                      *allocator.CONF_VARIABLES)
 """Variables written to ``.deepspeed_env`` for the deepspeed launcher's remote nodes (it forwards PYTHON* and the
 accelerator's own NCCL* by itself, ``deepspeed/launcher/runner.py`` ``EXPORT_ENVS``)."""
 

@@ -238,6 +238,7 @@ def _start(run: Run, opts: ValidateOptions, gpus: list[int], alone: bool, base_e
         capability=capability,
         gpus=",".join(map(str, gpus)) if gpus else None,
         threads=threads if opts.jobs > 1 else None,
+        expandable_segments=bool(run.spec["setup"].get("expandable_segments")) if not opts.cpu else None,
     )
     (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
     if run.launcher == "deepspeed" and opts.launch.hostfile:  # pdsh starts remote ranks with a bare environment

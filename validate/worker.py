@@ -320,6 +320,8 @@ def run_spec(spec: dict) -> int:
             result["traceback"] = traceback.format_exc()[-4000:]
             if isinstance(exc, KeyboardInterrupt):
                 raise
+    if not cpu:
+        result["gpu"]["allocator"] = allocator_record()
     if code != EXIT_OK:
         from zeroest.validate.measure import summarize
 
@@ -327,6 +329,19 @@ def run_spec(spec: dict) -> int:
     result["complete"] = code == EXIT_OK
     rank_file.write(result)
     return code
+
+
+def allocator_record() -> dict:
+    """How the caching allocator ran: the settings the process read (``PYTORCH_ALLOC_CONF`` or
+    ``PYTORCH_CUDA_ALLOC_CONF``) and whether its segments were expandable ones (the snapshot's
+    ``is_expandable``; None where this torch does not say), so that a row says what it measured under."""
+    import torch
+
+    from zeroest.estimator.configs.allocator import conf_text
+
+    segments = torch.cuda.memory_snapshot()
+    flags = [seg["is_expandable"] for seg in segments if "is_expandable" in seg]
+    return {"conf": conf_text(os.environ), "expandable_segments": any(flags) if flags else None}
 
 
 def build_ops(names: list[str]) -> int:

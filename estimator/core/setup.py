@@ -290,6 +290,14 @@ class TrainingSetup:
     """Total memory of each rank's card (bytes, what the driver reports); ``predict``/``plan`` fill it from
     ``--gpu`` (``catalog.gpus.parse_gpu``), grids from a preset or size. DeepSpeed's capacity decisions
     (``core.capacity``) follow it; None: an unknown card, assumed large (the branch that holds more)."""
+    expandable_segments: bool = axis(False, "--expandable-segments/--no-expandable-segments",
+                                     "The job runs with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (the "
+                                     "allocator maps pages into one growing segment per stream, so freed blocks "
+                                     "fragment less). Default: off, torch's default and the larger reserve.")
+    """torch's caching allocator maps memory into expandable segments (``PYTORCH_CUDA_ALLOC_CONF`` or
+    ``PYTORCH_ALLOC_CONF`` ``expandable_segments:True``; c10/cuda/CUDACachingAllocator.cpp
+    ``try_allocate_expandable_block``) instead of one cudaMalloc'd segment per request that found no free block.
+    Only the reserved memory depends on it (``core.reserved``); False, the default, is torch's own default."""
 
     def __post_init__(self) -> None:
         if self.gpu_memory_bytes is not None:

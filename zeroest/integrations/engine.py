@@ -31,7 +31,7 @@ import hashlib
 import json
 import os
 
-from zeroest.estimator.configs import flat
+from zeroest.estimator.configs import allocator, flat
 from zeroest.estimator.core.architecture import shape_from_config
 from zeroest.estimator.core.setup import TrainingSetup
 
@@ -161,6 +161,11 @@ def flat_setup(engine, *, micro_batch: int, seq_len: int, zero_init: bool | None
     }
     if loop is not None and "loop" in flat.SETUP_KEYS:
         data["loop"] = loop
+    conf = allocator.conf_text(os.environ)  # what this process's caching allocator read at start
+    data["expandable_segments"] = allocator.expandable(conf)
+    if allocator.unmodelled(conf):
+        notes.append(f"allocator settings {conf!r}: {', '.join(allocator.unmodelled(conf))} not modelled "
+                     "(the reserved estimate assumes torch's defaults for them)")
     return data, notes
 
 
