@@ -1,7 +1,6 @@
 """torch's allocator settings as the environment gives them (estimator.configs.allocator)."""
 
 import pytest
-
 from zeroest.estimator.configs import allocator
 
 

@@ -168,7 +168,8 @@ def test_child_env_keeps_user_nccl_and_adds_package_to_pythonpath():
 def test_child_env_sets_the_setups_allocator_in_both_variables_keeping_other_options():
     base = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128,expandable_segments:True"}
     env = child_env(base, cpu=False, capability=None, expandable_segments=False)
-    assert env["PYTORCH_ALLOC_CONF"] == env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:False,max_split_size_mb:128"
+    conf = "expandable_segments:False,max_split_size_mb:128"
+    assert env["PYTORCH_ALLOC_CONF"] == env["PYTORCH_CUDA_ALLOC_CONF"] == conf
     env = child_env({}, cpu=False, capability=None, expandable_segments=True)
     assert env["PYTORCH_ALLOC_CONF"] == env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     # None keeps the user's settings as they are (no variable added)

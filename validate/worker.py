@@ -336,7 +336,6 @@ def allocator_record() -> dict:
     ``PYTORCH_CUDA_ALLOC_CONF``) and whether its segments were expandable ones (the snapshot's
     ``is_expandable``; None where this torch does not say), so that a row says what it measured under."""
     import torch
-
     from zeroest.estimator.configs.allocator import conf_text
 
     segments = torch.cuda.memory_snapshot()
