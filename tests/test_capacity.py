@@ -87,3 +87,23 @@ def test_grid_value_may_be_a_preset_or_a_size():
         setup_from_dict({"gpu_memory_bytes": "24", "stage": 2}, model=SHAPE, where="grid.yaml:3")
     with pytest.raises(ValueError, match="--gpu"):
         _setup(-5)
+
+
+def test_predict_says_when_only_expandable_segments_make_the_setup_fit():
+    # the hint follows the two verdicts exactly: default allocator short, expandable segments within the margin
+    from zeroest.estimator.catalog.fit import fit_verdict
+
+    shape, hinted = load_model("qwen2.5-1.5b"), 0
+    for micro_batch in (1, 2, 3, 4, 6):
+        flags = {"gpus_per_node": 2, "grad_ckpt": True, "seq_len": 1024, "micro_batch": micro_batch,
+                 "activations": "closed-form"}
+        result = predict_request(shape, flags, stage=2, gpu="4090")
+        (est,), (fit,) = result.estimates, result.fits
+        other = estimate(est.setup.with_(expandable_segments=True))
+        expected = not fit.fits and fit_verdict(other.device_bytes, fit.gpu).fits
+        lines = [w for w in result.warnings if "expandable_segments:True" in w]
+        assert bool(lines) == expected, micro_batch
+        if expected:
+            hinted += 1
+            assert f"by {fit.short_bytes / 2**30:.1f} GiB" in lines[0]
+    assert hinted, "no micro-batch lands between the two verdicts: the test checks nothing"

@@ -15,7 +15,7 @@ from zeroest.estimator.units import GiB, MiB
 TRUE_OVERHEADS = Overheads(
     cuda_context_bytes=600 * MiB, cublas_workspace_bytes=300 * MiB, nccl_bytes_per_peer=96 * MiB,
     nccl_communicator_bytes=300 * MiB, reserved_fraction_of_peak=0.08, reserved_fraction_of_activations=0.25,
-    reserved_fraction_of_gathered=0.4, activation_scale=1.15,
+    reserved_fraction_of_gathered=0.4, reserved_fraction_expandable=0.5, activation_scale=1.15,
     source="truth",
 )
 """The overheads synthetic "measurements" are made with; the fit must find them again. The reuse fraction stays

@@ -262,3 +262,37 @@ def test_the_first_step_stacked_on_the_init_takes_the_init_s_freed_flat_block_fi
     terms = reserved_terms(_phases(init_temporaries_gib=14.0), facts, OH)
     assert terms.set_by == "init" and terms.first_step_buffers == 0
     assert terms.total_bytes == 23 * GiB
+
+
+@pytest.mark.parametrize("card_gib", [None, 22])
+def test_expandable_segments_keep_a_share_of_the_default_free_cache_in_20_mib_pages(card_gib):
+    # P = the backward peak, 2 + 4 + 8 + 7 = 21 GiB; the default allocator's terms reserve R (the first step's
+    # 13 GiB of flat buffers stacked on the first micro-step, test above); expandable segments keep f_x (R - P)
+    # of it beyond P, rounded up to a 20 MiB page (kLargeBuffer)
+    oh = replace(OH, reserved_fraction_expandable=0.5)
+    default = reserved_terms(_phases(), FLAT, oh)
+    facts = replace(FLAT, expandable_segments=True, card_bytes=(card_gib or 0) * GiB)
+    terms = reserved_terms(_phases(), facts, oh)
+    holes = 0.5 * (default.unrounded_bytes - 21 * GiB)
+    assert terms.peak == 21 * GiB and terms.expandable_holes == pytest.approx(holes)
+    assert terms.first_step_buffers == terms.activation_cache == terms.fraction_of_peak == 0
+    assert terms.set_by == "expandable (first step)"
+    uncapped = round_up(int(21 * GiB + holes) + 1, 20 * MiB)
+    if card_gib is None:
+        assert terms.total_bytes == uncapped < default.total_bytes and terms.card_limit == 0
+    else:  # 22 GiB less the 788 MiB context leaves the allocator less than asked: capped there
+        assert terms.total_bytes == (22 * 1024 - 788) * MiB < uncapped
+    assert sum(terms.components().values()) == pytest.approx(terms.total_bytes, abs=len(RESERVED_TERMS))
+
+
+def test_an_estimate_with_expandable_segments_names_the_allocator_in_its_facts():
+    from test_report_support import make_setup
+    from zeroest.estimator.core.estimate import estimate
+
+    setup = make_setup("gpt2", 2, 4)
+    default, expandable = estimate(setup), estimate(setup.with_(expandable_segments=True))
+    assert not default.reserved_facts.expandable_segments and expandable.reserved_facts.expandable_segments
+    assert expandable.peak_allocated_bytes == default.peak_allocated_bytes  # only the reserve depends on it
+    f_x, peak = Overheads().reserved_fraction_expandable, default.peak_allocated_bytes
+    assert expandable.peak_reserved_bytes == round_up(
+        int(peak + f_x * (default.reserved.unrounded_bytes - peak)) + 1, 20 * MiB)

@@ -23,6 +23,7 @@ from zeroest.estimator.core.estimate import Estimate, estimate
 from zeroest.estimator.core.setup import TrainingSetup
 from zeroest.estimator.core.shape import ModelShape
 from zeroest.estimator.core.vocab import OffloadDevice, default_stages
+from zeroest.estimator.units import GiB
 
 if TYPE_CHECKING:
     from zeroest.estimator.catalog.gpus import Gpu
@@ -155,7 +156,26 @@ def predict_request(shape: ModelShape, flags: dict, *, stage: int | None = None,
     overheads = calibration_for(target)
     estimates = [estimate(s, overheads) for s in setups]
     fits = [fit_verdict(e.device_bytes, target, margin) for e in estimates] if target is not None else []
+    if fits:
+        warnings += _expandable_hints(setups, fits, overheads, margin)
     return Prediction(estimates=estimates, gpu=target, fits=fits, warnings=warnings)
+
+
+def _expandable_hints(setups: list[TrainingSetup], fits: list[Fit], overheads, margin: float) -> list[str]:
+    """A line for each setup that misses the card with torch's default allocator but fits with expandable
+    segments, whose reserve keeps fewer free blocks (``core.reserved``, ``R_x``); none where the peak allocation
+    itself does not fit."""
+    lines = []
+    for setup, fit in zip(setups, fits, strict=True):
+        if fit.fits or setup.expandable_segments:
+            continue
+        other = estimate(setup.with_(expandable_segments=True), overheads)
+        verdict = fit_verdict(other.device_bytes, fit.gpu, margin)
+        if verdict.fits:
+            lines.append(f"stage {int(setup.stage)} misses the {fit.gpu.name} by {fit.short_bytes / GiB:.1f} GiB with "
+                         f"torch's default allocator but fits with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
+                         f"({verdict.spare_bytes / GiB:.1f} GiB spare; predict it with --expandable-segments)")
+    return lines
 
 
 @dataclass(frozen=True)

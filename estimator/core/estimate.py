@@ -194,6 +194,11 @@ def _assumptions(setup: TrainingSetup, source: str) -> tuple[str, ...]:
         notes.append(_adapters_note(setup))
     if setup.mode == "paper":
         notes.append("paper mode: ZeRO paper model states (2 + 2 + K) Psi with K = 12; no activations or buffers")
+    else:
+        notes.append("caching allocator: expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)"
+                     if setup.expandable_segments else
+                     "caching allocator: torch's default segments (the larger reserve; --expandable-segments if "
+                     "the job sets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)")
     return tuple(notes)
 
 
@@ -243,7 +248,8 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
                             nccl_communicator_bytes=0, reserved_block_bytes=1, reserved_fraction_of_peak=0.0,
                             reserved_fraction_of_activations=0.0, reserved_reuse_fraction=0.0,
                             reserved_fraction_of_offload_grads=0.0, reserved_fraction_of_gathered=0.0,
-                            reserved_fraction_of_logits=0.0, reserved_fixed_bytes=0)
+                            reserved_fraction_of_logits=0.0, reserved_fraction_expandable=0.0,
+                            reserved_fixed_bytes=0)
     # on the CPU, available_memory() is the host's free RAM: the on-device branch (cpu_accelerator.py)
     split = trained(setup)  # the model as trained: LoRA adapters added, frozen weights marked
     if split.total_numel > MAX_PARAMS:

@@ -31,8 +31,9 @@ QUANTITIES: tuple[str, ...] = ("peak_allocated", "peak_reserved", "device")
 RESERVED_PARAMETERS: tuple[str, ...] = (
     "reserved_fraction_of_activations", "reserved_reuse_fraction", "reserved_fraction_of_offload_grads",
     "reserved_fraction_of_gathered", "reserved_fraction_of_logits", "reserved_fraction_of_peak",
+    "reserved_fraction_expandable",
 )
-"""The coefficients of ``estimator.core.reserved`` the fit sets (f_a, r, f_o, f_g, f_L, f_p). The constant c
+"""The coefficients of ``estimator.core.reserved`` the fit sets (f_a, r, f_o, f_g, f_L, f_p, f_x). The constant c
 (``reserved_fixed_bytes``) stays at its default: free, it took up to 1.6 GiB in folds that held out the small
 models, where a constant is what a relative error cannot pin down."""
 RESERVED_NEEDS = {
@@ -40,6 +41,7 @@ RESERVED_NEEDS = {
     "reserved_fraction_of_offload_grads": lambda f: f.offload_grad_bytes > 0,
     "reserved_fraction_of_gathered": lambda f: f.gathered_bytes > 0,
     "reserved_fraction_of_logits": lambda f: f.logits_block_bytes > 0,
+    "reserved_fraction_expandable": lambda f: f.expandable_segments,
 }
 """What a row must have for a reserved coefficient to act on it (``core.reserved.ReservedFacts``)."""
 RESERVED_NEEDS_TEXT = {
@@ -47,6 +49,7 @@ RESERVED_NEEDS_TEXT = {
     "reserved_fraction_of_offload_grads": "optimizer offload",
     "reserved_fraction_of_gathered": "stage-3 gathered parameters",
     "reserved_fraction_of_logits": "a loss over logits",
+    "reserved_fraction_expandable": "expandable segments",
 }
 FITTED_FOR: dict[str, tuple[str, ...]] = {
     "peak_allocated": ("cublas_workspace_bytes", "activation_scale"),
@@ -62,6 +65,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "reserved_fraction_of_offload_grads": (0.0, 4.0),
     "reserved_fraction_of_gathered": (0.0, 4.0),
     "reserved_fraction_of_logits": (0.0, 4.0),
+    "reserved_fraction_expandable": (0.0, 1.0),
     "nccl_communicator_bytes": (0.0, 8.0 * GiB),
     "reserved_fixed_bytes": (0.0, 16.0 * GiB),
     "cuda_context_bytes": (0.0, 16.0 * GiB),
@@ -74,7 +78,7 @@ PRIOR_WEIGHT = 1e-3
 NEUTRAL = Overheads(cuda_context_bytes=0, cublas_workspace_bytes=0, nccl_bytes_per_peer=0, nccl_communicator_bytes=0,
                     reserved_fraction_of_peak=0.0, reserved_fraction_of_activations=0.0, reserved_reuse_fraction=0.0,
                     reserved_fraction_of_offload_grads=0.0, reserved_fraction_of_gathered=0.0, reserved_fixed_bytes=0,
-                    reserved_fraction_of_logits=0.0, activation_scale=1.0,
+                    reserved_fraction_of_logits=0.0, reserved_fraction_expandable=0.0, activation_scale=1.0,
                     source="neutral (fit basis)")
 """Overheads that add nothing: the estimates ``Sample`` is built from."""
 BASIS_SCALES: tuple[float, ...] = (1.0, 0.25, 0.5, 2.0, 4.0)

@@ -332,8 +332,9 @@ def make_rows(
 
 
 def run_label(setup: dict, simulated: bool) -> str:
-    """``gpt2 z3 N=4(sim) mb2x1024 bf16 adamw/fused ckpt zinit off:opt lora:r8``: a run at a glance, from the flat
-    setup of a row (the one label of validate's summary and the report's tables)."""
+    """``gpt2 z3 N=4(sim) mb2x1024 bf16 adamw/fused ckpt zinit off:opt lora:r8 xseg``: a run at a glance, from the
+    flat setup of a row (the one label of validate's summary and the report's tables; ``xseg``: expandable
+    segments)."""
     parts = [
         str(setup["model"]).rsplit("/", 1)[-1].removesuffix(".json"),
         f"z{setup['stage']}",
@@ -355,4 +356,6 @@ def run_label(setup: dict, simulated: bool) -> str:
         parts.append(f"lora:r{setup['lora_rank']}")
     if setup.get("freeze"):
         parts.append(f"freeze:{setup['freeze']}")
+    if setup.get("expandable_segments"):
+        parts.append("xseg")
     return " ".join(parts)

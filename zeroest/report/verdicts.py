@@ -44,6 +44,8 @@ class Verdict:
     measured_device_bytes: int | None
     """The row's measured device memory (NVML, per process), None when not read."""
     oom: bool
+    expandable: bool = False
+    """The run's allocator mapped expandable segments (``setup.expandable_segments``)."""
 
     @property
     def fits(self) -> bool:
@@ -94,7 +96,8 @@ def verdict_from_row(row: RunRow, predicted_device_bytes: int | None, margin: fl
                    card_bytes=int(card), usable_bytes=usable_bytes(int(card), margin),
                    emulated=bool(setup.get("gpu_memory_bytes")), predicted_device_bytes=int(predicted_device_bytes),
                    stored_device_bytes=int(stored) if stored else None,
-                   measured_device_bytes=int(measured) if measured else None, oom=is_oom(row))
+                   measured_device_bytes=int(measured) if measured else None, oom=is_oom(row),
+                   expandable=bool(setup.get("expandable_segments")))
 
 
 def verdicts(records: Iterable, margin: float = FIT_MARGIN) -> list[Verdict]:
@@ -130,6 +133,12 @@ def verdict_table(items: list[Verdict], margin: float = FIT_MARGIN) -> list[str]
             f"{_rate(sum(v.right_at_margin for v in emulated), n)}; 'fits' but OOM: current "
             f"{sum(v.fits and v.oom for v in emulated)}, stored {sum(bool(v.stored_fits) and v.oom for v in stored)}; "
             f"'fits' but over the budget: {sum(v.fits and v.over_budget for v in emulated)}")
+        split = [(name, [v for v in emulated if v.expandable == on]) for name, on in
+                 (("torch's default allocator", False), ("expandable segments", True))]
+        if all(group for _, group in split):
+            lines.append("at the margin by allocator: " + "; ".join(
+                f"{name} {_rate(sum(v.right_at_margin for v in group), len(group))}, 'fits' but over the budget "
+                f"{sum(v.fits and v.over_budget for v in group)}" for name, group in split))
     return lines
 
 
