@@ -13,9 +13,9 @@ EDGE = usable_bytes(CARD, 0.1)
 """floor(0.9 * 24 GiB): the usable budget at margin 10%."""
 
 
-def _row(status, *, stored=None, measured=None, card=CARD, rank=0):
+def _row(status, *, stored=None, measured=None, card=CARD, rank=0, expandable=False):
     data = {"run_key": f"k{stored}{measured}{status}", "rank": rank, "status": status,
-            "setup": {"model": "m", "stage": 2, "gpu_memory_bytes": card},
+            "setup": {"model": "m", "stage": 2, "gpu_memory_bytes": card, "expandable_segments": expandable},
             "prediction": {"device_bytes": stored} if stored else {},
             "measured": {"oom": "init" if status == "oom" else None, "device_bytes": measured},
             "gpu": {"memory_bytes": 141 * GiB}}
@@ -59,6 +59,16 @@ def test_table_counts_and_rates():
     assert all(len(r) == len(VERDICT_HEADERS) for r in rows)
     assert [r[-1] for r in rows] == ["yes", "yes", "yes", "**no**"]
     assert [r[-3] for r in rows] == ["+0.0%", "-", f"{100 * GiB / (EDGE + 1):+.1f}%", f"{-100 / (EDGE + 1):+.1f}%"]
+
+
+def test_rates_at_the_margin_are_split_by_allocator_when_both_were_measured():
+    default = [_verdict(EDGE, "ok", measured=EDGE), _verdict(EDGE, "ok", measured=EDGE + 1)]
+    expandable = [_verdict(EDGE + GiB, "ok", measured=EDGE - GiB, expandable=True)]  # "does not fit": conservative
+    assert expandable[0].expandable and not default[0].expandable
+    lines = verdict_table(default + expandable, 0.1)
+    assert lines[-1] == ("at the margin by allocator: torch's default allocator 1 of 2 (50.0%), 'fits' but over the "
+                         "budget 1; expandable segments 0 of 1 (0.0%), 'fits' but over the budget 0")
+    assert not verdict_table(default, 0.1)[-1].startswith("at the margin by allocator")  # one allocator: no split
 
 
 def test_rows_skipped_and_the_row_gpu_used_without_an_emulated_card():

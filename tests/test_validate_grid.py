@@ -211,6 +211,12 @@ def test_run_label_tells_a_zero_init_build(stage, zero_init, tagged):
     assert run_label(setup, True).endswith(" zinit") is tagged
 
 
+@pytest.mark.parametrize(("expandable", "tagged"), [(True, True), (False, False), (None, False)])
+def test_run_label_tells_expandable_segments(expandable, tagged):
+    setup = {**_rows("z", 1)[0]["setup"], "expandable_segments": expandable}
+    assert run_label(setup, True).endswith(" xseg") is tagged
+
+
 def _run(key, nproc=1, device_bytes=None, simulated=False):
     setup = {"gpus_per_node": nproc}
     prediction = {"device_bytes": device_bytes} if device_bytes else None
