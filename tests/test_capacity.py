@@ -1,6 +1,7 @@
 """DeepSpeed's capacity branch at stage 1-2 init (core/capacity.py), from the card's memory."""
 
 import pytest
+from zeroest.estimator.catalog.fit import FIT_MARGIN
 from zeroest.estimator.catalog.gpus import parse_gpu
 from zeroest.estimator.catalog.models import load_model
 from zeroest.estimator.configs.flat import setup_from_dict, setup_to_dict
@@ -11,7 +12,7 @@ from zeroest.estimator.core.model_states import flat_group_numel
 from zeroest.estimator.core.overheads import Overheads
 from zeroest.estimator.units import MiB, round_up
 
-from zeroest.api import predict_request
+from zeroest.api import build_setup, predict_request
 
 SHAPE = load_model("llama-3-8b")
 P = count_params(SHAPE).total
@@ -107,3 +108,24 @@ def test_predict_says_when_only_expandable_segments_make_the_setup_fit():
             hinted += 1
             assert f"by {fit.short_bytes / 2**30:.1f} GiB" in lines[0]
     assert hinted, "no micro-batch lands between the two verdicts: the test checks nothing"
+
+
+def test_plan_names_the_first_pick_with_expandable_segments_when_nothing_fits_without():
+    # ZeRO-2 without offload, 1.5B on two 24 GB cards: short with the default allocator's reserve (the first step's
+    # flat fp32 buffers stacked on its free cache), within the budget once expandable segments keep f_x of it
+    from zeroest.estimator.plan.search import budget_bytes
+
+    from zeroest.api import plan_request
+
+    shape = load_model("qwen2.5-1.5b")
+    flags = {"gpus_per_node": 2, "seq_len": 1024, "activations": "closed-form"}
+    answer = plan_request(shape, flags, gpu="4090", stages=[2], offloads=["none"], host_ram="256GB")
+    assert answer.plan.best is None
+    (note,) = [n for n in answer.notes if "expandable_segments:True" in n]
+    assert note.endswith("ZeRO-2, checkpointing at micro-batch 1 fits (plan with --expandable-segments)")
+    chosen = build_setup(shape, {**flags, "grad_ckpt": True, "expandable_segments": True}, stage=2)
+    card = parse_gpu("4090").memory_bytes
+    assert estimate(chosen.with_(gpu_memory_bytes=card)).device_bytes <= budget_bytes(card, FIT_MARGIN)
+    with_flag = plan_request(shape, {**flags, "expandable_segments": True}, gpu="4090", stages=[2],
+                             offloads=["none"], host_ram="256GB")
+    assert with_flag.plan.best is not None and not any("expandable_segments:True" in n for n in with_flag.notes)

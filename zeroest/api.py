@@ -161,6 +161,22 @@ def predict_request(shape: ModelShape, flags: dict, *, stage: int | None = None,
     return Prediction(estimates=estimates, gpu=target, fits=fits, warnings=warnings)
 
 
+def _expandable_plan_note(request) -> list[str]:
+    """Where nothing fits with torch's default allocator: the plan's first pick with expandable segments, if one
+    fits then (``core.reserved``, ``R_x``)."""
+    from zeroest.estimator.plan.plan import describe_setup
+    from zeroest.estimator.plan.plan import plan as run_plan
+
+    if request.base.expandable_segments:
+        return []
+    best = run_plan(replace(request, base=request.base.with_(expandable_segments=True))).best
+    if best is None:
+        return []
+    work = best.setup.workload
+    return [f"nothing fits with torch's default allocator, but with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
+            f"{describe_setup(best.setup)} at micro-batch {work.micro_batch} fits (plan with --expandable-segments)"]
+
+
 def _expandable_hints(setups: list[TrainingSetup], fits: list[Fit], overheads, margin: float) -> list[str]:
     """A line for each setup that misses the card with torch's default allocator but fits with expandable
     segments, whose reserve keeps fewer free blocks (``core.reserved``, ``R_x``); none where the peak allocation
@@ -310,7 +326,7 @@ def plan_request(shape: ModelShape, flags: dict, *, gpu: str, margin: float = FI
         return PlanAnswer(request=request, queries=queries, rows=capacity_queries(request, queries), notes=notes)
     result = run_plan(request)
     if result.best is None:
-        return PlanAnswer(request=request, queries=[], plan=result, notes=notes)
+        return PlanAnswer(request=request, queries=[], plan=result, notes=notes + _expandable_plan_note(request))
     lines = explain_lines(estimate_setup(result.best.setup)) if explain else []
     try:
         written = _write_configs(result.best.setup, write_ds_config, write_accelerate_config, write_for)

@@ -242,7 +242,8 @@ def frugal_setup(request: PlanRequest) -> TrainingSetup:
     return _setup(request.base, zero, any(space.grad_ckpt), mb, accum)
 
 
-def _describe(setup: TrainingSetup) -> str:
+def describe_setup(setup: TrainingSetup) -> str:
+    """``ZeRO-2, optimizer offload to cpu, checkpointing``: the knobs a plan chooses, in words."""
     zero = setup.zero
     parts = [f"ZeRO-{int(zero.stage)}"]
     if zero.offload_params != "none":
@@ -276,12 +277,12 @@ def infeasible_message(request: PlanRequest, estimator: CachedEstimator | None =
     if mem.device_bytes <= budget:
         return (
             f"every setup that fits {where} needs more host RAM per node than "
-            f"{format_gib(request.host_ram_bytes or 0, 1)}: the most frugal ({_describe(frugal)}) needs "
+            f"{format_gib(request.host_ram_bytes or 0, 1)}: the most frugal ({describe_setup(frugal)}) needs "
             f"{format_gib(mem.cpu_bytes_per_node, 1)}; add host RAM or GPUs (fewer ranks per node)"
         )
     head = (
         f"does not fit on {where} even at micro-batch {frugal.workload.micro_batch} "
-        f"with {_describe(frugal)}: "
+        f"with {describe_setup(frugal)}: "
         f"needs {format_gib(mem.device_bytes, 1)} per GPU (peak in the {mem.peak_phase} phase), "
         f"{format_gib(budget, 1)} usable with margin "
         f"{request.margin:g}"
