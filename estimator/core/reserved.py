@@ -85,8 +85,10 @@ buffers larger than any of them), only fewer of them stay stranded: ``R_x = P + 
 20 MiB page, where R is the default allocator's reserve of the terms above before rounding and the card's cap,
 P the largest phase peak (init included) and ``f_x`` (``reserved_fraction_expandable``) the share of the
 default's free cache that stays reserved. Measured on 21 rows run both ways (data/runs/h200-expandable against
-their default-allocator rows): the expandable reserve beyond the peak was 0.01-1.3 times the default's,
-0.66 by least squares; a fraction of the peak alone (``f (P - F_r)``) missed by up to 18%.
+their default-allocator rows): the expandable reserve beyond the peak was 0.01-1.3 times the default model's,
+0.66 by least squares, and a fraction of the peak alone (``f (P - F_r)``) missed by up to 18% where this form
+missed by up to 15%. Predicted before they ran (f_x 0.61), 19 more rows of 4 GiB and more (h200-expandable2,
+LoRA at stages 0-3 and four on an emulated 24 GB card) were within a median of 1.1% and a max of 8.1%.
 
 The card caps it (``card_limit``): where the setup names the card (M bytes), the allocator can hold at most
 ``L = M - C - N_c`` (C the CUDA context, N_c the NCCL communicator and buffers, ``overheads.device_from``; on an
