@@ -76,16 +76,16 @@ expandable_segments:True``) none of the terms above applies. The large pool of e
 virtual addresses that maps physical pages of 20 MiB (``kLargeBuffer``; ``ExpandableSegment::map`` rounds to its
 ``segment_size_``) as requests need them: a request still takes the best-fitting free block first
 (``get_free_block``), and one that finds none maps pages at the end of the range, joined to the free block just
-before them (``find_expandable_block``, ``try_allocate_expandable_block``). A freed block is therefore never left
-behind by a larger request: the reserve grows only by what the free blocks before the end cannot hold, and what
-stays reserved beyond the allocation is the free blocks between live ones at the peak, other streams' ranges and
-the page rounding. Those holes come from the same frees in the same order as the default allocator's cached
+before them (``find_expandable_block``, ``try_allocate_expandable_block``). A free block at the end of the range
+is therefore never left behind by a larger request, and no segment boundary splits free space: what stays
+reserved beyond the allocation is the free blocks between live ones at the peak, other streams' ranges and the
+page rounding. Those holes come from the same frees in the same order as the default allocator's cached
 blocks (the model's tensors freed at the flatten, activations freed in backward, then the first step's flat
 buffers larger than any of them), only fewer of them stay stranded: ``R_x = P + f_x (R - P)``, rounded up to the
 20 MiB page, where R is the default allocator's reserve of the terms above before rounding and the card's cap,
 P the largest phase peak (init included) and ``f_x`` (``reserved_fraction_expandable``) the share of the
 default's free cache that stays reserved. Measured on 21 rows run both ways (data/runs/h200-expandable against
-their default-allocator rows): the expandable reserve beyond the peak was 0.01-1.3 times the default model's,
+their default-allocator rows): the expandable reserve beyond the peak was 0.02-1.1 times the default model's,
 0.66 by least squares, and a fraction of the peak alone (``f (P - F_r)``) missed by up to 18% where this form
 missed by up to 15%. Predicted before they ran (f_x 0.61), 19 more rows of 4 GiB and more (h200-expandable2,
 LoRA at stages 0-3 and four on an emulated 24 GB card) were within a median of 1.1% and a max of 8.1%.
@@ -202,7 +202,7 @@ class ReservedTerms:
     """Flat step buffers that found no cached block large enough: max(0, C - r U)."""
     fraction_of_peak: float
     expandable_holes: float = 0.0
-    """f_x (P - F_r): with expandable segments, the free blocks between live ones at the peak (module docstring,
+    """f_x (R - P): with expandable segments, the free blocks between live ones at the peak (module docstring,
     ``R_x``); 0 otherwise."""
     fixed: float
     rounding: float
@@ -211,7 +211,8 @@ class ReservedTerms:
     """<= 0: down to the allocator's limit on the named card where the sum passes it (module docstring,
     ``R_card``); 0 without a card or below its limit."""
     set_by: str
-    """Which candidate sets the peak: init, first step, or steady."""
+    """Which candidate sets the peak: init, first step, or steady; with expandable segments ``expandable (...)``
+    naming the default allocator's candidate that R came from."""
 
     @property
     def total_bytes(self) -> int:
@@ -368,8 +369,7 @@ def _expandable_terms(totals: dict[str, float], default: ReservedTerms, facts: R
                       oh: Overheads) -> ReservedTerms:
     """``R_x`` of the module docstring: the largest phase peak P and ``f_x`` of what the default allocator's terms
     (``default``, uncapped) keep beyond it, rounded up to the 20 MiB page, capped by the card as elsewhere."""
-    peak_name = max(totals, key=lambda n: totals[n])
-    peak = totals[peak_name]
+    peak = max(totals.values())
     holes = oh.reserved_fraction_expandable * max(0.0, default.unrounded_bytes - peak)
     total = peak + holes
     rounded = round_up(max(0, int(-(-total // 1))), EXPANDABLE_PAGE_BYTES)
