@@ -374,3 +374,9 @@ def test_written_ds_config_reads_back_with_the_planned_zero_init(tmp_path):
 def test_written_for_plain_deepspeed_has_no_auto(tmp_path):
     _, config = _planned(tmp_path, "--write-for", "script")
     assert "auto" not in json.dumps(config)
+
+
+def test_validate_refuses_allocator_settings_torch_would_refuse(monkeypatch):
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments")
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    _error(_run("validate", "--grid", "quick", "--cpu", "--dry-run"), "allocator settings", "expandable_segments:True")

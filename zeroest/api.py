@@ -27,6 +27,8 @@ from zeroest.estimator.units import GiB
 
 if TYPE_CHECKING:
     from zeroest.estimator.catalog.gpus import Gpu
+    from zeroest.estimator.core.overheads import Overheads
+    from zeroest.estimator.plan.plan import PlanRequest
 
 MAX_GLOBAL_BATCH = 10**6
 """The largest ``plan --global-batch``, in sequences per optimizer step: hundreds of times the published ones (a few
@@ -161,7 +163,7 @@ def predict_request(shape: ModelShape, flags: dict, *, stage: int | None = None,
     return Prediction(estimates=estimates, gpu=target, fits=fits, warnings=warnings)
 
 
-def _expandable_plan_note(request) -> list[str]:
+def _expandable_plan_note(request: PlanRequest) -> list[str]:
     """Where nothing fits with torch's default allocator: the plan's first pick with expandable segments, if one
     fits then (``core.reserved``, ``R_x``)."""
     from zeroest.estimator.plan.plan import describe_setup
@@ -177,7 +179,8 @@ def _expandable_plan_note(request) -> list[str]:
             f"{describe_setup(best.setup)} at micro-batch {work.micro_batch} fits (plan with --expandable-segments)"]
 
 
-def _expandable_hints(setups: list[TrainingSetup], fits: list[Fit], overheads, margin: float) -> list[str]:
+def _expandable_hints(setups: list[TrainingSetup], fits: list[Fit], overheads: Overheads,
+                      margin: float) -> list[str]:
     """A line for each setup that misses the card with torch's default allocator but fits with expandable
     segments, whose reserve keeps fewer free blocks (``core.reserved``, ``R_x``); none where the peak allocation
     itself does not fit."""

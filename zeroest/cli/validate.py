@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from zeroest.cli.common import err, fail
+from zeroest.cli.common import err, fail, warn
 from zeroest.estimator.core.vocab import Launcher
 
 
@@ -169,6 +169,7 @@ def validate(
     ] = None,
 ) -> None:
     """Run real DeepSpeed trainings for a grid of setups and compare measured memory with the prediction."""
+    from zeroest.estimator.configs import allocator
     from zeroest.validate import grid as grid_mod
     from zeroest.validate import runner
     from zeroest.validate.launch import LaunchOptions, child_env
@@ -208,6 +209,14 @@ def validate(
             pretrained=pretrained,
             work_dir=work_dir,
         )
+        conf = allocator.conf_text(os.environ)  # every GPU run gets the setup's expandable_segments written into it
+        try:
+            allocator.options(conf)
+        except ValueError as exc:
+            raise ValueError(f"the environment's allocator settings: {exc}") from None
+        if allocator.unmodelled(conf) and not cpu:
+            warn(f"allocator settings {conf!r}: {', '.join(allocator.unmodelled(conf))} kept in every run but not "
+                 "modelled, so the measured reserve is not what the estimate assumes; unset them to compare")
         grid = grid or ["default"]
         loaded = grid_mod.load_grids(grid)
         entries = grid_mod.apply_overrides(loaded, [*(set_ or []), *_emulated(emulate_gpu, cpu)],
