@@ -21,7 +21,7 @@ class Overheads:
     Defaults are ``zeroest report --fit`` on data/runs (64 ranks, one H100 80GB HBM3, torch 2.11, DeepSpeed
     0.19.8: data/calibration/nvidia-h100-80gb-hbm3-torch2.11-ds0.19.json), rounded; other GPUs and versions get
     their own calibration file when someone measures them. The reserved coefficients (``core.reserved``) are the
-    in-sample fit over both GPUs measured (284 ranks, H100 80GB HBM3 and H200, 41 of them with expandable
+    in-sample fit over both GPUs measured (304 ranks, H100 80GB HBM3 and H200, 61 of them with expandable
     segments, torch 2.11, DeepSpeed 0.19.8): ``zeroest report data/runs/h100-default data/runs/h100-holdout
     data/runs/h100-launchers data/runs/h200-* --fit --pool``, rounded, so that a GPU without its own file gets
     what carried over between these two.
@@ -50,22 +50,22 @@ class Overheads:
     """f_a of ``core.reserved``: the fraction of the activations the cache keeps as free pieces too small for
     later requests (many tensors of many sizes, freed in another order than made); fitted: 0 over both GPUs
     once the fp32 logits block has its own term (``reserved_fraction_of_logits``), 0.058 on the H100 alone."""
-    reserved_reuse_fraction: float = 0.219
+    reserved_reuse_fraction: float = 0.223
     """r of ``core.reserved``: the fraction of the free cache after backward that the first step's flat fp32
     buffers reuse, where one freed activation (the fp32 logits) is as large as such a buffer; fitted."""
-    reserved_fraction_of_offload_grads: float = 0.433
+    reserved_fraction_of_offload_grads: float = 0.434
     """f_o of ``core.reserved``: with optimizer offload, the fraction of the 16-bit gradients (b P) held in the
     cache while their copies to the host run on another stream (``record_stream``); fitted."""
-    reserved_fraction_of_gathered: float = 0.849
+    reserved_fraction_of_gathered: float = 0.860
     """f_g of ``core.reserved``: at stage 3, the fraction of the gathered parameters' bytes the cache keeps
     beyond them (all-gather blocks of every module's size); fitted."""
-    reserved_fraction_of_logits: float = 0.884
+    reserved_fraction_of_logits: float = 0.881
     """f_L of ``core.reserved``: the fraction of one fp32 logits block (4 bytes x batch x sequence x vocabulary)
     the cache keeps reserved beside the blocks that reuse its segment; fitted."""
-    reserved_fraction_expandable: float = 0.615
+    reserved_fraction_expandable: float = 0.605
     """f_x of ``core.reserved``: with expandable segments, the share of the default allocator's free cache beyond
     the peak (its terms' reserve less the peak allocation) that stays reserved as holes between live blocks;
-    fitted on the rows measured with ``expandable_segments`` (data/runs/h200-expandable, h200-expandable2)."""
+    fitted on the rows measured with ``expandable_segments`` (data/runs/h200-expandable, h200-expandable2, h200-expandable3)."""
     reserved_fixed_bytes: int = 0
     """c of ``core.reserved``: a constant reserved beyond the terms (small-pool segments); fitted, >= 0."""
     host_process_bytes: int = 1946 * MiB
