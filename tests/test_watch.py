@@ -148,6 +148,20 @@ def test_a_batch_other_than_the_configured_micro_batch_is_noted():
     assert setup.workload.micro_batch == 2 and any("micro-batch is 4" in n for n in notes)
 
 
+@pytest.mark.parametrize(("conf", "expandable", "noted"), [
+    ("expandable_segments:True", True, False), ("", False, False),
+    ("max_split_size_mb:128,expandable_segments:False", False, True)])
+def test_the_allocator_settings_are_read_off_the_jobs_environment(monkeypatch, conf, expandable, noted):
+    pytest.importorskip("transformers")
+    from zeroest.integrations.engine import live_setup
+
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", conf)
+    setup, notes = live_setup(_fake_engine(), micro_batch=2, seq_len=64, model_name="tiny")
+    assert setup.expandable_segments is expandable
+    assert any("max_split_size_mb not modelled" in n for n in notes) is noted
+
+
 def test_loop_seen_holds_no_strong_reference():
     seen, out = _LoopSeen(), _Out()
     seen.after_forward(out)

@@ -65,7 +65,8 @@ class Overheads:
     reserved_fraction_expandable: float = 0.605
     """f_x of ``core.reserved``: with expandable segments, the share of the default allocator's free cache beyond
     the peak (its terms' reserve less the peak allocation) that stays reserved as holes between live blocks;
-    fitted on the rows measured with ``expandable_segments`` (data/runs/h200-expandable, h200-expandable2, h200-expandable3)."""
+    fitted on the rows measured with ``expandable_segments`` (data/runs/h200-expandable, h200-expandable2,
+    h200-expandable3)."""
     reserved_fixed_bytes: int = 0
     """c of ``core.reserved``: a constant reserved beyond the terms (small-pool segments); fitted, >= 0."""
     host_process_bytes: int = 1946 * MiB
