@@ -84,13 +84,10 @@ blocks (the model's tensors freed at the flatten, activations freed in backward,
 buffers larger than any of them), only fewer of them stay stranded: ``R_x = P + f_x (R - P)``, rounded up to the
 20 MiB page, where R is the default allocator's reserve of the terms above before rounding and the card's cap,
 P the largest phase peak (init included) and ``f_x`` (``reserved_fraction_expandable``) the share of the
-default's free cache that stays reserved. Measured on 21 rows run both ways (data/runs/h200-expandable against
-their default-allocator rows): the expandable reserve beyond the peak was 0.02-1.1 times the default model's,
-0.66 by least squares, and a fraction of the peak alone (``f (P - F_r)``) missed by up to 18% where this form
-missed by up to 15%. Predicted before they ran (f_x 0.61), 19 more rows of 4 GiB and more (h200-expandable2,
-LoRA at stages 0-3 and four on an emulated 24 GB card) were within a median of 1.1% and a max of 8.1%, and 20 rows
-of full fine-tuning (h200-expandable3: small dense and MoE families, Adafactor, Lion, Muon, SGD) within 3.9% and
-13.2%.
+default's free cache that stays reserved. On 21 rows run both ways (data/runs/h200-expandable) the expandable
+reserve beyond the peak was 0.02-1.1 times the default model's (0.66 by least squares; ``f (P - F_r)`` missed by
+up to 18%); predicted before they ran, 19 LoRA rows (h200-expandable2) were within 1.1% median, 8.1% max, and 20
+of full fine-tuning (h200-expandable3) within 3.9% and 13.2% (docs/DEVICE_RUNS.md).
 
 The card caps it (``card_limit``): where the setup names the card (M bytes), the allocator can hold at most
 ``L = M - C - N_c`` (C the CUDA context, N_c the NCCL communicator and buffers, ``overheads.device_from``; on an
