@@ -23,6 +23,9 @@ def test_options_other_than_expandable_segments_are_named_as_not_modelled():
     assert allocator.unmodelled("expandable_segments:True,roundup_power2_divisions:4,max_split_size_mb:64") == \
         ["roundup_power2_divisions", "max_split_size_mb"]
     assert allocator.unmodelled("expandable_segments:True") == []
+    assert allocator.unmodelled_note("max_split_size_mb:64,expandable_segments:True") == \
+        "allocator settings 'max_split_size_mb:64,expandable_segments:True': max_split_size_mb not modelled"
+    assert allocator.unmodelled_note("expandable_segments:True") is None
 
 
 def test_with_expandable_replaces_the_option_and_keeps_the_rest_in_order():

@@ -48,6 +48,13 @@ def unmodelled(text: str) -> list[str]:
     return [key for key in options(text) if key not in MODELLED]
 
 
+def unmodelled_note(text: str) -> str | None:
+    """``allocator settings 'max_split_size_mb:64': max_split_size_mb not modelled``, or None when every option set
+    is modelled: the one wording ``watch``'s notes and ``validate``'s warning start from."""
+    keys = unmodelled(text)
+    return f"allocator settings {text!r}: {', '.join(keys)} not modelled" if keys else None
+
+
 def with_expandable(text: str, on: bool) -> str:
     """The settings with ``expandable_segments`` set to ``on``, every other option kept as it was."""
     kept = {key: value for key, value in options(text).items() if key != EXPANDABLE}

@@ -214,9 +214,9 @@ def validate(
             allocator.options(conf)
         except ValueError as exc:
             raise ValueError(f"the environment's allocator settings: {exc}") from None
-        if allocator.unmodelled(conf) and not cpu:
-            warn(f"allocator settings {conf!r}: {', '.join(allocator.unmodelled(conf))} kept in every run but not "
-                 "modelled, so the measured reserve is not what the estimate assumes; unset them to compare")
+        if (note := allocator.unmodelled_note(conf)) and not cpu:
+            warn(f"{note}; kept in every run, so the measured reserve is not what the estimate assumes: unset them "
+                 "to compare")
         grid = grid or ["default"]
         loaded = grid_mod.load_grids(grid)
         entries = grid_mod.apply_overrides(loaded, [*(set_ or []), *_emulated(emulate_gpu, cpu)],

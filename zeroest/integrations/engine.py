@@ -163,9 +163,8 @@ def flat_setup(engine, *, micro_batch: int, seq_len: int, zero_init: bool | None
         data["loop"] = loop
     conf = allocator.conf_text(os.environ)  # what this process's caching allocator read at start
     data["expandable_segments"] = allocator.expandable(conf)
-    if allocator.unmodelled(conf):
-        notes.append(f"allocator settings {conf!r}: {', '.join(allocator.unmodelled(conf))} not modelled "
-                     "(the reserved estimate assumes torch's defaults for them)")
+    if note := allocator.unmodelled_note(conf):
+        notes.append(f"{note} (the reserved estimate assumes torch's defaults for them)")
     return data, notes
 
 
