@@ -335,3 +335,25 @@ def test_estimate_uses_the_lora_profile(zero_init):
     assert want != max(p.components["activations"] for p in estimate(full).phases)
     note = next(n for n in got.assumptions if n.startswith("activations of LoRA"))
     assert ("fp32" in note) == zero_init
+
+
+def test_wrapping_with_peft_prints_no_transformers_deprecation(recwarn):
+    """peft 0.21 reads ``is_gradient_checkpointing``, which transformers 5.2x deprecates with a FutureWarning on
+    every wrap: ``trace.model.peft_model`` drops that one warning (it reached predict's output once per trace) and
+    lets any other through."""
+    import warnings
+
+    from zeroest.estimator.trace.model import build_trained, peft_model
+
+    def wrap(model, config):
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning,
+                      stacklevel=2)
+        warnings.warn("another library's FutureWarning", FutureWarning, stacklevel=2)
+        return (model, config)
+
+    assert peft_model(wrap, "model", "config") == ("model", "config")
+    assert [str(w.message) for w in recwarn] == ["another library's FutureWarning"]
+    recwarn.clear()
+    adapters = Adapters(lora_rank=4, lora_alpha=8, lora_targets="all-linear")
+    build_trained(LLAMA, "bf16", "sdpa", adapters, grad_ckpt=True)
+    assert not [w for w in recwarn if "is_gradient_checkpointing" in str(w.message)]

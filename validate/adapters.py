@@ -68,6 +68,7 @@ def apply_adapters(model, spec: dict):
                 param.requires_grad_(False)
     else:
         import peft
+        from zeroest.estimator.trace.model import peft_model
 
         targets = name_list(adapters.lora_targets)
         config = peft.LoraConfig(
@@ -78,7 +79,7 @@ def apply_adapters(model, spec: dict):
             modules_to_save=list(name_list(adapters.modules_to_save)) or None,
             task_type="CAUSAL_LM",
         )
-        model = peft.get_peft_model(model, config)
+        model = peft_model(peft.get_peft_model, model, config)
     counts = _counts(model)
     want = {"trainable_params": split.trainable_numel, "frozen_params": split.frozen_numel}
     if counts != want:

@@ -93,6 +93,21 @@ def decoder_layers(model) -> list:
     return list(getattr(owner, name))
 
 
+PEFT_DEPRECATION = r"`is_gradient_checkpointing` is deprecated"
+"""The FutureWarning transformers 5.2x raises each time peft 0.21 wraps a model (peft_model.py
+``PeftModel.__init__`` reads ``model.is_gradient_checkpointing``, deprecated for ``is_activation_checkpointing``)."""
+
+
+def peft_model(wrap, model, config):
+    """``wrap(model, config)`` (peft's ``get_peft_model``) without ``PEFT_DEPRECATION``: one library's note to the
+    other, which the user can do nothing about, printed once per trace in the middle of ``predict``'s output."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PEFT_DEPRECATION, category=FutureWarning)
+        return wrap(model, config)
+
+
 def build_trained(config: dict, dtype: str, attn: str, adapters, *, grad_ckpt: bool,
                   frozen: frozenset[str] = frozenset(), device: str = "meta",
                   num_layers: int | None = TRACE_LAYERS, adapters_fp32: bool = False):
@@ -128,7 +143,7 @@ def build_trained(config: dict, dtype: str, attn: str, adapters, *, grad_ckpt: b
     lora = LoraConfig(r=adapters.lora_rank, lora_alpha=adapters.lora_alpha or 8, lora_dropout=adapters.lora_dropout,
                       target_modules=targets[0] if targets == ["all-linear"] else targets, modules_to_save=saved,
                       task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora).train()
+    model = peft_model(get_peft_model, model, lora).train()
     if adapters_fp32:
         return model
     import torch
