@@ -101,3 +101,9 @@ def ceil_div(a: int, b: int) -> int:
 def round_up(a: int, multiple: int) -> int:
     """Smallest multiple of ``multiple`` that is >= a."""
     return ceil_div(a, multiple) * multiple
+
+
+def round_up_bytes(x: float, multiple: int) -> int:
+    """Smallest multiple of ``multiple`` that is >= x, for bytes summed as a float (fractions of byte counts, as
+    the reserved model's terms are); 0 for x <= 0."""
+    return round_up(max(0, math.ceil(x)), multiple)

@@ -2,7 +2,7 @@
 
 import pytest
 from zeroest.estimator.core.architecture import shape_from_config
-from zeroest.estimator.units import parse_bytes, parse_count
+from zeroest.estimator.units import parse_bytes, parse_count, round_up_bytes
 
 TINY_LLAMA = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128}
@@ -53,3 +53,13 @@ def test_setup_rejects(tiny_shape):
                       zero=ZeroConfig(stage=2, offload_optimizer="cpu"))
     with pytest.raises(ValueError, match="--optimizer-impl torch"):
         TrainingSetup(model=tiny_shape, optimizer=Optimizer(name="sgd", impl="fused"))
+
+
+def test_round_up_bytes_takes_a_float_sum_to_the_next_whole_block():
+    mib2 = 2 * 2**20
+    assert round_up_bytes(0.0, mib2) == 0
+    assert round_up_bytes(-5.5, mib2) == 0
+    assert round_up_bytes(0.25, mib2) == mib2  # any fraction of a byte still needs a block
+    assert round_up_bytes(float(mib2), mib2) == mib2
+    assert round_up_bytes(mib2 + 0.5, mib2) == 2 * mib2
+    assert round_up_bytes(3 * mib2 - 1.5, mib2) == 3 * mib2

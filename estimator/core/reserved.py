@@ -107,7 +107,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 from zeroest.estimator.core.overheads import device_from
-from zeroest.estimator.units import GiB, round_up
+from zeroest.estimator.units import GiB, round_up_bytes
 
 if TYPE_CHECKING:
     from zeroest.estimator.core.model_states import ModelStates
@@ -352,7 +352,7 @@ def reserved_terms(phases: dict[str, dict[str, float]], facts: ReservedFacts, oh
     ]
     total, set_by, base, init_cache, act, caches, new, fraction, fixed = max(candidates, key=lambda c: c[0])
     block = max(1, oh.reserved_block_bytes)
-    rounded = round_up(max(0, int(-(-total // 1))), block)
+    rounded = round_up_bytes(total, block)
     return ReservedTerms(peak=base, init_cache=init_cache, activation_cache=act, offload_grad_cache=caches[0],
                          gathered_cache=caches[1], logits_cache=caches[2],
                          first_step_buffers=new, fraction_of_peak=fraction, fixed=fixed, rounding=rounded - total,
@@ -371,7 +371,7 @@ def _expandable_terms(totals: dict[str, float], default: ReservedTerms, facts: R
     peak = max(totals.values())
     holes = oh.reserved_fraction_expandable * max(0.0, default.unrounded_bytes - peak)
     total = peak + holes
-    rounded = round_up(max(0, int(-(-total // 1))), EXPANDABLE_PAGE_BYTES)
+    rounded = round_up_bytes(total, EXPANDABLE_PAGE_BYTES)
     return ReservedTerms(peak=peak, init_cache=0.0, activation_cache=0.0, offload_grad_cache=0.0, gathered_cache=0.0,
                          logits_cache=0.0, first_step_buffers=0.0, fraction_of_peak=0.0, expandable_holes=holes,
                          fixed=0.0, rounding=rounded - total, card_limit=_card_limit(rounded, peak, facts, oh),
