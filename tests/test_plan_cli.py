@@ -126,3 +126,15 @@ def test_gpu_preset_4090_is_a_preset_not_bytes():
     res = run("--gpu", "4090", "--stage", "0", "--offload", "none", "--max-micro-batch", "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)[0]["max_micro_batch"] > 0
+
+
+def test_plan_table_states_the_margin_in_percent_and_step_times_to_three_digits():
+    """The title says the margin as ``--margin`` reads it (10%, not 0.1), and every step time keeps three
+    significant digits (1.00, not 1), whole seconds from 100 on (1,234, not 1.23e+03)."""
+    from zeroest.cli.render_plan import seconds
+
+    res = run("--gpu", "24GiB", "--margin", "0.15")
+    assert res.exit_code == 0, res.output
+    assert "margin 15%" in " ".join(res.output.split())
+    assert [seconds(s) for s in (1.0, 0.65, 12.34, 99.96, 1234.5, 0.01234)] == [
+        "1.00", "0.650", "12.3", "100", "1,234", "0.0123"]

@@ -22,6 +22,12 @@ def setup_label(setup) -> str:
     return label(int(z.stage), z.offload_optimizer, z.offload_params, setup.workload.grad_ckpt)
 
 
+def seconds(value: float) -> str:
+    """Three significant digits with their zeros (1.00, 0.650, 12.3), whole seconds from 100 on (1,234), so that a
+    column of step times lines up: ``:.3g`` writes 1.00 as 1 and 1234 as 1.23e+03."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:#.3g}".rstrip(".")
+
+
 def plan_table(result) -> Table:
     from zeroest.estimator.units import gib
 
@@ -30,7 +36,7 @@ def plan_table(result) -> Table:
     title = (
         f"{base.model.name}: {base.world_size} x {req.gpu.name} ({gib(req.gpu.memory_bytes):.1f} GiB), "
         f"seq {base.workload.seq_len}{f', global batch {req.global_batch}' if req.global_batch else ''}, "
-        f"margin {req.margin:g}"
+        f"margin {100 * req.margin:g}%"
     )
     table = Table(title=title, title_justify="left")
     for name in ("#", "setup", "micro x accum", "device GiB", "host GiB/node", "step s", "tokens/s"):
@@ -43,7 +49,7 @@ def plan_table(result) -> Table:
             f"{w.micro_batch} x {w.grad_accum}",
             f"{gib(cand.memory.device_bytes):.1f}",
             f"{gib(cand.memory.cpu_bytes_per_node):.0f}",
-            f"{cand.step.total_s:.3g}",
+            seconds(cand.step.total_s),
             f"{cand.step.tokens_per_s:,.0f}",
         )
     return table
@@ -74,7 +80,7 @@ def query_table(request, rows: list[dict], which: list[str]) -> Table:
     table = Table(
         title=f"{base.model.name} on {request.gpu.name} ({gib(request.gpu.memory_bytes):.1f} GiB), "
         f"N_d = {base.world_size}, micro-batch {base.workload.micro_batch}, seq {base.workload.seq_len}, "
-        f"margin {request.margin:g}",
+        f"margin {100 * request.margin:g}%",
         title_justify="left",
     )
     for name in ("setup", *(w.replace("_", " ") for w in which)):
