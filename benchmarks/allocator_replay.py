@@ -1,0 +1,270 @@
+"""Does a model of torch's caching allocator, fed the real sequence of requests, reproduce the reserve a run measures?
+
+usage (GPU machine, zeroest and DeepSpeed installed as for ``zeroest validate``; from /tmp, as snapshot_peak.py):
+  python benchmarks/allocator_replay.py --grid data/grids/long.yaml --row 4 --steps 3 --out $OUT/long4.json
+
+Runs grid row ``--row`` (simulated rows only) as the validate worker does, with the allocator's memory history
+recorded (sizes and streams, no stacks) from before the model is built to the end of step ``--steps - 1``, and
+reads ``max_memory_reserved`` at the end of every phase. It then replays the recorded ``alloc`` and
+``free_completed`` events, in order, through ``CachingAllocatorModel`` and writes, per phase, the measured and the
+replayed peak reserve (and the replay's segments). If the replay matches, the reserve is a function of the request
+sequence alone, and a model of reserved memory needs the sequence (the timeline's blocks) and this allocator, not
+fractions of phase totals; where it does not, the difference is what the model below leaves out.
+
+``CachingAllocatorModel`` is c10/cuda/CUDACachingAllocator.cpp (torch 2.11) with its defaults (no
+``max_split_size_mb``, no ``roundup_power2_divisions``, no garbage-collection threshold, expandable segments off):
+
+* ``round_size``: requests round up to 512 bytes (``kMinBlockSize``);
+* two pools: requests of at most 1 MiB (``kSmallSize``) take the small pool, others the large one, per stream;
+* ``get_free_block``: the smallest free block of the pool and stream at least as large (best fit; ties by address);
+* ``get_allocation_size``: with none, a new segment of 2 MiB (small, ``kSmallBuffer``), 20 MiB for a large request
+  under 10 MiB (``kLargeBuffer``, ``kMinLargeAlloc``), else the request rounded up to 2 MiB (``kRoundLarge``);
+* ``should_split``: the block is split when what remains is at least 512 bytes (small pool) or more than 1 MiB
+  (large); the remainder stays free in the same segment;
+* ``free_block`` / ``try_merge_blocks``: a freed block merges with free neighbours of its segment;
+* segments go back to the driver only on ``empty_cache``: where the trace shows the run giving segments back
+  (``segment_free``), the replay gives back every segment with no live block and, as DeepSpeed's
+  runtime/utils.py ``empty_cache`` does, restarts its peak; no cap (rows on an emulated card that retried under
+  the cap are not comparable, and the result says how many retries there were).
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import os
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GiB = 2**30
+MIN_BLOCK = 512
+SMALL_SIZE = 1 << 20
+SMALL_BUFFER = 2 << 20
+LARGE_BUFFER = 20 << 20
+MIN_LARGE_ALLOC = 10 << 20
+ROUND_LARGE = 2 << 20
+
+
+def round_size(size: int) -> int:
+    return MIN_BLOCK if size < MIN_BLOCK else -(-size // MIN_BLOCK) * MIN_BLOCK
+
+
+def allocation_size(size: int) -> int:
+    if size <= SMALL_SIZE:
+        return SMALL_BUFFER
+    if size < MIN_LARGE_ALLOC:
+        return LARGE_BUFFER
+    return -(-size // ROUND_LARGE) * ROUND_LARGE
+
+
+@dataclass(eq=False)
+class Block:
+    size: int
+    segment: int
+    offset: int
+    stream: int
+    small: bool
+    free: bool = True
+    prev: Block | None = None
+    next: Block | None = None
+
+
+@dataclass
+class CachingAllocatorModel:
+    """Reserved bytes of the default caching allocator over a sequence of ``malloc`` / ``free`` calls."""
+
+    reserved: int = 0
+    peak_reserved: int = 0
+    allocated: int = 0
+    segments: int = 0
+    _free: dict[tuple[int, bool], list[tuple[int, int, int, Block]]] = field(default_factory=dict)
+    _serial: int = 0
+
+    def _key(self, block: Block) -> tuple[int, int, int, Block]:
+        return (block.size, block.segment, block.offset, block)
+
+    def _insert(self, block: Block) -> None:
+        pool = self._free.setdefault((block.stream, block.small), [])
+        bisect.insort(pool, self._key(block), key=lambda k: k[:3])
+
+    def _remove(self, block: Block) -> None:
+        pool = self._free[(block.stream, block.small)]
+        at = bisect.bisect_left(pool, (block.size, block.segment, block.offset), key=lambda k: k[:3])
+        assert pool[at][3] is block
+        del pool[at]
+
+    def malloc(self, size: int, stream: int = 0) -> Block:
+        size = round_size(size)
+        small = size <= SMALL_SIZE
+        pool = self._free.get((stream, small), [])
+        at = bisect.bisect_left(pool, (size, -1, -1), key=lambda k: k[:3])
+        if at < len(pool):
+            block = pool.pop(at)[3]
+        else:
+            total = allocation_size(size)
+            self._serial += 1
+            self.segments += 1
+            self.reserved += total
+            self.peak_reserved = max(self.peak_reserved, self.reserved)
+            block = Block(size=total, segment=self._serial, offset=0, stream=stream, small=small)
+        remaining = block.size - size
+        if remaining >= MIN_BLOCK if small else remaining > SMALL_SIZE:
+            rest = Block(size=remaining, segment=block.segment, offset=block.offset + size, stream=stream, small=small,
+                         prev=block, next=block.next)
+            if block.next is not None:
+                block.next.prev = rest
+            block.next = rest
+            block.size = size
+            self._insert(rest)
+        block.free = False
+        self.allocated += block.size
+        return block
+
+    def empty_cache(self) -> None:
+        """``emptyCache`` / ``release_cached_blocks``: every segment with no live block goes back to the driver."""
+        for key, pool in self._free.items():
+            whole = [k for k in pool if k[3].prev is None and k[3].next is None]
+            self._free[key] = [k for k in pool if not (k[3].prev is None and k[3].next is None)]
+            self.reserved -= sum(k[0] for k in whole)
+            self.segments -= len(whole)
+
+    def reset_peak(self) -> None:
+        self.peak_reserved = self.reserved
+
+    def free(self, block: Block) -> None:
+        block.free = True
+        self.allocated -= block.size
+        for neighbour in (block.prev, block.next):
+            if neighbour is not None and neighbour.free:
+                self._remove(neighbour)
+                if neighbour is block.prev:
+                    block.offset, block.prev = neighbour.offset, neighbour.prev
+                    if neighbour.prev is not None:
+                        neighbour.prev.next = block
+                else:
+                    block.next = neighbour.next
+                    if neighbour.next is not None:
+                        neighbour.next.prev = block
+                block.size += neighbour.size
+        self._insert(block)
+
+
+def replay(events: list[dict], marks: list[tuple[str, int]]) -> dict[str, dict]:
+    """Replay ``alloc`` / ``free_completed`` trace events (``alloc`` records the size asked for, ``orig_size``);
+    at each mark (phase name, the number of events recorded by its end) the replay's peak reserve and segment count,
+    and the segments the run itself cut (``segment_alloc`` events). A free of a block allocated before the history
+    began is skipped and counted."""
+    model = CachingAllocatorModel()
+    live: dict[int, Block] = {}
+    unknown = cut = 0
+    out: dict[str, dict] = {}
+    bounds = iter(marks)
+    name, end = next(bounds, (None, None))
+
+    def record() -> dict:
+        return {"replayed_peak_reserved_gib": model.peak_reserved / GiB, "replayed_segments": model.segments,
+                "measured_segments": cut}
+
+    for at, event in enumerate(events):
+        while end is not None and at >= end:
+            out[name] = record()
+            name, end = next(bounds, (None, None))
+        if event["action"] == "segment_alloc":
+            cut += 1
+        elif event["action"] == "segment_free" and (at == 0 or events[at - 1]["action"] != "segment_free"):
+            # the first segment an empty_cache() gives back: DeepSpeed's runtime/utils.py ``empty_cache`` then
+            # also resets the peak statistics (``reset_peak_memory_stats``), as the measured maximum shows
+            model.empty_cache()
+            model.reset_peak()
+        elif event["action"] == "alloc":
+            live[event["addr"]] = model.malloc(event["size"], event.get("stream", 0))
+        elif event["action"] == "free_completed":
+            block = live.pop(event["addr"], None)
+            if block is None:
+                unknown += 1
+            else:
+                model.free(block)
+    while name is not None:
+        out[name] = record()
+        name, end = next(bounds, (None, None))
+    out["_unknown_frees"] = {"count": unknown}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grid", required=True)
+    parser.add_argument("--row", type=int, required=True)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    import contextlib
+
+    from snapshot_peak import _spec  # the row's spec exactly as snapshot_peak.py builds it
+
+    spec, _ = _spec(args.grid, args.row)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    import torch
+    from zeroest.validate import worker
+    from zeroest.validate.emulate import emulate_card
+
+    worker._environment(spec)
+    emulated: dict = {}
+    emulate_card(spec["setup"], emulated)
+    import deepspeed
+
+    worker._init_distributed(spec, int(spec["setup"]["world_size"]))
+    torch.cuda.memory._record_memory_history(max_entries=4_000_000, context=None)
+    hf_config = worker.hf_deepspeed_config(spec)  # noqa: F841 - alive while the model is built (zero.Init)
+    model = worker.build_model(spec)
+    measured: dict[str, float] = {}
+    marks: list[tuple[str, int]] = []
+
+    def mark(name: str) -> None:
+        torch.cuda.synchronize()
+        measured[name] = torch.cuda.max_memory_reserved() / GiB
+        marks.append((name, len(torch.cuda.memory._snapshot()["device_traces"][0])))
+
+    @contextlib.contextmanager
+    def phase(name: str):
+        yield
+        mark(name)
+
+    from zeroest.validate.adapters import apply_adapters, parameter_groups
+    from zeroest.validate.client_optimizers import client_optimizer
+    from zeroest.validate.loops import train_steps
+
+    model = apply_adapters(model, spec)[0]
+    mark("build")
+    params = parameter_groups(model, spec["setup"].get("param_groups") or 1)
+    engine = deepspeed.initialize(model=model, model_parameters=params, config=spec["ds_config"],
+                                  optimizer=client_optimizer(spec, params))[0]
+    del model, params
+    mark("init")
+    train_steps({**spec, "steps": args.steps}, engine, types.SimpleNamespace(phase=phase), {"measured": {}},
+                lambda: None)
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    events = snapshot["device_traces"][0]
+    replayed = replay(events, marks)
+    stats = torch.cuda.memory_stats()
+    result = {
+        "grid": args.grid, "row": args.row, "setup": spec["setup"], "emulated": emulated.get("emulated"),
+        "events": len(events), "ring_full": len(events) >= 4_000_000,
+        "num_alloc_retries": stats.get("num_alloc_retries", 0),
+        "expandable": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+        "phases": {name: {"measured_max_reserved_gib": measured[name], **replayed.get(name, {})}
+                   for name, _ in marks},
+        "unknown_frees": replayed["_unknown_frees"]["count"],
+    }
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    last = marks[-1][0]
+    print(json.dumps({"measured": measured[last], "replayed": result["phases"][last].get("replayed_peak_reserved_gib"),
+                      "retries": result["num_alloc_retries"], "events": len(events)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""benchmarks/allocator_replay.py's model of torch's caching allocator (c10/cuda/CUDACachingAllocator.cpp, default
+settings): reserved bytes after known sequences of requests, each derived from the rule it tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+MiB = 2**20
+
+
+@pytest.fixture(scope="module")
+def replay_module():
+    path = Path(__file__).parent.parent / "benchmarks" / "allocator_replay.py"
+    spec = importlib.util.spec_from_file_location("allocator_replay", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_segment_sizes_follow_the_three_request_classes(replay_module):
+    model = replay_module.CachingAllocatorModel()
+    model.malloc(1000)  # small pool: a 2 MiB segment
+    model.malloc(5 * MiB)  # large under 10 MiB: a 20 MiB segment
+    model.malloc(100 * MiB + 1)  # large: rounded up to 2 MiB
+    assert model.reserved == 2 * MiB + 20 * MiB + 102 * MiB
+    assert model.segments == 3
+
+
+def test_best_fit_takes_the_smallest_free_block_and_splits_it(replay_module):
+    model = replay_module.CachingAllocatorModel()
+    big, small, keep = model.malloc(300 * MiB), model.malloc(120 * MiB), model.malloc(20 * MiB)
+    model.free(big)
+    model.free(small)
+    model.malloc(100 * MiB)  # the 120 MiB block, split: 20 MiB stays free
+    model.malloc(200 * MiB)  # the 300 MiB block, split: 100 MiB stays free
+    model.malloc(100 * MiB)  # the 100 MiB remainder
+    assert model.reserved == (300 + 120 + 20) * MiB and model.segments == 3
+    model.malloc(21 * MiB)  # no free block of 21 MiB (20 MiB is the largest): a new segment
+    assert model.reserved == (300 + 120 + 20 + 22) * MiB
+    assert keep.size == 20 * MiB
+
+
+def test_a_large_block_is_not_split_for_a_remainder_of_one_mib_or_less(replay_module):
+    model = replay_module.CachingAllocatorModel()
+    block = model.malloc(40 * MiB)
+    model.free(block)
+    taken = model.malloc(39 * MiB)  # 1 MiB would remain: the whole block is handed out
+    assert taken.size == 40 * MiB and model.allocated == 40 * MiB
+    model.malloc(1000)
+    assert model.segments == 2  # the small request cannot use a large-pool remainder
+
+
+def test_freed_neighbours_merge_and_streams_do_not_share(replay_module):
+    model = replay_module.CachingAllocatorModel()
+    whole = model.malloc(64 * MiB)
+    model.free(whole)
+    parts = [model.malloc(16 * MiB) for _ in range(4)]
+    assert model.segments == 1
+    for part in parts:
+        model.free(part)
+    model.malloc(64 * MiB)  # the four pieces merged back into the 64 MiB segment
+    assert model.segments == 1
+    model.free(model.malloc(64 * MiB, stream=7))  # another stream cuts its own segment
+    assert model.segments == 2 and model.reserved == 128 * MiB
+
+
+def test_replay_reads_a_trace_with_phase_marks(replay_module):
+    events = [
+        {"action": "segment_alloc", "addr": 0, "size": 100 * MiB},
+        {"action": "alloc", "addr": 1, "size": 100 * MiB},
+        {"action": "free_completed", "addr": 1, "size": 100 * MiB},
+        {"action": "alloc", "addr": 2, "size": 80 * MiB},
+        {"action": "free_completed", "addr": 99, "size": 4 * MiB},  # allocated before the history: skipped
+        {"action": "alloc", "addr": 3, "size": 30 * MiB},
+    ]
+    out = replay_module.replay(events, [("init", 3), ("step", 6)])
+    assert out["init"]["replayed_peak_reserved_gib"] == pytest.approx(100 / 1024)
+    assert out["init"]["measured_segments"] == 1
+    assert out["step"]["replayed_peak_reserved_gib"] == pytest.approx(130 / 1024)
+    assert out["step"]["replayed_segments"] == 2
+    assert out["_unknown_frees"]["count"] == 1
+
+
+def test_empty_cache_gives_back_only_segments_with_nothing_live(replay_module):
+    model = replay_module.CachingAllocatorModel()
+    held, gone = model.malloc(100 * MiB), model.malloc(60 * MiB)
+    piece = model.malloc(30 * MiB)
+    model.free(gone)
+    model.free(piece)
+    model.free(model.malloc(10))  # a small-pool segment, empty again
+    model.empty_cache()
+    assert model.reserved == 100 * MiB and model.segments == 1 and held.size == 100 * MiB
+    model.reset_peak()
+    assert model.peak_reserved == 100 * MiB
+    events = [
+        {"action": "alloc", "addr": 1, "size": 100 * MiB},
+        {"action": "free_completed", "addr": 1, "size": 100 * MiB},
+        {"action": "segment_free", "addr": 0, "size": 100 * MiB},
+        {"action": "alloc", "addr": 2, "size": 40 * MiB},
+    ]
+    assert replay_module.replay(events, [("init", 4)])["init"]["replayed_peak_reserved_gib"] == pytest.approx(40 / 1024)
