@@ -198,6 +198,10 @@ def main() -> None:
     parser.add_argument("--grid", required=True)
     parser.add_argument("--row", type=int, required=True)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--dump-mib", type=float, default=0.0,
+                        help="also write every request and free of at least this many MiB, in order, with the "
+                             "phase marks (and two Python frames each under --stacks python)")
+    parser.add_argument("--stacks", choices=("none", "python"), default="none")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -217,7 +221,10 @@ def main() -> None:
     import deepspeed
 
     worker._init_distributed(spec, int(spec["setup"]["world_size"]))
-    torch.cuda.memory._record_memory_history(max_entries=4_000_000, context=None)
+    if args.stacks == "none":
+        torch.cuda.memory._record_memory_history(max_entries=4_000_000, context=None)
+    else:
+        torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
     hf_config = worker.hf_deepspeed_config(spec)  # noqa: F841 - alive while the model is built (zero.Init)
     model = worker.build_model(spec)
     measured: dict[str, float] = {}
@@ -260,6 +267,15 @@ def main() -> None:
                    for name, _ in marks},
         "unknown_frees": replayed["_unknown_frees"]["count"],
     }
+    if args.dump_mib:
+        from snapshot_peak import _frames
+
+        floor = args.dump_mib * 2**20
+        result["marks"] = marks
+        result["large_events"] = [
+            [at, e["action"], e["size"], e.get("stream", 0), e.get("addr", 0), _frames(e)[:2]]
+            for at, e in enumerate(events)
+            if e["size"] >= floor and e["action"] in ("alloc", "free_completed", "segment_alloc", "segment_free")]
     Path(args.out).write_text(json.dumps(result, indent=1))
     last = marks[-1][0]
     print(json.dumps({"measured": measured[last], "replayed": result["phases"][last].get("replayed_peak_reserved_gib"),

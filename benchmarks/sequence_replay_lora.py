@@ -14,8 +14,8 @@ simplest case, LoRA r16 on all linear layers at ZeRO-2 with checkpointing (rank 
   ``empty_cache`` DeepSpeed calls (its peak reset with it);
 * each step: the input ids, then the forward and backward storages of ``trace.recorder.run_trace`` on the meta
   device at full depth and the run's shape, in their order; the ipg bucket (``reduce_bucket_size`` elements of
-  16 bits, stage_1_and_2.py ``setup_buckets``) at the first parameter gradient of step 0; the logits kept until the
-  next forward returns (the custom loop keeps ``outputs``); parameter gradients freed after backward (copied into
+  16 bits, stage_1_and_2.py ``setup_buckets``) at the first parameter gradient of each backward, released at its end
+  (``_release_ipg_buffers``, as a recorded run shows); the logits kept until the next forward returns (the custom loop keeps ``outputs``); parameter gradients freed after backward (copied into
   the bucket); at step 0's end the fp32 gradient partition and Adam's two states.
 
 Left out: kernel workspaces (cuBLAS, cuDNN attention), DeepSpeed's small buffers and its hooks' own order. Prints
@@ -94,8 +94,8 @@ def main() -> None:
     for step in range(args.steps):
         alloc(("ids", step), 8 * args.micro_batch * args.seq_len)
         for at, event in enumerate(trace.events):
-            if step == 0 and at == first_grad:
-                alloc("bucket", 2 * args.bucket)
+            if at == first_grad:
+                alloc(("bucket", step), 2 * args.bucket)
             if at == forward_end and kept is not None:
                 free(kept)
                 kept = None
@@ -108,6 +108,7 @@ def main() -> None:
                 free((step, serial))
         for key in [k for k in live if isinstance(k[0], int) and k[0] == step and k[1] in trace.excluded]:
             free(key)
+        free(("bucket", step))  # stage_1_and_2.py _release_ipg_buffers at the end of each backward
         if step == 0:
             for name in ("fp32_grad", "exp_avg", "exp_avg_sq"):
                 alloc(name, 2 * trainable)  # fp32, the rank's half
