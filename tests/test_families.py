@@ -185,3 +185,44 @@ def test_trace_model_parameters_in_the_training_dtype():
     model = build_model(NEW["deepseek_v3"], "bf16", "sdpa", device="meta", num_layers=None)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert len(list(model.parameters())) == len(param_tensors(shape_from_config(NEW["deepseek_v3"], "ds")))
+
+
+def test_a_family_read_off_the_model_is_kept_per_config_and_transformers_version(tmp_path, monkeypatch):
+    """The second read of the same config.json comes from the shape cache (the model is not built, transformers
+    not consulted); another transformers version reads the model again."""
+    _torch()
+    from zeroest.estimator.trace import generic, tracer
+
+    monkeypatch.setenv("ZEROEST_CACHE_DIR", str(tmp_path))
+    first = shape_from_config(NEW["olmo2"], "olmo2")
+    tensors = generic.meta_param_tensors(first)
+    assert len(list((tmp_path / "shapes").glob("*.json"))) == 1
+
+    def build(*args, **kwargs):
+        raise AssertionError("read the model again")
+
+    monkeypatch.setattr(generic, "hf_config_object", build)
+    monkeypatch.setattr(generic, "meta_model", build)
+    again = shape_from_config(NEW["olmo2"], "olmo2")
+    assert again == first and hash(again) == hash(first)
+    assert generic.meta_param_tensors(again) == tensors
+    versions = tracer.library_versions()
+    monkeypatch.setattr(tracer, "library_versions", lambda: {**versions, "transformers": "0.0.other"})
+    with pytest.raises(AssertionError, match="read the model again"):
+        shape_from_config(NEW["olmo2"], "olmo2")
+
+
+def test_a_corrupt_shape_cache_file_is_read_again_with_one_warning(tmp_path, monkeypatch, caplog):
+    _torch()
+    from zeroest.estimator.trace import generic
+
+    monkeypatch.setenv("ZEROEST_CACHE_DIR", str(tmp_path))
+    first = shape_from_config(NEW["granite"], "granite")
+    (path,) = (tmp_path / "shapes").glob("*.json")
+    path.write_text("{not json")
+    with caplog.at_level("WARNING", logger=generic.__name__):
+        again = shape_from_config(NEW["granite"], "granite")
+    assert again == first
+    assert [r.message for r in caplog.records if "shape cache" in r.message][0].startswith(
+        f"ignoring the model shape cache file {path}")
+    assert json.loads(path.read_text())["shape"]["num_layers"] == 3

@@ -12,12 +12,21 @@ parameters and are left out, as DeepSpeed's ZeRO partitions parameters only (par
 
 A family's quirks (MoE experts and routers, q/k norms, pre/post norms, latent attention) are whatever modules
 the model registers; the component of a tensor is read from its name by ``COMPONENT_RULES``.
+
+Both are kept on disk beside the traced profiles (``trace.cache.cache_dir() / "shapes"``), one file per config.json
+and transformers version: reading them needs torch and transformers imported and the model built, about 10 s on a
+two-core machine, which a second ``predict`` of the same model then skips.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
+import os
 import time
+from pathlib import Path
 
 from zeroest.estimator.core.shape import ModelShape
 
@@ -88,10 +97,71 @@ def _attr(cfg, *names: str, default=None):
     return default
 
 
+SHAPE_CACHE_VERSION = 1
+"""Bumped whenever what ``generic_shape`` or ``meta_param_tensors`` reads off the model changes."""
+
+
+def _cache_path(config: dict) -> Path:
+    from zeroest.estimator.trace.cache import cache_dir
+    from zeroest.estimator.trace.tracer import library_versions
+
+    payload = {"version": SHAPE_CACHE_VERSION, "config": config,
+               "transformers": library_versions()["transformers"]}
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return cache_dir() / "shapes" / f"{key}.json"
+
+
+def _cached(config: dict) -> dict:
+    """The cache entry of ``config`` ({} when there is none; a file that cannot be read is ignored with one
+    warning and written again)."""
+    path = _cache_path(config)
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or data.get("version") != SHAPE_CACHE_VERSION:
+            raise ValueError("not an entry of this version")
+        return data
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        log.warning(f"ignoring the model shape cache file {path} ({err}); reading the model again")
+        return {}
+
+
+def _remember(config: dict, **fields) -> None:
+    """Add ``fields`` to the cache entry of ``config``, written atomically; a cache that cannot be written is
+    logged and skipped."""
+    path = _cache_path(config)
+    entry = {**_cached(config), **fields, "version": SHAPE_CACHE_VERSION}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entry))
+        os.replace(tmp, path)
+    except OSError as err:
+        log.warning(f"could not write the model shape cache in {path.parent}: {err}")
+
+
 def generic_shape(config: dict, name: str) -> ModelShape:
     """A ``ModelShape`` for a family without a closed form; ``extra["config"]`` keeps the config.json dict,
     which the tracer and ``meta_param_tensors`` build from. The scalar fields are the config class's values
-    (its defaults where config.json leaves them out); MoE models report the dense ``intermediate_size``."""
+    (its defaults where config.json leaves them out); MoE models report the dense ``intermediate_size``. Read
+    from the shape cache where it holds the config (torch and transformers must still be installed: the trace
+    needs them, and their versions key the cache)."""
+    _require_transformers(config["model_type"], name)
+    entry = _cached(config)
+    if isinstance(entry.get("shape"), dict):
+        try:
+            return ModelShape(name=name, **entry["shape"],
+                              extra={"config": dict(config), "hidden_act": str(entry.get("hidden_act", "silu"))})
+        except TypeError as err:  # fields of another ModelShape: read the model again
+            log.warning(f"ignoring the cached shape of {name!r} ({err}); reading the model again")
+    shape = _read_shape(config, name)
+    fields = {k: v for k, v in dataclasses.asdict(shape).items() if k not in ("name", "extra")}
+    _remember(config, shape=fields, hidden_act=shape.extra["hidden_act"])
+    return shape
+
+
+def _read_shape(config: dict, name: str) -> ModelShape:
     cfg = hf_config_object(config, name)
     hidden = int(_attr(cfg, "hidden_size", "n_embd", "d_model"))
     heads = int(_attr(cfg, "num_attention_heads", "n_head", default=1))
@@ -149,7 +219,18 @@ def _output_weight(model) -> str | None:
 
 def meta_param_tensors(shape: ModelShape) -> list[tuple[str, int, str, tuple[int, int] | None]]:
     """(name, numel, component, the (out, in) of a Linear's weight or None) of every entry of
-    ``named_parameters()`` of ``shape``'s model on meta."""
+    ``named_parameters()`` of ``shape``'s model on meta; read from the shape cache where it holds them."""
+    config = shape.extra["config"]
+    cached = _cached(config).get("tensors")
+    if isinstance(cached, list):
+        return [(name, int(numel), component, tuple(linear) if linear else None)
+                for name, numel, component, linear in cached]
+    out = _read_tensors(shape)
+    _remember(config, tensors=[list(t) for t in out])
+    return out
+
+
+def _read_tensors(shape: ModelShape) -> list[tuple[str, int, str, tuple[int, int] | None]]:
     start = time.perf_counter()
     model = meta_model(shape.extra["config"])
     linear, head = _linear_shapes(model), _output_weight(model)

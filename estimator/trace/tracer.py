@@ -95,7 +95,7 @@ _MEMO: dict[str, dict] = {}
 
 
 @functools.lru_cache(maxsize=1)
-def _library_versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
     """torch's and transformers' versions for the cache key, read from their files without importing them
     (``importlib.metadata`` takes ~25 ms, importing torch seconds)."""
     import importlib.util
@@ -161,7 +161,7 @@ def traced_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str
     config[layers_key(config["model_type"])] = shape.num_layers
     regime = _regime_seq(config, attn, seq_len)
     payload = {"config": config, "dtype": dtype, "attn": attn, "target": target, "regime": regime,
-               **_library_versions()}
+               **library_versions()}
     name = f"{shape.name} ({dtype}, {attn})"
     if adapters is None or adapters.full:
         entry = _entry(payload, name, lambda: trace_polys(config, dtype, attn, target=target, seq_len=seq_len),
