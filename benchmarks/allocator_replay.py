@@ -207,18 +207,12 @@ def main() -> None:
 
     import contextlib
 
-    from snapshot_peak import _spec  # the row's spec exactly as snapshot_peak.py builds it
+    from snapshot_peak import prepare_row  # the row's spec and process set up exactly as snapshot_peak.py does
 
-    spec, _ = _spec(args.grid, args.row)
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    spec, _, emulated = prepare_row(args.grid, args.row)
+    import deepspeed
     import torch
     from zeroest.validate import worker
-    from zeroest.validate.emulate import emulate_card
-
-    worker._environment(spec)
-    emulated: dict = {}
-    emulate_card(spec["setup"], emulated)
-    import deepspeed
 
     worker._init_distributed(spec, int(spec["setup"]["world_size"]))
     if args.stacks == "none":

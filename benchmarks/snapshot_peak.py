@@ -43,6 +43,20 @@ def _spec(grid: str, row: int) -> tuple[dict, dict | None]:
     return {**run.spec, "run_dir": tempfile.mkdtemp()}, run.prediction
 
 
+def prepare_row(grid: str, row: int) -> tuple[dict, dict | None, dict]:
+    """(spec, prediction, what ``emulate_card`` recorded) of grid row ``row``, with this process set up as the
+    worker sets up its own (its environment, and the emulated card's cap where the row names a card)."""
+    spec, prediction = _spec(grid, row)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    from zeroest.validate import worker
+    from zeroest.validate.emulate import emulate_card
+
+    worker._environment(spec)
+    emulated: dict = {}
+    emulate_card(spec["setup"], emulated)  # a row on an emulated card runs capped, as the worker runs it
+    return spec, prediction, emulated
+
+
 def _frames(event: dict) -> list[str]:
     out = []
     for frame in event.get("frames", []):
@@ -138,16 +152,9 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    spec, prediction = _spec(args.grid, args.row)
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    spec, prediction, emulated = prepare_row(args.grid, args.row)
     import torch
     from zeroest.validate import worker
-
-    worker._environment(spec)
-    from zeroest.validate.emulate import emulate_card
-
-    emulated: dict = {}
-    emulate_card(spec["setup"], emulated)  # a row on an emulated card runs capped, as the worker runs it
     world = int(spec["setup"]["world_size"])
     import deepspeed
 
