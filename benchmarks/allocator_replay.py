@@ -4,19 +4,21 @@ usage (GPU machine, zeroest and DeepSpeed installed as for ``zeroest validate``;
   python benchmarks/allocator_replay.py --grid data/grids/long.yaml --row 4 --steps 3 --out $OUT/long4.json
 
 Runs grid row ``--row`` (simulated rows only) as the validate worker does, with the allocator's memory history
-recorded (sizes and streams, no stacks) from before the model is built to the end of step ``--steps - 1``, and
-reads ``max_memory_reserved`` at the end of every phase. It then replays the recorded ``alloc`` and
-``free_completed`` events, in order, through ``CachingAllocatorModel`` and writes, per phase, the measured and the
-replayed peak reserve (and the replay's segments). If the replay matches, the reserve is a function of the request
-sequence alone, and a model of reserved memory needs the sequence (the timeline's blocks) and this allocator, not
-fractions of phase totals; where it does not, the difference is what the model below leaves out.
+recorded (sizes and streams; two Python frames each too under ``--stacks python``) from before the model is built to
+the end of step ``--steps - 1``, and reads ``max_memory_reserved`` at the end of every phase. It then replays the
+recorded ``alloc`` and ``free_completed`` events, in order, through ``CachingAllocatorModel`` and writes, per phase,
+the measured and the replayed peak reserve (and the replay's segments). If the replay matches, the reserve is a
+function of the request sequence alone, and a model of reserved memory needs the sequence (the timeline's blocks)
+and this allocator, not fractions of phase totals; where it does not, the difference is what the model below leaves
+out.
 
 ``CachingAllocatorModel`` is c10/cuda/CUDACachingAllocator.cpp (torch 2.11) with its defaults (no
 ``max_split_size_mb``, no ``roundup_power2_divisions``, no garbage-collection threshold, expandable segments off):
 
 * ``round_size``: requests round up to 512 bytes (``kMinBlockSize``);
 * two pools: requests of at most 1 MiB (``kSmallSize``) take the small pool, others the large one, per stream;
-* ``get_free_block``: the smallest free block of the pool and stream at least as large (best fit; ties by address);
+* ``get_free_block``: the smallest free block of the pool and stream at least as large (best fit; torch breaks ties
+  by address, the model by segment age and offset);
 * ``get_allocation_size``: with none, a new segment of 2 MiB (small, ``kSmallBuffer``), 20 MiB for a large request
   under 10 MiB (``kLargeBuffer``, ``kMinLargeAlloc``), else the request rounded up to 2 MiB (``kRoundLarge``);
 * ``should_split``: the block is split when what remains is at least 512 bytes (small pool) or more than 1 MiB
