@@ -14,9 +14,10 @@ simplest case, LoRA r16 on all linear layers at ZeRO-2 with checkpointing (rank 
   ``empty_cache`` DeepSpeed calls (its peak reset with it);
 * each step: the input ids, then the forward and backward storages of ``trace.recorder.run_trace`` on the meta
   device at full depth and the run's shape, in their order; the ipg bucket (``reduce_bucket_size`` elements of
-  16 bits, stage_1_and_2.py ``setup_buckets``) at the first parameter gradient of each backward, released at its end
-  (``_release_ipg_buffers``, as a recorded run shows); the logits kept until the next forward returns (the custom loop keeps ``outputs``); parameter gradients freed after backward (copied into
-  the bucket); at step 0's end the fp32 gradient partition and Adam's two states.
+  16 bits, stage_1_and_2.py ``setup_buckets``) at the first parameter gradient of each backward, released at its
+  end (``_release_ipg_buffers``, as a recorded run shows); the logits kept until the next forward returns (the
+  custom loop keeps ``outputs``); parameter gradients freed after backward (copied into the bucket); at step 0's
+  end the fp32 gradient partition and Adam's two states.
 
 Left out: kernel workspaces (cuBLAS, cuDNN attention), DeepSpeed's small buffers and its hooks' own order. Prints
 the replayed reserve after the build, the init and each step, to set against a measured row (docs/DEVICE_RUNS.md).
