@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from zeroest.estimator.catalog.calibration import calibration_dir, find_calibration, load_calibration
 from zeroest.estimator.catalog.files import load_json, load_yaml
-from zeroest.estimator.catalog.fit import FIT_MARGIN, check_margin, fit_verdict, usable_bytes
+from zeroest.estimator.catalog.fit import FIT_MARGIN, check_margin, fit_verdict, margin_text, usable_bytes
 from zeroest.estimator.catalog.gpus import Gpu, gpu_presets
 from zeroest.estimator.core.overheads import Overheads
 from zeroest.estimator.units import GiB, MiB
@@ -138,3 +138,7 @@ def test_fractional_device_bytes_round_up() -> None:
 def test_device_bytes_must_be_a_non_negative_number(bad) -> None:
     with pytest.raises(ValueError, match="device_bytes must be a non-negative number"):
         fit_verdict(bad, Gpu(name="tiny", memory_bytes=100))
+
+
+def test_margin_text_is_the_percent_every_verdict_writes():
+    assert [margin_text(m) for m in (0.1, 0.125, 0.0, 0.25)] == ["10%", "12.5%", "0%", "25%"]

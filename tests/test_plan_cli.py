@@ -104,6 +104,7 @@ def test_infeasible_exit_1_with_reason():
     assert res.exit_code == 1
     doc = json.loads(res.output)
     assert doc["fits"] is False and "does not fit on 2 x 4 GiB" in doc["reason"]
+    assert "usable with margin 10%" in doc["reason"]  # as --margin's help and every verdict write it
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,11 @@ def check_margin(margin: float) -> float:
     return float(margin)
 
 
+def margin_text(margin: float) -> str:
+    """The margin as ``--margin``'s help and every verdict write it: ``10%`` for 0.1, ``12.5%`` for 0.125."""
+    return f"{100 * margin:g}%"
+
+
 def usable_bytes(memory_bytes: int, margin: float = FIT_MARGIN) -> int:
     """Device bytes a setup may use on a GPU of ``memory_bytes``: ``floor((1 - margin) * memory_bytes)``."""
     return math.floor(memory_bytes * (1 - check_margin(margin)))
@@ -72,7 +77,8 @@ class Fit:
 
     def describe(self) -> str:
         """``fits 24 GB RTX 4090 (21.6 GiB usable at margin 10%): yes, 3.2 GiB spare`` (or ``no, 4.1 GiB short``)."""
-        head = f"fits {self.gpu.display} ({format_gib(self.usable_bytes, 1)} usable at margin {self.margin * 100:g}%)"
+        usable = format_gib(self.usable_bytes, 1)
+        head = f"fits {self.gpu.display} ({usable} usable at margin {margin_text(self.margin)})"
         if self.fits:
             return f"{head}: yes, {format_gib(self.spare_bytes, 1)} spare"
         return f"{head}: no, {format_gib(self.short_bytes, 1)} short"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 
-from zeroest.estimator.catalog.fit import FIT_MARGIN
+from zeroest.estimator.catalog.fit import FIT_MARGIN, margin_text
 from zeroest.estimator.catalog.gpus import Gpu, gpu_presets
 from zeroest.estimator.core.setup import Optimizer, TrainingSetup, ZeroConfig, ZeroStage
 from zeroest.estimator.core.vocab import default_optimizer_impl, offload_allowed
@@ -284,8 +284,7 @@ def infeasible_message(request: PlanRequest, estimator: CachedEstimator | None =
         f"does not fit on {where} even at micro-batch {frugal.workload.micro_batch} "
         f"with {describe_setup(frugal)}: "
         f"needs {format_gib(mem.device_bytes, 1)} per GPU (peak in the {mem.peak_phase} phase), "
-        f"{format_gib(budget, 1)} usable with margin "
-        f"{request.margin:g}"
+        f"{format_gib(budget, 1)} usable with margin {margin_text(request.margin)}"
     )
     gpus = None
     if frugal.stage > ZeroStage.DISABLED:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from zeroest.estimator.catalog.fit import Fit
+from zeroest.estimator.catalog.fit import Fit, margin_text
 from zeroest.estimator.core.estimate import Estimate
 from zeroest.estimator.units import format_count, gib
 
@@ -55,7 +55,8 @@ def estimates_table(estimates: list[Estimate], fits: list[Fit] | None = None) ->
         first_fit = fits[0]
         table.add_row(f"fits {first_fit.gpu.name}", *cells)
         table.caption = (f"fits: device memory against {gib(first_fit.usable_bytes):.1f} of "
-                         f"{gib(first_fit.gpu.memory_bytes):.1f} GiB (margin {first_fit.margin:.0%}, --margin)")
+                         f"{gib(first_fit.gpu.memory_bytes):.1f} GiB "
+                         f"(margin {margin_text(first_fit.margin)}, --margin)")
     return table
 
 

@@ -29,6 +29,7 @@ def seconds(value: float) -> str:
 
 
 def plan_table(result) -> Table:
+    from zeroest.estimator.catalog.fit import margin_text
     from zeroest.estimator.units import gib
 
     req = result.request
@@ -36,7 +37,7 @@ def plan_table(result) -> Table:
     title = (
         f"{base.model.name}: {base.world_size} x {req.gpu.name} ({gib(req.gpu.memory_bytes):.1f} GiB), "
         f"seq {base.workload.seq_len}{f', global batch {req.global_batch}' if req.global_batch else ''}, "
-        f"margin {100 * req.margin:g}%"
+        f"margin {margin_text(req.margin)}"
     )
     table = Table(title=title, title_justify="left")
     for name in ("#", "setup", "micro x accum", "device GiB", "host GiB/node", "step s", "tokens/s"):
@@ -74,13 +75,14 @@ def candidate_dict(cand) -> dict:
 
 
 def query_table(request, rows: list[dict], which: list[str]) -> Table:
+    from zeroest.estimator.catalog.fit import margin_text
     from zeroest.estimator.units import gib
 
     base = request.base
     table = Table(
         title=f"{base.model.name} on {request.gpu.name} ({gib(request.gpu.memory_bytes):.1f} GiB), "
         f"N_d = {base.world_size}, micro-batch {base.workload.micro_batch}, seq {base.workload.seq_len}, "
-        f"margin {100 * request.margin:g}%",
+        f"margin {margin_text(request.margin)}",
         title_justify="left",
     )
     for name in ("setup", *(w.replace("_", " ") for w in which)):

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from zeroest.estimator.catalog.fit import FIT_MARGIN, usable_bytes
+from zeroest.estimator.catalog.fit import FIT_MARGIN, margin_text, usable_bytes
 from zeroest.report.load import RunRow, is_oom
 
 OUTCOMES = ("fits, ok", "fits, OOM", "does not fit, ok", "does not fit, OOM")
@@ -117,7 +117,7 @@ def verdict_table(items: list[Verdict], margin: float = FIT_MARGIN) -> list[str]
     OOM and at the margin, for the current estimator and the prediction stored at run time."""
     counts = {name: sum(v.outcome == name for v in items) for name in OUTCOMES}
     over = sum(v.over_budget and not v.fits for v in items)
-    lines = [f"fit verdict at margin {margin:.0%} (current estimator's device memory vs usable card memory), "
+    lines = [f"fit verdict at margin {margin_text(margin)} (current estimator's device memory vs usable card memory), "
              f"{len(items)} runs:", "", "| predicted | measured ok | measured OOM |", "| --- | ---: | ---: |",
              f"| fits | {counts['fits, ok']} | {counts['fits, OOM']} |",
              f"| does not fit | {counts['does not fit, ok']} ({over} over the usable budget) "
