@@ -53,16 +53,11 @@ def load(key: str) -> dict | None:
     """
     path = cache_dir() / f"{key}.json"
     try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            raise ValueError(f"a JSON {type(data).__name__}, not an object")
-        if data.get("version") != CACHE_VERSION:
-            log.debug(f"skipping {path}: cache version {data.get('version')!r}, not {CACHE_VERSION}")
+        data = read_versioned(path, CACHE_VERSION)
+        if data is None:
             return None
         entry = decode(data)
         profile_from_polys(entry, 1, 1)  # the layout and every region, snapshot and peak is there and numeric
-    except FileNotFoundError:
-        return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
         log.warning(f"ignoring the corrupt activation profile cache file {path} ({type(err).__name__}: {err}); "
                     "tracing again")
@@ -72,14 +67,35 @@ def load(key: str) -> dict | None:
 
 def store(key: str, entry: dict) -> None:
     """Write ``entry`` for ``key`` atomically; a cache that cannot be written is logged and skipped."""
-    directory = cache_dir()
+    write_atomically(cache_dir() / f"{key}.json", {"version": CACHE_VERSION, **encode(entry)}, "activation profile")
+
+
+def read_versioned(path: Path, version: int) -> dict | None:
+    """The JSON object a cache file holds, if it is of ``version``: None when there is no file, or when it is of
+    another version (stale, skipped quietly). OSError or ValueError (not JSON, not an object) for a corrupt file,
+    which the caller warns of."""
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f"{key}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps({"version": CACHE_VERSION, **encode(entry)}))
-        os.replace(tmp, directory / f"{key}.json")
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    if not isinstance(data, dict):
+        raise ValueError(f"a JSON {type(data).__name__}, not an object")
+    if data.get("version") != version:
+        log.debug(f"skipping {path}: cache version {data.get('version')!r}, not {version}")
+        return None
+    return data
+
+
+def write_atomically(path: Path, data: dict, what: str) -> None:
+    """``data`` as JSON at ``path``, through a temporary file renamed over it (readers never see half a file); a
+    directory that cannot be written is logged, naming the ``what`` cache, and skipped."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
     except OSError as err:
-        log.warning(f"could not write the activation profile cache in {directory}: {err}")
+        log.warning(f"could not write the {what} cache in {path.parent}: {err}")
 
 
 def encode(entry: object) -> object:

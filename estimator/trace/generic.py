@@ -21,14 +21,12 @@ two-core machine, which a second ``predict`` of the same model then skips.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
-import os
 import time
 from pathlib import Path
 
 from zeroest.estimator.core.shape import ModelShape
+from zeroest.estimator.trace.cache import cache_dir, cache_key, read_versioned, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -102,43 +100,28 @@ SHAPE_CACHE_VERSION = 1
 
 
 def _cache_path(config: dict) -> Path:
-    from zeroest.estimator.trace.cache import cache_dir
     from zeroest.estimator.trace.tracer import library_versions
 
-    payload = {"version": SHAPE_CACHE_VERSION, "config": config,
-               "transformers": library_versions()["transformers"]}
-    key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    key = cache_key({"shapes": SHAPE_CACHE_VERSION, "config": config,
+                     "transformers": library_versions()["transformers"]})
     return cache_dir() / "shapes" / f"{key}.json"
 
 
 def _cached(config: dict) -> dict:
-    """The cache entry of ``config`` ({} when there is none; a file that cannot be read is ignored with one
-    warning and written again)."""
+    """The cache entry of ``config`` ({} when there is none, or one of another version; a file that cannot be
+    read is ignored with one warning and written again)."""
     path = _cache_path(config)
     try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict) or data.get("version") != SHAPE_CACHE_VERSION:
-            raise ValueError("not an entry of this version")
-        return data
-    except FileNotFoundError:
-        return {}
+        return read_versioned(path, SHAPE_CACHE_VERSION) or {}
     except (OSError, ValueError) as err:
         log.warning(f"ignoring the model shape cache file {path} ({err}); reading the model again")
         return {}
 
 
 def _remember(config: dict, **fields) -> None:
-    """Add ``fields`` to the cache entry of ``config``, written atomically; a cache that cannot be written is
-    logged and skipped."""
-    path = _cache_path(config)
-    entry = {**_cached(config), **fields, "version": SHAPE_CACHE_VERSION}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(entry))
-        os.replace(tmp, path)
-    except OSError as err:
-        log.warning(f"could not write the model shape cache in {path.parent}: {err}")
+    """Add ``fields`` to the cache entry of ``config`` (``trace.cache.write_atomically``)."""
+    write_atomically(_cache_path(config), {**_cached(config), **fields, "version": SHAPE_CACHE_VERSION},
+                     "model shape")
 
 
 def generic_shape(config: dict, name: str) -> ModelShape:
