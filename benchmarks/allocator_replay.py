@@ -195,6 +195,43 @@ def replay(events: list[dict], marks: list[tuple[str, int]]) -> dict[str, dict]:
     return out
 
 
+ACTION_CODES = {"alloc": "a", "free_completed": "f", "segment_alloc": "S", "segment_free": "s"}
+
+
+def write_events(path: str, events: list[dict], marks: list[tuple[str, int]]) -> None:
+    """Every allocator event of ``ACTION_CODES``, in order, as ``[action, size, stream, block]`` (``block`` numbers
+    each alloc and is repeated by its free; -1 for a free of a block allocated before the history began, and for
+    segment events), gzipped JSON with the phase marks converted to row counts, and two frames of each request of
+    1 MiB or more where the history kept stacks."""
+    import gzip
+
+    from snapshot_peak import _frames
+
+    rows: list[list] = []
+    frames: dict[int, list[str]] = {}
+    block_of: dict[int, int] = {}
+    rows_before: list[int] = []  # rows written before recorded event i (marks count recorded events)
+    serial = 0
+    for event in events:
+        rows_before.append(len(rows))
+        code = ACTION_CODES.get(event["action"])
+        if code is None:
+            continue
+        addr, block = event.get("addr", 0), -1
+        if code == "a":
+            block, serial = serial, serial + 1
+            block_of[addr] = block
+            if event["size"] >= 2**20 and event.get("frames"):
+                frames[len(rows)] = _frames(event)[:2]
+        elif code == "f":
+            block = block_of.pop(addr, -1)
+        rows.append([code, event["size"], event.get("stream", 0), block])
+    rows_before.append(len(rows))
+    out_marks = [[name, rows_before[min(end, len(events))]] for name, end in marks]
+    payload = {"marks": out_marks, "events": rows, "frames": frames}
+    Path(path).write_bytes(gzip.compress(json.dumps(payload, separators=(",", ":")).encode()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", required=True)
@@ -204,6 +241,9 @@ def main() -> None:
                         help="also write every request and free of at least this many MiB, in order, with the "
                              "phase marks (and two Python frames each under --stacks python)")
     parser.add_argument("--stacks", choices=("none", "python"), default="none")
+    parser.add_argument("--events-out", default=None,
+                        help="also write every event, gzipped (``write_events``), to compare a sequence built on "
+                             "the CPU with")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -273,6 +313,8 @@ def main() -> None:
             for at, e in enumerate(events)
             if e["size"] >= floor and e["action"] in ("alloc", "free_completed", "segment_alloc", "segment_free")]
     Path(args.out).write_text(json.dumps(result, indent=1))
+    if args.events_out:
+        write_events(args.events_out, events, marks)
     last = marks[-1][0]
     print(json.dumps({"measured": measured[last], "replayed": result["phases"][last].get("replayed_peak_reserved_gib"),
                       "retries": result["num_alloc_retries"], "events": len(events)}))
