@@ -1,0 +1,122 @@
+"""benchmarks/sequence_replay.py: the ZeRO-1/2 request sequence built on the CPU. The requests DeepSpeed makes are
+derived here from their sizes in stage_1_and_2.py; one recorded run (data/runs/h200-sequences) is replayed against
+the built sequence phase by phase."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+ROOT = Path(__file__).parent.parent
+TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+
+
+def _load(name: str):
+    path = ROOT / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def seq_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    _load("allocator_replay")
+    return _load("sequence_replay")
+
+
+def _model_and_trace(config: dict, micro_batch: int, seq_len: int, ckpt: bool):
+    import torch
+    from zeroest.estimator.core.adapters import Adapters
+    from zeroest.estimator.trace.model import build_trained
+    from zeroest.estimator.trace.recorder import run_trace
+
+    model = build_trained(config, "bf16", "sdpa", Adapters(), grad_ckpt=ckpt, num_layers=None)
+    ids = torch.zeros((micro_batch, seq_len), dtype=torch.long, device="meta")
+    return model, run_trace(model, ids, grad_ckpt=ckpt, target="cuda")
+
+
+def _args(**kw):
+    base = {"stage": 2, "world": 2, "micro_batch": 2, "seq_len": 32, "offload": False, "loop": "custom",
+            "param_groups": 1, "steps": 2, "bucket": 40_000}
+    return types.SimpleNamespace(**{**base, **kw})
+
+
+def _sizes(seq, kind: str) -> list[int]:
+    return [op[2] for op in seq.ops if op[0] == "a" and isinstance(op[1], tuple) and op[1][0] == kind
+            or op[0] == "a" and op[1] == kind]
+
+
+def test_init_requests_follow_the_flat_group(seq_module):
+    model, trace = _model_and_trace(TINY, 2, 32, ckpt=False)
+    trainable = sum(p.numel() for p in model.parameters())
+    padded = -(-trainable // 4) * 4  # nccl_start_alignment_factor 2 x 2 ranks
+    seq = seq_module.build(model, trace, _args())
+    assert _sizes(seq, "flat") == [2 * padded]
+    assert _sizes(seq, "clone") == [padded]  # 16-bit partition, N = 2
+    assert _sizes(seq, "master") == [2 * padded]  # fp32 partition
+    assert _sizes(seq, "zero_fp32_grad") == [2 * padded]
+    offload = seq_module.build(model, trace, _args(offload=True))
+    assert _sizes(offload, "master") == [] and _sizes(offload, "zero_fp32_grad") == []
+    largest = max(p.numel() for p in model.parameters())
+    assert _sizes(offload, "temp_grad_buffer_for_gpu_offload") == [2 * largest]
+
+
+def test_every_gradient_passes_through_one_flush(seq_module):
+    model, trace = _model_and_trace(TINY, 2, 32, ckpt=False)
+    trainable = sum(p.numel() for p in model.parameters())
+    seq = seq_module.build(model, trace, _args(steps=1, bucket=10**9))  # one flush at the end of backward
+    assert _sizes(seq, "flatten") == [2 * trainable]
+    small = seq_module.build(model, trace, _args(steps=1, bucket=70_000))  # the 32768-element embedding and head
+    flushes = _sizes(small, "flatten")
+    assert len(flushes) > 1 and sum(flushes) <= 2 * trainable
+    assert all(size <= 2 * 70_000 for size in flushes)
+
+
+def test_after_each_step_only_the_states_stay(seq_module):
+    model, trace = _model_and_trace(TINY, 2, 32, ckpt=True)
+    seq = seq_module.build(model, trace, _args(steps=2, loop="trainer"))
+    kinds = {key if isinstance(key, str) else key[0] for key in seq.live}
+    assert kinds == {"flat", "master", "exp_avg", "exp_avg_sq", "buffer"}
+    custom = seq_module.build(model, trace, _args(steps=2))
+    kept = [key for key in custom.live if isinstance(key[0], int)]
+    assert kept == [(1, trace.logits)]  # the custom loop's outputs: the last step's logits
+
+
+def test_stage1_makes_grads_in_partition_once_per_step(seq_module):
+    model, trace = _model_and_trace(TINY, 2, 32, ckpt=False)
+    names = [(name, p.numel()) for name, p in model.named_parameters()]
+    part = -(-sum(n for _, n in names) // 4) * 4 // 2
+    touching, start = 0, 0
+    for _, n in names:  # every parameter that starts inside rank 0's partition, whole
+        touching += n if start < part else 0
+        start += n
+    seq = seq_module.build(model, trace, _args(stage=1, steps=2))
+    assert _sizes(seq, "grads_in_partition") == [2 * touching, 2 * touching]
+
+
+@pytest.mark.slow
+def test_recorded_zero2_run_replays_as_built(seq_module):
+    """llama-3.2-1b at ZeRO-2, rank 0 of 2, 2 x 2048 with checkpointing, the custom loop, the Trainer's two groups
+    (h200-long row 8 on an emulated 4090, recorded with allocator_replay.py --events-out): the built sequence gives
+    the recording's replayed peak reserve at every phase end, from the init to step 2."""
+    import json
+
+    config = json.loads((ROOT / "data/runs/h200-long/models/llama-3.2-1b.json").read_text())
+    model, trace = _model_and_trace(config, 2, 2048, ckpt=True)
+    built = seq_module.replay_sequence(seq_module.build(model, trace, _args(param_groups=2, seq_len=2048, steps=3,
+                                                                            bucket=500_000_000)))
+    recorded, _ = seq_module.recorded(str(ROOT / "data/runs/h200-sequences/long8-events.json.gz"))
+    phases = [name for name in recorded if name != "build"]
+    assert len(phases) == 10
+    for name in phases:
+        assert built[name] == pytest.approx(recorded[name], abs=1e-6), name
