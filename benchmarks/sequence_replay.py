@@ -11,7 +11,8 @@ script builds that sequence from the model and DeepSpeed 0.19.8's source (rank 0
 process group, where collectives allocate nothing; the validator's custom or trainer loop; one parameter group or
 the Trainer's two; ``reduce_bucket_size`` 5e8, ``contiguous_gradients`` on, ``overlap_comm`` off) and prints the
 replayed reserve at the end of each phase; with ``--events``, beside the recording's own replay, and the sizes of
-64 MiB and more that the two make a different number of times. It generalises ``sequence_replay_lora.py``.
+64 MiB and more that the two make a different number of times; ``--cut`` traces four decoder layers and expands
+them (``trace.sequence.expand``). It generalises ``sequence_replay_lora.py``.
 
 The sequence, request by request (b the 16-bit width, P_g a group's trainable parameters, N the ranks):
 
@@ -271,6 +272,7 @@ def main() -> None:
     parser.add_argument("--param-groups", type=int, choices=(1, 2), default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--bucket", type=int, default=500_000_000, help="reduce_bucket_size, elements")
+    parser.add_argument("--cut", action="store_true", help="trace four decoder layers and expand them to full depth")
     parser.add_argument("--events", help="a recording of the same row (allocator_replay.py --events-out)")
     args = parser.parse_args()
 
@@ -286,8 +288,18 @@ def main() -> None:
     started = time.perf_counter()
     model = build_trained(config, "bf16", "sdpa", adapters, grad_ckpt=args.ckpt, num_layers=None)
     ids = torch.zeros((args.micro_batch, args.seq_len), dtype=torch.long, device="meta")
-    trace = run_trace(model, ids, grad_ckpt=args.ckpt, target="cuda")
-    print(f"traced {len(trace.sizes)} storages at full depth in {time.perf_counter() - started:.0f} s")
+    if args.cut:  # trace four layers and expand (trace.sequence): the same events, a fraction of the time
+        from zeroest.estimator.trace.kinds import layout
+        from zeroest.estimator.trace.model import decoder_layers
+        from zeroest.estimator.trace.sequence import CUT_LAYERS, expand
+
+        cut = build_trained(config, "bf16", "sdpa", adapters, grad_ckpt=args.ckpt, num_layers=CUT_LAYERS)
+        trace = expand(run_trace(cut, ids, grad_ckpt=args.ckpt, target="cuda"), CUT_LAYERS,
+                       len(decoder_layers(model)), kinds=layout(model)["kinds"])
+    else:
+        trace = run_trace(model, ids, grad_ckpt=args.ckpt, target="cuda")
+    depth = "four layers, expanded" if args.cut else "full depth"
+    print(f"traced {len(trace.sizes)} storages ({depth}) in {time.perf_counter() - started:.1f} s")
     seq = build(model, trace, args)
     built = replay_sequence(seq)
     ours = sorted(op[2] for op in seq.ops if op[0] == "a" and op[2] >= 64 * MiB)
