@@ -30,13 +30,14 @@ The sequence, request by request (b the 16-bit width, P_g a group's trainable pa
   b 5e8). At stage 2 each parameter's final gradient is copied into the bucket and its own storage dropped at its
   hook (``reduce_independent_p_g_buckets_and_remove_grads``: ``grad_reduc.data = new_grad_tensor``). A gradient
   that would overflow the bucket first flushes it (``reduce_ipg_grads``): the flatten of its tensors
-  (``allreduce_bucket``, b E, none for a single tensor), then for each of its parameters in the rank's partition,
-  without offload the copy into ``grads_in_partition`` (made at the first flush: b times the elements of every
-  parameter that starts in the partition, ``copy_grads_in_partition``), with offload the fp64 copy for its norm
-  (``set_norm_for_param_grad_in_gpu``, 8 n) and the fp32 copy for the host (``async_inplace_copy_grad_to_fp32_``
-  ``buffer_from_gpu``, 4 n), each made and dropped. The last flush comes at the end of backward, then the bucket is
-  released (``_release_ipg_buffers``). Stage 1 keeps every gradient until backward ends, makes
-  ``grads_in_partition``, then sends the gradients through the bucket in order;
+  (``allreduce_bucket``, b E), only where they make two slices or more (``average_tensor`` merges consecutive
+  parameters bound for the same rank and group; one tensor is flattened as a view); then for each of its parameters
+  in the rank's partition, without offload the copy into ``grads_in_partition`` (made at the first flush: b times
+  the elements of every parameter that starts in the partition, ``copy_grads_in_partition``), with offload the fp64
+  copy for its norm (``set_norm_for_param_grad_in_gpu``, 8 n) and the fp32 copy for the host
+  (``async_inplace_copy_grad_to_fp32_buffer_from_gpu``, 4 n), each made and dropped. The last flush comes at the
+  end of backward, then the bucket is released (``_release_ipg_buffers``). Stage 1 keeps every gradient until
+  backward ends, then sends them through the bucket in the groups' order (``reduce_gradients``);
 * ``step`` without offload: the fp64 norm of each gradient in the partition (``get_grad_norm_direct``, 8 n each,
   made and dropped); per group the flat 16-bit gradient partition (b P_g/N) and its fp32 copy (4 P_g/N, the first
   dropped), Adam's ``exp_avg`` and ``exp_avg_sq`` at the first step (4 P_g/N each, kept) and one temporary of
@@ -44,8 +45,8 @@ The sequence, request by request (b the 16-bit width, P_g a group's trainable pa
   the host.
 
 Left out: DeepSpeed's requests under 1 MiB (scalars, NCCL), kernel workspaces, gradient accumulation, stage 0 and
-stage 3. Against the recordings (docs/DEVICE_RUNS.md, ninth session), stage 2 without offload in the custom loop
-replays exactly; stage 1 and offload in the trainer loop do not yet.
+stage 3. Against the recordings (docs/DEVICE_RUNS.md, ninth session), stage 2 replays exactly or within 0.2% in
+both loops, with and without offload; stage 1's backward does not yet (7.5% under).
 """
 
 from __future__ import annotations
@@ -86,12 +87,14 @@ class Sequence:
 
 class Bucket:
     """The ipg bucket's flushes in one backward (``reduce_independent_p_g_buckets_and_remove_grads``,
-    ``reduce_ipg_grads``): the requests each flush makes."""
+    ``reduce_ipg_grads``): the requests each flush makes. ``layout``: parameter -> (group, first element in the
+    group's flat buffer, elements); ``parts``: each group's partition size."""
 
-    def __init__(self, seq: Sequence, step: int, b: int, capacity: int, in_partition: dict[str, int],
-                 touching: int, *, offload: bool) -> None:
-        self.seq, self.step, self.b, self.capacity = seq, step, b, capacity
-        self.in_partition, self.touching, self.offload = in_partition, touching, offload
+    def __init__(self, seq: Sequence, step: int, args, layout: dict[str, tuple[int, int, int]],
+                 parts: list[int], touching: int) -> None:
+        self.seq, self.step, self.b, self.capacity = seq, step, 2, args.bucket
+        self.layout, self.parts, self.touching = layout, parts, touching
+        self.offload = args.offload
         self.names: list[str] = []
         self.elements = 0
         self.made = False
@@ -107,15 +110,32 @@ class Bucket:
         self.names.append(name)
         self.elements += numel
 
+    def _slices(self) -> int:
+        """The slices ``average_tensor`` reduces: each parameter's piece per partition it touches, the pieces of
+        consecutive parameters bound for the same partition of the same group being one slice (its
+        ``rank_and_offsets`` merge). The bucket is shared by the groups, so with the Trainer's two a stage-2 flush
+        (gradients in reverse order, norms between weights) has many slices, with one group only where it crosses
+        a partition's edge: the recordings flatten exactly then."""
+        keys: list[tuple[int, int]] = []
+        for name in self.names:
+            group, start, numel = self.layout.get(name, (0, 0, 0))
+            part = max(1, self.parts[group]) if self.parts else 1
+            for dst in range(start // part, (start + max(numel, 1) - 1) // part + 1):
+                if not (keys and keys[-1] == (group, dst)):
+                    keys.append((group, dst))
+        return len(keys)
+
     def flush(self) -> None:
-        if len(self.names) > 1:
+        if self._slices() > 1:  # allreduce_bucket's flatten; one tensor is flattened as a view
             self.seq.temp(("flatten", self.step, len(self.seq.ops)), self.b * self.elements)
         for name in self.names:
-            if name not in self.in_partition:
+            group, start, numel = self.layout.get(name, (0, 0, 0))
+            in_partition = min(start + numel, self.parts[group]) - start if self.parts else 0
+            if in_partition <= 0:
                 continue
             if self.offload:
-                self.seq.temp(("norm64", self.step, name), 8 * self.in_partition[name])
-                self.seq.temp(("to_fp32", self.step, name), 4 * self.in_partition[name])
+                self.seq.temp(("norm64", self.step, name), 8 * in_partition)
+                self.seq.temp(("to_fp32", self.step, name), 4 * in_partition)
             else:
                 self.make_grads_in_partition()
         self.names.clear()
@@ -124,7 +144,7 @@ class Bucket:
 
 def build(model, trace, args) -> Sequence:
     """The sequence of the module docstring for a model built by ``trace.model.build_trained`` and its trace."""
-    b, world, bucket_elems = 2, args.world, args.bucket
+    b, world = 2, args.world
     seq = Sequence()
     for name, param in model.named_parameters():
         seq.alloc(("param", name), param.numel() * param.element_size())
@@ -141,6 +161,7 @@ def build(model, trace, args) -> Sequence:
     trainable = [entry for group in groups for entry in group]
     align = 2 * world  # nccl_start_alignment_factor x N
     parts, in_partition, touching = [], {}, 0
+    layout: dict[str, tuple[int, int, int]] = {}
     for i, group in enumerate(groups):
         padded = -(-sum(n for _, n in group) // align) * align
         part = padded // world
@@ -155,6 +176,7 @@ def build(model, trace, args) -> Sequence:
         seq.free(("clone", i))
         start = 0
         for name, n in group:
+            layout[name] = (i, start, n)
             if start < part:
                 in_partition[name] = min(start + n, part) - start
                 touching += n
@@ -174,11 +196,11 @@ def build(model, trace, args) -> Sequence:
     kept = None
     for step in range(args.steps):
         pending = {size: list(names) for size, names in size_to_names.items()}
-        bucket = Bucket(seq, step, b, bucket_elems, in_partition, touching, offload=args.offload)
+        bucket = Bucket(seq, step, args, layout, parts, touching)
         held: list[tuple[str, int, tuple]] = []
         for at, event in enumerate(trace.events):
             if at == trace.marks.get("first_grad"):
-                seq.alloc(("bucket", step), b * bucket_elems)
+                seq.alloc(("bucket", step), b * args.bucket)
             if at == trace.marks["fwd_end"]:
                 if kept is not None:
                     seq.free(kept)
@@ -197,13 +219,16 @@ def build(model, trace, args) -> Sequence:
                         seq.free(key)  # copied into the bucket, its own storage dropped
             elif serial == trace.logits and args.loop == "custom":
                 kept = key
-            else:
-                seq.free(key)
-        if held:
-            bucket.make_grads_in_partition()
-        for name, n, key in held:
-            bucket.add(name, n)
-            seq.free(key)
+            elif not any(entry[2] == key for entry in held):  # the trace drops .grad after backward; DeepSpeed
+                seq.free(key)  # frees a held gradient as the bucket takes it
+        by_size: dict[int, list[tuple]] = {}
+        for _, n, key in held:
+            by_size.setdefault(n, []).append(key)
+        for name, n in trainable:  # reduce_gradients: the groups' parameters in order
+            keys = by_size.get(n)
+            if keys:
+                bucket.add(name, n)
+                seq.free(keys.pop(0))
         bucket.flush()
         seq.free(("bucket", step))
         seq.mark(f"step{step}.backward0")
