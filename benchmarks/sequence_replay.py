@@ -21,7 +21,9 @@ The sequence, request by request (b the 16-bit width, P_g a group's trainable pa
 * ``DeepSpeedZeroOptimizer.__init__`` (stage_1_and_2.py), group by group: ``empty_cache()`` (segments given back,
   the peak restarted, as the recording shows), the flat copy of the group (``flatten_dense_tensors_aligned``,
   b P_g) and its original tensors freed (``_update_model_bit16_weights``), the partition's ``.clone().to(fp32)``
-  (b P_g/N, then 4 P_g/N, or none with offload, where it goes to the host; the clone freed); then with offload
+  (b P_g/N, then 4 P_g/N, or none with offload, where it goes to the host; the clone freed); where the card's free
+  memory is short of the flat buffer (``--flatten-on-cpu``), the group's tensors leave for the host first, another
+  ``empty_cache()`` follows and the flat buffer comes back as one block; then with offload
   ``temp_grad_buffer_for_gpu_offload`` (b n_max, kept), without it ``initialize_optimizer_states``' zero fp32
   gradient per group (4 P_g/N, made and dropped);
 * each micro-step: the forward and backward of ``trace.recorder.run_trace`` on the meta device at full depth, the
@@ -39,10 +41,10 @@ The sequence, request by request (b the 16-bit width, P_g a group's trainable pa
   end of backward, then the bucket is released (``_release_ipg_buffers``). Stage 1 keeps every gradient until
   backward ends, then sends them through the bucket in the groups' order (``reduce_gradients``);
 * ``step`` without offload: the fp64 norm of each gradient in the partition (``get_grad_norm_direct``, 8 n each,
-  made and dropped); per group the flat 16-bit gradient partition (b P_g/N) and its fp32 copy (4 P_g/N, the first
-  dropped), Adam's ``exp_avg`` and ``exp_avg_sq`` at the first step (4 P_g/N each, kept) and one temporary of
-  4 P_g/N, then the fp32 gradient dropped; ``grads_in_partition`` dropped at the end. With offload the step runs on
-  the host.
+  made and dropped); then per group the flat 16-bit gradient partition (b P_g/N) and its fp32 copy (4 P_g/N, the
+  first dropped); ``grads_in_partition`` dropped with the last group's ``averaged_gradients``, before that group's
+  optimizer step; Adam's ``exp_avg`` and ``exp_avg_sq`` at the first step (4 P_g/N each, kept) and one temporary of
+  4 P_g/N; then the fp32 gradient dropped. With offload the step runs on the host.
 
 Left out: DeepSpeed's requests under 1 MiB (scalars, NCCL), kernel workspaces, gradient accumulation, stage 0 and
 stage 3. Against the recordings (docs/DEVICE_RUNS.md, ninth session), stage 2 replays exactly or within 0.2% in
@@ -167,9 +169,15 @@ def build(model, trace, args) -> Sequence:
         part = padded // world
         parts.append(part)
         seq.ops.append(("empty",))  # DeepSpeedZeroOptimizer.__init__: empty_cache() before each group's flatten
-        seq.alloc(("flat", i), b * padded)
-        for name, _ in group:
-            seq.free(("param", name))
+        if getattr(args, "flatten_on_cpu", False) and i == 0:  # too little free memory: the group moves to the
+            for name, _ in group:  # host, is flattened there and comes back as one block
+                seq.free(("param", name))
+            seq.ops.append(("empty",))
+            seq.alloc(("flat", i), b * padded)
+        else:
+            seq.alloc(("flat", i), b * padded)
+            for name, _ in group:
+                seq.free(("param", name))
         seq.alloc(("clone", i), b * part)
         if not args.offload:
             seq.alloc(("master", i), 4 * part)
@@ -239,12 +247,13 @@ def build(model, trace, args) -> Sequence:
                 seq.alloc(("flat_grad16", step, i), b * part)
                 seq.alloc(("fp32_grad", step, i), 4 * part)
                 seq.free(("flat_grad16", step, i))
+                if i == len(parts) - 1:  # the last group's averaged_gradients = None drops the last views of it
+                    seq.free(("grads_in_partition", step))
                 if step == 0:
                     seq.alloc(("exp_avg", i), 4 * part)
                     seq.alloc(("exp_avg_sq", i), 4 * part)
                 seq.temp(("adam_temp", step, i), 4 * part)
                 seq.free(("fp32_grad", step, i))
-            seq.free(("grads_in_partition", step))
         for key in [k for k in seq.live if isinstance(k[0], int) and k[0] == step and k != kept]:
             seq.free(key)  # the input ids and the loss, dropped with the step
         seq.mark(f"step{step}.step")
@@ -297,6 +306,9 @@ def main() -> None:
     parser.add_argument("--param-groups", type=int, choices=(1, 2), default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--bucket", type=int, default=500_000_000, help="reduce_bucket_size, elements")
+    parser.add_argument("--flatten-on-cpu", action="store_true",
+                        help="the first group flattens on the host (the card's free memory is short of it: "
+                             "core/capacity.py flatten_decision)")
     parser.add_argument("--cut", action="store_true", help="trace four decoder layers and expand them to full depth")
     parser.add_argument("--events", help="a recording of the same row (allocator_replay.py --events-out)")
     args = parser.parse_args()
