@@ -12,7 +12,8 @@ process group, where collectives allocate nothing; the validator's custom or tra
 the Trainer's two; ``reduce_bucket_size`` 5e8, ``contiguous_gradients`` on, ``overlap_comm`` off) and prints the
 replayed reserve at the end of each phase; with ``--events``, beside the recording's own replay, and the sizes of
 64 MiB and more that the two make a different number of times; ``--cut`` traces four decoder layers and expands
-them (``trace.sequence.expand``). It generalises ``sequence_replay_lora.py``.
+them (``trace.sequence.expand``). It replaces the eighth session's LoRA-only
+``sequence_replay_lora.py``.
 
 The sequence, request by request (b the 16-bit width, P_g a group's trainable parameters, N the ranks):
 
