@@ -35,6 +35,10 @@ import weakref
 from zeroest.estimator.trace.model import decoder_layers, set_checkpointing
 from zeroest.estimator.trace.polys import Trace
 
+_GEMMS = frozenset({"mm", "addmm", "bmm", "baddbmm", "_scaled_mm"})
+"""aten ops that run a cuBLAS GEMM: the first of forward and of backward is marked (``first_gemm_fwd``,
+``first_gemm_bwd``), where a GPU run's caching allocator makes cuBLAS's workspace for that thread's handle."""
+
 
 @functools.lru_cache(maxsize=1)
 def _recorder_class():
@@ -52,6 +56,8 @@ def _recorder_class():
             self.sizes: list[int] = []
             self.events: list[int] = []
             self.marks: list[tuple[int, str]] = []
+            self.phase = "fwd"
+            self.gemm_marked: set[str] = set()
 
         def track(self, tensor) -> int | None:
             if tensor.device.type != self.device:
@@ -91,6 +97,10 @@ def _recorder_class():
             for leaf in tree_leaves(out):
                 if isinstance(leaf, __import__("torch").Tensor):
                     self.track(leaf)
+            name = f"first_gemm_{self.phase}"
+            if func.overloadpacket.__name__ in _GEMMS and name not in self.gemm_marked:
+                self.gemm_marked.add(name)  # after the output: where cuBLAS takes its workspace on a GPU
+                self.mark(name)
             return out
 
     return Recorder
@@ -258,6 +268,7 @@ def run_trace(model, input_ids, *, grad_ckpt: bool, target: str = "cuda",
             del out
             rec.mark("bwd_start")
             state["backward"] = True
+            rec.phase = "bwd"
             loss.backward()
             seen = {name for _, name in rec.marks}
             for i in range(len(decoder_layers(model))):  # layers without a backward: empty windows at the end
