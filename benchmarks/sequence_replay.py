@@ -27,7 +27,9 @@ The sequence, request by request (b the 16-bit width, P_g a group's trainable pa
   ``empty_cache()`` follows and the flat buffer comes back as one block; then with offload
   ``temp_grad_buffer_for_gpu_offload`` (b n_max, kept), without it ``initialize_optimizer_states``' zero fp32
   gradient per group (4 P_g/N, made and dropped);
-* each micro-step: the forward and backward of ``trace.recorder.run_trace`` on the meta device at full depth, the
+* each micro-step: cuBLAS's workspace at the first GEMM of the first forward (the rotary embedding's, right after
+  the embeddings' output) and of the first backward (``CUBLAS_WORKSPACE``, kept; the trace's ``first_gemm_bwd``);
+  the forward and backward of ``trace.recorder.run_trace`` on the meta device at full depth, the
   input ids and the loss dropped at the step's end; the custom loop keeps the logits until the next forward returns,
   the trainer loop only the loss. In backward, at the first parameter gradient, the ipg bucket (``setup_buckets``,
   b 5e8). At stage 2 each parameter's final gradient is copied into the bucket and its own storage dropped at its
@@ -47,9 +49,9 @@ The sequence, request by request (b the 16-bit width, P_g a group's trainable pa
   optimizer step; Adam's ``exp_avg`` and ``exp_avg_sq`` at the first step (4 P_g/N each, kept) and one temporary of
   4 P_g/N; then the fp32 gradient dropped. With offload the step runs on the host.
 
-Left out: DeepSpeed's requests under 1 MiB (scalars, NCCL), kernel workspaces, gradient accumulation, stage 0 and
-stage 3. Against the recordings (docs/DEVICE_RUNS.md, ninth session), stage 2 replays exactly or within 0.2% in
-both loops, with and without offload; stage 1's backward does not yet (7.5% under).
+Left out: DeepSpeed's requests under 1 MiB (scalars, NCCL), kernel workspaces other than cuBLAS's, gradient
+accumulation, stage 0 and stage 3. How close it comes to the recordings and to every measured row it covers:
+docs/DEVICE_RUNS.md, ninth session (``sequence_rows.py``).
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ import time
 from pathlib import Path
 
 GiB, MiB = 2**30, 2**20
+CUBLAS_WORKSPACE = 32 * MiB
+"""cuBLAS's workspace on a Hopper card, allocated through the caching allocator at a handle's first GEMM and kept
+(the recordings show one at the first forward's first matmul and one at the first backward's, autograd's thread
+having its own handle: 32 MiB each; ``Overheads.cublas_workspace_bytes`` counts 66 MiB)."""
 
 
 class Sequence:
@@ -203,11 +209,19 @@ def build(model, trace, args) -> Sequence:
     end = trace.marks["bwd_end"]
     freed_by_trace = {~e for e in trace.events[:end] if e < 0}
     kept = None
+    # transformers 5.17's rotary embedding runs its first GEMM (a matmul, where 5.2x multiplies) right after the
+    # embeddings' output, before any other request of the large pool: the recordings take the workspace there
+    start = trace.marks["fwd_start"]
+    first_large = next((at for at in range(start, len(trace.events)) if trace.events[at] >= 0
+                        and trace.sizes[trace.events[at]] > MiB), start)
+    workspace_fwd = min(trace.marks.get("first_gemm_fwd", first_large + 1), first_large + 1)
     for step in range(args.steps):
         pending = {size: list(names) for size, names in size_to_names.items()}
         bucket = Bucket(seq, step, args, layout, parts, touching)
         held: list[tuple[str, int, tuple]] = []
         for at, event in enumerate(trace.events):
+            if step == 0 and at in (workspace_fwd, trace.marks.get("first_gemm_bwd")):
+                seq.alloc(("cublas_workspace", at), CUBLAS_WORKSPACE)  # one per handle: forward's, autograd's thread
             if at == trace.marks.get("first_grad"):
                 seq.alloc(("bucket", step), b * args.bucket)
             if at == trace.marks["fwd_end"]:

@@ -89,7 +89,7 @@ def test_after_each_step_only_the_states_stay(seq_module):
     model, trace = _model_and_trace(TINY, 2, 32, ckpt=True)
     seq = seq_module.build(model, trace, _args(steps=2, loop="trainer"))
     kinds = {key if isinstance(key, str) else key[0] for key in seq.live}
-    assert kinds == {"flat", "master", "exp_avg", "exp_avg_sq", "buffer"}
+    assert kinds == {"flat", "master", "exp_avg", "exp_avg_sq", "buffer", "cublas_workspace"}
     custom = seq_module.build(model, trace, _args(steps=2))
     kept = [key for key in custom.live if isinstance(key[0], int)]
     assert kept == [(1, trace.logits)]  # the custom loop's outputs: the last step's logits
