@@ -123,3 +123,15 @@ def test_recorded_zero2_run_replays_as_built(seq_module):
     assert len(phases) == 10
     for name in phases:
         assert built[name] == pytest.approx(recorded[name], abs=1e-6), name
+
+
+def test_cublas_workspaces_follow_the_first_gemms(seq_module):
+    """The recorder marks the first GEMM of forward and of backward right after its output; the sequence takes one
+    32 MiB workspace at each, in the first step only, and keeps both."""
+    model, trace = _model_and_trace(TINY, 2, 32, ckpt=False)
+    fwd, bwd = trace.marks["first_gemm_fwd"], trace.marks["first_gemm_bwd"]
+    assert trace.marks["fwd_start"] < fwd <= trace.marks["fwd_end"] < trace.marks["bwd_start"] < bwd
+    assert trace.events[fwd - 1] >= 0 and trace.events[bwd - 1] >= 0  # each just after an allocation
+    seq = seq_module.build(model, trace, _args(steps=3))
+    assert _sizes(seq, "cublas_workspace") == [32 * 2**20, 32 * 2**20]
+    assert sum(isinstance(k, tuple) and k[0] == "cublas_workspace" for k in seq.live) == 2
