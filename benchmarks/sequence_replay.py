@@ -319,6 +319,7 @@ def main() -> None:
                         help="custom: outputs kept until the next forward returns; trainer: only the loss")
     parser.add_argument("--lora-rank", type=int, default=0)
     parser.add_argument("--param-groups", type=int, choices=(1, 2), default=1)
+    parser.add_argument("--attn", default="sdpa", help="the attention implementation the row ran (eager, sdpa)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--bucket", type=int, default=500_000_000, help="reduce_bucket_size, elements")
     parser.add_argument("--flatten-on-cpu", action="store_true",
@@ -338,14 +339,14 @@ def main() -> None:
     adapters = (Adapters(lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_targets="all-linear")
                 if args.lora_rank else Adapters())
     started = time.perf_counter()
-    model = build_trained(config, "bf16", "sdpa", adapters, grad_ckpt=args.ckpt, num_layers=None)
+    model = build_trained(config, "bf16", args.attn, adapters, grad_ckpt=args.ckpt, num_layers=None)
     ids = torch.zeros((args.micro_batch, args.seq_len), dtype=torch.long, device="meta")
     if args.cut:  # trace four layers and expand (trace.sequence): the same events, a fraction of the time
         from zeroest.estimator.trace.kinds import layout
         from zeroest.estimator.trace.model import decoder_layers
         from zeroest.estimator.trace.sequence import CUT_LAYERS, expand
 
-        cut = build_trained(config, "bf16", "sdpa", adapters, grad_ckpt=args.ckpt, num_layers=CUT_LAYERS)
+        cut = build_trained(config, "bf16", args.attn, adapters, grad_ckpt=args.ckpt, num_layers=CUT_LAYERS)
         trace = expand(run_trace(cut, ids, grad_ckpt=args.ckpt, target="cuda"), CUT_LAYERS,
                        len(decoder_layers(model)), kinds=layout(model)["kinds"])
     else:
