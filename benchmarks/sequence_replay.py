@@ -27,22 +27,23 @@ The sequence, request by request (b the 16-bit width, P_g a group's trainable pa
   ``empty_cache()`` follows and the flat buffer comes back as one block; then with offload
   ``temp_grad_buffer_for_gpu_offload`` (b n_max, kept), without it ``initialize_optimizer_states``' zero fp32
   gradient per group (4 P_g/N, made and dropped);
-* each micro-step: cuBLAS's workspace at the first GEMM of the first forward (the rotary embedding's, right after
-  the embeddings' output) and of the first backward (``CUBLAS_WORKSPACE``, kept; the trace's ``first_gemm_bwd``);
-  the forward and backward of ``trace.recorder.run_trace`` on the meta device at full depth, the
-  input ids and the loss dropped at the step's end; the custom loop keeps the logits until the next forward returns,
-  the trainer loop only the loss. In backward, at the first parameter gradient, the ipg bucket (``setup_buckets``,
-  b 5e8). At stage 2 each parameter's final gradient is copied into the bucket and its own storage dropped at its
-  hook (``reduce_independent_p_g_buckets_and_remove_grads``: ``grad_reduc.data = new_grad_tensor``). A gradient
-  that would overflow the bucket first flushes it (``reduce_ipg_grads``): the flatten of its tensors
-  (``allreduce_bucket``, b E), only where they make two slices or more (``average_tensor`` merges consecutive
-  parameters bound for the same rank and group; one tensor is flattened as a view); then for each of its parameters
-  in the rank's partition, without offload the copy into ``grads_in_partition`` (made at the first flush: b times
-  the elements of every parameter that starts in the partition, ``copy_grads_in_partition``), with offload the fp64
-  copy for its norm (``set_norm_for_param_grad_in_gpu``, 8 n) and the fp32 copy for the host
-  (``async_inplace_copy_grad_to_fp32_buffer_from_gpu``, 4 n), each made and dropped. The last flush comes at the
-  end of backward, then the bucket is released (``_release_ipg_buffers``). Stage 1 keeps every gradient until
-  backward ends, then sends them through the bucket in the groups' order (``reduce_gradients``);
+* each micro-step: cuBLAS's workspace at the first GEMM of the first forward (the rotary embedding's, right after the
+  embeddings' output) and of the first backward (``CUBLAS_WORKSPACE``, kept; the trace's ``first_gemm_bwd``); the
+  forward and backward of ``trace.recorder.run_trace`` on the meta device at full depth, the input ids and the loss
+  dropped at the step's end; the custom loop keeps the logits the model returns (gemma-2's softcapped ones, not the
+  head's) until the next forward returns, the trainer loop only the loss. In backward, at the first parameter
+  gradient, the ipg bucket (``setup_buckets``, b 5e8). At stage 2 each parameter's final gradient is copied into the
+  bucket and its own storage dropped at its hook (``reduce_independent_p_g_buckets_and_remove_grads``:
+  ``grad_reduc.data = new_grad_tensor``). A gradient that would overflow the bucket first flushes it
+  (``reduce_ipg_grads``): the flatten of its tensors (``allreduce_bucket``, b E), only where they make two slices or
+  more (``average_tensor`` merges consecutive parameters bound for the same rank, whatever their group; one tensor is
+  flattened as a view); then for each of its parameters in the rank's partition, without offload the copy into
+  ``grads_in_partition`` (made at the first flush: b times the elements of every parameter that starts in the
+  partition, ``copy_grads_in_partition``), with offload the fp64 copy for its norm
+  (``set_norm_for_param_grad_in_gpu``, 8 n) and the fp32 copy for the host
+  (``async_inplace_copy_grad_to_fp32_buffer_from_gpu``, 4 n), each made and dropped. The last flush comes at the end
+  of backward, then the bucket is released (``_release_ipg_buffers``). Stage 1 keeps every gradient until backward
+  ends, then sends them through the bucket in the groups' order (``reduce_gradients``);
 * ``step`` without offload: the fp64 norm of each gradient in the partition (``get_grad_norm_direct``, 8 n each,
   made and dropped); then per group the flat 16-bit gradient partition (b P_g/N) and its fp32 copy (4 P_g/N, the
   first dropped); ``grads_in_partition`` dropped with the last group's ``averaged_gradients``, before that group's
@@ -121,17 +122,17 @@ class Bucket:
 
     def _slices(self) -> int:
         """The slices ``average_tensor`` reduces: each parameter's piece per partition it touches, the pieces of
-        consecutive parameters bound for the same partition of the same group being one slice (its
-        ``rank_and_offsets`` merge). The bucket is shared by the groups, so with the Trainer's two a stage-2 flush
-        (gradients in reverse order, norms between weights) has many slices, with one group only where it crosses
-        a partition's edge: the recordings flatten exactly then."""
-        keys: list[tuple[int, int]] = []
+        consecutive parameters bound for the same rank being one slice, whatever their group (its
+        ``rank_and_offsets`` merge compares the partition id, the process group and the copy ranks). So a flush
+        has two slices or more only where its gradients cross a partition's edge, of either group: with the
+        Trainer's two, the norms' group has its own edge, met by the flush that holds the middle layer's norms."""
+        keys: list[int] = []
         for name in self.names:
             group, start, numel = self.layout.get(name, (0, 0, 0))
             part = max(1, self.parts[group]) if self.parts else 1
             for dst in range(start // part, (start + max(numel, 1) - 1) // part + 1):
-                if not (keys and keys[-1] == (group, dst)):
-                    keys.append((group, dst))
+                if not (keys and keys[-1] == dst):
+                    keys.append(dst)
         return len(keys)
 
     def flush(self) -> None:
@@ -209,6 +210,11 @@ def build(model, trace, args) -> Sequence:
     end = trace.marks["bwd_end"]
     freed_by_trace = {~e for e in trace.events[:end] if e < 0}
     kept = None
+    # the logits the model returns, which the custom loop keeps: the trace drops the output right after forward, so
+    # they are the logits-sized storage freed there (gemma-2 softcaps the head's output into a new tensor)
+    dropped = [~e for e in trace.events[trace.marks["fwd_end"]:trace.marks["bwd_start"]] if e < 0]
+    returned_logits = next((serial for serial in dropped if trace.sizes[serial] == trace.sizes[trace.logits]),
+                           trace.logits)
     # transformers 5.17's rotary embedding runs its first GEMM (a matmul, where 5.2x multiplies) right after the
     # embeddings' output, before any other request of the large pool: the recordings take the workspace there
     start = trace.marks["fwd_start"]
@@ -240,7 +246,7 @@ def build(model, trace, args) -> Sequence:
                     else:
                         bucket.add(name, trace.sizes[serial] // b)
                         seq.free(key)  # copied into the bucket, its own storage dropped
-            elif serial == trace.logits and args.loop == "custom":
+            elif serial == returned_logits and args.loop == "custom":
                 kept = key
             elif not any(entry[2] == key for entry in held):  # the trace drops .grad after backward; DeepSpeed
                 seq.free(key)  # frees a held gradient as the bucket takes it

@@ -81,8 +81,21 @@ def test_a_flush_flattens_only_across_a_partition_edge(seq_module):
     small = seq_module.build(model, trace, _args(steps=1, bucket=70_000))
     (flatten,) = _sizes(small, "flatten")
     assert flatten <= 2 * 70_000
-    two_groups = seq_module.build(model, trace, _args(steps=1, bucket=70_000, param_groups=2))
-    assert len(_sizes(two_groups, "flatten")) > 1  # norms between the weights: every flush has several slices
+
+
+def test_slices_merge_across_groups_by_rank(seq_module):
+    """average_tensor merges consecutive pieces bound for the same rank whatever their group: weights and norms of
+    the upper half of both groups are one slice; a norm that crosses its group's edge adds a slice for rank 0."""
+    args = types.SimpleNamespace(bucket=10**9, offload=False)
+    layout = {"w1": (0, 600, 100), "n1": (1, 60, 10), "w2": (0, 700, 100), "n0": (1, 45, 10)}
+    bucket = seq_module.Bucket(seq_module.Sequence(), 0, args, layout, parts=[500, 50], touching=0)
+    for name in ("w1", "n1", "w2"):
+        bucket.add(name, layout[name][2])
+    assert bucket._slices() == 1
+    bucket.add("n0", 10)  # elements 45-55 of the norms' group: 5 on rank 0, 5 on rank 1
+    assert bucket._slices() == 3
+    bucket.flush()
+    assert _sizes(bucket.seq, "flatten") == [2 * 220]
 
 
 def test_after_each_step_only_the_states_stay(seq_module):
