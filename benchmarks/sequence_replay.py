@@ -62,6 +62,7 @@ import gzip
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 GiB, MiB = 2**30, 2**20
@@ -98,12 +99,13 @@ class Sequence:
 class Bucket:
     """The ipg bucket's flushes in one backward (``reduce_independent_p_g_buckets_and_remove_grads``,
     ``reduce_ipg_grads``): the requests each flush makes. ``layout``: parameter -> (group, first element in the
-    group's flat buffer, elements); ``parts``: each group's partition size."""
+    group's flat buffer, elements); ``parts``: each group's partition size; ``in_partition``: the elements of each
+    parameter inside the rank's partition (``build`` derives it with the layout)."""
 
     def __init__(self, seq: Sequence, step: int, args, layout: dict[str, tuple[int, int, int]],
-                 parts: list[int], touching: int) -> None:
+                 parts: list[int], in_partition: dict[str, int], touching: int) -> None:
         self.seq, self.step, self.b, self.capacity = seq, step, 2, args.bucket
-        self.layout, self.parts, self.touching = layout, parts, touching
+        self.layout, self.parts, self.in_partition, self.touching = layout, parts, in_partition, touching
         self.offload = args.offload
         self.names: list[str] = []
         self.elements = 0
@@ -139,8 +141,7 @@ class Bucket:
         if self._slices() > 1:  # allreduce_bucket's flatten; one tensor is flattened as a view
             self.seq.temp(("flatten", self.step, len(self.seq.ops)), self.b * self.elements)
         for name in self.names:
-            group, start, numel = self.layout.get(name, (0, 0, 0))
-            in_partition = min(start + numel, self.parts[group]) - start if self.parts else 0
+            in_partition = self.in_partition.get(name, 0)
             if in_partition <= 0:
                 continue
             if self.offload:
@@ -163,8 +164,8 @@ def build(model, trace, args) -> Sequence:
     seq.mark("build")
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if args.param_groups == 2:  # validate/adapters.py parameter_groups: decay, then biases and norms
-        decay = [(n, p) for n, p in named if "bias" not in n and "norm" not in n.lower()]
-        groups = [decay, [(n, p) for n, p in named if (n, p) not in decay]]
+        decay = {n for n, _ in named if "bias" not in n and "norm" not in n.lower()}
+        groups = [[(n, p) for n, p in named if n in decay], [(n, p) for n, p in named if n not in decay]]
     else:
         groups = [named]
     groups = [[(name, p.numel()) for name, p in group] for group in groups if group]
@@ -223,8 +224,9 @@ def build(model, trace, args) -> Sequence:
     workspace_fwd = min(trace.marks.get("first_gemm_fwd", first_large + 1), first_large + 1)
     for step in range(args.steps):
         pending = {size: list(names) for size, names in size_to_names.items()}
-        bucket = Bucket(seq, step, args, layout, parts, touching)
+        bucket = Bucket(seq, step, args, layout, parts, in_partition, touching)
         held: list[tuple[str, int, tuple]] = []
+        held_keys: set[tuple] = set()
         for at, event in enumerate(trace.events):
             if step == 0 and at in (workspace_fwd, trace.marks.get("first_gemm_bwd")):
                 seq.alloc(("cublas_workspace", at), CUBLAS_WORKSPACE)  # one per handle: forward's, autograd's thread
@@ -243,13 +245,14 @@ def build(model, trace, args) -> Sequence:
                     name = names.pop(0) if names else f"?{serial}"
                     if args.stage == 1:  # reduced after backward (the epilogue), kept until then
                         held.append((name, trace.sizes[serial] // b, key))
+                        held_keys.add(key)
                     else:
                         bucket.add(name, trace.sizes[serial] // b)
                         seq.free(key)  # copied into the bucket, its own storage dropped
             elif serial == returned_logits and args.loop == "custom":
                 kept = key
-            elif not any(entry[2] == key for entry in held):  # the trace drops .grad after backward; DeepSpeed
-                seq.free(key)  # frees a held gradient as the bucket takes it
+            elif key not in held_keys:  # the trace drops .grad after backward; DeepSpeed frees a held gradient
+                seq.free(key)  # as the bucket takes it
         by_size: dict[int, list[tuple]] = {}
         for _, n, key in held:
             by_size.setdefault(n, []).append(key)
@@ -301,15 +304,36 @@ def replay_sequence(seq: Sequence) -> dict[str, float]:
 
 def recorded(path: str) -> tuple[dict[str, float], list[int]]:
     """The recording's own replay per phase, and its requests of 64 MiB and more (sizes, in order)."""
-    from allocator_replay import replay
+    from allocator_replay import ACTION_CODES, replay
 
     data = json.loads(gzip.decompress(Path(path).read_bytes()))
-    actions = {"a": "alloc", "f": "free_completed", "S": "segment_alloc", "s": "segment_free"}
+    actions = {code: action for action, code in ACTION_CODES.items()}
     events = [{"action": actions[code], "size": size, "stream": stream, "addr": block}
               for code, size, stream, block in data["events"]]
     phases = replay(events, [tuple(m) for m in data["marks"]])
     large = [size for code, size, _, _ in data["events"] if code == "a" and size >= 64 * MiB]
     return {name: p["replayed_peak_reserved_gib"] for name, p in phases.items() if not name.startswith("_")}, large
+
+
+def model_and_trace(config: dict, attn: str, adapters, *, ckpt: bool, micro_batch: int, seq_len: int,
+                    cut: bool) -> tuple:
+    """(the model at full depth on meta, its trace at the row's shape, whether the trace was expanded): with ``cut``,
+    four decoder layers traced and expanded to full depth (``trace.sequence.expand``) where the layers are all of
+    one kind, else the full depth traced."""
+    import torch
+    from zeroest.estimator.trace.kinds import layout
+    from zeroest.estimator.trace.model import build_trained
+    from zeroest.estimator.trace.recorder import run_trace
+    from zeroest.estimator.trace.sequence import CUT_LAYERS, expand
+
+    model = build_trained(config, "bf16", attn, adapters, grad_ckpt=ckpt, num_layers=None)
+    ids = torch.zeros((micro_batch, seq_len), dtype=torch.long, device="meta")
+    kinds = layout(model)["kinds"] if cut else []
+    if cut and len(set(kinds)) == 1 and len(kinds) > CUT_LAYERS:
+        short = build_trained(config, "bf16", attn, adapters, grad_ckpt=ckpt, num_layers=CUT_LAYERS)
+        trace = run_trace(short, ids, grad_ckpt=ckpt, target="cuda")
+        return model, expand(trace, CUT_LAYERS, len(kinds), kinds=kinds), True
+    return model, run_trace(model, ids, grad_ckpt=ckpt, target="cuda"), False
 
 
 def main() -> None:
@@ -336,28 +360,15 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, str(Path(__file__).parent))
-    import torch
     from zeroest.estimator.core.adapters import Adapters
-    from zeroest.estimator.trace.model import build_trained
-    from zeroest.estimator.trace.recorder import run_trace
 
     config = json.loads(Path(args.config).read_text())
     adapters = (Adapters(lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_targets="all-linear")
                 if args.lora_rank else Adapters())
     started = time.perf_counter()
-    model = build_trained(config, "bf16", args.attn, adapters, grad_ckpt=args.ckpt, num_layers=None)
-    ids = torch.zeros((args.micro_batch, args.seq_len), dtype=torch.long, device="meta")
-    if args.cut:  # trace four layers and expand (trace.sequence): the same events, a fraction of the time
-        from zeroest.estimator.trace.kinds import layout
-        from zeroest.estimator.trace.model import decoder_layers
-        from zeroest.estimator.trace.sequence import CUT_LAYERS, expand
-
-        cut = build_trained(config, "bf16", args.attn, adapters, grad_ckpt=args.ckpt, num_layers=CUT_LAYERS)
-        trace = expand(run_trace(cut, ids, grad_ckpt=args.ckpt, target="cuda"), CUT_LAYERS,
-                       len(decoder_layers(model)), kinds=layout(model)["kinds"])
-    else:
-        trace = run_trace(model, ids, grad_ckpt=args.ckpt, target="cuda")
-    depth = "four layers, expanded" if args.cut else "full depth"
+    model, trace, expanded = model_and_trace(config, args.attn, adapters, ckpt=args.ckpt,
+                                             micro_batch=args.micro_batch, seq_len=args.seq_len, cut=args.cut)
+    depth = "four layers, expanded" if expanded else "full depth"
     print(f"traced {len(trace.sizes)} storages ({depth}) in {time.perf_counter() - started:.1f} s")
     seq = build(model, trace, args)
     built = replay_sequence(seq)
@@ -366,14 +377,10 @@ def main() -> None:
     if args.events:
         theirs, large = recorded(args.events)
         print(f"requests of 64 MiB and more: built {len(ours)}, recorded {len(large)}")
-        mine, rec = {}, {}
-        for size in ours:
-            mine[size // MiB] = mine.get(size // MiB, 0) + 1
-        for size in large:
-            rec[size // MiB] = rec.get(size // MiB, 0) + 1
+        mine, rec = Counter(size // MiB for size in ours), Counter(size // MiB for size in large)
         for mib in sorted(set(mine) | set(rec)):
-            if mine.get(mib, 0) != rec.get(mib, 0):
-                print(f"  {mib:6d} MiB: built {mine.get(mib, 0)}, recorded {rec.get(mib, 0)}")
+            if mine[mib] != rec[mib]:
+                print(f"  {mib:6d} MiB: built {mine[mib]}, recorded {rec[mib]}")
     for name, gib in built.items():
         other = theirs.get(name)
         print(f"{name:16s} built {gib:7.3f} GiB" + (f"   recording {other:7.3f} GiB  ({gib / other - 1:+.1%})"

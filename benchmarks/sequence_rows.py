@@ -53,28 +53,17 @@ def skip_reason(record) -> str | None:
 
 def built_reserve(record, sequence_replay) -> tuple[float, bool]:
     """The built sequence's peak reserve (bytes) for a measured row, and whether the flat group went to the host."""
-    import torch
     from zeroest.estimator.core.adapters import Adapters
     from zeroest.estimator.core.capacity import flatten_decision
     from zeroest.estimator.core.hf_config import hf_config
     from zeroest.estimator.core.overheads import Overheads
-    from zeroest.estimator.trace.kinds import layout
-    from zeroest.estimator.trace.model import build_trained
-    from zeroest.estimator.trace.recorder import run_trace
-    from zeroest.estimator.trace.sequence import CUT_LAYERS, expand
 
     s = record.setup
-    config, ckpt, attn = hf_config(s.model), s.workload.grad_ckpt, str(s.workload.attn)
     adapters = (Adapters(lora_rank=s.adapters.lora_rank, lora_alpha=s.adapters.lora_alpha, lora_targets="all-linear")
                 if s.adapters.lora_rank else Adapters())
-    model = build_trained(config, "bf16", attn, adapters, grad_ckpt=ckpt, num_layers=None)
-    ids = torch.zeros((s.workload.micro_batch, s.workload.seq_len), dtype=torch.long, device="meta")
-    kinds = layout(model)["kinds"]
-    if len(set(kinds)) == 1 and len(kinds) > CUT_LAYERS:
-        cut = build_trained(config, "bf16", attn, adapters, grad_ckpt=ckpt, num_layers=CUT_LAYERS)
-        trace = expand(run_trace(cut, ids, grad_ckpt=ckpt, target="cuda"), CUT_LAYERS, len(kinds), kinds=kinds)
-    else:
-        trace = run_trace(model, ids, grad_ckpt=ckpt, target="cuda")
+    model, trace, _ = sequence_replay.model_and_trace(
+        hf_config(s.model), str(s.workload.attn), adapters, ckpt=s.workload.grad_ckpt,
+        micro_batch=s.workload.micro_batch, seq_len=s.workload.seq_len, cut=True)
     numel = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     decision = flatten_decision(s, numel, Overheads(), real_comm=False, trainable_numel=trainable)

@@ -88,7 +88,8 @@ def test_slices_merge_across_groups_by_rank(seq_module):
     the upper half of both groups are one slice; a norm that crosses its group's edge adds a slice for rank 0."""
     args = types.SimpleNamespace(bucket=10**9, offload=False)
     layout = {"w1": (0, 600, 100), "n1": (1, 60, 10), "w2": (0, 700, 100), "n0": (1, 45, 10)}
-    bucket = seq_module.Bucket(seq_module.Sequence(), 0, args, layout, parts=[500, 50], touching=0)
+    bucket = seq_module.Bucket(seq_module.Sequence(), 0, args, layout, parts=[500, 50], in_partition={"n0": 5},
+                               touching=0)
     for name in ("w1", "n1", "w2"):
         bucket.add(name, layout[name][2])
     assert bucket._slices() == 1
