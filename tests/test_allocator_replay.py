@@ -3,23 +3,14 @@ settings): reserved bytes after known sequences of requests, each derived from t
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 MiB = 2**20
 
 
 @pytest.fixture(scope="module")
-def replay_module():
-    path = Path(__file__).parent.parent / "benchmarks" / "allocator_replay.py"
-    spec = importlib.util.spec_from_file_location("allocator_replay", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
+def replay_module(benchmark_script):
+    return benchmark_script("allocator_replay")
 
 
 def test_segment_sizes_follow_the_three_request_classes(replay_module):

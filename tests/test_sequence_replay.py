@@ -4,8 +4,6 @@ the built sequence phase by phase."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import types
 from pathlib import Path
 
@@ -18,31 +16,18 @@ TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_siz
         "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 
 
-def _load(name: str):
-    path = ROOT / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def seq_module():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    _load("allocator_replay")
-    return _load("sequence_replay")
+def seq_module(benchmark_script):
+    benchmark_script("allocator_replay")
+    return benchmark_script("sequence_replay")
 
 
-def _model_and_trace(config: dict, micro_batch: int, seq_len: int, ckpt: bool):
-    import torch
+def _model_and_trace(seq_module, config: dict, micro_batch: int, seq_len: int, ckpt: bool):
     from zeroest.estimator.core.adapters import Adapters
-    from zeroest.estimator.trace.model import build_trained
-    from zeroest.estimator.trace.recorder import run_trace
 
-    model = build_trained(config, "bf16", "sdpa", Adapters(), grad_ckpt=ckpt, num_layers=None)
-    ids = torch.zeros((micro_batch, seq_len), dtype=torch.long, device="meta")
-    return model, run_trace(model, ids, grad_ckpt=ckpt, target="cuda")
+    model, trace, _ = seq_module.model_and_trace(config, "sdpa", Adapters(), ckpt=ckpt, micro_batch=micro_batch,
+                                                 seq_len=seq_len, cut=False)
+    return model, trace
 
 
 def _args(**kw):
@@ -57,7 +42,7 @@ def _sizes(seq, kind: str) -> list[int]:
 
 
 def test_init_requests_follow_the_flat_group(seq_module):
-    model, trace = _model_and_trace(TINY, 2, 32, ckpt=False)
+    model, trace = _model_and_trace(seq_module, TINY, 2, 32, ckpt=False)
     trainable = sum(p.numel() for p in model.parameters())
     padded = -(-trainable // 4) * 4  # nccl_start_alignment_factor 2 x 2 ranks
     seq = seq_module.build(model, trace, _args())
@@ -72,7 +57,7 @@ def test_init_requests_follow_the_flat_group(seq_module):
 
 
 def test_a_flush_flattens_only_across_a_partition_edge(seq_module):
-    model, trace = _model_and_trace(TINY, 2, 32, ckpt=False)
+    model, trace = _model_and_trace(seq_module, TINY, 2, 32, ckpt=False)
     trainable = sum(p.numel() for p in model.parameters())
     seq = seq_module.build(model, trace, _args(steps=1, bucket=10**9))  # one flush at the end: both ranks' slices
     assert _sizes(seq, "flatten") == [2 * trainable]
@@ -100,7 +85,7 @@ def test_slices_merge_across_groups_by_rank(seq_module):
 
 
 def test_after_each_step_only_the_states_stay(seq_module):
-    model, trace = _model_and_trace(TINY, 2, 32, ckpt=True)
+    model, trace = _model_and_trace(seq_module, TINY, 2, 32, ckpt=True)
     seq = seq_module.build(model, trace, _args(steps=2, loop="trainer"))
     kinds = {key if isinstance(key, str) else key[0] for key in seq.live}
     assert kinds == {"flat", "master", "exp_avg", "exp_avg_sq", "buffer", "cublas_workspace"}
@@ -110,7 +95,7 @@ def test_after_each_step_only_the_states_stay(seq_module):
 
 
 def test_stage1_makes_grads_in_partition_once_per_step(seq_module):
-    model, trace = _model_and_trace(TINY, 2, 32, ckpt=False)
+    model, trace = _model_and_trace(seq_module, TINY, 2, 32, ckpt=False)
     names = [(name, p.numel()) for name, p in model.named_parameters()]
     part = -(-sum(n for _, n in names) // 4) * 4 // 2
     touching, start = 0, 0
@@ -129,7 +114,7 @@ def test_recorded_zero2_run_replays_as_built(seq_module):
     import json
 
     config = json.loads((ROOT / "data/runs/h200-long/models/llama-3.2-1b.json").read_text())
-    model, trace = _model_and_trace(config, 2, 2048, ckpt=True)
+    model, trace = _model_and_trace(seq_module, config, 2, 2048, ckpt=True)
     built = seq_module.replay_sequence(seq_module.build(model, trace, _args(param_groups=2, seq_len=2048, steps=3,
                                                                             bucket=500_000_000)))
     recorded, _ = seq_module.recorded(str(ROOT / "data/runs/h200-sequences/long8-events.json.gz"))
@@ -142,7 +127,7 @@ def test_recorded_zero2_run_replays_as_built(seq_module):
 def test_cublas_workspaces_follow_the_first_gemms(seq_module):
     """The recorder marks the first GEMM of forward and of backward right after its output; the sequence takes one
     32 MiB workspace at each, in the first step only, and keeps both."""
-    model, trace = _model_and_trace(TINY, 2, 32, ckpt=False)
+    model, trace = _model_and_trace(seq_module, TINY, 2, 32, ckpt=False)
     fwd, bwd = trace.marks["first_gemm_fwd"], trace.marks["first_gemm_bwd"]
     assert trace.marks["fwd_start"] < fwd <= trace.marks["fwd_end"] < trace.marks["bwd_start"] < bwd
     assert trace.events[fwd - 1] >= 0 and trace.events[bwd - 1] >= 0  # each just after an allocation

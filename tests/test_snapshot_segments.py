@@ -1,25 +1,14 @@
 """benchmarks/snapshot_peak.py's segment report read off a memory snapshot in torch's schema
 (``torch.cuda.memory._snapshot()``: ``device_traces`` events and ``segments`` with their blocks)."""
 
-import importlib.util
-from pathlib import Path
-
 MiB = 2**20
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "snapshot_peak.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("snapshot_peak", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _frame(path: str, line: int, name: str) -> dict:
     return {"filename": f"/tmp/site/{path}", "line": line, "name": name}
 
 
-def test_segments_name_each_growth_by_the_request_that_made_it():
+def test_segments_name_each_growth_by_the_request_that_made_it(benchmark_script):
     bucket, norm_copy = 929.357 * MiB, 1780.5 * MiB
     events = [
         {"action": "alloc", "addr": 1, "size": 64 * MiB, "frames": []},               # fits the cache: no segment
@@ -40,7 +29,7 @@ def test_segments_name_each_growth_by_the_request_that_made_it():
                     {"size": 445 * MiB, "state": "inactive"}]},
         {"total_size": 2 * MiB, "segment_type": "small", "blocks": [{"size": 2 * MiB, "state": "inactive"}]},
     ]
-    out = _module()._segments({"device_traces": [events], "segments": segments}, events)
+    out = benchmark_script("snapshot_peak")._segments({"device_traces": [events], "segments": segments}, events)
 
     assert [g["mib"] for g in out["segments_grown"]] == [930.0, 1782.0]
     assert [g["request_mib"] for g in out["segments_grown"]] == [929.357, 1780.5]
