@@ -97,10 +97,9 @@ def _recorder_class():
             for leaf in tree_leaves(out):
                 if isinstance(leaf, __import__("torch").Tensor):
                     self.track(leaf)
-            name = f"first_gemm_{self.phase}"
-            if func.overloadpacket.__name__ in _GEMMS and name not in self.gemm_marked:
-                self.gemm_marked.add(name)  # after the output: where cuBLAS takes its workspace on a GPU
-                self.mark(name)
+            if self.phase not in self.gemm_marked and func.overloadpacket.__name__ in _GEMMS:
+                self.gemm_marked.add(self.phase)  # after the output: where cuBLAS takes its workspace on a GPU
+                self.mark(f"first_gemm_{self.phase}")
             return out
 
     return Recorder
