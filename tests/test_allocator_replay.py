@@ -1,9 +1,11 @@
-"""benchmarks/allocator_replay.py's model of torch's caching allocator (c10/cuda/CUDACachingAllocator.cpp, default
-settings): reserved bytes after known sequences of requests, each derived from the rule it tests."""
+"""core.allocator's model of torch's caching allocator (c10/cuda/CUDACachingAllocator.cpp, default settings), and
+benchmarks/allocator_replay.py's replay of recorded traces through it: reserved bytes after known sequences of
+requests, each derived from the rule it tests."""
 
 from __future__ import annotations
 
 import pytest
+from zeroest.estimator.core.allocator import CachingAllocatorModel
 
 MiB = 2**20
 
@@ -13,8 +15,8 @@ def replay_module(benchmark_script):
     return benchmark_script("allocator_replay")
 
 
-def test_segment_sizes_follow_the_three_request_classes(replay_module):
-    model = replay_module.CachingAllocatorModel()
+def test_segment_sizes_follow_the_three_request_classes():
+    model = CachingAllocatorModel()
     model.malloc(1000)  # small pool: a 2 MiB segment
     model.malloc(5 * MiB)  # large under 10 MiB: a 20 MiB segment
     model.malloc(100 * MiB + 1)  # large: rounded up to 2 MiB
@@ -22,8 +24,8 @@ def test_segment_sizes_follow_the_three_request_classes(replay_module):
     assert model.segments == 3
 
 
-def test_best_fit_takes_the_smallest_free_block_and_splits_it(replay_module):
-    model = replay_module.CachingAllocatorModel()
+def test_best_fit_takes_the_smallest_free_block_and_splits_it():
+    model = CachingAllocatorModel()
     big, small, keep = model.malloc(300 * MiB), model.malloc(120 * MiB), model.malloc(20 * MiB)
     model.free(big)
     model.free(small)
@@ -36,8 +38,8 @@ def test_best_fit_takes_the_smallest_free_block_and_splits_it(replay_module):
     assert keep.size == 20 * MiB
 
 
-def test_a_large_block_is_not_split_for_a_remainder_of_one_mib_or_less(replay_module):
-    model = replay_module.CachingAllocatorModel()
+def test_a_large_block_is_not_split_for_a_remainder_of_one_mib_or_less():
+    model = CachingAllocatorModel()
     block = model.malloc(40 * MiB)
     model.free(block)
     taken = model.malloc(39 * MiB)  # 1 MiB would remain: the whole block is handed out
@@ -46,8 +48,8 @@ def test_a_large_block_is_not_split_for_a_remainder_of_one_mib_or_less(replay_mo
     assert model.segments == 2  # the small request cannot use a large-pool remainder
 
 
-def test_freed_neighbours_merge_and_streams_do_not_share(replay_module):
-    model = replay_module.CachingAllocatorModel()
+def test_freed_neighbours_merge_and_streams_do_not_share():
+    model = CachingAllocatorModel()
     whole = model.malloc(64 * MiB)
     model.free(whole)
     parts = [model.malloc(16 * MiB) for _ in range(4)]
@@ -78,7 +80,7 @@ def test_replay_reads_a_trace_with_phase_marks(replay_module):
 
 
 def test_empty_cache_gives_back_only_segments_with_nothing_live(replay_module):
-    model = replay_module.CachingAllocatorModel()
+    model = CachingAllocatorModel()
     held, gone = model.malloc(100 * MiB), model.malloc(60 * MiB)
     piece = model.malloc(30 * MiB)
     model.free(gone)
@@ -87,7 +89,7 @@ def test_empty_cache_gives_back_only_segments_with_nothing_live(replay_module):
     model.empty_cache()
     assert model.reserved == 100 * MiB and model.segments == 1 and held.size == 100 * MiB
     model.reset_peak()
-    assert model.peak_reserved == 100 * MiB
+    assert model.peak_reserved == 100 * MiB and model.run_peak_reserved == 192 * MiB  # 100 + 60 + 30 + 2 before it
     events = [
         {"action": "alloc", "addr": 1, "size": 100 * MiB},
         {"action": "free_completed", "addr": 1, "size": 100 * MiB},
