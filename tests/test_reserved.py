@@ -122,8 +122,7 @@ def test_frozen_resident_bytes_are_the_base_weights_whole_at_stages_0_to_2_and_a
     from test_report_support import make_setup
     from zeroest.estimator.core.adapters import Adapters
     from zeroest.estimator.core.model_states import trained
-    from zeroest.estimator.core.qlora import base_bytes
-    from zeroest.estimator.core.reserved import frozen_resident_bytes
+    from zeroest.estimator.core.qlora import base_bytes, frozen_resident_bytes
 
     setup = make_setup("gpt2", stage, world)
     setup = replace(setup, adapters=Adapters(lora_rank=8, base_quant=quant))
@@ -236,7 +235,7 @@ def test_offloaded_gradients_through_the_copy_stream_are_whole_at_stage2_a_parti
     (2, True, 10**9),  # offload: master and gradient on the host, only the clone b P_t / N_d
 ])
 def test_stage12_init_cache_is_the_freed_model_and_clone_that_the_later_requests_pass(world, offload, expected):
-    from zeroest.estimator.core.reserved import stage12_init_cache
+    from zeroest.estimator.core.flat_group import stage12_init_cache
 
     assert stage12_init_cache(10**9, world, 2, 2 * 10**8, offload=offload) == expected
 

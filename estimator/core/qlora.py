@@ -90,3 +90,14 @@ def qlora_note(setup: TrainingSetup) -> list[str]:
             f"against {plain / GiB:.2f} GiB in {setup.dtype} (bitsandbytes quantize_4bit layout; unvalidated on a "
             f"GPU: bitsandbytes is not on the validation machine); {where}; the backward's dequantised weight "
             "(one at a time) is not counted"]
+
+
+def frozen_resident_bytes(setup: TrainingSetup, frozen_numel: int, dtype_bytes: int) -> int:
+    """F_r: bytes of the frozen weights one rank holds from the load on (b P_f, P_f = ``frozen_numel``, the frozen
+    parameters of ``core.adapters.trainable_split``): whole at stages 0-2 (no ZeRO wrapper flattens a frozen
+    parameter), their 1/N_d partitions at stage 3; a 4-bit base at stages 0-2 in its NF4 storage
+    (``core.qlora.base_saving_bytes``)."""
+    frozen = dtype_bytes * frozen_numel
+    if int(setup.stage) == 3:
+        return frozen // setup.world_size
+    return max(0, frozen - base_saving_bytes(setup))
