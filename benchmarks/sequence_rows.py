@@ -4,16 +4,18 @@ usage (CPU; torch, transformers and peft installed; a few seconds a row):
   python benchmarks/sequence_rows.py data/runs/h100-default data/runs/h100-holdout data/runs/h100-launchers \
       'data/runs/h200-*' [--json OUT.json]
 
-For each row of the runs folders (as ``zeroest report`` reads them) at ZeRO stage 1 or 2 that
-``sequence_replay.py`` builds (rank 0 of a simulated job, the default allocator, no gradient accumulation, AdamW from
-torch or DeepSpeedCPUAdam with optimizer offload, bf16, the custom or trainer loop, ``overlap_comm`` off and
-``contiguous_gradients`` on, full fine-tuning or LoRA on all linear layers) it traces the model at the row's shape
-(four decoder layers expanded to full depth, ``trace.sequence.expand``, where the layers are of one kind), builds the
-sequence with DeepSpeed's flatten branch as ``core/capacity.py`` decides it for the row's card, replays three steps
-through the allocator model and sets the peak reserve against the measured one, beside the current estimator's
-error. Where the row names a card and the built reserve passes what the allocator may hold there (the card less the
-CUDA context), the run is predicted to free its cache and retry (``num_alloc_retries``): its reserve is then not a
-prediction of this model, and the row is counted apart. The other rows are skipped with the reason counted.
+For each row of the runs folders (as ``zeroest report`` reads them) that the request sequence covers
+(``core.requests.sequence_gap``: ZeRO stage 1 or 2, the default allocator, no gradient accumulation, AdamW from torch
+or DeepSpeedCPUAdam with optimizer offload, bf16, the custom or trainer loop, ``overlap_comm`` off and
+``contiguous_gradients`` on, full fine-tuning or LoRA on all linear layers), run as rank 0 of a simulated job, it
+builds the sequence as the estimate does (``trace.requests.sequence_replay``, not cached here: four decoder layers
+traced and expanded to full depth where the layers are of one kind, DeepSpeed's flatten branch as ``core/capacity.py``
+decides it for the row's card, three steps) and sets its peak reserve over the run against the measured one, beside
+the current estimator's error (which uses the same sequence for these rows where torch can trace: the
+``estimator`` column is then the sequence's, capped by the card). Where the row names a card and the built reserve
+passes what the allocator may hold there (the card less the CUDA context), the run is predicted to free its cache
+and retry (``num_alloc_retries``): its reserve is then not a prediction of this model, and the row is counted apart.
+The other rows are skipped with the reason counted.
 """
 
 from __future__ import annotations
@@ -22,58 +24,40 @@ import argparse
 import glob
 import json
 import statistics
-import sys
 import time
-import types
 from collections import Counter
 from pathlib import Path
 
 GiB, MiB = 2**30, 2**20
 
 
-def skip_reason(record) -> str | None:
-    """Why ``sequence_replay.build`` does not cover a measured row, or None."""
-    s, data = record.setup, record.row.data
-    checks = (
-        (int(s.stage) not in (1, 2), "stage 0 or 3"),
-        (not data.get("simulated"), "real ranks"),
-        (s.expandable_segments, "expandable segments"),
-        (s.workload.grad_accum != 1, "gradient accumulation"),
-        (str(s.optimizer.name) != "adamw" or str(s.optimizer.impl) not in ("torch", "cpu"), "optimizer"),
-        (str(s.dtype) != "bf16", "dtype"),
-        (str(s.workload.loop) not in ("custom", "trainer"), "loop"),
-        (bool(s.zero.overlap_comm) or not s.zero.contiguous_gradients, "overlap_comm or contiguous_gradients"),
-        (bool(s.adapters.lora_rank) and str(s.adapters.lora_targets) != "all-linear", "LoRA targets"),
-        (bool(s.adapters.freeze or s.adapters.modules_to_save) or str(s.adapters.base_quant) != "none",
-         "frozen parameters or a quantised base"),
-        (data.get("status") != "ok" or not record.measured.get("peak_reserved"), "not a finished run"),
-    )
-    return next((why for failed, why in checks if failed), None)
+def skip_reason(record, real_ranks: bool = False) -> str | None:
+    """Why the request sequence does not cover a measured row (``core.requests.sequence_gap``, and rows of real
+    ranks unless ``real_ranks``, or runs that did not finish), or None."""
+    from zeroest.estimator.core.requests import sequence_gap
+
+    data = record.row.data
+    if not data.get("simulated") and not (real_ranks and data.get("gpu")):
+        return "real ranks"
+    if data.get("status") != "ok" or not record.measured.get("peak_reserved"):
+        return "not a finished run"
+    return sequence_gap(record.setup)
 
 
-def built_reserve(record, sequence_replay) -> tuple[float, bool]:
-    """The built sequence's peak reserve (bytes) for a measured row, and whether the flat group went to the host."""
-    from zeroest.estimator.core.adapters import Adapters
+def built_reserve(record) -> tuple[float, bool]:
+    """The built sequence's peak reserve over the run (bytes) for a measured row, and whether the flat group went to
+    the host (DeepSpeed's branch for the row's card, ``core.capacity``)."""
     from zeroest.estimator.core.capacity import flatten_decision
-    from zeroest.estimator.core.hf_config import hf_config
+    from zeroest.estimator.core.model_states import trained
     from zeroest.estimator.core.overheads import Overheads
+    from zeroest.estimator.trace.requests import sequence_replay
 
     s = record.setup
-    adapters = (Adapters(lora_rank=s.adapters.lora_rank, lora_alpha=s.adapters.lora_alpha, lora_targets="all-linear")
-                if s.adapters.lora_rank else Adapters())
-    model, trace, _ = sequence_replay.model_and_trace(
-        hf_config(s.model), str(s.workload.attn), adapters, ckpt=s.workload.grad_ckpt,
-        micro_batch=s.workload.micro_batch, seq_len=s.workload.seq_len, cut=True)
-    numel = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    decision = flatten_decision(s, numel, Overheads(), real_comm=False, trainable_numel=trainable)
+    split = trained(s)
+    decision = flatten_decision(s, split.total_numel, Overheads(), real_comm=False,
+                                trainable_numel=split.trainable_numel)
     on_cpu = bool(decision and not decision.on_gpu)
-    args = types.SimpleNamespace(stage=int(s.stage), world=s.world_size, micro_batch=s.workload.micro_batch,
-                                 seq_len=s.workload.seq_len, offload=str(s.zero.offload_optimizer) != "none",
-                                 loop=str(s.workload.loop), param_groups=s.optimizer.param_groups, steps=3,
-                                 bucket=s.zero.reduce_bucket_size, flatten_on_cpu=on_cpu)
-    phases = sequence_replay.replay_sequence(sequence_replay.build(model, trace, args))
-    return max(phases.values()) * GiB, on_cpu
+    return sequence_replay(s, flatten_on_cpu=on_cpu, use_cache=False).peak_reserved_bytes, on_cpu
 
 
 def main() -> None:
@@ -81,10 +65,11 @@ def main() -> None:
     parser.add_argument("folders", nargs="+", help="runs folders (shell patterns allowed)")
     parser.add_argument("--json", help="write the per-row results here")
     parser.add_argument("--min-gib", type=float, default=4.0, help="rows measured at least this reserved count")
+    parser.add_argument("--real-ranks", action="store_true",
+                        help="also rows of real ranks on GPUs (NCCL), built as if simulated: whether the sequence "
+                             "holds there too")
     args = parser.parse_args()
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    import sequence_replay
     from zeroest.estimator.core.overheads import Overheads
 
     from zeroest.report.analysis import analyze
@@ -95,12 +80,12 @@ def main() -> None:
     rows = []
     context = Overheads().cuda_context_bytes
     for record in analysis.records:
-        why = skip_reason(record)
+        why = skip_reason(record, args.real_ranks)
         if why:
             reasons[why] += 1
             continue
         started = time.perf_counter()
-        built, on_cpu = built_reserve(record, sequence_replay)
+        built, on_cpu = built_reserve(record)
         measured = record.measured["peak_reserved"]
         card = record.setup.gpu_memory_bytes
         limit = (card - context) // (2 * MiB) * (2 * MiB) if card else None

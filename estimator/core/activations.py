@@ -19,7 +19,8 @@ from zeroest.estimator.core.shape import ModelShape
 log = logging.getLogger(__name__)
 
 
-def _tracer_available(adapters: Adapters | None = None) -> bool:
+def tracer_available(adapters: Adapters | None = None) -> bool:
+    """torch and transformers (and peft for LoRA) can be imported: a trace can run."""
     import importlib.util
 
     names = ("torch", "transformers", *(("peft",) if adapters is not None and adapters.lora else ()))
@@ -47,11 +48,11 @@ def activation_profile(shape: ModelShape, micro_batch: int, seq_len: int, dtype:
     if mode not in ("auto", "traced", "closed-form"):
         raise ValueError(f"unknown activation mode {mode!r}: use auto, traced or closed-form")
     exact = shape.family in GEMMA_FAMILIES and (adapters is None or adapters.full)  # its layer types summed
-    if mode == "closed-form" or (mode == "auto" and (exact or not _tracer_available(adapters))):
+    if mode == "closed-form" or (mode == "auto" and (exact or not tracer_available(adapters))):
         profile = closed_form_profile(shape, micro_batch, seq_len, dtype, attn, config, adapters=adapters,
                                       adapters_fp32=adapters_fp32, zero3_linear=zero3_linear)
         return profile, "closed-form"
-    if not _tracer_available(adapters):
+    if not tracer_available(adapters):
         raise ValueError(
             "traced activations need torch and transformers (and peft for LoRA): install zeroest[validate], "
             "or use --activations closed-form"

@@ -5,10 +5,11 @@ Pure: no printing, no I/O beyond an optional activation-profile cache, no torch 
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field, fields, replace
 
-from zeroest.estimator.core.activations import activation_profile
+from zeroest.estimator.core.activations import activation_profile, tracer_available
 from zeroest.estimator.core.architecture import count_params
 from zeroest.estimator.core.capacity import flatten_decision, flatten_note
 from zeroest.estimator.core.host import HostTerms, host_note, host_terms
@@ -16,6 +17,7 @@ from zeroest.estimator.core.model_states import Device, ModelStates, stage0_stat
 from zeroest.estimator.core.optimizers import optimizer_notes
 from zeroest.estimator.core.overheads import Overheads, device_from
 from zeroest.estimator.core.qlora import qlora_note, with_4bit_base
+from zeroest.estimator.core.requests import sequence_gap
 from zeroest.estimator.core.reserved import (
     ReservedFacts,
     ReservedTerms,
@@ -27,6 +29,9 @@ from zeroest.estimator.core.setup import DTYPE_BYTES, MAX_PARAMS, TrainingSetup,
 from zeroest.estimator.core.stage3 import stage3_states
 from zeroest.estimator.core.timeline import COMPONENTS, Phase, peak_phase, timeline
 from zeroest.estimator.core.vocab import LOOP_RULE, PARAM_GROUPS_RULE, ZERO_INIT_RULE, Loop
+from zeroest.estimator.units import GiB
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,6 +218,40 @@ def _frozen_note(setup: TrainingSetup) -> str:
             "gradients cover the trainable ones (DeepSpeed's is_optimized_parameter)")
 
 
+def _sequence_reserve(setup: TrainingSetup, flatten) -> int:
+    """R_seq (``core.reserved``): the peak reserve of the setup's request sequence (``trace.requests``, torch
+    imported there), or 0 where ``core.requests.sequence_gap`` does not cover the setup or the trace fails (then the
+    fitted terms give the reserve, with a warning)."""
+    if sequence_gap(setup):
+        return 0
+    from zeroest.estimator.trace.requests import sequence_replay
+
+    try:
+        return sequence_replay(setup, flatten_on_cpu=flatten is not None and not flatten.on_gpu).peak_reserved_bytes
+    except Exception as err:  # noqa: BLE001 (any failure of a third-party model falls back, with a warning)
+        log.warning(f"could not build the request sequence of {setup.model.name} ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0] if str(err) else ''}); reserved memory from the fitted terms")
+        return 0
+
+
+def _sequence_note(setup: TrainingSetup, facts: ReservedFacts, terms: ReservedTerms) -> str:
+    """Where reserved memory came from, for setups the request sequence covers or could."""
+    if facts.expandable_segments or int(setup.stage) not in (1, 2):
+        return ""
+    if not facts.sequence_reserved_bytes:
+        why = sequence_gap(setup)
+        return (f"reserved memory from the fitted allocator terms: the request sequence does not cover this setup "
+                f"({why})" if why else "")
+    built = f"{facts.sequence_reserved_bytes / GiB:.2f} GiB"
+    if not facts.sequence_floor:
+        return (f"reserved memory: the run's allocator requests replayed through torch's caching allocator ({built}; "
+                "core.requests)")
+    picked = "it" if terms.set_by == "request sequence" else "the fitted terms"
+    return (f"reserved memory: the larger of the run's allocator requests replayed through torch's caching allocator "
+            f"({built}) and the fitted terms, here {picked}: the sequence was checked on one rank of a simulated "
+            "job, and a real NCCL group's streams can hold blocks longer")
+
+
 def _paper_estimate(setup: TrainingSetup, numel: int, overheads: Overheads) -> Estimate:
     from zeroest.estimator.core.paper import paper_states
 
@@ -231,13 +270,14 @@ def _paper_estimate(setup: TrainingSetup, numel: int, overheads: Overheads) -> E
 
 
 def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device: Device = "cuda",
-             simulated: bool = False) -> Estimate:
+             simulated: bool = False, sequence: bool = True) -> Estimate:
     """Predict one rank's memory for ``setup`` (see ``Estimate``) on the rank that holds most.
 
     ``device="cpu"`` predicts a CPU run (tests, ``validate --cpu``): torch's optimizers then take their single-tensor
     path, whose temporaries differ, and there is no cuBLAS workspace, CUDA context or allocator rounding.
     ``simulated=True`` predicts rank 0 of the job on a fake process group (``validate --simulate-world-size``):
-    the same allocations, and no NCCL communicator memory.
+    the same allocations, and no NCCL communicator memory. ``sequence=False`` leaves the request sequence out
+    (``core.requests``): the reserve comes from the fitted terms alone, as ``plan``'s searches take it.
     """
     overheads = overheads or Overheads()
     numel = count_params(setup.model).total
@@ -278,6 +318,9 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
                            frozen_numel=split.frozen_numel, real_comm=not simulated)
     if device == "cpu":  # no caching allocator: reserved is the peak allocation
         facts = replace(facts, contiguous_step=False)
+    elif sequence and w.activations != "closed-form" and tracer_available(setup.adapters):
+        facts = replace(facts, sequence_reserved_bytes=_sequence_reserve(setup, flatten),
+                        sequence_floor=not simulated and setup.world_size > 1)
     terms = reserved_bytes(phases, facts, overheads)
     reserved = terms.total_bytes
     device = math.ceil(device_from(reserved, overheads, peers=setup.world_size - 1, real_comm=not simulated))
@@ -300,5 +343,6 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
         reserved=terms,
         reserved_facts=facts,
         assumptions=_assumptions(setup, source) + tuple(n for n in (flatten_note(flatten), host_note(host),
+                                                                 _sequence_note(setup, facts, terms),
                                                                  card_limit_note(terms)) if n),
     )

@@ -71,6 +71,15 @@ the first step's unreused buffers where the init reserve is what they stack on (
 own tensors, no fragmentation beyond them), less a flat block the init freed at its end (ZeRO-1/2's zero fp32
 gradient, B_c, ``init_freed_block_bytes``), else 0.
 
+Where the request sequence is built (``ReservedFacts.sequence_reserved_bytes``: a ZeRO-1/2 setup that
+``core.requests.sequence_gap`` covers, traced with torch) none of those terms is needed: the caching allocator's
+reserve is a function of the requests alone, and ``core.requests`` writes them in order and replays them through the
+allocator model, so ``R_seq`` is that replay's peak over the run (at least P, the largest phase peak), rounded to the
+segment and capped by the card as below. It was checked on rank 0 of jobs on a fake process group; on a real NCCL
+group (``sequence_floor``) the reserve is the larger of R_seq and the terms above, since the sequence leaves out what
+the communication streams hold back. Held against 16 setups measured after its rules were fixed
+(data/runs/h200-seqcheck): 14 within 0.6%, two over by 4.6% and 7.3% (docs/DEVICE_RUNS.md, tenth session).
+
 With expandable segments (``TrainingSetup.expandable_segments``, ``PYTORCH_CUDA_ALLOC_CONF=
 expandable_segments:True``) none of the terms above applies. The large pool of each stream is then one range of
 virtual addresses that maps physical pages of 20 MiB (``kLargeBuffer``; ``ExpandableSegment::map`` rounds to its
@@ -106,7 +115,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
+from zeroest.estimator.core.flat_group import stage12_init_cache
 from zeroest.estimator.core.overheads import device_from
+from zeroest.estimator.core.qlora import frozen_resident_bytes
 from zeroest.estimator.units import GiB, round_up_bytes
 
 if TYPE_CHECKING:
@@ -119,7 +130,7 @@ FP32 = 4
 
 RESERVED_TERMS: tuple[str, ...] = ("peak", "init_cache", "activation_cache", "offload_grad_cache", "gathered_cache",
                                    "logits_cache", "first_step_buffers", "fraction_of_peak", "expandable_holes",
-                                   "fixed", "rounding", "card_limit")
+                                   "sequence_cache", "fixed", "rounding", "card_limit")
 """The named terms of the predicted peak reserved; they sum to it (``ReservedTerms.total_bytes``)."""
 
 
@@ -172,6 +183,12 @@ class ReservedFacts:
     expandable_segments: bool = False
     """The allocator maps expandable segments (``TrainingSetup.expandable_segments``): ``R_x`` of the module
     docstring in place of the other terms."""
+    sequence_reserved_bytes: int = 0
+    """R_seq: the peak reserve of the run's request sequence through the allocator model (``core.requests``, a
+    ZeRO-1/2 setup it covers, traced); 0 where not built. Where set it is the reserve (``R_seq`` of the module
+    docstring), or with ``sequence_floor`` the larger of it and the other terms."""
+    sequence_floor: bool = False
+    """R_seq only as a floor under the terms: a real NCCL process group, whose streams the sequence leaves out."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -203,6 +220,9 @@ class ReservedTerms:
     expandable_holes: float = 0.0
     """f_x (R - P): with expandable segments, the free blocks between live ones at the peak (module docstring,
     ``R_x``); 0 otherwise."""
+    sequence_cache: float = 0.0
+    """R_seq - P: what the request sequence's replay reserves beyond the largest phase peak (module docstring,
+    ``R_seq``); 0 where the other terms set the reserve."""
     fixed: float
     rounding: float
     """Up to the next 2 MiB segment (``Overheads.reserved_block_bytes``)."""
@@ -260,42 +280,6 @@ def reserved_facts(setup: TrainingSetup, states: ModelStates, act: ActivationPro
         expandable_segments=setup.expandable_segments)
 
 
-def frozen_resident_bytes(setup: TrainingSetup, frozen_numel: int, dtype_bytes: int) -> int:
-    """F_r: bytes of the frozen weights one rank holds from the load on (b P_f, P_f = ``frozen_numel``, the frozen
-    parameters of ``core.adapters.trainable_split``): whole at stages 0-2 (no ZeRO wrapper flattens a frozen
-    parameter), their 1/N_d partitions at stage 3; a 4-bit base at stages 0-2 in its NF4 storage
-    (``core.qlora.base_saving_bytes``)."""
-    from zeroest.estimator.core.qlora import base_saving_bytes
-
-    frozen = dtype_bytes * frozen_numel
-    if int(setup.stage) == 3:
-        return frozen // setup.world_size
-    return max(0, frozen - base_saving_bytes(setup))
-
-
-def stage12_init_cache(trainable_numel: int, world: int, dtype_bytes: int, largest_param_bytes: int, *,
-                       offload: bool) -> int:
-    """K at ZeRO-1/2 with one parameter group (stage_1_and_2.py ``DeepSpeedZeroOptimizer.__init__``; P_t the
-    trainable parameters, N_d ranks, b bytes each, n_max the largest parameter tensor):
-    ``flatten_dense_tensors_aligned`` copies the model into one flat block (b P_t) while the model's own tensors
-    are live (allocated peak 2 b P_t), ``_update_model_bit16_weights`` frees those tensors (b P_t, per-tensor
-    blocks), ``weights_partition = partition.clone().to(fp32)`` frees its 16-bit clone (b P_t / N_d), and
-    ``initialize_optimizer_states`` then allocates the fp32 master and its zero gradient, X = 2 * 4 P_t / N_d,
-    larger than any of those freed blocks, so in new segments (the states of Adam come lazily, at the first step).
-    The freed model is reused only as far as X passes it: K = b P_t / N_d + min(b P_t, X). With optimizer offload
-    the master and the gradient are on the host: K = b P_t / N_d. A freed block at least as large as a request
-    (b n_max >= the request) holds it instead: that piece then counts 0. With more parameter groups, DeepSpeed's
-    ``empty_cache()`` at the start of each group's flattening gives the earlier groups' freed blocks back, and
-    the last group (the HF Trainer's no-decay norms and biases) leaves almost none: K = 0 there.
-    Measured on data/runs (one group, H100 and H200): K / b P_t = 1.57 at N_d 2 (1.5), 1.25-1.33 at N_d 4 (1.25),
-    0.52-0.67 at N_d 8 (0.625); with offload 1.04-1.06 at N_d 1 (1), 0.54-0.57 at N_d 2 (0.5)."""
-    clone = dtype_bytes * trainable_numel // world
-    later = 0 if offload else 2 * FP32 * trainable_numel // world
-    clone = clone if clone > largest_param_bytes else 0
-    later = later if later // 2 > largest_param_bytes else 0
-    return clone + min(dtype_bytes * trainable_numel, later)
-
-
 def _total(components: dict[str, float]) -> float:
     return float(sum(components.values()))
 
@@ -311,6 +295,11 @@ def reserved_terms(phases: dict[str, dict[str, float]], facts: ReservedFacts, oh
     if facts.expandable_segments:
         default = reserved_terms(phases, replace(facts, expandable_segments=False, card_bytes=0), oh)
         return _expandable_terms(totals, default, facts, oh)
+    if facts.sequence_reserved_bytes:
+        terms = reserved_terms(phases, replace(facts, sequence_reserved_bytes=0), oh)
+        if not (facts.sequence_floor and terms.total_bytes - terms.card_limit >= facts.sequence_reserved_bytes):
+            return _sequence_terms(totals, facts, oh)
+        return terms
     lazy = step.get("optimizer_states", 0.0) if init.get("optimizer_states", 0.0) == 0 else 0.0
     first_name = "forward" if totals["forward"] > totals["backward"] else "backward"
     peak_name = max(("forward", "backward", "step"), key=lambda n: totals[n])
@@ -376,6 +365,19 @@ def _expandable_terms(totals: dict[str, float], default: ReservedTerms, facts: R
                          logits_cache=0.0, first_step_buffers=0.0, fraction_of_peak=0.0, expandable_holes=holes,
                          fixed=0.0, rounding=rounded - total, card_limit=_card_limit(rounded, peak, facts, oh),
                          set_by=f"expandable ({default.set_by})")
+
+
+def _sequence_terms(totals: dict[str, float], facts: ReservedFacts, oh: Overheads) -> ReservedTerms:
+    """``R_seq`` of the module docstring: the replayed sequence's peak reserve (at least the largest phase peak P),
+    rounded up to the segment, capped by the card as elsewhere."""
+    peak = max(totals.values())
+    total = max(float(facts.sequence_reserved_bytes), peak)
+    block = max(1, oh.reserved_block_bytes)
+    rounded = round_up_bytes(total, block)
+    return ReservedTerms(peak=peak, init_cache=0.0, activation_cache=0.0, offload_grad_cache=0.0, gathered_cache=0.0,
+                         logits_cache=0.0, first_step_buffers=0.0, fraction_of_peak=0.0, sequence_cache=total - peak,
+                         fixed=0.0, rounding=rounded - total, card_limit=_card_limit(rounded, peak, facts, oh),
+                         set_by="request sequence")
 
 
 def _card_limit(rounded: int, peak_allocated: float, facts: ReservedFacts, oh: Overheads) -> float:

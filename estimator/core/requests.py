@@ -1,0 +1,379 @@
+"""The caching allocator's requests of a ZeRO-1/2 run, in order, and the reserve they leave (pure; no torch).
+
+Torch's default caching allocator reserves a function of the request sequence alone: fed a run's recorded requests,
+``core.allocator.CachingAllocatorModel`` gives its peak reserve to the byte (benchmarks/allocator_replay.py,
+data/runs/h200-sequences). ``build`` writes that sequence from the model's tensors, a traced forward and backward
+(``trace.requests`` traces it on the meta device) and DeepSpeed 0.19.8's source, for rank 0 of ``world`` ranks
+(b the 16-bit width, P_g a group's trainable parameters, N the ranks):
+
+* the model on the GPU: every parameter and buffer in ``named_parameters`` order (engine.py
+  ``_configure_distributed_model``, ``module.to``);
+* ``DeepSpeedZeroOptimizer.__init__`` (runtime/zero/stage_1_and_2.py), group by group: ``empty_cache()``
+  (segments given back, the peak statistics restarted), the flat copy of the group (``flatten_dense_tensors_aligned``,
+  b P_g) and its original tensors freed (``_update_model_bit16_weights``), the partition's ``.clone().to(fp32)``
+  (b P_g/N, then 4 P_g/N, or none with optimizer offload, where it goes to the host; the clone freed); where the
+  card's free memory is short of the flat buffer (``core.capacity``), the group's tensors leave for the host first,
+  another ``empty_cache()`` follows and the flat buffer comes back as one block; then with offload
+  ``temp_grad_buffer_for_gpu_offload`` (b n_max, kept), without it ``initialize_optimizer_states``' zero fp32
+  gradient per group (4 P_g/N, made and dropped);
+* each micro-step: cuBLAS's workspace (``CUBLAS_WORKSPACE_BYTES``) at the first GEMM of the first forward (at the
+  latest right after the first request over 1 MiB, the embeddings' output: transformers 5.17's rotary embedding runs
+  a matmul there) and of the first backward (autograd's thread has its own handle), both kept; the traced forward
+  and backward; the custom loop keeps the logits the model returns (gemma-2's softcapped ones, not the head's) until
+  the next forward returns, the trainer loop only the loss. At the first parameter gradient the ipg bucket
+  (``setup_buckets``, b ``reduce_bucket_size``). At stage 2 each final gradient is copied into the bucket and its
+  own storage dropped at its hook (``reduce_independent_p_g_buckets_and_remove_grads``). A gradient that would
+  overflow the bucket first flushes it (``reduce_ipg_grads``): the flatten of its tensors (``allreduce_bucket``,
+  b E) only where they make two slices or more (``average_tensor`` merges consecutive parameters bound for one rank,
+  whatever their group); then for each of its parameters in the rank's partition, without offload the copy into
+  ``grads_in_partition`` (made at the first flush: b times the elements of every parameter that starts in the
+  partition, ``copy_grads_in_partition``), with offload the fp64 copy for its norm
+  (``set_norm_for_param_grad_in_gpu``, 8 n) and the fp32 copy for the host
+  (``async_inplace_copy_grad_to_fp32_buffer_from_gpu``, 4 n), each made and dropped. The last flush comes at the end
+  of backward, then the bucket is released (``_release_ipg_buffers``). Stage 1 keeps every gradient until backward
+  ends, then sends them through the bucket in the groups' order (``reduce_gradients``);
+* ``step`` without offload: the fp64 norm of each gradient in the partition (``get_grad_norm_direct``, 8 n each,
+  made and dropped); then per group the flat 16-bit gradient partition (b P_g/N) and its fp32 copy (4 P_g/N, the
+  first dropped); ``grads_in_partition`` dropped with the last group's ``averaged_gradients``; Adam's ``exp_avg``
+  and ``exp_avg_sq`` at the first step (4 P_g/N each, kept) and, for torch's AdamW (not FusedAdam), one temporary of
+  4 P_g/N; then the fp32 gradient dropped. With offload the step runs on the host.
+
+Left out: requests under 1 MiB that DeepSpeed makes (scalars, NCCL's), kernel workspaces other than cuBLAS's, and
+what a real NCCL group's streams hold back (``record_stream``): the sequence was held only against rank 0 of jobs on
+a fake process group. ``sequence_gap`` says which setups it covers. Measured: docs/DEVICE_RUNS.md, ninth and tenth
+sessions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from zeroest.estimator.core.allocator import CachingAllocatorModel
+
+if TYPE_CHECKING:
+    from zeroest.estimator.core.setup import TrainingSetup
+    from zeroest.estimator.trace.polys import Trace
+
+MiB = 2**20
+CUBLAS_WORKSPACE_BYTES = 32 * MiB
+"""cuBLAS's workspace on a Hopper card, allocated through the caching allocator at a handle's first GEMM and kept:
+one at the first forward's first matmul and one at the first backward's (all eighteen recordings of
+data/runs/h200-sequences)."""
+BF16 = 2
+STEPS = 3
+"""Optimizer steps the sequence runs: the reserve of every recorded run stopped growing by the third."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RequestSpec:
+    """What of the setup the sequence depends on beyond the model and its trace."""
+
+    stage: int
+    world: int
+    """N: the ranks the partitions are cut for."""
+    offload: bool
+    """``offload_optimizer`` to the host."""
+    loop: str
+    """custom (the returned logits kept until the next forward returns) or trainer (only the loss)."""
+    param_groups: int
+    """1, or 2: weight decay, then biases and norms (``validate.adapters.parameter_groups``)."""
+    bucket_elements: int
+    """``reduce_bucket_size``."""
+    flatten_on_cpu: bool = False
+    """The first group's flatten goes through the host (``core.capacity.flatten_decision``)."""
+    adam_temporary: bool = True
+    """torch's AdamW takes its foreach path on CUDA, one fp32 temporary of 4 P_g/N per group
+    (``core.optimizers.optimizer_temp_bytes``); FusedAdam updates in place."""
+    steps: int = STEPS
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One parameter of the model as trained: its name, elements, bytes per element and whether it trains."""
+
+    name: str
+    numel: int
+    element_size: int
+    trainable: bool
+
+
+@dataclass
+class Sequence:
+    """Requests in order: ``("a", key, bytes)``, ``("f", key)``, ``("empty",)``, ``("mark", name)``."""
+
+    ops: list[tuple] = field(default_factory=list)
+    live: set = field(default_factory=set)
+
+    def alloc(self, key, size: int) -> None:
+        self.ops.append(("a", key, int(size)))
+        self.live.add(key)
+
+    def free(self, key) -> None:
+        if key in self.live:
+            self.live.discard(key)
+            self.ops.append(("f", key))
+
+    def temp(self, key, size: int) -> None:
+        self.alloc(key, size)
+        self.free(key)
+
+    def mark(self, name: str) -> None:
+        self.ops.append(("mark", name))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RequestReplay:
+    """The sequence through the allocator model."""
+
+    phases: dict[str, int]
+    """Peak reserve at the end of each phase since the last ``empty_cache`` (``torch.cuda.max_memory_reserved()``
+    as DeepSpeed's resets leave it), bytes."""
+    peak_reserved_bytes: int
+    """The peak reserve of the whole run, across the resets (what the validator measures)."""
+
+
+def sequence_gap(setup: TrainingSetup) -> str | None:
+    """Why ``build`` does not cover the setup, or None where it does: ZeRO stage 1 or 2, torch's default segments,
+    no gradient accumulation, AdamW from torch or FusedAdam (DeepSpeedCPUAdam with optimizer offload), bf16, the
+    custom or trainer loop, ``overlap_comm`` off and ``contiguous_gradients`` on, full fine-tuning or LoRA on all
+    linear layers, one or two parameter groups."""
+    z, a, w = setup.zero, setup.adapters, setup.workload
+    checks = (
+        (int(setup.stage) not in (1, 2), "ZeRO stage 0 or 3"),
+        (setup.expandable_segments, "expandable segments"),
+        (w.grad_accum != 1, "gradient accumulation"),
+        (str(setup.optimizer.name) != "adamw" or str(setup.optimizer.impl) not in ("torch", "fused", "cpu")
+         or (str(setup.optimizer.impl) == "cpu") != (str(z.offload_optimizer) != "none"),
+         f"optimizer {setup.optimizer.name} ({setup.optimizer.impl})"),
+        (str(setup.dtype) != "bf16", f"{setup.dtype} training"),
+        (str(w.loop) not in ("custom", "trainer"), f"the {w.loop} loop"),
+        (z.overlap or not z.contiguous_gradients, "overlap_comm on or contiguous_gradients off"),
+        (bool(a.lora_rank) and str(a.lora_targets) != "all-linear", "LoRA on chosen modules"),
+        (bool(a.freeze or a.modules_to_save) or str(a.base_quant) != "none", "frozen weights or a quantised base"),
+        (setup.optimizer.param_groups not in (1, 2), "more than two parameter groups"),
+    )
+    return next((why for failed, why in checks if failed), None)
+
+
+def _groups(tensors: list[TensorSpec], param_groups: int) -> list[list[tuple[str, int]]]:
+    """The optimizer's parameter groups: one, or weight decay then biases and norms (validate/adapters.py
+    ``parameter_groups``, as the HF Trainer groups them)."""
+    named = [t for t in tensors if t.trainable]
+    if param_groups == 2:
+        decay = [t for t in named if "bias" not in t.name and "norm" not in t.name.lower()]
+        rest = [t for t in named if "bias" in t.name or "norm" in t.name.lower()]
+        groups = [decay, rest]
+    else:
+        groups = [named]
+    return [[(t.name, t.numel) for t in group] for group in groups if group]
+
+
+class Bucket:
+    """The ipg bucket's flushes in one backward: the requests each flush makes. ``layout``: parameter -> (group,
+    first element in the group's flat buffer, elements); ``parts``: each group's partition size; ``in_partition``:
+    the elements of each parameter inside the rank's partition; ``touching``: the elements of every parameter that
+    starts in it (``grads_in_partition``)."""
+
+    def __init__(self, seq: Sequence, step: int, spec: RequestSpec, layout: dict[str, tuple[int, int, int]],
+                 parts: list[int], in_partition: dict[str, int], touching: int) -> None:
+        self.seq, self.step, self.spec = seq, step, spec
+        self.layout, self.parts, self.in_partition, self.touching = layout, parts, in_partition, touching
+        self.names: list[str] = []
+        self.elements = 0
+        self.made = False
+
+    def add(self, name: str, numel: int) -> None:
+        if self.elements + numel > self.spec.bucket_elements:
+            self.flush()
+        self.names.append(name)
+        self.elements += numel
+
+    def _slices(self) -> int:
+        """The slices ``average_tensor`` reduces: each parameter's piece per partition it touches, the pieces of
+        consecutive parameters bound for the same rank being one slice, whatever their group (its
+        ``rank_and_offsets`` merge compares the partition id, the process group and the copy ranks)."""
+        keys: list[int] = []
+        for name in self.names:
+            group, start, numel = self.layout.get(name, (0, 0, 0))
+            part = max(1, self.parts[group]) if self.parts else 1
+            for dst in range(start // part, (start + max(numel, 1) - 1) // part + 1):
+                if not (keys and keys[-1] == dst):
+                    keys.append(dst)
+        return len(keys)
+
+    def flush(self) -> None:
+        if self._slices() > 1:  # allreduce_bucket's flatten; one tensor is flattened as a view
+            self.seq.temp(("flatten", self.step, len(self.seq.ops)), BF16 * self.elements)
+        for name in self.names:
+            in_partition = self.in_partition.get(name, 0)
+            if in_partition <= 0:
+                continue
+            if self.spec.offload:
+                self.seq.temp(("norm64", self.step, name), 8 * in_partition)
+                self.seq.temp(("to_fp32", self.step, name), 4 * in_partition)
+            elif not self.made:
+                self.seq.alloc(("grads_in_partition", self.step), BF16 * self.touching)
+                self.made = True
+        self.names.clear()
+        self.elements = 0
+
+
+def _init(seq: Sequence, groups: list[list[tuple[str, int]]], spec: RequestSpec):
+    """``DeepSpeedZeroOptimizer.__init__``'s requests; (layout, parts, in_partition, touching) of ``Bucket``."""
+    world = spec.world
+    align = 2 * world  # nccl_start_alignment_factor x N
+    parts: list[int] = []
+    in_partition: dict[str, int] = {}
+    layout: dict[str, tuple[int, int, int]] = {}
+    touching = 0
+    for i, group in enumerate(groups):
+        padded = -(-sum(n for _, n in group) // align) * align
+        part = padded // world
+        parts.append(part)
+        seq.ops.append(("empty",))  # empty_cache() before each group's flatten
+        if spec.flatten_on_cpu and i == 0:  # the group moves to the host, is flattened there, comes back whole
+            for name, _ in group:
+                seq.free(("param", name))
+            seq.ops.append(("empty",))
+            seq.alloc(("flat", i), BF16 * padded)
+        else:
+            seq.alloc(("flat", i), BF16 * padded)
+            for name, _ in group:
+                seq.free(("param", name))
+        seq.alloc(("clone", i), BF16 * part)
+        if not spec.offload:
+            seq.alloc(("master", i), 4 * part)
+        seq.free(("clone", i))
+        start = 0
+        for name, n in group:
+            layout[name] = (i, start, n)
+            if start < part:
+                in_partition[name] = min(start + n, part) - start
+                touching += n
+            start += n
+    if spec.offload:
+        seq.alloc("temp_grad_buffer_for_gpu_offload", BF16 * max(n for group in groups for _, n in group))
+    else:
+        for i, part in enumerate(parts):
+            seq.temp(("zero_fp32_grad", i), 4 * part)
+    return layout, parts, in_partition, touching
+
+
+def _step(seq: Sequence, step: int, parts: list[int], in_partition: dict[str, int], adam_temporary: bool) -> None:
+    """``step`` without offload: norms, flat gradient partitions, Adam's states and temporary."""
+    for name, n in in_partition.items():
+        seq.temp(("gradnorm64", step, name), 8 * n)
+    for i, part in enumerate(parts):
+        seq.alloc(("flat_grad16", step, i), BF16 * part)
+        seq.alloc(("fp32_grad", step, i), 4 * part)
+        seq.free(("flat_grad16", step, i))
+        if i == len(parts) - 1:  # the last group's averaged_gradients = None drops the last views of it
+            seq.free(("grads_in_partition", step))
+        if step == 0:
+            seq.alloc(("exp_avg", i), 4 * part)
+            seq.alloc(("exp_avg_sq", i), 4 * part)
+        if adam_temporary:
+            seq.temp(("adam_temp", step, i), 4 * part)
+        seq.free(("fp32_grad", step, i))
+
+
+def _returned_logits(trace: Trace) -> int:
+    """The storage of the logits the model returns, which the custom loop keeps: the trace drops the output right
+    after forward, so they are the logits-sized storage freed there (gemma-2 softcaps the head's output into a new
+    tensor)."""
+    dropped = [~e for e in trace.events[trace.marks["fwd_end"]:trace.marks["bwd_start"]] if e < 0]
+    return next((serial for serial in dropped if trace.sizes[serial] == trace.sizes[trace.logits]), trace.logits)
+
+
+def _workspace_points(trace: Trace) -> tuple[int, int | None]:
+    """The trace events before which cuBLAS takes its two workspaces (module docstring)."""
+    start = trace.marks["fwd_start"]
+    first_large = next((at for at in range(start, len(trace.events)) if trace.events[at] >= 0
+                        and trace.sizes[trace.events[at]] > MiB), start)
+    return min(trace.marks.get("first_gemm_fwd", first_large + 1), first_large + 1), trace.marks.get("first_gemm_bwd")
+
+
+def build(tensors: list[TensorSpec], buffer_bytes: list[int], trace: Trace, spec: RequestSpec) -> Sequence:
+    """The sequence of the module docstring, for the model's parameters in ``named_parameters`` order, its buffers'
+    bytes, and its traced forward and backward at full depth (``trace.recorder.run_trace``)."""
+    seq = Sequence()
+    for t in tensors:
+        seq.alloc(("param", t.name), t.numel * t.element_size)
+    for i, size in enumerate(buffer_bytes):
+        seq.alloc(("buffer", i), size)
+    seq.mark("build")
+    groups = _groups(tensors, spec.param_groups)
+    trainable = [entry for group in groups for entry in group]
+    layout, parts, in_partition, touching = _init(seq, groups, spec)
+    seq.mark("init")
+
+    size_to_names: dict[int, list[str]] = {}
+    for name, n in reversed(trainable):  # gradients come roughly in reverse order; names only pick a slice
+        size_to_names.setdefault(BF16 * n, []).append(name)
+    freed_by_trace = {~e for e in trace.events[:trace.marks["bwd_end"]] if e < 0}
+    kept = None
+    returned_logits = _returned_logits(trace)
+    workspaces = _workspace_points(trace)
+    for step in range(spec.steps):
+        pending = {size: list(names) for size, names in size_to_names.items()}
+        bucket = Bucket(seq, step, spec, layout, parts, in_partition, touching)
+        held: dict[int, list[tuple]] = {}
+        held_keys: set[tuple] = set()
+        for at, event in enumerate(trace.events):
+            if step == 0 and at in workspaces:
+                seq.alloc(("cublas_workspace", at), CUBLAS_WORKSPACE_BYTES)
+            if at == trace.marks.get("first_grad"):
+                seq.alloc(("bucket", step), BF16 * spec.bucket_elements)
+            if at == trace.marks["fwd_end"]:
+                if kept is not None:
+                    seq.free(kept)
+                seq.mark(f"step{step}.forward0")
+            serial = event if event >= 0 else ~event
+            key = (step, serial)
+            if event >= 0:
+                seq.alloc(key, trace.sizes[serial])
+                if serial in trace.excluded and serial not in freed_by_trace:
+                    names = pending.get(trace.sizes[serial])
+                    name = names.pop(0) if names else f"?{serial}"
+                    if spec.stage == 1:  # reduced after backward (reduce_gradients), kept until then
+                        held.setdefault(trace.sizes[serial] // BF16, []).append(key)
+                        held_keys.add(key)
+                    else:
+                        bucket.add(name, trace.sizes[serial] // BF16)
+                        seq.free(key)  # copied into the bucket, its own storage dropped
+            elif serial == returned_logits and spec.loop == "custom":
+                kept = key
+            elif key not in held_keys:  # the trace drops .grad after backward; DeepSpeed frees a held gradient
+                seq.free(key)  # as the bucket takes it
+        for name, n in trainable:  # reduce_gradients: the groups' parameters in order
+            keys = held.get(n)
+            if keys:
+                bucket.add(name, n)
+                seq.free(keys.pop(0))
+        bucket.flush()
+        seq.free(("bucket", step))
+        seq.mark(f"step{step}.backward0")
+        if not spec.offload:
+            _step(seq, step, parts, in_partition, spec.adam_temporary)
+        for key in [k for k in seq.live if isinstance(k[0], int) and k[0] == step and k != kept]:
+            seq.free(key)  # the input ids and the loss, dropped with the step
+        seq.mark(f"step{step}.step")
+    return seq
+
+
+def replay(seq: Sequence) -> RequestReplay:
+    """The sequence through ``CachingAllocatorModel``: ``empty_cache`` gives segments back and restarts the peak, as
+    DeepSpeed's runtime/utils.py ``empty_cache`` does."""
+    model, blocks, phases = CachingAllocatorModel(), {}, {}
+    for op in seq.ops:
+        if op[0] == "a":
+            blocks[op[1]] = model.malloc(op[2])
+        elif op[0] == "f":
+            model.free(blocks.pop(op[1]))
+        elif op[0] == "empty":
+            model.empty_cache()
+            model.reset_peak()
+        else:
+            phases[op[1]] = model.peak_reserved
+    return RequestReplay(phases=phases, peak_reserved_bytes=model.run_peak_reserved)

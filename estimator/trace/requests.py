@@ -1,0 +1,107 @@
+"""The ZeRO-1/2 request sequence of a setup (``core.requests``), from its model traced on the meta device, replayed
+and cached.
+
+The model is built at full depth on meta as the validator trains it (``trace.model.build_trained``: LoRA through
+peft, checkpointing), for its parameters in order. Its forward and backward at the setup's micro-batch and sequence
+length are recorded (``trace.recorder.run_trace``) on a copy of four decoder layers and rebuilt to full depth
+(``trace.sequence.expand``) where the layers are all of one kind, else at full depth. The replay's reserve is kept
+on disk beside the activation profiles (``trace.cache``: one small file per setup, keyed by everything the
+sequence reads and the library versions), so a setup traced once is read back without torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from zeroest.estimator.core.hf_config import hf_config, layers_key
+from zeroest.estimator.core.requests import RequestReplay, RequestSpec, TensorSpec, build, replay
+from zeroest.estimator.trace import cache
+
+log = logging.getLogger(__name__)
+
+SEQUENCE_VERSION = 1
+"""Bumped whenever ``core.requests.build`` or what the trace records changes, so that old files are not read."""
+_MEMO: dict[str, RequestReplay] = {}
+"""Replays already read or built in this process, by key (the report estimates each row several times)."""
+
+
+def model_and_trace(config: dict, dtype: str, attn: str, adapters, *, ckpt: bool, micro_batch: int, seq_len: int,
+                    cut: bool = True) -> tuple:
+    """(the model at full depth on meta, its trace at (``micro_batch``, ``seq_len``), whether the trace was
+    expanded): with ``cut``, four decoder layers traced and expanded to full depth where the layers are all of one
+    kind, else the full depth traced."""
+    import torch
+    from zeroest.estimator.trace.kinds import layout
+    from zeroest.estimator.trace.model import build_trained
+    from zeroest.estimator.trace.recorder import run_trace
+    from zeroest.estimator.trace.sequence import CUT_LAYERS, expand
+
+    model = build_trained(config, dtype, attn, adapters, grad_ckpt=ckpt, num_layers=None)
+    ids = torch.zeros((micro_batch, seq_len), dtype=torch.long, device="meta")
+    layer_kinds = layout(model)["kinds"] if cut else []
+    if cut and len(set(layer_kinds)) == 1 and len(layer_kinds) > CUT_LAYERS:
+        short = build_trained(config, dtype, attn, adapters, grad_ckpt=ckpt, num_layers=CUT_LAYERS)
+        trace = run_trace(short, ids, grad_ckpt=ckpt, target="cuda")
+        return model, expand(trace, CUT_LAYERS, len(layer_kinds), kinds=layer_kinds), True
+    return model, run_trace(model, ids, grad_ckpt=ckpt, target="cuda"), False
+
+
+def tensors_of(model) -> tuple[list[TensorSpec], list[int]]:
+    """The model's parameters (``named_parameters`` order) and its buffers' bytes."""
+    params = [TensorSpec(name, p.numel(), p.element_size(), p.requires_grad) for name, p in model.named_parameters()]
+    return params, [b.numel() * b.element_size() for b in model.buffers()]
+
+
+def spec_of(setup, *, flatten_on_cpu: bool) -> RequestSpec:
+    """The ``RequestSpec`` of a covered setup (``core.requests.sequence_gap``)."""
+    return RequestSpec(stage=int(setup.stage), world=setup.world_size,
+                       offload=str(setup.zero.offload_optimizer) != "none", loop=str(setup.workload.loop),
+                       param_groups=setup.optimizer.param_groups, bucket_elements=int(setup.zero.reduce_bucket_size),
+                       flatten_on_cpu=flatten_on_cpu, adam_temporary=str(setup.optimizer.impl) == "torch")
+
+
+def _key(setup, spec: RequestSpec, config: dict) -> str:
+    from zeroest.estimator.trace.tracer import _peft_version, library_versions
+
+    a, w = setup.adapters, setup.workload
+    payload = {"what": "zero12-requests", "sequence_version": SEQUENCE_VERSION, "config": config,
+               "dtype": str(setup.dtype), "attn": str(w.attn), "ckpt": w.grad_ckpt, "micro_batch": w.micro_batch,
+               "seq_len": w.seq_len, "spec": {k: getattr(spec, k) for k in spec.__dataclass_fields__},
+               "lora": {f: getattr(a, f) for f in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")},
+               **library_versions(), **({"peft": _peft_version()} if a.lora else {})}
+    return "requests-" + cache.cache_key(payload)
+
+
+def sequence_replay(setup, *, flatten_on_cpu: bool, use_cache: bool = True) -> RequestReplay:
+    """The replayed request sequence of ``setup`` (covered by ``core.requests.sequence_gap``) on the GPU's kernels;
+    ``flatten_on_cpu``: DeepSpeed's branch for the card (``core.capacity.flatten_decision``)."""
+    config = dict(hf_config(setup.model))
+    config[layers_key(config["model_type"])] = setup.model.num_layers
+    spec = spec_of(setup, flatten_on_cpu=flatten_on_cpu)
+    key = _key(setup, spec, config)
+    if use_cache and key in _MEMO:
+        return _MEMO[key]
+    path = cache.cache_dir() / f"{key}.json"
+    if use_cache:
+        try:
+            data = cache.read_versioned(path, cache.CACHE_VERSION)
+            if data is not None:
+                _MEMO[key] = RequestReplay(phases={k: int(v) for k, v in data["phases"].items()},
+                                           peak_reserved_bytes=int(data["peak_reserved_bytes"]))
+                return _MEMO[key]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            log.warning(f"ignoring the corrupt request-sequence cache file {path} ({type(err).__name__}: {err}); "
+                        "tracing again")
+    started = time.perf_counter()
+    w = setup.workload
+    model, trace, _ = model_and_trace(config, str(setup.dtype), str(w.attn), setup.adapters, ckpt=w.grad_ckpt,
+                                      micro_batch=w.micro_batch, seq_len=w.seq_len)
+    params, buffers = tensors_of(model)
+    result = replay(build(params, buffers, trace, spec))
+    log.info(f"built the request sequence of {setup.model.name} in {time.perf_counter() - started:.2f} s")
+    if use_cache:
+        cache.write_atomically(path, {"version": cache.CACHE_VERSION, "phases": result.phases,
+                                      "peak_reserved_bytes": result.peak_reserved_bytes}, "request sequence")
+        _MEMO[key] = result
+    return result

@@ -1,0 +1,235 @@
+"""core.requests: the ZeRO-1/2 request sequence, built on the CPU from a meta-device trace. The requests DeepSpeed
+makes are derived here from their sizes in stage_1_and_2.py; one recorded run (data/runs/h200-sequences) is replayed
+against the built sequence phase by phase."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from zeroest.estimator.core import requests
+from zeroest.estimator.core.requests import RequestSpec, Sequence
+
+pytest.importorskip("transformers")
+ROOT = Path(__file__).parent.parent
+TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+
+
+MiB = 2**20
+
+
+def _model_and_trace(config: dict, micro_batch: int, seq_len: int, ckpt: bool):
+    from zeroest.estimator.core.adapters import Adapters
+    from zeroest.estimator.trace.requests import model_and_trace
+
+    model, trace, _ = model_and_trace(config, "bf16", "sdpa", Adapters(), ckpt=ckpt, micro_batch=micro_batch,
+                                      seq_len=seq_len, cut=False)
+    return model, trace
+
+
+def _spec(**kw) -> RequestSpec:
+    base = {"stage": 2, "world": 2, "offload": False, "loop": "custom", "param_groups": 1, "steps": 2,
+            "bucket_elements": 40_000}
+    return RequestSpec(**{**base, **kw})
+
+
+def _build(model, trace, spec: RequestSpec) -> Sequence:
+    from zeroest.estimator.trace.requests import tensors_of
+
+    return requests.build(*tensors_of(model), trace, spec)
+
+
+def _sizes(seq, kind: str) -> list[int]:
+    return [op[2] for op in seq.ops if op[0] == "a" and isinstance(op[1], tuple) and op[1][0] == kind
+            or op[0] == "a" and op[1] == kind]
+
+
+def test_init_requests_follow_the_flat_group():
+    model, trace = _model_and_trace(TINY, 2, 32, ckpt=False)
+    trainable = sum(p.numel() for p in model.parameters())
+    padded = -(-trainable // 4) * 4  # nccl_start_alignment_factor 2 x 2 ranks
+    seq = _build(model, trace, _spec())
+    assert _sizes(seq, "flat") == [2 * padded]
+    assert _sizes(seq, "clone") == [padded]  # 16-bit partition, N = 2
+    assert _sizes(seq, "master") == [2 * padded]  # fp32 partition
+    assert _sizes(seq, "zero_fp32_grad") == [2 * padded]
+    offload = _build(model, trace, _spec(offload=True))
+    assert _sizes(offload, "master") == [] and _sizes(offload, "zero_fp32_grad") == []
+    largest = max(p.numel() for p in model.parameters())
+    assert _sizes(offload, "temp_grad_buffer_for_gpu_offload") == [2 * largest]
+
+
+def test_a_flush_flattens_only_across_a_partition_edge():
+    model, trace = _model_and_trace(TINY, 2, 32, ckpt=False)
+    trainable = sum(p.numel() for p in model.parameters())
+    seq = _build(model, trace, _spec(steps=1, bucket_elements=10**9))  # one flush at the end: both ranks' slices
+    assert _sizes(seq, "flatten") == [2 * trainable]
+    # a 70,000-element bucket flushes several times in backward; one group, so only the flush that holds gradients on
+    # both sides of rank 0's partition edge (element 88,288 of 176,576) has two slices to flatten
+    small = _build(model, trace, _spec(steps=1, bucket_elements=70_000))
+    (flatten,) = _sizes(small, "flatten")
+    assert flatten <= 2 * 70_000
+
+
+def test_slices_merge_across_groups_by_rank():
+    """average_tensor merges consecutive pieces bound for the same rank whatever their group: weights and norms of
+    the upper half of both groups are one slice; a norm that crosses its group's edge adds a slice for rank 0."""
+    layout = {"w1": (0, 600, 100), "n1": (1, 60, 10), "w2": (0, 700, 100), "n0": (1, 45, 10)}
+    bucket = requests.Bucket(Sequence(), 0, _spec(bucket_elements=10**9), layout, parts=[500, 50],
+                             in_partition={"n0": 5}, touching=0)
+    for name in ("w1", "n1", "w2"):
+        bucket.add(name, layout[name][2])
+    assert bucket._slices() == 1
+    bucket.add("n0", 10)  # elements 45-55 of the norms' group: 5 on rank 0, 5 on rank 1
+    assert bucket._slices() == 3
+    bucket.flush()
+    assert _sizes(bucket.seq, "flatten") == [2 * 220]
+
+
+def test_after_each_step_only_the_states_stay():
+    model, trace = _model_and_trace(TINY, 2, 32, ckpt=True)
+    seq = _build(model, trace, _spec(steps=2, loop="trainer"))
+    kinds = {key if isinstance(key, str) else key[0] for key in seq.live}
+    assert kinds == {"flat", "master", "exp_avg", "exp_avg_sq", "buffer", "cublas_workspace"}
+    custom = _build(model, trace, _spec(steps=2))
+    kept = [key for key in custom.live if isinstance(key[0], int)]
+    assert kept == [(1, trace.logits)]  # the custom loop's outputs: the last step's logits
+
+
+def test_stage1_makes_grads_in_partition_once_per_step():
+    model, trace = _model_and_trace(TINY, 2, 32, ckpt=False)
+    names = [(name, p.numel()) for name, p in model.named_parameters()]
+    part = -(-sum(n for _, n in names) // 4) * 4 // 2
+    touching, start = 0, 0
+    for _, n in names:  # every parameter that starts inside rank 0's partition, whole
+        touching += n if start < part else 0
+        start += n
+    seq = _build(model, trace, _spec(stage=1, steps=2))
+    assert _sizes(seq, "grads_in_partition") == [2 * touching, 2 * touching]
+
+
+@pytest.mark.slow
+def test_recorded_zero2_run_replays_as_built(benchmark_script):
+    """llama-3.2-1b at ZeRO-2, rank 0 of 2, 2 x 2048 with checkpointing, the custom loop, the Trainer's two groups
+    (h200-long row 8 on an emulated 4090, recorded with allocator_replay.py --events-out): the built sequence gives
+    the recording's replayed peak reserve at every phase end, from the init to step 2."""
+    import json
+
+    config = json.loads((ROOT / "data/runs/h200-long/models/llama-3.2-1b.json").read_text())
+    benchmark_script("allocator_replay")
+    seq_module = benchmark_script("sequence_replay")
+    model, trace = _model_and_trace(config, 2, 2048, ckpt=True)
+    built = requests.replay(_build(model, trace, _spec(param_groups=2, steps=3, bucket_elements=500_000_000)))
+    recorded, _ = seq_module.recorded(str(ROOT / "data/runs/h200-sequences/long8-events.json.gz"))
+    phases = [name for name in recorded if name != "build"]
+    assert len(phases) == 10
+    for name in phases:
+        assert built.phases[name] / 2**30 == pytest.approx(recorded[name], abs=1e-6), name
+
+
+def test_cublas_workspaces_follow_the_first_gemms():
+    """The recorder marks the first GEMM of forward and of backward right after its output; the sequence takes one
+    32 MiB workspace at each, in the first step only, and keeps both."""
+    model, trace = _model_and_trace(TINY, 2, 32, ckpt=False)
+    fwd, bwd = trace.marks["first_gemm_fwd"], trace.marks["first_gemm_bwd"]
+    assert trace.marks["fwd_start"] < fwd <= trace.marks["fwd_end"] < trace.marks["bwd_start"] < bwd
+    assert trace.events[fwd - 1] >= 0 and trace.events[bwd - 1] >= 0  # each just after an allocation
+    seq = _build(model, trace, _spec(steps=3))
+    assert _sizes(seq, "cublas_workspace") == [32 * 2**20, 32 * 2**20]
+    assert sum(isinstance(k, tuple) and k[0] == "cublas_workspace" for k in seq.live) == 2
+
+
+def test_the_run_peak_is_kept_across_deepspeeds_resets():
+    """DeepSpeed's empty_cache restarts torch's peak statistics; the validator keeps the peak across it, and so does
+    the replay's run peak: 192 MiB reserved before the reset, 20 MiB after it."""
+    seq = Sequence()
+    seq.alloc("a", 128 * MiB)
+    seq.alloc("b", 64 * MiB)
+    seq.free("a")
+    seq.free("b")
+    seq.ops.append(("empty",))
+    seq.alloc("c", 5 * MiB)  # a large request under 10 MiB: a 20 MiB segment
+    seq.mark("init")
+    replayed = requests.replay(seq)
+    assert replayed.phases["init"] == 20 * MiB
+    assert replayed.peak_reserved_bytes == 192 * MiB
+
+
+def test_fused_adam_makes_no_temporary_in_the_step():
+    model, trace = _model_and_trace(TINY, 2, 32, ckpt=False)
+    padded = -(-sum(p.numel() for p in model.parameters()) // 4) * 4
+    torch_adam = _build(model, trace, _spec(steps=2))
+    assert _sizes(torch_adam, "adam_temp") == [2 * padded, 2 * padded]  # 4 bytes x the partition, each step
+    assert _sizes(_build(model, trace, _spec(steps=2, adam_temporary=False)), "adam_temp") == []
+
+
+def _setup(**kw):
+    from zeroest.estimator.configs.flat import setup_from_dict
+
+    base = {"model": "tinyllama-1.1b", "stage": 2, "world_size": 2, "optimizer_impl": "torch"}
+    return setup_from_dict({**base, **kw})
+
+
+@pytest.mark.parametrize(("kw", "why"), [
+    ({}, None),
+    ({"optimizer_impl": "fused"}, None),
+    ({"offload_optimizer": "cpu", "optimizer_impl": "cpu", "loop": "trainer"}, None),
+    ({"lora_rank": 16, "lora_targets": "all-linear"}, None),
+    ({"stage": 3}, "ZeRO stage 0 or 3"),
+    ({"grad_accum": 4}, "gradient accumulation"),
+    ({"expandable_segments": True}, "expandable segments"),
+    ({"overlap_comm": True}, "overlap_comm on or contiguous_gradients off"),
+    ({"loop": "custom-del"}, "the custom-del loop"),
+    ({"lora_rank": 16, "lora_targets": "q_proj,v_proj"}, "LoRA on chosen modules"),
+    ({"dtype": "fp16"}, "fp16 training"),
+])
+def test_sequence_gap_names_what_the_sequence_leaves_out(kw, why):
+    assert requests.sequence_gap(_setup(**kw)) == why
+
+
+def test_the_sequence_sets_the_reserve_where_built():
+    """R_seq (core.reserved): on a simulated rank it is the reserve, rounded to the 2 MiB segment; on a real NCCL
+    group the larger of it and the fitted terms; on a named card capped at what the card leaves the allocator."""
+    from zeroest.estimator.core.overheads import Overheads
+    from zeroest.estimator.core.reserved import NO_BLOCKS, reserved_terms
+
+    oh = Overheads()
+    phases = {"init": {"params": 4.0 * 2**30}, "backward": {"params": 6.0 * 2**30, "activations": 2.0 * 2**30}}
+    fitted = reserved_terms(phases, NO_BLOCKS, oh)
+    built = 9 * 2**30 + 3 * MiB
+    terms = reserved_terms(phases, replace(NO_BLOCKS, sequence_reserved_bytes=built), oh)
+    assert terms.total_bytes == 9 * 2**30 + 4 * MiB and terms.set_by == "request sequence"
+    assert terms.peak == 8 * 2**30 and terms.sequence_cache == built - 8 * 2**30
+    assert sum(terms.components().values()) == terms.total_bytes
+    low = reserved_terms(phases, replace(NO_BLOCKS, sequence_reserved_bytes=8 * 2**30 + MiB, sequence_floor=True), oh)
+    assert fitted.total_bytes > 8 * 2**30 + 2 * MiB and low.total_bytes == fitted.total_bytes
+    high = reserved_terms(phases, replace(NO_BLOCKS, sequence_reserved_bytes=built, sequence_floor=True), oh)
+    assert high.total_bytes == terms.total_bytes
+    card = 9 * 2**30 + oh.cuda_context_bytes  # the allocator may hold 9 GiB there
+    capped = reserved_terms(phases, replace(NO_BLOCKS, sequence_reserved_bytes=built, card_bytes=card), oh)
+    assert capped.total_bytes == 9 * 2**30 and capped.card_limit == -4 * MiB
+
+
+def test_estimate_takes_the_replayed_reserve_and_caches_it(tmp_path, monkeypatch):
+    """A covered setup, traced once: the estimate's reserve is the sequence's (a simulated rank), and the replay is
+    read back from the cache without a trace."""
+    from zeroest.estimator.core.estimate import estimate
+    from zeroest.estimator.trace import requests as traced
+
+    monkeypatch.setenv("ZEROEST_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(traced, "_MEMO", {})
+    setup = _setup(micro_batch=1, seq_len=128, grad_ckpt=True)
+    built = traced.sequence_replay(setup, flatten_on_cpu=False)
+    est = estimate(setup, simulated=True)
+    assert est.reserved.set_by == "request sequence"
+    assert est.peak_reserved_bytes == -(-built.peak_reserved_bytes // (2 * MiB)) * 2 * MiB
+    assert est.reserved_facts.sequence_reserved_bytes == built.peak_reserved_bytes
+    assert any("replayed through torch's caching allocator" in note for note in est.assumptions)
+    monkeypatch.setattr(traced, "_MEMO", {})
+    monkeypatch.setattr(traced, "model_and_trace", lambda *a, **k: pytest.fail("traced again"))
+    assert traced.sequence_replay(setup, flatten_on_cpu=False) == built
+    closed = estimate(replace(setup, workload=replace(setup.workload, activations="closed-form")), simulated=True)
+    assert closed.reserved_facts.sequence_reserved_bytes == 0 and closed.reserved.set_by != "request sequence"
