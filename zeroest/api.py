@@ -163,6 +163,25 @@ def predict_request(shape: ModelShape, flags: dict, *, stage: int | None = None,
     return Prediction(estimates=estimates, gpu=target, fits=fits, warnings=warnings)
 
 
+def _sequence_plan_note(setup: TrainingSetup, gpu: Gpu, margin: float) -> list[str]:
+    """The plan searched with the fitted reserve terms; where the pick is a setup the request sequence covers
+    (``core.requests``), its reserve replayed, and whether the pick still fits with it."""
+    from zeroest.estimator.core.requests import sequence_gap
+
+    if sequence_gap(setup) or setup.workload.activations == "closed-form":
+        return []
+    fitted, built = estimate(setup, sequence=False), estimate(setup)
+    if built.reserved_facts is None or not built.reserved_facts.sequence_reserved_bytes:
+        return []
+    verdict = fit_verdict(built.device_bytes, gpu, margin)
+    how = (f"it still fits ({verdict.spare_bytes / GiB:.1f} GiB spare)" if verdict.fits else
+           f"it misses the card by {verdict.short_bytes / GiB:.1f} GiB at the margin: check it with zeroest predict "
+           "and pick the next candidate")
+    return [f"the search used the fitted reserve terms ({fitted.peak_reserved_bytes / GiB:.2f} GiB reserved for the "
+            f"pick); its request sequence replays to {built.reserved_facts.sequence_reserved_bytes / GiB:.2f} GiB, "
+            f"and with the reserve predict gives ({built.peak_reserved_bytes / GiB:.2f} GiB) {how}"]
+
+
 def _expandable_plan_note(request: PlanRequest) -> list[str]:
     """Where nothing fits with torch's default allocator: the plan's first pick with expandable segments, if one
     fits then (``core.reserved``, ``R_x``)."""
@@ -330,6 +349,7 @@ def plan_request(shape: ModelShape, flags: dict, *, gpu: str, margin: float = FI
     result = run_plan(request)
     if result.best is None:
         return PlanAnswer(request=request, queries=[], plan=result, notes=notes + _expandable_plan_note(request))
+    notes += _sequence_plan_note(result.best.setup, card, margin)
     lines = explain_lines(estimate_setup(result.best.setup)) if explain else []
     try:
         written = _write_configs(result.best.setup, write_ds_config, write_accelerate_config, write_for)

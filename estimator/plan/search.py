@@ -57,7 +57,9 @@ class Memory:
 
 
 class CachedEstimator:
-    """``estimate()``'s memory figures, memoized per setup, and the parameter count per model.
+    """``estimate()``'s memory figures, memoized per setup, and the parameter count per model. The reserve comes
+    from the fitted terms (``estimate(..., sequence=False)``): a request sequence would trace every candidate;
+    ``zeroest.api.plan_request`` replays the pick's.
 
     A search asks for the same setup more than once (a plan's group starts where a query ended);
     ``estimate()`` itself caches what does not change between candidates (parameter lists, activation
@@ -83,7 +85,7 @@ class CachedEstimator:
             from zeroest.estimator.core.estimate import estimate
 
             self.evaluations += 1
-            est = estimate(setup, self.overheads)
+            est = estimate(setup, self.overheads, sequence=False)  # no trace per candidate: the fitted reserve
             self._memory[setup] = Memory(
                 device_bytes=est.device_bytes,
                 peak_allocated_bytes=est.peak_allocated_bytes,
