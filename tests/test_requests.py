@@ -192,7 +192,8 @@ def test_sequence_gap_names_what_the_sequence_leaves_out(kw, why):
 
 def test_the_sequence_sets_the_reserve_where_built():
     """R_seq (core.reserved): on a simulated rank it is the reserve, rounded to the 2 MiB segment; on a real NCCL
-    group the larger of it and the fitted terms; on a named card capped at what the card leaves the allocator."""
+    group the larger of it and the fitted terms; on a named card no cap is applied to it (its replay ran under the
+    card's limit)."""
     from zeroest.estimator.core.overheads import Overheads
     from zeroest.estimator.core.reserved import NO_BLOCKS, reserved_terms
 
@@ -208,9 +209,11 @@ def test_the_sequence_sets_the_reserve_where_built():
     assert fitted.total_bytes > 8 * 2**30 + 2 * MiB and low.total_bytes == fitted.total_bytes
     high = reserved_terms(phases, replace(NO_BLOCKS, sequence_reserved_bytes=built, sequence_floor=True), oh)
     assert high.total_bytes == terms.total_bytes
+    # on a named card the replay ran under its limit: what it gives is the reserve, even past the card (an OOM)
     card = 9 * 2**30 + oh.cuda_context_bytes  # the allocator may hold 9 GiB there
-    capped = reserved_terms(phases, replace(NO_BLOCKS, sequence_reserved_bytes=built, card_bytes=card), oh)
-    assert capped.total_bytes == 9 * 2**30 and capped.card_limit == -4 * MiB
+    oom = reserved_terms(phases, replace(NO_BLOCKS, sequence_reserved_bytes=built, card_bytes=card,
+                                         sequence_out_of_memory=True), oh)
+    assert oom.total_bytes == terms.total_bytes and oom.card_limit == 0
 
 
 def test_estimate_takes_the_replayed_reserve_and_caches_it(tmp_path, monkeypatch):
@@ -233,3 +236,29 @@ def test_estimate_takes_the_replayed_reserve_and_caches_it(tmp_path, monkeypatch
     assert traced.sequence_replay(setup, flatten_on_cpu=False) == built
     closed = estimate(replace(setup, workload=replace(setup.workload, activations="closed-form")), simulated=True)
     assert closed.reserved_facts.sequence_reserved_bytes == 0 and closed.reserved.set_by != "request sequence"
+
+
+def test_under_the_cards_limit_the_replay_retries_then_runs_out_of_memory():
+    """torch's malloc under a limit (alloc_block fails, release_cached_blocks, one retry;
+    set_per_process_memory_fraction on an emulated card): a 70 MiB segment on a cached 60 MiB one passes a 100 MiB
+    limit, so the cache goes back and the retry fits; with 70 MiB live, 40 MiB more cannot fit even then."""
+    from zeroest.estimator.core.allocator import CachingAllocatorModel, OutOfMemory
+
+    model = CachingAllocatorModel(limit=100 * MiB)
+    model.free(model.malloc(60 * MiB))
+    held = model.malloc(70 * MiB)
+    assert model.retries == 1 and model.reserved == 70 * MiB and held.size == 70 * MiB
+    with pytest.raises(OutOfMemory):
+        model.malloc(40 * MiB)
+    seq = Sequence()
+    seq.temp("a", 60 * MiB)
+    seq.alloc("b", 70 * MiB)
+    seq.mark("fits")
+    assert requests.replay(seq, limit_bytes=100 * MiB) == requests.RequestReplay(
+        phases={"fits": 70 * MiB}, peak_reserved_bytes=70 * MiB, retries=1)
+    assert requests.replay(seq).peak_reserved_bytes == 130 * MiB  # no card: both segments stay
+    seq.alloc("c", 40 * MiB)
+    seq.mark("after")
+    failed = requests.replay(seq, limit_bytes=100 * MiB)
+    # what it asks for without the limit, where the 40 MiB takes a piece of the cached 60 MiB block: 130 MiB
+    assert failed.out_of_memory and failed.retries == 2 and failed.peak_reserved_bytes == 130 * MiB

@@ -19,8 +19,12 @@ garbage-collection threshold and expandable segments off:
   while ``run_peak_reserved`` keeps the peak of the whole run, as the validator's measurement does
   (``validate.measure``, peaks kept across the resets).
 
-No cap: where the card's limit would make a cudaMalloc fail, the real allocator frees its cache and retries
-(``num_alloc_retries``); the model does not, and its reserve then passes the limit (``core.reserved`` caps it).
+With a ``limit`` (the bytes the allocator may hold on the card: the card less the CUDA context and NCCL's
+memory, or ``set_per_process_memory_fraction``'s ``allowed_memory_maximum``), a new segment that would pass it
+fails (``alloc_block``); ``malloc`` then calls ``release_available_cached_blocks``, which does nothing without
+``max_split_size_mb``, and ``release_cached_blocks``: every segment with no live block goes back to the driver and
+the segment is tried again (``num_alloc_retries`` += 1, ``retries`` here); if it still passes the limit the
+request fails (``OutOfMemory``). Without a limit the reserve grows past any card.
 Held against whole recorded runs in benchmarks/allocator_replay.py (docs/DEVICE_RUNS.md, ninth session).
 """
 
@@ -49,6 +53,10 @@ def allocation_size(size: int) -> int:
     return -(-size // ROUND_LARGE) * ROUND_LARGE
 
 
+class OutOfMemory(Exception):
+    """A request the allocator cannot serve under its ``limit``, even with its cache given back."""
+
+
 @dataclass(eq=False)
 class Block:
     size: int
@@ -65,6 +73,10 @@ class Block:
 class CachingAllocatorModel:
     """Reserved bytes of the default caching allocator over a sequence of ``malloc`` / ``free`` calls."""
 
+    limit: int = 0
+    """The most bytes the allocator may hold (0: no limit)."""
+    retries: int = 0
+    """Segments tried again after the cache was given back (``num_alloc_retries``)."""
     reserved: int = 0
     peak_reserved: int = 0
     """The peak since the last ``reset_peak`` (``torch.cuda.max_memory_reserved()``)."""
@@ -97,6 +109,11 @@ class CachingAllocatorModel:
             block = pool.pop(at)[3]
         else:
             total = allocation_size(size)
+            if self.limit and self.reserved + total > self.limit:  # alloc_block fails: release_cached_blocks
+                self.empty_cache()
+                self.retries += 1
+                if self.reserved + total > self.limit:
+                    raise OutOfMemory(f"a {total}-byte segment on {self.reserved} reserved passes {self.limit}")
             self._serial += 1
             self.segments += 1
             self.reserved += total

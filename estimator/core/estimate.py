@@ -21,7 +21,6 @@ from zeroest.estimator.core.requests import sequence_gap
 from zeroest.estimator.core.reserved import (
     ReservedFacts,
     ReservedTerms,
-    card_limit_note,
     reserved_facts,
     reserved_terms,
 )
@@ -218,20 +217,30 @@ def _frozen_note(setup: TrainingSetup) -> str:
             "gradients cover the trainable ones (DeepSpeed's is_optimized_parameter)")
 
 
-def _sequence_reserve(setup: TrainingSetup, flatten) -> int:
-    """R_seq (``core.reserved``): the peak reserve of the setup's request sequence (``trace.requests``, torch
-    imported there), or 0 where ``core.requests.sequence_gap`` does not cover the setup or the trace fails (then the
-    fitted terms give the reserve, with a warning)."""
+def _sequence_replay(setup: TrainingSetup, flatten, limit_bytes: int):
+    """R_seq (``core.reserved``): the setup's request sequence replayed (``trace.requests``, torch imported there)
+    under the card's limit (0: none), or None where ``core.requests.sequence_gap`` does not cover the setup or the
+    trace fails (then the fitted terms give the reserve, with a warning)."""
     if sequence_gap(setup):
-        return 0
+        return None
     from zeroest.estimator.trace.requests import sequence_replay
 
     try:
-        return sequence_replay(setup, flatten_on_cpu=flatten is not None and not flatten.on_gpu).peak_reserved_bytes
+        return sequence_replay(setup, flatten_on_cpu=flatten is not None and not flatten.on_gpu,
+                               limit_bytes=limit_bytes)
     except Exception as err:  # noqa: BLE001 (any failure of a third-party model falls back, with a warning)
         log.warning(f"could not build the request sequence of {setup.model.name} ({type(err).__name__}: "
                     f"{str(err).splitlines()[0] if str(err) else ''}); reserved memory from the fitted terms")
-        return 0
+        return None
+
+
+def _card_limit_note(terms: ReservedTerms) -> str | None:
+    """The assumption line where the card caps the reserve (``card_limit`` < 0), else None."""
+    if terms.card_limit >= 0:
+        return None
+    return (f"the caching allocator would reserve {(terms.total_bytes - terms.card_limit) / GiB:.2f} GiB, more "
+            f"than the card leaves it: it frees its cache and retries at {terms.total_bytes / GiB:.2f} GiB "
+            "(num_alloc_retries; slower steps), so that is the reserved peak given")
 
 
 def _sequence_note(setup: TrainingSetup, facts: ReservedFacts, terms: ReservedTerms) -> str:
@@ -243,6 +252,12 @@ def _sequence_note(setup: TrainingSetup, facts: ReservedFacts, terms: ReservedTe
         return (f"reserved memory from the fitted allocator terms: the request sequence does not cover this setup "
                 f"({why})" if why else "")
     built = f"{facts.sequence_reserved_bytes / GiB:.2f} GiB"
+    if facts.sequence_out_of_memory:
+        built += (", what the run asks for: under the card's limit a request finds no room even after the allocator "
+                  "gives its cache back, so the run is predicted to run out of memory")
+    elif facts.sequence_retries:
+        built += (f" under the card's limit, after the allocator gives its cache back {facts.sequence_retries} "
+                  "time(s) (num_alloc_retries; slower steps)")
     if not facts.sequence_floor:
         return (f"reserved memory: the run's allocator requests replayed through torch's caching allocator ({built}; "
                 "core.requests)")
@@ -319,8 +334,13 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
     if device == "cpu":  # no caching allocator: reserved is the peak allocation
         facts = replace(facts, contiguous_step=False)
     elif sequence and w.activations != "closed-form" and tracer_available(setup.adapters):
-        facts = replace(facts, sequence_reserved_bytes=_sequence_reserve(setup, flatten),
-                        sequence_floor=not simulated and setup.world_size > 1)
+        limit = setup.gpu_memory_bytes and round(setup.gpu_memory_bytes - device_from(
+            0, overheads, peers=setup.world_size - 1, real_comm=not simulated))
+        built = _sequence_replay(setup, flatten, max(0, limit or 0))
+        if built is not None:
+            facts = replace(facts, sequence_reserved_bytes=built.peak_reserved_bytes,
+                            sequence_floor=not simulated and setup.world_size > 1, sequence_retries=built.retries,
+                            sequence_out_of_memory=built.out_of_memory)
     terms = reserved_bytes(phases, facts, overheads)
     reserved = terms.total_bytes
     device = math.ceil(device_from(reserved, overheads, peers=setup.world_size - 1, real_comm=not simulated))
@@ -344,5 +364,5 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
         reserved_facts=facts,
         assumptions=_assumptions(setup, source) + tuple(n for n in (flatten_note(flatten), host_note(host),
                                                                  _sequence_note(setup, facts, terms),
-                                                                 card_limit_note(terms)) if n),
+                                                                 _card_limit_note(terms)) if n),
     )

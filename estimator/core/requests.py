@@ -49,7 +49,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from zeroest.estimator.core.allocator import CachingAllocatorModel
+from zeroest.estimator.core.allocator import CachingAllocatorModel, OutOfMemory
 
 if TYPE_CHECKING:
     from zeroest.estimator.core.setup import TrainingSetup
@@ -130,7 +130,12 @@ class RequestReplay:
     """Peak reserve at the end of each phase since the last ``empty_cache`` (``torch.cuda.max_memory_reserved()``
     as DeepSpeed's resets leave it), bytes."""
     peak_reserved_bytes: int
-    """The peak reserve of the whole run, across the resets (what the validator measures)."""
+    """The peak reserve of the whole run, across the resets (what the validator measures); under a limit, where the
+    run ran out of memory, the peak without the limit (what it asked for)."""
+    retries: int = 0
+    """Segments tried again under the limit after the cache was given back (``num_alloc_retries``)."""
+    out_of_memory: bool = False
+    """A request failed under the limit even with the cache given back: the run stops there."""
 
 
 def sequence_gap(setup: TrainingSetup) -> str | None:
@@ -362,13 +367,20 @@ def build(tensors: list[TensorSpec], buffer_bytes: list[int], trace: Trace, spec
     return seq
 
 
-def replay(seq: Sequence) -> RequestReplay:
+def replay(seq: Sequence, limit_bytes: int = 0) -> RequestReplay:
     """The sequence through ``CachingAllocatorModel``: ``empty_cache`` gives segments back and restarts the peak, as
-    DeepSpeed's runtime/utils.py ``empty_cache`` does."""
-    model, blocks, phases = CachingAllocatorModel(), {}, {}
+    DeepSpeed's runtime/utils.py ``empty_cache`` does. ``limit_bytes``: what the allocator may hold on the card
+    (0: no limit); a run that passes it retries, and one that still cannot place a request runs out of memory, its
+    peak then the one it asks for without the limit."""
+    model, blocks, phases = CachingAllocatorModel(limit=limit_bytes), {}, {}
     for op in seq.ops:
         if op[0] == "a":
-            blocks[op[1]] = model.malloc(op[2])
+            try:
+                blocks[op[1]] = model.malloc(op[2])
+            except OutOfMemory:
+                demand = replay(seq).peak_reserved_bytes
+                return RequestReplay(phases=phases, peak_reserved_bytes=demand, retries=model.retries,
+                                     out_of_memory=True)
         elif op[0] == "f":
             model.free(blocks.pop(op[1]))
         elif op[0] == "empty":
@@ -376,4 +388,4 @@ def replay(seq: Sequence) -> RequestReplay:
             model.reset_peak()
         else:
             phases[op[1]] = model.peak_reserved
-    return RequestReplay(phases=phases, peak_reserved_bytes=model.run_peak_reserved)
+    return RequestReplay(phases=phases, peak_reserved_bytes=model.run_peak_reserved, retries=model.retries)

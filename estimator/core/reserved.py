@@ -72,13 +72,14 @@ own tensors, no fragmentation beyond them), less a flat block the init freed at 
 gradient, B_c, ``init_freed_block_bytes``), else 0.
 
 Where the request sequence is built (``ReservedFacts.sequence_reserved_bytes``: a ZeRO-1/2 setup that
-``core.requests.sequence_gap`` covers, traced with torch) none of those terms is needed: the caching allocator's
-reserve is a function of the requests alone, and ``core.requests`` writes them in order and replays them through the
-allocator model, so ``R_seq`` is that replay's peak over the run (at least P, the largest phase peak), rounded to the
-segment and capped by the card as below. It was checked on rank 0 of jobs on a fake process group; on a real NCCL
-group (``sequence_floor``) the reserve is the larger of R_seq and the terms above, since the sequence leaves out what
-the communication streams hold back. Held against 16 setups measured after its rules were fixed
-(data/runs/h200-seqcheck): 14 within 0.6%, two over by 4.6% and 7.3% (docs/DEVICE_RUNS.md, tenth session).
+``core.requests.sequence_gap`` covers, traced with torch) none of those terms is needed: the reserve is a function of
+the requests alone, which ``core.requests`` writes in order and replays through the allocator model. ``R_seq`` is the
+replay's peak over the run (at least P, the largest phase peak), rounded to the segment; on a named card the replay
+runs under the card's limit L (below), retrying as the allocator does, and one that fails even so predicts the OOM
+with the reserve it asks for. Checked on rank 0 of simulated jobs and on single-GPU runs; on a real NCCL group of two
+ranks or more (``sequence_floor``) the reserve is the larger of R_seq and the terms above, since the sequence leaves
+out what the communication streams hold back. On 16 setups measured after its rules were fixed
+(data/runs/h200-seqcheck) 14 came within 0.6%, two over by 4.6% and 7.3% (docs/DEVICE_RUNS.md, tenth session).
 
 With expandable segments (``TrainingSetup.expandable_segments``, ``PYTORCH_CUDA_ALLOC_CONF=
 expandable_segments:True``) none of the terms above applies. The large pool of each stream is then one range of
@@ -118,7 +119,7 @@ from typing import TYPE_CHECKING
 from zeroest.estimator.core.flat_group import stage12_init_cache
 from zeroest.estimator.core.overheads import device_from
 from zeroest.estimator.core.qlora import frozen_resident_bytes
-from zeroest.estimator.units import GiB, round_up_bytes
+from zeroest.estimator.units import round_up_bytes
 
 if TYPE_CHECKING:
     from zeroest.estimator.core.model_states import ModelStates
@@ -184,11 +185,13 @@ class ReservedFacts:
     """The allocator maps expandable segments (``TrainingSetup.expandable_segments``): ``R_x`` of the module
     docstring in place of the other terms."""
     sequence_reserved_bytes: int = 0
-    """R_seq: the peak reserve of the run's request sequence through the allocator model (``core.requests``, a
-    ZeRO-1/2 setup it covers, traced); 0 where not built. Where set it is the reserve (``R_seq`` of the module
-    docstring), or with ``sequence_floor`` the larger of it and the other terms."""
+    """R_seq of the module docstring: the request sequence's replayed peak (``core.requests``, under the named card's
+    limit); 0 where not built. With ``sequence_floor`` (a real NCCL group) only a floor under the other terms."""
     sequence_floor: bool = False
-    """R_seq only as a floor under the terms: a real NCCL process group, whose streams the sequence leaves out."""
+    sequence_retries: int = 0
+    """Segments the replay tried again under the card's limit after giving the cache back (``num_alloc_retries``)."""
+    sequence_out_of_memory: bool = False
+    """The replay ran out of memory under the card's limit; R_seq is then what the run asks for without it."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -296,10 +299,11 @@ def reserved_terms(phases: dict[str, dict[str, float]], facts: ReservedFacts, oh
         default = reserved_terms(phases, replace(facts, expandable_segments=False, card_bytes=0), oh)
         return _expandable_terms(totals, default, facts, oh)
     if facts.sequence_reserved_bytes:
+        built = _sequence_terms(totals, facts, oh)
+        if not facts.sequence_floor:
+            return built
         terms = reserved_terms(phases, replace(facts, sequence_reserved_bytes=0), oh)
-        if not (facts.sequence_floor and terms.total_bytes - terms.card_limit >= facts.sequence_reserved_bytes):
-            return _sequence_terms(totals, facts, oh)
-        return terms
+        return terms if terms.total_bytes >= built.total_bytes else built
     lazy = step.get("optimizer_states", 0.0) if init.get("optimizer_states", 0.0) == 0 else 0.0
     first_name = "forward" if totals["forward"] > totals["backward"] else "backward"
     peak_name = max(("forward", "backward", "step"), key=lambda n: totals[n])
@@ -369,15 +373,14 @@ def _expandable_terms(totals: dict[str, float], default: ReservedTerms, facts: R
 
 def _sequence_terms(totals: dict[str, float], facts: ReservedFacts, oh: Overheads) -> ReservedTerms:
     """``R_seq`` of the module docstring: the replayed sequence's peak reserve (at least the largest phase peak P),
-    rounded up to the segment, capped by the card as elsewhere."""
+    rounded up to the segment; on a named card the replay ran under its limit, which leaves no cap to apply."""
     peak = max(totals.values())
     total = max(float(facts.sequence_reserved_bytes), peak)
     block = max(1, oh.reserved_block_bytes)
     rounded = round_up_bytes(total, block)
     return ReservedTerms(peak=peak, init_cache=0.0, activation_cache=0.0, offload_grad_cache=0.0, gathered_cache=0.0,
                          logits_cache=0.0, first_step_buffers=0.0, fraction_of_peak=0.0, sequence_cache=total - peak,
-                         fixed=0.0, rounding=rounded - total, card_limit=_card_limit(rounded, peak, facts, oh),
-                         set_by="request sequence")
+                         fixed=0.0, rounding=rounded - total, set_by="request sequence")
 
 
 def _card_limit(rounded: int, peak_allocated: float, facts: ReservedFacts, oh: Overheads) -> float:
@@ -390,11 +393,3 @@ def _card_limit(rounded: int, peak_allocated: float, facts: ReservedFacts, oh: O
     limit = (facts.card_bytes - outside) // block * block
     return float(limit - rounded) if peak_allocated <= limit < rounded else 0.0
 
-
-def card_limit_note(terms: ReservedTerms) -> str | None:
-    """The assumption line where the card caps the reserve (``card_limit`` < 0), else None."""
-    if terms.card_limit >= 0:
-        return None
-    return (f"the caching allocator would reserve {(terms.total_bytes - terms.card_limit) / GiB:.2f} GiB, more "
-            f"than the card leaves it: it frees its cache and retries at {terms.total_bytes / GiB:.2f} GiB "
-            "(num_alloc_retries; slower steps), so that is the reserved peak given")

@@ -20,7 +20,7 @@ from zeroest.estimator.trace import cache
 
 log = logging.getLogger(__name__)
 
-SEQUENCE_VERSION = 1
+SEQUENCE_VERSION = 2
 """Bumped whenever ``core.requests.build`` or what the trace records changes, so that old files are not read."""
 _MEMO: dict[str, RequestReplay] = {}
 """Replays already read or built in this process, by key (the report estimates each row several times)."""
@@ -61,25 +61,27 @@ def spec_of(setup, *, flatten_on_cpu: bool) -> RequestSpec:
                        flatten_on_cpu=flatten_on_cpu, adam_temporary=str(setup.optimizer.impl) == "torch")
 
 
-def _key(setup, spec: RequestSpec, config: dict) -> str:
+def _key(setup, spec: RequestSpec, config: dict, limit_bytes: int) -> str:
     from zeroest.estimator.trace.tracer import _peft_version, library_versions
 
     a, w = setup.adapters, setup.workload
     payload = {"what": "zero12-requests", "sequence_version": SEQUENCE_VERSION, "config": config,
                "dtype": str(setup.dtype), "attn": str(w.attn), "ckpt": w.grad_ckpt, "micro_batch": w.micro_batch,
                "seq_len": w.seq_len, "spec": {k: getattr(spec, k) for k in spec.__dataclass_fields__},
+               "limit_bytes": limit_bytes,
                "lora": {f: getattr(a, f) for f in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")},
                **library_versions(), **({"peft": _peft_version()} if a.lora else {})}
     return "requests-" + cache.cache_key(payload)
 
 
-def sequence_replay(setup, *, flatten_on_cpu: bool, use_cache: bool = True) -> RequestReplay:
+def sequence_replay(setup, *, flatten_on_cpu: bool, limit_bytes: int = 0, use_cache: bool = True) -> RequestReplay:
     """The replayed request sequence of ``setup`` (covered by ``core.requests.sequence_gap``) on the GPU's kernels;
-    ``flatten_on_cpu``: DeepSpeed's branch for the card (``core.capacity.flatten_decision``)."""
+    ``flatten_on_cpu``: DeepSpeed's branch for the card (``core.capacity.flatten_decision``); ``limit_bytes``: what
+    the allocator may hold there (``core.requests.replay``; 0: no card)."""
     config = dict(hf_config(setup.model))
     config[layers_key(config["model_type"])] = setup.model.num_layers
     spec = spec_of(setup, flatten_on_cpu=flatten_on_cpu)
-    key = _key(setup, spec, config)
+    key = _key(setup, spec, config, limit_bytes)
     if use_cache and key in _MEMO:
         return _MEMO[key]
     path = cache.cache_dir() / f"{key}.json"
@@ -88,7 +90,8 @@ def sequence_replay(setup, *, flatten_on_cpu: bool, use_cache: bool = True) -> R
             data = cache.read_versioned(path, cache.CACHE_VERSION)
             if data is not None:
                 _MEMO[key] = RequestReplay(phases={k: int(v) for k, v in data["phases"].items()},
-                                           peak_reserved_bytes=int(data["peak_reserved_bytes"]))
+                                           peak_reserved_bytes=int(data["peak_reserved_bytes"]),
+                                           retries=int(data["retries"]), out_of_memory=bool(data["out_of_memory"]))
                 return _MEMO[key]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             log.warning(f"ignoring the corrupt request-sequence cache file {path} ({type(err).__name__}: {err}); "
@@ -98,10 +101,11 @@ def sequence_replay(setup, *, flatten_on_cpu: bool, use_cache: bool = True) -> R
     model, trace, _ = model_and_trace(config, str(setup.dtype), str(w.attn), setup.adapters, ckpt=w.grad_ckpt,
                                       micro_batch=w.micro_batch, seq_len=w.seq_len)
     params, buffers = tensors_of(model)
-    result = replay(build(params, buffers, trace, spec))
+    result = replay(build(params, buffers, trace, spec), limit_bytes)
     log.info(f"built the request sequence of {setup.model.name} in {time.perf_counter() - started:.2f} s")
     if use_cache:
         cache.write_atomically(path, {"version": cache.CACHE_VERSION, "phases": result.phases,
-                                      "peak_reserved_bytes": result.peak_reserved_bytes}, "request sequence")
+                                      "peak_reserved_bytes": result.peak_reserved_bytes, "retries": result.retries,
+                                      "out_of_memory": result.out_of_memory}, "request sequence")
         _MEMO[key] = result
     return result
