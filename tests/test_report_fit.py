@@ -104,6 +104,17 @@ def test_fit_recovers_known_overheads(samples):
     assert result.rows == {"peak_allocated": n, "peak_reserved": n, "device": n - expandable}
 
 
+def test_reserved_coefficients_are_fitted_on_the_fitted_terms_of_every_row(samples):
+    """A row whose reserve a request sequence sets still tells the fit what the fitted terms should give there: the
+    reserved coefficients come out the same with or without the sequence in the rows' facts."""
+    with_sequence = [replace(s, facts=replace(s.facts, sequence_reserved_bytes=s.measured["peak_reserved"]))
+                     if s.facts and not s.facts.expandable_segments and "-2-" in s.key else s for s in samples]
+    assert sum(bool(s.facts.sequence_reserved_bytes) for s in with_sequence) == len(MODELS)
+    plain, built = fit_overheads(samples, Overheads()), fit_overheads(with_sequence, Overheads())
+    for name in RESERVED_PARAMETERS:
+        assert getattr(built.overheads, name) == getattr(plain.overheads, name), name
+
+
 def test_fit_holds_what_the_data_cannot_tell(samples):
     """No NCCL peers anywhere (fake process groups): nccl_bytes_per_peer stays put; no reserved measured:
     held."""
