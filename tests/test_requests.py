@@ -262,3 +262,20 @@ def test_under_the_cards_limit_the_replay_retries_then_runs_out_of_memory():
     failed = requests.replay(seq, limit_bytes=100 * MiB)
     # what it asks for without the limit, where the 40 MiB takes a piece of the cached 60 MiB block: 130 MiB
     assert failed.out_of_memory and failed.retries == 2 and failed.peak_reserved_bytes == 130 * MiB
+
+
+def test_stage1_frees_each_held_gradient_as_its_parameter_enters_the_bucket():
+    """reduce_gradients walks the groups' parameters in order (layer 0 first) while backward made their gradients
+    the other way round: of the gradients of one size, the one made last is the first parameter's, freed first."""
+    model, trace = _model_and_trace(TINY, 2, 32, ckpt=False)
+    seq = _build(model, trace, _spec(stage=1, steps=1))
+    made = {op[1]: at for at, op in enumerate(seq.ops) if op[0] == "a" and isinstance(op[1][0], int)
+            and op[1][1] in trace.excluded}
+    end = next(at for at, op in enumerate(seq.ops) if op == ("mark", "step0.backward0"))
+    start = max(made.values())
+    freed = [op[1] for op in seq.ops[start:end] if op[0] == "f" and op[1] in made]
+    sizes = {key: trace.sizes[key[1]] for key in freed}
+    for size in set(sizes.values()):
+        order = [made[key] for key in freed if sizes[key] == size]
+        assert order == sorted(order, reverse=True), size
+    assert len(freed) == sum(1 for _, p in model.named_parameters())  # every held gradient, once

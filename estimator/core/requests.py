@@ -355,7 +355,7 @@ def build(tensors: list[TensorSpec], buffer_bytes: list[int], trace: Trace, spec
             keys = held.get(n)
             if keys:
                 bucket.add(name, n)
-                seq.free(keys.pop(0))
+                seq.free(keys.pop())  # produced in reverse: the last one held of its size is this one
         bucket.flush()
         seq.free(("bucket", step))
         seq.mark(f"step{step}.backward0")
