@@ -279,3 +279,31 @@ def test_stage1_frees_each_held_gradient_as_its_parameter_enters_the_bucket():
         order = [made[key] for key in freed if sizes[key] == size]
         assert order == sorted(order, reverse=True), size
     assert len(freed) == sum(1 for _, p in model.named_parameters())  # every held gradient, once
+
+
+@pytest.mark.slow
+def test_plan_searches_with_the_fitted_terms_and_replays_its_pick(tmp_path, monkeypatch):
+    """plan's candidates are estimated without a trace each; its pick, a setup the sequence covers, is estimated
+    again with the sequence, and the note gives both reserves and the verdict with the sequence's."""
+    from zeroest.estimator.catalog.fit import fit_verdict
+    from zeroest.estimator.catalog.models import load_model
+    from zeroest.estimator.core.estimate import estimate
+    from zeroest.estimator.trace import requests as traced
+
+    from zeroest.api import plan_request
+
+    monkeypatch.setenv("ZEROEST_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(traced, "_MEMO", {})
+    calls = []
+    original = traced.sequence_replay
+    monkeypatch.setattr(traced, "sequence_replay", lambda setup, **kw: calls.append(setup) or original(setup, **kw))
+    flags = {"gpus_per_node": 2, "seq_len": 256, "optimizer_impl": "torch", "grad_accum": 1}
+    answer = plan_request(load_model("tinyllama-1.1b"), flags, gpu="4090", stages=[2], offloads=["none"],
+                          host_ram="256GB")
+    pick = answer.plan.best.setup
+    assert calls == [pick]  # the search itself traced nothing
+    built = estimate(pick)
+    (note,) = [n for n in answer.notes if n.startswith("the search used the fitted reserve terms")]
+    assert f"({estimate(pick, sequence=False).peak_reserved_bytes / 2**30:.2f} GiB reserved" in note
+    assert f"replays to {built.reserved_facts.sequence_reserved_bytes / 2**30:.2f} GiB" in note
+    assert ("still fits" in note) == fit_verdict(built.device_bytes, answer.plan.request.gpu).fits

@@ -263,8 +263,8 @@ def _sequence_note(setup: TrainingSetup, facts: ReservedFacts, terms: ReservedTe
                 "core.requests)")
     picked = "it" if terms.set_by == "request sequence" else "the fitted terms"
     return (f"reserved memory: the larger of the run's allocator requests replayed through torch's caching allocator "
-            f"({built}) and the fitted terms, here {picked}: the sequence was checked on one rank of a simulated "
-            "job, and a real NCCL group's streams can hold blocks longer")
+            f"({built}) and the fitted terms, here {picked}: the sequence was checked on one rank of simulated jobs "
+            "and on single-GPU runs, and a real NCCL group's streams can hold blocks longer")
 
 
 def _paper_estimate(setup: TrainingSetup, numel: int, overheads: Overheads) -> Estimate:

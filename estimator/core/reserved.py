@@ -78,8 +78,9 @@ replay's peak over the run (at least P, the largest phase peak), rounded to the 
 runs under the card's limit L (below), retrying as the allocator does, and one that fails even so predicts the OOM
 with the reserve it asks for. Checked on rank 0 of simulated jobs and on single-GPU runs; on a real NCCL group of two
 ranks or more (``sequence_floor``) the reserve is the larger of R_seq and the terms above, since the sequence leaves
-out what the communication streams hold back. On 16 setups measured after its rules were fixed
-(data/runs/h200-seqcheck) 14 came within 0.6%, two over by 4.6% and 7.3% (docs/DEVICE_RUNS.md, tenth session).
+out what the communication streams hold back. Of 16 setups measured after its rules were fixed
+(data/runs/h200-seqcheck), 13 came within 0.6%, 15 with two later fixes, one over by 7.3%; of 15 near a 24 GB card's
+limit, it told which would run out of memory on 13 (docs/DEVICE_RUNS.md, tenth session).
 
 With expandable segments (``TrainingSetup.expandable_segments``, ``PYTORCH_CUDA_ALLOC_CONF=
 expandable_segments:True``) none of the terms above applies. The large pool of each stream is then one range of
