@@ -307,3 +307,21 @@ def test_plan_searches_with_the_fitted_terms_and_replays_its_pick(tmp_path, monk
     assert f"({estimate(pick, sequence=False).peak_reserved_bytes / 2**30:.2f} GiB reserved" in note
     assert f"replays to {built.reserved_facts.sequence_reserved_bytes / 2**30:.2f} GiB" in note
     assert ("still fits" in note) == fit_verdict(built.device_bytes, answer.plan.request.gpu).fits
+
+
+def test_a_corrupt_sequence_cache_file_is_traced_again_with_a_warning(tmp_path, monkeypatch, caplog):
+    import json
+
+    from zeroest.estimator.trace import cache
+    from zeroest.estimator.trace import requests as traced
+
+    monkeypatch.setenv("ZEROEST_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(traced, "_MEMO", {})
+    setup = _setup(micro_batch=1, seq_len=64, grad_ckpt=True)
+    built = traced.sequence_replay(setup, flatten_on_cpu=False)
+    (path,) = tmp_path.glob("requests-*.json")
+    path.write_text(json.dumps({"version": cache.CACHE_VERSION, "phases": {}}))  # this version, no peak
+    monkeypatch.setattr(traced, "_MEMO", {})
+    with caplog.at_level("WARNING"):
+        assert traced.sequence_replay(setup, flatten_on_cpu=False) == built
+    assert "corrupt request-sequence cache file" in caplog.text
