@@ -48,7 +48,7 @@ def built_reserve(record):
     the card, ``core.capacity``)."""
     from zeroest.estimator.core.capacity import flatten_decision
     from zeroest.estimator.core.model_states import trained
-    from zeroest.estimator.core.overheads import Overheads, device_from
+    from zeroest.estimator.core.overheads import Overheads, allocator_limit_bytes
     from zeroest.estimator.trace.requests import sequence_replay
 
     s, real = record.setup, not record.row.data.get("simulated")
@@ -57,7 +57,7 @@ def built_reserve(record):
                                 trainable_numel=split.trainable_numel)
     on_cpu = bool(decision and not decision.on_gpu)
     card = s.gpu_memory_bytes or 0
-    limit = round(card - device_from(0, Overheads(), peers=s.world_size - 1, real_comm=real)) if card else 0
+    limit = allocator_limit_bytes(card, Overheads(), peers=s.world_size - 1, real_comm=real) if card else 0
     return sequence_replay(s, flatten_on_cpu=on_cpu, limit_bytes=limit, use_cache=False), on_cpu
 
 

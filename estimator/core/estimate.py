@@ -15,7 +15,7 @@ from zeroest.estimator.core.capacity import flatten_decision, flatten_note
 from zeroest.estimator.core.host import HostTerms, host_note, host_terms
 from zeroest.estimator.core.model_states import Device, ModelStates, stage0_states, stage12_states, trained
 from zeroest.estimator.core.optimizers import optimizer_notes
-from zeroest.estimator.core.overheads import Overheads, device_from
+from zeroest.estimator.core.overheads import Overheads, allocator_limit_bytes, device_from
 from zeroest.estimator.core.qlora import qlora_note, with_4bit_base
 from zeroest.estimator.core.requests import sequence_gap
 from zeroest.estimator.core.reserved import (
@@ -334,8 +334,8 @@ def estimate(setup: TrainingSetup, overheads: Overheads | None = None, *, device
     if device == "cpu":  # no caching allocator: reserved is the peak allocation
         facts = replace(facts, contiguous_step=False)
     elif sequence and w.activations != "closed-form" and tracer_available(setup.adapters):
-        limit = setup.gpu_memory_bytes and round(setup.gpu_memory_bytes - device_from(
-            0, overheads, peers=setup.world_size - 1, real_comm=not simulated))
+        limit = setup.gpu_memory_bytes and allocator_limit_bytes(
+            setup.gpu_memory_bytes, overheads, peers=setup.world_size - 1, real_comm=not simulated)
         built = _sequence_replay(setup, flatten, max(0, limit or 0))
         if built is not None:
             facts = replace(facts, sequence_reserved_bytes=built.peak_reserved_bytes,

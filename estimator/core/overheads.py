@@ -91,3 +91,9 @@ def device_from(reserved_bytes: float, overheads: Overheads, *, peers: int, real
     and its per-peer buffers; none on a fake process group)."""
     nccl = overheads.nccl_communicator_bytes + overheads.nccl_bytes_per_peer * peers if real_comm else 0
     return reserved_bytes + overheads.cuda_context_bytes + nccl
+
+
+def allocator_limit_bytes(card_bytes: int, overheads: Overheads, *, peers: int, real_comm: bool) -> int:
+    """L: what the caching allocator may hold on a card of ``card_bytes``: the card less the CUDA context and NCCL's
+    memory (``device_from`` of nothing), the limit ``set_per_process_memory_fraction`` sets on an emulated card."""
+    return round(card_bytes - device_from(0, overheads, peers=peers, real_comm=real_comm))

@@ -101,8 +101,9 @@ up to 18%); predicted before they ran, 19 LoRA rows (h200-expandable2) were with
 of full fine-tuning (h200-expandable3) within 3.9% and 13.2% (docs/DEVICE_RUNS.md).
 
 The card caps it (``card_limit``): where the setup names the card (M bytes), the allocator can hold at most
-``L = M - C - N_c`` (C the CUDA context, N_c the NCCL communicator and buffers, ``overheads.device_from``; on an
-emulated card ``torch.cuda.set_per_process_memory_fraction`` sets the same L). ``alloc_block`` fails a cudaMalloc
+``L = M - C - N_c`` (C the CUDA context, N_c the NCCL communicator and buffers,
+``overheads.allocator_limit_bytes``; on an emulated card ``torch.cuda.set_per_process_memory_fraction`` sets the
+same L). ``alloc_block`` fails a cudaMalloc
 that would pass L (``allowed_memory_maximum`` under a fraction, the driver's own OOM on a real card); ``malloc``
 then calls ``release_available_cached_blocks`` and, failing that, ``release_cached_blocks`` (every free cached
 segment back to the driver, ``num_alloc_retries`` += 1) and tries again. So a run that finishes never reserves more
@@ -118,7 +119,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 from zeroest.estimator.core.flat_group import stage12_init_cache
-from zeroest.estimator.core.overheads import device_from
+from zeroest.estimator.core.overheads import allocator_limit_bytes
 from zeroest.estimator.core.qlora import frozen_resident_bytes
 from zeroest.estimator.units import round_up_bytes
 
@@ -389,8 +390,8 @@ def _card_limit(rounded: int, peak_allocated: float, facts: ReservedFacts, oh: O
     allocation P fits under it, L = M - C - N_c; else 0."""
     if not facts.card_bytes:
         return 0.0
-    outside = device_from(0, oh, peers=facts.comm_peers or 0, real_comm=facts.comm_peers is not None)
     block = max(1, oh.reserved_block_bytes)
-    limit = (facts.card_bytes - outside) // block * block
+    limit = allocator_limit_bytes(facts.card_bytes, oh, peers=facts.comm_peers or 0,
+                                  real_comm=facts.comm_peers is not None) // block * block
     return float(limit - rounded) if peak_allocated <= limit < rounded else 0.0
 
