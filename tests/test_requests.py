@@ -150,7 +150,7 @@ def test_the_run_peak_is_kept_across_deepspeeds_resets():
     seq.alloc("b", 64 * MiB)
     seq.free("a")
     seq.free("b")
-    seq.ops.append(("empty",))
+    seq.empty_cache()
     seq.alloc("c", 5 * MiB)  # a large request under 10 MiB: a 20 MiB segment
     seq.mark("init")
     replayed = requests.replay(seq)

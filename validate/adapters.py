@@ -101,6 +101,8 @@ def parameter_groups(model, groups: int) -> list:
 
         decay = set(Trainer.get_decay_parameter_names(None, model))
     except Exception:  # noqa: BLE001 - an older transformers: the same rule by name
-        decay = {name for name, _ in named if "bias" not in name and "norm" not in name.lower()}
+        from zeroest.estimator.core.vocab import weight_decays
+
+        decay = {name for name, _ in named if weight_decays(name)}
     return [{"params": [p for name, p in named if name in decay], "weight_decay": 0.01},
             {"params": [p for name, p in named if name not in decay], "weight_decay": 0.0}]

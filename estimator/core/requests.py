@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from zeroest.estimator.core.allocator import CachingAllocatorModel, OutOfMemory
+from zeroest.estimator.core.flat_group import flat_group_numel
+from zeroest.estimator.core.vocab import weight_decays
 
 if TYPE_CHECKING:
     from zeroest.estimator.core.setup import TrainingSetup
@@ -118,6 +120,10 @@ class Sequence:
         self.alloc(key, size)
         self.free(key)
 
+    def empty_cache(self) -> None:
+        """DeepSpeed's runtime/utils.py ``empty_cache``: segments given back, the peak statistics restarted."""
+        self.ops.append(("empty",))
+
     def mark(self, name: str) -> None:
         self.ops.append(("mark", name))
 
@@ -166,9 +172,7 @@ def _groups(tensors: list[TensorSpec], param_groups: int) -> list[list[tuple[str
     ``parameter_groups``, as the HF Trainer groups them)."""
     named = [t for t in tensors if t.trainable]
     if param_groups == 2:
-        decay = [t for t in named if "bias" not in t.name and "norm" not in t.name.lower()]
-        rest = [t for t in named if "bias" in t.name or "norm" in t.name.lower()]
-        groups = [decay, rest]
+        groups = [[t for t in named if weight_decays(t.name)], [t for t in named if not weight_decays(t.name)]]
     else:
         groups = [named]
     return [[(t.name, t.numel) for t in group] for group in groups if group]
@@ -227,20 +231,19 @@ class Bucket:
 def _init(seq: Sequence, groups: list[list[tuple[str, int]]], spec: RequestSpec):
     """``DeepSpeedZeroOptimizer.__init__``'s requests; (layout, parts, in_partition, touching) of ``Bucket``."""
     world = spec.world
-    align = 2 * world  # nccl_start_alignment_factor x N
     parts: list[int] = []
     in_partition: dict[str, int] = {}
     layout: dict[str, tuple[int, int, int]] = {}
     touching = 0
     for i, group in enumerate(groups):
-        padded = -(-sum(n for _, n in group) // align) * align
+        padded = flat_group_numel(sum(n for _, n in group), world)
         part = padded // world
         parts.append(part)
-        seq.ops.append(("empty",))  # empty_cache() before each group's flatten
+        seq.empty_cache()  # before each group's flatten
         if spec.flatten_on_cpu and i == 0:  # the group moves to the host, is flattened there, comes back whole
             for name, _ in group:
                 seq.free(("param", name))
-            seq.ops.append(("empty",))
+            seq.empty_cache()
             seq.alloc(("flat", i), BF16 * padded)
         else:
             seq.alloc(("flat", i), BF16 * padded)

@@ -245,6 +245,12 @@ PARAM_GROUPS_RULE = (
 )
 """The parameter-group rule in words, for ``--help`` and the printed assumptions."""
 
+
+def weight_decays(name: str) -> bool:
+    """Whether a parameter goes to the first of the two groups (weight decay): not a bias or a norm weight, by name,
+    as transformers' ``Trainer.get_decay_parameter_names`` decides for the usual layers."""
+    return "bias" not in name and "norm" not in name.lower()
+
 MEASURED_BEFORE_KEY: dict[str, object] = {"loop": Loop.TRAINER, "param_groups": 1}
 """What a runs.jsonl row written before a setup key existed was measured with: the validator's worker ran only
 the Trainer's loop (``loss = engine(...).loss``) before ``loop`` was a key, and passed one list of parameters
