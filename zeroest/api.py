@@ -166,13 +166,10 @@ def predict_request(shape: ModelShape, flags: dict, *, stage: int | None = None,
 def _sequence_plan_note(setup: TrainingSetup, gpu: Gpu, margin: float) -> list[str]:
     """The plan searched with the fitted reserve terms; where the pick is a setup the request sequence covers
     (``core.requests``), its reserve replayed, and whether the pick still fits with it."""
-    from zeroest.estimator.core.requests import sequence_gap
-
-    if sequence_gap(setup) or setup.workload.activations == "closed-form":
-        return []
-    fitted, built = estimate(setup, sequence=False), estimate(setup)
+    built = estimate(setup)  # estimate decides whether the sequence covers the pick
     if built.reserved_facts is None or not built.reserved_facts.sequence_reserved_bytes:
         return []
+    fitted = estimate(setup, sequence=False)
     verdict = fit_verdict(built.device_bytes, gpu, margin)
     how = (f"it still fits ({verdict.spare_bytes / GiB:.1f} GiB spare)" if verdict.fits else
            f"it misses the card by {verdict.short_bytes / GiB:.1f} GiB at the margin: check it with zeroest predict "
