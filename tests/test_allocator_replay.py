@@ -97,3 +97,72 @@ def test_empty_cache_gives_back_only_segments_with_nothing_live(replay_module):
         {"action": "alloc", "addr": 2, "size": 40 * MiB},
     ]
     assert replay_module.replay(events, [("init", 4)])["init"]["replayed_peak_reserved_gib"] == pytest.approx(40 / 1024)
+
+
+# Expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True): one range per pool and stream, mapped in
+# pages of 20 MiB (large pool) or 2 MiB (small pool) as requests need them.
+
+
+def test_expandable_pages_are_mapped_as_needed_and_a_free_tail_grows():
+    model = CachingAllocatorModel(expandable=True)
+    first = model.malloc(30 * MiB)  # two 20 MiB pages; 10 MiB of the second stay free at the end
+    model.malloc(1000)  # the small pool's own range: one 2 MiB page
+    assert model.reserved == 40 * MiB + 2 * MiB and model.segments == 2 and first.size == 30 * MiB
+    model.malloc(5 * MiB)  # the free tail holds it: nothing mapped (the default allocator cuts a 20 MiB segment)
+    assert model.reserved == 42 * MiB
+    model.malloc(10 * MiB)  # 5 MiB free at the end, 5 MiB short: one more page, joined to that free block
+    assert model.reserved == 62 * MiB and model.segments == 2
+    model.free(first)
+    model.malloc(25 * MiB)  # inside the freed 30 MiB
+    assert model.reserved == 62 * MiB
+
+
+def test_expandable_best_fit_takes_a_block_that_cannot_grow_before_the_tail():
+    model = CachingAllocatorModel(expandable=True)
+    middle, _ = model.malloc(12 * MiB), model.malloc(17 * MiB)  # 29 of 40 MiB mapped: an 11 MiB free tail
+    model.free(middle)
+    taken = model.malloc(10 * MiB)  # the tail (11 MiB) fits best by size, but ranks by what it could grow to
+    assert taken.offset == 0 and model.reserved == 40 * MiB
+
+
+def test_expandable_blocks_split_for_any_remainder_of_512_bytes_or_more():
+    model = CachingAllocatorModel(expandable=True)
+    model.free(model.malloc(40 * MiB))
+    taken = model.malloc(39 * MiB)  # the default allocator hands out all 40 MiB (a remainder of 1 MiB or less)
+    assert taken.size == 39 * MiB and model.allocated == 39 * MiB
+
+
+def test_expandable_empty_cache_unmaps_whole_pages_of_free_blocks_and_maps_the_hole_again(replay_module):
+    model = CachingAllocatorModel(expandable=True)
+    first, _ = model.malloc(25 * MiB), model.malloc(30 * MiB)  # 60 MiB mapped, 5 MiB free at the end
+    model.free(first)  # free: [0, 25) MiB
+    model.empty_cache()  # the page [0, 20) goes; the slivers [20, 25) and [55, 60) stay mapped
+    assert model.reserved == 40 * MiB
+    again = model.malloc(18 * MiB)  # no free block of 18 MiB: the hole at 0 is mapped again, joined to [20, 25)
+    assert again.offset == 0 and model.reserved == 60 * MiB and model.run_peak_reserved == 60 * MiB
+    events = [
+        {"action": "segment_map", "addr": 0, "size": 40 * MiB},
+        {"action": "alloc", "addr": 1, "size": 25 * MiB},
+        {"action": "alloc", "addr": 2, "size": 10 * MiB},
+        {"action": "free_completed", "addr": 1, "size": 25 * MiB},
+        {"action": "segment_unmap", "addr": 0, "size": 20 * MiB},  # DeepSpeed's empty_cache: the peak restarts
+        {"action": "alloc", "addr": 3, "size": 1 * MiB + 1},
+    ]
+    out = replay_module.replay(events, [("init", 4), ("step", 6)])
+    assert out["init"]["replayed_peak_reserved_gib"] == pytest.approx(40 / 1024)
+    assert out["step"]["replayed_peak_reserved_gib"] == pytest.approx(20 / 1024)  # [20, 25) holds it: 20 MiB left
+
+
+def test_expandable_segments_retry_under_the_limit_with_their_free_pages_unmapped():
+    from zeroest.estimator.core.allocator import OutOfMemory
+
+    model = CachingAllocatorModel(limit=80 * MiB, expandable=True)
+    first, _ = model.malloc(30 * MiB), model.malloc(20 * MiB)  # [0, 30) and [30, 50) of 60 MiB mapped
+    model.free(first)
+    # no free block holds 35 MiB; 60 + 36 (the segment the default allocator would cut) passes 80: the free page
+    # [0, 20) is unmapped (40 MiB left), then [50, 60) grows by two pages into [50, 100)
+    taken = model.malloc(35 * MiB)
+    assert model.retries == 1 and model.reserved == 80 * MiB and taken.offset == 50 * MiB
+    with pytest.raises(OutOfMemory):  # free: [20, 30) and [85, 100), no whole page to give back
+        model.malloc(25 * MiB)
+    assert model.retries == 2

@@ -26,6 +26,25 @@ fails (``alloc_block``); ``malloc`` then calls ``release_available_cached_blocks
 the segment is tried again (``num_alloc_retries`` += 1, ``retries`` here); if it still passes the limit the
 request fails (``OutOfMemory``). Without a limit the reserve grows past any card.
 Held against whole recorded runs in benchmarks/allocator_replay.py (docs/DEVICE_RUNS.md, ninth session).
+
+With ``expandable=True`` (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``) each pool of each stream is one range
+of virtual addresses (``ExpandableSegment``) that maps physical pages as requests need them, 20 MiB in the large pool
+and 2 MiB in the small one (``find_expandable_block``'s ``segment_size``: ``kLargeBuffer``, ``kSmallBuffer``); the
+reserve is the pages mapped:
+
+* ``get_free_block`` still takes the best-fitting free block, but ranks a free block that ends where unmapped
+  addresses begin by the size it could grow to (``expandable_size``), so it is taken only when no other free block
+  fits;
+* with none, ``try_allocate_expandable_block``: ``find_expandable_block`` takes the lowest unmapped range that, with
+  the free block just before it, is large enough; ``map_block`` maps the pages the request still lacks (rounded up to
+  the page) and merges them with that free block;
+* ``should_split`` splits any block whose remainder is at least 512 bytes, large pool too;
+* ``release_cached_blocks`` (``empty_cache``, or a failed request under the ``limit``) unmaps the whole pages inside
+  every free block (``unmap_block``): the slivers at its ends stay mapped and free, and later requests map pages into
+  the hole again.
+
+The ``limit`` is checked as ``alloc_block`` checks it under ``set_per_process_memory_fraction``: the reserve plus the
+segment the default allocator would have cut for the request (``get_allocation_size``) may not pass it.
 """
 
 from __future__ import annotations
@@ -67,6 +86,27 @@ class Block:
     free: bool = True
     prev: Block | None = None
     next: Block | None = None
+    mapped: bool = True
+    """False: addresses of an expandable segment with no pages behind them (never handed out)."""
+
+
+VIRTUAL_BYTES = 1 << 50
+"""The address range of one expandable segment: more than any card maps (torch reserves the card's memory and an
+eighth; only the pages mapped count)."""
+
+
+def _link_after(block: Block, new: Block) -> None:
+    new.prev, new.next = block, block.next
+    if block.next is not None:
+        block.next.prev = new
+    block.next = new
+
+
+def _unlink(block: Block) -> None:
+    if block.prev is not None:
+        block.prev.next = block.next
+    if block.next is not None:
+        block.next.prev = block.prev
 
 
 @dataclass
@@ -75,6 +115,8 @@ class CachingAllocatorModel:
 
     limit: int = 0
     """The most bytes the allocator may hold (0: no limit)."""
+    expandable: bool = False
+    """Expandable segments (module docstring) in place of the default segments."""
     retries: int = 0
     """Segments tried again after the cache was given back (``num_alloc_retries``)."""
     reserved: int = 0
@@ -85,6 +127,8 @@ class CachingAllocatorModel:
     allocated: int = 0
     segments: int = 0
     _free: dict[tuple[int, bool], list[tuple[int, int, int, Block]]] = field(default_factory=dict)
+    _unmapped: dict[tuple[int, bool], list[tuple[int, Block]]] = field(default_factory=dict)
+    """Per pool, its unmapped ranges by address (expandable segments only)."""
     _serial: int = 0
 
     def _key(self, block: Block) -> tuple[int, int, int, Block]:
@@ -103,43 +147,144 @@ class CachingAllocatorModel:
     def malloc(self, size: int, stream: int = 0) -> Block:
         size = round_size(size)
         small = size <= SMALL_SIZE
-        pool = self._free.get((stream, small), [])
-        at = bisect.bisect_left(pool, (size, -1, -1), key=lambda k: k[:3])
-        if at < len(pool):
-            block = pool.pop(at)[3]
-        else:
+        block = self._best_fit(size, stream, small)
+        if block is None:
             total = allocation_size(size)
             if self.limit and self.reserved + total > self.limit:  # alloc_block fails: release_cached_blocks
                 self.empty_cache()
                 self.retries += 1
                 if self.reserved + total > self.limit:
                     raise OutOfMemory(f"a {total}-byte segment on {self.reserved} reserved passes {self.limit}")
-            self._serial += 1
-            self.segments += 1
-            self.reserved += total
-            self.peak_reserved = max(self.peak_reserved, self.reserved)
-            self.run_peak_reserved = max(self.run_peak_reserved, self.reserved)
-            block = Block(size=total, segment=self._serial, offset=0, stream=stream, small=small)
+            block = self._expand(size, stream, small) if self.expandable else self._segment(total, stream, small)
         remaining = block.size - size
-        if remaining >= MIN_BLOCK if small else remaining > SMALL_SIZE:
-            rest = Block(size=remaining, segment=block.segment, offset=block.offset + size, stream=stream, small=small,
-                         prev=block, next=block.next)
-            if block.next is not None:
-                block.next.prev = rest
-            block.next = rest
+        if remaining >= MIN_BLOCK if small or self.expandable else remaining > SMALL_SIZE:
+            rest = Block(size=remaining, segment=block.segment, offset=block.offset + size, stream=stream, small=small)
+            _link_after(block, rest)
             block.size = size
             self._insert(rest)
         block.free = False
         self.allocated += block.size
         return block
 
+    def _best_fit(self, size: int, stream: int, small: bool) -> Block | None:
+        """``get_free_block``: the smallest free block at least ``size``, taken out of the cache; with expandable
+        segments a block that could grow into unmapped addresses ranks by that size (``expandable_size``)."""
+        pool = self._free.get((stream, small), [])
+        at = bisect.bisect_left(pool, (size, -1, -1), key=lambda k: k[:3])
+        if at == len(pool):
+            return None
+        if self.expandable:
+            def grows_to(b: Block) -> int:
+                return b.size + (b.next.size if b.next is not None and not b.next.mapped else 0)
+
+            while at + 1 < len(pool) and grows_to(pool[at + 1][3]) < grows_to(pool[at][3]):
+                at += 1
+        return pool.pop(at)[3]
+
+    def _grow(self, total: int) -> None:
+        self.reserved += total
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+        self.run_peak_reserved = max(self.run_peak_reserved, self.reserved)
+
+    def _segment(self, total: int, stream: int, small: bool) -> Block:
+        """``alloc_block``: a new segment of ``total`` bytes (``cudaMalloc``)."""
+        self._serial += 1
+        self.segments += 1
+        self._grow(total)
+        return Block(size=total, segment=self._serial, offset=0, stream=stream, small=small)
+
+    def _expand(self, size: int, stream: int, small: bool) -> Block:
+        """``try_allocate_expandable_block``: the lowest unmapped range that, with the free block before it, holds
+        ``size``, mapped page by page and merged with that block; taken out of the cache."""
+        key = (stream, small)
+        unmapped = self._unmapped.setdefault(key, [])
+        if not unmapped:  # find_expandable_block: the pool's first expandable segment
+            self._serial += 1
+            self.segments += 1
+            unmapped.append((0, Block(size=VIRTUAL_BYTES, segment=self._serial, offset=0, stream=stream, small=small,
+                                      mapped=False)))
+
+        def room(b: Block | None) -> int:
+            got = 0
+            while b is not None and b.free and got < size:
+                got, b = got + b.size, b.next
+            return got
+
+        candidate = None
+        for _, hole in unmapped:
+            start = hole.prev if hole.prev is not None and hole.prev.free else hole
+            if room(start) >= size:
+                candidate = start
+                break
+        if candidate is None:  # past the end of the virtual range: more than any card
+            raise OutOfMemory(f"no expandable range holds {size} bytes")
+        if not candidate.mapped:
+            candidate = self._map(candidate, size, small)
+        while candidate.size < size:
+            candidate = self._map(candidate.next, size - candidate.size, small)
+        self._remove(candidate)
+        return candidate
+
+    def _map(self, hole: Block, size: int, small: bool) -> Block:
+        """``map_block``: the pages covering the first ``size`` bytes of unmapped ``hole``, merged with a free
+        neighbour before (and after) it; the mapped block, back in the cache."""
+        page = SMALL_BUFFER if small else LARGE_BUFFER
+        mapped = min(hole.size, -(-size // page) * page)
+        unmapped = self._unmapped[(hole.stream, small)]
+        del unmapped[bisect.bisect_left(unmapped, hole.offset, key=lambda k: k[0])]
+        if mapped < hole.size:
+            rest = Block(size=hole.size - mapped, segment=hole.segment, offset=hole.offset + mapped,
+                         stream=hole.stream, small=small, mapped=False)
+            _link_after(hole, rest)
+            bisect.insort(unmapped, (rest.offset, rest), key=lambda k: k[0])
+            hole.size = mapped
+        hole.mapped = True
+        self._grow(mapped)
+        self._merge(hole)
+        self._insert(hole)
+        return hole
+
     def empty_cache(self) -> None:
-        """``emptyCache`` / ``release_cached_blocks``: every segment with no live block goes back to the driver."""
+        """``emptyCache`` / ``release_cached_blocks``: every segment with no live block goes back to the driver; with
+        expandable segments, the whole pages inside every free block are unmapped (``unmap_block``)."""
+        if self.expandable:
+            for pool in list(self._free.values()):
+                for _, _, _, block in list(pool):
+                    self._unmap(block)
+            return
         for key, pool in self._free.items():
             whole = [k for k in pool if k[3].prev is None and k[3].next is None]
             self._free[key] = [k for k in pool if not (k[3].prev is None and k[3].next is None)]
             self.reserved -= sum(k[0] for k in whole)
             self.segments -= len(whole)
+
+    def _unmap(self, block: Block) -> None:
+        page = SMALL_BUFFER if block.small else LARGE_BUFFER
+        begin = -(-block.offset // page) * page
+        end = (block.offset + block.size) // page * page
+        if end <= begin:
+            return
+        self._remove(block)
+        if begin > block.offset:  # the slivers of a page at either end stay mapped and free
+            before = Block(size=begin - block.offset, segment=block.segment, offset=block.offset,
+                           stream=block.stream, small=block.small, prev=block.prev, next=block)
+            if block.prev is not None:
+                block.prev.next = before
+            block.prev = before
+            self._insert(before)
+        if end < block.offset + block.size:
+            after = Block(size=block.offset + block.size - end, segment=block.segment, offset=end,
+                          stream=block.stream, small=block.small)
+            _link_after(block, after)
+            self._insert(after)
+        block.offset, block.size, block.mapped = begin, end - begin, False
+        self.reserved -= end - begin
+        unmapped = self._unmapped[(block.stream, block.small)]
+        for neighbour in (block.prev, block.next):
+            if neighbour is not None and not neighbour.mapped:
+                del unmapped[bisect.bisect_left(unmapped, neighbour.offset, key=lambda k: k[0])]
+                self._absorb(block, neighbour)
+        bisect.insort(unmapped, (block.offset, block), key=lambda k: k[0])
 
     def reset_peak(self) -> None:
         self.peak_reserved = self.reserved
@@ -147,16 +292,20 @@ class CachingAllocatorModel:
     def free(self, block: Block) -> None:
         block.free = True
         self.allocated -= block.size
-        for neighbour in (block.prev, block.next):
-            if neighbour is not None and neighbour.free:
-                self._remove(neighbour)
-                if neighbour is block.prev:
-                    block.offset, block.prev = neighbour.offset, neighbour.prev
-                    if neighbour.prev is not None:
-                        neighbour.prev.next = block
-                else:
-                    block.next = neighbour.next
-                    if neighbour.next is not None:
-                        neighbour.next.prev = block
-                block.size += neighbour.size
+        self._merge(block)
         self._insert(block)
+
+    def _merge(self, block: Block) -> None:
+        """``try_merge_blocks``: ``block`` takes in its free neighbours of the same kind (mapped or not), which leave
+        the cache."""
+        for neighbour in (block.prev, block.next):
+            if neighbour is not None and neighbour.free and neighbour.mapped == block.mapped:
+                self._remove(neighbour)
+                self._absorb(block, neighbour)
+
+    @staticmethod
+    def _absorb(block: Block, neighbour: Block) -> None:
+        if neighbour is block.prev:
+            block.offset = neighbour.offset
+        block.size += neighbour.size
+        _unlink(neighbour)
