@@ -13,8 +13,10 @@ and this allocator, not fractions of phase totals; where it does not, the differ
 out.
 
 ``CachingAllocatorModel`` (``zeroest.estimator.core.allocator``) is c10/cuda/CUDACachingAllocator.cpp with its
-defaults; where the trace shows the run giving segments back (``segment_free``), the replay gives back every segment
-with no live block and, as DeepSpeed's runtime/utils.py ``empty_cache`` does, restarts its peak. No cap (rows on an
+defaults, or with expandable segments where the run mapped them (``segment_map`` events: run it under
+``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``); where the trace shows the run giving memory back
+(``segment_free``, ``segment_unmap``), the replay gives back every segment with no live block (the pages inside every
+free block) and, as DeepSpeed's runtime/utils.py ``empty_cache`` does, restarts its peak. No cap (rows on an
 emulated card that retried under the cap are not comparable, and the result says how many retries there were).
 """
 
@@ -31,12 +33,15 @@ from zeroest.estimator.core.allocator import Block, CachingAllocatorModel
 GiB = 2**30
 
 
-def replay(events: list[dict], marks: list[tuple[str, int]]) -> dict[str, dict]:
+def replay(events: list[dict], marks: list[tuple[str, int]], *, expandable: bool | None = None) -> dict[str, dict]:
     """Replay ``alloc`` / ``free_completed`` trace events (``alloc`` records the size asked for, ``orig_size``);
     at each mark (phase name, the number of events recorded by its end) the replay's peak reserve and segment count,
     and the segments the run itself cut (``segment_alloc`` events). A free of a block allocated before the history
-    began is skipped and counted."""
-    model = CachingAllocatorModel()
+    began is skipped and counted. ``expandable``: the run mapped expandable segments (None: it did where the trace
+    holds ``segment_map`` events); their ``segment_unmap`` then marks an ``empty_cache``."""
+    if expandable is None:
+        expandable = any(e["action"] == "segment_map" for e in events)
+    model = CachingAllocatorModel(expandable=expandable)
     live: dict[int, Block] = {}
     unknown = cut = 0
     out: dict[str, dict] = {}
@@ -51,9 +56,10 @@ def replay(events: list[dict], marks: list[tuple[str, int]]) -> dict[str, dict]:
         while end is not None and at >= end:
             out[name] = record()
             name, end = next(bounds, (None, None))
-        if event["action"] == "segment_alloc":
+        if event["action"] in ("segment_alloc", "segment_map"):
             cut += 1
-        elif event["action"] == "segment_free" and (at == 0 or events[at - 1]["action"] != "segment_free"):
+        elif event["action"] in ("segment_free", "segment_unmap") and (at == 0 or events[at - 1]["action"] not in (
+                "segment_free", "segment_unmap")):
             # the first segment an empty_cache() gives back: DeepSpeed's runtime/utils.py ``empty_cache`` then
             # also resets the peak statistics (``reset_peak_memory_stats``), as the measured maximum shows
             model.empty_cache()
@@ -73,7 +79,8 @@ def replay(events: list[dict], marks: list[tuple[str, int]]) -> dict[str, dict]:
     return out
 
 
-ACTION_CODES = {"alloc": "a", "free_completed": "f", "segment_alloc": "S", "segment_free": "s"}
+ACTION_CODES = {"alloc": "a", "free_completed": "f", "segment_alloc": "S", "segment_free": "s", "segment_map": "M",
+                "segment_unmap": "U"}
 
 
 def write_events(path: str, events: list[dict], marks: list[tuple[str, int]]) -> None:

@@ -2,7 +2,7 @@
 
 usage (CPU; torch, transformers and peft installed):
   python benchmarks/sequence_replay.py CONFIG --stage 2 --world 2 --micro-batch 2 --seq-len 2048 --ckpt \
-      [--offload] [--lora-rank 16] [--param-groups 2] [--loop trainer] \
+      [--offload] [--lora-rank 16] [--param-groups 2] [--loop trainer] [--expandable] \
       [--events data/runs/h200-sequences/long8-events.json.gz]
 
 ``benchmarks/allocator_replay.py`` showed that the caching allocator, fed a run's recorded requests, gives its peak
@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--full-depth", action="store_true",
                         help="trace every decoder layer, not four expanded to full depth")
     parser.add_argument("--events", help="a recording of the same row (allocator_replay.py --events-out)")
+    parser.add_argument("--expandable", action="store_true",
+                        help="the row ran with expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)")
     args = parser.parse_args()
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -79,7 +81,7 @@ def main() -> None:
     spec = RequestSpec(stage=args.stage, world=args.world, offload=args.offload, loop=args.loop,
                        param_groups=args.param_groups, bucket_elements=args.bucket, flatten_on_cpu=args.flatten_on_cpu)
     seq = build(*tensors_of(model), trace, spec)
-    result = replay(seq)
+    result = replay(seq, expandable=args.expandable)
     built = {name: size / GiB for name, size in result.phases.items()}
     print(f"peak reserve of the run, across DeepSpeed's resets: {result.peak_reserved_bytes / GiB:.3f} GiB")
     ours = sorted(op[2] for op in seq.ops if op[0] == "a" and op[2] >= 64 * MiB)

@@ -180,7 +180,7 @@ def _setup(**kw):
     ({"lora_rank": 16, "lora_targets": "all-linear"}, None),
     ({"stage": 3}, "ZeRO stage 0 or 3"),
     ({"grad_accum": 4}, "gradient accumulation"),
-    ({"expandable_segments": True}, "expandable segments"),
+    ({"expandable_segments": True}, None),
     ({"overlap_comm": True}, "overlap_comm on or contiguous_gradients off"),
     ({"loop": "custom-del"}, "the custom-del loop"),
     ({"lora_rank": 16, "lora_targets": "q_proj,v_proj"}, "LoRA on chosen modules"),

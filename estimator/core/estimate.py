@@ -245,7 +245,7 @@ def _card_limit_note(terms: ReservedTerms) -> str | None:
 
 def _sequence_note(setup: TrainingSetup, facts: ReservedFacts, terms: ReservedTerms) -> str:
     """Where reserved memory came from, for setups the request sequence covers or could."""
-    if facts.expandable_segments or int(setup.stage) not in (1, 2):
+    if int(setup.stage) not in (1, 2):
         return ""
     if not facts.sequence_reserved_bytes:
         why = sequence_gap(setup)
@@ -258,6 +258,8 @@ def _sequence_note(setup: TrainingSetup, facts: ReservedFacts, terms: ReservedTe
     elif facts.sequence_retries:
         built += (f" under the card's limit, after the allocator gives its cache back {facts.sequence_retries} "
                   "time(s) (num_alloc_retries; slower steps)")
+    if facts.expandable_segments:
+        built += ", expandable segments"
     if not facts.sequence_floor:
         return (f"reserved memory: the run's allocator requests replayed through torch's caching allocator ({built}; "
                 "core.requests)")

@@ -145,14 +145,13 @@ class RequestReplay:
 
 
 def sequence_gap(setup: TrainingSetup) -> str | None:
-    """Why ``build`` does not cover the setup, or None where it does: ZeRO stage 1 or 2, torch's default segments,
+    """Why ``build`` does not cover the setup, or None where it does: ZeRO stage 1 or 2 (either kind of segment),
     no gradient accumulation, AdamW from torch or FusedAdam (DeepSpeedCPUAdam with optimizer offload), bf16, the
     custom or trainer loop, ``overlap_comm`` off and ``contiguous_gradients`` on, full fine-tuning or LoRA on all
     linear layers, one or two parameter groups."""
     z, a, w = setup.zero, setup.adapters, setup.workload
     checks = (
         (int(setup.stage) not in (1, 2), "ZeRO stage 0 or 3"),
-        (setup.expandable_segments, "expandable segments"),
         (w.grad_accum != 1, "gradient accumulation"),
         (str(setup.optimizer.name) != "adamw" or str(setup.optimizer.impl) not in ("torch", "fused", "cpu")
          or (str(setup.optimizer.impl) == "cpu") != (str(z.offload_optimizer) != "none"),
@@ -370,18 +369,19 @@ def build(tensors: list[TensorSpec], buffer_bytes: list[int], trace: Trace, spec
     return seq
 
 
-def replay(seq: Sequence, limit_bytes: int = 0) -> RequestReplay:
+def replay(seq: Sequence, limit_bytes: int = 0, *, expandable: bool = False) -> RequestReplay:
     """The sequence through ``CachingAllocatorModel``: ``empty_cache`` gives segments back and restarts the peak, as
     DeepSpeed's runtime/utils.py ``empty_cache`` does. ``limit_bytes``: what the allocator may hold on the card
     (0: no limit); a run that passes it retries, and one that still cannot place a request runs out of memory, its
-    peak then the one it asks for without the limit."""
-    model, blocks, phases = CachingAllocatorModel(limit=limit_bytes), {}, {}
+    peak then the one it asks for without the limit. ``expandable``: the allocator maps expandable segments
+    (``TrainingSetup.expandable_segments``)."""
+    model, blocks, phases = CachingAllocatorModel(limit=limit_bytes, expandable=expandable), {}, {}
     for op in seq.ops:
         if op[0] == "a":
             try:
                 blocks[op[1]] = model.malloc(op[2])
             except OutOfMemory:
-                demand = replay(seq).peak_reserved_bytes
+                demand = replay(seq, expandable=expandable).peak_reserved_bytes
                 return RequestReplay(phases=phases, peak_reserved_bytes=demand, retries=model.retries,
                                      out_of_memory=True)
         elif op[0] == "f":

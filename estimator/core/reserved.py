@@ -83,7 +83,8 @@ out what the communication streams hold back. Of 16 setups measured after its ru
 limit, it told which would run out of memory on 13 (docs/DEVICE_RUNS.md, tenth session).
 
 With expandable segments (``TrainingSetup.expandable_segments``, ``PYTORCH_CUDA_ALLOC_CONF=
-expandable_segments:True``) none of the terms above applies. The large pool of each stream is then one range of
+expandable_segments:True``) the request sequence, where built, is replayed through the allocator model's expandable
+mode (``core.allocator``); elsewhere none of the terms above applies. The large pool of each stream is then one range of
 virtual addresses that maps physical pages of 20 MiB (``kLargeBuffer``; ``ExpandableSegment::map`` rounds to its
 ``segment_size_``) as requests need them: a request still takes the best-fitting free block first
 (``get_free_block``), and one that finds none maps pages at the end of the range, joined to the free block just
@@ -297,15 +298,15 @@ def reserved_terms(phases: dict[str, dict[str, float]], facts: ReservedFacts, oh
     init, step = phases.get("init", empty), phases.get("step", empty)
     fwd, bwd = phases.get("forward", empty), phases.get("backward", empty)
     totals = {name: _total(c) for name, c in (("init", init), ("forward", fwd), ("backward", bwd), ("step", step))}
-    if facts.expandable_segments:
-        default = reserved_terms(phases, replace(facts, expandable_segments=False, card_bytes=0), oh)
-        return _expandable_terms(totals, default, facts, oh)
     if facts.sequence_reserved_bytes:
         built = _sequence_terms(totals, facts, oh)
         if not facts.sequence_floor:
             return built
         terms = reserved_terms(phases, replace(facts, sequence_reserved_bytes=0), oh)
         return terms if terms.total_bytes >= built.total_bytes else built
+    if facts.expandable_segments:
+        default = reserved_terms(phases, replace(facts, expandable_segments=False, card_bytes=0), oh)
+        return _expandable_terms(totals, default, facts, oh)
     lazy = step.get("optimizer_states", 0.0) if init.get("optimizer_states", 0.0) == 0 else 0.0
     first_name = "forward" if totals["forward"] > totals["backward"] else "backward"
     peak_name = max(("forward", "backward", "step"), key=lambda n: totals[n])

@@ -68,7 +68,7 @@ def _key(setup, spec: RequestSpec, config: dict, limit_bytes: int) -> str:
     payload = {"what": "zero12-requests", "sequence_version": SEQUENCE_VERSION, "config": config,
                "dtype": str(setup.dtype), "attn": str(w.attn), "ckpt": w.grad_ckpt, "micro_batch": w.micro_batch,
                "seq_len": w.seq_len, "spec": {k: getattr(spec, k) for k in spec.__dataclass_fields__},
-               "limit_bytes": limit_bytes,
+               "limit_bytes": limit_bytes, **({"expandable_segments": True} if setup.expandable_segments else {}),
                "lora": {f: getattr(a, f) for f in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")},
                **library_versions(), **({"peft": _peft_version()} if a.lora else {})}
     return "requests-" + cache.cache_key(payload)
@@ -101,7 +101,7 @@ def sequence_replay(setup, *, flatten_on_cpu: bool, limit_bytes: int = 0, use_ca
     model, trace, _ = model_and_trace(config, str(setup.dtype), str(w.attn), setup.adapters, ckpt=w.grad_ckpt,
                                       micro_batch=w.micro_batch, seq_len=w.seq_len)
     params, buffers = tensors_of(model)
-    result = replay(build(params, buffers, trace, spec), limit_bytes)
+    result = replay(build(params, buffers, trace, spec), limit_bytes, expandable=setup.expandable_segments)
     log.info(f"built the request sequence of {setup.model.name} in {time.perf_counter() - started:.2f} s")
     if use_cache:
         cache.write_atomically(path, {"version": cache.CACHE_VERSION, "phases": result.phases,
