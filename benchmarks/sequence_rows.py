@@ -43,7 +43,7 @@ def skip_reason(record, real_ranks: bool = False) -> str | None:
 
 
 def built_reserve(record):
-    """The built sequence replayed for a measured row (``core.requests.RequestReplay``) under the allocator's limit on
+    """The built sequence replayed for a measured row (``core.allocator.RequestReplay``) under the allocator's limit on
     the row's card, as the estimate replays it, and whether the flat group went to the host (DeepSpeed's branch for
     the card, ``core.capacity``)."""
     from zeroest.estimator.core.capacity import flatten_decision

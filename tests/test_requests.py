@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from zeroest.estimator.core import requests
+from zeroest.estimator.core import allocator, requests
 from zeroest.estimator.core.requests import RequestSpec, Sequence
 
 pytest.importorskip("transformers")
@@ -79,7 +79,7 @@ def test_slices_merge_across_groups_by_rank():
     the upper half of both groups are one slice; a norm that crosses its group's edge adds a slice for rank 0."""
     layout = {"w1": (0, 600, 100), "n1": (1, 60, 10), "w2": (0, 700, 100), "n0": (1, 45, 10)}
     bucket = requests.Bucket(Sequence(), 0, _spec(bucket_elements=10**9), layout, parts=[500, 50],
-                             in_partition={"n0": 5}, touching=0)
+                             in_partition={"n0": 5}, touching=0, partition_key=("grads_in_partition", 0))
     for name in ("w1", "n1", "w2"):
         bucket.add(name, layout[name][2])
     assert bucket._slices() == 1
@@ -111,6 +111,80 @@ def test_stage1_makes_grads_in_partition_once_per_step():
     assert _sizes(seq, "grads_in_partition") == [2 * touching, 2 * touching]
 
 
+def test_accumulation_at_stage2_copies_each_later_micro_steps_partition_and_drops_it():
+    """independent_gradient_partition_epilogue at every micro-step: the first micro-step's grads_in_partition lives
+    until the step; each later one makes its own (the previous was released with the ipg buffers), adds it into
+    the first and drops it at the end of its backward. The bucket comes and goes with every backward."""
+    model, trace = _model_and_trace(TINY, 2, 32, ckpt=False)
+    one = _build(model, trace, _spec(steps=1))
+    seq = _build(model, trace, _spec(steps=1, grad_accum=3))
+    (first,) = _sizes(one, "grads_in_partition")
+    assert _sizes(seq, "grads_in_partition") == [first] * 3 and len(_sizes(seq, "bucket")) == 3
+    ends = [at for at, op in enumerate(seq.ops) if op[0] == "mark" and op[1].startswith("step0.backward")]
+    for micro, end in enumerate(ends[1:], 1):
+        freed = [at for at, op in enumerate(seq.ops) if op == ("f", ("grads_in_partition", 0, micro))]
+        assert freed and ends[micro - 1] < freed[0] < end
+    assert ("grads_in_partition", 0) not in seq.live and all(key[0] != "grads_in_partition" for key in seq.live
+                                                             if isinstance(key, tuple))
+
+
+def test_accumulation_at_stage1_holds_the_first_gradients_and_frees_the_later_ones_as_made():
+    """Stage 1 reduces only at the boundary (engine.py allreduce_gradients): the first micro-step's gradients are
+    held and AccumulateGrad adds each later one into them in place, its own storage freed as it is made; the bucket
+    is made once (setup_buckets' ready_for_gradients stays set until the boundary's epilogue)."""
+    model, trace = _model_and_trace(TINY, 2, 32, ckpt=False)
+    seq = _build(model, trace, _spec(stage=1, steps=1, grad_accum=2))
+    assert len(_sizes(seq, "bucket")) == 1 and len(_sizes(seq, "grads_in_partition")) == 1
+    grads = {serial for serial in trace.excluded}
+    later = [at for at, op in enumerate(seq.ops) if op[0] == "a" and op[1][0] == 1 and op[1][1] in grads]
+    assert later and all(seq.ops[at + 1] == ("f", seq.ops[at][1]) for at in later)
+    held_free = [op for op in seq.ops if op[0] == "f" and op[1][0] == 0 and op[1][1] in grads]
+    boundary = seq.ops.index(("mark", "step0.backward1"))
+    assert held_free and all(seq.ops.index(op) < boundary for op in held_free)
+    assert all(seq.ops.index(op) > seq.ops.index(("mark", "step0.forward1")) for op in held_free)
+
+
+@pytest.mark.slow
+def test_recorded_accumulation_run_replays_as_built(benchmark_script):
+    """qwen2.5-0.5b at ZeRO-1, rank 0 of 4, four micro-steps of 2 x 1024, the custom loop, two groups (loops grid
+    row 15, recorded with allocator_replay.py --events-out): the built sequence gives the recording's replayed
+    reserve at all 28 phase ends, to one 2 MiB small-pool segment in the first step (requests under 1 MiB that
+    DeepSpeed makes are left out)."""
+    import json
+
+    config = json.loads((ROOT / "data/models/qwen2.5-0.5b.json").read_text())
+    seq_module = benchmark_script("sequence_replay")
+    model, trace = _model_and_trace(config, 2, 1024, ckpt=False)
+    built = allocator.replay(_build(model, trace, _spec(stage=1, world=4, param_groups=2, steps=3,
+                                                         bucket_elements=500_000_000, grad_accum=4)))
+    recorded, _ = seq_module.recorded(str(ROOT / "data/runs/h200-sequences/loops15-events.json.gz"))
+    phases = [name for name in recorded if name != "build"]
+    assert len(phases) == 28
+    for name in phases:
+        assert built.phases[name] / 2**30 == pytest.approx(recorded[name], abs=2 * MiB / 2**30), name
+    assert built.peak_reserved_bytes / 2**30 == pytest.approx(recorded[phases[-1]], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_tied_weights_gradient_reaches_the_bucket_after_its_parts_are_freed(benchmark_script):
+    """llama-3.2-3b (tied embeddings) at ZeRO-2, rank 0 of 8, 1 x 2048 with checkpointing, expandable segments
+    (xseqcheck grid row 10, recorded): the head's and the embedding's gradients are summed and freed before
+    DeepSpeed's hook copies the sum into the bucket, whose flush then finds their room; built so, the sequence
+    gives the recording's reserve at every phase end (with the hook at the sum's making it was 0.57-1.15 GiB over)."""
+    import json
+
+    config = json.loads((ROOT / "data/runs/h200-xseqcheck/models/llama-3.2-3b.json").read_text())
+    seq_module = benchmark_script("sequence_replay")
+    model, trace = _model_and_trace(config, 1, 2048, ckpt=True)
+    built = allocator.replay(_build(model, trace, _spec(world=8, param_groups=2, steps=3,
+                                                         bucket_elements=500_000_000)), expandable=True)
+    recorded, _ = seq_module.recorded(str(ROOT / "data/runs/h200-sequences/xseqcheck10-events.json.gz"))
+    phases = [name for name in recorded if name != "build"]
+    assert len(phases) == 10
+    for name in phases:
+        assert built.phases[name] / 2**30 == pytest.approx(recorded[name], abs=1e-6), name
+
+
 @pytest.mark.slow
 def test_recorded_zero2_run_replays_as_built(benchmark_script):
     """llama-3.2-1b at ZeRO-2, rank 0 of 2, 2 x 2048 with checkpointing, the custom loop, the Trainer's two groups
@@ -122,7 +196,7 @@ def test_recorded_zero2_run_replays_as_built(benchmark_script):
     benchmark_script("allocator_replay")
     seq_module = benchmark_script("sequence_replay")
     model, trace = _model_and_trace(config, 2, 2048, ckpt=True)
-    built = requests.replay(_build(model, trace, _spec(param_groups=2, steps=3, bucket_elements=500_000_000)))
+    built = allocator.replay(_build(model, trace, _spec(param_groups=2, steps=3, bucket_elements=500_000_000)))
     recorded, _ = seq_module.recorded(str(ROOT / "data/runs/h200-sequences/long8-events.json.gz"))
     phases = [name for name in recorded if name != "build"]
     assert len(phases) == 10
@@ -153,7 +227,7 @@ def test_the_run_peak_is_kept_across_deepspeeds_resets():
     seq.empty_cache()
     seq.alloc("c", 5 * MiB)  # a large request under 10 MiB: a 20 MiB segment
     seq.mark("init")
-    replayed = requests.replay(seq)
+    replayed = allocator.replay(seq)
     assert replayed.phases["init"] == 20 * MiB
     assert replayed.peak_reserved_bytes == 192 * MiB
 
@@ -179,7 +253,9 @@ def _setup(**kw):
     ({"offload_optimizer": "cpu", "optimizer_impl": "cpu", "loop": "trainer"}, None),
     ({"lora_rank": 16, "lora_targets": "all-linear"}, None),
     ({"stage": 3}, "ZeRO stage 0 or 3"),
-    ({"grad_accum": 4}, "gradient accumulation"),
+    ({"grad_accum": 4}, None),
+    ({"grad_accum": 4, "offload_optimizer": "cpu", "optimizer_impl": "cpu"},
+     "gradient accumulation with optimizer offload"),
     ({"expandable_segments": True}, None),
     ({"overlap_comm": True}, "overlap_comm on or contiguous_gradients off"),
     ({"loop": "custom-del"}, "the custom-del loop"),
@@ -254,12 +330,12 @@ def test_under_the_cards_limit_the_replay_retries_then_runs_out_of_memory():
     seq.temp("a", 60 * MiB)
     seq.alloc("b", 70 * MiB)
     seq.mark("fits")
-    assert requests.replay(seq, limit_bytes=100 * MiB) == requests.RequestReplay(
+    assert allocator.replay(seq, limit_bytes=100 * MiB) == allocator.RequestReplay(
         phases={"fits": 70 * MiB}, peak_reserved_bytes=70 * MiB, retries=1)
-    assert requests.replay(seq).peak_reserved_bytes == 130 * MiB  # no card: both segments stay
+    assert allocator.replay(seq).peak_reserved_bytes == 130 * MiB  # no card: both segments stay
     seq.alloc("c", 40 * MiB)
     seq.mark("after")
-    failed = requests.replay(seq, limit_bytes=100 * MiB)
+    failed = allocator.replay(seq, limit_bytes=100 * MiB)
     # what it asks for without the limit, where the 40 MiB takes a piece of the cached 60 MiB block: 130 MiB
     assert failed.out_of_memory and failed.retries == 2 and failed.peak_reserved_bytes == 130 * MiB
 

@@ -51,6 +51,10 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from zeroest.estimator.core.requests import Sequence
 
 MIN_BLOCK = 512
 SMALL_SIZE = 1 << 20
@@ -309,3 +313,44 @@ class CachingAllocatorModel:
             block.offset = neighbour.offset
         block.size += neighbour.size
         _unlink(neighbour)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RequestReplay:
+    """The sequence through the allocator model."""
+
+    phases: dict[str, int]
+    """Peak reserve at the end of each phase since the last ``empty_cache`` (``torch.cuda.max_memory_reserved()``
+    as DeepSpeed's resets leave it), bytes."""
+    peak_reserved_bytes: int
+    """The peak reserve of the whole run, across the resets (what the validator measures); under a limit, where the
+    run ran out of memory, the peak without the limit (what it asked for)."""
+    retries: int = 0
+    """Segments tried again under the limit after the cache was given back (``num_alloc_retries``)."""
+    out_of_memory: bool = False
+    """A request failed under the limit even with the cache given back: the run stops there."""
+
+
+def replay(seq: Sequence, limit_bytes: int = 0, *, expandable: bool = False) -> RequestReplay:
+    """A request sequence (``core.requests.Sequence``) through the model: ``empty_cache`` gives segments back and
+    restarts the peak, as DeepSpeed's runtime/utils.py ``empty_cache`` does. ``limit_bytes``: what the allocator may
+    hold on the card (0: no limit); a run that passes it retries, and one that still cannot place a request runs out
+    of memory, its peak then the one it asks for without the limit. ``expandable``: the allocator maps expandable
+    segments (``TrainingSetup.expandable_segments``)."""
+    model, blocks, phases = CachingAllocatorModel(limit=limit_bytes, expandable=expandable), {}, {}
+    for op in seq.ops:
+        if op[0] == "a":
+            try:
+                blocks[op[1]] = model.malloc(op[2])
+            except OutOfMemory:
+                demand = replay(seq, expandable=expandable).peak_reserved_bytes
+                return RequestReplay(phases=phases, peak_reserved_bytes=demand, retries=model.retries,
+                                     out_of_memory=True)
+        elif op[0] == "f":
+            model.free(blocks.pop(op[1]))
+        elif op[0] == "empty":
+            model.empty_cache()
+            model.reset_peak()
+        else:
+            phases[op[1]] = model.peak_reserved
+    return RequestReplay(phases=phases, peak_reserved_bytes=model.run_peak_reserved, retries=model.retries)

@@ -17,13 +17,14 @@ data/runs/h200-sequences). ``build`` writes that sequence from the model's tenso
   ``temp_grad_buffer_for_gpu_offload`` (b n_max, kept), without it ``initialize_optimizer_states``' zero fp32
   gradient per group (4 P_g/N, made and dropped);
 * each micro-step: cuBLAS's workspace (``CUBLAS_WORKSPACE_BYTES``) at the first GEMM of the first forward (at the
-  latest right after the first request over 1 MiB, the embeddings' output: transformers 5.17's rotary embedding runs
-  a matmul there) and of the first backward (autograd's thread has its own handle), both kept; the traced forward
-  and backward; the custom loop keeps the logits the model returns (gemma-2's softcapped ones, not the head's) until
-  the next forward returns, the trainer loop only the loss. At the first parameter gradient the ipg bucket
-  (``setup_buckets``, b ``reduce_bucket_size``). At stage 2 each final gradient is copied into the bucket and its
-  own storage dropped at its hook (``reduce_independent_p_g_buckets_and_remove_grads``). A gradient that would
-  overflow the bucket first flushes it (``reduce_ipg_grads``): the flatten of its tensors (``allreduce_bucket``,
+  latest right after the first request over 1 MiB, the embeddings' output: transformers 5.17's rotary embedding runs a
+  matmul there) and of the first backward (autograd's thread has its own handle), both kept; the traced forward and
+  backward; the custom loop keeps the logits the model returns (gemma-2's softcapped ones, not the head's) until the
+  next forward returns, the trainer loop only the loss. At the first parameter gradient the ipg bucket
+  (``setup_buckets``, b ``reduce_bucket_size``). At stage 2 each final gradient is copied into the bucket and its own
+  storage dropped at its hook (``reduce_independent_p_g_buckets_and_remove_grads``), which ``AccumulateGrad`` runs
+  once the node that made the gradient has freed what it frees (a tied weight's two parts, summed). A gradient that
+  would overflow the bucket first flushes it (``reduce_ipg_grads``): the flatten of its tensors (``allreduce_bucket``,
   b E) only where they make two slices or more (``average_tensor`` merges consecutive parameters bound for one rank,
   whatever their group); then for each of its parameters in the rank's partition, without offload the copy into
   ``grads_in_partition`` (made at the first flush: b times the elements of every parameter that starts in the
@@ -32,6 +33,12 @@ data/runs/h200-sequences). ``build`` writes that sequence from the model's tenso
   (``async_inplace_copy_grad_to_fp32_buffer_from_gpu``, 4 n), each made and dropped. The last flush comes at the end
   of backward, then the bucket is released (``_release_ipg_buffers``). Stage 1 keeps every gradient until backward
   ends, then sends them through the bucket in the groups' order (``reduce_gradients``);
+* with gradient accumulation (engine.py ``allreduce_gradients``): stage 2 reduces every micro-step. The first
+  micro-step's ``grads_in_partition`` lives until the step; each later one makes its own at its first flush
+  (``_release_ipg_buffers`` let the previous go), adds it into the first's tensors
+  (``independent_gradient_partition_epilogue``: ``all_grad_tensors``, ``add_``) and drops it as its backward ends.
+  Stage 1 reduces at the boundary only: the first micro-step's gradients are held, ``AccumulateGrad`` adds each
+  later one into them in place (freed as it is made), and the bucket stays from the first gradient to the boundary;
 * ``step`` without offload: the fp64 norm of each gradient in the partition (``get_grad_norm_direct``, 8 n each,
   made and dropped); then per group the flat 16-bit gradient partition (b P_g/N) and its fp32 copy (4 P_g/N, the
   first dropped); ``grads_in_partition`` dropped with the last group's ``averaged_gradients``; Adam's ``exp_avg``
@@ -49,7 +56,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from zeroest.estimator.core.allocator import CachingAllocatorModel, OutOfMemory
 from zeroest.estimator.core.flat_group import flat_group_numel
 from zeroest.estimator.core.vocab import weight_decays
 
@@ -88,6 +94,8 @@ class RequestSpec:
     """torch's AdamW takes its foreach path on CUDA, one fp32 temporary of 4 P_g/N per group
     (``core.optimizers.optimizer_temp_bytes``); FusedAdam updates in place."""
     steps: int = STEPS
+    grad_accum: int = 1
+    """Micro-steps per optimizer step (``gradient_accumulation_steps``; module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -128,31 +136,15 @@ class Sequence:
         self.ops.append(("mark", name))
 
 
-@dataclass(frozen=True, kw_only=True)
-class RequestReplay:
-    """The sequence through the allocator model."""
-
-    phases: dict[str, int]
-    """Peak reserve at the end of each phase since the last ``empty_cache`` (``torch.cuda.max_memory_reserved()``
-    as DeepSpeed's resets leave it), bytes."""
-    peak_reserved_bytes: int
-    """The peak reserve of the whole run, across the resets (what the validator measures); under a limit, where the
-    run ran out of memory, the peak without the limit (what it asked for)."""
-    retries: int = 0
-    """Segments tried again under the limit after the cache was given back (``num_alloc_retries``)."""
-    out_of_memory: bool = False
-    """A request failed under the limit even with the cache given back: the run stops there."""
-
-
 def sequence_gap(setup: TrainingSetup) -> str | None:
     """Why ``build`` does not cover the setup, or None where it does: ZeRO stage 1 or 2 (either kind of segment),
-    no gradient accumulation, AdamW from torch or FusedAdam (DeepSpeedCPUAdam with optimizer offload), bf16, the
-    custom or trainer loop, ``overlap_comm`` off and ``contiguous_gradients`` on, full fine-tuning or LoRA on all
-    linear layers, one or two parameter groups."""
+    gradient accumulation only without optimizer offload, AdamW from torch or FusedAdam (DeepSpeedCPUAdam with
+    optimizer offload), bf16, the custom or trainer loop, ``overlap_comm`` off and ``contiguous_gradients`` on, full
+    fine-tuning or LoRA on all linear layers, one or two parameter groups."""
     z, a, w = setup.zero, setup.adapters, setup.workload
     checks = (
         (int(setup.stage) not in (1, 2), "ZeRO stage 0 or 3"),
-        (w.grad_accum != 1, "gradient accumulation"),
+        (w.grad_accum != 1 and str(z.offload_optimizer) != "none", "gradient accumulation with optimizer offload"),
         (str(setup.optimizer.name) != "adamw" or str(setup.optimizer.impl) not in ("torch", "fused", "cpu")
          or (str(setup.optimizer.impl) == "cpu") != (str(z.offload_optimizer) != "none"),
          f"optimizer {setup.optimizer.name} ({setup.optimizer.impl})"),
@@ -184,8 +176,8 @@ class Bucket:
     starts in it (``grads_in_partition``)."""
 
     def __init__(self, seq: Sequence, step: int, spec: RequestSpec, layout: dict[str, tuple[int, int, int]],
-                 parts: list[int], in_partition: dict[str, int], touching: int) -> None:
-        self.seq, self.step, self.spec = seq, step, spec
+                 parts: list[int], in_partition: dict[str, int], touching: int, partition_key: tuple) -> None:
+        self.seq, self.step, self.spec, self.partition_key = seq, step, spec, partition_key
         self.layout, self.parts, self.in_partition, self.touching = layout, parts, in_partition, touching
         self.names: list[str] = []
         self.elements = 0
@@ -221,7 +213,7 @@ class Bucket:
                 self.seq.temp(("norm64", self.step, name), 8 * in_partition)
                 self.seq.temp(("to_fp32", self.step, name), 4 * in_partition)
             elif not self.made:
-                self.seq.alloc(("grads_in_partition", self.step), BF16 * self.touching)
+                self.seq.alloc(self.partition_key, BF16 * self.touching)
                 self.made = True
         self.names.clear()
         self.elements = 0
@@ -285,6 +277,12 @@ def _step(seq: Sequence, step: int, parts: list[int], in_partition: dict[str, in
         seq.free(("fp32_grad", step, i))
 
 
+def _drop_leftovers(seq: Sequence, micro: int, keep: set) -> None:
+    """The micro-step's input ids and loss (and what else the trace left live), dropped by the loop."""
+    for key in [k for k in seq.live if isinstance(k[0], int) and k[0] == micro and k not in keep]:
+        seq.free(key)
+
+
 def _returned_logits(trace: Trace) -> int:
     """The storage of the logits the model returns, which the custom loop keeps: the trace drops the output right
     after forward, so they are the logits-sized storage freed there (gemma-2 softcaps the head's output into a new
@@ -323,72 +321,64 @@ def build(tensors: list[TensorSpec], buffer_bytes: list[int], trace: Trace, spec
     returned_logits = _returned_logits(trace)
     workspaces = _workspace_points(trace)
     for step in range(spec.steps):
-        pending = {size: list(names) for size, names in size_to_names.items()}
-        bucket = Bucket(seq, step, spec, layout, parts, in_partition, touching)
-        held: dict[int, list[tuple]] = {}
+        held: dict[int, list[tuple]] = {}  # stage 1: the first micro-step's gradients, until reduce_gradients
         held_keys: set[tuple] = set()
-        for at, event in enumerate(trace.events):
-            if step == 0 and at in workspaces:
-                seq.alloc(("cublas_workspace", at), CUBLAS_WORKSPACE_BYTES)
-            if at == trace.marks.get("first_grad"):
-                seq.alloc(("bucket", step), BF16 * spec.bucket_elements)
-            if at == trace.marks["fwd_end"]:
-                if kept is not None:
-                    seq.free(kept)
-                seq.mark(f"step{step}.forward0")
-            serial = event if event >= 0 else ~event
-            key = (step, serial)
-            if event >= 0:
-                seq.alloc(key, trace.sizes[serial])
-                if serial in trace.excluded and serial not in freed_by_trace:
-                    names = pending.get(trace.sizes[serial])
-                    name = names.pop(0) if names else f"?{serial}"
-                    if spec.stage == 1:  # reduced after backward (reduce_gradients), kept until then
-                        held.setdefault(trace.sizes[serial] // BF16, []).append(key)
-                        held_keys.add(key)
-                    else:
-                        bucket.add(name, trace.sizes[serial] // BF16)
-                        seq.free(key)  # copied into the bucket, its own storage dropped
-            elif serial == returned_logits and spec.loop == "custom":
-                kept = key
-            elif key not in held_keys:  # the trace drops .grad after backward; DeepSpeed frees a held gradient
-                seq.free(key)  # as the bucket takes it
-        for name, n in trainable:  # reduce_gradients: the groups' parameters in order
-            keys = held.get(n)
-            if keys:
-                bucket.add(name, n)
-                seq.free(keys.pop())  # produced in reverse: the last one held of its size is this one
-        bucket.flush()
-        seq.free(("bucket", step))
-        seq.mark(f"step{step}.backward0")
+        for micro in range(spec.grad_accum):
+            m, last = step * spec.grad_accum + micro, micro == spec.grad_accum - 1
+            pending = {size: list(names) for size, names in size_to_names.items()}
+            bucket = Bucket(seq, m, spec, layout, parts, in_partition, touching,
+                            ("grads_in_partition", step) if micro == 0 else ("grads_in_partition", step, micro))
+            hook = None  # a final gradient whose AccumulateGrad, and DeepSpeed's hook in it, is still to run
+            for at, event in enumerate(trace.events):
+                if hook is not None and event >= 0:
+                    bucket.add(hook[0], hook[1])
+                    seq.free(hook[2])  # copied into the bucket, its own storage dropped
+                    hook = None
+                if m == 0 and at in workspaces:
+                    seq.alloc(("cublas_workspace", at), CUBLAS_WORKSPACE_BYTES)
+                if at == trace.marks.get("first_grad") and (spec.stage == 2 or micro == 0):
+                    seq.alloc(("bucket", step), BF16 * spec.bucket_elements)
+                if at == trace.marks["fwd_end"]:
+                    if kept is not None:
+                        seq.free(kept)
+                    seq.mark(f"step{step}.forward{micro}")
+                serial = event if event >= 0 else ~event
+                key = (m, serial)
+                if event >= 0:
+                    seq.alloc(key, trace.sizes[serial])
+                    if serial in trace.excluded and serial not in freed_by_trace:
+                        names = pending.get(trace.sizes[serial])
+                        name = names.pop(0) if names else f"?{serial}"
+                        if spec.stage == 2:  # after the frees of the node that made it (a tied weight's parts)
+                            hook = (name, trace.sizes[serial] // BF16, key)
+                        elif micro == 0:  # reduced after the last backward (reduce_gradients), kept until then
+                            held.setdefault(trace.sizes[serial] // BF16, []).append(key)
+                            held_keys.add(key)
+                        else:  # AccumulateGrad adds it into the held gradient in place
+                            seq.free(key)
+                elif serial == returned_logits and spec.loop == "custom":
+                    kept = key
+                elif key not in held_keys:  # the trace drops .grad after backward; DeepSpeed frees a held gradient
+                    seq.free(key)  # as the bucket takes it
+            if hook is not None:
+                bucket.add(hook[0], hook[1])
+                seq.free(hook[2])
+            if spec.stage == 2 or last:
+                if spec.stage == 1:
+                    for name, n in trainable:  # reduce_gradients: the groups' parameters in order
+                        keys = held.get(n)
+                        if keys:
+                            bucket.add(name, n)
+                            seq.free(keys.pop())  # produced in reverse: the last one held of its size is this one
+                bucket.flush()
+                seq.free(("bucket", step))
+                if micro > 0:  # the epilogue adds this micro-step's partition into the first one's, and drops it
+                    seq.free(bucket.partition_key)
+            seq.mark(f"step{step}.backward{micro}")
+            if not last:
+                _drop_leftovers(seq, m, keep={kept} | held_keys)
         if not spec.offload:
             _step(seq, step, parts, in_partition, spec.adam_temporary)
-        for key in [k for k in seq.live if isinstance(k[0], int) and k[0] == step and k != kept]:
-            seq.free(key)  # the input ids and the loss, dropped with the step
+        _drop_leftovers(seq, step * spec.grad_accum + spec.grad_accum - 1, keep={kept})
         seq.mark(f"step{step}.step")
     return seq
-
-
-def replay(seq: Sequence, limit_bytes: int = 0, *, expandable: bool = False) -> RequestReplay:
-    """The sequence through ``CachingAllocatorModel``: ``empty_cache`` gives segments back and restarts the peak, as
-    DeepSpeed's runtime/utils.py ``empty_cache`` does. ``limit_bytes``: what the allocator may hold on the card
-    (0: no limit); a run that passes it retries, and one that still cannot place a request runs out of memory, its
-    peak then the one it asks for without the limit. ``expandable``: the allocator maps expandable segments
-    (``TrainingSetup.expandable_segments``)."""
-    model, blocks, phases = CachingAllocatorModel(limit=limit_bytes, expandable=expandable), {}, {}
-    for op in seq.ops:
-        if op[0] == "a":
-            try:
-                blocks[op[1]] = model.malloc(op[2])
-            except OutOfMemory:
-                demand = replay(seq, expandable=expandable).peak_reserved_bytes
-                return RequestReplay(phases=phases, peak_reserved_bytes=demand, retries=model.retries,
-                                     out_of_memory=True)
-        elif op[0] == "f":
-            model.free(blocks.pop(op[1]))
-        elif op[0] == "empty":
-            model.empty_cache()
-            model.reset_peak()
-        else:
-            phases[op[1]] = model.peak_reserved
-    return RequestReplay(phases=phases, peak_reserved_bytes=model.run_peak_reserved, retries=model.retries)

@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 import time
 
+from zeroest.estimator.core.allocator import RequestReplay, replay
 from zeroest.estimator.core.hf_config import hf_config, layers_key
-from zeroest.estimator.core.requests import RequestReplay, RequestSpec, TensorSpec, build, replay
+from zeroest.estimator.core.requests import RequestSpec, TensorSpec, build
 from zeroest.estimator.trace import cache
 
 log = logging.getLogger(__name__)
 
-SEQUENCE_VERSION = 3
+SEQUENCE_VERSION = 4
 """Bumped whenever ``core.requests.build`` or what the trace records changes, so that old files are not read."""
 _MEMO: dict[str, RequestReplay] = {}
 """Replays already read or built in this process, by key (the report estimates each row several times)."""
@@ -58,7 +59,8 @@ def spec_of(setup, *, flatten_on_cpu: bool) -> RequestSpec:
     return RequestSpec(stage=int(setup.stage), world=setup.world_size,
                        offload=str(setup.zero.offload_optimizer) != "none", loop=str(setup.workload.loop),
                        param_groups=setup.optimizer.param_groups, bucket_elements=int(setup.zero.reduce_bucket_size),
-                       flatten_on_cpu=flatten_on_cpu, adam_temporary=str(setup.optimizer.impl) == "torch")
+                       flatten_on_cpu=flatten_on_cpu, adam_temporary=str(setup.optimizer.impl) == "torch",
+                       grad_accum=setup.workload.grad_accum)
 
 
 def _key(setup, spec: RequestSpec, config: dict, limit_bytes: int) -> str:
@@ -77,7 +79,7 @@ def _key(setup, spec: RequestSpec, config: dict, limit_bytes: int) -> str:
 def sequence_replay(setup, *, flatten_on_cpu: bool, limit_bytes: int = 0, use_cache: bool = True) -> RequestReplay:
     """The replayed request sequence of ``setup`` (covered by ``core.requests.sequence_gap``) on the GPU's kernels;
     ``flatten_on_cpu``: DeepSpeed's branch for the card (``core.capacity.flatten_decision``); ``limit_bytes``: what
-    the allocator may hold there (``core.requests.replay``; 0: no card)."""
+    the allocator may hold there (``core.allocator.replay``; 0: no card)."""
     config = dict(hf_config(setup.model))
     config[layers_key(config["model_type"])] = setup.model.num_layers
     spec = spec_of(setup, flatten_on_cpu=flatten_on_cpu)
