@@ -144,6 +144,19 @@ def test_accumulation_at_stage1_holds_the_first_gradients_and_frees_the_later_on
     assert all(seq.ops.index(op) > seq.ops.index(("mark", "step0.forward1")) for op in held_free)
 
 
+def test_accumulation_with_offload_copies_the_partition_out_at_the_boundary_only():
+    """copy_grads_in_partition with cpu_offload: before the boundary the gradients go into host buffers through the
+    kept temp_grad_buffer_for_gpu_offload (no request); at the boundary each parameter in the partition makes its
+    fp64 norm copy (8 n) and fp32 copy (4 n)."""
+    model, trace = _model_and_trace(TINY, 2, 32, ckpt=False)
+    one = _build(model, trace, _spec(steps=1, offload=True))
+    seq = _build(model, trace, _spec(steps=1, offload=True, grad_accum=3))
+    assert sorted(_sizes(seq, "norm64")) == sorted(_sizes(one, "norm64")) != []
+    assert sorted(_sizes(seq, "to_fp32")) == sorted(_sizes(one, "to_fp32"))
+    last = seq.ops.index(("mark", "step0.forward2"))
+    assert all(at > last for at, op in enumerate(seq.ops) if op[0] == "a" and op[1][0] in ("norm64", "to_fp32"))
+
+
 @pytest.mark.slow
 def test_recorded_accumulation_run_replays_as_built(benchmark_script):
     """qwen2.5-0.5b at ZeRO-1, rank 0 of 4, four micro-steps of 2 x 1024, the custom loop, two groups (loops grid
@@ -254,8 +267,7 @@ def _setup(**kw):
     ({"lora_rank": 16, "lora_targets": "all-linear"}, None),
     ({"stage": 3}, "ZeRO stage 0 or 3"),
     ({"grad_accum": 4}, None),
-    ({"grad_accum": 4, "offload_optimizer": "cpu", "optimizer_impl": "cpu"},
-     "gradient accumulation with optimizer offload"),
+    ({"grad_accum": 4, "offload_optimizer": "cpu", "optimizer_impl": "cpu"}, None),
     ({"expandable_segments": True}, None),
     ({"overlap_comm": True}, "overlap_comm on or contiguous_gradients off"),
     ({"loop": "custom-del"}, "the custom-del loop"),

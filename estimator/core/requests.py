@@ -38,7 +38,9 @@ data/runs/h200-sequences). ``build`` writes that sequence from the model's tenso
   (``_release_ipg_buffers`` let the previous go), adds it into the first's tensors
   (``independent_gradient_partition_epilogue``: ``all_grad_tensors``, ``add_``) and drops it as its backward ends.
   Stage 1 reduces at the boundary only: the first micro-step's gradients are held, ``AccumulateGrad`` adds each
-  later one into them in place (freed as it is made), and the bucket stays from the first gradient to the boundary;
+  later one into them in place (freed as it is made), and the bucket stays from the first gradient to the boundary.
+  With offload the partition's fp64 and fp32 copies are made at the boundary only; before it
+  (``async_accumulate_grad_in_cpu_via_gpu``) the gradients are added into host buffers through the kept GPU buffer;
 * ``step`` without offload: the fp64 norm of each gradient in the partition (``get_grad_norm_direct``, 8 n each,
   made and dropped); then per group the flat 16-bit gradient partition (b P_g/N) and its fp32 copy (4 P_g/N, the
   first dropped); ``grads_in_partition`` dropped with the last group's ``averaged_gradients``; Adam's ``exp_avg``
@@ -138,13 +140,12 @@ class Sequence:
 
 def sequence_gap(setup: TrainingSetup) -> str | None:
     """Why ``build`` does not cover the setup, or None where it does: ZeRO stage 1 or 2 (either kind of segment),
-    gradient accumulation only without optimizer offload, AdamW from torch or FusedAdam (DeepSpeedCPUAdam with
-    optimizer offload), bf16, the custom or trainer loop, ``overlap_comm`` off and ``contiguous_gradients`` on, full
-    fine-tuning or LoRA on all linear layers, one or two parameter groups."""
+    with or without gradient accumulation, AdamW from torch or FusedAdam (DeepSpeedCPUAdam with optimizer offload),
+    bf16, the custom or trainer loop, ``overlap_comm`` off and ``contiguous_gradients`` on, full fine-tuning or LoRA
+    on all linear layers, one or two parameter groups."""
     z, a, w = setup.zero, setup.adapters, setup.workload
     checks = (
         (int(setup.stage) not in (1, 2), "ZeRO stage 0 or 3"),
-        (w.grad_accum != 1 and str(z.offload_optimizer) != "none", "gradient accumulation with optimizer offload"),
         (str(setup.optimizer.name) != "adamw" or str(setup.optimizer.impl) not in ("torch", "fused", "cpu")
          or (str(setup.optimizer.impl) == "cpu") != (str(z.offload_optimizer) != "none"),
          f"optimizer {setup.optimizer.name} ({setup.optimizer.impl})"),
@@ -182,6 +183,9 @@ class Bucket:
         self.names: list[str] = []
         self.elements = 0
         self.made = False
+        self.boundary = True
+        """The micro-step ends the accumulation: only there does offload copy the partition out (fp64 norm, fp32);
+        before it ``async_accumulate_grad_in_cpu_via_gpu`` adds into host buffers through the kept GPU buffer."""
 
     def add(self, name: str, numel: int) -> None:
         if self.elements + numel > self.spec.bucket_elements:
@@ -210,6 +214,8 @@ class Bucket:
             if in_partition <= 0:
                 continue
             if self.spec.offload:
+                if not self.boundary:
+                    continue
                 self.seq.temp(("norm64", self.step, name), 8 * in_partition)
                 self.seq.temp(("to_fp32", self.step, name), 4 * in_partition)
             elif not self.made:
@@ -328,6 +334,7 @@ def build(tensors: list[TensorSpec], buffer_bytes: list[int], trace: Trace, spec
             pending = {size: list(names) for size, names in size_to_names.items()}
             bucket = Bucket(seq, m, spec, layout, parts, in_partition, touching,
                             ("grads_in_partition", step) if micro == 0 else ("grads_in_partition", step, micro))
+            bucket.boundary = last
             hook = None  # a final gradient whose AccumulateGrad, and DeepSpeed's hook in it, is still to run
             for at, event in enumerate(trace.events):
                 if hook is not None and event >= 0:
