@@ -109,3 +109,12 @@ def test_errors_are_broken_down_by_way_of_training(adapters, training):
 
     record = SimpleNamespace(setup=SimpleNamespace(adapters=Adapters(**adapters)))
     assert DIMENSIONS["training"](record) == training
+
+
+@pytest.mark.parametrize("expandable, allocator", [(False, "default"), (True, "expandable segments")])
+def test_errors_are_broken_down_by_allocator(expandable, allocator):
+    from types import SimpleNamespace
+
+    from zeroest.report.analysis import DIMENSIONS
+
+    assert DIMENSIONS["allocator"](SimpleNamespace(setup=SimpleNamespace(expandable_segments=expandable))) == allocator

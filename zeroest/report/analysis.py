@@ -198,6 +198,7 @@ DIMENSIONS: dict[str, Callable[[Record], object]] = {
     "run": lambda r: "simulated" if r.simulated else "real",
     "loop": lambda r: r.setup.workload.loop,  # rows without the key: the worker's old loop (flat.setup_from_row)
     "training": lambda r: _training(r.setup.adapters),
+    "allocator": lambda r: "expandable segments" if r.setup.expandable_segments else "default",
     "gpu": lambda r: r.env.group,
 }
 """Breakdowns of the errors: each maps a record to its value in that dimension."""
