@@ -2,7 +2,7 @@
 
 usage (CPU; torch, transformers and peft installed):
   python benchmarks/sequence_replay.py CONFIG --stage 2 --world 2 --micro-batch 2 --seq-len 2048 --ckpt \
-      [--grad-accum 4] [--offload] [--lora-rank 16] [--param-groups 2] [--loop trainer] [--expandable] \
+      [--grad-accum 4] [--overlap] [--offload] [--lora-rank 16] [--param-groups 2] [--loop trainer] [--expandable] \
       [--events data/runs/h200-sequences/long8-events.json.gz]
 
 ``benchmarks/allocator_replay.py`` showed that the caching allocator, fed a run's recorded requests, gives its peak
@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--loop", choices=("custom", "trainer"), default="custom",
                         help="custom: outputs kept until the next forward returns; trainer: only the loss")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    parser.add_argument("--overlap", action="store_true", help="overlap_comm on")
     parser.add_argument("--lora-rank", type=int, default=0)
     parser.add_argument("--param-groups", type=int, choices=(1, 2), default=1)
     parser.add_argument("--attn", default="sdpa", help="the attention implementation the row ran (eager, sdpa)")
@@ -68,7 +69,8 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from zeroest.estimator.core.adapters import Adapters
     from zeroest.estimator.core.allocator import replay
-    from zeroest.estimator.core.requests import RequestSpec, build
+    from zeroest.estimator.core.request_types import RequestSpec
+    from zeroest.estimator.core.requests import build
     from zeroest.estimator.trace.requests import model_and_trace, tensors_of
 
     config = json.loads(Path(args.config).read_text())
@@ -82,7 +84,7 @@ def main() -> None:
     print(f"traced {len(trace.sizes)} storages ({depth}) in {time.perf_counter() - started:.1f} s")
     spec = RequestSpec(stage=args.stage, world=args.world, offload=args.offload, loop=args.loop,
                        param_groups=args.param_groups, bucket_elements=args.bucket, flatten_on_cpu=args.flatten_on_cpu,
-                       grad_accum=args.grad_accum)
+                       grad_accum=args.grad_accum, overlap=args.overlap)
     seq = build(*tensors_of(model), trace, spec)
     result = replay(seq, expandable=args.expandable)
     built = {name: size / GiB for name, size in result.phases.items()}

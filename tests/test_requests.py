@@ -8,8 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from zeroest.estimator.core import allocator, requests
-from zeroest.estimator.core.requests import RequestSpec, Sequence
+from zeroest.estimator.core import allocator, requests, zero12_requests
+from zeroest.estimator.core.request_types import RequestSpec, Sequence
 
 pytest.importorskip("transformers")
 ROOT = Path(__file__).parent.parent
@@ -78,7 +78,7 @@ def test_slices_merge_across_groups_by_rank():
     """average_tensor merges consecutive pieces bound for the same rank whatever their group: weights and norms of
     the upper half of both groups are one slice; a norm that crosses its group's edge adds a slice for rank 0."""
     layout = {"w1": (0, 600, 100), "n1": (1, 60, 10), "w2": (0, 700, 100), "n0": (1, 45, 10)}
-    bucket = requests.Bucket(Sequence(), 0, _spec(bucket_elements=10**9), layout, parts=[500, 50],
+    bucket = zero12_requests.Bucket(Sequence(), 0, _spec(bucket_elements=10**9), layout, parts=[500, 50],
                              in_partition={"n0": 5}, touching=0, partition_key=("grads_in_partition", 0))
     for name in ("w1", "n1", "w2"):
         bucket.add(name, layout[name][2])
@@ -157,6 +157,30 @@ def test_accumulation_with_offload_copies_the_partition_out_at_the_boundary_only
     assert all(at > last for at, op in enumerate(seq.ops) if op[0] == "a" and op[1][0] in ("norm64", "to_fp32"))
 
 
+def test_overlap_comm_keeps_two_buckets_and_reduces_on_its_own_stream():
+    """overlap_comm: setup_buckets makes buf_1 beside buf_0; reduce_ipg_grads flattens and copies the partition
+    out inside ``with stream(self.reduction_stream)``, so those requests come from that stream's pools; at stage 1
+    the hooks reduce during the boundary's backward as at stage 2 (reduce_ready_partitions_and_remove_grads)."""
+    model, trace = _model_and_trace(TINY, 2, 32, ckpt=False)
+    seq = _build(model, trace, _spec(steps=1, overlap=True, bucket_elements=20_000))
+    assert len(_sizes(seq, "bucket")) == 2
+    streams = {op[1][0]: (op[3] if len(op) > 3 else 0) for op in seq.ops if op[0] == "a" and isinstance(op[1], tuple)}
+    assert streams["grads_in_partition"] == streams["flatten"] == zero12_requests.REDUCTION_STREAM
+    assert streams["bucket"] == 0
+
+    def made_and_freed(seq):
+        made = [at for at, op in enumerate(seq.ops) if op[0] == "a" and isinstance(op[1][0], int)
+                and op[1][1] in trace.excluded]
+        freed = [at for at, op in enumerate(seq.ops) if op[0] == "f" and isinstance(op[1][0], int)
+                 and op[1][1] in trace.excluded]
+        return made, freed
+
+    made, freed = made_and_freed(_build(model, trace, _spec(stage=1, steps=1, overlap=True)))
+    assert min(freed) < max(made)  # reduced as backward goes
+    made, freed = made_and_freed(_build(model, trace, _spec(stage=1, steps=1)))
+    assert min(freed) > max(made)  # held until reduce_gradients
+
+
 @pytest.mark.slow
 def test_recorded_accumulation_run_replays_as_built(benchmark_script):
     """qwen2.5-0.5b at ZeRO-1, rank 0 of 4, four micro-steps of 2 x 1024, the custom loop, two groups (loops grid
@@ -176,6 +200,26 @@ def test_recorded_accumulation_run_replays_as_built(benchmark_script):
     for name in phases:
         assert built.phases[name] / 2**30 == pytest.approx(recorded[name], abs=2 * MiB / 2**30), name
     assert built.peak_reserved_bytes / 2**30 == pytest.approx(recorded[phases[-1]], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_recorded_overlap_offload_accumulation_run_replays_as_built(benchmark_script):
+    """The issue's ds_config (data/grids/overlap.yaml row 1: tinyllama-1.1b at ZeRO-2, optimizer offload,
+    overlap_comm, four micro-steps of 32 x 256, rank 0 of 2, recorded): the built sequence, the reduction stream's
+    requests in their own pools, gives the recording's reserve at all 28 phase ends to one 2 MiB small-pool
+    segment."""
+    import json
+
+    config = json.loads((ROOT / "data/models/tinyllama-1.1b.json").read_text())
+    seq_module = benchmark_script("sequence_replay")
+    model, trace = _model_and_trace(config, 32, 256, ckpt=True)
+    built = allocator.replay(_build(model, trace, _spec(offload=True, loop="trainer", param_groups=2, steps=3,
+                                                         bucket_elements=500_000_000, grad_accum=4, overlap=True)))
+    recorded, _ = seq_module.recorded(str(ROOT / "data/runs/h200-sequences/overlap1-events.json.gz"))
+    phases = [name for name in recorded if name != "build"]
+    assert len(phases) == 28
+    for name in phases:
+        assert built.phases[name] / 2**30 == pytest.approx(recorded[name], abs=2 * MiB / 2**30), name
 
 
 @pytest.mark.slow
@@ -269,7 +313,8 @@ def _setup(**kw):
     ({"grad_accum": 4}, None),
     ({"grad_accum": 4, "offload_optimizer": "cpu", "optimizer_impl": "cpu"}, None),
     ({"expandable_segments": True}, None),
-    ({"overlap_comm": True}, "overlap_comm on or contiguous_gradients off"),
+    ({"overlap_comm": True}, None),
+    ({"contiguous_gradients": False}, "contiguous_gradients off"),
     ({"loop": "custom-del"}, "the custom-del loop"),
     ({"lora_rank": 16, "lora_targets": "q_proj,v_proj"}, "LoRA on chosen modules"),
     ({"dtype": "fp16"}, "fp16 training"),

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from zeroest.estimator.core.requests import Sequence
+    from zeroest.estimator.core.request_types import Sequence
 
 MIN_BLOCK = 512
 SMALL_SIZE = 1 << 20
@@ -332,7 +332,7 @@ class RequestReplay:
 
 
 def replay(seq: Sequence, limit_bytes: int = 0, *, expandable: bool = False) -> RequestReplay:
-    """A request sequence (``core.requests.Sequence``) through the model: ``empty_cache`` gives segments back and
+    """A request sequence (``core.request_types.Sequence``) through the model: ``empty_cache`` gives segments back and
     restarts the peak, as DeepSpeed's runtime/utils.py ``empty_cache`` does. ``limit_bytes``: what the allocator may
     hold on the card (0: no limit); a run that passes it retries, and one that still cannot place a request runs out
     of memory, its peak then the one it asks for without the limit. ``expandable``: the allocator maps expandable
@@ -341,7 +341,7 @@ def replay(seq: Sequence, limit_bytes: int = 0, *, expandable: bool = False) -> 
     for op in seq.ops:
         if op[0] == "a":
             try:
-                blocks[op[1]] = model.malloc(op[2])
+                blocks[op[1]] = model.malloc(op[2], op[3] if len(op) > 3 else 0)
             except OutOfMemory:
                 demand = replay(seq, expandable=expandable).peak_reserved_bytes
                 return RequestReplay(phases=phases, peak_reserved_bytes=demand, retries=model.retries,

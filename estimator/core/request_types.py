@@ -1,0 +1,76 @@
+"""The request sequence's own types (pure): what of a setup it depends on (``RequestSpec``), the model's tensors
+(``TensorSpec``) and the requests in order (``Sequence``), which ``core.requests`` and ``core.zero12_requests``
+write and ``core.allocator.replay`` replays."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+STEPS = 3
+"""Optimizer steps the sequence runs: the reserve of every recorded run stopped growing by the third."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RequestSpec:
+    """What of the setup the sequence depends on beyond the model and its trace."""
+
+    stage: int
+    world: int
+    """N: the ranks the partitions are cut for."""
+    offload: bool
+    """``offload_optimizer`` to the host."""
+    loop: str
+    """custom (the returned logits kept until the next forward returns) or trainer (only the loss)."""
+    param_groups: int
+    """1, or 2: weight decay, then biases and norms (``validate.adapters.parameter_groups``)."""
+    bucket_elements: int
+    """``reduce_bucket_size``."""
+    flatten_on_cpu: bool = False
+    """The first group's flatten goes through the host (``core.capacity.flatten_decision``)."""
+    adam_temporary: bool = True
+    """torch's AdamW takes its foreach path on CUDA, one fp32 temporary of 4 P_g/N per group
+    (``core.optimizers.optimizer_temp_bytes``); FusedAdam updates in place."""
+    steps: int = STEPS
+    grad_accum: int = 1
+    """Micro-steps per optimizer step (``gradient_accumulation_steps``; module docstring)."""
+    overlap: bool = False
+    """``overlap_comm``: two ipg buffers, and the reduction's requests on its own stream (module docstring)."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One parameter of the model as trained: its name, elements, bytes per element and whether it trains."""
+
+    name: str
+    numel: int
+    element_size: int
+    trainable: bool
+
+
+@dataclass
+class Sequence:
+    """Requests in order: ``("a", key, bytes)`` (``("a", key, bytes, stream)`` off the default stream), ``("f", key)``,
+    ``("empty",)``, ``("mark", name)``."""
+
+    ops: list[tuple] = field(default_factory=list)
+    live: set = field(default_factory=set)
+
+    def alloc(self, key, size: int, stream: int = 0) -> None:
+        self.ops.append(("a", key, int(size)) if not stream else ("a", key, int(size), stream))
+        self.live.add(key)
+
+    def free(self, key) -> None:
+        if key in self.live:
+            self.live.discard(key)
+            self.ops.append(("f", key))
+
+    def temp(self, key, size: int, stream: int = 0) -> None:
+        self.alloc(key, size, stream)
+        self.free(key)
+
+    def empty_cache(self) -> None:
+        """DeepSpeed's runtime/utils.py ``empty_cache``: segments given back, the peak statistics restarted."""
+        self.ops.append(("empty",))
+
+    def mark(self, name: str) -> None:
+        self.ops.append(("mark", name))
