@@ -99,6 +99,20 @@ def test_after_each_step_only_the_states_stay():
     assert kept == [(1, trace.logits)]  # the custom loop's outputs: the last step's logits
 
 
+def test_the_custom_del_loop_drops_the_outputs_as_each_micro_step_ends():
+    """validate/loops.py's custom-del deletes ``outputs`` after each micro-step's backward (and after the step at
+    the boundary): the logits the model returned are freed there, not when the next forward returns (custom)."""
+    model, trace = _model_and_trace(TINY, 2, 32, ckpt=False)
+    seq = _build(model, trace, _spec(steps=1, grad_accum=2, loop="custom-del"))
+    logits = [op[1] for op in seq.ops if op[0] == "a" and isinstance(op[1][0], int) and op[1][1] == trace.logits]
+    assert len(logits) == 2 and not seq.live & set(logits)
+    freed = {op[1]: at for at, op in enumerate(seq.ops) if op[0] == "f"}
+    assert seq.ops.index(("mark", "step0.backward0")) < freed[logits[0]] < seq.ops.index(("mark", "step0.forward1"))
+    custom = _build(model, trace, _spec(steps=1, grad_accum=2))
+    kept = [key for key in custom.live if isinstance(key[0], int)]
+    assert kept == [(1, trace.logits)]
+
+
 def test_stage1_makes_grads_in_partition_once_per_step():
     model, trace = _model_and_trace(TINY, 2, 32, ckpt=False)
     names = [(name, p.numel()) for name, p in model.named_parameters()]
@@ -315,8 +329,10 @@ def _setup(**kw):
     ({"expandable_segments": True}, None),
     ({"overlap_comm": True}, None),
     ({"contiguous_gradients": False}, "contiguous_gradients off"),
-    ({"loop": "custom-del"}, "the custom-del loop"),
-    ({"lora_rank": 16, "lora_targets": "q_proj,v_proj"}, "LoRA on chosen modules"),
+    ({"loop": "custom-del"}, None),
+    ({"lora_rank": 16, "lora_targets": "q_proj,v_proj"}, None),
+    ({"lora_rank": 16, "lora_targets": "all-linear", "modules_to_save": "lm_head"},
+     "frozen weights or a quantised base"),
     ({"dtype": "fp16"}, "fp16 training"),
 ])
 def test_sequence_gap_names_what_the_sequence_leaves_out(kw, why):

@@ -20,7 +20,8 @@ class RequestSpec:
     offload: bool
     """``offload_optimizer`` to the host."""
     loop: str
-    """custom (the returned logits kept until the next forward returns) or trainer (only the loss)."""
+    """custom (the returned logits kept until the next forward returns), custom-del (until the micro-step's end) or
+    trainer (only the loss)."""
     param_groups: int
     """1, or 2: weight decay, then biases and norms (``validate.adapters.parameter_groups``)."""
     bucket_elements: int

@@ -13,13 +13,13 @@ data/runs/h200-sequences). ``build`` writes that sequence from the model's tenso
   latest right after the first request over 1 MiB, the embeddings' output: transformers 5.17's rotary embedding runs a
   matmul there) and of the first backward (autograd's thread has its own handle), both kept; the traced forward and
   backward; the custom loop keeps the logits the model returns (gemma-2's softcapped ones, not the head's) until the
-  next forward returns, the trainer loop only the loss. At the first parameter gradient the ipg bucket
-  (``setup_buckets``, b ``reduce_bucket_size``). At stage 2 each final gradient is copied into the bucket and its own
-  storage dropped at its hook (``reduce_independent_p_g_buckets_and_remove_grads``), which ``AccumulateGrad`` runs
-  once the node that made the gradient has freed what it frees (a tied weight's two parts, summed). A gradient that
-  would overflow the bucket first flushes it (``core.zero12_requests.Bucket``). The last flush comes at the end
-  of backward, then the bucket is released (``_release_ipg_buffers``). Stage 1 keeps every gradient until backward
-  ends, then sends them through the bucket in the groups' order (``reduce_gradients``);
+  next forward returns (custom-del until the micro-step ends), the trainer loop only the loss. At the first parameter
+  gradient the ipg bucket (``setup_buckets``, b ``reduce_bucket_size``). At stage 2 each final gradient is copied into
+  the bucket and its own storage dropped at its hook (``reduce_independent_p_g_buckets_and_remove_grads``), which
+  ``AccumulateGrad`` runs once the node that made the gradient has freed what it frees (a tied weight's two parts,
+  summed). A gradient that would overflow the bucket first flushes it (``core.zero12_requests.Bucket``). The last
+  flush comes at the end of backward, then the bucket is released (``_release_ipg_buffers``). Stage 1 keeps every
+  gradient until backward ends, then sends them through the bucket in the groups' order (``reduce_gradients``);
 * with gradient accumulation (engine.py ``allreduce_gradients``): stage 2 reduces every micro-step. The first
   micro-step's ``grads_in_partition`` lives until the step; each later one makes its own at its first flush
   (``_release_ipg_buffers`` let the previous go), adds it into the first's tensors
@@ -56,11 +56,13 @@ CUBLAS_WORKSPACE_BYTES = 32 * MiB
 """cuBLAS's workspace on a Hopper card, allocated through the caching allocator at a handle's first GEMM and kept:
 one at the first forward's first matmul and one at the first backward's (all eighteen recordings of
 data/runs/h200-sequences)."""
+
+
 def sequence_gap(setup: TrainingSetup) -> str | None:
     """Why ``build`` does not cover the setup, or None where it does: ZeRO stage 1 or 2 (either kind of segment),
-    with or without gradient accumulation, AdamW from torch or FusedAdam (DeepSpeedCPUAdam with optimizer offload),
-    bf16, the custom or trainer loop, ``overlap_comm`` off and ``contiguous_gradients`` on, full fine-tuning or LoRA
-    on all linear layers, one or two parameter groups."""
+    with or without gradient accumulation or ``overlap_comm``, AdamW from torch or FusedAdam (DeepSpeedCPUAdam with
+    optimizer offload), bf16, any of the three loops, ``contiguous_gradients`` on, full fine-tuning or LoRA (no other
+    frozen weights, no quantised base), one or two parameter groups."""
     z, a, w = setup.zero, setup.adapters, setup.workload
     checks = (
         (int(setup.stage) not in (1, 2), "ZeRO stage 0 or 3"),
@@ -68,9 +70,8 @@ def sequence_gap(setup: TrainingSetup) -> str | None:
          or (str(setup.optimizer.impl) == "cpu") != (str(z.offload_optimizer) != "none"),
          f"optimizer {setup.optimizer.name} ({setup.optimizer.impl})"),
         (str(setup.dtype) != "bf16", f"{setup.dtype} training"),
-        (str(w.loop) not in ("custom", "trainer"), f"the {w.loop} loop"),
+        (str(w.loop) not in ("custom", "custom-del", "trainer"), f"the {w.loop} loop"),
         (not z.contiguous_gradients, "contiguous_gradients off"),
-        (bool(a.lora_rank) and str(a.lora_targets) != "all-linear", "LoRA on chosen modules"),
         (bool(a.freeze or a.modules_to_save) or str(a.base_quant) != "none", "frozen weights or a quantised base"),
         (setup.optimizer.param_groups not in (1, 2), "more than two parameter groups"),
     )
@@ -161,7 +162,7 @@ def build(tensors: list[TensorSpec], buffer_bytes: list[int], trace: Trace, spec
                             seq.free(key)
                             if spec.overlap and last:  # stage 1 with overlap_comm: the hook takes the held sum
                                 hook = (name, n, held[n].pop(0))
-                elif serial == returned_logits and spec.loop == "custom":
+                elif serial == returned_logits and spec.loop in ("custom", "custom-del"):
                     kept = key
                 elif key not in held_keys:  # the trace drops .grad after backward; DeepSpeed frees a held gradient
                     seq.free(key)  # as the bucket takes it
@@ -181,10 +182,11 @@ def build(tensors: list[TensorSpec], buffer_bytes: list[int], trace: Trace, spec
                 if micro > 0:  # the epilogue adds this micro-step's partition into the first one's, and drops it
                     seq.free(bucket.partition_key)
             seq.mark(f"step{step}.backward{micro}")
+            outputs = {kept} if spec.loop == "custom" else set()  # custom-del deletes them after each micro-step
             if not last:
-                _drop_leftovers(seq, m, keep={kept} | held_keys)
+                _drop_leftovers(seq, m, keep=outputs | held_keys)
         if not spec.offload:
             optimizer_step(seq, step, parts, in_partition, spec.adam_temporary)
-        _drop_leftovers(seq, step * spec.grad_accum + spec.grad_accum - 1, keep={kept})
+        _drop_leftovers(seq, step * spec.grad_accum + spec.grad_accum - 1, keep=outputs)
         seq.mark(f"step{step}.step")
     return seq
