@@ -195,84 +195,52 @@ def test_overlap_comm_keeps_two_buckets_and_reduces_on_its_own_stream():
     assert min(freed) > max(made)  # held until reduce_gradients
 
 
-@pytest.mark.slow
-def test_recorded_accumulation_run_replays_as_built(benchmark_script):
-    """qwen2.5-0.5b at ZeRO-1, rank 0 of 4, four micro-steps of 2 x 1024, the custom loop, two groups (loops grid
-    row 15, recorded with allocator_replay.py --events-out): the built sequence gives the recording's replayed
-    reserve at all 28 phase ends, to one 2 MiB small-pool segment in the first step (requests under 1 MiB that
-    DeepSpeed makes are left out)."""
-    import json
+SMALL_POOL_SEGMENT = 2 * MiB / 2**30
+"""GiB: requests under 1 MiB that DeepSpeed makes are left out, so a replay may be one small-pool segment short."""
 
-    config = json.loads((ROOT / "data/models/qwen2.5-0.5b.json").read_text())
-    seq_module = benchmark_script("sequence_replay")
-    model, trace = _model_and_trace(config, 2, 1024, ckpt=False)
-    built = allocator.replay(_build(model, trace, _spec(stage=1, world=4, param_groups=2, steps=3,
-                                                         bucket_elements=500_000_000, grad_accum=4)))
-    recorded, _ = seq_module.recorded(str(ROOT / "data/runs/h200-sequences/loops15-events.json.gz"))
-    phases = [name for name in recorded if name != "build"]
-    assert len(phases) == 28
-    for name in phases:
-        assert built.phases[name] / 2**30 == pytest.approx(recorded[name], abs=2 * MiB / 2**30), name
-    assert built.peak_reserved_bytes / 2**30 == pytest.approx(recorded[phases[-1]], abs=1e-6)
-
-
-@pytest.mark.slow
-def test_recorded_overlap_offload_accumulation_run_replays_as_built(benchmark_script):
-    """The issue's ds_config (data/grids/overlap.yaml row 1: tinyllama-1.1b at ZeRO-2, optimizer offload,
-    overlap_comm, four micro-steps of 32 x 256, rank 0 of 2, recorded): the built sequence, the reduction stream's
-    requests in their own pools, gives the recording's reserve at all 28 phase ends to one 2 MiB small-pool
-    segment."""
-    import json
-
-    config = json.loads((ROOT / "data/models/tinyllama-1.1b.json").read_text())
-    seq_module = benchmark_script("sequence_replay")
-    model, trace = _model_and_trace(config, 32, 256, ckpt=True)
-    built = allocator.replay(_build(model, trace, _spec(offload=True, loop="trainer", param_groups=2, steps=3,
-                                                         bucket_elements=500_000_000, grad_accum=4, overlap=True)))
-    recorded, _ = seq_module.recorded(str(ROOT / "data/runs/h200-sequences/overlap1-events.json.gz"))
-    phases = [name for name in recorded if name != "build"]
-    assert len(phases) == 28
-    for name in phases:
-        assert built.phases[name] / 2**30 == pytest.approx(recorded[name], abs=2 * MiB / 2**30), name
+RECORDED = {
+    # llama-3.2-1b at ZeRO-2, rank 0 of 2, 2 x 2048 with checkpointing, the custom loop, the Trainer's two groups
+    # (h200-long row 8 on an emulated 4090): every phase end, from the init to step 2
+    "zero2": ("data/runs/h200-long/models/llama-3.2-1b.json", (2, 2048, True), {"param_groups": 2},
+              "long8", False, 10, 1e-6),
+    # qwen2.5-0.5b at ZeRO-1, rank 0 of 4, four micro-steps of 2 x 1024, the custom loop (loops row 15): all 28
+    # phase ends
+    "accumulation": ("data/models/qwen2.5-0.5b.json", (2, 1024, False),
+                     {"stage": 1, "world": 4, "param_groups": 2, "grad_accum": 4}, "loops15", False, 28,
+                     SMALL_POOL_SEGMENT),
+    # the issue's ds_config (overlap.yaml row 1): tinyllama-1.1b at ZeRO-2, offload, overlap_comm, four micro-steps
+    # of 32 x 256; the reduction stream's requests in their own pools
+    "overlap, offload, accumulation": ("data/models/tinyllama-1.1b.json", (32, 256, True),
+                                       {"offload": True, "loop": "trainer", "param_groups": 2, "grad_accum": 4,
+                                        "overlap": True}, "overlap1", False, 28, SMALL_POOL_SEGMENT),
+    # llama-3.2-3b (tied embeddings) at ZeRO-2, rank 0 of 8, expandable segments (xseqcheck row 10): the head's and
+    # the embedding's gradients are summed and freed before DeepSpeed's hook copies the sum into the bucket, whose
+    # flush then finds their room (with the hook at the sum's making the replay was 0.57-1.15 GiB over)
+    "tied weights, expandable": ("data/runs/h200-xseqcheck/models/llama-3.2-3b.json", (1, 2048, True),
+                                 {"world": 8, "param_groups": 2}, "xseqcheck10", True, 10, 1e-6),
+}
 
 
 @pytest.mark.slow
-def test_a_tied_weights_gradient_reaches_the_bucket_after_its_parts_are_freed(benchmark_script):
-    """llama-3.2-3b (tied embeddings) at ZeRO-2, rank 0 of 8, 1 x 2048 with checkpointing, expandable segments
-    (xseqcheck grid row 10, recorded): the head's and the embedding's gradients are summed and freed before
-    DeepSpeed's hook copies the sum into the bucket, whose flush then finds their room; built so, the sequence
-    gives the recording's reserve at every phase end (with the hook at the sum's making it was 0.57-1.15 GiB over)."""
+@pytest.mark.parametrize("name", list(RECORDED))
+def test_recorded_runs_replay_as_built(benchmark_script, name):
+    """Runs recorded on the H200 with allocator_replay.py --events-out (data/runs/h200-sequences): the sequence
+    built on the CPU gives each recording's replayed reserve at every phase end."""
     import json
 
-    config = json.loads((ROOT / "data/runs/h200-xseqcheck/models/llama-3.2-3b.json").read_text())
-    seq_module = benchmark_script("sequence_replay")
-    model, trace = _model_and_trace(config, 1, 2048, ckpt=True)
-    built = allocator.replay(_build(model, trace, _spec(world=8, param_groups=2, steps=3,
-                                                         bucket_elements=500_000_000)), expandable=True)
-    recorded, _ = seq_module.recorded(str(ROOT / "data/runs/h200-sequences/xseqcheck10-events.json.gz"))
-    phases = [name for name in recorded if name != "build"]
-    assert len(phases) == 10
-    for name in phases:
-        assert built.phases[name] / 2**30 == pytest.approx(recorded[name], abs=1e-6), name
-
-
-@pytest.mark.slow
-def test_recorded_zero2_run_replays_as_built(benchmark_script):
-    """llama-3.2-1b at ZeRO-2, rank 0 of 2, 2 x 2048 with checkpointing, the custom loop, the Trainer's two groups
-    (h200-long row 8 on an emulated 4090, recorded with allocator_replay.py --events-out): the built sequence gives
-    the recording's replayed peak reserve at every phase end, from the init to step 2."""
-    import json
-
-    config = json.loads((ROOT / "data/runs/h200-long/models/llama-3.2-1b.json").read_text())
+    config_path, (micro_batch, seq_len, ckpt), spec, events, expandable, n_phases, tolerance = RECORDED[name]
+    config = json.loads((ROOT / config_path).read_text())
     benchmark_script("allocator_replay")
     seq_module = benchmark_script("sequence_replay")
-    model, trace = _model_and_trace(config, 2, 2048, ckpt=True)
-    built = allocator.replay(_build(model, trace, _spec(param_groups=2, steps=3, bucket_elements=500_000_000)))
-    recorded, _ = seq_module.recorded(str(ROOT / "data/runs/h200-sequences/long8-events.json.gz"))
-    phases = [name for name in recorded if name != "build"]
-    assert len(phases) == 10
-    for name in phases:
-        assert built.phases[name] / 2**30 == pytest.approx(recorded[name], abs=1e-6), name
+    model, trace = _model_and_trace(config, micro_batch, seq_len, ckpt=ckpt)
+    built = allocator.replay(_build(model, trace, _spec(steps=3, bucket_elements=500_000_000, **spec)),
+                             expandable=expandable)
+    recorded, _ = seq_module.recorded(str(ROOT / f"data/runs/h200-sequences/{events}-events.json.gz"))
+    phases = [phase for phase in recorded if phase != "build"]
+    assert len(phases) == n_phases
+    for phase in phases:
+        assert built.phases[phase] / 2**30 == pytest.approx(recorded[phase], abs=tolerance), phase
+    assert built.peak_reserved_bytes / 2**30 == pytest.approx(max(recorded[p] for p in phases), abs=tolerance)
 
 
 def test_cublas_workspaces_follow_the_first_gemms():
