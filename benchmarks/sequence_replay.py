@@ -52,6 +52,9 @@ def main() -> None:
                         help="custom: outputs kept until the next forward returns; trainer: only the loss")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     parser.add_argument("--overlap", action="store_true", help="overlap_comm on")
+    parser.add_argument("--optimizer", default="adamw-torch",
+                        help="the step's update (core.zero12_requests.UPDATES: adamw-torch, adamw-fused, lion, sgd, "
+                             "sgd-momentum, adafactor)")
     parser.add_argument("--lora-rank", type=int, default=0)
     parser.add_argument("--param-groups", type=int, choices=(1, 2), default=1)
     parser.add_argument("--attn", default="sdpa", help="the attention implementation the row ran (eager, sdpa)")
@@ -84,7 +87,7 @@ def main() -> None:
     print(f"traced {len(trace.sizes)} storages ({depth}) in {time.perf_counter() - started:.1f} s")
     spec = RequestSpec(stage=args.stage, world=args.world, offload=args.offload, loop=args.loop,
                        param_groups=args.param_groups, bucket_elements=args.bucket, flatten_on_cpu=args.flatten_on_cpu,
-                       grad_accum=args.grad_accum, overlap=args.overlap)
+                       grad_accum=args.grad_accum, overlap=args.overlap, optimizer=args.optimizer)
     seq = build(*tensors_of(model), trace, spec)
     result = replay(seq, expandable=args.expandable)
     built = {name: size / GiB for name, size in result.phases.items()}

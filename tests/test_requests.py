@@ -271,12 +271,34 @@ def test_the_run_peak_is_kept_across_deepspeeds_resets():
     assert replayed.peak_reserved_bytes == 192 * MiB
 
 
+@pytest.mark.parametrize(("update", "first_step", "later_step"), [
+    ("lion", ["a exp_avg"], []),
+    ("sgd", ["a sgd_decayed", "f sgd_decayed"], ["a sgd_decayed", "f sgd_decayed"]),
+    ("sgd-momentum", ["a sgd_decayed", "a momentum_buffer", "f sgd_decayed"], ["a sgd_decayed", "f sgd_decayed"]),
+    ("adafactor", ["a variance", "a grad_squared", "a var_estimate", "f grad_squared", "f var_estimate"],
+     ["a grad_squared", "a var_estimate", "f grad_squared", "f var_estimate"]),
+])
+def test_each_update_makes_its_states_and_temporaries_on_the_decay_group(update, first_step, later_step):
+    """core.zero12_requests.UPDATES, between the fp32 gradient's making and its drop: the decay group of the
+    Trainer's two (weight decay 0.01) makes SGD's decayed copy; the other group (0.0) only the states."""
+    model, trace = _model_and_trace(TINY, 2, 32, ckpt=False)
+    seq = _build(model, trace, _spec(steps=2, param_groups=2, optimizer=update))
+
+    def between(step: int, group: int) -> list[str]:
+        start = seq.ops.index(("f", ("flat_grad16", step, group)))
+        ops = seq.ops[start:seq.ops.index(("f", ("fp32_grad", step, group)))]
+        return [f"{op[0]} {op[1][0]}" for op in ops[1:] if op[0] in ("a", "f") and op[1][0] != "grads_in_partition"]
+
+    assert between(0, 0) == first_step and between(1, 0) == later_step
+    assert between(0, 1) == [op for op in first_step if "sgd_decayed" not in op]
+
+
 def test_fused_adam_makes_no_temporary_in_the_step():
     model, trace = _model_and_trace(TINY, 2, 32, ckpt=False)
     padded = -(-sum(p.numel() for p in model.parameters()) // 4) * 4
     torch_adam = _build(model, trace, _spec(steps=2))
     assert _sizes(torch_adam, "adam_temp") == [2 * padded, 2 * padded]  # 4 bytes x the partition, each step
-    assert _sizes(_build(model, trace, _spec(steps=2, adam_temporary=False)), "adam_temp") == []
+    assert _sizes(_build(model, trace, _spec(steps=2, optimizer="adamw-fused")), "adam_temp") == []
 
 
 def _setup(**kw):

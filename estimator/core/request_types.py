@@ -28,9 +28,9 @@ class RequestSpec:
     """``reduce_bucket_size``."""
     flatten_on_cpu: bool = False
     """The first group's flatten goes through the host (``core.capacity.flatten_decision``)."""
-    adam_temporary: bool = True
-    """torch's AdamW takes its foreach path on CUDA, one fp32 temporary of 4 P_g/N per group
-    (``core.optimizers.optimizer_temp_bytes``); FusedAdam updates in place."""
+    optimizer: str = "adamw-torch"
+    """The update the step runs on each group's flat fp32 partition (``core.zero12_requests.UPDATES``):
+    adamw-torch, adamw-fused, lion, sgd, sgd-momentum or adafactor."""
     steps: int = STEPS
     grad_accum: int = 1
     """Micro-steps per optimizer step (``gradient_accumulation_steps``; module docstring)."""

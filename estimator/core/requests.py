@@ -45,7 +45,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from zeroest.estimator.core.request_types import RequestSpec, Sequence, TensorSpec
-from zeroest.estimator.core.zero12_requests import BF16, Bucket, optimizer_init, optimizer_step, param_groups
+from zeroest.estimator.core.zero12_requests import (
+    BF16,
+    UPDATES,
+    Bucket,
+    optimizer_init,
+    optimizer_step,
+    param_groups,
+)
 
 if TYPE_CHECKING:
     from zeroest.estimator.core.setup import TrainingSetup
@@ -58,6 +65,12 @@ one at the first forward's first matmul and one at the first backward's (all eig
 data/runs/h200-sequences)."""
 
 
+def update_of(setup: TrainingSetup) -> str:
+    """The setup's update as ``core.zero12_requests.UPDATES`` names it (AdamW by its implementation)."""
+    name = str(setup.optimizer.name)
+    return f"adamw-{setup.optimizer.impl}" if name == "adamw" else name
+
+
 def sequence_gap(setup: TrainingSetup) -> str | None:
     """Why ``build`` does not cover the setup, or None where it does: ZeRO stage 1 or 2 (either kind of segment),
     with or without gradient accumulation or ``overlap_comm``, AdamW from torch or FusedAdam (DeepSpeedCPUAdam with
@@ -66,7 +79,8 @@ def sequence_gap(setup: TrainingSetup) -> str | None:
     z, a, w = setup.zero, setup.adapters, setup.workload
     checks = (
         (int(setup.stage) not in (1, 2), "ZeRO stage 0 or 3"),
-        (str(setup.optimizer.name) != "adamw" or str(setup.optimizer.impl) not in ("torch", "fused", "cpu")
+        (update_of(setup) not in UPDATES and not (str(setup.optimizer.name) == "adamw"
+                                                  and str(setup.optimizer.impl) == "cpu")
          or (str(setup.optimizer.impl) == "cpu") != (str(z.offload_optimizer) != "none"),
          f"optimizer {setup.optimizer.name} ({setup.optimizer.impl})"),
         (str(setup.dtype) != "bf16", f"{setup.dtype} training"),
@@ -186,7 +200,7 @@ def build(tensors: list[TensorSpec], buffer_bytes: list[int], trace: Trace, spec
             if not last:
                 _drop_leftovers(seq, m, keep=outputs | held_keys)
         if not spec.offload:
-            optimizer_step(seq, step, parts, in_partition, spec.adam_temporary)
+            optimizer_step(seq, step, parts, in_partition, spec.optimizer)
         _drop_leftovers(seq, step * spec.grad_accum + spec.grad_accum - 1, keep=outputs)
         seq.mark(f"step{step}.step")
     return seq

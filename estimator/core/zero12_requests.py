@@ -21,8 +21,7 @@ calls for them (pure; no torch). b is the 16-bit width, P_g a group's trainable 
 * ``step`` without offload (``optimizer_step``): the fp64 norm of each gradient in the partition
   (``get_grad_norm_direct``, 8 n each, made and dropped); then per group the flat 16-bit gradient partition
   (b P_g/N) and its fp32 copy (4 P_g/N, the first dropped); ``grads_in_partition`` dropped with the last group's
-  ``averaged_gradients``; Adam's ``exp_avg`` and ``exp_avg_sq`` at the first step (4 P_g/N each, kept) and, for
-  torch's AdamW (not FusedAdam), one temporary of 4 P_g/N; then the fp32 gradient dropped.
+  ``averaged_gradients``; the update's states and temporaries (``UPDATES``); then the fp32 gradient dropped.
 """
 
 from __future__ import annotations
@@ -147,9 +146,28 @@ def optimizer_init(seq: Sequence, groups: list[list[tuple[str, int]]], spec: Req
     return layout, parts, in_partition, touching
 
 
+UPDATES = ("adamw-torch", "adamw-fused", "lion", "sgd", "sgd-momentum", "adafactor")
+"""The updates ``optimizer_step`` writes; each its requests on a group's flat fp32 partition of p elements (4p bytes
+a tensor), in order (recorded on the H200: data/runs/h200-sequences, optimizers and long rows):
+
+* adamw-torch (torch/optim/adamw.py ``_multi_tensor_adamw``): ``exp_avg`` and ``exp_avg_sq`` at the first step
+  (kept), then the foreach ``exp_avg_sq.sqrt()`` temporary each step;
+* adamw-fused (FusedAdam), lion (ops/lion/fused_lion.py ``FusedLion``: ``exp_avg``): the states at the first step,
+  no temporary (one kernel, in place);
+* sgd and sgd-momentum (torch/optim/sgd.py ``_multi_tensor_sgd``): with weight decay, ``grads + wd * params``
+  first; then, with momentum, ``torch.clone(grad)`` as the momentum buffer at the first step (kept); the decayed
+  copy dropped once the buffer replaces it. Weight decay is the first group's of the Trainer's two
+  (``validate.adapters.parameter_groups``: 0.01 and 0.0); one group has none (the ds_config's SGD section sets
+  none, ``configs.ds_write``);
+* adafactor (torch/optim/_adafactor.py ``_single_tensor_adafactor`` on a 1-D tensor): ``variance`` at the first
+  step (kept), then each step ``grad * grad`` and ``variance.clone()``, both alive until the update ends.
+"""
+
+
 def optimizer_step(seq: Sequence, step: int, parts: list[int], in_partition: dict[str, int],
-                   adam_temporary: bool) -> None:
-    """``step`` without offload: norms, flat gradient partitions, Adam's states and temporary."""
+                   update: str) -> None:
+    """``step`` without offload: norms, flat gradient partitions, the update's states and temporaries
+    (``UPDATES``)."""
     for name, n in in_partition.items():
         seq.temp(("gradnorm64", step, name), 8 * n)
     for i, part in enumerate(parts):
@@ -158,9 +176,30 @@ def optimizer_step(seq: Sequence, step: int, parts: list[int], in_partition: dic
         seq.free(("flat_grad16", step, i))
         if i == len(parts) - 1:  # the last group's averaged_gradients = None drops the last views of it
             seq.free(("grads_in_partition", step))
-        if step == 0:
-            seq.alloc(("exp_avg", i), 4 * part)
-            seq.alloc(("exp_avg_sq", i), 4 * part)
-        if adam_temporary:
-            seq.temp(("adam_temp", step, i), 4 * part)
+        _update(seq, step, i, 4 * part, update, decay=i == 0 and len(parts) == 2)
         seq.free(("fp32_grad", step, i))
+
+
+def _update(seq: Sequence, step: int, group: int, size: int, update: str, *, decay: bool) -> None:
+    first = step == 0
+    if update in ("adamw-torch", "adamw-fused", "lion"):
+        for state in ("exp_avg", "exp_avg_sq") if update != "lion" else ("exp_avg",):
+            if first:
+                seq.alloc((state, group), size)
+        if update == "adamw-torch":
+            seq.temp(("adam_temp", step, group), size)
+    elif update in ("sgd", "sgd-momentum"):
+        if decay:
+            seq.alloc(("sgd_decayed", step, group), size)
+        if first and update == "sgd-momentum":
+            seq.alloc(("momentum_buffer", group), size)
+        seq.free(("sgd_decayed", step, group))
+    elif update == "adafactor":
+        if first:
+            seq.alloc(("variance", group), size)
+        seq.alloc(("grad_squared", step, group), size)
+        seq.alloc(("var_estimate", step, group), size)
+        seq.free(("grad_squared", step, group))
+        seq.free(("var_estimate", step, group))
+    else:
+        raise ValueError(f"no request model for the update {update!r}")

@@ -17,7 +17,7 @@ import time
 from zeroest.estimator.core.allocator import RequestReplay, replay
 from zeroest.estimator.core.hf_config import hf_config, layers_key
 from zeroest.estimator.core.request_types import RequestSpec, TensorSpec
-from zeroest.estimator.core.requests import build
+from zeroest.estimator.core.requests import build, update_of
 from zeroest.estimator.trace import cache
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def spec_of(setup, *, flatten_on_cpu: bool) -> RequestSpec:
     return RequestSpec(stage=int(setup.stage), world=setup.world_size,
                        offload=str(setup.zero.offload_optimizer) != "none", loop=str(setup.workload.loop),
                        param_groups=setup.optimizer.param_groups, bucket_elements=int(setup.zero.reduce_bucket_size),
-                       flatten_on_cpu=flatten_on_cpu, adam_temporary=str(setup.optimizer.impl) == "torch",
+                       flatten_on_cpu=flatten_on_cpu, optimizer=update_of(setup),
                        grad_accum=setup.workload.grad_accum, overlap=setup.zero.overlap)
 
 
