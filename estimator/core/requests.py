@@ -73,9 +73,10 @@ def update_of(setup: TrainingSetup) -> str:
 
 def sequence_gap(setup: TrainingSetup) -> str | None:
     """Why ``build`` does not cover the setup, or None where it does: ZeRO stage 1 or 2 (either kind of segment),
-    with or without gradient accumulation or ``overlap_comm``, AdamW from torch or FusedAdam (DeepSpeedCPUAdam with
-    optimizer offload), bf16, any of the three loops, ``contiguous_gradients`` on, full fine-tuning or LoRA (no other
-    frozen weights, no quantised base), one or two parameter groups."""
+    with or without gradient accumulation or ``overlap_comm``, an update of ``core.zero12_requests.UPDATES`` (AdamW
+    from torch or FusedAdam, FusedLion, torch's SGD or Adafactor; with optimizer offload DeepSpeed's CPU optimizer),
+    bf16, any of the three loops, ``contiguous_gradients`` on, full fine-tuning or LoRA (no other frozen weights, no
+    quantised base), one or two parameter groups."""
     z, a, w = setup.zero, setup.adapters, setup.workload
     checks = (
         (int(setup.stage) not in (1, 2), "ZeRO stage 0 or 3"),
