@@ -156,9 +156,9 @@ a tensor), in order (recorded on the H200: data/runs/h200-sequences, optimizers 
   no temporary (one kernel, in place);
 * sgd and sgd-momentum (torch/optim/sgd.py ``_multi_tensor_sgd``): with weight decay, ``grads + wd * params``
   first; then, with momentum, ``torch.clone(grad)`` as the momentum buffer at the first step (kept); the decayed
-  copy dropped once the buffer replaces it. Weight decay is the first group's of the Trainer's two
-  (``validate.adapters.parameter_groups``: 0.01 and 0.0); one group has none (the ds_config's SGD section sets
-  none, ``configs.ds_write``);
+  copy dropped once the buffer replaces it (recorded with momentum; plain SGD follows the same code without the
+  buffer). Weight decay is the first group's of the Trainer's two (``validate.adapters.parameter_groups``: 0.01
+  and 0.0); one group has none (the ds_config's SGD section sets none, ``configs.ds_write``);
 * adafactor (torch/optim/_adafactor.py ``_single_tensor_adafactor`` on a 1-D tensor): ``variance`` at the first
   step (kept), then each step ``grad * grad`` and ``variance.clone()``, both alive until the update ends.
 """
