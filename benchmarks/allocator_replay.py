@@ -31,6 +31,8 @@ from pathlib import Path
 from zeroest.estimator.core.allocator import Block, CachingAllocatorModel
 
 GiB = 2**30
+RELEASES = ("segment_free", "segment_unmap")
+"""Trace actions of memory going back to the driver: a run of them is one ``empty_cache``."""
 
 
 def replay(events: list[dict], marks: list[tuple[str, int]], *, expandable: bool | None = None) -> dict[str, dict]:
@@ -58,8 +60,7 @@ def replay(events: list[dict], marks: list[tuple[str, int]], *, expandable: bool
             name, end = next(bounds, (None, None))
         if event["action"] in ("segment_alloc", "segment_map"):
             cut += 1
-        elif event["action"] in ("segment_free", "segment_unmap") and (at == 0 or events[at - 1]["action"] not in (
-                "segment_free", "segment_unmap")):
+        elif event["action"] in RELEASES and (at == 0 or events[at - 1]["action"] not in RELEASES):
             # the first segment an empty_cache() gives back: DeepSpeed's runtime/utils.py ``empty_cache`` then
             # also resets the peak statistics (``reset_peak_memory_stats``), as the measured maximum shows
             model.empty_cache()

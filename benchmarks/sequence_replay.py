@@ -48,8 +48,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--ckpt", action="store_true")
     parser.add_argument("--offload", action="store_true")
-    parser.add_argument("--loop", choices=("custom", "trainer"), default="custom",
-                        help="custom: outputs kept until the next forward returns; trainer: only the loss")
+    parser.add_argument("--loop", choices=("custom", "custom-del", "trainer"), default="custom",
+                        help="custom: outputs kept until the next forward returns; custom-del: until the micro-step "
+                             "ends; trainer: only the loss")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     parser.add_argument("--overlap", action="store_true", help="overlap_comm on")
     parser.add_argument("--optimizer", default="adamw-torch",

@@ -106,6 +106,18 @@ def _link_after(block: Block, new: Block) -> None:
     block.next = new
 
 
+def _link_before(block: Block, new: Block) -> None:
+    new.prev, new.next = block.prev, block
+    if block.prev is not None:
+        block.prev.next = new
+    block.prev = new
+
+
+def _page(small: bool) -> int:
+    """The page an expandable segment maps at a time: ``kSmallBuffer`` in the small pool, ``kLargeBuffer`` else."""
+    return SMALL_BUFFER if small else LARGE_BUFFER
+
+
 def _unlink(block: Block) -> None:
     if block.prev is not None:
         block.prev.next = block.next
@@ -134,6 +146,13 @@ class CachingAllocatorModel:
     _unmapped: dict[tuple[int, bool], list[tuple[int, Block]]] = field(default_factory=dict)
     """Per pool, its unmapped ranges by address (expandable segments only)."""
     _serial: int = 0
+
+    def _hole_in(self, hole: Block) -> None:
+        bisect.insort(self._unmapped[(hole.stream, hole.small)], (hole.offset, hole), key=lambda k: k[0])
+
+    def _hole_out(self, hole: Block) -> None:
+        unmapped = self._unmapped[(hole.stream, hole.small)]
+        del unmapped[bisect.bisect_left(unmapped, hole.offset, key=lambda k: k[0])]
 
     def _key(self, block: Block) -> tuple[int, int, int, Block]:
         return (block.size, block.segment, block.offset, block)
@@ -232,15 +251,14 @@ class CachingAllocatorModel:
     def _map(self, hole: Block, size: int, small: bool) -> Block:
         """``map_block``: the pages covering the first ``size`` bytes of unmapped ``hole``, merged with a free
         neighbour before (and after) it; the mapped block, back in the cache."""
-        page = SMALL_BUFFER if small else LARGE_BUFFER
+        page = _page(small)
         mapped = min(hole.size, -(-size // page) * page)
-        unmapped = self._unmapped[(hole.stream, small)]
-        del unmapped[bisect.bisect_left(unmapped, hole.offset, key=lambda k: k[0])]
+        self._hole_out(hole)
         if mapped < hole.size:
             rest = Block(size=hole.size - mapped, segment=hole.segment, offset=hole.offset + mapped,
                          stream=hole.stream, small=small, mapped=False)
             _link_after(hole, rest)
-            bisect.insort(unmapped, (rest.offset, rest), key=lambda k: k[0])
+            self._hole_in(rest)
             hole.size = mapped
         hole.mapped = True
         self._grow(mapped)
@@ -263,7 +281,7 @@ class CachingAllocatorModel:
             self.segments -= len(whole)
 
     def _unmap(self, block: Block) -> None:
-        page = SMALL_BUFFER if block.small else LARGE_BUFFER
+        page = _page(block.small)
         begin = -(-block.offset // page) * page
         end = (block.offset + block.size) // page * page
         if end <= begin:
@@ -271,10 +289,8 @@ class CachingAllocatorModel:
         self._remove(block)
         if begin > block.offset:  # the slivers of a page at either end stay mapped and free
             before = Block(size=begin - block.offset, segment=block.segment, offset=block.offset,
-                           stream=block.stream, small=block.small, prev=block.prev, next=block)
-            if block.prev is not None:
-                block.prev.next = before
-            block.prev = before
+                           stream=block.stream, small=block.small)
+            _link_before(block, before)
             self._insert(before)
         if end < block.offset + block.size:
             after = Block(size=block.offset + block.size - end, segment=block.segment, offset=end,
@@ -283,12 +299,11 @@ class CachingAllocatorModel:
             self._insert(after)
         block.offset, block.size, block.mapped = begin, end - begin, False
         self.reserved -= end - begin
-        unmapped = self._unmapped[(block.stream, block.small)]
         for neighbour in (block.prev, block.next):
             if neighbour is not None and not neighbour.mapped:
-                del unmapped[bisect.bisect_left(unmapped, neighbour.offset, key=lambda k: k[0])]
+                self._hole_out(neighbour)
                 self._absorb(block, neighbour)
-        bisect.insort(unmapped, (block.offset, block), key=lambda k: k[0])
+        self._hole_in(block)
 
     def reset_peak(self) -> None:
         self.peak_reserved = self.reserved

@@ -81,10 +81,11 @@ def sequence_gap(setup: TrainingSetup) -> str | None:
     bf16, any of the three loops, ``contiguous_gradients`` on, full fine-tuning or LoRA (no other frozen weights, no
     quantised base), one or two parameter groups."""
     z, a, w = setup.zero, setup.adapters, setup.workload
+    update = update_of(setup)
     checks = (
         (int(setup.stage) not in (1, 2), "ZeRO stage 0 or 3"),
-        ((update_of(setup) == "host") != (str(z.offload_optimizer) != "none")
-         or update_of(setup) not in (*UPDATES, "host"), f"optimizer {setup.optimizer.name} ({setup.optimizer.impl})"),
+        ((update == "host") != (str(z.offload_optimizer) != "none") or update not in (*UPDATES, "host"),
+         f"optimizer {setup.optimizer.name} ({setup.optimizer.impl})"),
         (str(setup.dtype) != "bf16", f"{setup.dtype} training"),
         (str(w.loop) not in ("custom", "custom-del", "trainer"), f"the {w.loop} loop"),
         (not z.contiguous_gradients, "contiguous_gradients off"),
@@ -137,6 +138,7 @@ def build(tensors: list[TensorSpec], buffer_bytes: list[int], trace: Trace, spec
     kept = None
     returned_logits = _returned_logits(trace)
     workspaces = _workspace_points(trace)
+    buckets = 2 if spec.overlap else 1  # setup_buckets: buf_1 for overlap_comm
     for step in range(spec.steps):
         held: dict[int, list[tuple]] = {}  # stage 1: the first micro-step's gradients, until reduce_gradients
         held_keys: set[tuple] = set()
@@ -144,18 +146,17 @@ def build(tensors: list[TensorSpec], buffer_bytes: list[int], trace: Trace, spec
             m, last = step * spec.grad_accum + micro, micro == spec.grad_accum - 1
             pending = {size: list(names) for size, names in size_to_names.items()}
             bucket = Bucket(seq, m, spec, layout, parts, in_partition, touching,
-                            ("grads_in_partition", step) if micro == 0 else ("grads_in_partition", step, micro))
-            bucket.boundary = last
+                            ("grads_in_partition", step) if micro == 0 else ("grads_in_partition", step, micro),
+                            boundary=last)
             hook = None  # a final gradient whose AccumulateGrad, and DeepSpeed's hook in it, is still to run
             for at, event in enumerate(trace.events):
                 if hook is not None and event >= 0:
-                    bucket.add(hook[0], hook[1])
-                    seq.free(hook[2])  # copied into the bucket, its own storage dropped
+                    bucket.take(*hook)
                     hook = None
                 if m == 0 and at in workspaces:
                     seq.alloc(("cublas_workspace", at), CUBLAS_WORKSPACE_BYTES)
                 if at == trace.marks.get("first_grad") and (spec.stage == 2 or micro == 0):
-                    for i in range(2 if spec.overlap else 1):  # setup_buckets: buf_1 for overlap_comm
+                    for i in range(buckets):
                         seq.alloc(("bucket", step, i), BF16 * spec.bucket_elements)
                 if at == trace.marks["fwd_end"]:
                     if kept is not None:
@@ -183,17 +184,15 @@ def build(tensors: list[TensorSpec], buffer_bytes: list[int], trace: Trace, spec
                 elif key not in held_keys:  # the trace drops .grad after backward; DeepSpeed frees a held gradient
                     seq.free(key)  # as the bucket takes it
             if hook is not None:
-                bucket.add(hook[0], hook[1])
-                seq.free(hook[2])
+                bucket.take(*hook)
             if spec.stage == 2 or last:
                 if spec.stage == 1:
                     for name, n in trainable:  # reduce_gradients: the groups' parameters in order
                         keys = held.get(n)
-                        if keys:
-                            bucket.add(name, n)
-                            seq.free(keys.pop())  # produced in reverse: the last one held of its size is this one
+                        if keys:  # produced in reverse: the last one held of its size is this one
+                            bucket.take(name, n, keys.pop())
                 bucket.flush()
-                for i in range(2 if spec.overlap else 1):
+                for i in range(buckets):
                     seq.free(("bucket", step, i))
                 if micro > 0:  # the epilogue adds this micro-step's partition into the first one's, and drops it
                     seq.free(bucket.partition_key)
@@ -203,6 +202,6 @@ def build(tensors: list[TensorSpec], buffer_bytes: list[int], trace: Trace, spec
                 _drop_leftovers(seq, m, keep=outputs | held_keys)
         if not spec.offload:
             optimizer_step(seq, step, parts, in_partition, spec.optimizer)
-        _drop_leftovers(seq, step * spec.grad_accum + spec.grad_accum - 1, keep=outputs)
+        _drop_leftovers(seq, m, keep=outputs)
         seq.mark(f"step{step}.step")
     return seq

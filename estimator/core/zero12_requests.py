@@ -57,21 +57,28 @@ class Bucket:
     starts in it (``grads_in_partition``)."""
 
     def __init__(self, seq: Sequence, step: int, spec: RequestSpec, layout: dict[str, tuple[int, int, int]],
-                 parts: list[int], in_partition: dict[str, int], touching: int, partition_key: tuple) -> None:
+                 parts: list[int], in_partition: dict[str, int], touching: int, partition_key: tuple, *,
+                 boundary: bool = True) -> None:
         self.seq, self.step, self.spec, self.partition_key = seq, step, spec, partition_key
         self.layout, self.parts, self.in_partition, self.touching = layout, parts, in_partition, touching
+        self.boundary = boundary
+        """The micro-step ends the accumulation: only there does offload copy the partition out (fp64 norm, fp32);
+        before it ``async_accumulate_grad_in_cpu_via_gpu`` adds into host buffers through the kept GPU buffer."""
         self.names: list[str] = []
         self.elements = 0
         self.made = False
-        self.boundary = True
-        """The micro-step ends the accumulation: only there does offload copy the partition out (fp64 norm, fp32);
-        before it ``async_accumulate_grad_in_cpu_via_gpu`` adds into host buffers through the kept GPU buffer."""
 
     def add(self, name: str, numel: int) -> None:
         if self.elements + numel > self.spec.bucket_elements:
             self.flush()
         self.names.append(name)
         self.elements += numel
+
+    def take(self, name: str, numel: int, key) -> None:
+        """DeepSpeed's hook (``reduce_independent_p_g_buckets_and_remove_grads``): the gradient stored under ``key``
+        is copied into the bucket and its own storage dropped."""
+        self.add(name, numel)
+        self.seq.free(key)
 
     def _slices(self) -> int:
         """The slices ``average_tensor`` reduces: each parameter's piece per partition it touches, the pieces of
