@@ -42,7 +42,7 @@ def recorded(path: str) -> tuple[dict[str, float], list[int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", help="a model's config.json")
-    parser.add_argument("--stage", type=int, choices=(1, 2), default=2)
+    parser.add_argument("--stage", type=int, choices=(1, 2, 3), default=2)
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=1024)
@@ -75,7 +75,8 @@ def main() -> None:
     from zeroest.estimator.core.allocator import replay
     from zeroest.estimator.core.request_types import RequestSpec
     from zeroest.estimator.core.requests import build
-    from zeroest.estimator.trace.requests import model_and_trace, tensors_of
+    from zeroest.estimator.core.zero3_requests import build3
+    from zeroest.estimator.trace.requests import model_and_trace, module_specs, tensors_of
 
     config = json.loads(Path(args.config).read_text())
     adapters = (Adapters(lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_targets="all-linear")
@@ -83,13 +84,14 @@ def main() -> None:
     started = time.perf_counter()
     model, trace, expanded = model_and_trace(config, "bf16", args.attn, adapters, ckpt=args.ckpt,
                                              micro_batch=args.micro_batch, seq_len=args.seq_len,
-                                             cut=not args.full_depth)
+                                             cut=not args.full_depth, zero3=args.stage == 3)
     depth = "four layers, expanded" if expanded else "full depth"
     print(f"traced {len(trace.sizes)} storages ({depth}) in {time.perf_counter() - started:.1f} s")
     spec = RequestSpec(stage=args.stage, world=args.world, offload=args.offload, loop=args.loop,
                        param_groups=args.param_groups, bucket_elements=args.bucket, flatten_on_cpu=args.flatten_on_cpu,
                        grad_accum=args.grad_accum, overlap=args.overlap, optimizer=args.optimizer)
-    seq = build(*tensors_of(model), trace, spec)
+    seq = build3(*tensors_of(model), module_specs(model), trace, spec) if args.stage == 3 else \
+        build(*tensors_of(model), trace, spec)
     result = replay(seq, expandable=args.expandable)
     built = {name: size / GiB for name, size in result.phases.items()}
     print(f"peak reserve of the run, across DeepSpeed's resets: {result.peak_reserved_bytes / GiB:.3f} GiB")

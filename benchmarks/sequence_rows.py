@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("folders", nargs="+", help="runs folders (shell patterns allowed)")
     parser.add_argument("--json", help="write the per-row results here")
     parser.add_argument("--min-gib", type=float, default=4.0, help="rows measured at least this reserved count")
+    parser.add_argument("--stage", type=int, action="append", help="only rows of this ZeRO stage (repeatable)")
     parser.add_argument("--real-ranks", action="store_true",
                         help="also rows of real ranks on GPUs (NCCL), built as if simulated: whether the sequence "
                              "holds there too")
@@ -78,6 +79,8 @@ def main() -> None:
     reasons = Counter()
     rows = []
     for record in analysis.records:
+        if args.stage and int(record.setup.stage) not in args.stage:
+            continue
         why = skip_reason(record, args.real_ranks)
         if why:
             reasons[why] += 1

@@ -245,7 +245,7 @@ def _card_limit_note(terms: ReservedTerms) -> str | None:
 
 def _sequence_note(setup: TrainingSetup, facts: ReservedFacts, terms: ReservedTerms) -> str:
     """Where reserved memory came from, for setups the request sequence covers or could."""
-    if int(setup.stage) not in (1, 2):
+    if int(setup.stage) == 0:
         return ""
     if not facts.sequence_reserved_bytes:
         why = sequence_gap(setup)

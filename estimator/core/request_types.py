@@ -1,6 +1,6 @@
 """The request sequence's own types (pure): what of a setup it depends on (``RequestSpec``), the model's tensors
 (``TensorSpec``) and the requests in order (``Sequence``), which ``core.requests`` and ``core.zero12_requests``
-write and ``core.allocator.replay`` replays."""
+write and ``core.allocator.replay`` replays; at stage 3 the modules its hooks gather for (``ModuleSpec``)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,16 @@ class RequestSpec:
     """Micro-steps per optimizer step (``gradient_accumulation_steps``; module docstring)."""
     overlap: bool = False
     """``overlap_comm``: two ipg buffers, and the reduction's requests on its own stream (module docstring)."""
+    prefetch_elements: int = 50_000_000
+    """Stage 3: ``stage3_prefetch_bucket_size``."""
+    persistence_threshold: int = 100_000
+    """Stage 3: ``stage3_param_persistence_threshold``, parameters of at most this many elements stay gathered."""
+    max_live: int = 1_000_000_000
+    """Stage 3: ``stage3_max_live_parameters``."""
+    reuse_distance: int = 1_000_000_000
+    """Stage 3: ``stage3_max_reuse_distance``."""
+    sub_group_size: int = 1_000_000_000
+    """Stage 3: ``sub_group_size``."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,16 @@ class TensorSpec:
     numel: int
     element_size: int
     trainable: bool
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One module of the model as ZeRO-3 hooks it: its mark key (``trace.zero3_hooks.module_marks``: prefix and
+    index), its name and the names of its own parameters."""
+
+    key: str
+    name: str
+    params: tuple[str, ...]
 
 
 @dataclass

@@ -75,33 +75,38 @@ def update_of(setup: TrainingSetup) -> str:
 
 
 def sequence_gap(setup: TrainingSetup) -> str | None:
-    """Why ``build`` does not cover the setup, or None where it does: ZeRO stage 1 or 2 (either kind of segment),
+    """Why ``build`` (``core.zero3_requests.build3`` at stage 3) does not cover the setup, or None where it does: ZeRO
+    stage 1 or 2, or 3 with the model whole on the GPU before ``deepspeed.initialize`` and no parameter offload
+    (either kind of segment),
     with or without gradient accumulation or ``overlap_comm``, an update of ``core.zero12_requests.UPDATES`` (AdamW
     from torch or FusedAdam, FusedLion, torch's SGD or Adafactor; with optimizer offload DeepSpeedCPUAdam),
     bf16, any of the three loops, ``contiguous_gradients`` on, full fine-tuning or LoRA (no other frozen weights, no
     quantised base), one or two parameter groups."""
     z, a, w = setup.zero, setup.adapters, setup.workload
     update = update_of(setup)
+    stage3 = int(setup.stage) == 3
     checks = (
-        (int(setup.stage) not in (1, 2), "ZeRO stage 0 or 3"),
+        (int(setup.stage) == 0, "ZeRO stage 0"),
+        (stage3 and z.zero_init, "stage 3 under zero.Init"),
+        (stage3 and str(z.offload_params) != "none", "stage 3 with parameter offload"),
         ((update == "host") != (str(z.offload_optimizer) != "none") or update not in (*UPDATES, "host"),
          f"optimizer {setup.optimizer.name} ({setup.optimizer.impl})"),
         (str(setup.dtype) != "bf16", f"{setup.dtype} training"),
         (str(w.loop) not in ("custom", "custom-del", "trainer"), f"the {w.loop} loop"),
-        (not z.contiguous_gradients, "contiguous_gradients off"),
+        (not z.contiguous_gradients and not stage3, "contiguous_gradients off"),
         (bool(a.freeze or a.modules_to_save) or str(a.base_quant) != "none", "frozen weights or a quantised base"),
         (setup.optimizer.param_groups not in (1, 2), "more than two parameter groups"),
     )
     return next((why for failed, why in checks if failed), None)
 
 
-def _drop_leftovers(seq: Sequence, micro: int, keep: set) -> None:
+def drop_leftovers(seq: Sequence, micro: int, keep: set) -> None:
     """The micro-step's input ids and loss (and what else the trace left live), dropped by the loop."""
     for key in [k for k in seq.live if isinstance(k[0], int) and k[0] == micro and k not in keep]:
         seq.free(key)
 
 
-def _returned_logits(trace: Trace) -> int:
+def returned_logits_of(trace: Trace) -> int:
     """The storage of the logits the model returns, which the custom loop keeps: the trace drops the output right
     after forward, so they are the logits-sized storage freed there (gemma-2 softcaps the head's output into a new
     tensor)."""
@@ -109,7 +114,7 @@ def _returned_logits(trace: Trace) -> int:
     return next((serial for serial in dropped if trace.sizes[serial] == trace.sizes[trace.logits]), trace.logits)
 
 
-def _workspace_points(trace: Trace) -> tuple[int, int | None]:
+def workspace_points(trace: Trace) -> tuple[int, int | None]:
     """The trace events before which cuBLAS takes its two workspaces (module docstring)."""
     start = trace.marks["fwd_start"]
     first_large = next((at for at in range(start, len(trace.events)) if trace.events[at] >= 0
@@ -136,8 +141,8 @@ def build(tensors: list[TensorSpec], buffer_bytes: list[int], trace: Trace, spec
         size_to_names.setdefault(BF16 * n, []).append(name)
     freed_by_trace = {~e for e in trace.events[:trace.marks["bwd_end"]] if e < 0}
     kept = None
-    returned_logits = _returned_logits(trace)
-    workspaces = _workspace_points(trace)
+    returned_logits = returned_logits_of(trace)
+    workspaces = workspace_points(trace)
     buckets = 2 if spec.overlap else 1  # setup_buckets: buf_1 for overlap_comm
     for step in range(spec.steps):
         held: dict[int, list[tuple]] = {}  # stage 1: the first micro-step's gradients, until reduce_gradients
@@ -199,9 +204,9 @@ def build(tensors: list[TensorSpec], buffer_bytes: list[int], trace: Trace, spec
             seq.mark(f"step{step}.backward{micro}")
             outputs = {kept} if spec.loop == "custom" else set()  # custom-del deletes them after each micro-step
             if not last:
-                _drop_leftovers(seq, m, keep=outputs | held_keys)
+                drop_leftovers(seq, m, keep=outputs | held_keys)
         if not spec.offload:
             optimizer_step(seq, step, parts, in_partition, spec.optimizer)
-        _drop_leftovers(seq, m, keep=outputs)
+        drop_leftovers(seq, m, keep=outputs)
         seq.mark(f"step{step}.step")
     return seq

@@ -173,7 +173,7 @@ def _no_data_checks():
 
 
 def run_trace(model, input_ids, *, grad_ckpt: bool, target: str = "cuda",
-              force_flash: bool = False) -> Trace:
+              force_flash: bool = False, zero3_hooks: bool = False) -> Trace:
     """One forward (with HF's loss on ``labels=input_ids``) and backward of ``model``, recorded.
 
     Works on meta and on real tensors (the tests run it on CPU). The output object is dropped right after the
@@ -240,6 +240,10 @@ def run_trace(model, input_ids, *, grad_ckpt: bool, target: str = "cuda",
     for i, layer in enumerate(decoder_layers(model)):
         handles.append(layer.register_forward_pre_hook(layer_pre(i), with_kwargs=True))
         handles.append(layer.register_forward_hook(layer_post(i), with_kwargs=True))
+    if zero3_hooks:
+        from zeroest.estimator.trace.zero3_hooks import zero3_hooks as hooks
+
+        handles += hooks(model, rec.mark, state)
     def on_grad(grad) -> None:
         excluded.add(rec.serial(grad))
 

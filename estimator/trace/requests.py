@@ -16,37 +16,41 @@ import time
 
 from zeroest.estimator.core.allocator import RequestReplay, replay
 from zeroest.estimator.core.hf_config import hf_config, layers_key
-from zeroest.estimator.core.request_types import RequestSpec, TensorSpec
+from zeroest.estimator.core.request_types import ModuleSpec, RequestSpec, TensorSpec
 from zeroest.estimator.core.requests import build, update_of
+from zeroest.estimator.core.zero3_requests import build3
 from zeroest.estimator.trace import cache
 
 log = logging.getLogger(__name__)
 
-SEQUENCE_VERSION = 4
+SEQUENCE_VERSION = 5
 """Bumped whenever ``core.requests.build`` or what the trace records changes, so that old files are not read."""
 _MEMO: dict[str, RequestReplay] = {}
 """Replays already read or built in this process, by key (the report estimates each row several times)."""
 
 
 def model_and_trace(config: dict, dtype: str, attn: str, adapters, *, ckpt: bool, micro_batch: int, seq_len: int,
-                    cut: bool = True) -> tuple:
+                    cut: bool = True, zero3: bool = False) -> tuple:
     """(the model at full depth on meta, its trace at (``micro_batch``, ``seq_len``), whether the trace was
     expanded): with ``cut``, four decoder layers traced and expanded to full depth where the layers are all of one
-    kind, else the full depth traced."""
+    kind, else the full depth traced. ``zero3``: as stage 3 runs it, with its ``torch.nn.functional.linear``
+    (``trace.zero3_linear``) and the marks of its module hooks (``trace.recorder``)."""
     import torch
     from zeroest.estimator.trace.kinds import layout
     from zeroest.estimator.trace.model import build_trained
     from zeroest.estimator.trace.recorder import run_trace
     from zeroest.estimator.trace.sequence import CUT_LAYERS, expand
+    from zeroest.estimator.trace.zero3_linear import zero3_linear
 
     model = build_trained(config, dtype, attn, adapters, grad_ckpt=ckpt, num_layers=None)
     ids = torch.zeros((micro_batch, seq_len), dtype=torch.long, device="meta")
     layer_kinds = layout(model)["kinds"] if cut else []
-    if cut and len(set(layer_kinds)) == 1 and len(layer_kinds) > CUT_LAYERS:
-        short = build_trained(config, dtype, attn, adapters, grad_ckpt=ckpt, num_layers=CUT_LAYERS)
-        trace = run_trace(short, ids, grad_ckpt=ckpt, target="cuda")
-        return model, expand(trace, CUT_LAYERS, len(layer_kinds), kinds=layer_kinds), True
-    return model, run_trace(model, ids, grad_ckpt=ckpt, target="cuda"), False
+    with zero3_linear(zero3):
+        if cut and len(set(layer_kinds)) == 1 and len(layer_kinds) > CUT_LAYERS:
+            short = build_trained(config, dtype, attn, adapters, grad_ckpt=ckpt, num_layers=CUT_LAYERS)
+            trace = run_trace(short, ids, grad_ckpt=ckpt, target="cuda", zero3_hooks=zero3)
+            return model, expand(trace, CUT_LAYERS, len(layer_kinds), kinds=layer_kinds), True
+        return model, run_trace(model, ids, grad_ckpt=ckpt, target="cuda", zero3_hooks=zero3), False
 
 
 def tensors_of(model) -> tuple[list[TensorSpec], list[int]]:
@@ -55,13 +59,27 @@ def tensors_of(model) -> tuple[list[TensorSpec], list[int]]:
     return params, [b.numel() * b.element_size() for b in model.buffers()]
 
 
+def module_specs(model) -> list[ModuleSpec]:
+    """Every module ZeRO-3 hooks, with its mark key and its own parameters' names (``named_parameters``' name of a
+    tied weight)."""
+    from zeroest.estimator.trace.zero3_hooks import module_marks
+
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [ModuleSpec(f"{prefix}{k}", name, tuple(names[id(p)] for p in module.parameters(recurse=False)))
+            for prefix, k, module, name in module_marks(model)]
+
+
 def spec_of(setup, *, flatten_on_cpu: bool) -> RequestSpec:
     """The ``RequestSpec`` of a covered setup (``core.requests.sequence_gap``)."""
+    z = setup.zero
     return RequestSpec(stage=int(setup.stage), world=setup.world_size,
                        offload=str(setup.zero.offload_optimizer) != "none", loop=str(setup.workload.loop),
                        param_groups=setup.optimizer.param_groups, bucket_elements=int(setup.zero.reduce_bucket_size),
                        flatten_on_cpu=flatten_on_cpu, optimizer=update_of(setup),
-                       grad_accum=setup.workload.grad_accum, overlap=setup.zero.overlap)
+                       grad_accum=setup.workload.grad_accum, overlap=setup.zero.overlap,
+                       prefetch_elements=int(z.prefetch_bucket_size),
+                       persistence_threshold=int(z.param_persistence_threshold), max_live=int(z.max_live_parameters),
+                       reuse_distance=int(z.max_reuse_distance), sub_group_size=int(z.sub_group_size))
 
 
 def _key(setup, spec: RequestSpec, config: dict, limit_bytes: int) -> str:
@@ -102,9 +120,11 @@ def sequence_replay(setup, *, flatten_on_cpu: bool, limit_bytes: int = 0, use_ca
     started = time.perf_counter()
     w = setup.workload
     model, trace, _ = model_and_trace(config, str(setup.dtype), str(w.attn), setup.adapters, ckpt=w.grad_ckpt,
-                                      micro_batch=w.micro_batch, seq_len=w.seq_len)
+                                      micro_batch=w.micro_batch, seq_len=w.seq_len, zero3=spec.stage == 3)
     params, buffers = tensors_of(model)
-    result = replay(build(params, buffers, trace, spec), limit_bytes, expandable=setup.expandable_segments)
+    seq = build3(params, buffers, module_specs(model), trace, spec) if spec.stage == 3 else \
+        build(params, buffers, trace, spec)
+    result = replay(seq, limit_bytes, expandable=setup.expandable_segments)
     log.info(f"built the request sequence of {setup.model.name} in {time.perf_counter() - started:.2f} s")
     if use_cache:
         cache.write_atomically(path, {"version": cache.CACHE_VERSION, "phases": result.phases,

@@ -127,7 +127,7 @@ def _take_apart(trace: Trace, layers: int, total_layers: int) -> _Cut:
             made = [e for e in trace.events[seg.start:seg.end] if e >= 0]
             owners.update((serial, (seg, k)) for k, serial in enumerate(made))
     marks: dict[_Segment, dict[int, list[str]]] = {seg: {} for seg in segments}
-    for name, at in sorted(trace.marks.items()):
+    for name, at in sorted(trace.marks.items(), key=lambda item: item[1]):  # in recorded order at one event
         found = _LAYER_MARK.fullmatch(name)
         own = [s for s in segments if found and s.kind == found[3] and s.layer == int(found[1])
                and s.start <= at <= s.end]

@@ -1,0 +1,106 @@
+"""ZeRO-3's module hooks as a trace must see them: where stage 3 gathers and releases each module's parameters.
+
+DeepSpeed 0.19.8 hooks every module (runtime/zero/parameter_offload.py ``_register_deepspeed_module``): a forward
+pre-hook fetches the module's own parameters, a forward hook releases them, ``PreBackwardFunctionForModule`` on its
+outputs fetches them again in backward and ``PostBackwardFunctionModule`` on its inputs releases them. The recorder
+(``trace.recorder.run_trace(..., zero3_hooks=True)``) marks each of those points, and ``core.zero3_requests`` places
+the gathers and releases there.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from zeroest.estimator.trace.model import decoder_layers
+
+
+def module_marks(model) -> list[tuple[str, int, object, str]]:
+    """Every module of the model in ``named_modules`` order, as (mark prefix, index, module, name): ``layer{i}_`` and
+    the module's index inside decoder layer i (the layer itself 0), ``top_`` and its index among the others (the
+    root 0). ZeRO-3 hooks every module (parameter_offload.py ``_register_deepspeed_module``) and gathers each one's
+    own parameters (``fetch_sub_module``: ``iter_params(module, recurse=False)``); a module without parameters is
+    still a step of its trace."""
+    layer_of = {id(m): i for i, layer in enumerate(decoder_layers(model)) for m in layer.modules()}
+    counts: dict[int | None, int] = {}
+    out = []
+    for name, module in model.named_modules():
+        i = layer_of.get(id(module))
+        k = counts[i] = counts.get(i, -1) + 1
+        out.append((f"layer{i}_" if i is not None else "top_", k, module, name))
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _identity_functions():
+    """Identity autograd Functions that call back in backward, as ZeRO-3's ``PreBackwardFunctionForModule`` (on a
+    module's outputs: each gradient that reaches one is a fetch) and ``PostBackwardFunctionModule`` (on its inputs:
+    the last of their gradients is the release) do (torch imported on first use)."""
+    import torch
+
+    class Identity(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, tensor, callback):
+            ctx.callback = callback
+            return tensor.detach()
+
+        @staticmethod
+        def backward(ctx, grad):
+            ctx.callback()
+            return grad, None
+
+    return Identity
+
+
+def zero3_hooks(model, mark_at, state) -> list:
+    """Marks where ZeRO-3's hooks gather and release each module's parameters (``module_marks``), named
+    ``{prefix}{phase}_{what}{k}``: ``fwd_pre`` / ``fwd_post`` around a forward call, ``bwd_rpre`` / ``bwd_rpost``
+    around its recomputation under checkpointing, ``bwd_bpre`` at each gradient that reaches one of its outputs and
+    ``bwd_bpost`` at the last gradient of its inputs that need one. As DeepSpeed does, the outputs and inputs are
+    passed through identity autograd Functions, so that a module's inputs shared with another module (q, k and v)
+    call back when this module's backward has made its own part. A repeated mark adds ``c{n}``. ``mark_at(name)``
+    sets a mark at the recorder's current event; ``state["backward"]`` is true from the loss's backward on."""
+    import torch
+    from torch.utils._pytree import tree_map
+
+    identity = _identity_functions()
+    calls: dict[tuple, int] = {}
+
+    def mark(prefix: str, what: str, k: int, key: int) -> None:
+        n = calls.get((key, what), 0)
+        calls[(key, what)] = n + 1
+        phase = "bwd" if what.startswith(("r", "b")) else "fwd"
+        mark_at(f"{prefix}{phase}_{what}{k}" + (f"c{n}" if n else ""))
+
+    handles = []
+    for prefix, k, module, _ in module_marks(model):
+        key = id(module)
+
+        def pre(mod, args, kwargs, prefix=prefix, k=k, key=key):
+            mark(prefix, "rpre" if state["backward"] else "pre", k, key)
+            if state["backward"]:
+                return None
+            left = [0]
+
+            def done() -> None:
+                left[0] -= 1
+                if left[0] == 0:
+                    mark(prefix, "bpost", k, key)
+
+            def wrap(t):
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    left[0] += 1
+                    return identity.apply(t, done)
+                return t
+
+            return tree_map(wrap, args), tree_map(wrap, kwargs)
+
+        def post(mod, args, kwargs, output, prefix=prefix, k=k, key=key):
+            mark(prefix, "rpost" if state["backward"] else "post", k, key)
+            if state["backward"]:
+                return None
+            return tree_map(lambda t: identity.apply(t, lambda: mark(prefix, "bpre", k, key))
+                            if isinstance(t, torch.Tensor) and t.requires_grad else t, output)
+
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(module.register_forward_hook(post, with_kwargs=True))
+    return handles

@@ -1,0 +1,159 @@
+"""core.zero3_requests: the ZeRO-3 request sequence, built on the CPU from a meta-device trace with stage 3's module
+hooks marked. Sizes are derived here from their terms in stage3.py and partition_parameters.py (c = ceil(p / N) a
+parameter's partition); two recorded runs (data/runs/h200-sequences) are replayed against the built sequence phase
+by phase."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from zeroest.estimator.core import allocator, zero3_coordinator, zero3_requests
+from zeroest.estimator.core.request_types import RequestSpec
+
+pytest.importorskip("transformers")
+ROOT = Path(__file__).parent.parent
+GiB = 2**30
+TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+
+
+def _model_and_trace(config: dict, micro_batch: int, seq_len: int, *, ckpt: bool, lora: int = 0, cut: bool = False):
+    from zeroest.estimator.core.adapters import Adapters
+    from zeroest.estimator.trace.requests import model_and_trace
+
+    adapters = Adapters(lora_rank=lora, lora_alpha=2 * lora, lora_targets="all-linear") if lora else Adapters()
+    model, trace, _ = model_and_trace(config, "bf16", "sdpa", adapters, ckpt=ckpt, micro_batch=micro_batch,
+                                      seq_len=seq_len, cut=cut, zero3=True)
+    return model, trace
+
+
+def _spec(**kw) -> RequestSpec:
+    base = {"stage": 3, "world": 3, "offload": False, "loop": "custom", "param_groups": 1, "steps": 2,
+            "bucket_elements": 500_000_000, "overlap": True}
+    return RequestSpec(**{**base, **kw})
+
+
+def _build(model, trace, spec: RequestSpec):
+    from zeroest.estimator.trace.requests import module_specs, tensors_of
+
+    return zero3_requests.build3(*tensors_of(model), module_specs(model), trace, spec)
+
+
+def _allocs(seq, kind: str) -> list[tuple[int, int]]:
+    """(bytes, stream) of each request whose key is ``kind`` or starts with it."""
+    return [(op[2], op[3] if len(op) > 3 else 0) for op in seq.ops
+            if op[0] == "a" and (op[1] == kind or isinstance(op[1], tuple) and op[1][0] == kind)]
+
+
+def _part(numel: int, world: int) -> int:
+    return -(-numel // world)
+
+
+def test_init_partitions_each_parameter_and_builds_the_flat_buffers():
+    model, trace = _model_and_trace(TINY, 1, 32, ckpt=False)
+    world = 3
+    numels = [p.numel() for p in model.parameters()]
+    total = sum(_part(n, world) for n in numels)  # every parameter trains: S
+    seq = _build(model, trace, _spec())
+    assert [size for size, _ in _allocs(seq, "ds")] == [2 * _part(n, world) for n in numels]
+    assert _allocs(seq, "lp_param_buffer") == [(2 * total, 0)]
+    assert _allocs(seq, "fp32_convert") == _allocs(seq, "master") == [(4 * total, 0)]  # one sub-group
+    assert _allocs(seq, "zero_fp32_grad") == [(4 * total, 0)]
+    assert _allocs(seq, "ipg_bucket") == [(2 * 500_000_000, 0)]
+    assert _allocs(seq, "grad_partitions") == [(2 * total, 0)]
+    assert [size for size, _ in _allocs(seq, "hook_gather")] == [2 * world * _part(n, world) for n in numels]
+    assert ("empty",) in seq.ops[:seq.ops.index(("mark", "init"))]  # defragment
+    offload = _build(model, trace, _spec(offload=True))
+    assert _allocs(offload, "master") == _allocs(offload, "grad_partitions") == []
+    assert _allocs(offload, "ipg_bucket") == [(2 * 500_000_000, 0)]
+
+
+def test_the_first_forward_gathers_module_by_module_on_the_allgather_stream():
+    """Step 0 has no module trace yet: no prefetch, each module's parameters gathered at its fetch (one alone into
+    N c, several into one flat N sum(c) and a copy of p each) and released after it; a weight with a bias makes a
+    flat buffer."""
+    model, trace = _model_and_trace({**TINY, "attention_bias": True}, 1, 32, ckpt=False)
+    world = 3
+    seq = _build(model, trace, _spec(steps=1))
+    q = dict(model.named_parameters())
+    weight, bias = (q[f"model.layers.0.self_attn.q_proj.{n}"].numel() for n in ("weight", "bias"))
+    flats = _allocs(seq, "flat")
+    assert flats[0] == (2 * world * (_part(weight, world) + _part(bias, world)), zero3_coordinator.AG_STREAM)
+    # four biased projections per layer, three layers, fetched in forward and again in backward
+    assert len(flats) == 2 * 4 * 3
+    gathered = _allocs(seq, "gathered")
+    assert (2 * weight, zero3_coordinator.AG_STREAM) in gathered and (2 * bias, zero3_coordinator.AG_STREAM) in gathered
+    embed = q["model.embed_tokens.weight"].numel()
+    assert gathered[0] == (2 * world * _part(embed, world), zero3_coordinator.AG_STREAM)  # alone: its N c buffer
+
+
+def test_the_reduce_scatter_copy_holds_every_bucket_gradient_padded():
+    """One flush at the end of backward for a bucket larger than the model: N sum(c) over every trainable parameter,
+    on the reduce-scatter stream; a small bucket flushes each time the next gradient would overflow it."""
+    model, trace = _model_and_trace(TINY, 1, 32, ckpt=False)
+    world = 3
+    total = sum(_part(p.numel(), world) for p in model.parameters())
+    seq = _build(model, trace, _spec(steps=1))
+    assert _allocs(seq, "reduce_scatter") == [(2 * world * total, zero3_coordinator.RS_STREAM)]
+    small = _build(model, trace, _spec(steps=1, bucket_elements=70_000))
+    flushes = _allocs(small, "reduce_scatter")
+    assert len(flushes) > 1 and sum(size for size, _ in flushes) == 2 * world * total
+    assert all(size <= 2 * world * _part(70_000, world) + 2 * world * 8 for size, _ in flushes)
+
+
+def test_sub_groups_close_after_the_parameter_that_reaches_the_size():
+    groups = [["a", "b", "c", "d"], ["n"]]
+    parts = {"a": 40, "b": 70, "c": 10, "d": 5, "n": 3}
+    assert zero3_requests._sub_groups(groups, parts, 100) == [["a", "b"], ["c", "d"], ["n"]]
+    assert zero3_requests._sub_groups(groups, parts, 10**9) == [["a", "b", "c", "d"], ["n"]]
+
+
+def test_the_step_makes_the_sub_groups_fp32_gradients_and_adams_states():
+    model, trace = _model_and_trace(TINY, 1, 32, ckpt=False)
+    world = 3
+    total = sum(_part(p.numel(), world) for p in model.parameters())
+    seq = _build(model, trace, _spec(steps=2))
+    assert _allocs(seq, "fp32_grad") == [(4 * total, 0)] * 2
+    assert _allocs(seq, "flat_grad16") == [(2 * total, 0)] * 2
+    assert _allocs(seq, "exp_avg") == _allocs(seq, "exp_avg_sq") == [(4 * total, 0)]  # the first step only
+    persistent = [p.numel() for p in model.parameters() if p.numel() <= 100_000]
+    assert [size for size, _ in _allocs(seq, "persistent")] == [2 * world * _part(n, world) for n in persistent] * 2
+
+
+RECORDED = {
+    # llama-3-8b with LoRA r16 on every linear, rank 0 of 2, 1 x 1024, no checkpointing, the custom loop (h200-long
+    # row 6 on an emulated 4090): every phase end from the init to step 2, to the byte
+    "lora": ("llama-3-8b", (1, 1024, False), 16, {"world": 2, "param_groups": 2}, "long6", 1e-6),
+    # llama2-2.7b with optimizer offload, rank 0 of 8, 1 x 2048, checkpointing, the Trainer's loop (h200-s3offload
+    # row 6): within 0.02 GiB at every phase end
+    "offload": ("data/runs/h200-s3offload/models/llama2-2.7b.json", (1, 2048, True), 0,
+                {"world": 8, "param_groups": 2, "offload": True, "loop": "trainer"}, "s3offload6", 0.02),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RECORDED))
+def test_recorded_runs_replay_as_built(benchmark_script, name):
+    import json
+
+    from zeroest.estimator.catalog.models import load_model
+    from zeroest.estimator.core.hf_config import hf_config, layers_key
+
+    model_ref, (micro_batch, seq_len, ckpt), lora, spec, events, tolerance = RECORDED[name]
+    if model_ref.endswith(".json"):
+        config = json.loads((ROOT / model_ref).read_text())
+    else:
+        shape = load_model(model_ref)
+        config = dict(hf_config(shape))
+        config[layers_key(config["model_type"])] = shape.num_layers
+    benchmark_script("allocator_replay")
+    seq_module = benchmark_script("sequence_replay")
+    model, trace = _model_and_trace(config, micro_batch, seq_len, ckpt=ckpt, lora=lora, cut=True)
+    built = allocator.replay(_build(model, trace, _spec(steps=3, **spec)))
+    recorded, _ = seq_module.recorded(str(ROOT / f"data/runs/h200-sequences/{events}-events.json.gz"))
+    phases = [phase for phase in recorded if phase != "build"]
+    assert len(phases) == 10
+    for phase in phases:
+        assert built.phases[phase] / GiB == pytest.approx(recorded[phase], abs=tolerance), phase
