@@ -46,6 +46,8 @@ class RequestSpec:
     """Stage 3: ``stage3_max_reuse_distance``."""
     sub_group_size: int = 1_000_000_000
     """Stage 3: ``sub_group_size``."""
+    zero_init: bool = False
+    """Stage 3: the model built under ``deepspeed.zero.Init`` (``core.zero3_requests``)."""
 
 
 @dataclass(frozen=True)

@@ -76,8 +76,7 @@ def update_of(setup: TrainingSetup) -> str:
 
 def sequence_gap(setup: TrainingSetup) -> str | None:
     """Why ``build`` (``core.zero3_requests.build3`` at stage 3) does not cover the setup, or None where it does: ZeRO
-    stage 1 or 2, or 3 with the model whole on the GPU before ``deepspeed.initialize`` and no parameter offload
-    (either kind of segment),
+    stage 1 or 2, or 3 without parameter offload (either kind of segment),
     with or without gradient accumulation or ``overlap_comm``, an update of ``core.zero12_requests.UPDATES`` (AdamW
     from torch or FusedAdam, FusedLion, torch's SGD or Adafactor; with optimizer offload DeepSpeedCPUAdam),
     bf16, any of the three loops, ``contiguous_gradients`` on, full fine-tuning or LoRA (no other frozen weights, no
@@ -87,7 +86,6 @@ def sequence_gap(setup: TrainingSetup) -> str | None:
     stage3 = int(setup.stage) == 3
     checks = (
         (int(setup.stage) == 0, "ZeRO stage 0"),
-        (stage3 and z.zero_init, "stage 3 under zero.Init"),
         (stage3 and str(z.offload_params) != "none", "stage 3 with parameter offload"),
         ((update == "host") != (str(z.offload_optimizer) != "none") or update not in (*UPDATES, "host"),
          f"optimizer {setup.optimizer.name} ({setup.optimizer.impl})"),

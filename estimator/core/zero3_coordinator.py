@@ -12,6 +12,7 @@ buffers, and when a release frees them. ``core.zero3_requests`` drives it from t
 * a release (``release_sub_module``) frees, before the trace is complete, all the module's parameters; after, those
   ``__params_to_release`` picks: not persistent, not already prefetched for a later use, not used again within
   ``max_reuse_distance`` elements of the trace (cached per module and step, as DeepSpeed's ``lru_cache`` is);
+* on one rank nothing is gathered: a parameter is a view of its partition (``_no_gather_coalesced``);
 * the gathers of a fetch or prefetch are made on the all-gather stream (``stream(self.__allgather_stream)``) with
   ``overlap_comm``, else on the default stream.
 
@@ -98,6 +99,12 @@ class Coordinator:
             return
         self.available += sum(p.numel for p in todo)
         self.serial += 1
+        if self.world == 1:  # _no_gather_coalesced: each parameter a view of its partition, nothing allocated
+            for p in todo:
+                p.status, p.key = "inflight", None
+                self._drop_entry(p)
+                self.inflight[p] = _Handle([p], None, 1, done=True)
+            return
         if len(todo) == 1:
             p = todo[0]
             p.key = ("gathered", p.name, self.serial)
@@ -134,7 +141,8 @@ class Coordinator:
                 self.seq.alloc(p.key, BF16 * p.numel, self.stream)
                 p.status = "available"
             handle.done = True
-        param.status = "available" if param.key is not None else param.status
+        if param.status == "inflight":
+            param.status = "available"
         handle.left -= 1
         if handle.left == 0 and handle.flat is not None:
             self.seq.free(handle.flat)

@@ -9,9 +9,11 @@ Three pools (``record_stream`` aside, what the recordings of data/runs/h200-sequ
 (``__all_gather_params`` under ``stream(self.__allgather_stream)``); ``RS_STREAM``, the reduce-and-partition
 stream, where the gradient buckets are reduce-scattered.
 
-* build and init, with the model on the GPU before ``deepspeed.initialize`` (no zero.Init): every parameter and
-  buffer (engine.py ``_configure_distributed_model``); per parameter its partition (b c, ``_partition_param``) and the
-  full tensor freed (``free_param``); ``defragment`` (zero/utils.py): the trainable partitions freed,
+* build and init, with the model on the GPU before ``deepspeed.initialize``: every parameter and buffer (engine.py
+  ``_configure_distributed_model``); per parameter its partition (b c, ``_partition_param``) and the full tensor
+  freed (``free_param``). Under zero.Init (partition_parameters.py ``Init``) each module's parameters are made as
+  it is built, in fp32 (4 p) and cast to 16 bits (b p, the fp32 freed), and partitioned as its ``__init__``
+  returns (``_post_init_method``); the model is never whole. Then, either way: ``defragment`` (zero/utils.py): the trainable partitions freed,
   ``empty_cache()``, one flat ``lp_param_buffer`` (b S); ``_create_fp32_partitions`` per sub-group: the fp32
   conversion (4 S_k), its clone kept as the master, the conversion freed after the next one is made;
   ``initialize_optimizer_states``' zero fp32 gradient (4 max S_k, made and dropped); the ipg bucket
@@ -139,14 +141,30 @@ def build3(tensors: list[TensorSpec], buffer_bytes: list[int], modules: list[Mod
     world = spec.world
     params = {t.name: Param(t.name, t.numel, -(-t.numel // world), t.trainable,
                              t.numel <= spec.persistence_threshold) for t in tensors}
-    for t in tensors:
-        seq.alloc(("param", t.name), t.numel * t.element_size)
-    for i, size in enumerate(buffer_bytes):
-        seq.alloc(("buffer", i), size)
-    seq.mark("build")
-    for t in tensors:  # _convert_to_zero_parameters: each parameter partitioned in turn
-        seq.alloc(("ds", t.name), BF16 * params[t.name].part)
-        seq.free(("param", t.name))
+    if spec.zero_init:  # built under zero.Init: each module's parameters made, then partitioned as it returns
+        for m in modules:
+            for name in m.params:
+                if ("ds", name) in seq.live:
+                    continue  # a tied weight, made once
+                seq.alloc(("fp32_param", name), 4 * params[name].numel)
+                seq.alloc(("param", name), BF16 * params[name].numel)
+                seq.free(("fp32_param", name))
+            for name in m.params:
+                if ("param", name) in seq.live:
+                    seq.alloc(("ds", name), BF16 * params[name].part)
+                    seq.free(("param", name))
+        for i, size in enumerate(buffer_bytes):
+            seq.alloc(("buffer", i), size)
+        seq.mark("build")
+    else:  # the model whole on the GPU (engine.py _configure_distributed_model), partitioned by initialize
+        for t in tensors:
+            seq.alloc(("param", t.name), t.numel * t.element_size)
+        for i, size in enumerate(buffer_bytes):
+            seq.alloc(("buffer", i), size)
+        seq.mark("build")
+        for t in tensors:  # _convert_to_zero_parameters: each parameter partitioned in turn
+            seq.alloc(("ds", t.name), BF16 * params[t.name].part)
+            seq.free(("param", t.name))
     groups = [[name for name, _ in group] for group in param_groups(tensors, spec.param_groups)]
     trainable = [name for group in groups for name in group]
     for name in trainable:  # defragment: the trainable partitions go to the host and come back as one buffer

@@ -23,7 +23,7 @@ from zeroest.estimator.trace import cache
 
 log = logging.getLogger(__name__)
 
-SEQUENCE_VERSION = 5
+SEQUENCE_VERSION = 6
 """Bumped whenever ``core.requests.build`` or what the trace records changes, so that old files are not read."""
 _MEMO: dict[str, RequestReplay] = {}
 """Replays already read or built in this process, by key (the report estimates each row several times)."""
@@ -79,7 +79,8 @@ def spec_of(setup, *, flatten_on_cpu: bool) -> RequestSpec:
                        grad_accum=setup.workload.grad_accum, overlap=setup.zero.overlap,
                        prefetch_elements=int(z.prefetch_bucket_size),
                        persistence_threshold=int(z.param_persistence_threshold), max_live=int(z.max_live_parameters),
-                       reuse_distance=int(z.max_reuse_distance), sub_group_size=int(z.sub_group_size))
+                       reuse_distance=int(z.max_reuse_distance), sub_group_size=int(z.sub_group_size),
+                       zero_init=bool(z.zero_init) and int(setup.stage) == 3)
 
 
 def _key(setup, spec: RequestSpec, config: dict, limit_bytes: int) -> str:
