@@ -13,10 +13,10 @@ stream, where the gradient buckets are reduce-scattered.
   ``_configure_distributed_model``); per parameter its partition (b c, ``_partition_param``) and the full tensor
   freed (``free_param``). Under zero.Init (partition_parameters.py ``Init``) each module's parameters are made as
   it is built, in fp32 (4 p) and cast to 16 bits (b p, the fp32 freed), and partitioned as its ``__init__``
-  returns (``_post_init_method``); the model is never whole. Then, either way: ``defragment`` (zero/utils.py): the trainable partitions freed,
-  ``empty_cache()``, one flat ``lp_param_buffer`` (b S); ``_create_fp32_partitions`` per sub-group: the fp32
-  conversion (4 S_k), its clone kept as the master, the conversion freed after the next one is made;
-  ``initialize_optimizer_states``' zero fp32 gradient (4 max S_k, made and dropped); the ipg bucket
+  returns (``_post_init_method``); the model is never whole. Then, either way: ``defragment`` (zero/utils.py):
+  the trainable partitions freed, ``empty_cache()``, one flat ``lp_param_buffer`` (b S); ``_create_fp32_partitions``
+  per sub-group: the fp32 conversion (4 S_k), its clone kept as the master, the conversion freed after the next one
+  is made; ``initialize_optimizer_states``' zero fp32 gradient (4 max S_k, made and dropped); the ipg bucket
   (b ``reduce_bucket_size``, kept); ``grad_partitions_flat_buffer`` (b S, kept); and in
   ``create_reduce_and_remove_grad_hooks`` each trainable parameter gathered whole (b N c) and freed at once.
   With optimizer offload the fp32 buffers and the gradient partitions are on the host;
