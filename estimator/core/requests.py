@@ -1,4 +1,5 @@
-"""The caching allocator's requests of a ZeRO-1/2 run, in order, and the reserve they leave (pure; no torch).
+"""The caching allocator's requests of a ZeRO-1/2 run, in order, and the reserve they leave (pure; no torch); which
+setups a request sequence covers at any stage (``sequence_gap``; stage 3's builder is ``core.zero3_requests``).
 
 Torch's default caching allocator reserves a function of the request sequence alone: fed a run's recorded requests,
 ``core.allocator.CachingAllocatorModel`` gives its peak reserve to the byte (benchmarks/allocator_replay.py,

@@ -1,9 +1,10 @@
-"""The ZeRO-1/2 request sequence of a setup (``core.requests``), from its model traced on the meta device, replayed
-and cached.
+"""The request sequence of a setup (``core.requests`` at ZeRO stages 1-2, ``core.zero3_requests`` at 3), from its model
+traced on the meta device, replayed and cached.
 
 The model is built at full depth on meta as the validator trains it (``trace.model.build_trained``: LoRA through
 peft, checkpointing), for its parameters in order. Its forward and backward at the setup's micro-batch and sequence
-length are recorded (``trace.recorder.run_trace``) on a copy of four decoder layers and rebuilt to full depth
+length are recorded (``trace.recorder.run_trace``; at stage 3 with its linear and its module hooks marked,
+``trace.zero3_hooks``) on a copy of four decoder layers and rebuilt to full depth
 (``trace.sequence.expand``) where the layers are all of one kind, else at full depth. The replay's reserve is kept
 on disk beside the activation profiles (``trace.cache``: one small file per setup, keyed by everything the
 sequence reads and the library versions), so a setup traced once is read back without torch.
