@@ -121,6 +121,34 @@ def workspace_points(trace: Trace) -> tuple[int, int | None]:
     return min(trace.marks.get("first_gemm_fwd", first_large + 1), first_large + 1), trace.marks.get("first_gemm_bwd")
 
 
+def before_event(seq: Sequence, trace: Trace, at: int, where: tuple[int, int, int], workspaces, kept) -> tuple:
+    """What comes before trace event ``at`` of micro-step ``m`` (``where``: m, step, micro): cuBLAS's workspaces in
+    the first micro-step, and at forward's end the outputs the loop kept from the previous micro-step dropped and the
+    phase's end. The event's key (m, serial)."""
+    m, step, micro = where
+    if m == 0 and at in workspaces:
+        seq.alloc(("cublas_workspace", at), CUBLAS_WORKSPACE_BYTES)
+    if at == trace.marks["fwd_end"]:
+        if kept is not None:
+            seq.free(kept)
+        seq.mark(f"step{step}.forward{micro}")
+    event = trace.events[at]
+    return m, event if event >= 0 else ~event
+
+
+def traced_alloc(seq: Sequence, trace: Trace, key: tuple, pending: dict[int, list[str]],
+                 freed_by_trace: set) -> str | None:
+    """Allocate the traced storage of ``key`` (micro-step, serial); where it is a parameter's final gradient (the trace
+    keeps it past backward), the name it is taken for, from ``pending`` (16-bit size -> names in reverse order, popped
+    as gradients come: names only pick a partition's slice), else None."""
+    serial = key[1]
+    seq.alloc(key, trace.sizes[serial])
+    if serial not in trace.excluded or serial in freed_by_trace:
+        return None
+    names = pending.get(trace.sizes[serial])
+    return names.pop(0) if names else f"?{serial}"
+
+
 def build(tensors: list[TensorSpec], buffer_bytes: list[int], trace: Trace, spec: RequestSpec) -> Sequence:
     """The sequence of the module docstring, for the model's parameters in ``named_parameters`` order, its buffers'
     bytes, and its traced forward and backward at full depth (``trace.recorder.run_trace``)."""
@@ -157,22 +185,14 @@ def build(tensors: list[TensorSpec], buffer_bytes: list[int], trace: Trace, spec
                 if hook is not None and event >= 0:
                     bucket.take(*hook)
                     hook = None
-                if m == 0 and at in workspaces:
-                    seq.alloc(("cublas_workspace", at), CUBLAS_WORKSPACE_BYTES)
+                key = before_event(seq, trace, at, (m, step, micro), workspaces, kept)
+                serial = key[1]
                 if at == trace.marks.get("first_grad") and (spec.stage == 2 or micro == 0):
                     for i in range(buckets):
                         seq.alloc(("bucket", step, i), BF16 * spec.bucket_elements)
-                if at == trace.marks["fwd_end"]:
-                    if kept is not None:
-                        seq.free(kept)
-                    seq.mark(f"step{step}.forward{micro}")
-                serial = event if event >= 0 else ~event
-                key = (m, serial)
                 if event >= 0:
-                    seq.alloc(key, trace.sizes[serial])
-                    if serial in trace.excluded and serial not in freed_by_trace:
-                        names = pending.get(trace.sizes[serial])
-                        name = names.pop(0) if names else f"?{serial}"
+                    name = traced_alloc(seq, trace, key, pending, freed_by_trace)
+                    if name is not None:
                         n = trace.sizes[serial] // BF16
                         if spec.stage == 2 or spec.overlap and last and micro == 0:
                             hook = (name, n, key)  # after the frees of the node that made it (a tied weight's parts)

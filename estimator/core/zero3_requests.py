@@ -135,7 +135,13 @@ def build3(tensors: list[TensorSpec], buffer_bytes: list[int], modules: list[Mod
     """The sequence of the module docstring for the model's parameters in ``named_parameters`` order, its buffers'
     bytes, its modules (``ModuleSpec``, every module ZeRO-3 hooks) and its forward and backward traced with the
     module-hook marks at full depth."""
-    from zeroest.estimator.core.requests import drop_leftovers, returned_logits_of, workspace_points
+    from zeroest.estimator.core.requests import (
+        before_event,
+        drop_leftovers,
+        returned_logits_of,
+        traced_alloc,
+        workspace_points,
+    )
 
     seq = Sequence()
     world = spec.world
@@ -222,19 +228,11 @@ def build3(tensors: list[TensorSpec], buffer_bytes: list[int], modules: list[Mod
                         coordinator.fetch(key, forward=False)
                     else:
                         coordinator.release(key, forward=what != "bpost")
-                if m == 0 and at in workspaces:
-                    seq.alloc(("cublas_workspace", at), 32 * 2**20)
-                if at == trace.marks["fwd_end"]:
-                    if kept is not None:
-                        seq.free(kept)
-                    seq.mark(f"step{step}.forward{micro}")
-                serial = event if event >= 0 else ~event
-                key = (m, serial)
+                key = before_event(seq, trace, at, (m, step, micro), workspaces, kept)
+                serial = key[1]
                 if event >= 0:
-                    seq.alloc(key, trace.sizes[serial])
-                    if serial in trace.excluded and serial not in freed_by_trace:
-                        names = pending.get(trace.sizes[serial])
-                        name = names.pop(0) if names else f"?{serial}"
+                    name = traced_alloc(seq, trace, key, pending, freed_by_trace)
+                    if name is not None:
                         hook = (name, trace.sizes[serial] // BF16, key)
                 elif serial == returned_logits and spec.loop in ("custom", "custom-del"):
                     kept = key
