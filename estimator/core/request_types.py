@@ -63,11 +63,19 @@ class TensorSpec:
 @dataclass(frozen=True)
 class ModuleSpec:
     """One module of the model as ZeRO-3 hooks it: its mark key (``trace.zero3_hooks.module_marks``: prefix and
-    index), its name and the names of its own parameters."""
+    index), its name and the names of the parameters its hooks gather (its own; a leaf module's, all below it)."""
 
     key: str
     name: str
     params: tuple[str, ...]
+    own: tuple[str, ...] = ()
+    """Its own parameters (``parameters(recurse=False)``), as the trace's marks of saved views number them."""
+    hooked: bool = True
+    """False inside a leaf module: DeepSpeed installs no hooks there (parameter_offload.py
+    ``_register_deepspeed_module``)."""
+    leaf: bool = False
+    """A ZeRO-3 leaf module (``trace.zero3_hooks.LEAF_CLASSES``): its gradients are reduced together by its backward
+    hook (stage3.py ``reduce_leaf_module_grads``)."""
 
 
 @dataclass

@@ -65,6 +65,7 @@ class Coordinator:
         self.ds_id = {name: i for i, name in enumerate(params)}
         """The order parameters were converted in (``named_parameters``): the coordinator sorts by it."""
         self.of = {key: [params[n] for n in m.params] for key, m in modules.items()}
+        self.own = {key: [params[n] for n in m.own] for key, m in modules.items()}
         self.names = {key: m.name for key, m in modules.items()}
         self.world = spec.world
         self.stream = AG_STREAM if spec.overlap else 0
@@ -74,6 +75,11 @@ class Coordinator:
         self.inflight: dict[Param, _Handle] = {}
         self.serial = 0
         self.backward_active: dict[str, None] = {}
+        self.holders: dict[tuple, int] = {}
+        """Gathered storages autograd holds a saved view of, and how many (``hold``)."""
+        self.orphans: set[tuple] = set()
+        """Released storages still held: freed when the last view is dropped."""
+        self.saved: dict[Param, list[tuple]] = {}
         self._release_cache: dict[tuple[str, int], set] = {}
         self.reset()
 
@@ -149,9 +155,35 @@ class Coordinator:
 
     def _release(self, param: Param) -> None:
         if param.status == "available" and not param.active:
-            self.seq.free(param.key)
+            if self.holders.get(param.key):
+                self.orphans.add(param.key)  # autograd still holds a view of it: freed at the last drop
+            else:
+                self.seq.free(param.key)
             param.status, param.key = "na", None
             self.available -= param.numel
+
+    def hold(self, key: str, index: int, *, held: bool) -> None:
+        """A saved view of the module's parameter ``index`` (``trace.zero3_hooks.ParamHolds``): its gathered storage
+        outlives the release until backward drops the last such view."""
+        own = self.own.get(key, [])
+        param = own[index] if index < len(own) else None
+        if param is None:
+            return
+        stack = self.saved.setdefault(param, [])
+        if held:
+            if param.key is not None:
+                stack.append(param.key)
+                self.holders[param.key] = self.holders.get(param.key, 0) + 1
+            return
+        if not stack:
+            return
+        storage = stack.pop()
+        self.holders[storage] -= 1
+        if self.holders[storage] == 0:
+            del self.holders[storage]
+            if storage in self.orphans:
+                self.orphans.discard(storage)
+                self.seq.free(storage)
 
     def external(self, key: str, parent: str) -> None:
         """peft's read of ``lora_A.weight`` in the LoRA layer's forward, before ``lora_A`` runs

@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from zeroest.estimator.core.request_types import RequestSpec, TensorSpec
     from zeroest.estimator.trace.polys import Trace
 
-_MARK = re.compile(r"(layer\d+_|top_)(?:fwd|bwd)_(pre|post|rpre|rpost|bpre|bpost)(\d+)(?:c\d+)?")
+_MARK = re.compile(r"(layer\d+_|top_)(?:fwd|bwd)_(pre|post|rpre|rpost|bpre|bpost|hold|drop)(\d+)(_\d+)?(?:c\d+)?")
 
 
 def _sub_groups(groups: list[list[str]], parts: dict[str, int], size: int) -> list[list[str]]:
@@ -120,13 +120,14 @@ class _Bucket:
         self.elements = 0
 
 
-def _marks(trace: Trace) -> dict[int, list[tuple[str, str, str]]]:
-    """The module-hook marks by event: (what, module key, mark), in recorded order."""
+def _marks(trace: Trace, unhooked: set[str]) -> dict[int, list[tuple[str, str, str]]]:
+    """The module-hook marks by event: (what, module key, parameter index or mark), in recorded order; none of the
+    modules DeepSpeed does not hook (inside a leaf)."""
     out: dict[int, list[tuple[str, str, str]]] = {}
     for name, at in sorted(trace.marks.items(), key=lambda item: item[1]):
         found = _MARK.fullmatch(name)
-        if found:
-            out.setdefault(at, []).append((found[2], f"{found[1]}{found[3]}", name))
+        if found and (found[2] in ("hold", "drop") or f"{found[1]}{found[3]}" not in unhooked):
+            out.setdefault(at, []).append((found[2], f"{found[1]}{found[3]}", found[4] or name))
     return out
 
 
@@ -200,7 +201,9 @@ def build3(tensors: list[TensorSpec], buffer_bytes: list[int], modules: list[Mod
     coordinator = Coordinator(seq, params, by_key, spec)
     key_of = {m.name: m.key for m in modules}
     lora_a = {m.key: key_of[m.name.rsplit(".lora_A.", 1)[0]] for m in modules if ".lora_A." in m.name}
-    marks = _marks(trace)
+    marks = _marks(trace, {m.key for m in modules if not m.hooked})
+    leaf_of = {name: m.key for m in modules if m.leaf for name in m.params}
+    leaf_grads: dict[str, dict[str, tuple]] = {}  # a leaf's gradients, held until its backward hook
     size_to_names: dict[int, list[str]] = {}
     for name in reversed(trainable):
         size_to_names.setdefault(BF16 * params[name].numel, []).append(name)
@@ -219,20 +222,29 @@ def build3(tensors: list[TensorSpec], buffer_bytes: list[int], modules: list[Mod
                 if hook is not None and (event >= 0 or at in marks):
                     bucket.take(*hook, boundary=last)
                     hook = None
-                for what, key, _ in marks.get(at, ()):
+                for what, key, extra in marks.get(at, ()):
                     if what in ("pre", "rpre"):
                         if key in lora_a:
                             coordinator.external(key, lora_a[key])
                         coordinator.fetch(key, forward=True)
                     elif what == "bpre":
                         coordinator.fetch(key, forward=False)
+                    elif what in ("hold", "drop"):  # a saved view of parameter j's gathered storage
+                        coordinator.hold(key, int(extra[1:]), held=what == "hold")
                     else:
+                        if what == "bpost" and key in leaf_grads:  # reduce_leaf_module_grads, in parameter order
+                            held = leaf_grads.pop(key)
+                            for name in by_key[key].params:
+                                if name in held:
+                                    bucket.take(*held[name], boundary=last)
                         coordinator.release(key, forward=what != "bpost")
                 key = before_event(seq, trace, at, (m, step, micro), workspaces, kept)
                 serial = key[1]
                 if event >= 0:
                     name = traced_alloc(seq, trace, key, pending, freed_by_trace)
-                    if name is not None:
+                    if name is not None and name in leaf_of:
+                        leaf_grads.setdefault(leaf_of[name], {})[name] = (name, trace.sizes[serial] // BF16, key)
+                    elif name is not None:
                         hook = (name, trace.sizes[serial] // BF16, key)
                 elif serial == returned_logits and spec.loop in ("custom", "custom-del"):
                     kept = key

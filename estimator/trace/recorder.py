@@ -193,9 +193,14 @@ def run_trace(model, input_ids, *, grad_ckpt: bool, target: str = "cuda",
         if serial is not None and serial not in saved:
             saved[serial] = where
 
+    holds = None  # stage 3: saved views of a parameter's storage (trace.zero3_hooks.ParamHolds)
+
     def pack(tensor):
         note(tensor, region[0])
-        return tensor
+        return holds.pack(tensor) if holds is not None else tensor
+
+    def unpack(packed):
+        return holds.unpack(packed) if holds is not None else packed
 
     def layer_pre(i):
         def hook(module, args, kwargs):
@@ -241,9 +246,11 @@ def run_trace(model, input_ids, *, grad_ckpt: bool, target: str = "cuda",
         handles.append(layer.register_forward_pre_hook(layer_pre(i), with_kwargs=True))
         handles.append(layer.register_forward_hook(layer_post(i), with_kwargs=True))
     if zero3_hooks:
+        from zeroest.estimator.trace.zero3_hooks import ParamHolds
         from zeroest.estimator.trace.zero3_hooks import zero3_hooks as hooks
 
         handles += hooks(model, rec.mark, state)
+        holds = ParamHolds(model, rec.mark)
     def on_grad(grad) -> None:
         excluded.add(rec.serial(grad))
 
@@ -263,7 +270,7 @@ def run_trace(model, input_ids, *, grad_ckpt: bool, target: str = "cuda",
                 rec.skip(tensor)
             rec.track(input_ids)
             rec.mark("fwd_start")
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
                 out = model(input_ids=input_ids, labels=input_ids, use_cache=False)
             rec.mark("fwd_end")
             handles += param_grad_hooks(out.loss, on_grad)

@@ -24,7 +24,7 @@ from zeroest.estimator.trace import cache
 
 log = logging.getLogger(__name__)
 
-SEQUENCE_VERSION = 6
+SEQUENCE_VERSION = 7
 """Bumped whenever ``core.requests.build`` or what the trace records changes, so that old files are not read."""
 _MEMO: dict[str, RequestReplay] = {}
 """Replays already read or built in this process, by key (the report estimates each row several times)."""
@@ -63,11 +63,18 @@ def tensors_of(model) -> tuple[list[TensorSpec], list[int]]:
 def module_specs(model) -> list[ModuleSpec]:
     """Every module ZeRO-3 hooks, with its mark key and its own parameters' names (``named_parameters``' name of a
     tied weight)."""
-    from zeroest.estimator.trace.zero3_hooks import module_marks
+    from zeroest.estimator.trace.zero3_hooks import is_leaf, module_marks
 
     names = {id(p): name for name, p in model.named_parameters()}
-    return [ModuleSpec(f"{prefix}{k}", name, tuple(names[id(p)] for p in module.parameters(recurse=False)))
-            for prefix, k, module, name in module_marks(model)]
+    leaves = [name for name, module in model.named_modules() if is_leaf(module)]
+    out = []
+    for prefix, k, module, name in module_marks(model):
+        inside = any(name.startswith(f"{leaf}.") for leaf in leaves)
+        leaf = name in leaves
+        params = () if inside else tuple(dict.fromkeys(names[id(p)] for p in module.parameters(recurse=leaf)))
+        own = tuple(names[id(p)] for p in module.parameters(recurse=False))
+        out.append(ModuleSpec(f"{prefix}{k}", name, params, own=own, hooked=not inside, leaf=leaf))
+    return out
 
 
 def spec_of(setup, *, flatten_on_cpu: bool) -> RequestSpec:

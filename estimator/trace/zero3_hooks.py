@@ -13,6 +13,19 @@ import functools
 
 from zeroest.estimator.trace.model import decoder_layers
 
+LEAF_CLASSES = ("transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock",
+                "transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock",
+                "transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock")
+"""The modules DeepSpeed 0.19.8 makes ZeRO-3 leaves by default (runtime/zero/leaf_module_config.py
+``DEFAULT_LEAF_MODULE_CLASSES``, applied by engine.py ``apply_zero_leaf_module_config``): one fetch gathers all
+their parameters, no hook is installed below them."""
+
+
+def is_leaf(module) -> bool:
+    """Whether ``module`` is of a class in ``LEAF_CLASSES``."""
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}" in LEAF_CLASSES
+
 
 def module_marks(model) -> list[tuple[str, int, object, str]]:
     """Every module of the model in ``named_modules`` order, as (mark prefix, index, module, name): ``layer{i}_`` and
@@ -104,3 +117,52 @@ def zero3_hooks(model, mark_at, state) -> list:
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(post, with_kwargs=True))
     return handles
+
+
+class _Held:
+    """A saved view of a parameter's storage, as the pack hook hands it to autograd."""
+
+    __slots__ = ("tensor", "mark")
+
+    def __init__(self, tensor, mark: str) -> None:
+        self.tensor, self.mark = tensor, mark
+
+
+class ParamHolds:
+    """Saved tensors that are views of a parameter's storage (``weight[idx]`` of a MoE layer's 3-D expert weights,
+    handed to stage 3's linear): autograd keeps the gathered storage alive through them after DeepSpeed's release
+    (``free_param`` only points the parameter at an empty tensor), until backward unpacks them. Marked
+    ``{prefix}fwd_hold{k}_{j}`` where saved and ``{prefix}bwd_drop{k}_{j}`` where unpacked, for parameter j of module
+    k (``module_marks``). The parameter itself, saved whole, holds nothing: its ``.data`` is swapped."""
+
+    def __init__(self, model, mark_at) -> None:
+        self.mark_at = mark_at
+        self.owner: dict[int, tuple[str, int, int]] = {}
+        for prefix, k, module, _ in module_marks(model):
+            for j, param in enumerate(module.parameters(recurse=False)):
+                self.owner.setdefault(param.untyped_storage()._cdata, (prefix, k, j))
+        self.params = {id(p) for p in model.parameters()}
+        self.calls: dict[str, int] = {}
+
+    def _mark(self, name: str) -> str:
+        n = self.calls.get(name, 0)
+        self.calls[name] = n + 1
+        full = name + (f"c{n}" if n else "")
+        self.mark_at(full)
+        return full
+
+    def pack(self, tensor):
+        if id(tensor) in self.params:
+            return tensor
+        owner = self.owner.get(tensor.untyped_storage()._cdata)
+        if owner is None:
+            return tensor
+        prefix, k, j = owner
+        self._mark(f"{prefix}fwd_hold{k}_{j}")
+        return _Held(tensor, f"{prefix}bwd_drop{k}_{j}")
+
+    def unpack(self, packed):
+        if isinstance(packed, _Held):
+            self._mark(packed.mark)
+            return packed.tensor
+        return packed
