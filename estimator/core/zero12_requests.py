@@ -183,11 +183,13 @@ def optimizer_step(seq: Sequence, step: int, parts: list[int], in_partition: dic
         seq.free(("flat_grad16", step, i))
         if i == len(parts) - 1:  # the last group's averaged_gradients = None drops the last views of it
             seq.free(("grads_in_partition", step))
-        _update(seq, step, i, 4 * part, update, decay=i == 0 and len(parts) == 2)
+        state_update(seq, step, i, 4 * part, update, decay=i == 0 and len(parts) == 2)
         seq.free(("fp32_grad", step, i))
 
 
-def _update(seq: Sequence, step: int, group: int, size: int, update: str, *, decay: bool) -> None:
+def state_update(seq: Sequence, step: int, group: int, size: int, update: str, *, decay: bool) -> None:
+    """The update's states at the first step and its temporaries each step, on one flat fp32 partition of ``size``
+    bytes (``UPDATES``; ``decay``: the group decays weights)."""
     first = step == 0
     if update in ("adamw-torch", "adamw-fused", "lion"):
         for state in ("exp_avg", "exp_avg_sq") if update != "lion" else ("exp_avg",):

@@ -38,10 +38,12 @@ RS_STREAM = 2
 
 @dataclass(eq=False)
 class Param:
+    """One parameter as the coordinator tracks it: p, c, whether it stays gathered (``ds_persist``), its status
+    (na, inflight, available), the key of the request that holds its gathered copy, the modules using it."""
+
     name: str
     numel: int
     part: int
-    trainable: bool
     persistent: bool
     status: str = "na"
     key: tuple | None = None
@@ -50,6 +52,9 @@ class Param:
 
 @dataclass(eq=False)
 class _Handle:
+    """One all-gather's handle: its parameters, its flat buffer (None for one parameter alone), the registry entries
+    left that hold it, and whether its first wait has made the members' copies."""
+
     params: list
     flat: tuple | None
     left: int
@@ -66,11 +71,11 @@ class Coordinator:
         """The order parameters were converted in (``named_parameters``): the coordinator sorts by it."""
         self.of = {key: [params[n] for n in m.params] for key, m in modules.items()}
         self.own = {key: [params[n] for n in m.own] for key, m in modules.items()}
-        self.names = {key: m.name for key, m in modules.items()}
         self.world = spec.world
         self.stream = AG_STREAM if spec.overlap else 0
         """``overlap_comm`` off: DeepSpeed gathers on the default stream (parameter_offload.py)."""
         self.order: list[str] = []
+        self.trace: list[tuple[Param, int]] = []
         self.complete = False
         self.inflight: dict[Param, _Handle] = {}
         self.serial = 0
@@ -111,15 +116,10 @@ class Coordinator:
                 self._drop_entry(p)
                 self.inflight[p] = _Handle([p], None, 1, done=True)
             return
-        if len(todo) == 1:
-            p = todo[0]
-            p.key = ("gathered", p.name, self.serial)
-            self.seq.alloc(p.key, BF16 * self.world * p.part, self.stream)
+        if len(todo) == 1:  # alone: its buffer becomes the parameter
+            todo[0].key = ("gathered", todo[0].name, self.serial)
+            self.seq.alloc(todo[0].key, BF16 * self.world * todo[0].part, self.stream)
             handle = _Handle(todo, None, 1, done=True)
-            p.status = "inflight"
-            self._drop_entry(p)
-            self.inflight[p] = handle
-            return
         else:
             flat = ("flat", self.serial)
             self.seq.alloc(flat, BF16 * self.world * sum(p.part for p in todo), self.stream)

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING
 
 from zeroest.estimator.core.request_types import ModuleSpec, Sequence
 from zeroest.estimator.core.zero3_coordinator import RS_STREAM, Coordinator, Param
-from zeroest.estimator.core.zero12_requests import BF16, _update, param_groups
+from zeroest.estimator.core.zero12_requests import BF16, param_groups, state_update
 
 if TYPE_CHECKING:
     from zeroest.estimator.core.request_types import RequestSpec, TensorSpec
@@ -146,8 +146,8 @@ def build3(tensors: list[TensorSpec], buffer_bytes: list[int], modules: list[Mod
 
     seq = Sequence()
     world = spec.world
-    params = {t.name: Param(t.name, t.numel, -(-t.numel // world), t.trainable,
-                             t.numel <= spec.persistence_threshold) for t in tensors}
+    params = {t.name: Param(t.name, t.numel, -(-t.numel // world), t.numel <= spec.persistence_threshold)
+              for t in tensors}
     if spec.zero_init:  # built under zero.Init: each module's parameters made, then partitioned as it returns
         for m in modules:
             for name in m.params:
@@ -200,7 +200,8 @@ def build3(tensors: list[TensorSpec], buffer_bytes: list[int], modules: list[Mod
     by_key = {m.key: m for m in modules}
     coordinator = Coordinator(seq, params, by_key, spec)
     key_of = {m.name: m.key for m in modules}
-    lora_a = {m.key: key_of[m.name.rsplit(".lora_A.", 1)[0]] for m in modules if ".lora_A." in m.name}
+    lora_a = {m.key: key_of[parent] for m in modules if ".lora_A." in m.name
+              and (parent := m.name.rsplit(".lora_A.", 1)[0]) in key_of}
     marks = _marks(trace, {m.key for m in modules if not m.hooked})
     leaf_of = {name: m.key for m in modules if m.leaf for name in m.params}
     leaf_grads: dict[str, dict[str, tuple]] = {}  # a leaf's gradients, held until its backward hook
@@ -222,22 +223,22 @@ def build3(tensors: list[TensorSpec], buffer_bytes: list[int], modules: list[Mod
                 if hook is not None and (event >= 0 or at in marks):
                     bucket.take(*hook, boundary=last)
                     hook = None
-                for what, key, extra in marks.get(at, ()):
+                for what, module, extra in marks.get(at, ()):
                     if what in ("pre", "rpre"):
-                        if key in lora_a:
-                            coordinator.external(key, lora_a[key])
-                        coordinator.fetch(key, forward=True)
+                        if module in lora_a:
+                            coordinator.external(module, lora_a[module])
+                        coordinator.fetch(module, forward=True)
                     elif what == "bpre":
-                        coordinator.fetch(key, forward=False)
+                        coordinator.fetch(module, forward=False)
                     elif what in ("hold", "drop"):  # a saved view of parameter j's gathered storage
-                        coordinator.hold(key, int(extra[1:]), held=what == "hold")
+                        coordinator.hold(module, int(extra[1:]), held=what == "hold")
                     else:
-                        if what == "bpost" and key in leaf_grads:  # reduce_leaf_module_grads, in parameter order
-                            held = leaf_grads.pop(key)
-                            for name in by_key[key].params:
+                        if what == "bpost" and module in leaf_grads:  # reduce_leaf_module_grads, in parameter order
+                            held = leaf_grads.pop(module)
+                            for name in by_key[module].params:
                                 if name in held:
                                     bucket.take(*held[name], boundary=last)
-                        coordinator.release(key, forward=what != "bpost")
+                        coordinator.release(module, forward=what != "bpost")
                 key = before_event(seq, trace, at, (m, step, micro), workspaces, kept)
                 serial = key[1]
                 if event >= 0:
@@ -267,7 +268,7 @@ def build3(tensors: list[TensorSpec], buffer_bytes: list[int], modules: list[Mod
                     seq.alloc(("flat_grad16", step, k), BF16 * size)
                 seq.alloc(("fp32_grad", step, k), 4 * size)
                 seq.free(("flat_grad16", step, k))
-                _update(seq, step, k, 4 * size, spec.optimizer, decay=sub[0] in decayed)
+                state_update(seq, step, k, 4 * size, spec.optimizer, decay=sub[0] in decayed)
                 seq.free(("fp32_grad", step, k))
         for p in params.values():  # _post_step: the persistent parameters gathered again, kept
             if p.persistent:
