@@ -251,6 +251,7 @@ def run_trace(model, input_ids, *, grad_ckpt: bool, target: str = "cuda",
 
         handles += hooks(model, rec.mark, state)
         holds = ParamHolds(model, rec.mark)
+
     def on_grad(grad) -> None:
         excluded.add(rec.serial(grad))
 

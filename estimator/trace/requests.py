@@ -35,7 +35,7 @@ def model_and_trace(config: dict, dtype: str, attn: str, adapters, *, ckpt: bool
     """(the model at full depth on meta, its trace at (``micro_batch``, ``seq_len``), whether the trace was
     expanded): with ``cut``, four decoder layers traced and expanded to full depth where the layers are all of one
     kind, else the full depth traced. ``zero3``: as stage 3 runs it, with its ``torch.nn.functional.linear``
-    (``trace.zero3_linear``) and the marks of its module hooks (``trace.recorder``)."""
+    (``trace.zero3_linear``) and the marks of its module hooks (``trace.zero3_hooks``)."""
     import torch
     from zeroest.estimator.trace.kinds import layout
     from zeroest.estimator.trace.model import build_trained
@@ -61,8 +61,9 @@ def tensors_of(model) -> tuple[list[TensorSpec], list[int]]:
 
 
 def module_specs(model) -> list[ModuleSpec]:
-    """Every module ZeRO-3 hooks, with its mark key and its own parameters' names (``named_parameters``' name of a
-    tied weight)."""
+    """Every module of the model with its mark key, the names of the parameters ZeRO-3's hooks gather for it (its own;
+    a leaf module's, all below it; none inside a leaf, which is not hooked) and of its own (``named_parameters``' name
+    of a tied weight)."""
     from zeroest.estimator.trace.zero3_hooks import is_leaf, module_marks
 
     names = {id(p): name for name, p in model.named_parameters()}
