@@ -1,14 +1,15 @@
-"""The request sequence of a ZeRO-1/2 run built on the CPU, replayed through the allocator model, against a recording.
+"""The request sequence of a ZeRO-1/2/3 run built on the CPU, replayed through the allocator model, against a recording.
 
 usage (CPU; torch, transformers and peft installed):
   python benchmarks/sequence_replay.py CONFIG --stage 2 --world 2 --micro-batch 2 --seq-len 2048 --ckpt \
       [--grad-accum 4] [--overlap] [--offload] [--lora-rank 16] [--param-groups 2] [--loop trainer] [--expandable] \
       [--events data/runs/h200-sequences/long8-events.json.gz]
+  (at stage 3 pass --overlap for DeepSpeed's default, overlap_comm on: the gathers and reductions on their streams)
 
 ``benchmarks/allocator_replay.py`` showed that the caching allocator, fed a run's recorded requests, gives its peak
 reserve to the byte, and its ``--events-out`` keeps a run's whole sequence (``data/runs/h200-sequences``). This
-script builds that sequence as the estimate does (``zeroest.estimator.core.requests``, whose docstring lists the
-requests; the model and its trace from ``zeroest.estimator.trace.requests``) and prints the replayed reserve at the
+script builds that sequence as the estimate does (``zeroest.estimator.core.requests``, at stage 3
+``core.zero3_requests``, whose docstrings list the requests; the model and its trace from ``zeroest.estimator.trace.requests``) and prints the replayed reserve at the
 end of each phase; with ``--events``, beside the recording's own replay, and the sizes of 64 MiB and more that the
 two make a different number of times. ``--full-depth`` traces every decoder layer instead of four expanded.
 """
