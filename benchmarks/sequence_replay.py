@@ -9,9 +9,10 @@ usage (CPU; torch, transformers and peft installed):
 ``benchmarks/allocator_replay.py`` showed that the caching allocator, fed a run's recorded requests, gives its peak
 reserve to the byte, and its ``--events-out`` keeps a run's whole sequence (``data/runs/h200-sequences``). This
 script builds that sequence as the estimate does (``zeroest.estimator.core.requests``, at stage 3
-``core.zero3_requests``, whose docstrings list the requests; the model and its trace from ``zeroest.estimator.trace.requests``) and prints the replayed reserve at the
-end of each phase; with ``--events``, beside the recording's own replay, and the sizes of 64 MiB and more that the
-two make a different number of times. ``--full-depth`` traces every decoder layer instead of four expanded.
+``core.zero3_requests``, whose docstrings list the requests; the model and its trace from
+``zeroest.estimator.trace.requests``) and prints the replayed reserve at the end of each phase; with ``--events``,
+beside the recording's own replay, and the sizes of 64 MiB and more that the two make a different number of times.
+``--full-depth`` traces every decoder layer instead of four expanded.
 """
 
 from __future__ import annotations
