@@ -261,8 +261,9 @@ def _sequence_note(setup: TrainingSetup, facts: ReservedFacts, terms: ReservedTe
     if facts.expandable_segments:
         built += ", expandable segments"
     if not facts.sequence_floor:
+        builder = "core.zero3_requests" if int(setup.stage) == 3 else "core.requests"
         return (f"reserved memory: the run's allocator requests replayed through torch's caching allocator ({built}; "
-                "core.requests)")
+                f"{builder})")
     picked = "it" if terms.set_by == "request sequence" else "the fitted terms"
     return (f"reserved memory: the larger of the run's allocator requests replayed through torch's caching allocator "
             f"({built}) and the fitted terms, here {picked}: the sequence was checked on one rank of simulated jobs "

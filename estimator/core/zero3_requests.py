@@ -82,33 +82,32 @@ def _sub_groups(groups: list[list[str]], parts: dict[str, int], size: int) -> li
 class _Bucket:
     """The ipg bucket of stage 3 (``__add_grad_to_ipg_bucket``, ``__reduce_and_partition_ipg_grads``)."""
 
-    def __init__(self, seq: Sequence, spec: RequestSpec, params: dict[str, Param]) -> None:
-        self.seq, self.spec, self.params = seq, spec, params
-        self.names: list[str] = []
+    def __init__(self, seq: Sequence, spec: RequestSpec) -> None:
+        self.seq, self.spec = seq, spec
+        self.entries: list[tuple[str, int]] = []
+        """The bucket's gradients: (parameter, elements)."""
         self.elements = 0
         self.flushes = 0
         self.stream = RS_STREAM if spec.overlap else 0
 
     def take(self, name: str, numel: int, key, *, boundary: bool) -> None:
-        if self.names and self.elements + numel > self.spec.bucket_elements:
+        if self.entries and self.elements + numel > self.spec.bucket_elements:
             self.flush(boundary=boundary)
-        self.names.append(name)
+        self.entries.append((name, numel))
         self.elements += numel
         self.seq.free(key)
 
     def flush(self, *, boundary: bool) -> None:
-        if not self.names:
+        if not self.entries:
             return
         world = self.spec.world
-        parts = [self.params[n].part if n in self.params else -(-self.elements // world) for n in self.names]
+        parts = [-(-numel // world) for _, numel in self.entries]
         self.flushes += 1
         cat = ("reduce_scatter", self.flushes)
-        single = len(self.names) == 1 and self.params.get(self.names[0]) is not None \
-            and self.params[self.names[0]].numel % world == 0
-        if not single:
+        if len(self.entries) > 1 or self.entries[0][1] % world:  # one tensor that N divides is reduced in place
             self.seq.alloc(cat, BF16 * world * sum(parts), self.stream)
         if self.spec.offload:
-            for name, part in zip(self.names, parts, strict=True):
+            for (name, _), part in zip(self.entries, parts, strict=True):
                 back = ("grad_to_device", self.flushes, name)
                 self.seq.alloc(back, BF16 * part, self.stream)
                 if boundary:
@@ -116,7 +115,7 @@ class _Bucket:
                     self.seq.temp(("to_fp32", self.flushes, name), 4 * part, self.stream)
                 self.seq.free(back)
         self.seq.free(cat)
-        self.names.clear()
+        self.entries.clear()
         self.elements = 0
 
 
@@ -160,16 +159,14 @@ def build3(tensors: list[TensorSpec], buffer_bytes: list[int], modules: list[Mod
                 if ("param", name) in seq.live:
                     seq.alloc(("ds", name), BF16 * params[name].part)
                     seq.free(("param", name))
-        for i, size in enumerate(buffer_bytes):
-            seq.alloc(("buffer", i), size)
-        seq.mark("build")
-    else:  # the model whole on the GPU (engine.py _configure_distributed_model), partitioned by initialize
+    else:  # the model whole on the GPU (engine.py _configure_distributed_model)
         for t in tensors:
             seq.alloc(("param", t.name), t.numel * t.element_size)
-        for i, size in enumerate(buffer_bytes):
-            seq.alloc(("buffer", i), size)
-        seq.mark("build")
-        for t in tensors:  # _convert_to_zero_parameters: each parameter partitioned in turn
+    for i, size in enumerate(buffer_bytes):
+        seq.alloc(("buffer", i), size)
+    seq.mark("build")
+    if not spec.zero_init:  # _convert_to_zero_parameters: each parameter partitioned in turn by initialize
+        for t in tensors:
             seq.alloc(("ds", t.name), BF16 * params[t.name].part)
             seq.free(("param", t.name))
     groups = [[name for name, _ in group] for group in param_groups(tensors, spec.param_groups)]
@@ -217,7 +214,7 @@ def build3(tensors: list[TensorSpec], buffer_bytes: list[int], modules: list[Mod
             m, last = step * spec.grad_accum + micro, micro == spec.grad_accum - 1
             coordinator.reset()
             pending = {size: list(names) for size, names in size_to_names.items()}
-            bucket = _Bucket(seq, spec, params)
+            bucket = _Bucket(seq, spec)
             hook = None
             for at, event in enumerate(trace.events):
                 if hook is not None and (event >= 0 or at in marks):

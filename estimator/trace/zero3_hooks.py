@@ -43,8 +43,21 @@ def module_marks(model) -> list[tuple[str, int, object, str]]:
     return out
 
 
+class _Marks:
+    """Marks set at the recorder's current event (``mark_at``), each name once: a repeated one adds ``c{n}``."""
+
+    def __init__(self, mark_at) -> None:
+        self.mark_at = mark_at
+        self.calls: dict[str, int] = {}
+
+    def __call__(self, name: str) -> None:
+        n = self.calls.get(name, 0)
+        self.calls[name] = n + 1
+        self.mark_at(name + (f"c{n}" if n else ""))
+
+
 @functools.lru_cache(maxsize=1)
-def _identity_functions():
+def _identity_function():
     """Identity autograd Functions that call back in backward, as ZeRO-3's ``PreBackwardFunctionForModule`` (on a
     module's outputs: each gradient that reaches one is a fetch) and ``PostBackwardFunctionModule`` (on its inputs:
     the last of their gradients is the release) do (torch imported on first use)."""
@@ -75,21 +88,17 @@ def zero3_hooks(model, mark_at, state) -> list:
     import torch
     from torch.utils._pytree import tree_map
 
-    identity = _identity_functions()
-    calls: dict[tuple, int] = {}
+    identity = _identity_function()
+    marks = _Marks(mark_at)
 
-    def mark(prefix: str, what: str, k: int, key: int) -> None:
-        n = calls.get((key, what), 0)
-        calls[(key, what)] = n + 1
-        phase = "bwd" if what.startswith(("r", "b")) else "fwd"
-        mark_at(f"{prefix}{phase}_{what}{k}" + (f"c{n}" if n else ""))
+    def mark(prefix: str, what: str, k: int) -> None:
+        marks(f"{prefix}{'bwd' if what.startswith(('r', 'b')) else 'fwd'}_{what}{k}")
 
     handles = []
     for prefix, k, module, _ in module_marks(model):
-        key = id(module)
 
-        def pre(mod, args, kwargs, prefix=prefix, k=k, key=key):
-            mark(prefix, "rpre" if state["backward"] else "pre", k, key)
+        def pre(mod, args, kwargs, prefix=prefix, k=k):
+            mark(prefix, "rpre" if state["backward"] else "pre", k)
             if state["backward"]:
                 return None
             left = [0]
@@ -97,7 +106,7 @@ def zero3_hooks(model, mark_at, state) -> list:
             def done() -> None:
                 left[0] -= 1
                 if left[0] == 0:
-                    mark(prefix, "bpost", k, key)
+                    mark(prefix, "bpost", k)
 
             def wrap(t):
                 if isinstance(t, torch.Tensor) and t.requires_grad:
@@ -107,11 +116,11 @@ def zero3_hooks(model, mark_at, state) -> list:
 
             return tree_map(wrap, args), tree_map(wrap, kwargs)
 
-        def post(mod, args, kwargs, output, prefix=prefix, k=k, key=key):
-            mark(prefix, "rpost" if state["backward"] else "post", k, key)
+        def post(mod, args, kwargs, output, prefix=prefix, k=k):
+            mark(prefix, "rpost" if state["backward"] else "post", k)
             if state["backward"]:
                 return None
-            return tree_map(lambda t: identity.apply(t, lambda: mark(prefix, "bpre", k, key))
+            return tree_map(lambda t: identity.apply(t, lambda: mark(prefix, "bpre", k))
                             if isinstance(t, torch.Tensor) and t.requires_grad else t, output)
 
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
@@ -136,20 +145,12 @@ class ParamHolds:
     k (``module_marks``). The parameter itself, saved whole, holds nothing: its ``.data`` is swapped."""
 
     def __init__(self, model, mark_at) -> None:
-        self.mark_at = mark_at
+        self.mark = _Marks(mark_at)
         self.owner: dict[int, tuple[str, int, int]] = {}
         for prefix, k, module, _ in module_marks(model):
             for j, param in enumerate(module.parameters(recurse=False)):
                 self.owner.setdefault(param.untyped_storage()._cdata, (prefix, k, j))
         self.params = {id(p) for p in model.parameters()}
-        self.calls: dict[str, int] = {}
-
-    def _mark(self, name: str) -> str:
-        n = self.calls.get(name, 0)
-        self.calls[name] = n + 1
-        full = name + (f"c{n}" if n else "")
-        self.mark_at(full)
-        return full
 
     def pack(self, tensor):
         if id(tensor) in self.params:
@@ -158,11 +159,11 @@ class ParamHolds:
         if owner is None:
             return tensor
         prefix, k, j = owner
-        self._mark(f"{prefix}fwd_hold{k}_{j}")
+        self.mark(f"{prefix}fwd_hold{k}_{j}")
         return _Held(tensor, f"{prefix}bwd_drop{k}_{j}")
 
     def unpack(self, packed):
         if isinstance(packed, _Held):
-            self._mark(packed.mark)
+            self.mark(packed.mark)
             return packed.tensor
         return packed
