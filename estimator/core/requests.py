@@ -77,11 +77,11 @@ def update_of(setup: TrainingSetup) -> str:
 
 def sequence_gap(setup: TrainingSetup) -> str | None:
     """Why ``build`` (``core.zero3_requests.build3`` at stage 3) does not cover the setup, or None where it does: ZeRO
-    stage 1 or 2, or 3 without parameter offload (either kind of segment),
-    with or without gradient accumulation or ``overlap_comm``, an update of ``core.zero12_requests.UPDATES`` (AdamW
-    from torch or FusedAdam, FusedLion, torch's SGD or Adafactor; with optimizer offload DeepSpeedCPUAdam),
-    bf16, any of the three loops, ``contiguous_gradients`` on, full fine-tuning or LoRA (no other frozen weights, no
-    quantised base), one or two parameter groups."""
+    stage 1 or 2 (``contiguous_gradients`` on), or 3 without parameter offload; either kind of segment, with or
+    without gradient accumulation or ``overlap_comm``, an update of ``core.zero12_requests.UPDATES`` (AdamW from torch
+    or FusedAdam, FusedLion, torch's SGD or Adafactor; with optimizer offload DeepSpeedCPUAdam), bf16, any of the
+    three loops, full fine-tuning or LoRA (no other frozen weights, no quantised base), one or two parameter
+    groups."""
     z, a, w = setup.zero, setup.adapters, setup.workload
     update = update_of(setup)
     stage3 = int(setup.stage) == 3
