@@ -1,6 +1,6 @@
 """core.zero3_requests: the ZeRO-3 request sequence, built on the CPU from a meta-device trace with stage 3's module
 hooks marked. Sizes are derived here from their terms in stage3.py and partition_parameters.py (c = ceil(p / N) a
-parameter's partition); two recorded runs (data/runs/h200-sequences) are replayed against the built sequence phase
+parameter's partition); five recorded runs (data/runs/h200-sequences) are replayed against the built sequence phase
 by phase."""
 
 from __future__ import annotations
@@ -122,6 +122,25 @@ def test_the_step_makes_the_sub_groups_fp32_gradients_and_adams_states():
     assert [size for size, _ in _allocs(seq, "persistent")] == [2 * world * _part(n, world) for n in persistent] * 2
 
 
+def test_fp16_checks_the_gradient_partitions_for_overflow_before_the_norm():
+    """stage3.py ``has_overflow``: ``torch.isinf`` (the absolute value, b S, and its boolean result, S bytes) and
+    ``torch.isnan`` (S bytes) of the flat gradient partitions on the reduce stream, after the release of every
+    gathered parameter and before the fp64 norms; bf16 makes none of them."""
+    model, trace = _model_and_trace(TINY, 1, 32, ckpt=False)
+    world = 3
+    total = sum(_part(p.numel(), world) for p in model.parameters())
+    seq = _build(model, trace, _spec(steps=1, fp16=True))
+    rs = zero3_coordinator.RS_STREAM
+    assert [(op[1][2], op[2], op[3]) for op in seq.ops if op[0] == "a" and op[1][0] == "overflow"] == [
+        ("abs", 2 * total, rs), ("isinf", total, rs), ("isnan", total, rs)]
+    keys = [op[1] for op in seq.ops if op[0] == "a"]
+    first_norm = next(i for i, key in enumerate(keys) if key[0] == "gradnorm64")
+    assert all(i < first_norm for i, key in enumerate(keys) if key[0] == "overflow")
+    assert not _allocs(_build(model, trace, _spec(steps=1)), "overflow")
+    no_overlap = _build(model, trace, _spec(steps=1, fp16=True, overlap=False))
+    assert {stream for _, stream in _allocs(no_overlap, "overflow")} == {0}
+
+
 MIXTRAL = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 512, "hidden_size": 64,
            "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
            "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 256,
@@ -170,6 +189,10 @@ RECORDED = {
     # deepseek-v3-small, rank 0 of 8 (h200-families row 12): routed experts as modules, MLA; every phase end exact
     "MoE experts": ("data/runs/h200-families/models/deepseek-v3-small.json", (2, 512, False), 0,
                     {"world": 8, "loop": "trainer"}, "families12", 1e-6),
+    # pythia-1b in fp16, one rank, 2 x 2048, the Trainer's loop (gaprec row 1, h100-default row 22's setup): the
+    # overflow check's temporaries make the step's peak (7.8% short without them); to 2 MiB
+    "fp16": ("pythia-1b", (2, 2048, False), 0, {"world": 1, "param_groups": 2, "loop": "trainer", "fp16": True},
+             "gaprec1", 0.002),
 }
 
 

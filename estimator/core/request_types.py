@@ -48,6 +48,9 @@ class RequestSpec:
     """Stage 3: ``sub_group_size``."""
     zero_init: bool = False
     """Stage 3: the model built under ``deepspeed.zero.Init`` (``core.zero3_requests``)."""
+    fp16: bool = False
+    """The 16-bit type is fp16: stage 3's step checks the gradient partitions for overflow first
+    (``core.zero3_requests``); bf16 checks nothing."""
 
 
 @dataclass(frozen=True)

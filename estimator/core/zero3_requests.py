@@ -40,10 +40,13 @@ stream, where the gradient buckets are reduce-scattered.
   ``partition_grads`` brings each partition back (b c) and at the accumulation boundary makes its fp64 norm and
   fp32 copy (8 c, 4 c). Modules whose inputs need no gradient release at the end of backward
   (``release_backward_leftovers``);
-* ``step``: every gathered parameter released (``_partition_all_parameters``); without offload the fp64 norm of
-  each gradient partition (8 c, made and dropped), then per sub-group the flat 16-bit gradient (b S_k), its fp32
-  copy (4 S_k, the first dropped), the update's states and temporaries (``core.zero12_requests``), the fp32
-  gradient dropped; then the persistent parameters gathered again on the default stream (``_post_step``), kept.
+* ``step``: every gathered parameter released (``_partition_all_parameters``); without offload, in fp16 only,
+  ``has_overflow`` on ``grad_partitions_flat_buffer`` under ``stream(self.reduce_and_partition_stream)``
+  (``torch.isinf``'s absolute value, b S, with its boolean result, S bytes, then ``torch.isnan``'s, S bytes; each
+  made and dropped); the fp64 norm of each gradient partition (8 c, made and dropped), then per sub-group the flat
+  16-bit gradient (b S_k), its fp32 copy (4 S_k, the first dropped), the update's states and temporaries
+  (``core.zero12_requests``), the fp32 gradient dropped; then the persistent parameters gathered again on the
+  default stream (``_post_step``), kept.
 """
 
 from __future__ import annotations
@@ -262,6 +265,13 @@ def build3(tensors: list[TensorSpec], buffer_bytes: list[int], modules: list[Mod
                 drop_leftovers(seq, m, keep=outputs)
         coordinator.release_all()
         if not spec.offload:
+            if spec.fp16:  # has_overflow: torch.isinf (abs(x) == inf) and torch.isnan (x != x) of the partitions
+                stream, flat = RS_STREAM if spec.overlap else 0, ("overflow", step)
+                seq.alloc(flat + ("abs",), BF16 * total, stream)
+                seq.alloc(flat + ("isinf",), total, stream)
+                seq.free(flat + ("abs",))
+                seq.free(flat + ("isinf",))
+                seq.temp(flat + ("isnan",), total, stream)
             for name in trainable:
                 seq.temp(("gradnorm64", step, name), 8 * params[name].part)
             for k, (sub, size) in enumerate(zip(subs, sizes, strict=True)):
