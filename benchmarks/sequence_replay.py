@@ -2,8 +2,8 @@
 
 usage (CPU; torch, transformers and peft installed):
   python benchmarks/sequence_replay.py CONFIG --stage 2 --world 2 --micro-batch 2 --seq-len 2048 --ckpt \
-      [--grad-accum 4] [--overlap] [--offload] [--lora-rank 16] [--param-groups 2] [--loop trainer] [--expandable] \
-      [--events data/runs/h200-sequences/long8-events.json.gz]
+      [--grad-accum 4] [--overlap] [--fp16] [--offload] [--lora-rank 16] [--param-groups 2] [--loop trainer] \
+      [--expandable] [--events data/runs/h200-sequences/long8-events.json.gz]
   (at stage 3 pass --overlap for DeepSpeed's default, overlap_comm on: the gathers and reductions on their streams)
 
 ``benchmarks/allocator_replay.py`` showed that the caching allocator, fed a run's recorded requests, gives its peak
@@ -44,7 +44,7 @@ def recorded(path: str) -> tuple[dict[str, float], list[int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", help="a model's config.json")
-    parser.add_argument("--stage", type=int, choices=(1, 2, 3), default=2)
+    parser.add_argument("--stage", type=int, choices=(0, 1, 2, 3), default=2)
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=1024)
@@ -55,6 +55,7 @@ def main() -> None:
                              "ends; trainer: only the loss")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     parser.add_argument("--overlap", action="store_true", help="overlap_comm on")
+    parser.add_argument("--fp16", action="store_true", help="fp16 training (bf16 otherwise)")
     parser.add_argument("--optimizer", default="adamw-torch",
                         help="the step's update (core.zero12_requests.UPDATES: adamw-torch, adamw-fused, lion, sgd, "
                              "sgd-momentum, adafactor)")
@@ -77,6 +78,7 @@ def main() -> None:
     from zeroest.estimator.core.allocator import replay
     from zeroest.estimator.core.request_types import RequestSpec
     from zeroest.estimator.core.requests import build
+    from zeroest.estimator.core.zero0_requests import build0
     from zeroest.estimator.core.zero3_requests import build3
     from zeroest.estimator.trace.requests import model_and_trace, module_specs, tensors_of
 
@@ -91,9 +93,11 @@ def main() -> None:
     print(f"traced {len(trace.sizes)} storages ({depth}) in {time.perf_counter() - started:.1f} s")
     spec = RequestSpec(stage=args.stage, world=args.world, offload=args.offload, loop=args.loop,
                        param_groups=args.param_groups, bucket_elements=args.bucket, flatten_on_cpu=args.flatten_on_cpu,
-                       grad_accum=args.grad_accum, overlap=args.overlap, optimizer=args.optimizer)
-    seq = build3(*tensors_of(model), module_specs(model), trace, spec) if args.stage == 3 else \
-        build(*tensors_of(model), trace, spec)
+                       grad_accum=args.grad_accum, overlap=args.overlap, optimizer=args.optimizer, fp16=args.fp16)
+    if args.stage == 3:
+        seq = build3(*tensors_of(model), module_specs(model), trace, spec)
+    else:
+        seq = (build0 if args.stage == 0 else build)(*tensors_of(model), trace, spec)
     result = replay(seq, expandable=args.expandable)
     built = {name: size / GiB for name, size in result.phases.items()}
     print(f"peak reserve of the run, across DeepSpeed's resets: {result.peak_reserved_bytes / GiB:.3f} GiB")

@@ -314,7 +314,9 @@ def _setup(**kw):
     ({"offload_optimizer": "cpu", "optimizer_impl": "cpu", "loop": "trainer"}, None),
     ({"lora_rank": 16, "lora_targets": "all-linear"}, None),
     ({"stage": 3}, None),
-    ({"stage": 0}, "ZeRO stage 0"),
+    ({"stage": 0}, None),
+    ({"stage": 0, "optimizer_impl": "fused"}, None),
+    ({"stage": 0, "optimizer": "muon", "optimizer_impl": "fused"}, "ZeRO stage 0 with muon (fused)"),
     ({"stage": 3, "zero_init": True}, None),
     ({"stage": 3, "offload_params": "cpu", "offload_optimizer": "cpu", "optimizer_impl": "cpu"},
      "stage 3 with parameter offload"),
@@ -327,7 +329,10 @@ def _setup(**kw):
     ({"lora_rank": 16, "lora_targets": "q_proj,v_proj"}, None),
     ({"lora_rank": 16, "lora_targets": "all-linear", "modules_to_save": "lm_head"},
      "frozen weights or a quantised base"),
-    ({"dtype": "fp16"}, "fp16 training"),
+    ({"dtype": "fp16"}, None),
+    ({"dtype": "fp16", "stage": 3}, None),
+    ({"dtype": "fp16", "stage": 1}, "fp16 at ZeRO stage 1"),
+    ({"dtype": "fp32"}, "fp32 training"),
 ])
 def test_sequence_gap_names_what_the_sequence_leaves_out(kw, why):
     assert requests.sequence_gap(_setup(**kw)) == why

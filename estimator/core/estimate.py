@@ -245,8 +245,6 @@ def _card_limit_note(terms: ReservedTerms) -> str | None:
 
 def _sequence_note(setup: TrainingSetup, facts: ReservedFacts, terms: ReservedTerms) -> str:
     """Where reserved memory came from, for setups the request sequence covers or could."""
-    if int(setup.stage) == 0:
-        return ""
     if not facts.sequence_reserved_bytes:
         why = sequence_gap(setup)
         return (f"reserved memory from the fitted allocator terms: the request sequence does not cover this setup "
@@ -261,7 +259,7 @@ def _sequence_note(setup: TrainingSetup, facts: ReservedFacts, terms: ReservedTe
     if facts.expandable_segments:
         built += ", expandable segments"
     if not facts.sequence_floor:
-        builder = "core.zero3_requests" if int(setup.stage) == 3 else "core.requests"
+        builder = {0: "core.zero0_requests", 3: "core.zero3_requests"}.get(int(setup.stage), "core.requests")
         return (f"reserved memory: the run's allocator requests replayed through torch's caching allocator ({built}; "
                 f"{builder})")
     picked = "it" if terms.set_by == "request sequence" else "the fitted terms"

@@ -1,5 +1,6 @@
 """The caching allocator's requests of a ZeRO-1/2 run, in order, and the reserve they leave (pure; no torch); which
-setups a request sequence covers at any stage (``sequence_gap``; stage 3's builder is ``core.zero3_requests``).
+setups a request sequence covers at any stage (``sequence_gap``; stage 3's builder is ``core.zero3_requests``, stage
+0's ``core.zero0_requests``).
 
 Torch's default caching allocator reserves a function of the request sequence alone: fed a run's recorded requests,
 ``core.allocator.CachingAllocatorModel`` gives its peak reserve to the byte (benchmarks/allocator_replay.py,
@@ -66,6 +67,11 @@ one at the first forward's first matmul and one at the first backward's (all eig
 data/runs/h200-sequences)."""
 
 
+STAGE0_UPDATES = ("adamw-torch", "adamw-fused")
+"""The updates ``core.zero0_requests`` writes at stage 0 (``FP16_UnfusedOptimizer`` around torch's AdamW,
+``FP16_Optimizer`` around FusedAdam)."""
+
+
 def update_of(setup: TrainingSetup) -> str:
     """The setup's update as ``core.zero12_requests.UPDATES`` names it (AdamW by its implementation); ``host`` for
     DeepSpeedCPUAdam, whose step makes no request on the GPU (the only CPU optimizer measured so)."""
@@ -76,23 +82,27 @@ def update_of(setup: TrainingSetup) -> str:
 
 
 def sequence_gap(setup: TrainingSetup) -> str | None:
-    """Why ``build`` (``core.zero3_requests.build3`` at stage 3) does not cover the setup, or None where it does: ZeRO
-    stage 1 or 2 (``contiguous_gradients`` on), or 3 without parameter offload; either kind of segment, with or
-    without gradient accumulation or ``overlap_comm``, an update of ``core.zero12_requests.UPDATES`` (AdamW from torch
-    or FusedAdam, FusedLion, torch's SGD or Adafactor; with optimizer offload DeepSpeedCPUAdam), bf16, any of the
-    three loops, full fine-tuning or LoRA (no other frozen weights, no quantised base), one or two parameter
-    groups."""
+    """Why ``build`` (``core.zero3_requests.build3`` at stage 3, ``core.zero0_requests.build0`` at 0) does not cover
+    the setup, or None where it does: ZeRO stage 0 with AdamW (torch's or FusedAdam), 1 or 2 (``contiguous_gradients``
+    on), or 3 without parameter offload; either kind of segment, with or without gradient accumulation or
+    ``overlap_comm``, an update of ``core.zero12_requests.UPDATES`` (AdamW from torch or FusedAdam, FusedLion,
+    torch's SGD or Adafactor; with optimizer offload DeepSpeedCPUAdam), bf16 or fp16 (not fp16 at stage 1: the one
+    row measured, h100-holdout row 1, holds 4 bytes a parameter more than the sequence from the second step on,
+    unexplained), any of the three loops, full fine-tuning or LoRA (no other frozen weights, no quantised base), one
+    or two parameter groups."""
     z, a, w = setup.zero, setup.adapters, setup.workload
     update = update_of(setup)
     stage3 = int(setup.stage) == 3
     checks = (
-        (int(setup.stage) == 0, "ZeRO stage 0"),
+        (int(setup.stage) == 0 and update not in STAGE0_UPDATES,
+         f"ZeRO stage 0 with {setup.optimizer.name} ({setup.optimizer.impl})"),
         (stage3 and str(z.offload_params) != "none", "stage 3 with parameter offload"),
         ((update == "host") != (str(z.offload_optimizer) != "none") or update not in (*UPDATES, "host"),
          f"optimizer {setup.optimizer.name} ({setup.optimizer.impl})"),
-        (str(setup.dtype) != "bf16", f"{setup.dtype} training"),
+        (str(setup.dtype) not in ("bf16", "fp16"), f"{setup.dtype} training"),
+        (str(setup.dtype) == "fp16" and int(setup.stage) == 1, "fp16 at ZeRO stage 1"),
         (str(w.loop) not in ("custom", "custom-del", "trainer"), f"the {w.loop} loop"),
-        (not z.contiguous_gradients and not stage3, "contiguous_gradients off"),
+        (not z.contiguous_gradients and int(setup.stage) in (1, 2), "contiguous_gradients off"),
         (bool(a.freeze or a.modules_to_save) or str(a.base_quant) != "none", "frozen weights or a quantised base"),
         (setup.optimizer.param_groups not in (1, 2), "more than two parameter groups"),
     )

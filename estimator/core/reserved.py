@@ -71,17 +71,19 @@ the first step's unreused buffers where the init reserve is what they stack on (
 own tensors, no fragmentation beyond them), less a flat block the init freed at its end (ZeRO-1/2's zero fp32
 gradient, B_c, ``init_freed_block_bytes``), else 0.
 
-Where the request sequence is built (``ReservedFacts.sequence_reserved_bytes``: a ZeRO-1/2/3 setup that
+Where the request sequence is built (``ReservedFacts.sequence_reserved_bytes``: a setup that
 ``core.requests.sequence_gap`` covers, traced with torch) none of those terms is needed: the reserve is a function of
-the requests alone, which ``core.requests`` (at stage 3 ``core.zero3_requests``) writes in order and replays through
-the allocator model. ``R_seq`` is the replay's peak over the run (at least P, the largest phase peak), rounded to the
-segment; on a named card the replay runs under the card's limit L (below), retrying as the allocator does, and one
-that fails even so predicts the OOM with the reserve it asks for. Checked on rank 0 of simulated jobs and on
-single-GPU runs; on a real NCCL group of two ranks or more (``sequence_floor``) the reserve is the larger of R_seq and
-the terms above, since the sequence leaves out what the communication streams hold back. Of 16 setups measured
-after its rules were fixed (data/runs/h200-seqcheck), 13 came within 0.6%, 15 with two later fixes, one over by 7.3%;
-of 15 near a 24 GB card's limit, it told which would run out of memory on 13 (docs/DEVICE_RUNS.md, tenth session); at
-stage 3, 14 held-out setups (h200-s3check, h200-s3check2) within a median of 0.9%, at most 4.7% (thirteenth session).
+the requests alone, which ``core.requests`` (at stage 3 ``core.zero3_requests``, at stage 0 ``core.zero0_requests``)
+writes in order and replays through the allocator model. ``R_seq`` is the replay's peak over the run (at least P, the
+largest phase peak), rounded to the segment; on a named card the replay runs under the card's limit L (below), retrying
+as the allocator does, and one that fails even so predicts the OOM with the reserve it asks for. Checked on rank 0 of
+simulated jobs and on single-GPU runs; on a real NCCL group of two ranks or more (``sequence_floor``) the reserve is the
+larger of R_seq and the terms above, since the sequence leaves out what the communication streams hold back. Of 16
+setups measured after its rules were fixed (data/runs/h200-seqcheck), 13 came within 0.6%, 15 with two later fixes, one
+over by 7.3%; of 15 near a 24 GB card's limit, it told which would run out of memory on 13 (docs/DEVICE_RUNS.md, tenth
+session); at stage 3, 14 held-out setups (h200-s3check, h200-s3check2) within a median of 0.9%, at most 4.7% (thirteenth
+session); at stage 0, the 22 measured rows with AdamW within 0.1% (two of them the setups recorded to write it), and
+fp16 at stages 2-3, 5 rows within 0.1% (fourteenth session).
 
 With expandable segments (``TrainingSetup.expandable_segments``, ``PYTORCH_CUDA_ALLOC_CONF=
 expandable_segments:True``) the request sequence, where built, is replayed through the allocator model's expandable

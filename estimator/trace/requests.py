@@ -19,6 +19,7 @@ from zeroest.estimator.core.allocator import RequestReplay, replay
 from zeroest.estimator.core.hf_config import hf_config, layers_key
 from zeroest.estimator.core.request_types import ModuleSpec, RequestSpec, TensorSpec
 from zeroest.estimator.core.requests import build, update_of
+from zeroest.estimator.core.zero0_requests import build0
 from zeroest.estimator.core.zero3_requests import build3
 from zeroest.estimator.trace import cache
 
@@ -89,7 +90,7 @@ def spec_of(setup, *, flatten_on_cpu: bool) -> RequestSpec:
                        prefetch_elements=int(z.prefetch_bucket_size),
                        persistence_threshold=int(z.param_persistence_threshold), max_live=int(z.max_live_parameters),
                        reuse_distance=int(z.max_reuse_distance), sub_group_size=int(z.sub_group_size),
-                       zero_init=bool(z.zero_init) and int(setup.stage) == 3)
+                       zero_init=bool(z.zero_init) and int(setup.stage) == 3, fp16=str(setup.dtype) == "fp16")
 
 
 def _key(setup, spec: RequestSpec, config: dict, limit_bytes: int) -> str:
@@ -132,8 +133,10 @@ def sequence_replay(setup, *, flatten_on_cpu: bool, limit_bytes: int = 0, use_ca
     model, trace, _ = model_and_trace(config, str(setup.dtype), str(w.attn), setup.adapters, ckpt=w.grad_ckpt,
                                       micro_batch=w.micro_batch, seq_len=w.seq_len, zero3=spec.stage == 3)
     params, buffers = tensors_of(model)
-    seq = build3(params, buffers, module_specs(model), trace, spec) if spec.stage == 3 else \
-        build(params, buffers, trace, spec)
+    if spec.stage == 3:
+        seq = build3(params, buffers, module_specs(model), trace, spec)
+    else:
+        seq = (build0 if spec.stage == 0 else build)(params, buffers, trace, spec)
     result = replay(seq, limit_bytes, expandable=setup.expandable_segments)
     log.info(f"built the request sequence of {setup.model.name} in {time.perf_counter() - started:.2f} s")
     if use_cache:
