@@ -25,7 +25,7 @@ from zeroest.estimator.trace import cache
 
 log = logging.getLogger(__name__)
 
-SEQUENCE_VERSION = 9
+SEQUENCE_VERSION = 10
 """Bumped whenever ``core.requests.build`` or what the trace records changes, so that old files are not read."""
 _MEMO: dict[str, RequestReplay] = {}
 """Replays already read or built in this process, by key (the report estimates each row several times)."""
