@@ -128,11 +128,13 @@ def test_no_import_cycles():
 
 def test_trace_depends_only_on_the_value_modules_of_core():
     """The tracer reads the profile type, the shape and the shape's HF config, and feeds its trace to the request
-    sequence (``core.requests``, ``core.zero3_requests`` and their types, over ``core.allocator``: builders of
-    requests, no formula); it never reaches the formulas or the dispatch (which import it lazily)."""
+    sequence (``core.requests``, ``core.zero0_requests``, ``core.zero3_requests`` and their types, over
+    ``core.allocator``: builders of requests, no formula); it never reaches the formulas or the dispatch (which
+    import it lazily)."""
     graph = import_graph()
     allowed = {"zeroest.estimator.core.profile", "zeroest.estimator.core.shape", "zeroest.estimator.core.hf_config",
-               "zeroest.estimator.core.requests", "zeroest.estimator.core.zero3_requests",
+               "zeroest.estimator.core.requests", "zeroest.estimator.core.zero0_requests",
+               "zeroest.estimator.core.zero3_requests",
                "zeroest.estimator.core.request_types", "zeroest.estimator.core.allocator"}
     for module, edges in graph.items():
         if module.startswith("zeroest.estimator.trace"):

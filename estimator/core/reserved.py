@@ -82,8 +82,7 @@ larger of R_seq and the terms above, since the sequence leaves out what the comm
 setups measured after its rules were fixed (data/runs/h200-seqcheck), 13 came within 0.6%, 15 with two later fixes, one
 over by 7.3%; of 15 near a 24 GB card's limit, it told which would run out of memory on 13 (docs/DEVICE_RUNS.md, tenth
 session); at stage 3, 14 held-out setups (h200-s3check, h200-s3check2) within a median of 0.9%, at most 4.7% (thirteenth
-session); at stage 0, the 22 measured rows with AdamW within 0.1% (two of them the setups recorded to write it), and
-fp16 at stages 2-3, 5 rows within 0.1% (fourteenth session).
+session); at stage 0, 27 rows with AdamW within 0.2% (fourteenth session; fp16 at stages 2-3, 5 rows within 0.1%).
 
 With expandable segments (``TrainingSetup.expandable_segments``, ``PYTORCH_CUDA_ALLOC_CONF=
 expandable_segments:True``) the request sequence, where built, is replayed through the allocator model's expandable
