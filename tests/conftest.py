@@ -51,6 +51,32 @@ def benchmark_script():
     return load
 
 
+@pytest.fixture(scope="session")
+def recording(benchmark_script):
+    """``recording(model_ref, events)``: the HF config of a preset or of a model file in the repository, and the
+    reserve at each phase end of ``data/runs/h200-sequences/<events>-events.json.gz`` as its own requests replay."""
+    import json
+
+    from zeroest.estimator.catalog.models import load_model
+    from zeroest.estimator.core.hf_config import hf_config, layers_key
+
+    root = BENCHMARKS.parent
+
+    def load(model_ref: str, events: str) -> tuple[dict, dict[str, float]]:
+        if model_ref.endswith(".json"):
+            config = json.loads((root / model_ref).read_text())
+        else:
+            shape = load_model(model_ref)
+            config = dict(hf_config(shape))
+            config[layers_key(config["model_type"])] = shape.num_layers
+        benchmark_script("allocator_replay")
+        recorded, _ = benchmark_script("sequence_replay").recorded(
+            str(root / f"data/runs/h200-sequences/{events}-events.json.gz"))
+        return config, recorded
+
+    return load
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_profile_cache(tmp_path_factory):
     """Traced profiles go to (and come from) a fresh directory for this session only."""

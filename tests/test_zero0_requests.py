@@ -5,14 +5,11 @@ their terms in fp16/fused_optimizer.py, fp16/unfused_optimizer.py and engine.py;
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from zeroest.estimator.core import allocator, zero0_requests
 from zeroest.estimator.core.request_types import RequestSpec, TensorSpec
 
 pytest.importorskip("transformers")
-ROOT = Path(__file__).parent.parent
 GiB = 2**30
 TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512, "hidden_size": 64,
         "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -117,23 +114,12 @@ RECORDED = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(RECORDED))
-def test_recorded_runs_replay_as_built(benchmark_script, name):
-    import json
-
-    from zeroest.estimator.catalog.models import load_model
+def test_recorded_runs_replay_as_built(recording, name):
     from zeroest.estimator.core.adapters import Adapters
-    from zeroest.estimator.core.hf_config import hf_config, layers_key
     from zeroest.estimator.trace.requests import model_and_trace, tensors_of
 
     model_ref, shape_kw, spec_kw, events = RECORDED[name]
-    if model_ref.endswith(".json"):
-        config = json.loads((ROOT / model_ref).read_text())
-    else:
-        shape = load_model(model_ref)
-        config = dict(hf_config(shape))
-        config[layers_key(config["model_type"])] = shape.num_layers
-    benchmark_script("allocator_replay")
-    seq_module = benchmark_script("sequence_replay")
+    config, recorded = recording(model_ref, events)
     lora = shape_kw.get("lora", 0)
     adapters = Adapters(lora_rank=lora, lora_alpha=2 * lora, lora_targets="all-linear") if lora else Adapters()
     model, trace, _ = model_and_trace(config, "bf16", "sdpa", adapters, ckpt=shape_kw.get("ckpt", False),
@@ -141,6 +127,5 @@ def test_recorded_runs_replay_as_built(benchmark_script, name):
     spec = RequestSpec(**{"stage": 0, "world": 1, "offload": False, "loop": "trainer", "param_groups": 1,
                           "bucket_elements": 500_000_000, "optimizer": "adamw-torch", **spec_kw})
     built = allocator.replay(zero0_requests.build0(*tensors_of(model), trace, spec))
-    recorded, _ = seq_module.recorded(str(ROOT / f"data/runs/h200-sequences/{events}-events.json.gz"))
     for phase in (phase for phase in recorded if phase != "build"):
         assert built.phases[phase] / GiB == pytest.approx(recorded[phase], abs=0.002), phase

@@ -5,14 +5,11 @@ by phase."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from zeroest.estimator.core import allocator, zero3_coordinator, zero3_requests
 from zeroest.estimator.core.request_types import RequestSpec
 
 pytest.importorskip("transformers")
-ROOT = Path(__file__).parent.parent
 GiB = 2**30
 TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512, "hidden_size": 64,
         "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -198,24 +195,11 @@ RECORDED = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(RECORDED))
-def test_recorded_runs_replay_as_built(benchmark_script, name):
-    import json
-
-    from zeroest.estimator.catalog.models import load_model
-    from zeroest.estimator.core.hf_config import hf_config, layers_key
-
+def test_recorded_runs_replay_as_built(recording, name):
     model_ref, (micro_batch, seq_len, ckpt), lora, spec, events, tolerance = RECORDED[name]
-    if model_ref.endswith(".json"):
-        config = json.loads((ROOT / model_ref).read_text())
-    else:
-        shape = load_model(model_ref)
-        config = dict(hf_config(shape))
-        config[layers_key(config["model_type"])] = shape.num_layers
-    benchmark_script("allocator_replay")
-    seq_module = benchmark_script("sequence_replay")
+    config, recorded = recording(model_ref, events)
     model, trace = _model_and_trace(config, micro_batch, seq_len, ckpt=ckpt, lora=lora, cut=True)
     built = allocator.replay(_build(model, trace, _spec(steps=3, **{"param_groups": 1, **spec})))
-    recorded, _ = seq_module.recorded(str(ROOT / f"data/runs/h200-sequences/{events}-events.json.gz"))
     phases = [phase for phase in recorded if phase != "build"]
     assert len(phases) == 10
     for phase in phases:

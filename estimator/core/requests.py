@@ -159,27 +159,39 @@ def traced_alloc(seq: Sequence, trace: Trace, key: tuple, pending: dict[int, lis
     return names.pop(0) if names else f"?{serial}"
 
 
-def build(tensors: list[TensorSpec], buffer_bytes: list[int], trace: Trace, spec: RequestSpec) -> Sequence:
-    """The sequence of the module docstring, for the model's parameters in ``named_parameters`` order, its buffers'
-    bytes, and its traced forward and backward at full depth (``trace.recorder.run_trace``)."""
-    seq = Sequence()
+def model_on_gpu(seq: Sequence, tensors: list[TensorSpec], buffer_bytes: list[int]) -> None:
+    """The model on the GPU: every parameter and buffer in ``named_parameters`` order (engine.py
+    ``_configure_distributed_model``, ``module.to``), then the ``build`` mark."""
     for t in tensors:
         seq.alloc(("param", t.name), t.numel * t.element_size)
     for i, size in enumerate(buffer_bytes):
         seq.alloc(("buffer", i), size)
     seq.mark("build")
+
+
+def trace_points(trace: Trace, trainable: list[tuple[str, int]]) -> tuple[dict[int, list[str]], set, int, tuple]:
+    """What every builder reads off the trace before the micro-steps: the trainable gradients' names by 16-bit size
+    (in reverse, as gradients come: names only pick a key or a slice), the storages the trace frees before backward
+    ends, the returned logits (``returned_logits_of``) and cuBLAS's workspace points (``workspace_points``)."""
+    size_to_names: dict[int, list[str]] = {}
+    for name, n in reversed(trainable):
+        size_to_names.setdefault(BF16 * n, []).append(name)
+    freed_by_trace = {~e for e in trace.events[:trace.marks["bwd_end"]] if e < 0}
+    return size_to_names, freed_by_trace, returned_logits_of(trace), workspace_points(trace)
+
+
+def build(tensors: list[TensorSpec], buffer_bytes: list[int], trace: Trace, spec: RequestSpec) -> Sequence:
+    """The sequence of the module docstring, for the model's parameters in ``named_parameters`` order, its buffers'
+    bytes, and its traced forward and backward at full depth (``trace.recorder.run_trace``)."""
+    seq = Sequence()
+    model_on_gpu(seq, tensors, buffer_bytes)
     groups = param_groups(tensors, spec.param_groups)
     trainable = [entry for group in groups for entry in group]
     layout, parts, in_partition, touching = optimizer_init(seq, groups, spec)
     seq.mark("init")
 
-    size_to_names: dict[int, list[str]] = {}
-    for name, n in reversed(trainable):  # gradients come roughly in reverse order; names only pick a slice
-        size_to_names.setdefault(BF16 * n, []).append(name)
-    freed_by_trace = {~e for e in trace.events[:trace.marks["bwd_end"]] if e < 0}
+    size_to_names, freed_by_trace, returned_logits, workspaces = trace_points(trace, trainable)
     kept = None
-    returned_logits = returned_logits_of(trace)
-    workspaces = workspace_points(trace)
     buckets = 2 if spec.overlap else 1  # setup_buckets: buf_1 for overlap_comm
     for step in range(spec.steps):
         held: dict[int, list[tuple]] = {}  # stage 1: the first micro-step's gradients, until reduce_gradients

@@ -36,13 +36,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from zeroest.estimator.core.request_types import Sequence
-from zeroest.estimator.core.requests import (
-    before_event,
-    drop_leftovers,
-    returned_logits_of,
-    traced_alloc,
-    workspace_points,
-)
+from zeroest.estimator.core.requests import before_event, drop_leftovers, model_on_gpu, trace_points, traced_alloc
 from zeroest.estimator.core.zero12_requests import BF16, param_groups
 
 if TYPE_CHECKING:
@@ -154,11 +148,7 @@ def build0(tensors: list[TensorSpec], buffer_bytes: list[int], trace: Trace, spe
     """The sequence of the module docstring, for the model's parameters in ``named_parameters`` order, its buffers'
     bytes, and its traced forward and backward at full depth."""
     seq = Sequence()
-    for t in tensors:
-        seq.alloc(("param", t.name), t.numel * t.element_size)
-    for i, size in enumerate(buffer_bytes):
-        seq.alloc(("buffer", i), size)
-    seq.mark("build")
+    model_on_gpu(seq, tensors, buffer_bytes)
     fused = spec.optimizer == "adamw-fused"
     groups = param_groups(tensors, spec.param_groups)
     _init(seq, groups, fused)
@@ -166,13 +156,8 @@ def build0(tensors: list[TensorSpec], buffer_bytes: list[int], trace: Trace, spe
 
     trainable = [entry for group in groups for entry in group]
     in_module_order = [t.numel for t in tensors if t.trainable]
-    size_to_names: dict[int, list[str]] = {}
-    for name, n in reversed(trainable):  # gradients come roughly in reverse order; names only pick the key
-        size_to_names.setdefault(BF16 * n, []).append(name)
-    freed_by_trace = {~e for e in trace.events[:trace.marks["bwd_end"]] if e < 0}
+    size_to_names, freed_by_trace, returned_logits, workspaces = trace_points(trace, trainable)
     kept = None
-    returned_logits = returned_logits_of(trace)
-    workspaces = workspace_points(trace)
     for step in range(spec.steps):
         held: dict[str, tuple] = {}
         for micro in range(spec.grad_accum):

@@ -142,13 +142,7 @@ def build3(tensors: list[TensorSpec], buffer_bytes: list[int], modules: list[Mod
     """The sequence of the module docstring for the model's parameters in ``named_parameters`` order, its buffers'
     bytes, its modules (``ModuleSpec``, every module ZeRO-3 hooks) and its forward and backward traced with the
     module-hook marks at full depth."""
-    from zeroest.estimator.core.requests import (
-        before_event,
-        drop_leftovers,
-        returned_logits_of,
-        traced_alloc,
-        workspace_points,
-    )
+    from zeroest.estimator.core.requests import before_event, drop_leftovers, trace_points, traced_alloc
 
     seq = Sequence()
     world = spec.world
@@ -209,12 +203,8 @@ def build3(tensors: list[TensorSpec], buffer_bytes: list[int], modules: list[Mod
     marks = _marks(trace, {m.key for m in modules if not m.hooked})
     leaf_of = {name: m.key for m in modules if m.leaf for name in m.params}
     leaf_grads: dict[str, dict[str, tuple]] = {}  # a leaf's gradients, held until its backward hook
-    size_to_names: dict[int, list[str]] = {}
-    for name in reversed(trainable):
-        size_to_names.setdefault(BF16 * params[name].numel, []).append(name)
-    freed_by_trace = {~e for e in trace.events[:trace.marks["bwd_end"]] if e < 0}
-    returned_logits = returned_logits_of(trace)
-    workspaces = workspace_points(trace)
+    size_to_names, freed_by_trace, returned_logits, workspaces = trace_points(
+        trace, [(name, params[name].numel) for name in trainable])
     kept = None
     for step in range(spec.steps):
         for micro in range(spec.grad_accum):
