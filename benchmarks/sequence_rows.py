@@ -5,9 +5,8 @@ usage (CPU; torch, transformers and peft installed; a few seconds a row):
       'data/runs/h200-*' [--json OUT.json]
 
 For each row of the runs folders (as ``zeroest report`` reads them) that the request sequence covers
-(``core.requests.sequence_gap``: ZeRO stage 1 or 2, the default allocator, no gradient accumulation, AdamW from torch
-or FusedAdam, DeepSpeedCPUAdam with optimizer offload, bf16, the custom or trainer loop, ``overlap_comm`` off and
-``contiguous_gradients`` on, full fine-tuning or LoRA on all linear layers), run as rank 0 of a simulated job (with
+(``core.requests.sequence_gap`` lists which: every ZeRO stage, with the optimizers, dtypes and loops it names), run
+as rank 0 of a simulated job (with
 ``--real-ranks`` also single-GPU runs), it builds the sequence as the estimate does (``trace.requests.sequence_replay``,
 not cached here: four decoder layers traced and expanded to full depth where the layers are of one kind, DeepSpeed's
 flatten branch as ``core/capacity.py`` decides it for the row's card, three steps, replayed under the allocator's
