@@ -1,4 +1,4 @@
-"""The request sequence of a ZeRO-1/2/3 run built on the CPU, replayed through the allocator model, against a recording.
+"""A ZeRO run's request sequence, any stage, built on the CPU and replayed by the allocator model, against a recording.
 
 usage (CPU; torch, transformers and peft installed):
   python benchmarks/sequence_replay.py CONFIG --stage 2 --world 2 --micro-batch 2 --seq-len 2048 --ckpt \
@@ -7,9 +7,9 @@ usage (CPU; torch, transformers and peft installed):
   (at stage 3 pass --overlap for DeepSpeed's default, overlap_comm on: the gathers and reductions on their streams)
 
 ``benchmarks/allocator_replay.py`` showed that the caching allocator, fed a run's recorded requests, gives its peak
-reserve to the byte, and its ``--events-out`` keeps a run's whole sequence (``data/runs/h200-sequences``). This
-script builds that sequence as the estimate does (``zeroest.estimator.core.requests``, at stage 3
-``core.zero3_requests``, whose docstrings list the requests; the model and its trace from
+reserve to the byte, and its ``--events-out`` keeps a run's whole sequence (``data/runs/h200-sequences``). This script
+builds that sequence as the estimate does (``zeroest.estimator.core.requests``, at stage 0 ``core.zero0_requests``, at
+stage 3 ``core.zero3_requests``, whose docstrings list the requests; the model, its trace and the builder from
 ``zeroest.estimator.trace.requests``) and prints the replayed reserve at the end of each phase; with ``--events``,
 beside the recording's own replay, and the sizes of 64 MiB and more that the two make a different number of times.
 ``--full-depth`` traces every decoder layer instead of four expanded.
@@ -77,10 +77,7 @@ def main() -> None:
     from zeroest.estimator.core.adapters import Adapters
     from zeroest.estimator.core.allocator import replay
     from zeroest.estimator.core.request_types import RequestSpec
-    from zeroest.estimator.core.requests import build
-    from zeroest.estimator.core.zero0_requests import build0
-    from zeroest.estimator.core.zero3_requests import build3
-    from zeroest.estimator.trace.requests import model_and_trace, module_specs, tensors_of
+    from zeroest.estimator.trace.requests import build_sequence, model_and_trace
 
     config = json.loads(Path(args.config).read_text())
     adapters = (Adapters(lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_targets="all-linear")
@@ -94,10 +91,7 @@ def main() -> None:
     spec = RequestSpec(stage=args.stage, world=args.world, offload=args.offload, loop=args.loop,
                        param_groups=args.param_groups, bucket_elements=args.bucket, flatten_on_cpu=args.flatten_on_cpu,
                        grad_accum=args.grad_accum, overlap=args.overlap, optimizer=args.optimizer, fp16=args.fp16)
-    if args.stage == 3:
-        seq = build3(*tensors_of(model), module_specs(model), trace, spec)
-    else:
-        seq = (build0 if args.stage == 0 else build)(*tensors_of(model), trace, spec)
+    seq = build_sequence(model, trace, spec)
     result = replay(seq, expandable=args.expandable)
     built = {name: size / GiB for name, size in result.phases.items()}
     print(f"peak reserve of the run, across DeepSpeed's resets: {result.peak_reserved_bytes / GiB:.3f} GiB")

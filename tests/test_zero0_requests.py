@@ -87,14 +87,14 @@ def test_accumulated_gradients_are_added_in_place():
 
 
 def test_a_parameter_without_a_gradient_is_skipped():
-    """``_step`` drops held 16-bit gradients by name; a parameter the trace gave none has nothing to drop."""
+    """``_step`` drops the held 16-bit gradients by their parameters' names; "b", which the trace gave none, has
+    nothing to drop."""
     tensors = [TensorSpec("a", 8, 2, True), TensorSpec("b", 8, 2, True)]
     from zeroest.estimator.core.request_types import Sequence
 
     seq = Sequence()
     seq.alloc(("grad", "a"), 16)
-    zero0_requests._step(seq, 0, [[(t.name, t.numel) for t in tensors]], {"a": ("grad", "a"), "b": ("none",)},
-                         fused=False)
+    zero0_requests._step(seq, 0, [[(t.name, t.numel) for t in tensors]], {("grad", "a"): "a"}, fused=False)
     assert ("grad", "a") not in seq.live
 
 

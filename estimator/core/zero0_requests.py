@@ -113,10 +113,11 @@ def _allreduce(seq: Sequence, step: int, sizes: list[int]) -> None:
             bucket = []
 
 
-def _step(seq: Sequence, step: int, groups: list[list[tuple[str, int]]], held: dict[str, tuple],
+def _step(seq: Sequence, step: int, groups: list[list[tuple[str, int]]], held: dict[tuple, str],
           fused: bool) -> None:
-    """The wrapper's ``step`` and the engine's ``zero_grad`` (module docstring); ``held``: each parameter's 16-bit
-    gradient key."""
+    """The wrapper's ``step`` and the engine's ``zero_grad`` (module docstring); ``held``: the 16-bit gradients'
+    keys, each with its parameter's name (a parameter without one has nothing to drop)."""
+    grad_of = {name: key for key, name in held.items()}
     if fused:
         for i, group in enumerate(groups):
             for name, n in group:
@@ -125,7 +126,7 @@ def _step(seq: Sequence, step: int, groups: list[list[tuple[str, int]]], held: d
             for name, _ in group:
                 seq.free(("grad32", step, name))
             for name, _ in group:
-                seq.free(held[name])
+                seq.free(grad_of.get(name))
         for i in range(len(groups)):
             seq.free(("flat_grad32", step, i))
         return
@@ -141,7 +142,7 @@ def _step(seq: Sequence, step: int, groups: list[list[tuple[str, int]]], held: d
             seq.free(("grad32", step, name))
     for group in groups:
         for name, _ in group:
-            seq.free(held[name])
+            seq.free(grad_of.get(name))
 
 
 def build0(tensors: list[TensorSpec], buffer_bytes: list[int], trace: Trace, spec: RequestSpec) -> Sequence:
@@ -159,7 +160,7 @@ def build0(tensors: list[TensorSpec], buffer_bytes: list[int], trace: Trace, spe
     size_to_names, freed_by_trace, returned_logits, workspaces = trace_points(trace, trainable)
     kept = None
     for step in range(spec.steps):
-        held: dict[str, tuple] = {}
+        held: dict[tuple, str] = {}  # the first micro-step's gradients, to the step
         for micro in range(spec.grad_accum):
             m, last = step * spec.grad_accum + micro, micro == spec.grad_accum - 1
             pending = {size: list(names) for size, names in size_to_names.items()}
@@ -170,21 +171,19 @@ def build0(tensors: list[TensorSpec], buffer_bytes: list[int], trace: Trace, spe
                     name = traced_alloc(seq, trace, key, pending, freed_by_trace)
                     if name is not None:
                         if micro == 0:
-                            held[name] = key
+                            held[key] = name
                         else:  # AccumulateGrad adds it into the held gradient in place
                             seq.free(key)
                 elif serial == returned_logits and spec.loop in ("custom", "custom-del"):
                     kept = key
-                elif key not in held.values():
+                elif key not in held:
                     seq.free(key)
             if last:
                 _allreduce(seq, step, in_module_order)
             seq.mark(f"step{step}.backward{micro}")
             outputs = {kept} if spec.loop == "custom" else set()
             if not last:
-                drop_leftovers(seq, m, keep=outputs | set(held.values()))
-        for name, _ in trainable:
-            held.setdefault(name, ("no_grad", step, name))  # a parameter the trace gave no gradient: none to drop
+                drop_leftovers(seq, m, keep=outputs | set(held))
         _step(seq, step, groups, held, fused)
         drop_leftovers(seq, m, keep=outputs)
         seq.mark(f"step{step}.step")

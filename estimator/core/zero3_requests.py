@@ -142,7 +142,13 @@ def build3(tensors: list[TensorSpec], buffer_bytes: list[int], modules: list[Mod
     """The sequence of the module docstring for the model's parameters in ``named_parameters`` order, its buffers'
     bytes, its modules (``ModuleSpec``, every module ZeRO-3 hooks) and its forward and backward traced with the
     module-hook marks at full depth."""
-    from zeroest.estimator.core.requests import before_event, drop_leftovers, trace_points, traced_alloc
+    from zeroest.estimator.core.requests import (
+        before_event,
+        drop_leftovers,
+        model_on_gpu,
+        trace_points,
+        traced_alloc,
+    )
 
     seq = Sequence()
     world = spec.world
@@ -160,12 +166,7 @@ def build3(tensors: list[TensorSpec], buffer_bytes: list[int], modules: list[Mod
                 if ("param", name) in seq.live:
                     seq.alloc(("ds", name), BF16 * params[name].part)
                     seq.free(("param", name))
-    else:  # the model whole on the GPU (engine.py _configure_distributed_model)
-        for t in tensors:
-            seq.alloc(("param", t.name), t.numel * t.element_size)
-    for i, size in enumerate(buffer_bytes):
-        seq.alloc(("buffer", i), size)
-    seq.mark("build")
+    model_on_gpu(seq, [] if spec.zero_init else tensors, buffer_bytes)  # else the model whole, then its buffers
     if not spec.zero_init:  # _convert_to_zero_parameters: each parameter partitioned in turn by initialize
         for t in tensors:
             seq.alloc(("ds", t.name), BF16 * params[t.name].part)

@@ -1,5 +1,5 @@
-"""The request sequence of a setup (``core.requests`` at ZeRO stages 1-2, ``core.zero3_requests`` at 3), from its model
-traced on the meta device, replayed and cached.
+"""The request sequence of a setup (``core.zero0_requests`` at ZeRO stage 0, ``core.requests`` at 1-2,
+``core.zero3_requests`` at 3), from its model traced on the meta device, replayed and cached.
 
 The model is built at full depth on meta as the validator trains it (``trace.model.build_trained``: LoRA through
 peft, checkpointing), for its parameters in order. Its forward and backward at the setup's micro-batch and sequence
@@ -79,6 +79,14 @@ def module_specs(model) -> list[ModuleSpec]:
     return out
 
 
+def build_sequence(model, trace, spec: RequestSpec):
+    """The request sequence of ``model`` (built on meta) and its ``trace``, by the builder of ``spec``'s stage."""
+    params, buffers = tensors_of(model)
+    if spec.stage == 3:
+        return build3(params, buffers, module_specs(model), trace, spec)
+    return (build0 if spec.stage == 0 else build)(params, buffers, trace, spec)
+
+
 def spec_of(setup, *, flatten_on_cpu: bool) -> RequestSpec:
     """The ``RequestSpec`` of a covered setup (``core.requests.sequence_gap``)."""
     z = setup.zero
@@ -132,12 +140,7 @@ def sequence_replay(setup, *, flatten_on_cpu: bool, limit_bytes: int = 0, use_ca
     w = setup.workload
     model, trace, _ = model_and_trace(config, str(setup.dtype), str(w.attn), setup.adapters, ckpt=w.grad_ckpt,
                                       micro_batch=w.micro_batch, seq_len=w.seq_len, zero3=spec.stage == 3)
-    params, buffers = tensors_of(model)
-    if spec.stage == 3:
-        seq = build3(params, buffers, module_specs(model), trace, spec)
-    else:
-        seq = (build0 if spec.stage == 0 else build)(params, buffers, trace, spec)
-    result = replay(seq, limit_bytes, expandable=setup.expandable_segments)
+    result = replay(build_sequence(model, trace, spec), limit_bytes, expandable=setup.expandable_segments)
     log.info(f"built the request sequence of {setup.model.name} in {time.perf_counter() - started:.2f} s")
     if use_cache:
         cache.write_atomically(path, {"version": cache.CACHE_VERSION, "phases": result.phases,
